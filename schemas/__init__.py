@@ -1,0 +1,1 @@
+"""Typed records and on-disk format constants. No I/O lives here."""

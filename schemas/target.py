@@ -1,0 +1,90 @@
+"""Target versions: the recipe that keys a version and the manifest that records it."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+from pydantic import Field
+
+from schemas.base import FORMAT_VERSION, StrictModel, canonical_json
+from schemas.model import ModelIdentity
+
+TargetKind = Literal["video", "teacher", "text", "pi0"]
+TargetStatus = Literal["building", "complete"]
+
+
+def content_id(prefix: str, payload: Any) -> str:
+    """``<prefix>-<12 hex>`` where the hex is the sha256 of the canonical JSON of ``payload``."""
+    digest = hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return f"{prefix}-{digest[:12]}"
+
+
+class ArraySpec(StrictModel):
+    """One array of a target version; the first dimension is the clip index."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class TargetRecipe(StrictModel):
+    """Everything that determines a version's content; hashing it gives the version id."""
+
+    kind: TargetKind
+    stage: str = Field(description="Stage name, e.g. 'svd.generate'.")
+    stage_version: int = Field(description="Bumped by hand when the stage's algorithm changes.")
+    model: ModelIdentity | None = Field(default=None, description="The model that made it, if any.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Every output-changing parameter.")
+    inputs: dict[str, str] = Field(default_factory=dict, description="Input ids: plan, upstream versions.")
+
+    def version_id(self) -> str:
+        """Content address of this recipe (see DESIGN.md, Versions)."""
+        return content_id(self.kind, self.key())
+
+    def key(self) -> dict[str, Any]:
+        """The hashed payload: the git commit and local paths are recorded but never keyed."""
+        return {
+            "kind": self.kind,
+            "stage": self.stage,
+            "stage_version": self.stage_version,
+            "model": self.model.key() if self.model else None,
+            "params": self.params,
+            "inputs": self.inputs,
+        }
+
+
+class TargetVersion(StrictModel):
+    """manifest.json of a target version."""
+
+    format_version: int = Field(default=FORMAT_VERSION)
+    id: str
+    recipe: TargetRecipe
+    status: TargetStatus = "building"
+    arrays: list[ArraySpec]
+    num_clips: int
+    shard_size: int = Field(description="Clips per zarr shard (and per writer task).")
+    shards: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="shard index -> array name -> sha256 of the stored shard object."
+    )
+    created: str = ""
+    completed: str | None = None
+    git_commit: str | None = None
+    host: str | None = None
+    packages: dict[str, str] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.recipe.kind
+
+    @property
+    def num_shards(self) -> int:
+        return (self.num_clips + self.shard_size - 1) // self.shard_size
+
+    def array_spec(self, name: str) -> ArraySpec:
+        """The spec of array ``name``; ValueError naming the version when absent."""
+        for spec in self.arrays:
+            if spec.name == name:
+                return spec
+        raise ValueError(f"target version {self.id}: no array '{name}' (has {[a.name for a in self.arrays]})")

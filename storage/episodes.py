@@ -1,0 +1,284 @@
+"""The episode store: datasets of episodes (zarr frames + parquet low-dim), published atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from schemas.base import check_format_version, validate
+from schemas.dataset import (
+    SEGMENTS_SCHEMA,
+    ColumnStats,
+    DatasetInfo,
+    EpisodeRecord,
+    FeatureSpec,
+    LanguageSegment,
+    lowdim_schema,
+)
+from storage import layout
+from storage.fs import Root, open_root, parquet_bytes, read_parquet
+
+log = logging.getLogger(__name__)
+ZSTD = zarr.codecs.ZstdCodec(level=3)
+
+
+class EpisodeStore:
+    """All episodes of one dataset under ``<root>/datasets/<dataset>/``."""
+
+    def __init__(self, root: Root | str | None, dataset: str):
+        self.root = open_root(root)
+        self.dataset = dataset
+        self.dir = layout.dataset_dir(dataset)
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+
+    # dataset-level metadata -------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.root.exists(self.dir, layout.DATASET_INFO)
+
+    def write_info(self, info: DatasetInfo) -> None:
+        """Write dataset.json (atomically)."""
+        self.root.write_json_atomic(f"{self.dir}/{layout.DATASET_INFO}", info.model_dump(mode="json"))
+
+    def info(self) -> DatasetInfo:
+        """Read dataset.json, checking its format version."""
+        where = self.root.url_of(self.dir, layout.DATASET_INFO)
+        if not self.root.exists(self.dir, layout.DATASET_INFO):
+            raise ValueError(f"dataset '{self.dataset}': no {layout.DATASET_INFO} under {self.root.url}")
+        data = self.root.read_json(self.dir, layout.DATASET_INFO)
+        check_format_version(data.get("format_version"), where)
+        return validate(DatasetInfo, data, where)
+
+    def write_stats(self, stats: dict[str, ColumnStats]) -> None:
+        """Store normalisation statistics with the dataset."""
+        info = self.info()
+        info.stats = stats
+        self.write_info(info)
+
+    # episodes ---------------------------------------------------------------------------
+    def episode_ids(self) -> list[str]:
+        """Ids of complete episodes, sorted. An episode without its marker does not exist."""
+        names = self.root.ls(layout.episodes_dir(self.dataset))
+        return [n for n in names if not n.startswith(".") and self._complete(n)]
+
+    def _complete(self, episode_id: str) -> bool:
+        return self.root.exists(layout.episode_dir(self.dataset, episode_id), layout.COMPLETE_MARKER)
+
+    def record(self, episode_id: str) -> EpisodeRecord:
+        """The EpisodeRecord of a complete episode."""
+        edir = layout.episode_dir(self.dataset, episode_id)
+        if not self._complete(episode_id):
+            raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}': not in the store")
+        data = self.root.read_json(edir, layout.EPISODE_RECORD)
+        where = self.root.url_of(edir, layout.EPISODE_RECORD)
+        check_format_version(data.get("format_version"), where)
+        return validate(EpisodeRecord, data, where)
+
+    def records(self) -> Iterator[EpisodeRecord]:
+        for episode_id in self.episode_ids():
+            yield self.record(episode_id)
+
+    def has_episode(self, episode_id: str, source_checksum: str) -> bool:
+        """True when this episode is stored complete from the same source content."""
+        return self._complete(episode_id) and self.record(episode_id).source_checksum == source_checksum
+
+    def frames_array(self, episode_id: str, camera: str) -> zarr.Array:
+        """The (T, H, W, 3) uint8 zarr array of one camera."""
+        key = (episode_id, camera)
+        if key not in self._arrays:
+            rel = f"{layout.episode_dir(self.dataset, episode_id)}/{layout.FRAMES}"
+            group = zarr.open_group(self.root.zarr_store(rel, read_only=True), mode="r")
+            if camera not in group:
+                raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}': no camera '{camera}' "
+                                 f"(has {sorted(group.array_keys())})")
+            self._arrays[key] = group[camera]
+        return self._arrays[key]
+
+    def read_frames(self, episode_id: str, camera: str, indices: Any = slice(None)) -> np.ndarray:
+        """Frames of one camera at ``indices`` (slice, list or array of frame indices)."""
+        array = self.frames_array(episode_id, camera)
+        if isinstance(indices, slice):
+            return array[indices]
+        return array.get_orthogonal_selection((np.asarray(indices, dtype=np.int64),))
+
+    def read_lowdim(self, episode_id: str, columns: list[str] | None = None) -> pa.Table:
+        """The per-frame low-dim table (frame_index, timestamp, features...)."""
+        return read_parquet(self.root, f"{layout.episode_dir(self.dataset, episode_id)}/{layout.LOWDIM}", columns)
+
+    def read_column(self, episode_id: str, column: str) -> np.ndarray:
+        """One low-dim column as a (T, ...) numpy array in its stored dtype and shape."""
+        table = self.read_lowdim(episode_id, [column])
+        values = table.column(column).combine_chunks()
+        flat = values.values.to_numpy(zero_copy_only=False) if pa.types.is_list(values.type) or \
+            pa.types.is_fixed_size_list(values.type) else values.to_numpy(zero_copy_only=False)
+        spec = self.info().features.get(column)
+        shape = spec.shape if spec else []
+        return flat.reshape((len(table), *shape))
+
+    def writer(self, record: EpisodeRecord, features: dict[str, FeatureSpec]) -> "EpisodeWriter":
+        """A writer that stages the episode and publishes it on successful exit of its ``with``."""
+        return EpisodeWriter(self, record, features)
+
+    def delete_episode(self, episode_id: str) -> None:
+        self.root.rm(layout.episode_dir(self.dataset, episode_id))
+
+    # segments, quarantine, fingerprint --------------------------------------------------
+    def write_segments(self, segments: list[LanguageSegment], embeddings: np.ndarray | None = None) -> None:
+        """Replace segments.parquet; optional per-segment embeddings are stored as a list column."""
+        columns = {name: [getattr(s, name) for s in segments] for name in SEGMENTS_SCHEMA.names}
+        table = pa.Table.from_pydict(columns, schema=SEGMENTS_SCHEMA)
+        if embeddings is not None:
+            flat = np.asarray(embeddings, dtype=np.float32).reshape(len(segments), -1)
+            table = table.append_column("embedding", pa.array(list(flat), type=pa.list_(pa.float32())))
+        self.root.write_bytes_atomic(f"{self.dir}/{layout.SEGMENTS}", parquet_bytes(table))
+
+    def segments(self) -> list[LanguageSegment]:
+        if not self.root.exists(self.dir, layout.SEGMENTS):
+            return []
+        table = read_parquet(self.root, f"{self.dir}/{layout.SEGMENTS}", list(SEGMENTS_SCHEMA.names))
+        return [LanguageSegment(**row) for row in table.to_pylist()]
+
+    def quarantine(self, item: dict[str, Any]) -> None:
+        """Record an input that could not be ingested (one JSON line, with the reason)."""
+        entry = {"time": datetime.now(timezone.utc).isoformat(), **item}
+        rel = f"{self.dir}/{layout.QUARANTINE}"
+        line = json.dumps(entry, sort_keys=True, default=str) + "\n"
+        if self.root.is_local:
+            self.root.makedirs(self.dir)
+            with open(self.root.path(rel), "a", encoding="utf-8") as handle:
+                handle.write(line)
+            return
+        old = self.root.read_bytes(rel) if self.root.exists(rel) else b""
+        self.root.write_bytes_atomic(rel, old + line.encode())
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        rel = f"{self.dir}/{layout.QUARANTINE}"
+        if not self.root.exists(rel):
+            return []
+        return [json.loads(line) for line in self.root.read_bytes(rel).decode().splitlines() if line.strip()]
+
+    def fingerprint(self) -> str:
+        """sha256 over the source fingerprint and every complete episode's id, checksum and length."""
+        digest = hashlib.sha256(self.info().source_fingerprint.encode())
+        for record in self.records():
+            digest.update(f"|{record.episode_id}:{record.source_checksum}:{record.length}".encode())
+        return digest.hexdigest()
+
+    def total_bytes(self) -> int:
+        return self.root.du(self.dir)
+
+
+class EpisodeWriter:
+    """Streams one episode into a staging folder; publishes it atomically on success.
+
+    Frames arrive in blocks of any size per camera and are written one full zarr shard at a
+    time, so memory stays bounded by one shard per camera whatever the episode length.
+    """
+
+    def __init__(self, store: EpisodeStore, record: EpisodeRecord, features: dict[str, FeatureSpec]):
+        self.store, self.record, self.features = store, record, features
+        self.root = store.root
+        self.final = layout.episode_dir(store.dataset, record.episode_id)
+        self.staging = f"{layout.episodes_dir(store.dataset)}/{layout.STAGING}/{record.episode_id}-{uuid.uuid4().hex[:8]}"
+        self._group: zarr.Group | None = None
+        self._buffers: dict[str, list[np.ndarray]] = {}
+        self._written: dict[str, int] = {}
+        self._lowdim: pa.Table | None = None
+
+    def __enter__(self) -> "EpisodeWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.root.rm(self.staging)
+
+    def _where(self, field: str) -> str:
+        return f"{self.record.source_path}: episode '{self.record.episode_id}', field '{field}'"
+
+    def append_frames(self, camera: str, frames_THWC: np.ndarray) -> None:
+        """Append a block of (n, H, W, 3) uint8 frames of one camera."""
+        frames_THWC = np.asarray(frames_THWC)
+        if frames_THWC.dtype != np.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+            raise ValueError(f"{self._where(camera)}: expected uint8 frames (T, H, W, 3), got "
+                             f"{frames_THWC.dtype} {tuple(frames_THWC.shape)}")
+        buffer = self._buffers.setdefault(camera, [])
+        if buffer and buffer[0].shape[1:] != frames_THWC.shape[1:]:
+            raise ValueError(f"{self._where(camera)}: frame size changed from {buffer[0].shape[1:]} "
+                             f"to {frames_THWC.shape[1:]}")
+        buffer.append(frames_THWC)
+        while sum(len(b) for b in self._buffers[camera]) >= layout.FRAME_SHARD:
+            self._flush(camera, layout.FRAME_SHARD)
+
+    def _flush(self, camera: str, count: int) -> None:
+        frames = np.concatenate(self._buffers[camera])
+        block, rest = frames[:count], frames[count:]
+        self._buffers[camera] = [rest] if len(rest) else []
+        array = self._array(camera, block.shape[1:])
+        start = self._written.get(camera, 0)
+        array.resize((start + len(block), *block.shape[1:]))
+        array[start:start + len(block)] = block
+        self._written[camera] = start + len(block)
+
+    def _array(self, camera: str, frame_shape: tuple[int, ...]) -> zarr.Array:
+        if self._group is None:
+            self._group = zarr.open_group(self.root.zarr_store(f"{self.staging}/{layout.FRAMES}"), mode="w")
+        if camera not in self._group:
+            return self._group.create_array(
+                camera, shape=(0, *frame_shape), dtype="uint8", chunks=(1, *frame_shape),
+                shards=(layout.FRAME_SHARD, *frame_shape), compressors=ZSTD, fill_value=0)
+        return self._group[camera]
+
+    def set_lowdim(self, columns: dict[str, np.ndarray], timestamps: np.ndarray | None = None) -> None:
+        """Set the per-frame low-dim columns ((T, ...) arrays, one per declared feature)."""
+        length = self.record.length
+        for name, spec in self.features.items():
+            if name not in columns:
+                raise ValueError(f"{self._where(name)}: missing low-dim column")
+            values = np.asarray(columns[name])
+            if values.shape != (length, *spec.shape):
+                raise ValueError(f"{self._where(name)}: shape {values.shape}, expected {(length, *spec.shape)}")
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise ValueError(f"{self._where(name)}: contains NaN or inf")
+        ts = np.arange(length) / 1.0 if timestamps is None else np.asarray(timestamps, dtype=np.float64)
+        data = {"frame_index": np.arange(length, dtype=np.int64), "timestamp": ts}
+        for name, spec in self.features.items():
+            data[name] = list(np.asarray(columns[name], dtype=spec.dtype).reshape(length, -1))
+        self._lowdim = pa.Table.from_pydict(data, schema=lowdim_schema(self.features))
+
+    def commit(self) -> None:
+        """Flush the last partial shards, check lengths, then publish (marker last)."""
+        for camera in list(self._buffers):
+            if self._buffers[camera]:
+                self._flush(camera, sum(len(b) for b in self._buffers[camera]))
+        for camera, count in self._written.items():
+            if count != self.record.length:
+                raise ValueError(f"{self._where(camera)}: {count} frames but the episode has {self.record.length}")
+        if self._lowdim is None and self.features:
+            raise ValueError(f"{self._where('lowdim')}: low-dim columns were never set")
+        if self._lowdim is not None:
+            self.root.write_bytes_atomic(f"{self.staging}/{layout.LOWDIM}", parquet_bytes(self._lowdim))
+        self.root.write_json_atomic(f"{self.staging}/{layout.EPISODE_RECORD}", self.record.model_dump(mode="json"))
+        self._publish()
+
+    def _publish(self) -> None:
+        trash = f"{layout.episodes_dir(self.store.dataset)}/{layout.TRASH}/{self.record.episode_id}-{uuid.uuid4().hex[:8]}"
+        if self.root.exists(self.final):
+            # Unmark first so readers never see a mix of old and new files.
+            self.root.rm(f"{self.final}/{layout.COMPLETE_MARKER}")
+            self.root.rename(self.final, trash)
+        self.root.rename(self.staging, self.final)
+        self.root.write_bytes_atomic(f"{self.final}/{layout.COMPLETE_MARKER}", b"")
+        self.root.rm(trash)
+        self.store._arrays = {k: v for k, v in self.store._arrays.items() if k[0] != self.record.episode_id}
+        log.info("dataset %s: stored episode %s (%d frames)", self.store.dataset, self.record.episode_id,
+                 self.record.length)

@@ -1,0 +1,66 @@
+"""The on-disk tree of a data root, in one place (see DESIGN.md, Stores)."""
+
+from __future__ import annotations
+
+import re
+
+COMPLETE_MARKER = "_COMPLETE"
+DATASET_INFO = "dataset.json"
+EPISODE_RECORD = "episode.json"
+FRAMES = "frames.zarr"
+LOWDIM = "lowdim.parquet"
+SEGMENTS = "segments.parquet"
+QUARANTINE = "quarantine.jsonl"
+STAGING = ".staging"
+TRASH = ".trash"
+PLAN_CLIPS = "clips.parquet"
+PLAN_INFO = "plan.json"
+MANIFEST = "manifest.json"
+DONE_DIR = "_done"
+CLAIMS_DIR = "_claims"
+LINEAGE = "lineage.jsonl"
+EXPORT_INDEX = "index.json"
+
+FRAME_SHARD = 64
+"""Frames per zarr shard of an episode camera array: bounded memory while streaming long episodes."""
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Ids become folder names and webdataset keys: letters, digits, '-' and '_' only."""
+    if not _SAFE_ID.match(value):
+        raise ValueError(f"{kind} id {value!r}: only letters, digits, '-' and '_' are allowed")
+    return value
+
+
+def dataset_dir(name: str) -> str:
+    return f"datasets/{check_id('dataset', name)}"
+
+
+def episodes_dir(dataset: str) -> str:
+    return f"{dataset_dir(dataset)}/episodes"
+
+
+def episode_dir(dataset: str, episode_id: str) -> str:
+    return f"{episodes_dir(dataset)}/{check_id('episode', episode_id)}"
+
+
+def plan_dir(plan_id: str) -> str:
+    return f"plans/{check_id('plan', plan_id)}"
+
+
+def target_dir(version_id: str) -> str:
+    return f"targets/{check_id('target version', version_id)}"
+
+
+def target_array(version_id: str, array: str) -> str:
+    return f"{target_dir(version_id)}/{array}.zarr"
+
+
+def export_dir(export_id: str) -> str:
+    return f"exports/{check_id('export', export_id)}"
+
+
+def run_dir(run_id: str) -> str:
+    return f"runs/{check_id('run', run_id)}"

@@ -146,6 +146,16 @@ class EpisodeStore:
         table = read_parquet(self.root, f"{self.dir}/{layout.SEGMENTS}", list(SEGMENTS_SCHEMA.names))
         return [LanguageSegment(**row) for row in table.to_pylist()]
 
+    def segment_embeddings(self) -> np.ndarray | None:
+        """The (N, D) float32 embeddings aligned with ``segments()``, or None when none are stored."""
+        if not self.root.exists(self.dir, layout.SEGMENTS):
+            return None
+        table = read_parquet(self.root, f"{self.dir}/{layout.SEGMENTS}")
+        if "embedding" not in table.column_names or len(table) == 0:
+            return None
+        column = table.column("embedding").combine_chunks()
+        return column.flatten().to_numpy().astype(np.float32).reshape(len(table), -1)
+
     def quarantine(self, item: dict[str, Any]) -> None:
         """Record an input that could not be ingested (one JSON line, with the reason)."""
         entry = {"time": datetime.now(timezone.utc).isoformat(), **item}

@@ -11,6 +11,7 @@ import zarr
 from schemas.base import check_format_version, validate
 from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
+from storage.claims import claim_shard
 from storage.fs import Root, open_root
 from storage.provenance import git_commit, host, now_iso, package_versions
 
@@ -131,6 +132,12 @@ class TargetWriter:
 
     def is_done(self, shard_index: int) -> bool:
         return self.root.exists(self.done_path(shard_index))
+
+    def claim(self, shard_index: int, ttl_s: float | None = None):
+        """``with writer.claim(i) as owned:`` -- owned is truthy when this process should write
+        shard ``i`` (None when it is done or a live builder holds it); see storage.claims."""
+        return claim_shard(self.root, self.version_id, shard_index, is_done=lambda: self.is_done(shard_index),
+                           ttl_s=ttl_s)
 
     def pending_shards(self) -> list[int]:
         done = set(self.root.ls(layout.target_dir(self.version_id), layout.DONE_DIR))

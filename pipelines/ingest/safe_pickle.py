@@ -29,6 +29,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("builtins", "complex"): complex,
+    ("__builtin__", "complex"): complex,  # protocol-2 pickles spell builtins the Python 2 way
 }
 ALLOWED_DESCRIPTION = "numpy arrays and dtypes, dicts, lists, tuples, strings and numbers"
 

@@ -262,3 +262,73 @@ class DA3Backbone(nn.Module):
         tokens = torch.cat([self.cls_token.expand(B * S, -1, -1).to(tokens.dtype), tokens], dim=1)
         tokens = tokens + self.pos_embed_for(H // p, W // p).to(tokens.dtype)
         return tokens.reshape(B, S, tokens.shape[1], -1)
+
+    def _rope_tables(self, S: int, h0: int, w0: int, dtype: torch.dtype, device: torch.device):
+        """RoPE tables for local blocks (per view) and global blocks (all views, view-major)."""
+        head_dim = self.cfg.embed_dim // self.cfg.num_heads
+        local = self.rope.tables(_positions_local(h0, w0, device), head_dim, dtype)
+        glob = self.rope.tables(_positions_global(h0, w0, device).repeat(S, 1), head_dim, dtype)
+        return local, glob
+
+    def _camera_tokens(self, B: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, S, C): the "reference" camera token in slot 0, the "source" token elsewhere."""
+        ref = self.camera_token[:, :1].expand(B, 1, -1)
+        src = self.camera_token[:, 1:].expand(B, S - 1, -1)
+        return torch.cat([ref, src], dim=1).to(dtype)
+
+    def forward_layers(self, pixels_BSCHW: torch.Tensor, layers: list[int],
+                       ref_strategy: RefStrategy = "saddle_balanced") -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Run blocks 0..max(layers); return {layer: concat(last local, current) (B, S, N, 2C)}
+        in the original view order, and the reference view per sample (None below 3 views).
+
+        Blocks after the last requested layer are skipped: their output is never needed.
+        """
+        cfg = self.cfg
+        bad = [i for i in layers if not 0 <= i < cfg.depth]
+        if bad:
+            raise ValueError(f"da3: layers {bad} out of range for a {cfg.depth}-block backbone")
+        B, S, _, H, W = pixels_BSCHW.shape
+        h0, w0 = H // cfg.patch_size, W // cfg.patch_size
+        x_BSNC = self.embed(pixels_BSCHW)
+        N, C = x_BSNC.shape[2:]
+        rope_local, rope_global = self._rope_tables(S, h0, w0, x_BSNC.dtype, x_BSNC.device)
+        local_BSNC, order_BS, ref_B, outputs = x_BSNC, None, None, {}
+        for i in range(max(layers) + 1):
+            if i == cfg.alt_start - 1 and S >= THRESH_FOR_REF_SELECTION:
+                ref_B = select_reference_view(x_BSNC[:, :, 0], ref_strategy)
+                order_BS = reference_view_order(ref_B, S)
+                x_BSNC, local_BSNC = _gather_views(x_BSNC, order_BS), _gather_views(local_BSNC, order_BS)
+            if i == cfg.alt_start:
+                cam_BS1C = self._camera_tokens(B, S, x_BSNC.dtype)[:, :, None]
+                # Upstream writes in place into the tensor that is also the last local output.
+                x_BSNC = local_BSNC = torch.cat([cam_BS1C, x_BSNC[:, :, 1:]], dim=2)
+            is_global = i >= cfg.alt_start and i % 2 == 1
+            rope = None if i < cfg.rope_start else (rope_global if is_global else rope_local)
+            if is_global:
+                x_BSNC = self.blocks[i](x_BSNC.reshape(B, S * N, C), rope).reshape(B, S, N, C)
+            else:
+                x_BSNC = local_BSNC = self.blocks[i](x_BSNC.reshape(B * S, N, C), rope).reshape(B, S, N, C)
+            if i in layers:
+                out = torch.cat([local_BSNC, x_BSNC], dim=-1)
+                outputs[i] = out if order_BS is None else _gather_views(out, order_BS.argsort(dim=1))
+        return outputs, ref_B
+
+    def intermediate_layers(self, pixels_BSCHW: torch.Tensor, layers: list[int], cat_token: bool = True,
+                            ref_strategy: RefStrategy = "saddle_balanced") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Official ``get_intermediate_layers`` output, in increasing block order: per layer
+        (patch tokens (B, S, Np, 2C or C), camera output (B, S, 2C or C)).
+
+        With ``cat_token`` the local half stays raw and only the global half gets the final norm;
+        without it the current tokens alone are normalised.
+        """
+        outputs, _ = self.forward_layers(pixels_BSCHW, sorted(set(layers)), ref_strategy)
+        C = self.cfg.embed_dim
+        result = []
+        for i in sorted(outputs):
+            out = outputs[i] if cat_token else outputs[i][..., C:]
+            if cat_token:
+                tokens = torch.cat([out[..., :C], self.norm(out[..., C:])], dim=-1)
+            else:
+                tokens = self.norm(out)
+            result.append((tokens[:, :, 1:], out[:, :, 0]))
+        return result

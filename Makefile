@@ -1,0 +1,44 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MUJOCO_GL ?= osmesa
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test install system-deps bench clean
+
+demo: install
+	$(BIN)/foresight demo --root ./foresight-data --out ./foresight-data/demo
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
+
+install: system-deps $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch==2.13.0 first: it is the small CPU wheel here; an open range would pull CUDA packages.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[metaworld,s3,dev]"
+	touch $(STAMP)
+
+# Headless MuJoCo rendering needs OSMesa. Install it when we can (root + apt), else say how.
+system-deps:
+	@if ldconfig -p 2>/dev/null | grep -q libOSMesa; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing libosmesa6 (headless MuJoCo rendering)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libosmesa6 >/dev/null; \
+	else \
+	  echo "missing system package libosmesa6; run:  sudo apt-get update && sudo apt-get install -y libosmesa6"; \
+	  exit 1; \
+	fi
+
+bench: install
+	$(BIN)/python bench/bench_episode_store.py
+
+clean:
+	rm -rf $(VENV) foresight-data

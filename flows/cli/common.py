@@ -1,0 +1,65 @@
+"""Shared CLI pieces: the data-root option, sub-apps, and turning exceptions into one line."""
+
+from __future__ import annotations
+
+import os
+
+import click
+import typer
+from pydantic import ValidationError
+
+from schemas.base import describe_validation_error
+from storage.fs import Root, default_root, open_root
+
+EXIT_FAILED = 1
+"""The command failed: nothing (more) was written."""
+EXIT_PARTIAL = 3
+"""The run finished but some inputs were quarantined; see the dataset's quarantine.jsonl."""
+
+ROOT_OPTION = typer.Option(None, "--root", envvar="FORESIGHT_ROOT",
+                           help="Data root (any fsspec URL). Default ./foresight-data.")
+
+_SUBAPPS: dict[str, typer.Typer] = {}
+
+
+def sub_app(app: typer.Typer, name: str, help: str) -> typer.Typer:
+    """The sub-app ``name`` of ``app`` (created once), so several modules can add commands to it."""
+    if name not in _SUBAPPS:
+        _SUBAPPS[name] = typer.Typer(help=help, no_args_is_help=True)
+        app.add_typer(_SUBAPPS[name], name=name)
+    return _SUBAPPS[name]
+
+
+def get_root(root: str | None, writable: bool = False) -> Root:
+    """The data root of a command; with ``writable``, fail early when it cannot be written."""
+    resolved = open_root(root or default_root())
+    if writable:
+        resolved.check_writable()
+    return resolved
+
+
+def quiet() -> bool:
+    """Progress bars are off with --quiet or when stderr is not a terminal."""
+    import sys
+
+    return bool(os.environ.get("FORESIGHT_QUIET")) or not sys.stderr.isatty()
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """A one-line message for errors a user can fix; None for bugs (which keep their traceback)."""
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc, "config")
+    if isinstance(exc, click.exceptions.ClickException):
+        return exc.format_message()
+    if isinstance(exc, (ValueError, FileNotFoundError, PermissionError, KeyError, OSError)):
+        return " ".join(str(exc).split()) or exc.__class__.__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc:
+        return user_error_message(cause)
+    return None
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    """Print one line to stderr and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -1,0 +1,36 @@
+"""``foresight ingest metaworld``: collect demonstrations with MetaWorld's scripted experts."""
+
+from __future__ import annotations
+
+import typer
+
+from flows.cli.common import ROOT_OPTION, get_root, sub_app
+
+
+def register(app: typer.Typer) -> None:
+    ingest = sub_app(app, "ingest", "Ingest demonstrations into the episode store.")
+    ingest.command("metaworld")(ingest_metaworld)
+
+
+def ingest_metaworld(
+    dataset: str = typer.Option(..., help="Dataset name in the store."),
+    tasks: str = typer.Option(..., help="Comma list of task names, or easy|medium|hard|very-hard|all."),
+    episodes_per_task: int = typer.Option(2, help="Successful episodes per task."),
+    camera: str = typer.Option("corner2", help="MetaWorld camera."),
+    size: int = typer.Option(256, help="Frame height and width in pixels."),
+    seed: int = typer.Option(0, help="First seed."),
+    root: str = ROOT_OPTION,
+) -> None:
+    """Collect successful expert demonstrations, rendered upright, into DATASET."""
+    from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
+    from flows.runtime import RunnerChoice, run_flow
+    from pipelines.ingest.metaworld import resolve_tasks
+
+    config = MetaWorldIngestConfig(dataset=dataset, tasks=resolve_tasks(tasks), episodes_per_task=episodes_per_task,
+                                   camera=camera, size=size, seed=seed)
+    data_root = get_root(root, writable=True)
+    results = run_flow(ingest_metaworld_flow, RunnerChoice(), root_url=data_root.url, config=config)
+    typer.echo(f"{'task':<28} {'attempted':>9} {'succeeded':>9} {'rate':>6}")
+    for name, result in results.items():
+        rate = result.succeeded / result.attempted if result.attempted else 0.0
+        typer.echo(f"{name:<28} {result.attempted:>9} {result.succeeded:>9} {rate:>6.0%}")

@@ -1,0 +1,55 @@
+"""``foresight teachers``: a frozen teacher (DINOv2, DA3, any HF vision backbone) over a video version."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from flows.cli.common import ROOT_OPTION, get_root
+
+
+def register(app: typer.Typer) -> None:
+    app.command("teachers")(teachers)
+
+
+def _settings(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--settings: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--settings: expected a JSON object, e.g. '{\"stage\": 1}'")
+    return value
+
+
+def teachers(
+    video: str = typer.Option(..., help="Id of a complete `video` target version."),
+    teacher: str = typer.Option(..., help="Teacher: dinov2 | da3 | hf."),
+    model: str = typer.Option(..., help="Weights: hf:<repo>[@rev] | dir:<path> | random | tiny."),
+    batch: int = typer.Option(4, help="Clips per forward pass (each clip is T frames)."),
+    device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", help="Compute dtype: fp32 | bf16 | fp16 (outputs are stored as float16)."),
+    settings: str = typer.Option(None, help="Teacher settings as JSON, e.g. '{\"stage\": 1}' (da3) or "
+                                            "'{\"preprocess\": {\"height\": 448, \"width\": 448}}'."),
+    writers: int = typer.Option(2, help="Threads compressing and storing finished shards."),
+    workers: int = typer.Option(1, help="Parallel tasks, each with its own model copy."),
+    dask_address: str = typer.Option(None, help="Run tasks on this dask scheduler (tcp://host:8786)."),
+    root: str = ROOT_OPTION,
+) -> None:
+    """Write a `teacher` version: target (N, T, h, w, C) and reference (N, 1, h, w, C), float16."""
+    from flows.runtime import RunnerChoice, run_flow
+    from flows.teachers import TeachersConfig, teachers_flow
+
+    config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
+                            device=device, dtype=dtype, writers=writers, workers=workers)
+    data_root = get_root(root, writable=True)
+    choice = RunnerChoice(workers=workers, dask_address=dask_address)
+    summary = run_flow(teachers_flow, choice, data_root, root_url=data_root.url, config=config)
+    if summary.skipped:
+        typer.echo(f"{summary.version} already complete (nothing to do)")
+        return
+    typer.echo(f"{summary.version} {summary.status}: {summary.clips} clips, {summary.frames} frames, "
+               f"{summary.shards_written} shards in {summary.seconds:.1f}s ({summary.frames_per_s:.1f} frames/s)")

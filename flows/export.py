@@ -1,0 +1,156 @@
+"""Prefect flow: export pinned target versions of one plan as webdataset tar shards.
+
+The flow resolves fields and versions (refusing mixed versions), plans shards by size, records the
+plan in the export folder, writes each pending shard in a task (temporary name, renamed when
+complete, then a ``_done`` record) and writes index.json last. A rerun of a finished export returns
+at once; a killed run resumes at the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+from prefect import flow, task
+from pydantic import Field
+
+from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
+from schemas.base import StrictModel
+from storage import lineage
+from storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
+from storage.fs import open_root
+
+log = logging.getLogger(__name__)
+RAW_FIELDS = ("actions", "actions_mask", "state")
+"""Episode fields stay float32/bool whatever the codec: they are tiny and trainers normalise them."""
+JSON_SLACK = 1024
+"""Bytes reserved per sample for metadata that varies between clips (instruction length)."""
+
+
+class ExportConfig(StrictModel):
+    """One export: which versions of which plan, which fields, how they are stored."""
+
+    plan: str = Field(description="Plan id whose clips become samples (plan order).")
+    targets: list[str] = Field(description="Target version ids to export, each optionally 'alias=version'.")
+    fields: list[str] | None = Field(default=None, description="Fields to export; None = every field.")
+    shard_size: str = Field(default="1GB", description="Target tar shard size, e.g. 1GB, 256MiB.")
+    codec: Literal["f16", "bf16", "fp8"] = Field(default="f16", description="Codec of float target fields.")
+    split: str | None = Field(default=None, description="Only clips of episodes of this split.")
+    action_chunk: int = Field(default=10, ge=1, description="Action rows per sample (from the clip's first frame).")
+    action_column: str = Field(default="action", description="Episode low-dim column holding actions.")
+    state_column: str = Field(default="state", description="Episode low-dim column holding the state.")
+    read_batch: int = Field(default=4, ge=1, description="Clips read per zarr selection.")
+    workers: int = Field(default=1, ge=1, description="Shards written in parallel.")
+
+
+class ExportResult(StrictModel):
+    """What the flow produced."""
+
+    export_id: str
+    url: str
+    num_samples: int
+    num_shards: int
+    total_bytes: int
+    skipped: bool = Field(description="True when the export already existed and nothing was written.")
+
+
+def batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def export_recipe(root_url: str, config: ExportConfig) -> ExportRecipe:
+    """The recipe (and so the id) of an export, after resolving and checking its sources."""
+    sources = resolve_sources(root_url, config.plan, config.targets, config.fields, config.action_column,
+                              config.state_column)
+    return ExportRecipe(plan_id=config.plan, split=config.split, sources=sources, codec=config.codec,
+                        shard_bytes=parse_size(config.shard_size), action_chunk=config.action_chunk)
+
+
+def select_clips(source: ClipSource, split: str | None) -> list[int]:
+    """Plan rows of the clips whose episode is in ``split`` (all rows when None)."""
+    clips = [i for i in range(len(source.rows)) if split is None or source.split(i) == split]
+    if not clips:
+        found = sorted({source.split(i) for i in range(len(source.rows))})
+        raise ValueError(f"plan '{source.plan_id}': no clips of split '{split}' (splits present: {found})")
+    return clips
+
+
+def plan_export(root_url: str, recipe: ExportRecipe) -> ExportBuild:
+    """Field specs, statistics and the shard plan (sized by encoding the first sample)."""
+    source = ClipSource(root_url, recipe.plan_id, recipe.sources, recipe.action_chunk)
+    clips = select_clips(source, recipe.split)
+    export_id = recipe.export_id()
+    first = source.read(clips[:1])[0]
+    members, _ = encode_sample(sample_key(clips[0]), source.meta(clips[0], export_id), first, recipe.codec,
+                               RAW_FIELDS)
+    ranges = plan_shards(len(clips), tar_sample_bytes(members) + JSON_SLACK, recipe.shard_bytes)
+    return ExportBuild(export_id=export_id, recipe=recipe, dataset=source.rows[0].dataset,
+                       fields=source.field_specs(recipe.codec, RAW_FIELDS),
+                       shard_clips=[[clips[i] for i in r] for r in ranges], stats=source.episode_stats(clips))
+
+
+def write_shard(root_url: str, export_id: str, shard_index: int, read_batch: int = 4) -> int:
+    """Write one planned shard (skipped when already done); returns its sample count."""
+    store = ExportStore(root_url)
+    done = store.done_shard(export_id, shard_index)
+    if done is not None:
+        return done.samples
+    build = store.build_info(export_id)
+    recipe = build.recipe
+    source = ClipSource(root_url, recipe.plan_id, recipe.sources, recipe.action_chunk)
+    writer = store.shard_writer(export_id, shard_index)
+    try:
+        for clips in batches(build.shard_clips[shard_index], read_batch):
+            for clip, arrays in zip(clips, source.read(clips), strict=True):
+                members, _ = encode_sample(sample_key(clip), source.meta(clip, export_id), arrays, recipe.codec,
+                                           RAW_FIELDS)
+                writer.add_sample(clip, members)
+        shard = writer.publish()
+    except BaseException:
+        writer.abort()
+        raise
+    store.record_shard(export_id, shard_index, shard)
+    log.info("export %s: wrote %s (%d samples, %.1f MB)", export_id, shard.name, shard.samples, shard.bytes / 1e6)
+    return shard.samples
+
+
+@task(name="export-shard", retries=1, retry_delay_seconds=1)
+def write_shard_task(root_url: str, export_id: str, shard_index: int, read_batch: int) -> int:
+    return write_shard(root_url, export_id, shard_index, read_batch)
+
+
+@flow(name="export", log_prints=False)
+def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
+    """Export ``config.targets`` over ``config.plan``; returns the (possibly existing) export."""
+    started = time.perf_counter()
+    store = ExportStore(root_url)
+    recipe = export_recipe(root_url, config)
+    export_id = recipe.export_id()
+    skipped = store.exists(export_id)
+    if not skipped:
+        build = plan_export(root_url, recipe)
+        store.begin(build)
+        futures = [write_shard_task.submit(root_url, export_id, i, config.read_batch)
+                   for i in store.pending_shards(export_id)]
+        for future in futures:
+            future.result()
+        store.finalize(export_id, timings={"export_s": time.perf_counter() - started})
+    index = store.index(export_id)
+    if not skipped:
+        lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[config.plan, *index.version_ids],
+                     outputs=[export_id], facets={"codec": recipe.codec, "samples": index.num_samples})
+    return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
+                        num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=skipped)
+
+
+def run_export(root: str | None, config: ExportConfig) -> ExportResult:
+    """Run the export flow with ``config.workers`` threads on Prefect's embedded API."""
+    from flows.runtime import RunnerChoice, run_flow
+
+    data_root = open_root(root)
+    choice = RunnerChoice(workers=config.workers)
+    return run_flow(export_flow, choice, data_root, root_url=data_root.url, config=config)

@@ -1,0 +1,287 @@
+"""Prefect flow: π0 teacher targets over a clip plan, written as a ``pi0`` target version.
+
+Per clip: the observation (first frame of each chosen camera), the instruction, the state at the
+first frame and the next 50 actions (pipelines.pi0.assemble_sample), then the teacher's velocity
+at K fixed (t, noise-seed) pairs and its action->VL attention at the chosen layers
+(pipelines.pi0.compute_targets). Shard by shard: a shard with a ``_done`` marker is skipped and
+a claimed shard is left to its holder, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+from prefect import flow, task
+from pydantic import Field
+
+from pipelines import pi0
+from schemas.base import StrictModel
+from schemas.dataset import DatasetInfo
+from schemas.plan import ClipRow
+from schemas.target import ArraySpec, TargetRecipe
+from flows.runtime import RunnerChoice, device_resources, run_flow
+from storage import lineage
+from storage.claims import claim_shard, wait_for_version_shards
+from storage.episodes import EpisodeStore
+from storage.fs import open_root
+from storage.plans import PlanStore
+from storage.targets import TargetStore
+
+log = logging.getLogger(__name__)
+
+
+class Pi0TargetsConfig(StrictModel):
+    """What ``foresight pi0-targets`` computes and how."""
+
+    plan: str = Field(description="Clip plan id: each clip's first frame is an observation, its actions the chunk.")
+    model: str = Field(default="tiny", description="π0 teacher spec: hf:<repo>[@rev], dir:<path>, random or tiny.")
+    pairs: int = Field(default=4, ge=1, description="K fixed (t, noise-seed) pairs per sample.")
+    attn_layers: list[int] | None = Field(
+        default=None, description="Teacher layers whose attention is stored; default: the middle layers of "
+                                  "a uniform 6-layer student's map; [] stores none.")
+    attn_dtype: Literal["float16", "float32"] = Field(default="float16", description="Attention storage dtype.")
+    cameras: list[str] | None = Field(default=None, description="Cameras per observation; default: the plan's "
+                                                                "camera (the plan must use one).")
+    state_key: str = Field(default="state", description="Low-dim column with the robot state.")
+    action_key: str = Field(default="action", description="Low-dim column with the actions.")
+    state_indices: list[int] | None = Field(default=None, description="State elements kept (needed above 32).")
+    normalize: Literal["auto", "dataset", "none"] = Field(
+        default="auto", description="Mean/std normalisation of state and actions: 'dataset' requires the "
+                                    "dataset statistics, 'auto' uses them when present.")
+    max_text_tokens: int = Field(default=48, ge=2, description="Instruction tokens (padded).")
+    tiny_layers: int = Field(default=4, ge=1, description="Depth of the `tiny` teacher's two stacks.")
+    shard_size: int = Field(default=16, ge=1, description="Clips per shard (and per writer task).")
+    batch: int = Field(default=4, ge=1, description="Samples per teacher forward.")
+    device: str = Field(default="cpu", description="Torch device.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype.")
+    limit: int | None = Field(default=None, ge=1, description="Only the first N clips of the plan.")
+
+
+class Pi0ShardsResult(StrictModel):
+    """What one task wrote."""
+
+    shards: list[int]
+    clips: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- model cache (one per process)
+_MODELS: dict[str, pi0.LoadedPi0] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(config: Pi0TargetsConfig) -> pi0.LoadedPi0:
+    """The teacher of ``config``, loaded once per process (workers reuse it across tasks)."""
+    key = config.model_dump_json(include={"model", "device", "dtype", "tiny_layers"})
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()  # one model per worker: free the previous one first
+            _MODELS[key] = pi0.load_pi0(config.model, config.device, config.dtype, config.tiny_layers)
+        return _MODELS[key]
+
+
+# ---------------------------------------------------------------- version layout
+def plan_rows(root_url: str, config: Pi0TargetsConfig) -> list[ClipRow]:
+    rows = PlanStore(root_url).rows(config.plan)
+    if not rows:
+        raise ValueError(f"plan '{config.plan}': no clips")
+    return rows[: config.limit] if config.limit else rows
+
+
+def resolve_params(config: Pi0TargetsConfig, rows: list[ClipRow], info: DatasetInfo,
+                   loaded: pi0.LoadedPi0) -> pi0.Pi0TargetParams:
+    """The version parameters: explicit settings plus what the plan, dataset and model imply."""
+    cameras = config.cameras or sorted({row.camera for row in rows})
+    if len(cameras) != 1 and not config.cameras:
+        raise ValueError(f"plan '{config.plan}': clips use cameras {cameras}; pass --cameras")
+    missing = [c for c in cameras if c not in info.cameras]
+    if missing:
+        raise ValueError(f"dataset '{info.name}': no camera {missing} (has {sorted(info.cameras)})")
+    for key in (config.state_key, config.action_key):
+        if key not in info.features:
+            raise ValueError(f"dataset '{info.name}': no low-dim column '{key}' (has {sorted(info.features)})")
+    depth = pi0.num_layers(loaded.model)
+    attn_layers = pi0.default_attn_layers(depth) if config.attn_layers is None else sorted(set(config.attn_layers))
+    if any(not 0 <= layer < depth for layer in attn_layers):
+        raise ValueError(f"attn layers {attn_layers}: the teacher has layers 0..{depth - 1}")
+    return pi0.Pi0TargetParams(
+        pairs=config.pairs, attn_layers=attn_layers, attn_dtype=config.attn_dtype, cameras=cameras,
+        state_key=config.state_key, action_key=config.action_key, state_indices=config.state_indices,
+        normalization=normalization(config, info), max_text_tokens=config.max_text_tokens,
+        tokenizer=loaded.tokenizer_kind, image_size=pi0.image_size(loaded.model.config),
+        chunk_size=loaded.model.config.chunk_size, max_dim=loaded.model.config.max_action_dim)
+
+
+def normalization(config: Pi0TargetsConfig, info: DatasetInfo) -> dict[str, dict[str, list[float]]]:
+    """Mean/std of state (restricted to ``state_indices``) and actions, as stored in the recipe."""
+    if config.normalize == "none":
+        return {}
+    stats = info.stats or {}
+    present = config.state_key in stats and config.action_key in stats
+    if not present:
+        if config.normalize == "dataset":
+            raise ValueError(f"dataset '{info.name}': no statistics for '{config.state_key}' and "
+                             f"'{config.action_key}'; compute them first or pass --normalize none")
+        log.warning("dataset '%s' has no statistics: state and actions are not normalised", info.name)
+        return {}
+    state, action = stats[config.state_key], stats[config.action_key]
+    pick = config.state_indices if config.state_indices is not None else list(range(len(state.mean)))
+    return {"state": {"mean": [state.mean[i] for i in pick], "std": [state.std[i] for i in pick]},
+            "action": {"mean": list(action.mean), "std": list(action.std)}}
+
+
+def pi0_recipe(loaded: pi0.LoadedPi0, params: pi0.Pi0TargetParams, plan_id: str, num_clips: int,
+               dataset_fingerprint: str) -> TargetRecipe:
+    return TargetRecipe(kind="pi0", stage=pi0.STAGE, stage_version=pi0.STAGE_VERSION, model=loaded.identity,
+                        params={**params.model_dump(mode="json"), "num_clips": num_clips},
+                        inputs={"plan": plan_id, "dataset": dataset_fingerprint})
+
+
+def pi0_arrays(params: pi0.Pi0TargetParams, model_config: Any, num_clips: int) -> list[ArraySpec]:
+    return [ArraySpec(name=name, shape=[num_clips, *shape], dtype=dtype)
+            for name, (shape, dtype) in pi0.array_shapes(params, model_config).items()]
+
+
+# ---------------------------------------------------------------- reading samples
+class SampleReader:
+    """Reads the raw observation of plan rows from the episode store (columns cached per episode)."""
+
+    def __init__(self, root_url: str, params: pi0.Pi0TargetParams, tokenizer: Any | None):
+        self.root_url, self.params, self.tokenizer = root_url, params, tokenizer
+        self.stores: dict[str, EpisodeStore] = {}
+        self.columns: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def column(self, row: ClipRow, name: str) -> np.ndarray:
+        key = (row.dataset, row.episode_id, name)
+        if key not in self.columns:
+            if len(self.columns) > 64:
+                self.columns.clear()
+            self.columns[key] = self.store(row).read_column(row.episode_id, name)
+        return self.columns[key]
+
+    def store(self, row: ClipRow) -> EpisodeStore:
+        return self.stores.setdefault(row.dataset, EpisodeStore(self.root_url, row.dataset))
+
+    def sample(self, row: ClipRow) -> dict[str, np.ndarray]:
+        """The stored input arrays of one clip (see pipelines.pi0.assemble_sample)."""
+        where = f"dataset '{row.dataset}', episode '{row.episode_id}', clip '{row.clip_id}'"
+        states = self.column(row, self.params.state_key)
+        actions = self.column(row, self.params.action_key)
+        if not 0 <= row.start < min(len(states), len(actions)):
+            raise ValueError(f"{where}: start frame {row.start} is outside the episode ({len(actions)} frames)")
+        images = np.stack([self.store(row).read_frames(row.episode_id, camera, [row.start])[0]
+                           for camera in self.params.cameras])
+        try:
+            return pi0.assemble_sample(images, row.instruction, states[row.start],
+                                       actions[row.start: row.start + self.params.chunk_size],
+                                       self.params, self.tokenizer)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+# ---------------------------------------------------------------- tasks and flow
+def compute_shard(writer: Any, shard_index: int, rows: list[ClipRow], reader: SampleReader,
+                  loaded: pi0.LoadedPi0, params: pi0.Pi0TargetParams, config: Pi0TargetsConfig) -> int:
+    """Compute and write one whole shard (one writer per shard); returns its clip count."""
+    clips = writer.shard_clips(shard_index)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(clips.start, clips.stop, config.batch):
+        batch_rows = rows[start: min(start + config.batch, clips.stop)]
+        samples = pi0.stack_samples([reader.sample(row) for row in batch_rows])
+        parts.append(pi0.compute_targets(loaded.model, samples, [row.clip_id for row in batch_rows],
+                                         writer.version_id, params, config.device))
+    arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    writer.write_shard(shard_index, arrays)
+    return len(clips)
+
+
+@task(name="pi0-targets-shards", retries=1, retry_delay_seconds=2)
+def write_shards(root_url: str, version_id: str, shard_indices: list[int], config: Pi0TargetsConfig) -> Pi0ShardsResult:
+    """Write the given shards of a building pi0 version (skipping done or claimed ones)."""
+    started = time.perf_counter()
+    writer = TargetStore(root_url).writer(version_id)
+    params = pi0.Pi0TargetParams(**{k: v for k, v in writer.manifest.recipe.params.items() if k != "num_clips"})
+    loaded = cached_model(config)
+    if loaded.identity.key() != writer.manifest.recipe.model.key():
+        raise ValueError(f"target version '{version_id}' was begun with another teacher than {config.model!r}")
+    rows = plan_rows(root_url, config)
+    reader = SampleReader(root_url, params, loaded.tokenizer)
+    written, clips = [], 0
+    for index in shard_indices:
+        with claim_shard(root_url, version_id, index, is_done=lambda i=index: writer.is_done(i)) as owned:
+            if owned:
+                clips += compute_shard(writer, index, rows, reader, loaded, params, config)
+                written.append(index)
+    return Pi0ShardsResult(shards=written, clips=clips, seconds=time.perf_counter() - started)
+
+
+def begin_version(root_url: str, config: Pi0TargetsConfig) -> tuple[Any, bool]:
+    """(writer or manifest, already_complete): resolve the recipe and open (or find) its version."""
+    rows = plan_rows(root_url, config)
+    datasets = sorted({row.dataset for row in rows})
+    if len(datasets) != 1:
+        raise ValueError(f"plan '{config.plan}': clips from several datasets {datasets}")
+    episodes = EpisodeStore(root_url, datasets[0])
+    loaded = cached_model(config)
+    params = resolve_params(config, rows, episodes.info(), loaded)
+    recipe = pi0_recipe(loaded, params, config.plan, len(rows), episodes.fingerprint())
+    store = TargetStore(root_url)
+    if store.status(recipe.version_id()) == "complete":
+        return store.manifest(recipe.version_id()), True
+    arrays = pi0_arrays(params, loaded.model.config, len(rows))
+    return store.begin(recipe, arrays, len(rows), config.shard_size), False
+
+
+ShardRunner = Callable[[str, list[int]], list[Pi0ShardsResult]]
+"""Runs shard tasks: (version id, shard indices) -> their results."""
+
+
+def build_version(root_url: str, config: Pi0TargetsConfig, run_shards: ShardRunner) -> dict[str, Any]:
+    """Build (or finish) the pi0 version of ``config``, handing pending shards to ``run_shards``."""
+    started = time.perf_counter()
+    writer, complete = begin_version(root_url, config)
+    if complete:
+        log.info("pi0 version %s is already complete", writer.id)
+        return {"version": writer.id, "status": "complete", "clips": 0, "seconds": 0.0}
+    results = run_shards(writer.version_id, writer.pending_shards())
+    # Shards another builder held (or released after an error) are waited for or run here.
+    wait_for_version_shards(writer, lambda shards: results.extend(run_shards(writer.version_id, shards)))
+    seconds = time.perf_counter() - started
+    clips = sum(r.clips for r in results)
+    manifest = writer.finalize(timings={"pi0_targets_s": seconds,
+                                        "samples_per_s": clips / seconds if seconds > 0 else 0.0})
+    lineage.emit(root_url, "pi0-targets", str(uuid.uuid4()), inputs=[config.plan], outputs=[manifest.id],
+                 facets={"model": config.model, "clips": clips})
+    return {"version": manifest.id, "status": manifest.status, "clips": clips, "seconds": seconds}
+
+
+def run_here(root_url: str, config: Pi0TargetsConfig) -> ShardRunner:
+    """A shard runner that computes in this process, without Prefect (tests, notebooks)."""
+    return lambda version_id, shards: [write_shards.fn(root_url, version_id, shards, config)]
+
+
+@flow(name="pi0-targets")
+def pi0_targets_flow(root_url: str, config: Pi0TargetsConfig, workers: int = 1) -> dict[str, Any]:
+    """Build (or finish) the pi0 target version of ``config``; returns its id, status and throughput."""
+
+    def run_shards(version_id: str, shards: list[int]) -> list[Pi0ShardsResult]:
+        groups = [shards[i::workers] for i in range(min(workers, len(shards)))]
+        with device_resources(config.device):  # on Dask: one GPU per model-holding task
+            futures = [write_shards.submit(root_url, version_id, group, config) for group in groups]
+        return [future.result() for future in futures]
+
+    return build_version(root_url, config, run_shards)
+
+
+def run_pi0_targets(root: Any, config: Pi0TargetsConfig, runner: Any | None = None) -> dict[str, Any]:
+    """Run the flow on the chosen task runner (local threads by default)."""
+    choice = runner or RunnerChoice()
+    root_obj = open_root(root)
+    return run_flow(pi0_targets_flow, choice, root_obj, root_url=root_obj.url, config=config,
+                    workers=choice.dask_local or choice.workers)

@@ -1,0 +1,232 @@
+"""Where flows run: Prefect's embedded API by default, a local or remote Dask cluster on request.
+
+Every flow is started through :func:`run_flow`, which owns the Prefect environment (never the
+user's home) and the task runner; flows themselves never know where they run. Inside a flow,
+tasks that need a GPU are submitted under :func:`device_resources`, which makes Dask place them
+only on workers that declare a ``GPU`` resource (one model-holding task per GPU at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from schemas.base import StrictModel
+from storage.fs import Root
+
+log = logging.getLogger(__name__)
+
+GPU_RESOURCE = "GPU"
+DASK_ADDRESS_ENV = "FORESIGHT_DASK_ADDRESS"
+
+
+class RunnerChoice(StrictModel):
+    """How a flow's tasks are executed."""
+
+    workers: int = Field(default=1, ge=1, description="Local workers (threads or processes).")
+    processes: bool = Field(default=False, description="Local workers are processes, not threads.")
+    dask_local: int | None = Field(default=None, ge=1, description="Start a dask LocalCluster of N workers.")
+    dask_address: str | None = Field(default=None, description="Existing dask scheduler, tcp://host:port.")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> "RunnerChoice":
+        if self.dask_local is not None and self.dask_address is not None:
+            raise ValueError("choose either dask_local or dask_address, not both")
+        if self.dask_address is not None and "://" not in self.dask_address:
+            raise ValueError(f"dask_address {self.dask_address!r}: expected a scheduler URL like tcp://host:8786")
+        return self
+
+    @property
+    def uses_dask(self) -> bool:
+        return self.dask_local is not None or self.dask_address is not None
+
+    def describe(self) -> str:
+        """One phrase for logs and summaries."""
+        if self.dask_address is not None:
+            return f"dask cluster at {self.dask_address}"
+        if self.dask_local is not None:
+            return f"local dask cluster of {self.dask_local} worker(s)"
+        kind = "process" if self.processes else "thread"
+        return f"{self.workers} local {kind}(s)"
+
+
+def configure_prefect() -> None:
+    """Point Prefect at an embedded API whose home lives in a temp folder, never the user's home.
+
+    A user who configured a Prefect server (``PREFECT_API_URL``) or a home keeps it.
+    """
+    if not os.environ.get("PREFECT_HOME"):
+        home = os.path.join(tempfile.gettempdir(), f"foresight-prefect-{os.getuid()}")
+        os.makedirs(home, exist_ok=True)
+        os.environ["PREFECT_HOME"] = home
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
+
+
+def visible_gpus() -> int:
+    """Number of CUDA devices this process may use (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_dask_cluster(n_workers: int, gpus: int | None = None, host: str = "127.0.0.1"):
+    """A Dask cluster of ``n_workers`` single-threaded worker processes on this machine.
+
+    With GPUs, worker ``i`` sees only GPU ``i % gpus`` (``CUDA_VISIBLE_DEVICES``) and declares
+    one ``GPU`` resource, so ``device="cuda"`` in a task means that worker's own GPU.
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    gpus = visible_gpus() if gpus is None else gpus
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    workers = {}
+    for index in range(n_workers):
+        options: dict[str, Any] = {"nthreads": 1, "host": host}
+        if gpus:
+            options["resources"] = {GPU_RESOURCE: 1}
+            options["env"] = {"CUDA_VISIBLE_DEVICES": devices[index % gpus]}
+        workers[f"foresight-{index}"] = {"cls": Nanny, "options": options}
+    scheduler = {"cls": Scheduler, "options": {"host": host, "dashboard_address": ":0"}}
+    log.info("starting a local dask cluster: %d worker(s), %d GPU(s)", n_workers, gpus)
+    return SpecCluster(workers=workers, scheduler=scheduler, name="foresight-local")
+
+
+def make_task_runner(choice: RunnerChoice):
+    """The Prefect task runner for ``choice``."""
+    if choice.dask_address is not None:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=choice.dask_address)
+    if choice.dask_local is not None:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_class=local_dask_cluster, cluster_kwargs={"n_workers": choice.dask_local})
+    if choice.processes:
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=choice.workers)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=choice.workers)
+
+
+@contextlib.contextmanager
+def shared_api() -> Iterator[None]:
+    """Make sure every process of a run reports to one Prefect API.
+
+    Dask workers receive the flow's settings; with no ``PREFECT_API_URL`` configured they would
+    each start their own embedded server. So the embedded server is started here and its URL
+    put in the settings that travel with each task.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def run_flow(flow: Any, choice: RunnerChoice | None = None, root: Root | None = None, /, **params: Any) -> Any:
+    """Run a Prefect flow with the chosen task runner; returns the flow's return value.
+
+    ``flow``, ``choice`` and ``root`` are positional-only, so a flow may have a ``root`` parameter.
+    With ``root`` and an existing Dask cluster, the workers are first asked whether they can
+    see a local root (they need a shared filesystem for it), so a wrong setup fails at once.
+    """
+    choice = choice or RunnerChoice()
+    runner = make_task_runner(choice)
+    log.info("running flow %s on %s", flow.name, choice.describe())
+    if not choice.uses_dask:
+        return flow.with_options(task_runner=runner)(**params)
+    if root is not None and choice.dask_address is not None:
+        check_workers_see_root(choice.dask_address, root)
+    with shared_api():
+        return flow.with_options(task_runner=runner)(**params)
+
+
+def check_workers_see_root(address: str, root: Root) -> None:
+    """ValueError when a worker of the cluster at ``address`` cannot see a local data root."""
+    if not root.is_local:
+        return  # object stores are reachable by URL from anywhere the credentials are
+    from distributed import Client
+
+    root.makedirs("")
+    with Client(address, timeout=30) as client:
+        seen = client.run(os.path.isdir, root.base)
+    blind = sorted(worker for worker, ok in seen.items() if not ok)
+    if blind:
+        raise ValueError(f"data root {root.url}: not visible from dask worker(s) {', '.join(blind)}; "
+                         "use a shared filesystem path or an object-store URL (s3://...) as --root")
+
+
+def _current_dask_client():
+    """The Dask client of the running flow's task runner, or None when it runs locally."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = getattr(context, "task_runner", None) if context is not None else None
+    if runner is None or type(runner).__name__ != "DaskTaskRunner":
+        return None
+    return runner.client
+
+
+def check_gpu_workers(client: Any) -> None:
+    """Fail with a clear message when a cluster has no worker declaring a GPU resource."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if not any(info.get("resources", {}).get(GPU_RESOURCE, 0) >= 1 for info in workers.values()):
+        raise ValueError(
+            f"dask cluster at {client.scheduler.address}: no worker declares a '{GPU_RESOURCE}' resource, "
+            f"so GPU tasks would wait forever; start workers with `dask worker ADDRESS --nthreads 1 "
+            f"--resources {GPU_RESOURCE}=1` (one per GPU), or run with --device cpu")
+
+
+@contextlib.contextmanager
+def device_resources(device: str) -> Iterator[None]:
+    """Submit tasks under this block to request one ``GPU`` when ``device`` is a CUDA device.
+
+    Outside Dask (threads, processes) this does nothing; on Dask it annotates the submitted
+    tasks so the scheduler runs at most one of them per GPU worker::
+
+        with device_resources(config.device):
+            futures = [generate_shard.submit(version_id, i) for i in shards]
+    """
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    client = _current_dask_client()
+    if client is None:
+        yield
+        return
+    import dask
+
+    check_gpu_workers(client)
+    with dask.annotate(resources={GPU_RESOURCE: 1}):
+        yield
+
+
+def gather(futures: list[Any]) -> list[Any]:
+    """Results of submitted task futures, in order; a failed task raises its exception."""
+    return [future.result() for future in futures]
+
+
+def submit_all(task: Callable[..., Any], items: list[dict[str, Any]]) -> list[Any]:
+    """Submit one task run per keyword dict."""
+    return [task.submit(**kwargs) for kwargs in items]

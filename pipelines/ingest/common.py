@@ -1,0 +1,158 @@
+"""Pieces shared by the source readers: stream blocks, bad-input errors, checksums, depth packing.
+
+A reader turns one source episode into a stream of blocks: ``FrameBlock`` (a few frames of one
+camera) and, last, one ``LowdimBlock`` (all per-frame vectors, which are small). Writers consume
+the stream shard by shard, so no reader ever holds a whole episode of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.dataset import FeatureSpec, LanguageSegment
+
+READ_BLOCK = 64
+"""Frames read per block: one episode-store shard, so memory is bounded by one shard per camera."""
+
+HASH_BLOCK = 4 << 20
+
+DEPTH_UINT24_MAX = (1 << 24) - 1
+
+
+class IngestError(ValueError):
+    """Bad source data: one line naming the file, the episode and the field."""
+
+    def __init__(self, file: str | os.PathLike[str], episode: str | None, field: str | None, reason: str):
+        self.file, self.episode, self.field, self.reason = str(file), episode, field, reason
+        parts = [self.file]
+        if episode is not None:
+            parts.append(f"episode '{episode}'")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        super().__init__(": ".join([", ".join(parts), reason]))
+
+    def as_item(self) -> dict[str, Any]:
+        """The quarantine.jsonl entry for this error."""
+        return {"file": self.file, "episode": self.episode, "field": self.field,
+                "reason": self.reason, "message": str(self)}
+
+
+@dataclass
+class FrameBlock:
+    """Consecutive frames of one camera: (n, H, W, 3) uint8."""
+
+    camera: str
+    frames_THWC: np.ndarray
+
+
+@dataclass
+class LowdimBlock:
+    """All per-frame vectors of the episode, each (T, ...), plus timestamps in seconds (T,)."""
+
+    columns: dict[str, np.ndarray]
+    timestamps_T: np.ndarray
+    segments: list[LanguageSegment] = field(default_factory=list)
+    """Language segments the source defines inside this episode (episode-relative, inclusive)."""
+
+
+@dataclass
+class SourceEpisode:
+    """What a reader knows about one source episode before reading its data."""
+
+    episode_id: str
+    split: str
+    task: str
+    length: int
+    source_path: str
+    files: list[str] = field(default_factory=list)
+    """Every source file whose bytes define this episode (hashed for idempotence)."""
+    instructions: list[str] = field(default_factory=list)
+    success: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceLayout:
+    """Dataset-level facts a reader found by scanning a source."""
+
+    fps: float
+    cameras: dict[str, list[int]]
+    features: dict[str, FeatureSpec]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of one file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_checksum(files: Iterable[str | os.PathLike[str]], options: dict[str, Any],
+                    known: dict[str, str] | None = None) -> str:
+    """sha256 over every file's name and content digest (in order) and the ingest options.
+
+    Options are part of the key so that re-ingesting with other cameras rewrites the episode.
+    ``known`` maps paths to digests already computed (files shared by several episodes).
+    """
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for path in files:
+        file_digest = (known or {}).get(str(path)) or file_sha256(path)
+        digest.update(f"\n{Path(path).name}:{file_digest}".encode())
+    return digest.hexdigest()
+
+
+def check_finite(values: np.ndarray, file: str, episode: str, name: str) -> None:
+    """Raise IngestError naming the first frame that holds NaN or inf."""
+    if values.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if not finite.all():
+        frame = int(np.flatnonzero(~finite)[0])
+        raise IngestError(file, episode, name, f"NaN or inf at frame {frame}")
+
+
+def check_length(values: np.ndarray, expected: int, file: str, episode: str, name: str, of: str) -> None:
+    """Raise IngestError when a per-frame sequence has another length than the observations."""
+    if len(values) != expected:
+        raise IngestError(file, episode, name, f"{len(values)} steps but {of} has {expected}")
+
+
+def pack_depth_uint24(depth_THW: np.ndarray, scale: float) -> np.ndarray:
+    """Store depth losslessly at ``scale`` resolution as an RGB image: value = round(depth / scale).
+
+    The 24-bit value is split big-endian over R, G, B so the episode store, which holds uint8
+    (T, H, W, 3) cameras, can keep depth beside colour. ``unpack_depth_uint24`` inverts it.
+    """
+    values = np.rint(np.asarray(depth_THW, dtype=np.float64) / scale)
+    if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > DEPTH_UINT24_MAX:
+        raise ValueError(f"depth outside the packable range [0, {DEPTH_UINT24_MAX * scale:g}]")
+    as_int = values.astype(np.uint32)
+    packed = np.empty((*as_int.shape, 3), dtype=np.uint8)
+    packed[..., 0] = as_int >> 16
+    packed[..., 1] = (as_int >> 8) & 0xFF
+    packed[..., 2] = as_int & 0xFF
+    return packed
+
+
+def unpack_depth_uint24(frames_THWC: np.ndarray, scale: float) -> np.ndarray:
+    """Depth (T, H, W) float32 from frames written by ``pack_depth_uint24``."""
+    frames = np.asarray(frames_THWC, dtype=np.uint32)
+    value = (frames[..., 0] << 16) | (frames[..., 1] << 8) | frames[..., 2]
+    return (value * scale).astype(np.float32)
+
+
+def blocks_of(indices: range, size: int = READ_BLOCK) -> Iterator[range]:
+    """Split a range of frame indices into consecutive blocks of at most ``size``."""
+    for start in range(indices.start, indices.stop, size):
+        yield range(start, min(start + size, indices.stop))

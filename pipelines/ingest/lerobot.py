@@ -1,0 +1,450 @@
+"""LeRobot dataset reader: a local folder of codebase v3.0 (or legacy v2.0/v2.1).
+
+v3.0: ``meta/info.json``, ``meta/tasks.parquet``, ``meta/episodes/chunk-*/file-*.parquet``; many
+episodes per data parquet and per video file, an episode's frames located in its video by
+``videos/<key>/from_timestamp``. v2.x: one parquet and one mp4 per episode, ``meta/episodes.jsonl``,
+``meta/tasks.jsonl``. Paths come from the ``data_path``/``video_path`` templates of info.json.
+
+Video frames are decoded with PyAV, each file once and sequentially: episodes sharing files form
+one group, read in file order, so no frame is ever sought.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipelines.ingest.common import (
+    READ_BLOCK,
+    FrameBlock,
+    IngestError,
+    LowdimBlock,
+    SourceEpisode,
+    SourceLayout,
+    check_finite,
+)
+from schemas.base import StrictModel
+from schemas.dataset import FeatureSpec, LanguageSegment
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
+INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+CAMERA_PREFIX = "observation.images."
+STORED_NAMES = {"observation.state": "state"}
+"""Feature key -> stored column where foresight has a common name (``action`` is already common)."""
+INFO = "meta/info.json"
+
+
+class LeRobotOptions(StrictModel):
+    """What to take from a LeRobot dataset folder."""
+
+    cameras: list[str] | None = Field(default=None, description="Video/image feature keys to store (default all).")
+
+
+@dataclass
+class LeRobotMeta:
+    """The metadata of one LeRobot dataset folder."""
+
+    root: Path
+    version: str
+    info: dict[str, Any]
+    fps: float
+    camera_keys: list[str]
+    """Feature keys of dtype video or image, in info.json order."""
+    lowdim: dict[str, FeatureSpec]
+    episodes: dict[int, dict[str, Any]]
+    tasks: dict[int, str]
+    problems: list[IngestError] = field(default_factory=list)
+
+    @property
+    def is_v3(self) -> bool:
+        return self.version.startswith("v3")
+
+    def data_file(self, ep: int) -> Path:
+        row = self.episodes[ep]
+        keys = _template_keys(self, ep, row, "data")
+        return self.root / self.info["data_path"].format(**keys)
+
+    def video_file(self, ep: int, key: str) -> Path:
+        row = self.episodes[ep]
+        keys = _template_keys(self, ep, row, f"videos/{key}")
+        return self.root / self.info["video_path"].format(video_key=key, **keys)
+
+
+def stored_name(key: str) -> str:
+    return STORED_NAMES.get(key, key)
+
+
+def camera_name(key: str) -> str:
+    """Store camera name of a feature key: ``observation.images.top`` -> ``top``."""
+    return key.removeprefix(CAMERA_PREFIX) or key
+
+
+def _template_keys(meta: LeRobotMeta, ep: int, row: dict[str, Any], prefix: str) -> dict[str, int]:
+    chunks_size = int(meta.info.get("chunks_size", 1000))
+    if meta.is_v3:
+        return {"chunk_index": int(row[f"{prefix}/chunk_index"]), "file_index": int(row[f"{prefix}/file_index"]),
+                "episode_index": ep}
+    return {"episode_chunk": ep // chunks_size, "episode_index": ep}
+
+
+def load_meta(src: str | Path) -> LeRobotMeta:
+    """Read info.json, episodes and tasks; raises IngestError for a missing or unsupported dataset."""
+    root = Path(src)
+    info_path = root / INFO
+    if not info_path.exists():
+        raise IngestError(info_path, None, None, "file missing (not a LeRobot dataset folder)")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise IngestError(info_path, None, None, f"invalid JSON ({err})") from None
+    version = str(info.get("codebase_version"))
+    if version not in SUPPORTED_VERSIONS:
+        raise IngestError(info_path, None, "codebase_version", f"unsupported version {version!r} "
+                          f"(supported: {', '.join(SUPPORTED_VERSIONS)})")
+    for key in ("fps", "features", "data_path"):
+        if key not in info:
+            raise IngestError(info_path, None, key, "key missing")
+    features = info["features"]
+    camera_keys = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
+    lowdim = {k: FeatureSpec(dtype=f["dtype"], shape=[int(d) for d in f["shape"]], names=_flat_names(f.get("names")))
+              for k, f in features.items() if k not in INDEX_COLUMNS and _is_numeric(f.get("dtype"))}
+    is_v3 = version.startswith("v3")
+    episodes = _episodes_v3(root) if is_v3 else _episodes_v2(root)
+    tasks = _tasks_v3(root) if is_v3 else _tasks_v2(root)
+    return LeRobotMeta(root=root, version=version, info=info, fps=float(info["fps"]), camera_keys=camera_keys,
+                       lowdim=lowdim, episodes=episodes, tasks=tasks)
+
+
+def _is_numeric(dtype: Any) -> bool:
+    try:
+        return np.dtype(str(dtype)).kind in "fiub"
+    except TypeError:
+        return False
+
+
+def _flat_names(names: Any) -> list[str] | None:
+    """Per-element names: a list of strings, or LeRobot's {"motors": [...]} form."""
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
+def _episodes_v3(root: Path) -> dict[int, dict[str, Any]]:
+    files = sorted((root / "meta/episodes").glob("chunk-*/file-*.parquet"))
+    if not files:
+        raise IngestError(root / "meta/episodes", None, None, "no episode metadata parquet files")
+    episodes: dict[int, dict[str, Any]] = {}
+    for path in files:
+        table = pq.read_table(path)
+        keep = [c for c in table.column_names if not c.startswith("stats/")]
+        for row in table.select(keep).to_pylist():
+            episodes[int(row["episode_index"])] = row
+    return episodes
+
+
+def _episodes_v2(root: Path) -> dict[int, dict[str, Any]]:
+    path = root / "meta/episodes.jsonl"
+    if not path.exists():
+        raise IngestError(path, None, None, "file missing")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(row["episode_index"]): row for row in rows}
+
+
+def _tasks_v3(root: Path) -> dict[int, str]:
+    """tasks.parquet is a pandas frame: task strings as its index, a ``task_index`` column."""
+    path = root / "meta/tasks.parquet"
+    if not path.exists():
+        raise IngestError(path, None, None, "file missing")
+    table = pq.read_table(path)
+    index_columns = (table.schema.pandas_metadata or {}).get("index_columns", [])
+    text_column = next((c for c in [*index_columns, "task"] if isinstance(c, str) and c in table.column_names), None)
+    if text_column is None or "task_index" not in table.column_names:
+        raise IngestError(path, None, "task", f"no task text column (columns {table.column_names})")
+    return dict(zip(table.column("task_index").to_pylist(), table.column(text_column).to_pylist()))
+
+
+def _tasks_v2(root: Path) -> dict[int, str]:
+    path = root / "meta/tasks.jsonl"
+    if not path.exists():
+        raise IngestError(path, None, None, "file missing")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(row["task_index"]): str(row["task"]) for row in rows}
+
+
+def selected_cameras(meta: LeRobotMeta, options: LeRobotOptions) -> list[str]:
+    keys = options.cameras if options.cameras is not None else meta.camera_keys
+    unknown = [k for k in keys if k not in meta.camera_keys]
+    if unknown:
+        raise ValueError(f"{meta.root / INFO}: no video/image features {unknown} (has {meta.camera_keys})")
+    return list(keys)
+
+
+def source_layout(meta: LeRobotMeta, options: LeRobotOptions) -> SourceLayout:
+    """Cameras (H, W from the feature shape and its names) and low-dim features."""
+    cameras = {camera_name(k): [*_height_width(meta, k), 3] for k in selected_cameras(meta, options)}
+    features = {stored_name(k): spec for k, spec in meta.lowdim.items()}
+    return SourceLayout(fps=meta.fps, cameras=cameras, features=features,
+                        extra={"codebase_version": meta.version, "robot_type": meta.info.get("robot_type"),
+                               "camera_keys": {camera_name(k): k for k in selected_cameras(meta, options)},
+                               "source_columns": {stored_name(k): k for k in meta.lowdim}})
+
+
+def _height_width(meta: LeRobotMeta, key: str) -> tuple[int, int]:
+    feature = meta.info["features"][key]
+    shape, names = list(feature["shape"]), feature.get("names") or []
+    if len(shape) == 3 and list(names)[:3] == ["channels", "height", "width"]:
+        return int(shape[1]), int(shape[2])
+    return int(shape[0]), int(shape[1])
+
+
+def episode_groups(meta: LeRobotMeta, options: LeRobotOptions) -> list[list[int]]:
+    """Episodes that share a data or video file, each group in file order (v2.x: one per episode)."""
+    owner: dict[Path, int] = {}
+    parent = {ep: ep for ep in meta.episodes}
+
+    def find(ep: int) -> int:
+        while parent[ep] != ep:
+            parent[ep] = parent[parent[ep]]
+            ep = parent[ep]
+        return ep
+
+    for ep in sorted(meta.episodes):
+        for path in episode_files(meta, ep, options):
+            if path in owner:
+                parent[find(ep)] = find(owner[path])
+            else:
+                owner[path] = ep
+    groups: dict[int, list[int]] = {}
+    for ep in sorted(meta.episodes):
+        groups.setdefault(find(ep), []).append(ep)
+    return list(groups.values())
+
+
+def episode_files(meta: LeRobotMeta, ep: int, options: LeRobotOptions) -> list[Path]:
+    files = [meta.data_file(ep)]
+    files += [meta.video_file(ep, k) for k in selected_cameras(meta, options)
+              if meta.info["features"][k]["dtype"] == "video"]
+    return files
+
+
+def lerobot_episode(meta: LeRobotMeta, ep: int, options: LeRobotOptions) -> SourceEpisode:
+    row = meta.episodes[ep]
+    tasks = [str(t) for t in (row.get("tasks") or [])]
+    extra = {"episode_index": ep, "codebase_version": meta.version,
+             "meta": {k: v for k, v in row.items() if isinstance(v, (int, float, str, list))}}
+    return SourceEpisode(episode_id=f"episode_{ep:06d}", split="train", task=tasks[0] if tasks else "",
+                         length=int(row["length"]), source_path=str(meta.data_file(ep)),
+                         files=[str(p) for p in episode_files(meta, ep, options)], instructions=tasks, extra=extra)
+
+
+Block = FrameBlock | LowdimBlock
+
+
+def read_lerobot_group(meta: LeRobotMeta, group: list[int], options: LeRobotOptions,
+                       skip: set[int] | None = None) -> Iterator[tuple[SourceEpisode, Iterator[Block]]]:
+    """For each episode of a group (in file order): its metadata and its block stream.
+
+    Each block stream must be consumed or dropped before the next pair is requested: the video
+    decoders are shared and only move forward. Episodes in ``skip`` are passed over (their video
+    frames are decoded and discarded when a later episode needs the decoder to move on).
+    """
+    tables = _TableCache()
+    cursors: dict[Path, VideoCursor] = {}
+    try:
+        for ep in group:
+            if skip and ep in skip:
+                continue
+            episode = lerobot_episode(meta, ep, options)
+            yield episode, _episode_blocks(meta, ep, episode, options, tables, cursors)
+    finally:
+        for cursor in cursors.values():
+            cursor.close()
+
+
+class _TableCache:
+    """The data parquet in use: a group's episodes come in file order, so one table is kept."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.table: pa.Table | None = None
+
+    def get(self, path: Path, episode: str) -> pa.Table:
+        if path != self.path:
+            try:
+                self.table, self.path = pq.read_table(path), path
+            except (OSError, pa.ArrowException) as err:
+                raise IngestError(path, episode, None, f"unreadable parquet ({err})") from None
+        return self.table
+
+
+def _episode_blocks(meta: LeRobotMeta, ep: int, episode: SourceEpisode, options: LeRobotOptions,
+                    tables: _TableCache, cursors: dict[Path, "VideoCursor"]) -> Iterator[Block]:
+    data_path = meta.data_file(ep)
+    rows = _episode_rows(tables.get(data_path, episode.episode_id), ep, data_path, episode)
+    columns = _lowdim_columns(meta, rows, data_path, episode.episode_id)
+    segments = _task_segments(meta, rows, data_path, episode.episode_id)
+    for key in selected_cameras(meta, options):
+        if meta.info["features"][key]["dtype"] == "image":
+            yield from _image_blocks(rows, key, data_path, episode.episode_id)
+            continue
+        path = meta.video_file(ep, key)
+        if path not in cursors:
+            cursors[path] = VideoCursor(path, meta.fps)
+        row = meta.episodes[ep]
+        from_ts = float(row.get(f"videos/{key}/from_timestamp", 0.0))
+        to_ts = float(row.get(f"videos/{key}/to_timestamp", from_ts + episode.length / meta.fps))
+        shape = [*_height_width(meta, key), 3]
+        for frames in cursors[path].take(from_ts, to_ts, episode.length, shape, episode.episode_id, key):
+            yield FrameBlock(camera_name(key), frames)
+    timestamps = rows.column("timestamp").to_numpy().astype(np.float64) if "timestamp" in rows.column_names \
+        else np.arange(episode.length) / meta.fps
+    yield LowdimBlock(columns=columns, timestamps_T=timestamps, segments=segments)
+
+
+def _episode_rows(table: pa.Table, ep: int, path: Path, episode: SourceEpisode) -> pa.Table:
+    if "episode_index" not in table.column_names:
+        raise IngestError(path, episode.episode_id, "episode_index", "column missing")
+    mask = pc.equal(table.column("episode_index"), ep)
+    rows = table.filter(mask)
+    if len(rows) != episode.length:
+        raise IngestError(path, episode.episode_id, "episode_index", f"{len(rows)} data rows but the episode "
+                          f"metadata says length {episode.length}")
+    if "frame_index" in rows.column_names:
+        frame_index = rows.column("frame_index").to_numpy()
+        if not np.array_equal(frame_index, np.arange(len(rows))):
+            raise IngestError(path, episode.episode_id, "frame_index", "not 0..length-1 in order")
+    return rows
+
+
+def column_array(rows: pa.Table, name: str, shape: list[int]) -> np.ndarray:
+    """A parquet column (scalars, lists or fixed-size lists) as a (T, *shape) array."""
+    column = rows.column(name).combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type) or \
+            pa.types.is_large_list(column.type):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+    else:
+        values = column.to_numpy(zero_copy_only=False)
+    return values.reshape(len(rows), *shape)
+
+
+def _lowdim_columns(meta: LeRobotMeta, rows: pa.Table, path: Path, episode: str) -> dict[str, np.ndarray]:
+    columns = {}
+    for name, spec in meta.lowdim.items():
+        if name not in rows.column_names:
+            raise IngestError(path, episode, name, "column missing")
+        try:
+            values = column_array(rows, name, spec.shape)
+        except (ValueError, pa.ArrowException) as err:
+            raise IngestError(path, episode, name, f"expected per-frame shape {spec.shape} ({err})") from None
+        check_finite(values, str(path), episode, name)
+        columns[stored_name(name)] = values.astype(spec.dtype)
+    return columns
+
+
+def _task_segments(meta: LeRobotMeta, rows: pa.Table, path: Path, episode: str) -> list[LanguageSegment]:
+    """One segment per run of constant task_index: the episode's instructions over frames."""
+    if "task_index" not in rows.column_names or not len(rows):
+        return []
+    task_index = rows.column("task_index").to_numpy()
+    unknown = sorted(set(task_index.tolist()) - set(meta.tasks))
+    if unknown:
+        raise IngestError(path, episode, "task_index", f"task indices {unknown} not in the task table")
+    bounds = np.flatnonzero(np.diff(task_index)) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds - 1, len(task_index) - 1]
+    return [LanguageSegment(episode_id=episode, start=int(s), end=int(e), task=meta.tasks[int(task_index[s])],
+                            text=meta.tasks[int(task_index[s])]) for s, e in zip(starts, ends)]
+
+
+def _image_blocks(rows: pa.Table, key: str, path: Path, episode: str) -> Iterator[FrameBlock]:
+    """Frames of an ``image`` feature: PNG/JPEG bytes in the parquet (written as RGB by PIL)."""
+    if key not in rows.column_names:
+        raise IngestError(path, episode, key, "column missing")
+    column = rows.column(key).combine_chunks()
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("bytes") < 0:
+        raise IngestError(path, episode, key, f"expected a struct with image bytes, found {column.type}")
+    encoded = column.field("bytes").to_pylist()
+    for start in range(0, len(encoded), READ_BLOCK):
+        frames = []
+        for t in range(start, min(start + READ_BLOCK, len(encoded))):
+            image = None if encoded[t] is None else cv2.imdecode(np.frombuffer(encoded[t], np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                raise IngestError(path, episode, key, f"frame {t}: missing or undecodable image bytes")
+            frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        yield FrameBlock(camera_name(key), np.stack(frames))
+
+
+class VideoCursor:
+    """One video file decoded once, front to back; episodes take their frames by timestamp."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path = path
+        self.tolerance = 0.5 / fps
+        self._frames: Iterator[tuple[float, av.VideoFrame]] | None = None
+        self._container: av.container.InputContainer | None = None
+
+    def _decode(self, episode: str, key: str) -> Iterator[tuple[float, av.VideoFrame]]:
+        try:
+            self._container = av.open(str(self.path))
+            stream = self._container.streams.video[0]
+        except (av.error.FFmpegError, OSError, IndexError) as err:
+            raise IngestError(self.path, episode, key, f"unreadable video ({err})") from None
+        stream.thread_type = "AUTO"
+        for frame in self._container.decode(stream):
+            yield float(frame.time if frame.time is not None else 0.0), frame
+
+    def _next(self, episode: str, key: str) -> tuple[float, av.VideoFrame] | None:
+        if self._frames is None:
+            self._frames = self._decode(episode, key)
+        try:
+            return next(self._frames)
+        except StopIteration:
+            return None
+        except (av.error.FFmpegError, OSError) as err:
+            raise IngestError(self.path, episode, key, f"video decoding failed ({err})") from None
+
+    def take(self, from_ts: float, to_ts: float, count: int, shape: list[int], episode: str,
+             key: str) -> Iterator[np.ndarray]:
+        """Blocks of the ``count`` frames starting at ``from_ts`` ((n, H, W, 3) RGB uint8)."""
+        block: list[np.ndarray] = []
+        taken = 0
+        while taken < count:
+            item = self._next(episode, key)
+            if item is None:
+                raise IngestError(self.path, episode, key, f"video holds {taken} frames for the episode, "
+                                  f"data has {count} rows")
+            time, frame = item
+            if time < from_ts - self.tolerance:
+                continue
+            if time >= to_ts - self.tolerance:
+                raise IngestError(self.path, episode, key, f"video holds {taken} frames before to_timestamp "
+                                  f"{to_ts:.3f}, data has {count} rows")
+            image = frame.to_ndarray(format="rgb24")
+            if list(image.shape) != shape:
+                raise IngestError(self.path, episode, key, f"frame {taken}: decoded {image.shape}, expected {shape}")
+            block.append(image)
+            taken += 1
+            if len(block) == READ_BLOCK:
+                yield np.stack(block)
+                block = []
+        if block:
+            yield np.stack(block)
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()

@@ -1,0 +1,268 @@
+"""Teleoperation HDF5 reader (ALOHA, Mobile ALOHA, AgileX Cobot Magic): one ``episode_{idx}.hdf5`` per episode.
+
+File layout (REFERENCE.md): attrs ``sim`` and ``compress`` (absent in the original ALOHA: False);
+``/observations/{qpos,qvel,effort}``, ``/action``, ``/base_action``; images under
+``/observations/images/<cam>``, either raw (T, H, W, 3) uint8 or JPEG bytes (T, padded_len)
+zero-padded with ``/compress_len`` (n_cams, T); optional ``/observations/images_depth/<cam>`` uint16.
+JPEG frames are decoded with ``cv2.imdecode(buf, 1)`` so the recorder's channel order is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+import cv2
+import h5py
+import numpy as np
+from pydantic import Field
+
+from pipelines.ingest.common import (
+    FrameBlock,
+    IngestError,
+    LowdimBlock,
+    SourceEpisode,
+    SourceLayout,
+    blocks_of,
+    check_finite,
+    pack_depth_uint24,
+)
+from schemas.base import StrictModel
+from schemas.dataset import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+EPISODE_FILE = re.compile(r"^episode_(\d+)\.hdf5$")
+LOWDIM_PATHS: dict[str, str] = {
+    "state": "observations/qpos",
+    "qvel": "observations/qvel",
+    "effort": "observations/effort",
+    "action": "action",
+    "base_action": "base_action",
+}
+"""Stored column name -> HDF5 dataset path; each is taken when present in the file. ``state`` is
+qpos (14 = per arm 6 joints + gripper), the role the name has in every foresight dataset."""
+IMAGES = "observations/images"
+IMAGES_DEPTH = "observations/images_depth"
+DEPTH_SCALE = 1.0
+"""uint16 depth is stored exactly, in the recorder's units (24-bit packing, scale 1)."""
+
+
+class TeleopOptions(StrictModel):
+    """How to interpret a folder of teleoperation HDF5 episodes."""
+
+    fps: float = Field(default=50.0, gt=0, description="Recording rate (ALOHA 50 Hz, AgileX 30 Hz).")
+    instruction: str | None = Field(default=None, description="Instruction text shared by every episode.")
+    task: str | None = Field(default=None, description="Task name; defaults to the source folder name.")
+
+
+def list_episode_files(src: str | Path) -> list[Path]:
+    """``episode_{idx}.hdf5`` files of a folder, in numeric index order."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"{src}: teleop source folder not found")
+    files = [p for p in src.iterdir() if EPISODE_FILE.match(p.name)]
+    if not files:
+        raise ValueError(f"{src}: no episode_*.hdf5 files")
+    return sorted(files, key=lambda p: int(EPISODE_FILE.match(p.name).group(1)))
+
+
+def episode_id_of(path: str | Path) -> str:
+    return f"episode_{int(EPISODE_FILE.match(Path(path).name).group(1))}"
+
+
+def _open(path: Path, episode: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise IngestError(path, episode, None, f"unreadable HDF5 ({err})") from None
+
+
+def probe_layout(files: list[Path], options: TeleopOptions) -> tuple[SourceLayout, list[IngestError]]:
+    """Cameras and low-dim features from the first readable file; unreadable files are problems."""
+    problems: list[IngestError] = []
+    for path in files:
+        try:
+            with _open(path, episode_id_of(path)) as h5:
+                return _layout_of(h5, path, options), problems
+        except IngestError as err:
+            problems.append(err)
+    raise ValueError(f"{files[0].parent}: no readable episode_*.hdf5 file")
+
+
+def _layout_of(h5: h5py.File, path: Path, options: TeleopOptions) -> SourceLayout:
+    episode = episode_id_of(path)
+    if "observations/qpos" not in h5:
+        raise IngestError(path, episode, "observations/qpos", "dataset missing")
+    features = {name: FeatureSpec(dtype="float32", shape=list(h5[p].shape[1:]))
+                for name, p in LOWDIM_PATHS.items() if p in h5}
+    compressed = bool(h5.attrs.get("compress", False))
+    cameras: dict[str, list[int]] = {}
+    for cam in _camera_names(h5, IMAGES):
+        dataset = h5[f"{IMAGES}/{cam}"]
+        shape = _decode_jpeg(dataset[0], path, episode, cam, 0).shape if compressed else dataset.shape[1:]
+        cameras[cam] = [int(shape[0]), int(shape[1]), 3]
+    for cam in _camera_names(h5, IMAGES_DEPTH):
+        shape = h5[f"{IMAGES_DEPTH}/{cam}"].shape
+        cameras[f"{cam}_depth"] = [int(shape[1]), int(shape[2]), 3]
+    if not cameras:
+        raise IngestError(path, episode, IMAGES, "no cameras")
+    return SourceLayout(fps=options.fps, cameras=cameras, features=features,
+                        extra={"sim": bool(h5.attrs.get("sim", False)), "compress": compressed,
+                               "depth_scale": DEPTH_SCALE})
+
+
+def _camera_names(h5: h5py.File, group: str) -> list[str]:
+    """Camera datasets of a group in file order (h5py lists them by name)."""
+    if group not in h5:
+        return []
+    return [name for name, item in h5[group].items() if isinstance(item, h5py.Dataset)]
+
+
+def teleop_episode(path: str | Path, options: TeleopOptions) -> SourceEpisode:
+    """Metadata of one HDF5 episode (opens the file; raises IngestError when unreadable)."""
+    path = Path(path)
+    episode = episode_id_of(path)
+    with _open(path, episode) as h5:
+        if "observations/qpos" not in h5:
+            raise IngestError(path, episode, "observations/qpos", "dataset missing")
+        length = int(h5["observations/qpos"].shape[0])
+        sim = bool(h5.attrs.get("sim", False))
+    return SourceEpisode(
+        episode_id=episode, split="train", task=options.task or path.parent.name, length=length,
+        source_path=str(path), files=[str(path)],
+        instructions=[options.instruction] if options.instruction else [],
+        extra={"sim": sim},
+    )
+
+
+def read_teleop_episode(path: str | Path, layout: SourceLayout) -> Iterator[FrameBlock | LowdimBlock]:
+    """Stream one HDF5 episode: every camera block by block, then the low-dim columns."""
+    path = Path(path)
+    episode = episode_id_of(path)
+    with _open(path, episode) as h5:
+        length = int(h5["observations/qpos"].shape[0])
+        columns = _read_lowdim(h5, path, episode, layout, length)
+        compressed = bool(h5.attrs.get("compress", False))
+        cams = _camera_names(h5, IMAGES)
+        _check_cameras(cams, _camera_names(h5, IMAGES_DEPTH), layout, path, episode)
+        table = _compress_table(h5, len(cams), length, path, episode) if compressed else None
+        for order, cam in enumerate(cams):
+            dataset = h5[f"{IMAGES}/{cam}"]
+            if len(dataset) != length:
+                raise IngestError(path, episode, f"{IMAGES}/{cam}", f"{len(dataset)} frames but qpos has {length}")
+            if table is None:
+                yield from _raw_blocks(dataset, layout.cameras[cam], path, episode, cam)
+                continue
+            lengths_T = np.zeros(length, dtype=np.int64)
+            yield from _jpeg_blocks(dataset, layout.cameras[cam], path, episode, cam, lengths_T)
+            check_compress_row(table, order, lengths_T, path, episode, cam)
+        for cam in _camera_names(h5, IMAGES_DEPTH):
+            yield from _depth_blocks(h5[f"{IMAGES_DEPTH}/{cam}"], length, path, episode, cam)
+    yield LowdimBlock(columns=columns, timestamps_T=np.arange(length) / layout.fps)
+
+
+def _read_lowdim(h5: h5py.File, path: Path, episode: str, layout: SourceLayout, length: int) -> dict[str, np.ndarray]:
+    columns = {}
+    for name, spec in layout.features.items():
+        hdf_path = LOWDIM_PATHS[name]
+        if hdf_path not in h5:
+            raise IngestError(path, episode, hdf_path, "dataset missing")
+        values = h5[hdf_path][()]
+        if values.ndim != 2 or list(values.shape[1:]) != spec.shape or values.dtype.kind not in "fiu":
+            raise IngestError(path, episode, hdf_path, f"expected numeric (T, {spec.shape[0]}), "
+                              f"found {values.dtype} {values.shape}")
+        if len(values) != length:
+            raise IngestError(path, episode, hdf_path, f"{len(values)} steps but observations/qpos has {length}")
+        check_finite(values, str(path), episode, hdf_path)
+        columns[name] = values.astype(np.float32)
+    return columns
+
+
+def _check_cameras(cams: list[str], depth_cams: list[str], layout: SourceLayout, path: Path, episode: str) -> None:
+    found = set(cams) | {f"{c}_depth" for c in depth_cams}
+    if found != set(layout.cameras):
+        raise IngestError(path, episode, IMAGES, f"cameras {sorted(found)} differ from the dataset's "
+                          f"{sorted(layout.cameras)}")
+
+
+def _raw_blocks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: str, cam: str) -> Iterator[FrameBlock]:
+    if dataset.dtype != np.uint8 or list(dataset.shape[1:]) != shape:
+        raise IngestError(path, episode, f"{IMAGES}/{cam}", f"expected uint8 (T, {shape[0]}, {shape[1]}, 3), "
+                          f"found {dataset.dtype} {dataset.shape}")
+    for block in blocks_of(range(len(dataset))):
+        yield FrameBlock(cam, dataset[block.start:block.stop])
+
+
+def _depth_blocks(dataset: h5py.Dataset, length: int, path: Path, episode: str, cam: str) -> Iterator[FrameBlock]:
+    field = f"{IMAGES_DEPTH}/{cam}"
+    if dataset.ndim != 3 or dataset.dtype.kind not in "ui" or len(dataset) != length:
+        raise IngestError(path, episode, field, f"expected integer depth ({length}, H, W), "
+                          f"found {dataset.dtype} {dataset.shape}")
+    for block in blocks_of(range(length)):
+        try:
+            yield FrameBlock(f"{cam}_depth", pack_depth_uint24(dataset[block.start:block.stop], DEPTH_SCALE))
+        except ValueError as err:
+            raise IngestError(path, episode, field, str(err)) from None
+
+
+def jpeg_lengths(buffers_TL: np.ndarray) -> np.ndarray:
+    """Byte length of each zero-padded JPEG: a JPEG ends with the EOI marker FF D9, never with 0."""
+    nonzero = buffers_TL != 0
+    last = buffers_TL.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+    return np.where(nonzero.any(axis=1), last, 0)
+
+
+def _compress_table(h5: h5py.File, n_cams: int, length: int, path: Path, episode: str) -> np.ndarray:
+    """``/compress_len`` as integers (n_cams, T); h5py writes it as float32 by default."""
+    if "compress_len" not in h5:
+        raise IngestError(path, episode, "compress_len", "dataset missing in a compressed file")
+    table = h5["compress_len"][()]
+    if table.shape != (n_cams, length):
+        raise IngestError(path, episode, "compress_len", f"shape {table.shape}, expected {(n_cams, length)}")
+    return np.rint(table).astype(np.int64)
+
+
+def check_compress_row(table: np.ndarray, order: int, lengths_T: np.ndarray, path: Path, episode: str,
+                       cam: str) -> None:
+    """Check that some row of ``/compress_len`` gives this camera's JPEG lengths.
+
+    Rows follow the recorder's camera list, which h5py's by-name listing may not reproduce, so
+    the camera's own row in file order is tried first, then the others.
+    """
+    candidates = [order] + [r for r in range(len(table)) if r != order]
+    if any(np.array_equal(table[r], lengths_T) for r in candidates):
+        return
+    frame = int(np.flatnonzero(table[order] != lengths_T)[0])
+    raise IngestError(path, episode, "compress_len", f"camera '{cam}' frame {frame}: JPEG is "
+                      f"{lengths_T[frame]} bytes but compress_len says {table[order, frame]}")
+
+
+def _decode_jpeg(buffer: np.ndarray, path: Path, episode: str, cam: str, frame: int) -> np.ndarray:
+    image = cv2.imdecode(np.ascontiguousarray(buffer), cv2.IMREAD_COLOR)
+    if image is None:
+        raise IngestError(path, episode, f"{IMAGES}/{cam}", f"frame {frame}: corrupt JPEG")
+    return image
+
+
+def _jpeg_blocks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: str, cam: str,
+                 lengths_T: np.ndarray) -> Iterator[FrameBlock]:
+    """Decode JPEG frames block by block from each frame's own bytes (not the zero padding).
+
+    Fills ``lengths_T`` with every frame's JPEG length, for the ``/compress_len`` check.
+    """
+    if dataset.dtype != np.uint8 or dataset.ndim != 2:
+        raise IngestError(path, episode, f"{IMAGES}/{cam}", f"expected uint8 (T, padded_len) JPEG bytes, "
+                          f"found {dataset.dtype} {dataset.shape}")
+    for block in blocks_of(range(len(dataset))):
+        buffers = dataset[block.start:block.stop]
+        lengths_T[block.start:block.stop] = jpeg_lengths(buffers)
+        frames = np.empty((len(block), *shape), dtype=np.uint8)
+        for i, t in enumerate(block):
+            image = _decode_jpeg(buffers[i, :lengths_T[t]], path, episode, cam, t)
+            if list(image.shape) != shape:
+                raise IngestError(path, episode, f"{IMAGES}/{cam}", f"frame {t}: decoded {image.shape}, "
+                                  f"expected {tuple(shape)}")
+            frames[i] = image
+        yield FrameBlock(cam, frames)

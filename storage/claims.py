@@ -1,0 +1,328 @@
+"""Shard claims: so that two builders of one version write each shard once, on any fsspec store.
+
+A claim is a sequence of *generations* under ``targets/<version>/_claims/<shard>/``: files
+``00000000``, ``00000001``, ... each holding one JSON :class:`ClaimRecord`. The newest generation
+says who holds the shard. Every change (take a free shard, take over an expired claim, release)
+creates the *next* generation with an exclusive create, so of two builders racing for the same
+change exactly one wins. The only primitive needed is "create this object unless it exists":
+
+- local disks: write a temporary file, then ``os.link`` it to the name (fails if it exists);
+- S3 (AWS, MinIO, moto) through s3fs: ``PUT`` with ``If-None-Match: *``;
+- other fsspec stores: ``pipe_file(mode="create")``, atomic where the backend makes it so.
+
+A holder renews its record from a heartbeat thread. A claim is free when it was released, when
+its expiry has passed (a claimer on another host died), or at once when its claimer ran on this
+host (same host, boot and pid namespace) and that process no longer exists.
+
+Use it through :func:`claim_shard` (or ``TargetWriter.claim``) inside a shard task, and
+:func:`wait_for_shards` in the flow, after its tasks, for shards another builder still holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from pydantic import Field
+
+from schemas.base import StrictModel
+from storage import layout
+from storage.fs import Root, open_root
+
+log = logging.getLogger(__name__)
+
+TTL_ENV = "FORESIGHT_CLAIM_TTL_S"
+DEFAULT_TTL_S = 120.0
+GENERATION_DIGITS = 8
+MAX_ACQUIRE_ROUNDS = 16
+
+
+class ClaimRecord(StrictModel):
+    """One generation of a shard claim."""
+
+    state: Literal["held", "released"] = Field(description="held: a builder works on the shard.")
+    owner: str = Field(description="Random token of the claiming builder (one per claim).")
+    host: str = Field(description="Host name of the claimer.")
+    machine: str = Field(description="Host, boot id and pid namespace: where `pid` is meaningful.")
+    pid: int = Field(description="Process id of the claimer.")
+    pid_start: str = Field(description="Start time of that process (/proc), to tell a reused pid.")
+    acquired: float = Field(description="Unix time the claim was taken.")
+    expires: float = Field(description="Unix time after which anyone may take the shard over.")
+
+
+def default_ttl() -> float:
+    """Claim lifetime in seconds: ``$FORESIGHT_CLAIM_TTL_S`` or 120."""
+    value = os.environ.get(TTL_ENV)
+    if not value:
+        return DEFAULT_TTL_S
+    ttl = float(value)
+    if ttl <= 0:
+        raise ValueError(f"{TTL_ENV}={value!r}: must be a positive number of seconds")
+    return ttl
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.readline().strip()
+    except OSError:
+        return ""
+
+
+def machine_id() -> str:
+    """Where a pid means one process: host name, boot id and pid namespace."""
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pidns = ""
+    return f"{socket.gethostname()}/{_read_first_line('/proc/sys/kernel/random/boot_id')}/{pidns}"
+
+
+def process_start(pid: int) -> str:
+    """Start time (clock ticks since boot) of a process, '' when unknown or gone."""
+    stat = _read_first_line(f"/proc/{pid}/stat")
+    if not stat:
+        return ""
+    # Fields after the parenthesised command name; starttime is field 22 of the whole line.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def claimer_alive(record: ClaimRecord, now: float | None = None) -> bool:
+    """Whether a held claim still protects its shard."""
+    now = time.time() if now is None else now
+    if record.state != "held" or record.expires <= now:
+        return False
+    if record.machine != machine_id():
+        return True  # another machine: only the expiry can tell
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = process_start(record.pid)
+    return not (started and record.pid_start and started != record.pid_start)
+
+
+def claims_dir(version_id: str, shard_index: int) -> str:
+    """Folder (relative to the root) of the claim generations of one shard."""
+    return f"{layout.target_dir(version_id)}/{layout.CLAIMS_DIR}/{int(shard_index)}"
+
+
+def _generation_name(generation: int) -> str:
+    return f"{generation:0{GENERATION_DIGITS}d}"
+
+
+def create_exclusive(root: Root, rel: str, data: bytes) -> bool:
+    """Publish ``data`` at ``rel`` unless something is there; True when this call created it."""
+    path = root.path(rel)
+    parent = path.rsplit("/", 1)[0]
+    root.fs.makedirs(parent, exist_ok=True)
+    if root.is_local:
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)  # atomic, fails when the name exists; readers see all or nothing
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    try:
+        root.fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    root.fs.invalidate_cache(parent)
+    return True
+
+
+def _generations(root: Root, version_id: str, shard_index: int) -> list[int]:
+    folder = claims_dir(version_id, shard_index)
+    root.fs.invalidate_cache(root.path(folder))
+    return sorted(int(name) for name in root.ls(folder) if name.isdigit())
+
+
+def _read_record(root: Root, version_id: str, shard_index: int, generation: int) -> ClaimRecord | None:
+    rel = f"{claims_dir(version_id, shard_index)}/{_generation_name(generation)}"
+    try:
+        return ClaimRecord.model_validate(json.loads(root.read_bytes(rel)))
+    except FileNotFoundError:
+        return None
+
+
+def current_claim(root: Root | str, version_id: str, shard_index: int) -> tuple[int, ClaimRecord | None]:
+    """The newest generation number (-1 when none) and its record."""
+    root = open_root(root)
+    generations = _generations(root, version_id, shard_index)
+    if not generations:
+        return -1, None
+    return generations[-1], _read_record(root, version_id, shard_index, generations[-1])
+
+
+def active_claims(root: Root | str, version_id: str) -> dict[int, ClaimRecord]:
+    """Shards of a version currently held by a live claimer, with their records."""
+    root = open_root(root)
+    held = {}
+    for name in root.ls(layout.target_dir(version_id), layout.CLAIMS_DIR):
+        if name.isdigit():
+            _, record = current_claim(root, version_id, int(name))
+            if record is not None and claimer_alive(record):
+                held[int(name)] = record
+    return held
+
+
+class ShardClaim:
+    """This process's claim on one shard: acquire, renew from a heartbeat thread, release."""
+
+    def __init__(self, root: Root | str, version_id: str, shard_index: int, ttl_s: float | None = None):
+        self.root = open_root(root)
+        self.version_id, self.shard_index = version_id, int(shard_index)
+        self.ttl_s = default_ttl() if ttl_s is None else float(ttl_s)
+        self.owner = uuid.uuid4().hex
+        self.generation: int | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def _record(self, state: str) -> ClaimRecord:
+        now = time.time()
+        pid = os.getpid()
+        return ClaimRecord(state=state, owner=self.owner, host=socket.gethostname(), machine=machine_id(),
+                           pid=pid, pid_start=process_start(pid), acquired=now, expires=now + self.ttl_s)
+
+    def _rel(self, generation: int) -> str:
+        return f"{claims_dir(self.version_id, self.shard_index)}/{_generation_name(generation)}"
+
+    def acquire(self) -> bool:
+        """Take the shard when it is free; False when a live claimer holds it."""
+        for _ in range(MAX_ACQUIRE_ROUNDS):
+            generation, record = current_claim(self.root, self.version_id, self.shard_index)
+            if record is None and generation >= 0:
+                continue  # the newest generation vanished (claims cleared): look again
+            if record is not None and claimer_alive(record):
+                return False
+            if record is not None and record.state == "held":
+                log.warning("%s shard %d: taking over the claim of %s pid %d (expired or dead)",
+                            self.version_id, self.shard_index, record.host, record.pid)
+            payload = self._record("held").model_dump_json().encode()
+            if create_exclusive(self.root, self._rel(generation + 1), payload):
+                self.generation = generation + 1
+                self._start_heartbeat()
+                return True
+        # Every round lost a race to another claimer that is therefore alive and holding it.
+        return False
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._renew_loop, daemon=True,
+                                           name=f"claim-{self.version_id}-{self.shard_index}")
+        self._heartbeat.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.renew()
+            except OSError as err:  # a transient store error: the next beat tries again
+                log.warning("%s shard %d: claim renewal failed: %s", self.version_id, self.shard_index, err)
+
+    def renew(self) -> None:
+        """Push the expiry forward; marks the claim lost when a newer generation exists."""
+        assert self.generation is not None, "renew() before acquire()"
+        newest = _generations(self.root, self.version_id, self.shard_index)
+        if newest and newest[-1] != self.generation:
+            self.lost = True
+            self._stop.set()
+            log.warning("%s shard %d: claim was taken over (this builder stalled past its expiry)",
+                        self.version_id, self.shard_index)
+            return
+        self.root.write_bytes_atomic(self._rel(self.generation), self._record("held").model_dump_json().encode())
+
+    def release(self) -> None:
+        """Stop renewing and publish a 'released' generation, so the shard is free at once."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        if self.generation is None or self.lost:
+            return
+        released = self._record("released").model_dump_json().encode()
+        if not create_exclusive(self.root, self._rel(self.generation + 1), released):
+            log.warning("%s shard %d: claim already superseded at release", self.version_id, self.shard_index)
+        self.generation = None
+
+
+@contextmanager
+def claim_shard(root: Root | str, version_id: str, shard_index: int, *,
+                is_done: Callable[[], bool] | None = None, ttl_s: float | None = None) -> Iterator[ShardClaim | None]:
+    """Hold shard ``shard_index`` of ``version_id`` for the body of a ``with`` block.
+
+    Yields the claim when this process owns the shard and should write it, or ``None`` when a
+    live builder holds it or ``is_done()`` says it is already written (checked again after
+    acquiring, since a holder may have finished in between). Released on exit, also on error,
+    so a retry elsewhere can take it without waiting for the expiry::
+
+        with claim_shard(root, version_id, 3, is_done=lambda: writer.is_done(3)) as owned:
+            if owned:
+                writer.write_shard(3, compute(3))
+    """
+    if is_done is not None and is_done():
+        yield None
+        return
+    claim = ShardClaim(root, version_id, shard_index, ttl_s)
+    if not claim.acquire():
+        yield None
+        return
+    try:
+        yield None if (is_done is not None and is_done()) else claim
+    finally:
+        claim.release()
+
+
+def wait_for_shards(pending: Callable[[], list[int]], held: Callable[[], set[int]],
+                    run_missing: Callable[[list[int]], Any], *, poll_s: float = 1.0,
+                    timeout_s: float | None = None, what: str = "version") -> None:
+    """Finish a version that other builders work on too.
+
+    Loops until ``pending()`` is empty: shards nobody holds (their claimer died, or released
+    after an error) are handed to ``run_missing`` (which runs the usual claiming shard tasks);
+    shards a live builder holds are waited for. Raises TimeoutError after ``timeout_s``.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        todo = pending()
+        if not todo:
+            return
+        busy = held()
+        free = [i for i in todo if i not in busy]
+        if free:
+            log.info("%s: running %d shard(s) nobody holds: %s", what, len(free), free)
+            run_missing(free)
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: shards {todo} still held by other builders after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def wait_for_version_shards(writer: Any, run_missing: Callable[[list[int]], Any], *, poll_s: float = 1.0,
+                            timeout_s: float | None = None) -> None:
+    """:func:`wait_for_shards` for a ``TargetWriter`` (pending from its ``_done`` markers)."""
+    done_dir = writer.root.path(layout.target_dir(writer.version_id), layout.DONE_DIR)
+
+    def pending() -> list[int]:
+        writer.root.fs.invalidate_cache(done_dir)  # other builders add markers: no stale listing
+        return writer.pending_shards()
+
+    wait_for_shards(pending, lambda: set(active_claims(writer.root, writer.version_id)),
+                    run_missing, poll_s=poll_s, timeout_s=timeout_s, what=f"target version '{writer.version_id}'")
+

@@ -1,0 +1,608 @@
+"""The export store: webdataset tar shards + index.json under ``<root>/exports/<export_id>/``.
+
+Layout of one export::
+
+    exports/<export_id>/
+      _build.json            while building: the recipe, field specs, shard plan and stats
+      _done/<shard>.json     while building: the record of a finished shard (written after its rename)
+      shard-000000.tar ...   plain ustar tars; each written as .tmp-<name>-<uuid> and renamed when complete
+      index.json             written last: shards, sample counts, bytes, sha256 (per shard and per
+                             sample), sample byte offsets, every version id, action/state statistics
+
+An export exists only once index.json exists. Tar members are parsed from their headers and read as
+bytes: never extracted by path; anything but a regular file member is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
+from schemas.base import FORMAT_VERSION, StrictModel, check_format_version, validate
+from schemas.dataset import ColumnStats
+from schemas.plan import ClipRow
+from schemas.target import TargetVersion, content_id
+from storage import layout
+from storage.episodes import EpisodeStore
+from storage.fs import Root, open_root
+from storage.plans import PlanStore
+from storage.targets import TargetReader, TargetStore
+from storage.provenance import git_commit, host, now_iso, package_versions
+
+log = logging.getLogger(__name__)
+EXPORT_STAGE_VERSION = 1
+"""Bumped by hand when the tar layout or a codec changes what bytes an export holds."""
+BUILD_INFO = "_build.json"
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
+ZERO_BLOCK = bytes(TAR_BLOCK)
+
+
+class ExportRecipe(StrictModel):
+    """Everything that decides an export's bytes; its hash is the export id."""
+
+    plan_id: str = Field(description="Clip plan the samples come from (plan order).")
+    split: str | None = Field(description="Only clips of episodes of this split; None = every clip.")
+    sources: dict[str, str] = Field(description="Field -> '<target version>:<array>' or 'episode:<column>'.")
+    codec: Literal["f16", "bf16", "fp8"] = Field(description="Codec of floating-point target fields.")
+    shard_bytes: int = Field(description="Target size of one tar shard in bytes.")
+    action_chunk: int = Field(description="Action rows per sample (frames start .. start+chunk-1).")
+    stage_version: int = Field(default=EXPORT_STAGE_VERSION, description="Export format/algorithm version.")
+
+    def export_id(self) -> str:
+        return content_id("export", self.model_dump(mode="json"))
+
+
+class ExportField(StrictModel):
+    """One field of every sample."""
+
+    source: str = Field(description="'<target version>:<array>' or 'episode:<column>'.")
+    version: str | None = Field(description="Target version id the field comes from (None: episode store).")
+    codec: str = Field(description="'raw', 'f16', 'bf16' or 'fp8' (see pipelines/export.py).")
+    dtype: str = Field(description="dtype of the decoded array (before a reader's float_dtype).")
+    shape: list[int] = Field(description="Shape of the field in one sample.")
+
+
+class ExportShard(StrictModel):
+    """One finished tar shard."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    clips: list[int] = Field(description="Plan row of each sample, in tar order.")
+    offsets: list[int] = Field(description="Byte offset of each sample's first tar header.")
+    data_end: int = Field(description="Byte offset of the end-of-archive blocks (end of the last sample).")
+    sample_sha256: list[str] = Field(description="sha256 of each sample's bytes (headers + payloads).")
+
+    def sample_range(self, position: int) -> tuple[int, int]:
+        """[start, end) byte range of the sample at ``position`` in this shard."""
+        end = self.offsets[position + 1] if position + 1 < self.samples else self.data_end
+        return self.offsets[position], end
+
+
+class ExportBuild(StrictModel):
+    """_build.json: what the shard tasks of a building export need."""
+
+    format_version: int = Field(default=FORMAT_VERSION)
+    export_id: str
+    recipe: ExportRecipe
+    dataset: str
+    fields: dict[str, ExportField]
+    shard_clips: list[list[int]] = Field(description="Plan rows of each planned shard.")
+    stats: dict[str, ColumnStats] = Field(default_factory=dict, description="'actions' / 'state' statistics.")
+
+
+class ExportIndex(StrictModel):
+    """index.json of a complete export."""
+
+    format_version: int = Field(default=FORMAT_VERSION)
+    export_id: str
+    recipe: ExportRecipe
+    plan_id: str
+    dataset: str
+    versions: dict[str, str] = Field(description="Field -> target version id, for every target field.")
+    fields: dict[str, ExportField]
+    num_samples: int
+    total_bytes: int
+    shards: list[ExportShard]
+    stats: dict[str, ColumnStats] = Field(default_factory=dict)
+    created: str = ""
+    git_commit: str | None = None
+    host: str | None = None
+    packages: dict[str, str] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def version_ids(self) -> list[str]:
+        """Every distinct target version the export was made from, sorted."""
+        return sorted(set(self.versions.values()))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+# tar encoding ----------------------------------------------------------------------------------
+def tar_header(name: str, size: int) -> bytes:
+    """A ustar header for a regular, read-only file with fixed owner and mtime (byte-reproducible)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.type = size, 0o444, 0, tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    try:
+        return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    except ValueError as err:
+        raise ValueError(f"tar member {name!r}: {err}") from None
+
+
+def tar_padding(size: int) -> bytes:
+    return bytes(-size % TAR_BLOCK)
+
+
+class ShardTarWriter:
+    """Streams samples into one tar under a temporary name; ``publish`` renames it into place."""
+
+    def __init__(self, root: Root, export_id: str, index: int):
+        self.root, self.index, self.name = root, index, shard_name(index)
+        self.dir = layout.export_dir(export_id)
+        self.tmp_rel = f"{self.dir}/.tmp-{self.name}-{uuid.uuid4().hex[:8]}"
+        root.makedirs(self.dir)
+        self.handle = root.open(self.tmp_rel, "wb")
+        self.digest, self.position = hashlib.sha256(), 0
+        self.clips: list[int] = []
+        self.offsets: list[int] = []
+        self.sample_sha256: list[str] = []
+
+    def _write(self, data: bytes | memoryview, sample_digest: Any) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+        sample_digest.update(data)
+        self.position += len(data)
+
+    def add_sample(self, clip_index: int, members: Sequence[tuple[str, bytes]]) -> None:
+        """Append one sample: every member's header, payload and padding, contiguously."""
+        sample_digest = hashlib.sha256()
+        self.clips.append(clip_index)
+        self.offsets.append(self.position)
+        for name, payload in members:
+            self._write(tar_header(name, len(payload)), sample_digest)
+            self._write(payload, sample_digest)
+            self._write(tar_padding(len(payload)), sample_digest)
+        self.sample_sha256.append(sample_digest.hexdigest())
+
+    def publish(self) -> ExportShard:
+        """Write the end-of-archive blocks, close, rename to the final name; returns the shard record."""
+        data_end = self.position
+        trailer = bytes(2 * TAR_BLOCK + (-(self.position + 2 * TAR_BLOCK) % TAR_RECORD))
+        self._write(trailer, hashlib.sha256())
+        self.handle.close()
+        self.root.rename(self.tmp_rel, f"{self.dir}/{self.name}")
+        return ExportShard(name=self.name, samples=len(self.clips), bytes=self.position,
+                           sha256=self.digest.hexdigest(), clips=self.clips, offsets=self.offsets,
+                           data_end=data_end, sample_sha256=self.sample_sha256)
+
+    def abort(self) -> None:
+        """Drop the temporary file (a failed shard leaves nothing visible)."""
+        if not self.handle.closed:
+            self.handle.close()
+        self.root.rm(self.tmp_rel)
+
+
+# tar decoding ----------------------------------------------------------------------------------
+def parse_members(data: bytearray | memoryview, where: str) -> list[tuple[str, memoryview]]:
+    """(name, payload view) of every member in a buffer holding whole tar members; no copies.
+
+    Only regular files are accepted: links, devices, directories and GNU/pax extensions are refused,
+    and nothing is ever extracted to a path.
+    """
+    view = memoryview(data)
+    members, position = [], 0
+    while position < len(view):
+        header = view[position:position + TAR_BLOCK]
+        if len(header) < TAR_BLOCK or header == ZERO_BLOCK:
+            raise ValueError(f"{where}: truncated tar data or end-of-archive inside a sample at byte {position}")
+        try:
+            info = tarfile.TarInfo.frombuf(bytes(header), "utf-8", "strict")
+        except tarfile.HeaderError as err:
+            raise ValueError(f"{where}: corrupt tar header at byte {position} ({err})") from None
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise ValueError(f"{where}: tar member {info.name!r} is not a regular file; refusing it")
+        start = position + TAR_BLOCK
+        if start + info.size > len(view):
+            raise ValueError(f"{where}: tar member {info.name!r} runs past the end of its sample")
+        members.append((info.name, view[start:start + info.size]))
+        position = start + info.size + (-info.size % TAR_BLOCK)
+    return members
+
+
+# the store -------------------------------------------------------------------------------------
+class ExportStore:
+    """All exports under ``<root>/exports/``."""
+
+    def __init__(self, root: Root | str | None):
+        self.root = open_root(root)
+
+    def ids(self) -> list[str]:
+        """Ids of complete exports (those with an index.json)."""
+        return [n for n in self.root.ls("exports") if self.exists(n)]
+
+    def exists(self, export_id: str) -> bool:
+        return self.root.exists(layout.export_dir(export_id), layout.EXPORT_INDEX)
+
+    def url(self, export_id: str, name: str = "") -> str:
+        """URL of the export folder or of one file in it (what stock webdataset opens)."""
+        return self.root.url_of(layout.export_dir(export_id), name)
+
+    def index(self, export_id: str) -> ExportIndex:
+        """index.json of a complete export, format-checked and validated."""
+        rel = f"{layout.export_dir(export_id)}/{layout.EXPORT_INDEX}"
+        if not self.root.exists(rel):
+            raise ValueError(f"export '{export_id}': no {layout.EXPORT_INDEX} under {self.root.url} "
+                             "(not exported, or still building)")
+        data = self.root.read_json(rel)
+        check_format_version(data.get("format_version"), self.root.url_of(rel))
+        return validate(ExportIndex, data, self.root.url_of(rel))
+
+    # building ----------------------------------------------------------------------------------
+    def begin(self, build: ExportBuild) -> None:
+        """Record the build plan of a new export (or keep the one of an interrupted build)."""
+        if self.exists(build.export_id):
+            raise ValueError(f"export '{build.export_id}' is complete and immutable")
+        rel = f"{layout.export_dir(build.export_id)}/{BUILD_INFO}"
+        if self.root.exists(rel) and self.build_info(build.export_id) != build:
+            raise ValueError(f"export '{build.export_id}': an interrupted build with another shard plan "
+                             f"exists ({self.root.url_of(rel)}); delete the folder to start over")
+        self.root.write_json_atomic(rel, build.model_dump(mode="json"))
+
+    def build_info(self, export_id: str) -> ExportBuild:
+        rel = f"{layout.export_dir(export_id)}/{BUILD_INFO}"
+        if not self.root.exists(rel):
+            raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}")
+        return validate(ExportBuild, self.root.read_json(rel), self.root.url_of(rel))
+
+    def shard_writer(self, export_id: str, index: int) -> ShardTarWriter:
+        return ShardTarWriter(self.root, export_id, index)
+
+    def record_shard(self, export_id: str, index: int, shard: ExportShard) -> None:
+        """Mark a renamed shard finished (after the rename, so a marker implies a complete tar)."""
+        self.root.write_json_atomic(self._done_rel(export_id, index), shard.model_dump(mode="json"))
+
+    def _done_rel(self, export_id: str, index: int) -> str:
+        return f"{layout.export_dir(export_id)}/{layout.DONE_DIR}/{index}.json"
+
+    def done_shard(self, export_id: str, index: int) -> ExportShard | None:
+        rel = self._done_rel(export_id, index)
+        return validate(ExportShard, self.root.read_json(rel), self.root.url_of(rel)) if self.root.exists(rel) else None
+
+    def pending_shards(self, export_id: str) -> list[int]:
+        build = self.build_info(export_id)
+        done = set(self.root.ls(layout.export_dir(export_id), layout.DONE_DIR))
+        return [i for i in range(len(build.shard_clips)) if f"{i}.json" not in done]
+
+    def finalize(self, export_id: str, timings: dict[str, float] | None = None) -> ExportIndex:
+        """Write index.json (last) once every shard is done; the build files are removed after it."""
+        if self.exists(export_id):
+            return self.index(export_id)
+        build = self.build_info(export_id)
+        pending = self.pending_shards(export_id)
+        if pending:
+            raise ValueError(f"export '{export_id}': shards {pending} are not written yet")
+        shards = [self.done_shard(export_id, i) for i in range(len(build.shard_clips))]
+        for planned, shard in zip(build.shard_clips, shards, strict=True):
+            if shard.clips != planned or self.root.size(layout.export_dir(export_id), shard.name) != shard.bytes:
+                raise ValueError(f"export '{export_id}', {shard.name}: stored shard does not match its plan")
+        index = ExportIndex(
+            export_id=export_id, recipe=build.recipe, plan_id=build.recipe.plan_id, dataset=build.dataset,
+            versions={f: spec.version for f, spec in build.fields.items() if spec.version},
+            fields=build.fields, num_samples=sum(s.samples for s in shards),
+            total_bytes=sum(s.bytes for s in shards), shards=shards, stats=build.stats, created=now_iso(),
+            git_commit=git_commit(), host=host(), packages=package_versions(), timings=timings or {})
+        self.root.write_json_atomic(f"{layout.export_dir(export_id)}/{layout.EXPORT_INDEX}",
+                                    index.model_dump(mode="json"))
+        self.root.rm(layout.export_dir(export_id), layout.DONE_DIR)
+        self.root.rm(layout.export_dir(export_id), BUILD_INFO)
+        log.info("export %s complete: %d samples, %d shards, %.1f MB", export_id, index.num_samples,
+                 len(shards), index.total_bytes / 1e6)
+        return index
+
+    def delete(self, export_id: str) -> None:
+        self.root.rm(layout.export_dir(export_id))
+
+    # reading -----------------------------------------------------------------------------------
+    def open_shard(self, export_id: str, name: str):
+        """A binary file object over one shard (any fsspec filesystem)."""
+        return self.root.open(f"{layout.export_dir(export_id)}/{name}", "rb")
+
+    def read_samples(self, index: ExportIndex, shard_position: int, first: int, stop: int,
+                     verify: bool = False, handle: Any = None) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
+        """(clip, members) of samples ``first`` .. ``stop - 1`` of one shard, read sequentially.
+
+        With ``verify`` each sample's bytes are checked against index.json before it is parsed, so a
+        tampered sample is never returned.
+        """
+        shard = index.shards[shard_position]
+        if not 0 <= first <= stop <= shard.samples:
+            raise ValueError(f"export '{index.export_id}', {shard.name}: samples [{first}, {stop}) out of "
+                             f"range (has {shard.samples})")
+        own = handle is None
+        handle = self.open_shard(index.export_id, shard.name) if own else handle
+        try:
+            if first < stop:
+                handle.seek(shard.sample_range(first)[0])
+            for position in range(first, stop):
+                yield shard.clips[position], self._read_one(index, shard, position, handle, verify)
+        finally:
+            if own:
+                handle.close()
+
+    def read_sample(self, index: ExportIndex, shard_position: int, position: int,
+                    verify: bool = False) -> tuple[int, list[tuple[str, memoryview]]]:
+        """Random access to one sample by its position in a shard."""
+        return next(self.read_samples(index, shard_position, position, position + 1, verify))
+
+    def _read_one(self, index: ExportIndex, shard: ExportShard, position: int, handle: Any,
+                  verify: bool) -> list[tuple[str, memoryview]]:
+        start, end = shard.sample_range(position)
+        where = f"export '{index.export_id}', {shard.name}, sample {position} (clip {shard.clips[position]})"
+        buffer = bytearray(end - start)
+        got = _read_into(handle, buffer)
+        if got != len(buffer):
+            raise ValueError(f"{where}: shard is truncated ({got} of {len(buffer)} bytes)")
+        if verify and hashlib.sha256(buffer).hexdigest() != shard.sample_sha256[position]:
+            raise ValueError(f"{where}: checksum mismatch, the shard was modified or corrupted")
+        return parse_members(buffer, where)
+
+    def verify(self, export_id: str) -> list[str]:
+        """Re-hash every shard against index.json; one message per missing or corrupt shard ([] = intact)."""
+        index = self.index(export_id)
+        problems = []
+        for shard in index.shards:
+            rel = f"{layout.export_dir(export_id)}/{shard.name}"
+            if not self.root.exists(rel):
+                problems.append(f"export '{export_id}': {shard.name} is missing ({self.root.url_of(rel)})")
+            elif self.root.sha256(rel) != shard.sha256:
+                problems.append(f"export '{export_id}': {shard.name} is corrupt (sha256 mismatch, "
+                                f"{self.root.url_of(rel)})")
+        return problems
+
+
+def _read_into(handle: Any, buffer: bytearray) -> int:
+    """Fill ``buffer`` from ``handle``; returns the bytes read (short only at end of file)."""
+    view, total = memoryview(buffer), 0
+    while total < len(buffer):
+        chunk = handle.readinto(view[total:]) if hasattr(handle, "readinto") else None
+        if chunk is None:
+            data = handle.read(len(buffer) - total)
+            view[total:total + len(data)] = data
+            chunk = len(data)
+        if not chunk:
+            break
+        total += chunk
+    return total
+
+
+# sources: which field comes from which version ------------------------------------------------
+EPISODE_PREFIX = "episode:"
+
+
+def parse_target_arg(text: str) -> tuple[str | None, str]:
+    """'version' or 'alias=version' -> (alias, version)."""
+    alias, _, version = text.strip().rpartition("=")
+    return (alias.strip() or None), layout.check_id("target version", version.strip())
+
+
+def complete_manifest(targets: TargetStore, version_id: str) -> TargetVersion:
+    """Manifest of a complete version; ValueError naming the version otherwise."""
+    status = targets.status(version_id)
+    if status != "complete":
+        state = "not found" if status is None else f"still '{status}'"
+        raise ValueError(f"target version '{version_id}': {state} under {targets.root.url}; "
+                         "only complete versions can be read for training")
+    return targets.manifest(version_id)
+
+
+def plan_of(targets: TargetStore, plans: PlanStore, manifest: TargetVersion) -> str:
+    """The plan a version was computed over, following its inputs upstream (teacher -> video -> plan)."""
+    for value in manifest.recipe.inputs.values():
+        if _is_id(value) and plans.exists(value):
+            return value
+    for value in manifest.recipe.inputs.values():
+        if _is_id(value) and targets.status(value) is not None:
+            return plan_of(targets, plans, targets.manifest(value))
+    raise ValueError(f"target version '{manifest.id}': its inputs {manifest.recipe.inputs} name no plan")
+
+
+def _is_id(value: str) -> bool:
+    try:
+        layout.check_id("input", value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_no_mixing(manifests: dict[str, TargetVersion], targets: TargetStore) -> None:
+    """Refuse pinned versions computed from a different upstream version than one also pinned
+    (e.g. teacher maps of video A read beside the one-step features of video B)."""
+    pinned_by_kind: dict[str, set[str]] = {}
+    for manifest in manifests.values():
+        pinned_by_kind.setdefault(manifest.kind, set()).add(manifest.id)
+    for manifest in manifests.values():
+        for name, upstream in manifest.recipe.inputs.items():
+            if not _is_id(upstream) or targets.status(upstream) is None:
+                continue
+            others = pinned_by_kind.get(targets.manifest(upstream).kind, set()) - {upstream}
+            if others:
+                raise ValueError(f"target version '{manifest.id}' was computed from {name} '{upstream}', but "
+                                 f"{sorted(others)} is pinned too; refusing to mix versions")
+
+
+def resolve_sources(root: Root | str, plan_id: str, targets_args: Sequence[str], fields: Sequence[str] | None,
+                    action_column: str = "action", state_column: str = "state") -> dict[str, str]:
+    """Field -> source ('<version>:<array>' or 'episode:<column>[:mask]') for an export or ZarrClips."""
+    targets, plans = TargetStore(root), PlanStore(root)
+    plan = plans.info(plan_id)
+    manifests, sources = {}, {}
+    for alias, version in map(parse_target_arg, targets_args):
+        manifest = complete_manifest(targets, version)
+        found = plan_of(targets, plans, manifest)
+        if found != plan_id or manifest.num_clips != plan.num_clips:
+            raise ValueError(f"target version '{version}' was computed over plan '{found}' "
+                             f"({manifest.num_clips} clips), not plan '{plan_id}' ({plan.num_clips} clips)")
+        manifests[version] = manifest
+        names = target_field_names(manifest.kind, manifest.recipe.stage, [a.name for a in manifest.arrays], alias)
+        for array, field in names.items():
+            if field in sources:
+                raise ValueError(f"field '{field}' comes from both {sources[field]} and {version}:{array}; "
+                                 "give one of them an alias (name=version)")
+            sources[field] = f"{version}:{array}"
+    check_no_mixing(manifests, targets)
+    sources.update(_episode_sources(EpisodeStore(root, plan.dataset), action_column, state_column))
+    return _select(sources, fields)
+
+
+def _episode_sources(episodes: EpisodeStore, action_column: str, state_column: str) -> dict[str, str]:
+    features = episodes.info().features
+    sources = {}
+    if action_column in features:
+        sources["actions"] = f"{EPISODE_PREFIX}{action_column}"
+        sources["actions_mask"] = f"{EPISODE_PREFIX}{action_column}:mask"
+    if state_column in features:
+        sources["state"] = f"{EPISODE_PREFIX}{state_column}"
+    return sources
+
+
+def _select(sources: dict[str, str], fields: Sequence[str] | None) -> dict[str, str]:
+    if fields is None:
+        return sources
+    wanted = list(fields) + (["actions_mask"] if "actions" in fields and "actions_mask" not in fields else [])
+    unknown = [f for f in wanted if f not in sources]
+    if unknown:
+        raise ValueError(f"fields {unknown} are not available (available: {sorted(sources)})")
+    return {f: sources[f] for f in wanted}
+
+
+class ClipSource:
+    """Arrays and metadata of the clips of one plan, from pinned target versions and the episode store.
+
+    What the export stage writes into shards and what ZarrClips serves by random access.
+    """
+
+    def __init__(self, root: Root | str, plan_id: str, sources: dict[str, str], action_chunk_len: int):
+        self.root = open_root(root)
+        self.plan_id, self.sources, self.action_chunk_len = plan_id, dict(sources), action_chunk_len
+        self.rows: list[ClipRow] = PlanStore(self.root).rows(plan_id)
+        targets = TargetStore(self.root)
+        self.readers: dict[str, TargetReader] = {}
+        for source in self.target_sources().values():
+            version = source.split(":", 1)[0]
+            if version not in self.readers:
+                self.readers[version] = TargetReader(targets, complete_manifest(targets, version))
+        self._episodes: dict[str, EpisodeStore] = {}
+        self._columns: dict[tuple[str, str, str], np.ndarray] = {}
+        self._splits: dict[tuple[str, str], str] = {}
+
+    def target_sources(self) -> dict[str, str]:
+        return {f: s for f, s in self.sources.items() if not s.startswith(EPISODE_PREFIX)}
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Field -> target version id."""
+        return {f: s.split(":", 1)[0] for f, s in self.target_sources().items()}
+
+    def _store(self, dataset: str) -> EpisodeStore:
+        if dataset not in self._episodes:
+            self._episodes[dataset] = EpisodeStore(self.root, dataset)
+        return self._episodes[dataset]
+
+    def split(self, clip: int) -> str:
+        row = self.rows[clip]
+        key = (row.dataset, row.episode_id)
+        if key not in self._splits:
+            self._splits[key] = self._store(row.dataset).record(row.episode_id).split
+        return self._splits[key]
+
+    def column(self, dataset: str, episode_id: str, column: str) -> np.ndarray:
+        """A (T, ...) low-dim column of one episode (cached: clips of an episode share it)."""
+        key = (dataset, episode_id, column)
+        if key not in self._columns:
+            if len(self._columns) > 256:
+                self._columns.clear()
+            self._columns[key] = self._store(dataset).read_column(episode_id, column)
+        return self._columns[key]
+
+    def meta(self, clip: int, export_id: str | None) -> dict[str, Any]:
+        """The sample's "meta" dict (see trainers/data.py)."""
+        row = self.rows[clip]
+        return {**row.model_dump(), "clip_index": clip, "split": self.split(clip), "plan_id": self.plan_id,
+                "export_id": export_id, "versions": self.versions}
+
+    def read(self, clips: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Field arrays of each clip in ``clips`` (target arrays read in one selection per array)."""
+        samples: list[dict[str, np.ndarray]] = [{} for _ in clips]
+        for field, source in self.target_sources().items():
+            version, array = source.split(":", 1)
+            values = self.readers[version].read(array, list(clips))
+            for sample, value in zip(samples, values, strict=True):
+                sample[field] = np.asarray(value)
+        for sample, clip in zip(samples, clips, strict=True):
+            sample.update(self._episode_fields(clip))
+        return samples
+
+    def _episode_fields(self, clip: int) -> dict[str, np.ndarray]:
+        row, fields = self.rows[clip], {}
+        for field, source in self.sources.items():
+            if not source.startswith(EPISODE_PREFIX) or field == "actions_mask":
+                continue
+            column = source[len(EPISODE_PREFIX):].split(":")[0]
+            values = self.column(row.dataset, row.episode_id, column)
+            if field == "actions":
+                fields["actions"], mask = action_chunk(values, row.start, self.action_chunk_len)
+                if "actions_mask" in self.sources:
+                    fields["actions_mask"] = mask
+            else:
+                fields[field] = values[row.start].astype(np.float32)
+        return fields
+
+    def field_specs(self, codec: str, raw_fields: Sequence[str]) -> dict[str, ExportField]:
+        """ExportField of every field (decoded dtype and per-sample shape)."""
+        specs = {}
+        for field, source in self.sources.items():
+            if source.startswith(EPISODE_PREFIX):
+                specs[field] = self._episode_spec(field, source)
+                continue
+            version, array = source.split(":", 1)
+            spec = self.readers[version].manifest.array_spec(array)
+            field_codec = "raw" if field in raw_fields or np.dtype(spec.dtype).kind != "f" else codec
+            specs[field] = ExportField(source=source, version=version, codec=field_codec,
+                                       dtype=decoded_dtype(spec.dtype, field_codec), shape=spec.shape[1:])
+        return specs
+
+    def _episode_spec(self, field: str, source: str) -> ExportField:
+        row = self.rows[0]
+        column = source[len(EPISODE_PREFIX):].split(":")[0]
+        width = int(np.prod(self.column(row.dataset, row.episode_id, column).shape[1:]))
+        shape = {"actions": [self.action_chunk_len, width], "actions_mask": [self.action_chunk_len]}.get(field, [width])
+        dtype = "bool" if field == "actions_mask" else "float32"
+        return ExportField(source=source, version=None, codec="raw", dtype=dtype, shape=shape)
+
+    def episode_stats(self, clips: Sequence[int]) -> dict[str, ColumnStats]:
+        """'actions' / 'state' statistics over every frame of the episodes of ``clips``."""
+        episodes = sorted({(self.rows[c].dataset, self.rows[c].episode_id) for c in clips})
+        stats = {}
+        for field in ("actions", "state"):
+            if field not in self.sources:
+                continue
+            column = self.sources[field][len(EPISODE_PREFIX):].split(":")[0]
+            blocks = [self.column(dataset, episode, column) for dataset, episode in episodes]
+            values = np.concatenate([block.reshape(len(block), -1) for block in blocks])
+            stats[field] = ColumnStats(**column_stats(values))
+        return stats

@@ -1,0 +1,312 @@
+"""Which exports and training runs use which target versions, and garbage collection of the rest.
+
+References are read from what the stores already hold, never from a separate registry:
+
+- an export's ``exports/<id>/index.json`` names every version it packed (``_build.json`` while it
+  is being built);
+- a run's JSON files (``runs/<id>/run.json`` and ``runs/<id>/step-*/checkpoint.json`` written by
+  trainers/loop.py, and any other JSON there) name its export and every version it trained on;
+- lineage events whose outputs are an existing export or run name their input versions.
+
+Every string anywhere in those files that looks like a target version id counts, so a format change in
+an index or a checkpoint record can only make garbage collection keep more, never delete a used version.
+A version also keeps its upstream versions (a teacher version keeps the video version it was made from).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, get_args
+
+from pydantic import Field
+
+from schemas.base import StrictModel
+from schemas.target import TargetKind
+from storage import layout, lineage
+from storage.exports import BUILD_INFO
+from storage.fs import Root, open_root
+from storage.targets import TargetStore
+
+log = logging.getLogger(__name__)
+
+VERSION_ID = re.compile(rf"^({'|'.join(get_args(TargetKind))})-[0-9a-f]{{12}}$")
+"""A target version id: '<kind>-<12 hex>' (schemas.target.content_id)."""
+DEFAULT_MAX_AGE_S = 24 * 3600.0
+"""A building version untouched for this long is abandoned (its builder died)."""
+
+
+def is_version_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(VERSION_ID.match(value))
+
+
+def strings_in(obj: Any) -> Iterator[str]:
+    """Every string value (and dict key) inside a JSON document, depth first."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield str(key)
+            yield from strings_in(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from strings_in(value)
+
+
+class Reference(StrictModel):
+    """One export or run and the target versions it names directly."""
+
+    kind: str = Field(description="'export' or 'run'.")
+    id: str
+    versions: list[str] = Field(description="Version ids named directly, sorted.")
+    exports: list[str] = Field(default_factory=list, description="Export ids a run names.")
+    sources: list[str] = Field(default_factory=list, description="Files or lineage events the names came from.")
+
+
+def _read_json(root: Root, rel: str) -> Any | None:
+    try:
+        return root.read_json(rel)
+    except (ValueError, OSError) as err:
+        # An unreadable file cannot prove a version is unused; the caller keeps everything it can see.
+        log.warning("references: cannot read %s (%s)", root.url_of(rel), err)
+        return None
+
+
+def export_references(root: Root) -> list[Reference]:
+    """Every export and the version ids it names: index.json when complete, _build.json while building."""
+    refs = []
+    for export_id in root.ls("exports"):
+        names = [n for n in (layout.EXPORT_INDEX, BUILD_INFO) if root.exists("exports", export_id, n)]
+        if export_id.startswith(".") or not names:
+            continue
+        rel = f"exports/{export_id}/{names[0]}"
+        versions = sorted({s for s in strings_in(_read_json(root, rel)) if is_version_id(s)})
+        refs.append(Reference(kind="export", id=export_id, versions=versions, sources=[rel]))
+    return refs
+
+
+def _run_json_files(root: Root, run_id: str) -> list[str]:
+    base = f"runs/{run_id}"
+    files = [f"{base}/{n}" for n in root.ls(base) if n.endswith(".json")]
+    for step in root.ls(base):
+        if step.startswith("step-"):
+            files.extend(f"{base}/{step}/{n}" for n in root.ls(base, step) if n.endswith(".json"))
+    return files
+
+
+def run_references(root: Root, export_ids: Iterable[str]) -> list[Reference]:
+    """Every run folder and the version and export ids its JSON files name."""
+    known_exports = set(export_ids)
+    refs = []
+    for run_id in root.ls("runs"):
+        if run_id.startswith("."):
+            continue
+        files = _run_json_files(root, run_id)
+        names: set[str] = set()
+        for rel in files:
+            names.update(strings_in(_read_json(root, rel)))
+        refs.append(Reference(kind="run", id=run_id, versions=sorted(n for n in names if is_version_id(n)),
+                              exports=sorted(names & known_exports), sources=files))
+    return refs
+
+
+def _event_id(name: str) -> str:
+    """An event input/output name is an id or a relative path ending in one ('exports/<id>')."""
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def lineage_references(root: Root, refs: dict[tuple[str, str], Reference]) -> None:
+    """Add the input versions of lineage events whose outputs are a known export or run."""
+    by_id = {ref.id: ref for ref in refs.values()}
+    for event in lineage.events(root):
+        inputs = [_event_id(item.get("name", "")) for item in event.get("inputs", [])]
+        versions = {i for i in inputs if is_version_id(i)}
+        for item in event.get("outputs", []):
+            ref = by_id.get(_event_id(item.get("name", "")))
+            if ref is None or not versions - set(ref.versions):
+                continue
+            ref.versions = sorted(set(ref.versions) | versions)
+            ref.sources = [*ref.sources, f"{layout.LINEAGE}:{event.get('job', {}).get('name', '?')}"]
+
+
+def all_references(root: Root | str | None) -> list[Reference]:
+    """Every export and run of the root, with the versions each names directly."""
+    root = open_root(root)
+    exports = export_references(root)
+    runs = run_references(root, [e.id for e in exports])
+    refs = {(r.kind, r.id): r for r in [*exports, *runs]}
+    lineage_references(root, refs)
+    export_versions = {r.id: r.versions for r in exports}
+    for run in runs:
+        # A run that names an export uses every version packed in it.
+        inherited = {v for e in run.exports for v in export_versions.get(e, [])}
+        run.versions = sorted(set(run.versions) | inherited)
+    return list(refs.values())
+
+
+def upstream_closure(store: TargetStore, version_ids: Iterable[str]) -> set[str]:
+    """The given versions plus every version they were made from, recursively (missing ones included)."""
+    seen: set[str] = set()
+    pending = [v for v in version_ids if is_version_id(v)]
+    while pending:
+        version_id = pending.pop()
+        if version_id in seen:
+            continue
+        seen.add(version_id)
+        if store.status(version_id) is None:
+            continue
+        pending.extend(v for v in store.manifest(version_id).recipe.inputs.values() if is_version_id(v))
+    return seen
+
+
+class VersionUse(StrictModel):
+    """An export or run that uses a version, directly or through a downstream version."""
+
+    kind: str
+    id: str
+    direct: bool = Field(description="True when it names the version itself, False when only a downstream one.")
+
+
+def users_of(store: TargetStore, version_id: str, refs: list[Reference] | None = None) -> list[VersionUse]:
+    """Exports and runs that use ``version_id`` (directly or through versions made from it)."""
+    refs = all_references(store.root) if refs is None else refs
+    uses = []
+    for ref in refs:
+        if version_id in ref.versions:
+            uses.append(VersionUse(kind=ref.kind, id=ref.id, direct=True))
+        elif version_id in upstream_closure(store, ref.versions):
+            uses.append(VersionUse(kind=ref.kind, id=ref.id, direct=False))
+    return uses
+
+
+# garbage collection ---------------------------------------------------------------------------
+class GcItem(StrictModel):
+    """One version folder that garbage collection would remove, or keeps, and why."""
+
+    version_id: str
+    status: str = Field(description="'building', 'complete' or 'orphan' (a folder without manifest).")
+    reason: str
+    bytes: int = 0
+    age_s: float | None = Field(default=None, description="Seconds since its newest file was written.")
+
+
+class GcPlan(StrictModel):
+    """What ``targets gc`` would do."""
+
+    remove: list[GcItem] = Field(default_factory=list)
+    keep: list[GcItem] = Field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(item.bytes for item in self.remove)
+
+
+def last_modified(root: Root, rel: str) -> float | None:
+    """Newest modification time (epoch seconds) of any file under ``rel``; None when unknown."""
+    try:
+        entries = root.fs.find(root.path(rel), detail=True)
+    except FileNotFoundError:
+        return None
+    stamps = [_mtime(info) for info in entries.values()]
+    stamps = [s for s in stamps if s is not None]
+    return max(stamps) if stamps else None
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def _building_state(root: Root, version_id: str, max_age_s: float, now: float) -> tuple[bool, float | None]:
+    """(abandoned?, age): a building version is abandoned when nothing in it changed for max_age_s."""
+    stamp = last_modified(root, layout.target_dir(version_id))
+    age = None if stamp is None else now - stamp
+    return (age is not None and age > max_age_s), age
+
+
+def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: float | None = None) -> GcPlan:
+    """Decide which version folders to remove: abandoned building ones and unreferenced complete ones.
+
+    Kept: every version an export or run references, its upstream versions, and every version that
+    a building version (still alive) is made from, so a running build never loses its input.
+    """
+    root = open_root(root)
+    store, now = TargetStore(root), time.time() if now is None else now
+    refs = all_references(root)
+    referenced = upstream_closure(store, [v for r in refs for v in r.versions])
+    statuses = {name: store.status(name) or "orphan" for name in root.ls("targets") if not name.startswith(".")}
+    active: set[str] = set()
+    items: dict[str, GcItem] = {}
+    for version_id, status in statuses.items():
+        abandoned, age = (False, None)
+        if status != "complete":
+            abandoned, age = _building_state(root, version_id, max_age_s, now)
+            if not abandoned:
+                active.add(version_id)
+        items[version_id] = GcItem(version_id=version_id, status=status, age_s=age, reason="",
+                                   bytes=root.du(layout.target_dir(version_id)))
+    needed_by_builds = upstream_closure(store, active) - active
+    exporting = exports_in_progress(root, max_age_s, now)
+    return _decide(items, referenced, active, needed_by_builds, exporting, max_age_s)
+
+
+def exports_in_progress(root: Root, max_age_s: float, now: float) -> list[str]:
+    """Export folders with neither index.json nor _build.json touched within ``max_age_s``: which versions
+    they pack is unknown until one lands, so while one exists no complete version is collected."""
+    busy = []
+    for export_id in root.ls("exports"):
+        rel = f"exports/{export_id}"
+        if root.exists(rel, layout.EXPORT_INDEX) or root.exists(rel, BUILD_INFO):
+            continue
+        stamp = last_modified(root, rel)
+        if stamp is None:  # an empty folder: its own time
+            stamp = _mtime(root.fs.info(root.path(rel)))
+        if stamp is None or now - stamp <= max_age_s:
+            busy.append(export_id)
+    return busy
+
+
+def _decide(items: dict[str, GcItem], referenced: set[str], active: set[str], needed_by_builds: set[str],
+            exporting: list[str], max_age_s: float) -> GcPlan:
+    plan = GcPlan()
+    hours = max_age_s / 3600
+    for version_id, item in sorted(items.items()):
+        if version_id in referenced:
+            item.reason = "referenced by an export or run (directly or as an upstream version)"
+            plan.keep.append(item)
+        elif version_id in active:
+            item.reason = f"still building (touched within {hours:g} h)"
+            plan.keep.append(item)
+        elif version_id in needed_by_builds:
+            item.reason = "input of a version still building"
+            plan.keep.append(item)
+        elif item.status == "complete" and exporting:
+            item.reason = f"exports in progress ({', '.join(exporting)}) may use it"
+            plan.keep.append(item)
+        elif item.status == "complete":
+            item.reason = "complete, no export or run references it"
+            plan.remove.append(item)
+        else:
+            item.reason = f"{item.status}, abandoned (untouched for more than {hours:g} h)"
+            plan.remove.append(item)
+    return plan
+
+
+def apply_gc(root: Root | str | None, plan: GcPlan, run_id: str) -> list[str]:
+    """Remove the planned folders (manifest first, so a half-removed version is never listed)."""
+    root = open_root(root)
+    removed = []
+    for item in plan.remove:
+        target = layout.target_dir(item.version_id)
+        root.rm(f"{target}/{layout.MANIFEST}")
+        root.rm(target)
+        removed.append(item.version_id)
+        log.info("gc: removed %s (%s, %d bytes)", item.version_id, item.reason, item.bytes)
+    if removed:
+        lineage.emit(root, "targets.gc", run_id, inputs=removed, outputs=[],
+                     facets={"removed": [i.model_dump(mode="json") for i in plan.remove]})
+    return removed

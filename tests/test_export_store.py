@@ -1,0 +1,254 @@
+"""Export stage on real tiny stores: index.json, content addressing, stock webdataset, tamper and
+version checks, splits. ``make_world`` / ``export_world`` are reused by tests/test_export_stream.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.export import ExportConfig, export_recipe, plan_export, write_shard
+from pipelines.export import decode_fp8, relative_l2
+from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from schemas.model import ModelIdentity
+from schemas.plan import ClipRow, PlanInfo
+from schemas.target import ArraySpec, TargetRecipe, content_id
+from storage.episodes import EpisodeStore
+from storage.exports import ExportStore, parse_members
+from storage.fs import Root
+from storage.plans import PlanStore
+from storage.targets import TargetStore
+
+T, GRID, VIDEO_C, TEACHER_C, ACTION_D, STATE_D = 4, (4, 4), 8, 6, 4, 3
+EPISODE_LEN = 12
+
+
+# builders -------------------------------------------------------------------------------------
+def make_dataset(root: Root, episodes: int = 3) -> EpisodeStore:
+    """Dataset 'demo': episodes with random frames, actions and state; the last one is 'val'."""
+    store = EpisodeStore(root, "demo")
+    features = {"action": FeatureSpec(dtype="float32", shape=[ACTION_D]),
+                "state": FeatureSpec(dtype="float32", shape=[STATE_D])}
+    store.write_info(DatasetInfo(name="demo", source_kind="synthetic", source="tests", source_fingerprint="f" * 64,
+                                 fps=10.0, cameras={"front": [8, 8, 3]}, features=features))
+    rng = np.random.default_rng(1)
+    for e in range(episodes):
+        record = EpisodeRecord(episode_id=f"ep{e}", split="val" if e == episodes - 1 else "train", task="pick",
+                               instructions=["pick the cube"], length=EPISODE_LEN, source_path=f"gen/ep{e}",
+                               source_checksum=f"ep{e}")
+        with store.writer(record, features) as writer:
+            writer.append_frames("front", rng.integers(0, 256, (EPISODE_LEN, 8, 8, 3), dtype=np.uint8))
+            writer.set_lowdim({"action": rng.standard_normal((EPISODE_LEN, ACTION_D)).astype(np.float32),
+                               "state": rng.standard_normal((EPISODE_LEN, STATE_D)).astype(np.float32)})
+    return store
+
+
+def make_plan(root: Root, dataset: EpisodeStore, num_clips: int) -> str:
+    episodes = dataset.episode_ids()
+    rows = [ClipRow(clip_id=f"{episodes[i % len(episodes)]}_s{i}", dataset="demo",
+                    episode_id=episodes[i % len(episodes)], camera="front", start=i % EPISODE_LEN, num_frames=T,
+                    stride=1, instruction=f"pick the cube {i}") for i in range(num_clips)]
+    params = {"num_clips": num_clips}
+    plan_id = content_id("plan", {"dataset": "demo", "params": params})
+    PlanStore(root).write(PlanInfo(plan_id=plan_id, dataset="demo", dataset_fingerprint=dataset.fingerprint(),
+                                   params=params, num_clips=num_clips), rows)
+    return plan_id
+
+
+def make_version(root: Root, kind: str, stage: str, arrays: dict[str, np.ndarray], inputs: dict[str, str],
+                 params: dict) -> str:
+    recipe = TargetRecipe(kind=kind, stage=stage, stage_version=1, params=params, inputs=inputs,
+                          model=ModelIdentity(spec="tiny", family=stage, source="tiny", seed=0))
+    specs = [ArraySpec(name=n, shape=list(a.shape), dtype=str(a.dtype)) for n, a in arrays.items()]
+    writer = TargetStore(root).begin(recipe, specs, num_clips=len(next(iter(arrays.values()))), shard_size=4)
+    for shard in writer.pending_shards():
+        clips = writer.shard_clips(shard)
+        writer.write_shard(shard, {n: a[clips.start:clips.stop] for n, a in arrays.items()})
+    writer.finalize()
+    return writer.version_id
+
+
+def make_video(root: Root, plan_id: str, num_clips: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    arrays = {"frames": rng.integers(0, 256, (num_clips, T, 8, 8, 3), dtype=np.uint8),
+              "onestep": rng.standard_normal((num_clips, T, *GRID, VIDEO_C)).astype(np.float16),
+              "seed": np.arange(num_clips, dtype=np.int64) + seed}
+    return make_version(root, "video", "svd.generate", arrays, {"plan": plan_id}, {"seed": seed})
+
+
+def make_teacher(root: Root, video_id: str, num_clips: int, seed: int = 1) -> str:
+    rng = np.random.default_rng(seed)
+    arrays = {"target": rng.standard_normal((num_clips, T, *GRID, TEACHER_C)).astype(np.float16),
+              "reference": rng.standard_normal((num_clips, 1, *GRID, TEACHER_C)).astype(np.float16)}
+    return make_version(root, "teacher", "teachers.dinov2", arrays, {"video": video_id}, {"seed": seed})
+
+
+def make_world(tmp_path: Path, num_clips: int = 12) -> dict[str, str]:
+    """A root with dataset 'demo', a plan, a video version and a dinov2 teacher version over it."""
+    root = Root(tmp_path / "root")
+    dataset = make_dataset(root)
+    plan_id = make_plan(root, dataset, num_clips)
+    video_id = make_video(root, plan_id, num_clips)
+    return {"root": root.url, "plan": plan_id, "video": video_id,
+            "teacher": make_teacher(root, video_id, num_clips)}
+
+
+def export_world(world: dict[str, str], **options) -> str:
+    """Run the export stage's steps in-process (the flow's tasks without Prefect); returns the id."""
+    config = ExportConfig(plan=world["plan"], targets=[world["video"], world["teacher"]], **options)
+    recipe = export_recipe(world["root"], config)
+    store = ExportStore(world["root"])
+    if not store.exists(recipe.export_id()):
+        store.begin(plan_export(world["root"], recipe))
+        for shard in store.pending_shards(recipe.export_id()):
+            write_shard(world["root"], recipe.export_id(), shard, config.read_batch)
+        store.finalize(recipe.export_id())
+    return recipe.export_id()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    return make_world(tmp_path_factory.mktemp("export"))
+
+
+# index and content addressing -----------------------------------------------------------------
+def test_index_records_shards_versions_and_stats(world):
+    export_id = export_world(world, shard_size="12KB")
+    store = ExportStore(world["root"])
+    index = store.index(export_id)
+    assert index.num_samples == 12 and len(index.shards) > 1
+    assert index.versions["onestep"] == world["video"] and index.versions["dinov2.target"] == world["teacher"]
+    assert index.version_ids == sorted([world["video"], world["teacher"]])
+    assert sorted(c for s in index.shards for c in s.clips) == list(range(12))
+    root = Root(world["root"])
+    for shard in index.shards:
+        assert root.size(f"exports/{export_id}/{shard.name}") == shard.bytes
+        assert root.sha256(f"exports/{export_id}/{shard.name}") == shard.sha256
+    assert index.fields["actions"].shape == [10, ACTION_D] and index.fields["state"].shape == [STATE_D]
+    assert len(index.stats["actions"].mean) == ACTION_D and index.stats["state"].count == 3 * EPISODE_LEN
+    assert sorted(root.ls(f"exports/{export_id}")) == ["index.json"] + [s.name for s in index.shards]
+    assert store.verify(export_id) == []
+
+
+def test_export_id_is_content_addressed_and_reruns_skip(world):
+    first = export_world(world, shard_size="12KB")
+    index_bytes = Root(world["root"]).read_bytes(f"exports/{first}/index.json")
+    assert export_world(world, shard_size="12KB") == first
+    assert Root(world["root"]).read_bytes(f"exports/{first}/index.json") == index_bytes
+    assert export_world(world, shard_size="12KB", codec="fp8") != first
+    assert export_world(world, shard_size="12KB", fields=["onestep"]) != first
+
+
+def test_shards_are_byte_reproducible(tmp_path, world):
+    export_id = export_world(world, shard_size="12KB")
+    other = make_world(tmp_path)
+    assert export_world(other, shard_size="12KB") == export_id
+    mine, theirs = ExportStore(world["root"]).index(export_id), ExportStore(other["root"]).index(export_id)
+    assert [s.sha256 for s in mine.shards] == [s.sha256 for s in theirs.shards]
+
+
+def test_split_selects_episodes(world):
+    store = ExportStore(world["root"])
+    val = store.index(export_world(world, split="val"))
+    train = store.index(export_world(world, split="train"))
+    assert val.num_samples == 4 and train.num_samples == 8
+    assert val.stats["actions"].count == EPISODE_LEN
+    with pytest.raises(ValueError, match="no clips of split 'test'"):
+        export_world(world, split="test")
+
+
+# stock webdataset -----------------------------------------------------------------------------
+def test_stock_webdataset_decodes_every_field(world):
+    import webdataset as wds
+
+    for codec in ("f16", "bf16", "fp8"):
+        export_id = export_world(world, codec=codec, shard_size="12KB")
+        store = ExportStore(world["root"])
+        index = store.index(export_id)
+        url = store.url(export_id, index.shards[0].name)
+        samples = list(wds.WebDataset(url, shardshuffle=False, empty_check=False).decode())
+        assert len(samples) == index.shards[0].samples
+        reader = TargetStore(world["root"]).open(world["video"])
+        for sample in samples:
+            meta = sample["json"]
+            assert "." not in sample["__key__"] and meta["versions"]["onestep"] == world["video"]
+            expected = reader.read("onestep", meta["clip_index"])
+            if codec == "fp8":
+                assert sample["onestep.fp8.npy"].dtype == np.uint8
+                decoded = decode_fp8(sample["onestep.fp8.npy"], sample["onestep.fp8scale.npy"])
+                assert relative_l2(decoded, expected) < 0.04
+            elif codec == "bf16":
+                assert sample["onestep.bf16.npy"].dtype == np.uint16
+            else:
+                np.testing.assert_array_equal(sample["onestep.npy"], expected)
+            np.testing.assert_array_equal(sample["frames.npy"], reader.read("frames", meta["clip_index"]))
+            decoded_fields = {k.split(".npy")[0].removesuffix(".fp8").removesuffix(".bf16")
+                              for k in sample if k.endswith(".npy") and not k.endswith("fp8scale.npy")}
+            assert decoded_fields == set(index.fields)
+            assert all(isinstance(sample[k], np.ndarray) for k in sample if k.endswith(".npy"))
+
+
+def test_tar_members_are_plain_read_only_files(world):
+    export_id = export_world(world, shard_size="12KB")
+    store = ExportStore(world["root"])
+    shard = store.index(export_id).shards[0]
+    with store.open_shard(export_id, shard.name) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        members = list(tar)
+    assert all(m.isfile() and m.mode == 0o444 and m.mtime == 0 and "/" not in m.name for m in members)
+
+
+# integrity and versions -----------------------------------------------------------------------
+def test_tampered_shard_is_detected(tmp_path):
+    world = make_world(tmp_path, num_clips=6)
+    export_id = export_world(world, shard_size="40KB")
+    store = ExportStore(world["root"])
+    shard = store.index(export_id).shards[0]
+    path = Path(Root(world["root"]).path(f"exports/{export_id}/{shard.name}"))
+    data = bytearray(path.read_bytes())
+    start, end = shard.sample_range(0)
+    data[end - 700] ^= 0x01  # one bit inside the last array payload of the first sample
+    path.write_bytes(bytes(data))
+    assert any("corrupt" in p and shard.name in p for p in store.verify(export_id))
+    index = store.index(export_id)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        store.read_sample(index, 0, 0, verify=True)
+    assert len(store.read_sample(index, 0, 1, verify=True)[1]) > 0  # other samples stay readable
+
+
+def test_non_regular_tar_members_are_refused():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        link = tarfile.TarInfo("c000000000.onestep.npy")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(ValueError, match="not a regular file"):
+        parse_members(bytearray(buffer.getvalue()[:512]), "test")
+
+
+def test_mixed_versions_are_refused(world):
+    root = Root(world["root"])
+    other_video = make_video(root, world["plan"], 12, seed=5)
+    config = ExportConfig(plan=world["plan"], targets=[other_video, world["teacher"]])
+    with pytest.raises(ValueError, match=f"computed from video '{world['video']}'.*refusing to mix"):
+        export_recipe(world["root"], config)
+
+
+def test_missing_or_incomplete_versions_are_refused(world):
+    config = ExportConfig(plan=world["plan"], targets=["video-000000000000"])
+    with pytest.raises(ValueError, match="'video-000000000000': not found"):
+        export_recipe(world["root"], config)
+    config = ExportConfig(plan=world["plan"], targets=[world["video"]], fields=["dinov2.target"])
+    with pytest.raises(ValueError, match=r"fields \['dinov2.target'\] are not available"):
+        export_recipe(world["root"], config)
+
+
+def test_index_json_is_plain_json(world):
+    export_id = export_world(world, shard_size="12KB")
+    data = json.loads(Root(world["root"]).read_bytes(f"exports/{export_id}/index.json"))
+    assert data["export_id"] == export_id and data["recipe"]["plan_id"] == world["plan"]
+    assert {"shards", "versions", "stats", "num_samples", "total_bytes"} <= set(data)

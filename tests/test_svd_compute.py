@@ -1,0 +1,129 @@
+"""SVD generation and one-step features on the tiny model (CPU, 32x32 frames, 4 frames, 2 steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd, one_step_features, save_svd
+from pipelines.svd.conditioning import clip_noise, text_states
+from pipelines.svd.features import capture_up_blocks, feature_shape
+from pipelines.svd.loading import describe_svd
+
+PARAMS = SVDParams(num_frames=4, size=32, steps=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_svd("tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(3, 40, 48, 3), dtype=np.uint8)
+    text = rng.normal(size=(3, 20, 16)).astype(np.float32)
+    seeds = np.array([clip_seed("video-abc", f"clip{i}") for i in range(3)], dtype=np.int64)
+    return frames, text, seeds
+
+
+@pytest.fixture(scope="module")
+def generated(model, inputs):
+    return generate_clips(model, PARAMS, *inputs)
+
+
+def test_shapes_and_dtypes(model, generated):
+    desc = describe_svd("tiny")
+    h, w, c = feature_shape(desc.unet_config, desc.vae_config, PARAMS.size, PARAMS.feature_blocks)
+    assert generated.frames.dtype == np.uint8 and generated.frames.shape == (3, 4, 32, 32, 3)
+    assert generated.onestep.dtype == np.float16 and generated.onestep.shape == (3, 4, h, w, c)
+    # tiny: up_blocks[0] 64 ch at 4x4 upsampled to up_blocks[1]'s 8x8, 64 ch
+    assert (h, w, c) == (8, 8, 128)
+    assert np.isfinite(generated.onestep).all()
+    assert generated.frames.std() > 0
+
+
+def test_full_size_feature_shape_is_the_s_vam_layout():
+    desc = describe_svd("random")
+    assert feature_shape(desc.unet_config, desc.vae_config, 256, [0, 1]) == (16, 16, 2560)
+
+
+def test_same_seed_same_bytes(model, inputs, generated):
+    again = generate_clips(model, PARAMS, *inputs)
+    assert again.frames.tobytes() == generated.frames.tobytes()
+    assert again.onestep.tobytes() == generated.onestep.tobytes()
+
+
+def test_other_seed_other_video(model, inputs, generated):
+    frames, text, seeds = inputs
+    other = generate_clips(model, PARAMS, frames[:1], text[:1], seeds[:1] + 1)
+    assert not np.array_equal(other.frames[0], generated.frames[0])
+    assert not np.array_equal(other.onestep[0], generated.onestep[0])
+
+
+def test_capture_equals_standalone_extraction(model, inputs, generated):
+    standalone = one_step_features(model, PARAMS, *inputs)
+    assert standalone.dtype == np.float16
+    assert np.array_equal(standalone, generated.onestep)
+
+
+def test_single_clip_standalone_matches_batched(model, inputs, generated):
+    frames, text, seeds = inputs
+    single = one_step_features(model, PARAMS, frames[1], text[1], int(seeds[1]))
+    assert single.shape == generated.onestep.shape[1:]
+    np.testing.assert_allclose(single.astype(np.float32), generated.onestep[1].astype(np.float32), atol=2e-3)
+
+
+def test_clip_noise_does_not_depend_on_the_batch():
+    alone = clip_noise([7], (2, 4, 4, 4), (3, 8, 8))
+    batched = clip_noise([5, 7], (2, 4, 4, 4), (3, 8, 8))
+    assert torch.equal(alone[0][0], batched[0][1]) and torch.equal(alone[1][0], batched[1][1])
+
+
+def test_clip_seed_is_stable_and_distinct():
+    seed = clip_seed("video-0123456789ab", "ep0-000008")
+    assert seed == clip_seed("video-0123456789ab", "ep0-000008")
+    assert 0 <= seed < 2**63
+    assert seed != clip_seed("video-0123456789ab", "ep0-000016")
+    assert seed != clip_seed("video-ba9876543210", "ep0-000008")
+
+
+def test_text_width_must_match_the_unet(model):
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        text_states(model, np.zeros((1, 20, 512), dtype=np.float32), position_encoding=True)
+
+
+def test_text_states_are_duplicated(model):
+    states = np.arange(2 * 20 * 16, dtype=np.float32).reshape(2, 20, 16)
+    out = text_states(model, states, position_encoding=False).float().numpy()
+    assert out.shape == (2, 20, 32)
+    np.testing.assert_array_equal(out[..., :16], out[..., 16:])
+    np.testing.assert_array_equal(out[..., :16], states)
+
+
+def test_bad_feature_block_is_named(model):
+    with pytest.raises(ValueError, match="feature block 9"):
+        with capture_up_blocks(model.unet, [0, 9]):
+            pass
+
+
+def test_dir_round_trip_records_digests_and_reproduces(model, inputs, generated, tmp_path):
+    save_svd(model, tmp_path / "svd")
+    loaded = load_svd(f"dir:{tmp_path / 'svd'}")
+    identity = loaded.identity
+    assert identity.source == "dir" and identity.is_real
+    assert set(identity.weights_sha256) == {"unet/diffusion_pytorch_model.safetensors",
+                                            "vae/diffusion_pytorch_model.safetensors"}
+    assert all(len(d) == 64 for d in identity.weights_sha256.values())
+    again = generate_clips(loaded, PARAMS, *inputs)
+    assert np.array_equal(again.frames, generated.frames)
+    assert np.array_equal(again.onestep, generated.onestep)
+
+
+def test_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_svd(f"dir:{tmp_path / 'nothing'}")
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no 'vae/' folder"):
+        load_svd(f"dir:{tmp_path / 'partial'}")

@@ -1,0 +1,255 @@
+"""Train the S-VAM action expert: Uni-Perceiver + diffusion policy over frozen decouplers' predictions.
+
+Per clip the perception input is concat[one-step features | prediction of decoupler 1 | ...] per
+token (REFERENCE.md: one-step 2560 | DINOv2 768 | DA3 2048 = 5376 channels), built on the fly by the
+frozen decoupler runs named in the config, each fed its teacher's reference map. The policy is
+conditioned on those tokens and the clip's text embedding and predicts the export's action chunk
+(normalised with the export's action statistics, which are stored with the model). The held-out
+evaluation samples chunks with the policy's sampler and reports their MSE to the recorded actions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.data import default_collate
+
+from schemas.base import StrictModel, validate
+from storage.fs import Root
+from trainers.decoupler import ONESTEP, load_decoupler, teacher_of
+from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
+                           TrainTask, default_run_id, fit, open_export, seed_everything)
+from trainers.models.decoupler import Decoupler, ModelSize
+from trainers.models.policy import ActionExpert, NormMode, PolicyConfig
+from trainers.models.uniperceiver import UniPerceiverConfig
+
+log = logging.getLogger(__name__)
+KIND = "action-expert"
+
+
+class PerceiverArch(StrictModel):
+    """Overrides of the Uni-Perceiver preset (unset fields keep the preset's value)."""
+
+    mlp_hidden: int | None = Field(None, description="Input MLP hidden width (preset 768).")
+    dim: int | None = Field(None, description="Latent width (preset 384).")
+    queries_per_frame: int | None = Field(None, description="Latents per frame (preset 14).")
+    depth: int | None = Field(None, description="Layers (preset 6).")
+    heads: int | None = Field(None, description="Attention heads (preset 8).")
+    mlp_ratio: int | None = Field(None, description="FFN width multiple (preset 4).")
+    dropout: float | None = Field(None, description="Dropout (preset 0).")
+
+
+class PolicyArch(StrictModel):
+    """Overrides of the diffusion-policy preset (unset fields keep the preset's value)."""
+
+    dim: int | None = Field(None, description="Transformer width (preset 384).")
+    heads: int | None = Field(None, description="Attention heads (preset 8).")
+    encoder_layers: int | None = Field(None, description="Encoder layers (preset 4).")
+    decoder_layers: int | None = Field(None, description="Decoder layers (preset 4).")
+    mlp_ratio: int | None = Field(None, description="MLP width multiple (preset 4).")
+    dropout: float | None = Field(None, description="Dropout (preset 0.1).")
+    sample_steps: int | None = Field(None, description="Sampler steps at inference (preset 10).")
+    sigma_max: float | None = Field(None, description="Largest noise level (preset 80).")
+    sigma_data: float | None = Field(None, description="EDM sigma_data (preset 0.5).")
+
+
+class ActionExpertRunConfig(StrictModel):
+    """Everything that defines an action-expert run (``--config run.toml`` holds any subset of it)."""
+
+    decouplers: list[str] = Field(default_factory=list, description="Decoupler run ids, in concat order.")
+    size: ModelSize = Field("full", description="Architecture preset: 'full' (reference) or 'tiny'.")
+    perceiver: PerceiverArch = Field(default_factory=PerceiverArch, description="Uni-Perceiver overrides.")
+    policy: PolicyArch = Field(default_factory=PolicyArch, description="Diffusion-policy overrides.")
+    action_norm: NormMode = Field("quantile", description="Action normalisation from the export's statistics.")
+    text_field: str = Field("text", description="Export field holding the instruction embedding.")
+    eval_seed: int = Field(0, description="Seed of the sampler noise in held-out evaluation.")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(
+        lr=3e-4, betas=(0.9, 0.9), weight_decay=0.05, grad_clip=1.0, warmup_steps=1000))
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    def fields(self, teachers: list[str]) -> list[str]:
+        """Export fields this run reads."""
+        return [ONESTEP, self.text_field, "actions", "actions_mask", *(f"{t}.reference" for t in teachers)]
+
+
+def _override(preset: StrictModel, overrides: StrictModel) -> dict[str, Any]:
+    return preset.model_dump() | {k: v for k, v in overrides.model_dump().items() if v is not None}
+
+
+def build_architecture(cfg: ActionExpertRunConfig, frames: int, token_channels: int, text_dim: int,
+                       chunk: int, action_dim: int) -> tuple[UniPerceiverConfig, PolicyConfig]:
+    """Uni-Perceiver and policy configs for the data's dimensions."""
+    perceiver = validate(UniPerceiverConfig, _override(
+        UniPerceiverConfig.preset(cfg.size, in_channels=token_channels, frames=frames), cfg.perceiver), "perceiver")
+    policy_preset = PolicyConfig.preset(cfg.size, action_dim=action_dim, chunk=chunk, text_dim=text_dim,
+                                        cond_tokens=perceiver.num_latents, cond_dim=perceiver.dim)
+    policy = validate(PolicyConfig, _override(policy_preset, cfg.policy), "policy")
+    return perceiver, policy
+
+
+class FrozenDecouplers(nn.Module):
+    """Trained decouplers in eval mode, no gradients: one-step features -> per-token perception input."""
+
+    def __init__(self, decouplers: list[Decoupler], teachers: list[str]):
+        super().__init__()
+        self.decouplers = nn.ModuleList(decouplers)
+        self.teachers = list(teachers)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenDecouplers":
+        return super().train(False)  # frozen: dropout stays off whatever the caller sets
+
+    @property
+    def channels(self) -> int:
+        return sum(d.cfg.teacher_channels for d in self.decouplers)
+
+    @torch.no_grad()
+    def forward(self, onestep_BTHWC: torch.Tensor, references: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, h*w, C_in + sum C_teacher) tokens: the features and every decoupler's prediction."""
+        preds = [dec(onestep_BTHWC, references[t]) for dec, t in zip(self.decouplers, self.teachers)]
+        dtype = preds[0].dtype if preds else onestep_BTHWC.dtype
+        tokens = torch.cat([onestep_BTHWC.to(dtype), *preds], dim=-1)
+        return tokens.flatten(2, 3)
+
+
+def load_frozen_decouplers(root: Root, run_ids: list[str]) -> tuple[FrozenDecouplers, list[CheckpointInfo]]:
+    """The newest complete checkpoint of each decoupler run, frozen, in the given order."""
+    if not run_ids:
+        raise ValueError("action expert: no decoupler runs given (--decouplers RUN_A,RUN_B)")
+    loaded = [load_decoupler(root, run_id) for run_id in run_ids]
+    teachers = [teacher_of(info) for _, info in loaded]
+    if len(set(teachers)) != len(teachers):
+        raise ValueError(f"action expert: decoupler runs {run_ids} repeat a teacher ({teachers})")
+    return FrozenDecouplers([m for m, _ in loaded], teachers), [info for _, info in loaded]
+
+
+def check_decoupler_inputs(infos: list[CheckpointInfo], export_versions: dict[str, str], allow_change: bool) -> None:
+    """A decoupler must see the one-step features and reference maps of the versions it was trained on."""
+    for info in infos:
+        teacher = teacher_of(info)
+        for field in (ONESTEP, f"{teacher}.reference"):
+            trained, given = info.target_versions.get(field), export_versions.get(field)
+            if trained != given and not allow_change:
+                raise ValueError(
+                    f"decoupler run {info.run_id} ({info.step} steps) was trained on '{field}' version {trained}; "
+                    f"the export has {given}; pass --allow-version-change to use it anyway"
+                )
+
+
+class ActionExpertTask(TrainTask):
+    """Batch {onestep, references, text, actions, actions_mask} -> diffusion loss of the action expert."""
+
+    def __init__(self, model: ActionExpert, decouplers: FrozenDecouplers, text_field: str = "text",
+                 eval_seed: int = 0):
+        self.model, self.decouplers = model, decouplers
+        self.text_field, self.eval_seed = text_field, eval_seed
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack the fields the expert reads (float16 features stay float16 on the host)."""
+        picked = []
+        for s in samples:
+            refs = {t: s[f"{t}.reference"] for t in self.decouplers.teachers}
+            picked.append({"onestep": s[ONESTEP], "references": refs, "text": s[self.text_field],
+                           "actions": s["actions"], "actions_mask": s["actions_mask"]})
+        return default_collate(picked)
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+        self.decouplers.to(device)
+
+    def tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Perception tokens of a device batch (frozen decouplers, no gradients)."""
+        return self.decouplers(batch["onestep"], batch["references"])
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return model(self.tokens(batch), batch["text"], batch["actions"], batch["actions_mask"])
+
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.eval_seed)
+        raw_sum = norm_sum = rows = 0.0
+        for batch in batches:
+            pred = model.predict(self.tokens(batch), batch["text"], generator)
+            mask = batch["actions_mask"].to(pred.dtype)
+            raw_err = ((pred - batch["actions"].float()) ** 2).mean(-1)
+            norm = model.normalizer
+            norm_err = ((norm.normalize(pred) - norm.normalize(batch["actions"])) ** 2).mean(-1)
+            raw_sum += float((raw_err * mask).sum())
+            norm_sum += float((norm_err * mask).sum())
+            rows += float(mask.sum())
+        if rows == 0:
+            raise ValueError("action expert: the held-out stream gave no valid action rows")
+        return {"action_mse": raw_sum / rows, "action_mse_norm": norm_sum / rows}
+
+
+def run_config_record(cfg: ActionExpertRunConfig, perceiver: UniPerceiverConfig, policy: PolicyConfig,
+                      decoupler_infos: list[CheckpointInfo]) -> dict[str, Any]:
+    """The resolved config stored with every checkpoint, including which decoupler checkpoints were used."""
+    decouplers = [{"run_id": i.run_id, "step": i.step, "teacher": teacher_of(i), "target_versions": i.target_versions}
+                  for i in decoupler_infos]
+    return {"run": cfg.model_dump(mode="json"), "perceiver": perceiver.model_dump(mode="json"),
+            "policy": policy.model_dump(mode="json"), "decouplers": decouplers}
+
+
+def load_action_expert(root: Root, run_id: str, step: int | None = None
+                       ) -> tuple[ActionExpertTask, CheckpointInfo]:
+    """A trained action expert with the exact decoupler checkpoints it was trained with (eval mode)."""
+    info, state = RunDir(root, run_id).load_model(step)
+    if info.kind != KIND:
+        raise ValueError(f"run {run_id}: is a '{info.kind}' run, not an action-expert run")
+    where = f"run {run_id} step {info.step}"
+    perceiver = validate(UniPerceiverConfig, info.config["perceiver"], f"{where}: perceiver")
+    policy = validate(PolicyConfig, info.config["policy"], f"{where}: policy")
+    model = ActionExpert(perceiver, policy)
+    model.load_state_dict(state)
+    decouplers, teachers = [], []
+    for record in info.config["decouplers"]:
+        decoupler, dec_info = load_decoupler(root, record["run_id"], record["step"])
+        decouplers.append(decoupler)
+        teachers.append(teacher_of(dec_info))
+    run_cfg = info.config["run"]
+    task = ActionExpertTask(model.eval(), FrozenDecouplers(decouplers, teachers), run_cfg["text_field"],
+                            run_cfg["eval_seed"])
+    return task, info
+
+
+def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, run_id: str | None = None,
+                        eval_export: str | None = None, allow_version_change: bool = False,
+                        stop_at: int | None = None) -> FitResult:
+    """Train (or resume) the action expert over the frozen decoupler runs ``cfg.decouplers``."""
+    decouplers, infos = load_frozen_decouplers(root, cfg.decouplers)
+    fields = cfg.fields(decouplers.teachers)
+    stream, versions = open_export(root, export_id, fields, cfg.data, cfg.loop.seed)
+    check_decoupler_inputs(infos, versions, allow_version_change)
+    specs = stream.index.fields
+    frames = specs[ONESTEP].shape[0]
+    actions_shape = specs["actions"].shape
+    perceiver, policy = build_architecture(cfg, frames, specs[ONESTEP].shape[-1] + decouplers.channels,
+                                           specs[cfg.text_field].shape[-1], actions_shape[0], actions_shape[-1])
+    eval_stream = None
+    if eval_export:
+        eval_stream, _ = open_export(root, eval_export, fields, cfg.data, cfg.loop.seed, pins=versions, shuffle=False)
+    seed_everything(cfg.loop.seed)
+    model = ActionExpert(perceiver, policy)
+    model.normalizer.set_stats(cfg.action_norm, action_stats(stream.stats, export_id))
+    task = ActionExpertTask(model, decouplers, cfg.text_field, cfg.eval_seed)
+    config = run_config_record(cfg, perceiver, policy, infos)
+    identity = {"export": export_id, "decouplers": config["decouplers"], "perceiver": config["perceiver"],
+                "policy": config["policy"], "optim": config["run"]["optim"], "seed": cfg.loop.seed,
+                "norm": cfg.action_norm, "batch": cfg.loop.batch_size}
+    spec = RunSpec(root, run_id or default_run_id("action-expert", identity), KIND, export_id, versions, config,
+                   extra={"eval_export": eval_export})
+    return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
+
+
+def action_stats(stats: dict[str, dict[str, Any]], export_id: str) -> dict[str, Any]:
+    """The export's per-dimension action statistics (index.json "stats"["actions"])."""
+    if "actions" not in stats:
+        raise ValueError(f"export '{export_id}': index.json has no 'actions' statistics (has {sorted(stats)})")
+    return stats["actions"]

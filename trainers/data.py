@@ -1,0 +1,426 @@
+"""Streaming datasets that trainers read: `ShardStream` over an export, `ZarrClips` over target versions.
+
+Both yield the same **sample dict** (one clip), so a trainer can switch between them:
+
+    {
+      "__key__":  str   webdataset key of the sample, "c<9-digit clip index>" (no dots)
+      "meta": {                          clip metadata and provenance (plain JSON types)
+          "clip_index": int              row of the clip in the plan (= row in every target array)
+          "clip_id", "dataset", "episode_id", "camera": str
+          "start", "num_frames", "stride": int     (frames: start + stride * i, i < num_frames)
+          "instruction": str
+          "split": str | None           split of the episode ("train"/"val"/...)
+          "plan_id": str
+          "export_id": str | None        None for ZarrClips
+          "versions": {field: version_id}   the target version every array field came from
+          "codecs": {field: "raw" | "f16" | "bf16" | "fp8"}   how the field was stored
+          "stream": {"epoch", "rank", "world_size", "worker", "num_workers", "position"}
+                                         where ShardStream produced it (absent for ZarrClips);
+                                         `ShardStream.note_consumed(batch)` reads it for resuming
+      },
+      # array fields (numpy arrays; the DataLoader's collate turns them into torch tensors):
+      "frames":              uint8   (T, H, W, 3)   generated video (kind "video")
+      "onestep":             float16 (T, h, w, C)   SVD one-step features (C = 2560 at full size)
+      "seed":                int64   ()             generation seed of the clip
+      "<teacher>.target":    float16 (T, h, w, Ct)  teacher maps over the generated frames
+      "<teacher>.reference": float16 (1, h, w, Ct)  the same teacher over the observed frame
+                                                    (<teacher> = the teacher's name, e.g. "dinov2", "da3")
+      "text":                float16 (L, D)         instruction embedding (kind "text")
+      "pi0.<array>":         arrays of a "pi0" target version, e.g. "pi0.velocity"
+      "actions":             float32 (chunk, A)     episode actions at frames start .. start+chunk-1
+                                                    (the chunk after the clip's first frame); rows past
+                                                    the episode end repeat the last action
+      "actions_mask":        bool    (chunk,)       False where a row was padded past the episode end
+      "state":               float32 (S,)           episode state at the clip's first frame
+    }
+
+Only the fields the export (or the caller's `fields=`) selected are present. Float fields are decoded
+to float16 except the "bf16" codec, which decodes to float32 (bfloat16 does not fit float16's range);
+pass `float_dtype="float32"` to get float32 everywhere. Statistics for normalising actions and state
+(mean, std, min, max, q01, q99 per dimension, over the export's episodes) are in
+`ShardStream.stats` (= index.json "stats").
+
+Field names: a "video" version gives its arrays' names ("frames", "onestep", "seed"); a "teacher"
+version gives "<teacher>.<array>"; a "text" version gives "text" (its single array); a "pi0" version
+gives "pi0.<array>". Use `collate_samples` as the DataLoader's `collate_fn` to stack arrays into torch
+tensors and keep "meta" / "__key__" as lists.
+
+Resuming: iterate `ShardStream` directly or through a DataLoader; call `stream.note_consumed(batch)` after
+each processed batch (needed with DataLoader workers, which prefetch), save `stream.state_dict()` with
+the checkpoint, and after `load_state_dict` the next iteration yields exactly the samples not yet
+consumed in that epoch (same world size and worker count). Call `stream.set_epoch(e)` at each epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from pipelines.export import decode_sample, sample_key
+from storage.exports import ClipSource, ExportIndex, ExportStore, resolve_sources
+from storage.fs import Root
+
+log = logging.getLogger(__name__)
+FLOAT_DTYPES = {None: None, "float16": np.float16, "float32": np.float32}
+
+
+# epoch planning (pure; shared by every rank and worker) --------------------------------------
+def balanced_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[lo, hi) of part ``index`` when ``total`` items are cut into ``parts`` contiguous near-equal parts."""
+    return total * index // parts, total * (index + 1) // parts
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard positions in the order an epoch reads them (a permutation seeded by seed and epoch)."""
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng([seed, epoch, 0]).permutation(num_shards).tolist()
+
+
+def consumer_pieces(counts: Sequence[int], order: Sequence[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(shard, first, stop) pieces covering samples [lo, hi) of the epoch's global sample sequence
+    (shards in ``order``, samples in tar order)."""
+    pieces, start = [], 0
+    for shard in order:
+        end = start + counts[shard]
+        first, stop = max(lo, start), min(hi, end)
+        if first < stop:
+            pieces.append((shard, first - start, stop - start))
+        start = end
+    return pieces
+
+
+def shuffle_buffer_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Emission order of ``n`` sequentially read items through a random-replacement buffer of ``size``.
+
+    Emission ``e`` happens after ``reads_before(e, n, size)`` items were read; items are identified by
+    read position, so the whole order is known without touching data (what makes resuming exact).
+    """
+    if size <= 1 or n <= 1:
+        return np.arange(n)
+    size = min(size, n)
+    buffer = np.arange(size)
+    picks = rng.integers(0, size, n - size)
+    order = np.empty(n, dtype=np.int64)
+    for step, slot in enumerate(picks):
+        order[step] = buffer[slot]
+        buffer[slot] = size + step
+    order[n - size:] = rng.permutation(buffer)
+    return order
+
+
+def reads_before(emission: int, n: int, size: int) -> int:
+    """Items read from the stream before emission number ``emission`` (see shuffle_buffer_order)."""
+    return min(n, max(size, 1) + emission)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Who is iterating: the DDP rank and the DataLoader worker."""
+
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+
+
+def ddp_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_pins(where: str, field_versions: Mapping[str, str], pins: Sequence[str] | Mapping[str, str],
+               fields: Sequence[str]) -> None:
+    """Refuse a data source whose target versions differ from the caller's pins.
+
+    ``field_versions`` maps every field of the source to its version; ``pins`` is a list of version
+    ids, or a {field: version} mapping for field-exact pins. Every pinned version must be in the
+    source, and every selected field must come from a pinned version.
+    """
+    if isinstance(pins, str):
+        raise ValueError(f"{where}: pin versions as a list of ids, not one string ({pins!r})")
+    pinned = dict(pins) if isinstance(pins, Mapping) else None
+    pinned_ids = set(pinned.values()) if pinned is not None else set(pins)
+    if not pinned_ids:
+        raise ValueError(f"{where}: no target versions pinned; pass the version ids the trainer was "
+                         f"configured with (the source has {sorted(set(field_versions.values()))})")
+    missing = sorted(pinned_ids - set(field_versions.values()))
+    if missing:
+        raise ValueError(f"{where}: pinned target versions {missing} are not in this source, which was made "
+                         f"from {sorted(set(field_versions.values()))}; version mismatch, refusing to read")
+    for field in fields:
+        version = field_versions.get(field)
+        if version is None:
+            continue
+        wanted = pinned.get(field, version) if pinned is not None else version
+        if version not in pinned_ids or version != wanted:
+            raise ValueError(f"{where}: field '{field}' comes from target version '{version}', which is not "
+                             f"the pinned one ({wanted if pinned is not None else sorted(pinned_ids)}); "
+                             "version mismatch, refusing to mix versions")
+
+
+# ShardStream -----------------------------------------------------------------------------------
+class ShardStream(IterableDataset):
+    """Sequential, shuffled, resumable samples of one export, split over DDP ranks and DataLoader workers.
+
+    Each epoch orders the shards by a permutation seeded with (seed, epoch), concatenates their samples,
+    cuts that sequence into one contiguous near-equal range per rank and then per worker (every sample
+    exactly once, rank sizes differ by at most one), and passes each worker's range through a seeded
+    shuffle buffer. Ranges are read sequentially by byte offset; nothing is ever unpickled.
+    """
+
+    def __init__(self, root: Root | str | None, export_id: str, versions: Sequence[str] | Mapping[str, str],
+                 fields: Sequence[str] | None = None, seed: int = 0, shuffle_shards: bool = True,
+                 shuffle_buffer: int = 0, verify: bool = False, float_dtype: str | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        self.store = ExportStore(root)
+        self.index: ExportIndex = self.store.index(export_id)
+        self.export_id = export_id
+        self.fields = list(self.index.fields) if fields is None else list(fields)
+        unknown = sorted(set(self.fields) - set(self.index.fields))
+        if unknown:
+            raise ValueError(f"export '{export_id}': no fields {unknown} (has {sorted(self.index.fields)})")
+        check_pins(f"export '{export_id}'", self.index.versions, versions, self.fields)
+        self.pins = dict(versions) if isinstance(versions, Mapping) else sorted(versions)
+        if float_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"float_dtype {float_dtype!r}: expected one of {list(FLOAT_DTYPES)}")
+        self.float_dtype, self.seed, self.verify = float_dtype, seed, verify
+        self.shuffle_shards, self.shuffle_buffer = shuffle_shards, max(0, int(shuffle_buffer))
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._consumed: dict[int, int] = {}
+        self._resume_layout: tuple[int, int] | None = None
+
+    @property
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Action/state normalisation statistics of the export (index.json "stats")."""
+        return {name: stats.model_dump() for name, stats in self.index.stats.items()}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (reshuffles shards and buffers); a new epoch starts from its beginning."""
+        if epoch != self.epoch:
+            self.epoch, self._consumed, self._resume_layout = int(epoch), {}, None
+
+    def _rank_world(self) -> tuple[int, int]:
+        detected = ddp_rank_world()
+        rank = detected[0] if self.rank is None else self.rank
+        world = detected[1] if self.world_size is None else self.world_size
+        if not 0 <= rank < world:
+            raise ValueError(f"ShardStream: rank {rank} is outside world size {world}")
+        return rank, world
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (summed over its DataLoader workers)."""
+        rank, world = self._rank_world()
+        lo, hi = balanced_range(self.index.num_samples, world, rank)
+        return hi - lo
+
+    def _consumer(self) -> Consumer:
+        rank, world = self._rank_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self._consumed and self._resume_layout is not None and self._resume_layout != (world, workers):
+            raise ValueError(f"ShardStream: state was saved with world size x workers = {self._resume_layout}, "
+                             f"resuming with {(world, workers)}; an exact resume needs the same split")
+        return Consumer(rank, world, worker, workers)
+
+    def _pieces(self, consumer: Consumer) -> list[tuple[int, int, int]]:
+        lo, hi = balanced_range(self.index.num_samples, consumer.world_size, consumer.rank)
+        w_lo, w_hi = balanced_range(hi - lo, consumer.num_workers, consumer.worker)
+        counts = [shard.samples for shard in self.index.shards]
+        order = epoch_shard_order(len(counts), self.seed, self.epoch, self.shuffle_shards)
+        return consumer_pieces(counts, order, lo + w_lo, lo + w_hi)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        consumer = self._consumer()
+        pieces = self._pieces(consumer)
+        total = sum(stop - first for _, first, stop in pieces)
+        rng = np.random.default_rng([self.seed, self.epoch, consumer.rank, consumer.worker, 1])
+        order = shuffle_buffer_order(total, self.shuffle_buffer, rng)
+        start = min(self._consumed.get(consumer.worker, 0), total)
+        self._resume_layout = (consumer.world_size, consumer.num_workers)
+        # Resuming at emission `start`: what the interrupted run had read is re-read (buffered items
+        # by random access), and sequential reading continues after it.
+        read = reads_before(start - 1, total, self.shuffle_buffer) if 0 < start < total else 0
+        buffered = self._resume_buffer(pieces, order, start, read)
+        reader = self._sequential(pieces, read)
+        for emission in range(start, total):
+            while read < reads_before(emission, total, self.shuffle_buffer):
+                position, item = next(reader)
+                assert position == read, "sequential reader out of step with the buffer plan"
+                buffered[position] = item
+                read += 1
+            clip_and_members = buffered.pop(int(order[emission]))
+            sample = self._decode(*clip_and_members, consumer, emission)
+            self._consumed[consumer.worker] = emission + 1
+            yield sample
+        reader.close()
+
+    def _locate(self, pieces: list[tuple[int, int, int]], position: int) -> tuple[int, int, int]:
+        """(piece number, shard, sample in shard) of a worker-local read position."""
+        offset = 0
+        for number, (shard, first, stop) in enumerate(pieces):
+            if position < offset + stop - first:
+                return number, shard, first + position - offset
+            offset += stop - first
+        raise IndexError(f"read position {position} is past this worker's {offset} samples")
+
+    def _sequential(self, pieces: list[tuple[int, int, int]], start: int) -> Iterator[tuple[int, Any]]:
+        """(position, (clip, members)) from worker-local read position ``start`` on, one open shard at a time."""
+        total = sum(stop - first for _, first, stop in pieces)
+        if start >= total:
+            return
+        number, _, sample = self._locate(pieces, start)
+        position = start
+        for index, (shard, first, stop) in enumerate(pieces[number:]):
+            begin = sample if index == 0 else first
+            for item in self.store.read_samples(self.index, shard, begin, stop, verify=self.verify):
+                yield position, item
+                position += 1
+
+    def _resume_buffer(self, pieces: list[tuple[int, int, int]], order: np.ndarray, start: int,
+                       read: int) -> dict[int, Any]:
+        """Items that sat in the shuffle buffer when the saved state was taken, re-read by random access."""
+        waiting = set(range(read)) - set(order[:start].tolist())
+        buffered = {}
+        for position in sorted(waiting):
+            _, shard, sample = self._locate(pieces, position)
+            buffered[position] = self.store.read_sample(self.index, shard, sample, verify=self.verify)
+        return buffered
+
+    def _decode(self, clip: int, members: list, consumer: Consumer, emission: int) -> dict[str, Any]:
+        where = f"export '{self.export_id}', clip {clip}"
+        sample = decode_sample(members, FLOAT_DTYPES[self.float_dtype], where, fields=self.fields)
+        meta = sample["meta"]
+        if meta.get("export_id") != self.export_id or meta.get("clip_index") != clip:
+            raise ValueError(f"{where}: sample metadata names export {meta.get('export_id')!r}, clip "
+                             f"{meta.get('clip_index')!r}; the shard does not belong to this export")
+        check_pins(where, meta.get("versions", {}), self.pins, self.fields)
+        missing = [f for f in self.fields if f not in sample]
+        if missing:
+            raise ValueError(f"{where}: sample has no members for fields {missing}")
+        meta["stream"] = {"epoch": self.epoch, "rank": consumer.rank, "world_size": consumer.world_size,
+                          "worker": consumer.worker, "num_workers": consumer.num_workers, "position": emission}
+        return sample
+
+    # resuming ----------------------------------------------------------------------------------
+    def note_consumed(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Record that the trainer finished with ``batch`` (collated dict, list of samples or one sample)."""
+        if isinstance(batch, Mapping):
+            metas = batch["meta"] if isinstance(batch["meta"], list) else [batch["meta"]]
+        else:
+            metas = [sample["meta"] for sample in batch]
+        for meta in metas:
+            stream = meta["stream"]
+            if stream["epoch"] != self.epoch:
+                continue
+            worker = int(stream["worker"])
+            self._consumed[worker] = max(self._consumed.get(worker, 0), int(stream["position"]) + 1)
+            self._resume_layout = (int(stream["world_size"]), int(stream["num_workers"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank stands in the current epoch (JSON-serialisable)."""
+        rank, world = self._rank_world()
+        return {"export_id": self.export_id, "seed": self.seed, "epoch": self.epoch, "rank": rank,
+                "world_size": world, "layout": list(self._resume_layout) if self._resume_layout else None,
+                "shuffle_shards": self.shuffle_shards, "shuffle_buffer": self.shuffle_buffer,
+                "consumed": {str(worker): count for worker, count in sorted(self._consumed.items())}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the samples of the epoch not consumed yet."""
+        mine = {"export_id": self.export_id, "seed": self.seed, "shuffle_shards": self.shuffle_shards,
+                "shuffle_buffer": self.shuffle_buffer}
+        differs = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if differs:
+            raise ValueError(f"ShardStream: saved state does not match this stream (saved, now): {differs}")
+        rank, world = self._rank_world()
+        if (state.get("rank"), state.get("world_size")) != (rank, world):
+            raise ValueError(f"ShardStream: state of rank {state.get('rank')}/{state.get('world_size')} "
+                             f"loaded on rank {rank}/{world}")
+        self.epoch = int(state["epoch"])
+        self._consumed = {int(worker): int(count) for worker, count in state["consumed"].items()}
+        self._resume_layout = tuple(state["layout"]) if state.get("layout") else None
+
+
+def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """DataLoader collate_fn: stack array fields into torch tensors; keep "meta" and "__key__" as lists."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [sample[name] for sample in samples]
+        if name in ("meta", "__key__") or not isinstance(values[0], np.ndarray):
+            batch[name] = values
+        else:
+            batch[name] = torch.from_numpy(np.stack(values))
+    return batch
+
+
+# ZarrClips -------------------------------------------------------------------------------------
+class ZarrClips(Dataset):
+    """Random access by clip straight over pinned target versions (no export needed).
+
+    ``versions`` pins the target versions (ids, or 'alias=id'); versions made from different upstream
+    versions are refused. Items are sample dicts (see the module docstring) with ``meta["export_id"]``
+    None and every codec 'raw'. With ``verify`` each zarr shard is re-hashed against its manifest the
+    first time one of its clips is read.
+    """
+
+    def __init__(self, root: Root | str | None, plan_id: str, versions: Sequence[str],
+                 fields: Sequence[str] | None = None, split: str | None = None, verify: bool = False,
+                 float_dtype: str | None = None, action_chunk: int = 10, action_column: str = "action",
+                 state_column: str = "state"):
+        if float_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"float_dtype {float_dtype!r}: expected one of {list(FLOAT_DTYPES)}")
+        if isinstance(versions, str) or not versions:
+            raise ValueError(f"plan '{plan_id}': pin the target versions to read as a non-empty list of ids")
+        root = ExportStore(root).root
+        sources = resolve_sources(root, plan_id, list(versions), fields, action_column, state_column)
+        self.source = ClipSource(root, plan_id, sources, action_chunk)
+        self.clips = [i for i in range(len(self.source.rows)) if split is None or self.source.split(i) == split]
+        if not self.clips:
+            raise ValueError(f"plan '{plan_id}': no clips of split '{split}'")
+        self.verify, self.float_dtype = verify, float_dtype
+        self._verified: set[tuple[str, int]] = set()
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Field -> target version id."""
+        return self.source.versions
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Action/state statistics over the episodes of this dataset's clips (like index.json "stats")."""
+        return {name: s.model_dump() for name, s in self.source.episode_stats(self.clips).items()}
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _check_shards(self, clip: int) -> None:
+        for version, reader in self.source.readers.items():
+            shard = clip // reader.manifest.shard_size
+            if (version, shard) in self._verified:
+                continue
+            problems = reader.verify([shard])
+            if problems:
+                raise ValueError(f"clip {clip}: " + "; ".join(problems))
+            self._verified.add((version, shard))
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        clip = self.clips[item]
+        if self.verify:
+            self._check_shards(clip)
+        arrays = self.source.read([clip])[0]
+        dtype = FLOAT_DTYPES[self.float_dtype]
+        for field in self.source.target_sources():
+            if dtype is not None and arrays[field].dtype.kind == "f":
+                arrays[field] = arrays[field].astype(dtype, copy=False)
+        meta = self.source.meta(clip, None)
+        meta["codecs"] = {field: "raw" for field in arrays}
+        return {"__key__": sample_key(clip), "meta": meta, **arrays}

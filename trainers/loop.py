@@ -1,0 +1,872 @@
+"""Shared training machinery for every foresight trainer.
+
+A trainer supplies a :class:`TrainTask` (the trainable model, a batch -> loss function and a held-out
+evaluation) and a resumable stream (an ``IterableDataset`` with ``state_dict``/``load_state_dict``,
+e.g. ``trainers.data.ShardStream``); :func:`fit` does the rest:
+
+- AdamW, gradient clipping, warm-up + cosine (or tri-stage) learning rate, bf16 autocast on a GPU;
+- ``runs/<run_id>/step-<N>/`` checkpoints (model, optimizer, scheduler, RNG and stream state, step,
+  resolved config, export id, target version ids), written under a temporary name and renamed once
+  complete; a checkpoint without its ``_COMPLETE`` marker does not exist; the last ``keep_last`` stay;
+- exact resume: stopping at step N and resuming gives the same losses as an uninterrupted run;
+- ``metrics.jsonl`` (one JSON line per log interval and per evaluation) and a tqdm line;
+- DDP under ``torchrun`` (each rank reads its own shards of the stream);
+- a version guard: a run refuses to resume on an export whose target versions differ from the
+  checkpoint's unless ``allow_version_change`` is set, and then records both.
+
+Exact resume with DataLoader workers: each worker batches its own samples and tags every batch with
+its stream's ``state_dict()`` taken right after the batch's last sample. The loop keeps, per worker,
+the state of the last batch it *consumed* (not merely prefetched), and which worker the DataLoader's
+round robin visits next. On resume each worker loads its own state, and the workers the round robin
+would have visited before that one yield one skip marker first, so the batch order continues exactly.
+Each worker moves its stream to the next epoch (``set_epoch``) when its part of an epoch ends, so
+batches are always full and DDP ranks never run dry.
+
+The stream protocol (ShardStream's): ``__iter__`` yields the current epoch's samples of this rank and
+worker from the current position; ``epoch`` / ``set_epoch(e)``; ``state_dict()`` /
+``load_state_dict(state)``, where a state taken inside a worker describes that worker's position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from schemas.base import StrictModel, validate
+from storage import layout
+from storage.fs import Root
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_JSON = "checkpoint.json"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
+STEP_PREFIX = "step-"
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+class OptimConfig(StrictModel):
+    """AdamW, gradient clipping and the learning-rate schedule."""
+
+    lr: float = Field(1e-4, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, description="AdamW weight decay (not applied to biases, norms, 1-d params).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, description="Max global gradient norm; 0 disables clipping.")
+    schedule: Literal["cosine", "tristage", "constant"] = Field("cosine", description="LR schedule after warm-up.")
+    warmup_steps: int = Field(100, description="Linear warm-up steps from 0 to the peak LR.")
+    min_lr_ratio: float = Field(0.0, description="Final LR as a fraction of the peak (cosine and tri-stage).")
+    hold_fraction: float = Field(0.4, description="Tri-stage: fraction of the steps held at the peak LR.")
+
+
+class LoopConfig(StrictModel):
+    """Steps, batching, devices, logging and checkpointing of one run."""
+
+    steps: int = Field(1000, description="Total optimizer steps of the run.")
+    batch_size: int = Field(8, description="Samples per step on each rank.")
+    num_workers: int = Field(2, description="DataLoader worker processes per rank (0 = read in the main process).")
+    prefetch_factor: int = Field(2, description="Batches each worker keeps ready.")
+    seed: int = Field(0, description="Seed of initialisation, dropout and noise (rank r uses seed + r).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU).")
+    log_every: int = Field(10, description="Write a metrics line every this many steps.")
+    eval_every: int = Field(0, description="Held-out evaluation every this many steps (0 = only at the end).")
+    eval_batches: int = Field(4, description="Batches per held-out evaluation.")
+    checkpoint_every: int = Field(500, description="Write step-N/ every this many steps (and at the end).")
+    keep_last: int = Field(3, description="Complete checkpoints to keep.")
+    progress: bool = Field(True, description="Show a tqdm line (rank 0, when stderr is a terminal).")
+
+
+class DataConfig(StrictModel):
+    """How a trainer reads its export (trainers.data.ShardStream options)."""
+
+    shuffle_buffer: int = Field(16, description="Samples in each worker's shuffle buffer (0 = off).")
+    shuffle_shards: bool = Field(True, description="Shuffle the shard order every epoch.")
+    verify: bool = Field(False, description="Check every sample's sha256 against index.json while reading.")
+
+
+def open_export(root: Root, export_id: str, fields: list[str], cfg: DataConfig, seed: int,
+                pins: dict[str, str] | None = None, shuffle: bool = True):
+    """A ShardStream over ``fields`` of an export, pinned to ``pins`` (default: the export's own versions).
+
+    Returns (stream, {field: version id} of the fields read that come from target versions).
+    """
+    from storage.exports import ExportStore
+    from trainers.data import ShardStream
+
+    index = ExportStore(root).index(export_id)
+    missing = [f for f in fields if f not in index.fields]
+    if missing:
+        raise ValueError(f"export '{export_id}': no fields {missing} (it has {sorted(index.fields)})")
+    versions = {f: index.versions[f] for f in fields if f in index.versions}
+    stream = ShardStream(root, export_id, pins if pins is not None else versions, fields=fields, seed=seed,
+                         shuffle_shards=cfg.shuffle_shards and shuffle,
+                         shuffle_buffer=cfg.shuffle_buffer if shuffle else 0, verify=cfg.verify)
+    return stream, versions
+
+
+def default_run_id(kind: str, identity: dict[str, Any]) -> str:
+    """``<kind>-<12 hex>`` of what defines a run (not its length): rerunning the same command resumes it."""
+    from schemas.target import content_id
+
+    return content_id(kind, identity)
+
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate schedules (callable objects, so LambdaLR stores and restores them)
+# ----------------------------------------------------------------------------------------------
+class WarmupSchedule:
+    """LR multiplier: linear warm-up, then cosine / tri-stage (hold, cosine decay) / constant."""
+
+    def __init__(self, total_steps: int, cfg: OptimConfig):
+        self.total = max(1, total_steps)
+        self.warmup = max(0, min(cfg.warmup_steps, self.total))
+        self.kind = cfg.schedule
+        self.floor = cfg.min_lr_ratio
+        self.hold = int(cfg.hold_fraction * (self.total - self.warmup)) if cfg.schedule == "tristage" else 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        decay_start = self.warmup + self.hold
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, self.total - decay_start))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (biases, norms and 1-d parameters excluded)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed + device
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_choice: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = device_choice != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return info
+
+
+def resolve_device(choice: str, info: DistInfo) -> torch.device:
+    """The torch device of this rank; ValueError when CUDA is asked for and absent."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", info.local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (on every rank); [obj] without DDP."""
+    if info.world == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the task a trainer supplies
+# ----------------------------------------------------------------------------------------------
+class TrainTask(ABC):
+    """What the loop trains: ``model`` (the trainable module), a loss and a held-out evaluation.
+
+    ``loss`` receives the model as the loop runs it (DDP-wrapped under torchrun, so call it, don't
+    reach into it) and a batch already on the device.
+    """
+
+    model: nn.Module
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Samples -> one batch (runs inside DataLoader workers). Default: stack the array fields."""
+        return default_collate(samples)
+
+    def to(self, device: torch.device) -> None:
+        """Move the model and any frozen helpers to ``device``."""
+        self.model.to(device)
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The scalar training loss of one batch."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Held-out metrics over ``batches`` (model in eval mode, no grad)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# streams: batching with per-worker state, and an in-memory stream
+# ----------------------------------------------------------------------------------------------
+class MemoryStream(IterableDataset):
+    """A resumable stream over in-memory samples, with ShardStream's protocol.
+
+    Iterating yields the current epoch's part of this rank and DataLoader worker (a seeded
+    per-epoch shuffle, split by rank then worker) from where it stopped; ``set_epoch`` selects the
+    next epoch; ``state_dict()`` (inside a worker: that worker's position) and ``load_state_dict()``
+    resume mid-epoch.
+    """
+
+    def __init__(self, samples: list[dict[str, Any]], seed: int = 0, rank: int = 0, world: int = 1):
+        self.samples = samples
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.position = 0, 0
+
+    def _part(self) -> list[int]:
+        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return order.tolist()[self.rank * workers + worker::self.world * workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        part = self._part()
+        while self.position < len(part):
+            self.position += 1
+            yield self.samples[part[self.position - 1]]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class StatefulBatches(IterableDataset):
+    """Batches of ``stream`` built inside each worker, each tagged with the worker's stream state."""
+
+    def __init__(self, stream: IterableDataset, batch_size: int, collate: Callable[[list], Any],
+                 resume: dict[str, Any] | None = None):
+        self.stream, self.batch_size, self.collate = stream, batch_size, collate
+        self.resume = resume or {}
+
+    def _worker(self) -> int:
+        info = get_worker_info()
+        return info.id if info else 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = self._worker()
+        saved = self.resume.get("workers", {}).get(str(worker))
+        if saved is not None:
+            self.stream.load_state_dict(saved)
+        if self.resume and worker < int(self.resume.get("next_worker", 0)):
+            yield {"skip": True, "worker": worker}
+        yield from self._batches(worker)
+
+    def _batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        samples: list[Any] = []
+        empty_passes = 0
+        while empty_passes < 2:  # one empty pass is an epoch that ended exactly at a batch boundary
+            empty_passes += 1
+            for sample in self.stream:
+                empty_passes = 0
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    state = self.stream.state_dict()
+                    yield {"batch": self.collate(samples), "worker": worker, "state": state}
+                    samples = []
+            self.stream.set_epoch(self.stream.epoch + 1)
+        raise ValueError(
+            f"stream {type(self.stream).__name__}: worker {worker} received no samples; use fewer "
+            f"DataLoader workers x ranks than the export has shards"
+        )
+
+
+class StreamCursor:
+    """Main-process bookkeeping of which batches were consumed, per worker, for exact resume."""
+
+    def __init__(self, num_workers: int, resume: dict[str, Any] | None):
+        self.num_workers = max(1, num_workers)
+        resume = resume or {}
+        self.workers: dict[str, Any] = dict(resume.get("workers", {}))
+        self.next_worker = int(resume.get("next_worker", 0))
+
+    def consume(self, tag: dict[str, Any]) -> None:
+        """Record that the batch tagged ``tag`` went into a training step."""
+        self.workers[str(tag["worker"])] = tag["state"]
+        self.next_worker = (tag["worker"] + 1) % self.num_workers
+
+    def state(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "workers": self.workers, "next_worker": self.next_worker}
+
+
+def batch_iterator(task: TrainTask, stream: IterableDataset, cfg: LoopConfig, pin: bool,
+                   resume: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Endless ``(batch, tag)`` pairs of ``stream``; pass each tag to ``StreamCursor.consume`` once used."""
+    if resume and int(resume.get("num_workers", 1)) != max(1, cfg.num_workers):
+        raise ValueError(
+            f"checkpoint stream state was written with {resume.get('num_workers')} DataLoader workers; "
+            f"resume with num_workers={resume.get('num_workers')} for an exact resume (got {cfg.num_workers})"
+        )
+    batches = StatefulBatches(stream, cfg.batch_size, task.collate, resume)
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+    )
+    for item in loader:
+        if not item.get("skip"):
+            yield item["batch"], {"worker": item["worker"], "state": item["state"]}
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Tensors of a nested batch moved to ``device``; everything else unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+class DevicePrefetcher:
+    """Copies batch k+1 to the GPU on a side stream while step k computes; yields ``(batch, tag)``."""
+
+    def __init__(self, batches: Iterator[tuple[Any, Any]], device: torch.device):
+        self.batches, self.device = batches, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready: Any = None
+        self._load()
+
+    def _load(self) -> None:
+        host, tag = next(self.batches)
+        if self.stream is None:
+            self.ready = (host, tag)
+            return
+        with torch.cuda.stream(self.stream):
+            self.ready = (to_device(host, self.device, non_blocking=True), tag)
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now rather than at garbage collection."""
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
+
+    def __next__(self) -> tuple[Any, Any]:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            _record_stream(self.ready[0], torch.cuda.current_stream(self.device))
+        ready = self.ready
+        self._load()
+        return ready
+
+
+def _record_stream(batch: Any, stream: torch.cuda.Stream) -> None:
+    """Tell the caching allocator the batch is used on ``stream`` (it was allocated on the copy stream)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_cuda:
+            batch.record_stream(stream)
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            _record_stream(value, stream)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            _record_stream(value, stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# run folder: checkpoints, run.json, metrics.jsonl
+# ----------------------------------------------------------------------------------------------
+class CheckpointInfo(StrictModel):
+    """checkpoint.json of one ``step-N/`` folder: what was trained on what, and the stream position."""
+
+    step: int = Field(description="Optimizer steps completed.")
+    run_id: str = Field(description="Run this checkpoint belongs to.")
+    kind: str = Field(description="Trainer kind, e.g. 'decoupler', 'action-expert', 'shallow-pi'.")
+    export_id: str | None = Field(description="Export the run read (None for in-memory data).")
+    target_versions: dict[str, str] = Field(description="Field (or role) -> target version id it was trained on.")
+    config: dict[str, Any] = Field(description="The resolved run configuration.")
+    world: int = Field(description="Number of DDP ranks that wrote the stream state.")
+    stream: dict[str, Any] = Field(description="Per-rank stream cursor (rank -> worker states).")
+    version_changes: list[dict[str, Any]] = Field(default_factory=list, description="Accepted version changes.")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Last logged train and eval metrics.")
+    files: dict[str, str] = Field(default_factory=dict, description="File name -> sha256.")
+    created: str = Field(default="", description="UTC time the checkpoint was written.")
+
+
+@dataclass
+class RunSpec:
+    """Identity of a run: where it lives and what it trains on (recorded in every checkpoint)."""
+
+    root: Root
+    run_id: str
+    kind: str
+    export_id: str | None
+    target_versions: dict[str, str]
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunDir:
+    """``runs/<run_id>/`` under a data root: complete checkpoints, run.json and metrics.jsonl."""
+
+    def __init__(self, root: Root, run_id: str):
+        self.root, self.run_id = root, run_id
+        self.rel = layout.run_dir(run_id)
+
+    def step_rel(self, step: int) -> str:
+        return f"{self.rel}/{STEP_PREFIX}{step}"
+
+    def checkpoints(self) -> list[int]:
+        """Steps of complete checkpoints, ascending (a folder without ``_COMPLETE`` does not count)."""
+        steps = []
+        for name in self.root.ls(self.rel):
+            if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
+                if self.root.exists(self.rel, name, layout.COMPLETE_MARKER):
+                    steps.append(int(name[len(STEP_PREFIX):]))
+        return sorted(steps)
+
+    def latest(self) -> int | None:
+        steps = self.checkpoints()
+        return steps[-1] if steps else None
+
+    def clear_partial(self) -> None:
+        """Remove temporary folders of checkpoints that never completed (a crash mid-write)."""
+        for name in self.root.ls(self.rel):
+            if name.startswith(".tmp-"):
+                self.root.rm(self.rel, name)
+
+    def save(self, info: CheckpointInfo, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> str:
+        """Write ``step-N/`` under a temporary name, mark it complete, then rename it into place."""
+        final = self.step_rel(info.step)
+        if self.root.exists(final, layout.COMPLETE_MARKER):
+            return final
+        tmp = f"{self.rel}/.tmp-{STEP_PREFIX}{info.step}-{uuid.uuid4().hex[:8]}"
+        blobs = {MODEL_FILE: safetensors.torch.save({k: v.contiguous() for k, v in model_state.items()}),
+                 TRAINER_FILE: _torch_bytes(trainer_state)}
+        for name, data in blobs.items():
+            self.root.write_bytes_atomic(f"{tmp}/{name}", data)
+        info.files = {name: _sha256(data) for name, data in blobs.items()}
+        info.created = _now()
+        self.root.write_json_atomic(f"{tmp}/{CHECKPOINT_JSON}", info.model_dump(mode="json"))
+        self.root.write_json_atomic(f"{tmp}/{layout.COMPLETE_MARKER}", {"step": info.step})
+        if self.root.exists(final):  # an incomplete leftover with the same name
+            self.root.rm(final)
+        self.root.rename(tmp, final)
+        return final
+
+    def info(self, step: int) -> CheckpointInfo:
+        where = f"run {self.run_id} {STEP_PREFIX}{step}/{CHECKPOINT_JSON}"
+        if not self.root.exists(self.step_rel(step), layout.COMPLETE_MARKER):
+            raise ValueError(f"run {self.run_id}: no complete checkpoint {STEP_PREFIX}{step} under {self.root.url}")
+        return validate(CheckpointInfo, self.root.read_json(self.step_rel(step), CHECKPOINT_JSON), where)
+
+    def _read_verified(self, step: int, name: str, info: CheckpointInfo) -> bytes:
+        data = self.root.read_bytes(self.step_rel(step), name)
+        if _sha256(data) != info.files.get(name):
+            raise ValueError(f"run {self.run_id} {STEP_PREFIX}{step}/{name}: sha256 does not match checkpoint.json")
+        return data
+
+    def load_model(self, step: int | None = None) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
+        """(info, model state) of checkpoint ``step`` (default: the newest complete one), checksum verified."""
+        step = self.latest() if step is None else step
+        if step is None:
+            raise ValueError(f"run {self.run_id}: no complete checkpoint under {self.root.url_of(self.rel)}")
+        info = self.info(step)
+        return info, safetensors.torch.load(self._read_verified(step, MODEL_FILE, info))
+
+    def load(self, step: int) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict[str, Any]]:
+        """(info, model state, trainer state) of a complete checkpoint; checksums verified."""
+        info, model_state = self.load_model(step)
+        data = self._read_verified(step, TRAINER_FILE, info)
+        trainer_state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return info, model_state, trainer_state
+
+    def prune(self, keep_last: int) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints."""
+        for step in self.checkpoints()[:-keep_last] if keep_last > 0 else []:
+            self.root.rm(self.step_rel(step))
+
+    def write_run_json(self, spec: RunSpec, version_changes: list[dict[str, Any]], status: str) -> None:
+        self.root.write_json_atomic(f"{self.rel}/{RUN_JSON}", {
+            "run_id": spec.run_id, "kind": spec.kind, "export_id": spec.export_id,
+            "target_versions": spec.target_versions, "config": spec.config, "extra": spec.extra,
+            "version_changes": version_changes, "status": status, "updated": _now(),
+        })
+
+    def read_run_json(self) -> dict[str, Any]:
+        if not self.root.exists(self.rel, RUN_JSON):
+            raise ValueError(f"run {self.run_id}: no {RUN_JSON} under {self.root.url_of(self.rel)}")
+        return self.root.read_json(self.rel, RUN_JSON)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object a line; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, run: RunDir, enabled: bool, resume_step: int):
+        self.run, self.enabled = run, enabled
+        self.rel = f"{run.rel}/{METRICS}"
+        self.lines: list[str] = []
+        if enabled and run.root.exists(self.rel):
+            kept = [line for line in run.root.read_bytes(self.rel).decode().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.lines = kept
+            run.root.write_bytes_atomic(self.rel, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record, sort_keys=True)
+        self.lines.append(line)
+        if self.run.root.is_local:
+            with open(self.run.root.path(self.rel), "a") as handle:
+                handle.write(line + "\n")
+        else:  # object stores cannot append: republish the (small) file
+            self.run.root.write_bytes_atomic(self.rel, "".join(x + "\n" for x in self.lines).encode())
+
+
+def read_metrics(root: Root, run_id: str) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl."""
+    rel = f"{layout.run_dir(run_id)}/{METRICS}"
+    if not root.exists(rel):
+        return []
+    return [json.loads(line) for line in root.read_bytes(rel).decode().splitlines() if line.strip()]
+
+
+def check_versions(saved: CheckpointInfo, spec: RunSpec, allow_change: bool) -> list[dict[str, Any]]:
+    """The version guard: refuse to resume on other target versions unless allowed; return the change log."""
+    if saved.target_versions == spec.target_versions:
+        return list(saved.version_changes)
+    if not allow_change:
+        changed = sorted(k for k in set(saved.target_versions) | set(spec.target_versions)
+                         if saved.target_versions.get(k) != spec.target_versions.get(k))
+        detail = ", ".join(f"{k}: {saved.target_versions.get(k)} -> {spec.target_versions.get(k)}" for k in changed)
+        raise ValueError(
+            f"run {spec.run_id}: {STEP_PREFIX}{saved.step} was trained on export {saved.export_id}, export "
+            f"{spec.export_id} has other target versions ({detail}); pass --allow-version-change to "
+            f"continue and record both"
+        )
+    change = {"step": saved.step, "from_export": saved.export_id, "from_versions": saved.target_versions,
+              "to_export": spec.export_id, "to_versions": spec.target_versions, "at": _now()}
+    log.warning("run %s: continuing on changed target versions (recorded): %s", spec.run_id, change)
+    return list(saved.version_changes) + [change]
+
+
+# ----------------------------------------------------------------------------------------------
+# one rank's trainer
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    """Model (DDP-wrapped under torchrun), AdamW, LR schedule and the training step of one rank."""
+
+    def __init__(self, task: TrainTask, loop: LoopConfig, optim: OptimConfig, info: DistInfo, device: torch.device):
+        self.task, self.loop, self.optim_cfg, self.info, self.device = task, loop, optim, info, device
+        task.to(device)
+        self.model: nn.Module = task.model
+        if info.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(task.model, device_ids=ids)
+        self.optimizer = build_optimizer(task.model, optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupSchedule(loop.steps, optim))
+        self.autocast = device.type == "cuda" and loop.bf16
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
+        self.step = 0
+
+    def autocast_context(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def train_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a device batch; returns (loss, grad norm) as device tensors (no sync)."""
+        self.model.train()
+        with self.autocast_context():
+            loss = self.task.loss(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss.detach().float(), grad_norm.detach().float()
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
+        """The task's held-out metrics (eval mode, autocast as in training), averaged over ranks."""
+        self.task.model.eval()
+        with self.autocast_context():
+            metrics = self.task.evaluate(self.task.model, batches)
+        self.task.model.train()
+        if self.info.world > 1:
+            keys = sorted(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(values)
+            metrics = dict(zip(keys, (values / self.info.world).tolist()))
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state(self, model_state: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.task.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a pure function of the step and the current config (a longer --steps stretches it).
+        schedule = WarmupSchedule(self.loop.steps, self.optim_cfg)
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        self.step = int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# fit: the whole run
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    """What a finished run reports."""
+
+    run_id: str
+    step: int
+    resumed_from: int | None
+    train: dict[str, float]
+    eval: dict[str, float]
+    checkpoint: str | None
+
+
+@dataclass
+class _Resume:
+    step: int = 0
+    stream: dict[str, Any] | None = None
+    version_changes: list[dict[str, Any]] = field(default_factory=list)
+    from_step: int | None = None
+
+
+def _restore(trainer: Trainer, run: RunDir, spec: RunSpec, allow_change: bool) -> _Resume:
+    """Load the newest complete checkpoint of the run (if any) into the trainer; apply the version guard."""
+    latest = run.latest()
+    if latest is None:
+        return _Resume()
+    info, model_state, state = run.load(latest)
+    if info.world != trainer.info.world:
+        raise ValueError(
+            f"run {spec.run_id}: {STEP_PREFIX}{latest} was written by {info.world} ranks; resume with the same "
+            f"number of ranks ({trainer.info.world} now) so every rank continues its own shards"
+        )
+    changes = check_versions(info, spec, allow_change)
+    trainer.load_state(model_state, state)
+    rank = str(trainer.info.rank)
+    _set_rng_state(state["rng"][rank])
+    stream_state = None
+    if info.export_id == spec.export_id:
+        stream_state = info.stream.get(rank)
+    else:  # another export has other shards: its positions mean nothing here, start it afresh
+        log.warning("run %s: export changed (%s -> %s); the stream starts from the beginning",
+                    spec.run_id, info.export_id, spec.export_id)
+    log.info("run %s: resumed from %s%d", spec.run_id, STEP_PREFIX, latest)
+    return _Resume(step=latest, stream=stream_state, version_changes=changes, from_step=latest)
+
+
+def _save(trainer: Trainer, run: RunDir, spec: RunSpec, cursor: StreamCursor, resume: _Resume,
+          metrics: dict[str, Any]) -> str | None:
+    """Gather every rank's stream cursor and RNG state; rank 0 writes the checkpoint."""
+    streams = _gather(cursor.state(), trainer.info)
+    rngs = _gather(_rng_state(), trainer.info)
+    path = None
+    if trainer.info.is_main:
+        info = CheckpointInfo(
+            step=trainer.step, run_id=spec.run_id, kind=spec.kind, export_id=spec.export_id,
+            target_versions=spec.target_versions, config=spec.config, world=trainer.info.world,
+            stream={str(r): s for r, s in enumerate(streams)}, version_changes=resume.version_changes,
+            metrics=metrics,
+        )
+        state = trainer.state() | {"rng": {str(r): s for r, s in enumerate(rngs)}}
+        path = run.save(info, trainer.task.model.state_dict(), state)
+        run.prune(trainer.loop.keep_last)
+    if trainer.info.world > 1:
+        dist.barrier()
+    return path
+
+
+def _eval_batches(task: TrainTask, stream: IterableDataset, initial: dict[str, Any], cfg: LoopConfig,
+                  device: torch.device) -> Iterator[Any]:
+    """Up to ``eval_batches`` batches of one epoch of the held-out stream, the same ones every time."""
+    stream.load_state_dict(initial)
+    samples: list[Any] = []
+    batches = 0
+    for sample in stream:
+        samples.append(sample)
+        if len(samples) == cfg.batch_size:
+            yield to_device(task.collate(samples), device)
+            samples, batches = [], batches + 1
+            if batches == cfg.eval_batches:
+                return
+    if samples:
+        yield to_device(task.collate(samples), device)
+
+
+class _Progress:
+    """A tqdm line on rank 0 when enabled and stderr is a terminal."""
+
+    def __init__(self, cfg: LoopConfig, info: DistInfo, start: int, desc: str):
+        import sys
+
+        from tqdm import tqdm
+
+        enabled = cfg.progress and info.is_main and sys.stderr.isatty() and not os.environ.get("FORESIGHT_QUIET")
+        self.bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, disable=not enabled)
+
+    def update(self, metrics: dict[str, float] | None) -> None:
+        self.bar.update(1)
+        if metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.2e}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _interval_metrics(trainer: Trainer, pending: list[tuple[torch.Tensor, torch.Tensor]], elapsed: float) -> dict:
+    """Mean loss / grad norm of the steps since the last log line (averaged over ranks); one sync."""
+    stacked = torch.stack([torch.stack(pair) for pair in pending]).mean(0)
+    if trainer.info.world > 1:
+        dist.all_reduce(stacked)
+        stacked /= trainer.info.world
+    loss, grad_norm = stacked.tolist()
+    if not math.isfinite(loss):
+        raise ValueError(f"training diverged: loss is {loss} at step {trainer.step}")
+    samples = len(pending) * trainer.loop.batch_size * trainer.info.world
+    return {"step": trainer.step, "split": "train", "loss": loss, "grad_norm": grad_norm,
+            "lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": samples / max(elapsed, 1e-9)}
+
+
+def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfig, optim: OptimConfig,
+        eval_stream: IterableDataset | None = None, allow_version_change: bool = False,
+        stop_at: int | None = None) -> FitResult:
+    """Train ``task`` on ``stream`` for ``loop.steps`` steps, resuming the run's newest complete checkpoint.
+
+    ``stop_at`` ends this invocation early at that step (with a checkpoint), as a preempted job
+    would; running again resumes there with the same schedule. Every rank builds its own ``stream``
+    (ShardStream splits shards by rank); ``eval_stream`` is the held-out split.
+    """
+    info = init_distributed(loop.device)
+    device = resolve_device(loop.device, info)
+    seed_everything(loop.seed + info.rank)
+    trainer = Trainer(task, loop, optim, info, device)
+    run = RunDir(spec.root, spec.run_id)
+    if info.is_main:
+        run.clear_partial()
+    resume = _restore(trainer, run, spec, allow_version_change)
+    if info.is_main:
+        run.write_run_json(spec, resume.version_changes, status="running")
+    metrics_log = MetricsLog(run, info.is_main, resume.step)
+    end = min(loop.steps, stop_at) if stop_at is not None else loop.steps
+    if trainer.step >= end:
+        return FitResult(spec.run_id, trainer.step, resume.from_step, {}, {}, run.step_rel(trainer.step))
+    eval_initial = eval_stream.state_dict() if eval_stream is not None else None
+    cursor = StreamCursor(loop.num_workers, resume.stream)
+    batches = DevicePrefetcher(batch_iterator(task, stream, loop, device.type == "cuda", resume.stream), device)
+    progress = _Progress(loop, info, trainer.step, spec.kind)
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    checkpoint = None
+    tick = time.perf_counter()
+    while trainer.step < end:
+        batch, tag = next(batches)
+        cursor.consume(tag)
+        pending.append(trainer.train_step(batch))
+        final = trainer.step == end
+        logged = None
+        if trainer.step % loop.log_every == 0 or final:
+            logged = last_train = _interval_metrics(trainer, pending, time.perf_counter() - tick)
+            metrics_log.write(logged)
+            pending, tick = [], time.perf_counter()
+        if eval_stream is not None and ((loop.eval_every and trainer.step % loop.eval_every == 0) or final):
+            last_eval = trainer.evaluate(_eval_batches(task, eval_stream, eval_initial, loop, device))
+            metrics_log.write({"step": trainer.step, "split": "val", **last_eval})
+        if trainer.step % loop.checkpoint_every == 0 or final:
+            checkpoint = _save(trainer, run, spec, cursor, resume, {"train": last_train, "eval": last_eval})
+        progress.update(logged)
+    progress.close()
+    batches.close()
+    if info.is_main:
+        run.write_run_json(spec, resume.version_changes, status="finished" if end == loop.steps else "stopped")
+    return FitResult(spec.run_id, trainer.step, resume.from_step, last_train, last_eval, checkpoint)

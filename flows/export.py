@@ -130,27 +130,40 @@ def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
     store = ExportStore(root_url)
     recipe = export_recipe(root_url, config)
     export_id = recipe.export_id()
-    skipped = store.exists(export_id)
-    if not skipped:
-        build = plan_export(root_url, recipe)
-        store.begin(build)
-        futures = [write_shard_task.submit(root_url, export_id, i, config.read_batch)
-                   for i in store.pending_shards(export_id)]
-        for future in futures:
-            future.result()
-        store.finalize(export_id, timings={"export_s": time.perf_counter() - started})
-    index = store.index(export_id)
-    if not skipped:
-        lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[config.plan, *index.version_ids],
-                     outputs=[export_id], facets={"codec": recipe.codec, "samples": index.num_samples})
+    done = existing_export(root_url, export_id)
+    if done is not None:
+        return done
+    store.begin(plan_export(root_url, recipe))
+    futures = [write_shard_task.submit(root_url, export_id, i, config.read_batch)
+               for i in store.pending_shards(export_id)]
+    for future in futures:
+        future.result()
+    index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started})
+    lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[config.plan, *index.version_ids],
+                 outputs=[export_id], facets={"codec": recipe.codec, "samples": index.num_samples})
     return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
-                        num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=skipped)
+                        num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=False)
+
+
+def existing_export(root_url: str, export_id: str) -> ExportResult | None:
+    """The result for an export that is already complete, else None."""
+    store = ExportStore(root_url)
+    if not store.exists(export_id):
+        return None
+    index = store.index(export_id)
+    return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
+                        num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=True)
 
 
 def run_export(root: str | None, config: ExportConfig) -> ExportResult:
-    """Run the export flow with ``config.workers`` threads on Prefect's embedded API."""
+    """Check the inputs, then run the export flow with ``config.workers`` threads on Prefect's
+    embedded API; a finished export returns without starting Prefect."""
     from flows.runtime import RunnerChoice, run_flow
 
     data_root = open_root(root)
+    # Resolving first gives bad inputs a one-line error and finished exports an instant answer.
+    done = existing_export(data_root.url, export_recipe(data_root.url, config).export_id())
+    if done is not None:
+        return done
     choice = RunnerChoice(workers=config.workers)
     return run_flow(export_flow, choice, data_root, root_url=data_root.url, config=config)

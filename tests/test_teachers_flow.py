@@ -133,17 +133,25 @@ def test_cli_runs_da3_and_reports_the_version(world):
     assert again.exit_code == 0 and "already complete" in again.output
 
 
-def test_cli_errors_are_one_line(world):
-    root, video, _, _ = world
+@pytest.mark.parametrize("argv, expected", [
+    (["--video", "video-000000000000"], "video version 'video-000000000000': not found"),
+    (["--settings", "{\"bogus\": 1}"], "unknown key 'bogus'"),
+    (["--settings", "[1]"], "--settings: expected a JSON object"),
+    (["--model", "weights.pt"], "model spec 'weights.pt'"),
+    (["--dtype", "int8"], "dtype"),
+])
+def test_cli_errors_are_one_line(world, monkeypatch, capsys, argv, expected):
     from flows.cli import main
 
-    for argv, expected in [(["--video", "video-000000000000"], "not found"),
-                           (["--video", video, "--settings", "{\"bogus\": 1}"], "unknown key 'bogus'")]:
-        command = [sys.executable, "-c", "from flows.cli import main; main()", "teachers", "--teacher", "dinov2",
-                   "--model", "tiny", "--root", root, *argv]
-        run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert run.returncode == 1 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr
-    assert main is not None
+    root, video, _, _ = world
+    base = {"--video": video, "--teacher": "dinov2", "--model": "tiny", "--root": root}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    monkeypatch.setattr(sys, "argv", ["foresight", "teachers", *[x for kv in base.items() for x in kv]])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1 and expected in stderr and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
 def test_new_version_when_teacher_weights_or_settings_change(world, tmp_path):
@@ -172,6 +180,14 @@ def test_new_version_when_teacher_weights_or_settings_change(world, tmp_path):
     assert version("dinov2", f"dir:{tmp_path / 'copy'}") == others[1]
 
 
+def running_prefect_api() -> dict[str, str]:
+    """The API of the Prefect server this process already started (saves the child a server start)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    return {"PREFECT_API_URL": server.api_url} if server is not None and server.running else {}
+
+
 CRASH = """
 import os, signal, sys
 from storage.targets import TargetWriter
@@ -187,7 +203,7 @@ main()
 """
 
 
-def test_resume_after_sigkill(world, tmp_path):
+def test_resume_after_sigkill(world, dinov2_version, tmp_path):
     _, _, frames, observed = world
     root = str(tmp_path / "root")
     write_episodes_and_plan(root)
@@ -195,7 +211,7 @@ def test_resume_after_sigkill(world, tmp_path):
     command = [sys.executable, "-c", CRASH, "teachers", "--video", video, "--teacher", "dinov2", "--model", "tiny",
                "--batch", "2", "--writers", "1", "--root", root]
     killed = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO), **running_prefect_api()})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     store = TargetStore(root)
     (version,) = store.ids("teacher")

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -23,7 +24,7 @@ from schemas.base import StrictModel, validate
 from storage.fs import Root
 from trainers.decoupler import ONESTEP, load_decoupler, teacher_of
 from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
-                           TrainTask, default_run_id, fit, open_export, seed_everything)
+                           TrainTask, default_run_id, fit, open_export, seed_everything, to_device)
 from trainers.models.decoupler import Decoupler, ModelSize
 from trainers.models.policy import ActionExpert, NormMode, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
@@ -253,3 +254,24 @@ def action_stats(stats: dict[str, dict[str, Any]], export_id: str) -> dict[str, 
     if "actions" not in stats:
         raise ValueError(f"export '{export_id}': index.json has no 'actions' statistics (has {sorted(stats)})")
     return stats["actions"]
+
+
+@torch.no_grad()
+def predict_actions(task: ActionExpertTask, sample: dict[str, Any], device: torch.device, seed: int = 0) -> np.ndarray:
+    """One raw action chunk (chunk, action_dim) for one observation (a sample dict), float32."""
+    task.to(device)
+    task.model.eval()
+    batch = to_device(task.collate([_with_dummy_actions(sample, task.model.policy.cfg)]), device)
+    generator = torch.Generator().manual_seed(seed)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        actions = task.model.predict(task.tokens(batch), batch["text"], generator)
+    return actions[0].float().cpu().numpy()
+
+
+def _with_dummy_actions(sample: dict[str, Any], policy: PolicyConfig) -> dict[str, Any]:
+    """An observation needs no actions; collate wants the keys, so absent ones become zeros."""
+    filled = dict(sample)
+    filled.setdefault("actions", np.zeros((policy.chunk, policy.action_dim), dtype=np.float32))
+    filled.setdefault("actions_mask", np.ones(policy.chunk, dtype=bool))
+    return filled

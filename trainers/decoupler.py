@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -151,3 +152,18 @@ def train_decoupler(root: Root, export_id: str, cfg: DecouplerRunConfig, run_id:
     log.info("decoupler '%s': %d parameters, run %s", cfg.teacher, sum(p.numel() for p in task.model.parameters()),
              spec.run_id)
     return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
+
+
+@torch.no_grad()
+def predict_maps(model: Decoupler, sample: dict[str, Any], teacher: str, device: torch.device) -> np.ndarray:
+    """The decoupler's (T, h, w, C_teacher) prediction for one sample dict, float32."""
+    model.to(device).eval()
+    onestep = torch.from_numpy(np.asarray(sample[ONESTEP]))[None].to(device)
+    reference = torch.from_numpy(np.asarray(sample[f"{teacher}.reference"]))[None].to(device)
+    return model(onestep, reference)[0].float().cpu().numpy()
+
+
+def sample_map_metrics(pred_THWC: np.ndarray, target_THWC: np.ndarray) -> dict[str, float]:
+    """Cosine, relative L2 and MSE of one predicted map to its teacher target."""
+    metrics = map_metrics(torch.from_numpy(pred_THWC)[None], torch.from_numpy(np.asarray(target_THWC))[None])
+    return {name: float(value[0]) for name, value in metrics.items()}

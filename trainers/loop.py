@@ -100,6 +100,35 @@ class LoopConfig(StrictModel):
     progress: bool = Field(True, description="Show a tqdm line (rank 0, when stderr is a terminal).")
 
 
+def load_config(model: type[StrictModel], path: str | os.PathLike[str] | None,
+                overrides: dict[str, Any] | None = None) -> Any:
+    """A run config from a TOML file (any subset of the model's keys) with CLI ``overrides`` applied on top.
+
+    ``overrides`` maps dotted keys to values (``{"loop.steps": 100}``); None values are skipped.
+    Unknown keys are errors naming the key and the file.
+    """
+    import tomllib
+
+    data: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        where = str(path)
+        with open(path, "rb") as handle:
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path}: not valid TOML ({err})") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return validate(model, data, where)
+
+
 class DataConfig(StrictModel):
     """How a trainer reads its export (trainers.data.ShardStream options)."""
 
@@ -126,6 +155,32 @@ def open_export(root: Root, export_id: str, fields: list[str], cfg: DataConfig, 
                          shuffle_shards=cfg.shuffle_shards and shuffle,
                          shuffle_buffer=cfg.shuffle_buffer if shuffle else 0, verify=cfg.verify)
     return stream, versions
+
+
+def export_sample(root: Root, export_id: str, fields: list[str], clip: int | None = None,
+                  verify: bool = True) -> dict[str, Any]:
+    """One decoded sample of an export by plan row ``clip`` (default: the export's first sample)."""
+    from pipelines.export import decode_sample
+    from storage.exports import ExportStore
+
+    store = ExportStore(root)
+    index = store.index(export_id)
+    for shard_position, shard in enumerate(index.shards):
+        for position, shard_clip in enumerate(shard.clips):
+            if clip is None or shard_clip == clip:
+                _, members = store.read_sample(index, shard_position, position, verify=verify)
+                where = f"export '{export_id}', clip {shard_clip}"
+                return decode_sample(members, None, where, fields=fields)
+    raise ValueError(f"export '{export_id}': no sample of clip {clip} (it has {index.num_samples} samples)")
+
+
+def check_sample_versions(sample: dict[str, Any], trained: dict[str, str], allow_change: bool, where: str) -> None:
+    """Refuse to run a model on fields of other target versions than it was trained on (unless allowed)."""
+    given = sample["meta"].get("versions", {})
+    changed = {f: (v, given.get(f)) for f, v in trained.items() if f in given and given[f] != v}
+    if changed and not allow_change:
+        raise ValueError(f"{where}: sample fields come from other target versions than the run was trained on "
+                         f"(field: trained, given) {changed}; pass --allow-version-change to use them anyway")
 
 
 def default_run_id(kind: str, identity: dict[str, Any]) -> str:
@@ -817,6 +872,15 @@ def _interval_metrics(trainer: Trainer, pending: list[tuple[torch.Tensor, torch.
             "lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": samples / max(elapsed, 1e-9)}
 
 
+def _emit_lineage(spec: RunSpec, step: int, status: str, metrics: dict[str, Any]) -> None:
+    """A lineage event: this run (output) was trained on this export and these versions (inputs)."""
+    from storage import lineage
+
+    inputs = ([spec.export_id] if spec.export_id else []) + sorted(set(spec.target_versions.values()))
+    lineage.emit(spec.root, f"train.{spec.kind}", spec.run_id, inputs=inputs, outputs=[spec.run_id],
+                 facets={"step": step, "status": status, "metrics": metrics})
+
+
 def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfig, optim: OptimConfig,
         eval_stream: IterableDataset | None = None, allow_version_change: bool = False,
         stop_at: int | None = None) -> FitResult:
@@ -868,5 +932,7 @@ def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfi
     progress.close()
     batches.close()
     if info.is_main:
-        run.write_run_json(spec, resume.version_changes, status="finished" if end == loop.steps else "stopped")
+        status = "finished" if end == loop.steps else "stopped"
+        run.write_run_json(spec, resume.version_changes, status=status)
+        _emit_lineage(spec, trainer.step, status, last_train | last_eval)
     return FitResult(spec.run_id, trainer.step, resume.from_step, last_train, last_eval, checkpoint)

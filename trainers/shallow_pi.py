@@ -23,13 +23,20 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
+from torch.utils.data import default_collate
 
 from pipelines import pi0
+from schemas.base import StrictModel
+from storage.fs import Root
+from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
+                           TrainTask, default_run_id, fit, open_export, seed_everything)
 
 log = logging.getLogger(__name__)
 
@@ -210,3 +217,220 @@ def augment_images(images_BNHWC: torch.Tensor, crop_scale: float = 0.9, jitter: 
             img = (img - img.mean()) * contrast + img.mean() + brightness * 255.0
             out[b, c] = img.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
     return out
+
+
+# ----------------------------------------------------------------------------- the trainer
+KIND = "shallow-pi"
+INPUT_ARRAYS = ("images", "text_ids", "text_mask", "state", "actions", "action_mask")
+PAIR_ARRAYS = ("noise_seed", "velocity")
+ATTN_ARRAYS = ("attn", "attn_layers")
+
+
+class ShallowPiRunConfig(StrictModel):
+    """Everything that defines a Shallow-π run (``--config run.toml`` holds any subset of it)."""
+
+    teacher: str = Field("tiny", description="π0 teacher spec (hf:, dir:, random, tiny); the student is cut from it.")
+    tiny_layers: int = Field(4, ge=1, description="Depth of the `tiny` teacher (must match the targets' teacher).")
+    layers: int = Field(6, ge=1, description="L_S: student depth of both stacks.")
+    online: bool = Field(False, description="Run the teacher now on the same (augmented) inputs instead of "
+                                            "reading cached targets.")
+    augment: bool | None = Field(None, description="Image augmentation (default: on when online; offline "
+                                                   "refuses it, the cached targets saw unaugmented images).")
+    lambda_kd: float = Field(1.0, ge=0, description="Weight of L_kd (velocity distillation).")
+    lambda_attn: float = Field(1.0, ge=0, description="Weight of L_attn (action->VL attention KL).")
+    attn_layers: list[int] | None = Field(None, description="Student layers whose attention is distilled "
+                                                            "(default: the middle ones, not first/last).")
+    field_prefix: str = Field("pi0", description="Export field prefix of the pi0 version ('pi0' unless aliased).")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=1e-4, grad_clip=1.0,
+                                                                   warmup_steps=100))
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @property
+    def augments(self) -> bool:
+        return self.online if self.augment is None else self.augment
+
+    def student_attn_layers(self) -> list[int]:
+        """Student layers of L_attn (empty when lambda_attn is 0 or the student has no middle layers)."""
+        if self.lambda_attn == 0:
+            return []
+        layers = middle_layers(self.layers) if self.attn_layers is None else sorted(set(self.attn_layers))
+        if any(not 0 <= i < self.layers for i in layers):
+            raise ValueError(f"attn layers {layers}: the student has layers 0..{self.layers - 1}")
+        return layers
+
+    def fields(self) -> list[str]:
+        """Export fields this run reads."""
+        names = list(INPUT_ARRAYS)
+        if not self.online:
+            names += list(PAIR_ARRAYS) + (list(ATTN_ARRAYS) if self.student_attn_layers() else [])
+        return [f"{self.field_prefix}.{name}" for name in names]
+
+
+class ShallowPiTask(TrainTask):
+    """Batch of pi0 samples -> L_task + lambda_kd L_kd + lambda_attn L_attn of the student."""
+
+    def __init__(self, student: Any, teacher: Any | None, layer_map: list[int], cfg: ShallowPiRunConfig):
+        self.model, self.teacher, self.layer_map, self.cfg = student, teacher, layer_map, cfg
+        self.student_layers = cfg.student_attn_layers()
+        self.teacher_layers = [layer_map[i] for i in self.student_layers]
+        self.prefix = f"{cfg.field_prefix}."
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack the pi0 arrays under their short names, plus a per-sample evaluation seed."""
+        rows = [{name[len(self.prefix):]: value for name, value in sample.items() if name.startswith(self.prefix)}
+                for sample in samples]
+        batch = default_collate(rows)
+        keys = [str(sample.get("__key__", i)) for i, sample in enumerate(samples)]
+        batch["eval_seed"] = torch.tensor([pi0.sample_seed("shallow-pi-eval", key) for key in keys])
+        return batch
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+
+    def targets(self, batch_arrays: dict[str, torch.Tensor], batch: pi0.Pi0Batch, pair_index: np.ndarray | None,
+                noise_seeds: np.ndarray | None) -> StepTargets:
+        """Offline (cached pair ``pair_index``) or online (teacher now, pairs from ``noise_seeds``) targets."""
+        device = batch.actions.device
+        if not self.cfg.online:
+            return offline_targets(batch_arrays, pair_index, self.teacher_layers, device)
+        t_B = torch.from_numpy(pi0.pair_times(noise_seeds)).to(device)
+        noise_BAD = pi0.noise_from_seeds(noise_seeds, *batch.actions.shape[-2:]).to(device)
+        return online_targets(self.teacher, batch, t_B, noise_BAD, self.teacher_layers)
+
+    def model_batch(self, batch_arrays: dict[str, torch.Tensor], augment: bool) -> pi0.Pi0Batch:
+        arrays = dict(batch_arrays)
+        if augment:
+            arrays["images"] = augment_images(arrays["images"])
+        parameter = next(self.model.parameters())
+        return pi0.make_batch(arrays, self.model.config, parameter.device, parameter.dtype)
+
+    def losses(self, model: Any, batch_arrays: dict[str, torch.Tensor], augment: bool,
+               pair_index: np.ndarray | None, noise_seeds: np.ndarray | None) -> dict[str, torch.Tensor]:
+        batch = self.model_batch(batch_arrays, augment)
+        targets = self.targets(batch_arrays, batch, pair_index, noise_seeds)
+        return distill_losses(model, batch, targets, self.student_layers, self.cfg.lambda_kd, self.cfg.lambda_attn)
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        size = batch["actions"].shape[0]
+        if self.cfg.online:
+            losses = self.losses(model, batch, self.cfg.augments, None, draw_noise_seeds(size))
+        else:
+            losses = self.losses(model, batch, False, draw_pair_index(size, batch["noise_seed"].shape[1]), None)
+        log.debug("step losses: %s", {k: round(v.item(), 6) for k, v in losses.items()})
+        return losses["total"]
+
+    def evaluate(self, model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Held-out losses at fixed pairs (cached pair 0, or seeds from the sample keys) and the
+        masked MSE of a full 10-step action chunk to the ground-truth actions."""
+        sums: dict[str, float] = {}
+        count = 0
+        for arrays in batches:
+            size = arrays["actions"].shape[0]
+            seeds = arrays["eval_seed"].cpu().numpy()
+            losses = self.losses(model, arrays, False, np.zeros(size, dtype=np.int64), seeds)
+            losses["action_mse"] = self.chunk_mse(model, arrays, seeds)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * size
+            count += size
+        if count == 0:
+            raise ValueError("shallow-pi: the held-out stream gave no samples")
+        return {name: total / count for name, total in sums.items()}
+
+    def chunk_mse(self, model: Any, arrays: dict[str, torch.Tensor], seeds: np.ndarray) -> torch.Tensor:
+        batch = self.model_batch(arrays, augment=False)
+        noise = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions)
+        chunk = pi0.unwrap(model).sample_actions(
+            state=batch.state, input_ids=batch.input_ids, pixel_values=batch.pixel_values, noise=noise,
+            attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask)
+        return masked_mse(chunk, batch.actions, batch.action_mask)
+
+
+def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity: Any, online: bool) -> None:
+    """Refuse cached targets made by another teacher than the one the student is cut from."""
+    if online:
+        return
+    from storage.targets import TargetStore
+
+    store = TargetStore(root)
+    for version in sorted(set(versions.values())):
+        if store.status(version) is None:
+            log.warning("target version %s is not in this root: its teacher identity is not checked", version)
+            continue
+        model = store.manifest(version).recipe.model
+        if model is None or model.key() != identity.key():
+            made_by = model.spec if model is not None else "no model"
+            raise ValueError(f"target version '{version}' was made by teacher {made_by!r}, not by "
+                             f"{identity.spec!r}; distil from the teacher that made the targets")
+
+
+def freeze_unused(student: Any) -> None:
+    """The expert's token embedding is never used (π0 feeds it action embeddings): freeze it, so
+    AdamW does not decay it and DDP does not wait for its gradient."""
+    student.model.dit.embed_tokens.weight.requires_grad_(False)
+
+
+def teacher_device(cfg: ShallowPiRunConfig) -> str:
+    """Where the teacher is initialised (``random`` weights depend on it; see pipelines.pi0.load_pi0)."""
+    wants_cuda = cfg.loop.device == "cuda" or (cfg.loop.device == "auto" and torch.cuda.is_available())
+    return "cuda" if wants_cuda else "cpu"
+
+
+def run_config_record(cfg: ShallowPiRunConfig, student: Any, layer_map: list[int], identity: Any) -> dict[str, Any]:
+    """The resolved config stored with every checkpoint (enough to rebuild the student)."""
+    return {"run": cfg.model_dump(mode="json"), "student_config": student.config.to_dict(),
+            "layer_map": layer_map, "teacher": identity.model_dump(mode="json"),
+            "attn_student_layers": cfg.student_attn_layers()}
+
+
+def train_shallow_pi(root: Root, export_id: str, cfg: ShallowPiRunConfig, run_id: str | None = None,
+                     eval_export: str | None = None, allow_version_change: bool = False,
+                     stop_at: int | None = None) -> FitResult:
+    """Train (or resume) a Shallow-π student on a pi0 export, offline or with the teacher online."""
+    if cfg.augments and not cfg.online:
+        raise ValueError("augmentation needs --online: the cached targets were computed on unaugmented images")
+    fields = cfg.fields()
+    stream, versions = open_export(root, export_id, fields, cfg.data, cfg.loop.seed)
+    eval_stream = None
+    if eval_export:
+        eval_stream, _ = open_export(root, eval_export, fields, cfg.data, cfg.loop.seed, pins=versions,
+                                     shuffle=False)
+    loaded = pi0.load_pi0(cfg.teacher, teacher_device(cfg), "float32", cfg.tiny_layers)
+    check_teacher_matches_targets(root, versions, loaded.identity, cfg.online)
+    seed_everything(cfg.loop.seed)
+    student, layer_map = build_student(loaded.model, cfg.layers)
+    freeze_unused(student)
+    pi0.use_eager_expert(student)
+    teacher = loaded.model.requires_grad_(False).eval() if cfg.online else None
+    task = ShallowPiTask(student, teacher, layer_map, cfg)
+    if cfg.lambda_attn > 0 and not task.student_layers:
+        log.warning("a %d-layer student has no middle layers: L_attn is off (pass attn_layers to choose some)",
+                    cfg.layers)
+    config = run_config_record(cfg, student, layer_map, loaded.identity)
+    identity = {"export": export_id, "teacher": loaded.identity.key(), "run": {
+        k: config["run"][k] for k in ("layers", "online", "augment", "lambda_kd", "lambda_attn", "attn_layers")},
+        "optim": config["run"]["optim"], "seed": cfg.loop.seed, "batch": cfg.loop.batch_size}
+    spec = RunSpec(root, run_id or default_run_id(KIND, identity), KIND, export_id, versions, config,
+                   extra={"eval_export": eval_export})
+    log.info("Shallow-π run %s: %d -> %d layers (map %s), %s, L_attn at student layers %s",
+             spec.run_id, pi0.num_layers(loaded.model), cfg.layers, layer_map,
+             "online" if cfg.online else "offline", task.student_layers)
+    return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
+
+
+def load_student(root: Root, run_id: str, step: int | None = None) -> tuple[Any, CheckpointInfo]:
+    """A trained Shallow-π student (eval mode) and its checkpoint record, from ``runs/<run_id>/step-N``."""
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    info, state = RunDir(root, run_id).load_model(step)
+    if info.kind != KIND:
+        raise ValueError(f"run {run_id}: is a '{info.kind}' run, not a {KIND} run")
+    student = PI0ForConditionalGeneration(PI0Config.from_dict(info.config["student_config"]))
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"run {run_id}: checkpoint does not fit its recorded student config: "
+                         f"{str(err).splitlines()[0]}") from None
+    return student.eval(), info

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import click
 import typer
 from pydantic import ValidationError
 
@@ -49,7 +48,8 @@ def user_error_message(exc: BaseException) -> str | None:
     """A one-line message for errors a user can fix; None for bugs (which keep their traceback)."""
     if isinstance(exc, ValidationError):
         return describe_validation_error(exc, "config")
-    if isinstance(exc, click.exceptions.ClickException):
+    if callable(getattr(exc, "format_message", None)):
+        # click's (or typer's vendored click's) usage errors: bad option, unknown command.
         return exc.format_message()
     if isinstance(exc, (ValueError, FileNotFoundError, PermissionError, KeyError, OSError)):
         return " ".join(str(exc).split()) or exc.__class__.__name__

@@ -41,11 +41,17 @@ def teachers(
 ) -> None:
     """Write a `teacher` version: target (N, T, h, w, C) and reference (N, 1, h, w, C), float16."""
     from flows.runtime import RunnerChoice, run_flow
-    from flows.teachers import TeachersConfig, teachers_flow
+    from flows.teachers import TeachersConfig, open_video, teachers_flow
+    from pipelines.teachers import parse_settings
+    from schemas.model import ModelSpec
 
     config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
                             device=device, dtype=dtype, writers=writers, workers=workers)
     data_root = get_root(root, writable=True)
+    # Input mistakes fail here, in one line, before any model is loaded or flow started.
+    parse_settings(config.teacher, config.settings)
+    ModelSpec.parse(config.model)
+    open_video(data_root.url, config.video)
     choice = RunnerChoice(workers=workers, dask_address=dask_address)
     summary = run_flow(teachers_flow, choice, data_root, root_url=data_root.url, config=config)
     if summary.skipped:

@@ -1,0 +1,42 @@
+"""Factory helpers that write tiny datasets and episodes into a store (used across test files)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from storage.episodes import EpisodeStore
+
+FEATURES = {"action": FeatureSpec(dtype="float32", shape=[4]), "state": FeatureSpec(dtype="float32", shape=[6])}
+
+
+def make_dataset(root, name: str = "toy", camera: str = "cam", size: int = 16) -> EpisodeStore:
+    """An empty synthetic dataset with one camera and action/state features."""
+    store = EpisodeStore(root, name)
+    store.write_info(DatasetInfo(name=name, source_kind="synthetic", source="tests", source_fingerprint="f0",
+                                 fps=10.0, cameras={camera: [size, size, 3]}, features=FEATURES))
+    return store
+
+
+def episode_arrays(length: int, size: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic random frames and low-dim columns of one episode."""
+    rng = np.random.default_rng(seed)
+    return {
+        "frames": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
+        "action": rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+        "state": rng.normal(size=(length, 6)).astype(np.float32),
+    }
+
+
+def write_episode(store: EpisodeStore, episode_id: str, length: int = 20, seed: int = 0, camera: str = "cam",
+                  task: str = "reach", checksum: str | None = None) -> dict[str, np.ndarray]:
+    """Write one episode in blocks of 7 frames (exercises partial shards); returns its arrays."""
+    size = store.info().cameras[camera][0]
+    arrays = episode_arrays(length, size, seed)
+    record = EpisodeRecord(episode_id=episode_id, task=task, instructions=[f"{task} the thing"], length=length,
+                           success=True, source_path=f"tests://{episode_id}", source_checksum=checksum or f"c{seed}")
+    with store.writer(record, FEATURES) as writer:
+        for start in range(0, length, 7):
+            writer.append_frames(camera, arrays["frames"][start:start + 7])
+        writer.set_lowdim({"action": arrays["action"], "state": arrays["state"]})
+    return arrays

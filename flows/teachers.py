@@ -2,45 +2,31 @@
 
 Writes a ``teacher`` version with ``target`` (N, T, h, w, C) float16 (the generated frames) and
 ``reference`` (N, 1, h, w, C) float16 (the observed frame alone), shard by shard; shards with a
-``_done`` marker are skipped, so a killed run resumes where it stopped.
-
-Throughput: a reader thread reads and pins the next batches, the GPU resizes/normalises uint8
-frames itself, outputs are copied to pinned host buffers on a side stream, and writer threads
-compress and store finished shards, so the forward pass rarely waits for I/O.
+``_done`` marker are skipped and claimed shards are left to their builder, so a killed run
+resumes where it stopped and two builders never write the same shard. The overlapped shard loop
+itself lives in flows/teachers_engine.py (no Prefect there, so benchmarks run it bare).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from prefect import flow, task
 from pydantic import Field
 
 from flows.models_cache import cached_model
-from pipelines.teachers import OUTPUT_DTYPE, Teacher, load_teacher
+from flows.teachers_engine import (ObservedFrames, ShardClaims, ShardsResult, encode_shards, open_video,
+                                   teacher_arrays, teacher_recipe)
+from pipelines.teachers import Teacher, load_teacher
 from schemas.base import StrictModel
-from schemas.target import ArraySpec, TargetRecipe
 from storage import lineage
-from storage.claims import ShardClaim, wait_for_version_shards
-from storage.episodes import EpisodeStore
-from storage.plans import PlanStore
-from storage.targets import TargetReader, TargetStore, TargetWriter
+from storage.claims import wait_for_version_shards
+from storage.targets import TargetStore, TargetWriter
 
 log = logging.getLogger(__name__)
-
-STAGE = "teachers"
-STAGE_VERSION = 1
-OBSERVED_ARRAY = "observed"
 
 
 class TeachersConfig(StrictModel):
@@ -58,18 +44,6 @@ class TeachersConfig(StrictModel):
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
 
 
-class ShardsResult(StrictModel):
-    """What one task wrote."""
-
-    shards: list[int] = Field(description="Shards the task was given.")
-    shards_written: list[int] = Field(default_factory=list, description="Shards it computed and stored.")
-    clips: int = 0
-    frames: int = Field(default=0, description="Generated frames encoded (T per clip).")
-    seconds: float = 0.0
-    wait_read_s: float = Field(default=0.0, description="Time the forward loop waited for input.")
-    wait_write_s: float = Field(default=0.0, description="Time the forward loop waited for free output buffers.")
-
-
 # ---------------------------------------------------------------- model cache (one per process)
 def cached_teacher(config: TeachersConfig) -> Teacher:
     """The teacher of ``config``, loaded once per process and kept (workers reuse it across tasks)."""
@@ -77,341 +51,6 @@ def cached_teacher(config: TeachersConfig) -> Teacher:
                         lambda: load_teacher(config.teacher, config.model, config.settings, config.device,
                                              config.dtype),
                         extra=config.settings)
-
-
-# ---------------------------------------------------------------- version layout
-def teacher_recipe(teacher: Teacher, video_id: str) -> TargetRecipe:
-    """Recipe of the teacher version: the video version, the teacher identity and its settings."""
-    return TargetRecipe(kind="teacher", stage=f"{STAGE}.{teacher.family}", stage_version=STAGE_VERSION,
-                        model=teacher.identity, params=teacher.params(), inputs={"video": video_id})
-
-
-def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher) -> list[ArraySpec]:
-    h, w = teacher.grid
-    dtype = str(OUTPUT_DTYPE).removeprefix("torch.")
-    return [ArraySpec(name="target", shape=[num_clips, num_frames, h, w, teacher.channels], dtype=dtype),
-            ArraySpec(name="reference", shape=[num_clips, 1, h, w, teacher.channels], dtype=dtype)]
-
-
-def open_video(root_url: str, video_id: str) -> TargetReader:
-    """The complete video version ``video_id``; ValueError naming what is wrong otherwise."""
-    store = TargetStore(root_url)
-    status = store.status(video_id)
-    if status is None:
-        raise ValueError(f"video version '{video_id}': not found under {store.root.url}")
-    reader = store.open(video_id)
-    if reader.manifest.kind != "video":
-        raise ValueError(f"version '{video_id}' is a '{reader.manifest.kind}' version, expected 'video'")
-    if status != "complete":
-        raise ValueError(f"video version '{video_id}' is still '{status}'; finish it before running teachers")
-    spec = reader.manifest.array_spec("frames")
-    if len(spec.shape) != 5 or spec.shape[-1] != 3 or spec.dtype != "uint8":
-        raise ValueError(f"video version '{video_id}': array 'frames' is {spec.dtype} {spec.shape}, "
-                         "expected uint8 (N, T, H, W, 3)")
-    return reader
-
-
-class ObservedFrames:
-    """The observed (conditioning) frame of every clip: the video version's ``observed`` array when
-    it has one, else frame ``start`` of the clip's episode camera, found through the plan rows."""
-
-    def __init__(self, root_url: str, video: TargetReader):
-        self.video = video
-        self.rows = None
-        if OBSERVED_ARRAY in [a.name for a in video.manifest.arrays]:
-            return
-        plan_id = video.manifest.recipe.inputs.get("plan")
-        if plan_id is None:
-            raise ValueError(f"video version '{video.version_id}': no '{OBSERVED_ARRAY}' array and no "
-                             "'plan' input, so the observed frames cannot be found")
-        self.rows = PlanStore(root_url).rows(plan_id)
-        if len(self.rows) != video.manifest.num_clips:
-            raise ValueError(f"video version '{video.version_id}': {video.manifest.num_clips} clips but plan "
-                             f"'{plan_id}' has {len(self.rows)} rows")
-        self.episodes: dict[str, EpisodeStore] = {}
-        self.root_url = root_url
-
-    def read(self, clips: range) -> np.ndarray:
-        """uint8 (B, H, W, 3) observed frames of clips ``clips``."""
-        if self.rows is None:
-            data = self.video.read(OBSERVED_ARRAY, slice(clips.start, clips.stop))
-            return data[:, 0] if data.ndim == 5 else data
-        frames = []
-        for index in clips:
-            row = self.rows[index]
-            store = self.episodes.setdefault(row.dataset, EpisodeStore(self.root_url, row.dataset))
-            frames.append(store.read_frames(row.episode_id, row.camera, [row.start])[0])
-        if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"video version '{self.video.version_id}', clips {clips.start}..{clips.stop - 1}: "
-                             f"observed frames differ in size {sorted({f.shape for f in frames})}")
-        return np.stack(frames)
-
-
-# ---------------------------------------------------------------- the pipelined shard loop
-_END = object()
-
-
-class Prefetcher:
-    """Runs an iterator in a background thread, ``depth`` items ahead; re-raises its errors."""
-
-    def __init__(self, items: Iterable[Any], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self.waited_s = 0.0
-        self._thread = threading.Thread(target=self._run, args=(iter(items),), daemon=True, name="teacher-read")
-        self._thread.start()
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(_END)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put(err)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            start = time.perf_counter()
-            item = self._queue.get()
-            self.waited_s += time.perf_counter() - start
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-@dataclass
-class InputBatch:
-    """Consecutive clips of one shard, as uint8 host tensors (pinned when the teacher is on CUDA)."""
-
-    shard: int
-    clips: range
-    frames_BTHWC: torch.Tensor
-    observed_BHWC: torch.Tensor
-    claim: Any = None
-
-
-def batch_plan(writer: TargetWriter, shards: list[int], batch: int) -> list[tuple[int, range]]:
-    """(shard, clips) of every forward batch; a batch never spans two shards."""
-    plan = []
-    for shard in shards:
-        clips = writer.shard_clips(shard)
-        plan += [(shard, range(s, min(s + batch, clips.stop))) for s in range(clips.start, clips.stop, batch)]
-    return plan
-
-
-def read_batches(video: TargetReader, observed: ObservedFrames, plan: list[tuple[int, range]], pin: bool,
-                 claim: Callable[[int], Any] | None = None) -> Iterator[InputBatch]:
-    """Read (and pin) the frames of every planned batch, in order.
-
-    With ``claim``, a shard is read only when ``claim(shard)`` returns a claim (another builder
-    holds it, or it is done, otherwise); the claim travels with the shard's batches.
-    """
-    owned: dict[int, Any] = {}
-    for shard, clips in plan:
-        if claim is not None and shard not in owned:
-            owned[shard] = claim(shard)
-        if claim is not None and owned[shard] is None:
-            continue
-        frames = torch.from_numpy(np.ascontiguousarray(video.read("frames", slice(clips.start, clips.stop))))
-        obs = torch.from_numpy(np.ascontiguousarray(observed.read(clips)))
-        if pin:
-            frames, obs = frames.pin_memory(), obs.pin_memory()
-        yield InputBatch(shard, clips, frames, obs, owned.get(shard))
-
-
-class ShardClaims:
-    """Claims this task holds, so every one is released: after its shard is stored, or on error."""
-
-    def __init__(self, root_url: str, writer: TargetWriter):
-        self.root_url, self.writer = root_url, writer
-        self._held: dict[int, ShardClaim] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, shard: int) -> ShardClaim | None:
-        """Claim ``shard``; None when it is done or a live builder holds it."""
-        if self.writer.is_done(shard):
-            return None
-        claim = ShardClaim(self.root_url, self.writer.version_id, shard)
-        if not claim.acquire():
-            log.info("%s shard %d: held by another builder, skipped", self.writer.version_id, shard)
-            return None
-        if self.writer.is_done(shard):  # finished by its previous holder in between
-            claim.release()
-            return None
-        with self._lock:
-            self._held[shard] = claim
-        return claim
-
-    def release(self, shard: int) -> None:
-        with self._lock:
-            claim = self._held.pop(shard, None)
-        if claim is not None:
-            claim.release()
-
-    def release_all(self) -> None:
-        for shard in list(self._held):
-            self.release(shard)
-
-
-class ShardBuffers:
-    """A fixed pool of whole-shard host buffers, reused once a shard is stored (bounds memory and
-    avoids re-pinning); taking one blocks while every buffer waits to be written."""
-
-    def __init__(self, shard_size: int, target_shape: tuple[int, ...], reference_shape: tuple[int, ...],
-                 pin: bool, count: int):
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put((torch.empty((shard_size, *target_shape), dtype=OUTPUT_DTYPE, pin_memory=pin),
-                            torch.empty((shard_size, *reference_shape), dtype=OUTPUT_DTYPE, pin_memory=pin)))
-
-    def take(self) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-        start = time.perf_counter()
-        buffers = self._free.get()
-        return buffers, time.perf_counter() - start
-
-    def give(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._free.put(buffers)
-
-
-class DeviceToHost:
-    """Copies device outputs into host buffers; on CUDA on a side stream, so the next forward
-    pass is queued without waiting for the copy (the returned event marks its completion)."""
-
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
-        if self.stream is None:
-            dst.copy_(src)
-            return None
-        self.stream.wait_stream(torch.cuda.current_stream(src.device))
-        with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
-        src.record_stream(self.stream)
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
-
-
-@dataclass
-class OpenShard:
-    """A shard whose batches are being computed into host buffers."""
-
-    index: int
-    clips: range
-    buffers: tuple[torch.Tensor, torch.Tensor]
-    filled: int = 0
-    events: list[Any] = field(default_factory=list)
-    claim: Any = None
-
-
-def store_shard(writer: TargetWriter, shard: OpenShard, pool: ShardBuffers,
-                claims: ShardClaims | None = None) -> None:
-    """Wait for the shard's device copies, write it (data, then its _done marker), recycle buffers."""
-    for event in shard.events:
-        if event is not None:
-            event.synchronize()
-    n = len(shard.clips)
-    target, reference = shard.buffers
-    writer.write_shard(shard.index, {"target": target[:n].numpy(), "reference": reference[:n].numpy()})
-    pool.give(shard.buffers)
-    if claims is not None:
-        claims.release(shard.index)
-
-
-def _raise_write_errors(futures: list[Future]) -> None:
-    for future in futures:
-        if future.done() and future.exception() is not None:
-            raise future.exception()
-
-
-class ShardLoop:
-    """The forward side of :func:`encode_shards`: fills shard buffers batch by batch and hands
-    every full shard to the writer threads."""
-
-    def __init__(self, teacher: Teacher, writer: TargetWriter, pool: ShardBuffers, executor: ThreadPoolExecutor,
-                 claims: ShardClaims | None, result: ShardsResult):
-        self.teacher, self.writer, self.pool, self.executor = teacher, writer, pool, executor
-        self.claims, self.result = claims, result
-        self.copier = DeviceToHost(teacher.device)
-        self.current: OpenShard | None = None
-        self.futures: list[Future] = []
-
-    def _open(self, item: InputBatch) -> OpenShard:
-        if self.current is None:
-            buffers, waited = self.pool.take()
-            self.result.wait_write_s += waited
-            self.current = OpenShard(item.shard, self.writer.shard_clips(item.shard), buffers, claim=item.claim)
-        return self.current
-
-    def step(self, item: InputBatch) -> None:
-        """Forward one batch, queue its copy into the shard buffers, submit the shard when full."""
-        shard = self._open(item)
-        target, reference = self.teacher.encode_clips(item.frames_BTHWC, item.observed_BHWC)
-        rows = slice(item.clips.start - shard.clips.start, item.clips.stop - shard.clips.start)
-        shard.events += [self.copier.copy(target, shard.buffers[0][rows]),
-                         self.copier.copy(reference, shard.buffers[1][rows])]
-        shard.filled += len(item.clips)
-        if shard.filled == len(shard.clips):
-            self.futures.append(self.executor.submit(store_shard, self.writer, shard, self.pool, self.claims))
-            self.result.shards_written.append(shard.index)
-            self.current = None
-        _raise_write_errors(self.futures)
-        self.result.clips += len(item.clips)
-
-    def drain(self) -> None:
-        for future in self.futures:
-            future.result()
-
-
-def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
-                  shards: list[int], batch: int, writers: int = 2, claims: ShardClaims | None = None,
-                  progress: Callable[[int], None] | None = None) -> ShardsResult:
-    """Encode and store whole shards: read ahead, forward, copy back and write, overlapped.
-
-    With ``claims``, shards held by another builder are skipped and every claim is released,
-    also on error (a shard not stored is left for a retry: its ``_done`` marker is missing).
-    """
-    start = time.perf_counter()
-    T = video.manifest.array_spec("frames").shape[1]
-    shape = (*teacher.grid, teacher.channels)
-    cuda = teacher.device.type == "cuda"
-    pool = ShardBuffers(min(writer.manifest.shard_size, writer.manifest.num_clips), (T, *shape), (1, *shape),
-                        pin=cuda, count=writers + 1)
-    result = ShardsResult(shards=list(shards))
-    batches = read_batches(video, observed, batch_plan(writer, shards, batch), pin=cuda, claim=claims)
-    prefetch = Prefetcher(batches, depth=3)
-    try:
-        with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
-            loop = ShardLoop(teacher, writer, pool, executor, claims, result)
-            for item in prefetch:
-                loop.step(item)
-                if progress is not None:
-                    progress(len(item.clips))
-            loop.drain()
-    finally:
-        prefetch.close()
-        if claims is not None:
-            claims.release_all()
-    result.frames, result.wait_read_s = result.clips * T, prefetch.waited_s
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 # ---------------------------------------------------------------- task and flow

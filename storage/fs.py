@@ -18,6 +18,10 @@ from schemas.base import canonical_json
 ROOT_ENV = "FORESIGHT_ROOT"
 DEFAULT_ROOT = "./foresight-data"
 HASH_BLOCK = 4 << 20
+ZARR_CODEC_BATCH = 256
+"""zarr decodes chunks one at a time by default; batching them is ~6x faster for (1, H, W, 3) frame chunks."""
+
+zarr.config.set({"codec_pipeline.batch_size": ZARR_CODEC_BATCH})
 
 
 def default_root() -> str:

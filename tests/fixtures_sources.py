@@ -30,7 +30,8 @@ CALVIN_IMAGE_SHAPES = {
 }
 CALVIN_VECTORS = {"actions": 7, "rel_actions": 7, "robot_obs": 15, "scene_obs": 24}
 
-PATCH = (slice(4, 12), slice(6, 14))
+PATCH = (slice(16, 32), slice(16, 32))
+"""Aligned to 16x16 JPEG MCUs so chroma subsampling keeps its colour."""
 PATCH_COLOR = np.array([200, 30, 10], dtype=np.uint8)
 """Colour of the patch in the recorder's channel order; a decoder that swaps R and B gives 10, 30, 200."""
 ALOHA_CAMERAS = ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")
@@ -146,7 +147,7 @@ def teleop_vectors(t_count: int, dim: int, seed: int) -> np.ndarray:
 
 
 def make_teleop_episode(path: Path, length: int = 10, cameras: Sequence[str] = ALOHA_CAMERAS,
-                        size: tuple[int, int] = (32, 40), compress: bool | None = False, sim: bool = False,
+                        size: tuple[int, int] = (48, 64), compress: bool | None = False, sim: bool = False,
                         effort: bool = True, base_action: bool = False, depth: bool = False) -> Path:
     """Write one ALOHA-style episode; ``compress=None`` omits the attribute like the original ALOHA."""
     path.parent.mkdir(parents=True, exist_ok=True)

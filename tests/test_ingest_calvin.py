@@ -142,7 +142,7 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("damage, field, reason", [
-    (lambda p: _truncate(p), None, "unreadable npz"),
+    (lambda p: _truncate(p), "<archive>", "unreadable npz"),
     (lambda p: _rewrite_frame(p, robot_obs=None), "robot_obs", "key missing"),
     (lambda p: _rewrite_frame(p, scene_obs=np.zeros(23)), "scene_obs", "expected float32 or float64 (24,)"),
     (lambda p: _rewrite_frame(p, actions=np.zeros(7, dtype=np.int64)), "actions", "found int64"),

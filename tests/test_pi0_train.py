@@ -128,7 +128,7 @@ def test_offline_and_online_tasks_agree_on_an_exported_batch(world):
         from_teacher = online.losses(student, batch, False, None, seeds)
     assert torch.equal(from_cache["task"], from_teacher["task"])  # f16-exact inputs, exact t and noise
     for name in ("kd", "attn", "total"):
-        torch.testing.assert_close(from_cache[name], from_teacher[name], rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(from_cache[name], from_teacher[name], rtol=2e-3, atol=1e-5)
 
 
 def test_guards(world):

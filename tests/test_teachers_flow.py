@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from flows import teachers as tflow
+from flows import teachers_engine as engine
 from flows.cli import app
 from flows.runtime import run_flow
 from pipelines.teachers import load_teacher
@@ -161,7 +162,7 @@ def test_new_version_when_teacher_weights_or_settings_change(world, tmp_path):
     from pipelines.teachers.dinov2 import TINY
 
     def version(teacher: str, model: str, settings=None, dtype="fp32") -> str:
-        return tflow.teacher_recipe(load_teacher(teacher, model, settings, dtype=dtype), video).version_id()
+        return engine.teacher_recipe(load_teacher(teacher, model, settings, dtype=dtype), video).version_id()
 
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -232,9 +233,9 @@ def test_observed_array_of_the_video_version_is_used(tmp_path):
     video, frames = write_fake_video(root, with_observed=observed)
     teacher = load_teacher("dinov2", "tiny")
     reader = TargetStore(root).open(video)
-    store = TargetStore(root).begin(tflow.teacher_recipe(teacher, video),
-                                    tflow.teacher_arrays(N, T, teacher), N, shard_size=2)
-    result = tflow.encode_shards(teacher, reader, tflow.ObservedFrames(root, reader), store, [0, 1, 2], batch=3)
+    store = TargetStore(root).begin(engine.teacher_recipe(teacher, video),
+                                    engine.teacher_arrays(N, T, teacher), N, shard_size=2)
+    result = engine.encode_shards(teacher, reader, engine.ObservedFrames(root, reader), store, [0, 1, 2], batch=3)
     assert result.clips == N and result.shards_written == [0, 1, 2]
     store.finalize()
     written = TargetStore(root).open(store.version_id)
@@ -246,7 +247,7 @@ def test_video_version_problems_are_named(world, tmp_path):
     root, _, _, _ = world
     building, _ = write_fake_video(str(tmp_path), complete=False)
     with pytest.raises(ValueError, match="still 'building'"):
-        tflow.open_video(str(tmp_path), building)
+        engine.open_video(str(tmp_path), building)
     complete = TargetStore(root).ids("teacher")[0]
     with pytest.raises(ValueError, match="expected 'video'"):
-        tflow.open_video(root, complete)
+        engine.open_video(root, complete)

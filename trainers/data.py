@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from pipelines.export import decode_sample, sample_key
 from storage.exports import ClipSource, ExportIndex, ExportStore, resolve_sources
@@ -352,14 +352,18 @@ class ShardStream(IterableDataset):
 
 
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """DataLoader collate_fn: stack array fields into torch tensors; keep "meta" and "__key__" as lists."""
+    """DataLoader collate_fn: stack array fields into torch tensors; keep "meta" and "__key__" as lists.
+
+    Inside a DataLoader worker the stacked tensors are allocated in shared memory (torch's
+    default_collate does this), so a batch crosses to the main process without another copy.
+    """
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [sample[name] for sample in samples]
         if name in ("meta", "__key__") or not isinstance(values[0], np.ndarray):
             batch[name] = values
         else:
-            batch[name] = torch.from_numpy(np.stack(values))
+            batch[name] = default_collate([torch.from_numpy(np.asarray(v)) for v in values])
     return batch
 
 

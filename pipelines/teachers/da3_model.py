@@ -8,7 +8,6 @@ Parameter names match the official module tree so official state dicts load unch
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch

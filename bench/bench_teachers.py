@@ -1,0 +1,173 @@
+"""Teacher throughput end to end from the store against the bare model forward, same batch, same run.
+
+For each teacher (DINOv2 ViT-B/14 with registers, DA3-LARGE stage 0; ``random`` real-size weights):
+
+- bare: ``teacher.encode_pixels`` on one batch already preprocessed on the device (the target
+  call, then target + reference call), timed over repeats after a warm-up;
+- end to end: ``flows.teachers_engine.encode_shards`` over a `video` version in a target store
+  on local disk: read uint8 frames, preprocess on the device, forward, copy back, compress and
+  write the `teacher` version, all overlapped.
+
+Frames/s count the generated frames (T per clip); the reference frame each clip also needs is
+part of the work, which is why the ratio is taken against "bare target+reference".
+
+    python bench/bench_teachers.py [--device cuda] [--dtype bf16] [--clips 512] [--batch 16]
+                                   [--teachers dinov2,da3] [--writers 4] [--model random]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flows.teachers_engine import (ObservedFrames, encode_shards, open_video, teacher_arrays,  # noqa: E402
+                                   teacher_recipe)
+from pipelines.teachers import load_teacher  # noqa: E402
+from schemas.target import ArraySpec, TargetRecipe  # noqa: E402
+from storage.targets import TargetStore  # noqa: E402
+
+T = 16
+SIZE = 256  # SVD output frames
+
+
+def synthetic_clips(count: int, seed: int) -> np.ndarray:
+    """Smooth moving frames (compress like video, unlike noise): (count, T, 256, 256, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
+    images = torch.nn.functional.interpolate(torch.from_numpy(base).float(), size=(SIZE + 64, SIZE + 64),
+                                             mode="bilinear", align_corners=False)
+    frames = [images[:, :, 4 * t:4 * t + SIZE, 2 * t:2 * t + SIZE] for t in range(T)]  # a slow pan
+    return torch.stack(frames, 1).permute(0, 1, 3, 4, 2).round().to(torch.uint8).numpy()
+
+
+def write_video_version(root: str, clips: int, shard: int) -> str:
+    """A complete `video` version with `frames` and `observed` (the conditioning frame)."""
+    arrays = [ArraySpec(name="frames", shape=[clips, T, SIZE, SIZE, 3], dtype="uint8"),
+              ArraySpec(name="observed", shape=[clips, SIZE, SIZE, 3], dtype="uint8")]
+    recipe = TargetRecipe(kind="video", stage="bench.synthetic", stage_version=1, params={"clips": clips})
+    writer = TargetStore(root).begin(recipe, arrays, clips, shard_size=shard)
+    for index in range(writer.num_shards):
+        rows = writer.shard_clips(index)
+        frames = synthetic_clips(len(rows), seed=index)
+        writer.write_shard(index, {"frames": frames, "observed": frames[:, 0]})
+    writer.finalize()
+    return writer.version_id
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def bare_forward(teacher, frames_BTHWC: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Frames/s of the model forward alone on one preprocessed batch (target; target + reference)."""
+    pixels = teacher.pixels(frames_BTHWC)
+    ref_pixels = teacher.pixels(frames_BTHWC[:, :1])
+    out = {}
+    for name, calls in (("target", [pixels]), ("target+ref", [pixels, ref_pixels])):
+        for _ in range(2):
+            for p in calls:
+                teacher.encode_pixels(p)
+        sync(teacher.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for p in calls:
+                teacher.encode_pixels(p)
+        sync(teacher.device)
+        out[name] = repeats * pixels.shape[0] * pixels.shape[1] / (time.perf_counter() - start)
+    return out
+
+
+def end_to_end(teacher, root: str, video_id: str, batch: int, writers: int, tag: str) -> dict[str, float]:
+    """Frames/s of encode_shards over the whole video version into a fresh teacher version."""
+    video = open_video(root, video_id)
+    recipe = teacher_recipe(teacher, video_id)
+    recipe.params = {**recipe.params, "bench": tag}  # a fresh version per measurement
+    store = TargetStore(root)
+    n = video.manifest.num_clips
+    writer = store.begin(recipe, teacher_arrays(n, T, teacher), n, video.manifest.shard_size)
+    result = encode_shards(teacher, video, ObservedFrames(root, video), writer, list(range(writer.num_shards)),
+                           batch, writers)
+    writer.finalize()
+    written = store.root.du(f"targets/{writer.version_id}")
+    store.delete(writer.version_id)
+    return {"frames_per_s": result.frames / result.seconds, "seconds": result.seconds,
+            "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9}
+
+
+def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
+    started = time.perf_counter()
+    teacher = load_teacher(name, args.model, None, args.device, args.dtype)
+    load_s = time.perf_counter() - started
+    frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch)))
+    bare = bare_forward(teacher, frames.to(teacher.device), args.repeats)
+    rows = []
+    for writers in args.writers:
+        e2e = end_to_end(teacher, root, video_id, args.batch, writers, f"w{writers}")
+        e2e.update(writers=writers, ratio_vs_bare_target_ref=e2e["frames_per_s"] / bare["target+ref"],
+                   ratio_vs_bare_target=e2e["frames_per_s"] / bare["target"])
+        rows.append(e2e)
+    del teacher
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"teacher": name, "load_s": load_s, "bare": bare, "e2e": rows,
+            "out_shape": [T, *frames.shape[2:4]]}
+
+
+def report(results: list[dict], args) -> None:
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device {device}, dtype {args.dtype}, model {args.model}, {args.clips} clips x {T} frames "
+          f"of {SIZE}x{SIZE}, batch {args.batch} clips ({args.batch * T} frames), shard {args.shard} clips")
+    print(f"{'teacher':<8} {'bare tgt f/s':>12} {'bare tgt+ref':>12} {'writers':>7} {'e2e f/s':>9} "
+          f"{'e2e/bare':>8} {'e2e/tgt':>8} {'wait rd s':>9} {'wait wr s':>9} {'GB out':>7}")
+    for r in results:
+        for e in r["e2e"]:
+            print(f"{r['teacher']:<8} {r['bare']['target']:>12.0f} {r['bare']['target+ref']:>12.0f} "
+                  f"{e['writers']:>7} {e['frames_per_s']:>9.0f} {e['ratio_vs_bare_target_ref']:>8.2f} "
+                  f"{e['ratio_vs_bare_target']:>8.2f} {e['wait_read_s']:>9.2f} {e['wait_write_s']:>9.2f} "
+                  f"{e['written_gb']:>7.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "results": results}, handle, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--model", default="random", help="random (real size) or tiny")
+    parser.add_argument("--teachers", default="dinov2,da3")
+    parser.add_argument("--clips", type=int, default=512)
+    parser.add_argument("--shard", type=int, default=16, help="clips per shard of the video/teacher versions")
+    parser.add_argument("--batch", type=int, default=16, help="clips per forward (x16 frames)")
+    parser.add_argument("--writers", default="4", help="comma list: writer threads to try")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--root", default=None, help="store root (default: a temp folder, removed after)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    args.writers = [int(w) for w in args.writers.split(",")]
+    root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
+    try:
+        started = time.perf_counter()
+        video_id = write_video_version(root, args.clips, args.shard)
+        print(f"video version {video_id}: {args.clips} clips written in {time.perf_counter() - started:.1f}s")
+        results = [bench_teacher(name, args, root, video_id) for name in args.teachers.split(",")]
+        report(results, args)
+    finally:
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

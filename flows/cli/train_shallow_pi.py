@@ -1,0 +1,48 @@
+"""``foresight train shallow-pi``: distil a π0 teacher into a layer-subsampled student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flows.cli.common import ROOT_OPTION, get_root, sub_app
+from flows.cli.pi0 import int_list
+from flows.cli.train import (ALLOW_OPTION, BATCH_OPTION, CONFIG_OPTION, DEVICE_OPTION, EVAL_OPTION, RUN_ID_OPTION,
+                             STEPS_OPTION, STOP_OPTION, TRAIN_HELP, WORKERS_OPTION, echo_result, loop_overrides)
+
+
+def register(app: typer.Typer) -> None:
+    sub_app(app, "train", TRAIN_HELP).command("shallow-pi")(cmd_shallow_pi)
+
+
+def cmd_shallow_pi(
+    export: str = typer.Option(..., "--export", help="Export of a pi0 target version."),
+    teacher: str = typer.Option(None, "--teacher", help="π0 teacher spec the student is cut from (the one that "
+                                                        "made the targets): hf:, dir:, random or tiny."),
+    layers: int = typer.Option(None, "--layers", min=1, help="Student depth of both stacks (L_S)."),
+    online: bool = typer.Option(None, "--online/--offline", help="Run the teacher now (same augmented inputs) "
+                                                                "or read cached targets (default offline)."),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="Image augmentation (online only)."),
+    lambda_kd: float = typer.Option(None, "--lambda-kd", min=0, help="Weight of the velocity distillation loss."),
+    lambda_attn: float = typer.Option(None, "--lambda-attn", min=0, help="Weight of the attention KL loss."),
+    attn_layers: str = typer.Option(None, "--attn-layers", help="Student layers of L_attn, e.g. '1,2,3,4' "
+                                                                "(default: all but the first and last)."),
+    tiny_layers: int = typer.Option(None, "--tiny-layers", min=1, help="Depth of the `tiny` teacher."),
+    config: Path = CONFIG_OPTION, steps: int = STEPS_OPTION, batch_size: int = BATCH_OPTION,
+    device: str = DEVICE_OPTION, workers: int = WORKERS_OPTION, run_id: str = RUN_ID_OPTION,
+    eval_export: str = EVAL_OPTION, allow_version_change: bool = ALLOW_OPTION, stop_at: int = STOP_OPTION,
+    root: str | None = ROOT_OPTION,
+) -> None:
+    """Train a Shallow-π student: L_task + lambda_kd L_kd + lambda_attn L_attn, offline or online."""
+    from trainers.loop import load_config
+    from trainers.shallow_pi import ShallowPiRunConfig, train_shallow_pi
+
+    overrides = loop_overrides(steps, batch_size, device, workers) | {
+        "teacher": teacher, "layers": layers, "online": online, "augment": augment, "lambda_kd": lambda_kd,
+        "lambda_attn": lambda_attn, "attn_layers": int_list(attn_layers, "--attn-layers"),
+        "tiny_layers": tiny_layers}
+    cfg = load_config(ShallowPiRunConfig, config, overrides)
+    data_root = get_root(root, writable=True)
+    result = train_shallow_pi(data_root, export, cfg, run_id, eval_export, allow_version_change, stop_at)
+    echo_result(result, data_root.url)

@@ -1,0 +1,107 @@
+"""Clip plans: starts inside segments or episodes, fit, ids, limits, content addressing, the store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.generate import PlanConfig, make_plan
+from pipelines.plan import PlanParams, make_clips, plan_id
+from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, LanguageSegment
+from storage.episodes import EpisodeStore
+from storage.plans import PlanStore
+
+FEATURES = {"action": FeatureSpec(dtype="float32", shape=[2])}
+
+
+def record(episode_id: str, length: int, split: str = "train", instructions=("reach the goal",)) -> EpisodeRecord:
+    return EpisodeRecord(episode_id=episode_id, split=split, task="reach", instructions=list(instructions),
+                         length=length, source_path="test", source_checksum=episode_id)
+
+
+def params(**overrides) -> PlanParams:
+    values = dict(source="episodes", camera="front", frames=4, stride=2, every=5)
+    values.update(overrides)
+    return PlanParams(**values)
+
+
+def test_episode_clips_fit_and_start_every_k():
+    rows = make_clips("toy", [record("b", 20), record("a", 12)], [], params())
+    # span = (4 - 1) * 2 = 6: starts 0, 5 in 'a' (last start 5), 0, 5, 10 in 'b' (last start 13)
+    assert [(r.episode_id, r.start) for r in rows] == [("a", 0), ("a", 5), ("b", 0), ("b", 5), ("b", 10)]
+    assert all(r.start + (r.num_frames - 1) * r.stride <= {"a": 11, "b": 19}[r.episode_id] for r in rows)
+    assert rows[0].clip_id == "a-000000" and rows[0].instruction == "reach the goal"
+    assert {r.camera for r in rows} == {"front"}
+
+
+def test_episode_without_instruction_uses_its_task():
+    rows = make_clips("toy", [record("a", 10, instructions=())], [], params())
+    assert rows[0].instruction == "reach"
+
+
+def test_segment_clips_start_inside_segments_and_carry_their_text():
+    segments = [LanguageSegment(episode_id="a", start=2, end=9, task="open", text="open the drawer"),
+                LanguageSegment(episode_id="a", start=5, end=30, task="push", text="push the block")]
+    rows = make_clips("calvin", [record("a", 24)], segments, params(source="segments", every=3))
+    first = [r for r in rows if r.instruction == "open the drawer"]
+    second = [r for r in rows if r.instruction == "push the block"]
+    assert [r.start for r in first] == [2, 5, 8]
+    assert [r.start for r in second] == [5, 8, 11, 14, 17]  # last start 24 - 1 - 6 = 17
+    ids = [r.clip_id for r in rows]
+    assert len(set(ids)) == len(ids)  # the overlapping start 5 gets two ids
+    assert "a-s00000-000005" in ids and "a-s00001-000005" in ids
+
+
+def test_segments_source_needs_segments():
+    with pytest.raises(ValueError, match="no language segments"):
+        make_clips("toy", [record("a", 20)], [], params(source="segments"))
+
+
+def test_split_and_limit_spread_over_episodes():
+    records = [record(f"e{i}", 40, split="validation" if i == 3 else "train") for i in range(4)]
+    all_rows = make_clips("toy", records, [], params())
+    assert {r.episode_id for r in all_rows} == {"e0", "e1", "e2", "e3"}
+    train = make_clips("toy", records, [], params(split="train"))
+    assert {r.episode_id for r in train} == {"e0", "e1", "e2"}
+    limited = make_clips("toy", records, [], params(split="train", limit=3))
+    assert [r.episode_id for r in limited] == ["e0", "e1", "e2"]
+
+
+def test_plan_id_is_content_addressed():
+    base = plan_id("toy", "f" * 64, params())
+    assert base == plan_id("toy", "f" * 64, params())
+    assert base.startswith("plan-") and len(base) == len("plan-") + 12
+    assert base != plan_id("toy", "f" * 64, params(stride=1))
+    assert base != plan_id("toy", "e" * 64, params())
+
+
+def write_store(root: str) -> None:
+    store = EpisodeStore(root, "toy")
+    store.write_info(DatasetInfo(name="toy", source_kind="synthetic", source="test", source_fingerprint="f" * 64,
+                                 fps=10.0, cameras={"front": [8, 8, 3]}, features=FEATURES))
+    rng = np.random.default_rng(0)
+    for index, length in enumerate((30, 18)):
+        with store.writer(record(f"ep{index}", length), FEATURES) as writer:
+            writer.append_frames("front", rng.integers(0, 256, size=(length, 8, 8, 3), dtype=np.uint8))
+            writer.set_lowdim({"action": rng.normal(size=(length, 2)).astype(np.float32)})
+
+
+def test_make_plan_writes_once_and_defaults_from_the_dataset(tmp_path):
+    root = str(tmp_path)
+    write_store(root)
+    first = make_plan(root, PlanConfig(dataset="toy", frames=4, stride=2, every=6))
+    assert first.created and first.params["source"] == "episodes" and first.params["camera"] == "front"
+    again = make_plan(root, PlanConfig(dataset="toy", frames=4, stride=2, every=6))
+    assert not again.created and again.plan_id == first.plan_id
+    rows = PlanStore(root).rows(first.plan_id)
+    assert len(rows) == first.num_clips == 4 + 2  # starts 0, 6, 12, 18 in ep0 (last 23); 0, 6 in ep1 (last 11)
+    assert PlanStore(root).verify(first.plan_id) == []
+    other = make_plan(root, PlanConfig(dataset="toy", frames=4, stride=2, every=6, limit=3))
+    assert other.plan_id != first.plan_id and other.num_clips == 3
+
+
+def test_make_plan_names_a_missing_camera(tmp_path):
+    root = str(tmp_path)
+    write_store(root)
+    with pytest.raises(ValueError, match="no camera 'side'"):
+        make_plan(root, PlanConfig(dataset="toy", camera="side"))

@@ -1,0 +1,194 @@
+"""The shared training loop on in-memory data: exact resume, overfitting, checkpoints, config, version guard."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from storage.fs import Root
+from trainers.action_expert import ActionExpertTask, FrozenDecouplers
+from trainers.decoupler import DecouplerRunConfig, DecouplerTask, build_decoupler_config
+from trainers.loop import (
+    LoopConfig,
+    MemoryStream,
+    OptimConfig,
+    RunDir,
+    RunSpec,
+    WarmupSchedule,
+    fit,
+    load_config,
+    read_metrics,
+    seed_everything,
+)
+from trainers.models.decoupler import Decoupler, DecouplerConfig
+from trainers.models.policy import ActionExpert, PolicyConfig
+from trainers.models.uniperceiver import UniPerceiverConfig
+
+T, H, W, C_IN, C_T = 4, 2, 4, 16, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def decoupler_samples(n: int, seed: int = 0) -> list[dict]:
+    """Teacher maps = a fixed linear map of the features + the reference (learnable)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((C_IN, C_T)).astype(np.float32) / 4
+    samples = []
+    for _ in range(n):
+        feats = rng.standard_normal((T, H, W, C_IN)).astype(np.float16)
+        ref = rng.standard_normal((1, H, W, C_T)).astype(np.float16)
+        target = feats.astype(np.float32) @ weight + ref
+        samples.append({"onestep": feats, "dinov2.target": target.astype(np.float16), "dinov2.reference": ref})
+    return samples
+
+
+def decoupler_run(tmp_path, run_id: str, steps: int, workers: int = 0, versions=None, lr=3e-3, n=22):
+    cfg = DecouplerRunConfig(size="tiny", optim=OptimConfig(lr=lr, warmup_steps=2),
+                             loop=LoopConfig(steps=steps, batch_size=4, num_workers=workers, log_every=1,
+                                             checkpoint_every=4, keep_last=2, device="cpu"))
+    seed_everything(0)
+    task = DecouplerTask(Decoupler(build_decoupler_config(cfg, [T, H, W, C_IN], [T, H, W, C_T])), "dinov2")
+    spec = RunSpec(Root(tmp_path), run_id, "decoupler", "export-test", versions or {"onestep": "video-000000000001"},
+                   cfg.model_dump(mode="json"))
+    return task, MemoryStream(decoupler_samples(n), seed=1), spec, cfg
+
+
+def train_losses(tmp_path, run_id: str) -> list[float]:
+    return [m["loss"] for m in read_metrics(Root(tmp_path), run_id) if m["split"] == "train"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_gives_the_same_losses(tmp_path, workers):
+    task, stream, spec, cfg = decoupler_run(tmp_path, "whole", 14, workers)
+    fit(task, stream, spec, cfg.loop, cfg.optim)
+    # Stop at an odd step (mid-epoch, mid round robin over the workers), then resume in a fresh process state.
+    task, stream, spec, cfg = decoupler_run(tmp_path, "parts", 14, workers)
+    stopped = fit(task, stream, spec, cfg.loop, cfg.optim, stop_at=7)
+    assert stopped.step == 7 and RunDir(Root(tmp_path), "parts").latest() == 7
+    task, stream, spec, cfg = decoupler_run(tmp_path, "parts", 14, workers)
+    resumed = fit(task, stream, spec, cfg.loop, cfg.optim)
+    assert resumed.resumed_from == 7 and resumed.step == 14
+    whole, parts = train_losses(tmp_path, "whole"), train_losses(tmp_path, "parts")
+    assert len(whole) == 14 and parts == whole
+    a = RunDir(Root(tmp_path), "whole").load_model()[1]
+    b = RunDir(Root(tmp_path), "parts").load_model()[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decoupler_overfits_a_tiny_set(tmp_path):
+    task, _, spec, cfg = decoupler_run(tmp_path, "overfit", 60, lr=1e-2)
+    result = fit(task, MemoryStream(decoupler_samples(8), seed=1), spec, cfg.loop, cfg.optim,
+                 eval_stream=MemoryStream(decoupler_samples(8), seed=1))
+    losses = train_losses(tmp_path, "overfit")
+    assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5])
+    assert result.eval["dinov2/cosine"] > 0.8 and result.eval["dinov2/rel_l2"] < 0.6
+
+
+def action_samples(n: int) -> list[dict]:
+    rng = np.random.default_rng(3)
+    return [{"onestep": rng.standard_normal((T, H, W, C_IN)).astype(np.float16),
+             "dinov2.reference": rng.standard_normal((1, H, W, C_T)).astype(np.float16),
+             "text": rng.standard_normal((3, 6)).astype(np.float16),
+             "actions": (rng.standard_normal((5, 3)) * 2 + 1).astype(np.float32),
+             "actions_mask": np.ones(5, dtype=bool)} for _ in range(n)]
+
+
+def test_action_expert_overfits_a_tiny_set(tmp_path):
+    seed_everything(0)
+    decoupler = Decoupler(DecouplerConfig.preset("tiny", in_channels=C_IN, teacher_channels=C_T, frames=T,
+                                                 height=H, width=W))
+    perceiver = UniPerceiverConfig.preset("tiny", in_channels=C_IN + C_T, frames=T)
+    policy = PolicyConfig.preset("tiny", action_dim=3, chunk=5, text_dim=6, cond_tokens=perceiver.num_latents,
+                                 cond_dim=perceiver.dim, dropout=0.0)
+    model = ActionExpert(perceiver, policy)
+    samples = action_samples(4)
+    actions = np.concatenate([s["actions"] for s in samples])
+    model.normalizer.set_stats("meanstd", {"mean": actions.mean(0).tolist(), "std": actions.std(0).tolist()})
+    task = ActionExpertTask(model, FrozenDecouplers([decoupler], ["dinov2"]))
+    loop = LoopConfig(steps=150, batch_size=4, num_workers=0, log_every=1, checkpoint_every=150, device="cpu")
+    spec = RunSpec(Root(tmp_path), "expert", "action-expert", None, {}, {})
+    before = task.evaluate(model.eval(), [task.collate(samples)])
+    result = fit(task, MemoryStream(samples, seed=1), spec, loop, OptimConfig(lr=3e-3, warmup_steps=5),
+                 eval_stream=MemoryStream(samples, seed=1))
+    losses = train_losses(tmp_path, "expert")
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    assert result.eval["action_mse"] < 0.5 * before["action_mse"]
+    assert all(not p.requires_grad for p in task.decouplers.parameters())
+
+
+def test_checkpoints_count_only_when_complete_and_keep_last(tmp_path):
+    task, stream, spec, cfg = decoupler_run(tmp_path, "ckpt", 12)
+    fit(task, stream, spec, cfg.loop, cfg.optim)
+    run = RunDir(Root(tmp_path), "ckpt")
+    assert run.checkpoints() == [8, 12]  # every 4 steps, the last 2 kept
+    info = run.info(12)
+    assert info.step == 12 and info.export_id == "export-test" and info.target_versions == spec.target_versions
+    assert info.config["loop"]["steps"] == 12 and set(info.files) == {"model.safetensors", "trainer.pt"}
+    # A folder without its _COMPLETE marker (a crash mid-write) does not exist for the loop.
+    partial = tmp_path / "runs" / "ckpt" / "step-16"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    assert run.latest() == 12
+    # A modified checkpoint file is refused.
+    (tmp_path / "runs" / "ckpt" / "step-12" / "trainer.pt").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        run.load(12)
+
+
+def test_version_guard_refuses_other_target_versions_unless_allowed(tmp_path):
+    task, stream, spec, cfg = decoupler_run(tmp_path, "guard", 4)
+    fit(task, stream, spec, cfg.loop, cfg.optim)
+    other = {"onestep": "video-000000000002"}
+    task, stream, spec, cfg = decoupler_run(tmp_path, "guard", 8, versions=other)
+    with pytest.raises(ValueError, match="video-000000000001 -> video-000000000002.*--allow-version-change"):
+        fit(task, stream, spec, cfg.loop, cfg.optim)
+    result = fit(task, stream, spec, cfg.loop, cfg.optim, allow_version_change=True)
+    assert result.step == 8 and result.resumed_from == 4
+    change = RunDir(Root(tmp_path), "guard").info(8).version_changes[0]
+    assert change["from_versions"] == {"onestep": "video-000000000001"} and change["to_versions"] == other
+    run_json = json.loads((tmp_path / "runs" / "guard" / "run.json").read_text())
+    assert run_json["version_changes"][0]["step"] == 4
+
+
+def test_schedule_warms_up_then_decays():
+    cosine = WarmupSchedule(100, OptimConfig(warmup_steps=10, min_lr_ratio=0.1))
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
+    tri = WarmupSchedule(100, OptimConfig(warmup_steps=10, schedule="tristage", hold_fraction=0.5))
+    assert tri(50) == 1.0 and tri(54) == 1.0 and tri(100) == pytest.approx(0.0)
+    assert WarmupSchedule(20, OptimConfig(warmup_steps=100))(2) == 1.0  # warm-up is at most a tenth of the run
+
+
+def test_load_config_reads_toml_applies_overrides_and_names_unknown_keys(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('teacher = "da3"\nsize = "tiny"\n[optim]\nlr = 0.002\n[loop]\nsteps = 50\n')
+    cfg = load_config(DecouplerRunConfig, path, {"loop.steps": 7, "loop.device": None})
+    assert (cfg.teacher, cfg.size, cfg.optim.lr, cfg.loop.steps, cfg.loop.device) == ("da3", "tiny", 0.002, 7, "auto")
+    path.write_text("[loop]\nstepz = 3\n")
+    with pytest.raises(ValueError, match=r"run.toml: unknown key 'loop.stepz'"):
+        load_config(DecouplerRunConfig, path)
+
+
+def _ddp_rank(rank: int, world: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    task, _, spec, cfg = decoupler_run(tmp, "ddp", 4)
+    fit(task, MemoryStream(decoupler_samples(16), seed=1, rank=rank, world=world), spec, cfg.loop, cfg.optim)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_on_cpu(tmp_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path)), nprocs=2)
+    info = RunDir(Root(tmp_path), "ddp").info(4)
+    assert info.world == 2 and set(info.stream) == {"0", "1"}
+    assert info.stream["0"]["workers"] != info.stream["1"]["workers"] or info.stream["0"] == info.stream["1"]
+    metrics = read_metrics(Root(tmp_path), "ddp")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[0]["samples_per_s"] > 0

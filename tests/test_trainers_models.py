@@ -1,0 +1,110 @@
+"""S-VAM model architectures: reference sizes, shapes, the reference anchor, the EDM sampler, normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainers.models.decoupler import Decoupler, DecouplerConfig
+from trainers.models.layers import count_parameters
+from trainers.models.policy import ActionExpert, ActionNormalizer, PolicyConfig
+from trainers.models.uniperceiver import UniPerceiverConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def test_full_decoupler_dino_branch_has_about_106m_parameters():
+    with torch.device("meta"):  # the real architecture, no memory
+        dino = Decoupler(DecouplerConfig.preset("full", teacher_channels=768))
+        da3 = Decoupler(DecouplerConfig.preset("full", teacher_channels=2048))
+    count = count_parameters(dino)
+    assert 105.5e6 < count < 107.0e6, count
+    # The DA3 branch differs only in the output projection (weight + bias) and the anchor (C_teacher 2048).
+    delta = (2048 - 768) * (1024 + 1 + 2560)
+    assert count_parameters(da3) - count == delta
+    assert dino.cfg.hidden == 1024 and dino.cfg.depth == 4 and dino.cfg.heads == 8 and dino.cfg.in_channels == 2560
+
+
+def test_decoupler_shapes_and_reference_anchor():
+    torch.manual_seed(0)
+    model = Decoupler(DecouplerConfig.preset("tiny", in_channels=16, teacher_channels=8, frames=3, height=2, width=4))
+    model.eval()
+    feats, ref = torch.randn(2, 3, 2, 4, 16), torch.randn(2, 1, 2, 4, 8)
+    out = model(feats, ref)
+    assert out.shape == (2, 3, 2, 4, 8)
+    # The anchor is a 1x1 Conv3d of the reference map, the same for every frame, added to the features.
+    anchored = model.anchored_input(feats, ref) - feats
+    assert torch.allclose(anchored[:, 0], anchored[:, 2], atol=1e-6)
+    assert not torch.allclose(model(feats, torch.randn_like(ref)), out)
+    with pytest.raises(ValueError, match="reference of shape"):
+        model(feats, None)
+    with pytest.raises(ValueError, match="features of shape"):
+        model(torch.randn(2, 3, 2, 4, 15), ref)
+
+
+def test_full_uniperceiver_and_policy_dimensions():
+    perceiver = UniPerceiverConfig.preset("full")
+    assert perceiver.in_channels == 2560 + 768 + 2048 and perceiver.num_latents == 224 and perceiver.dim == 384
+    policy = PolicyConfig.preset("full")
+    assert (policy.chunk, policy.action_dim, policy.sample_steps, policy.text_dim) == (10, 7, 10, 512)
+    model = ActionExpert(perceiver, policy)
+    assert count_parameters(model.perceiver) > 10e6 and count_parameters(model.policy) > 10e6
+
+
+def _tiny_expert(action_dim: int = 3) -> ActionExpert:
+    perceiver = UniPerceiverConfig.preset("tiny", in_channels=20, frames=4)
+    policy = PolicyConfig.preset("tiny", action_dim=action_dim, chunk=5, text_dim=6, cond_tokens=perceiver.num_latents,
+                                 cond_dim=perceiver.dim)
+    return ActionExpert(perceiver, policy)
+
+
+def test_action_expert_loss_and_sampler():
+    torch.manual_seed(0)
+    model = _tiny_expert()
+    tokens, text, actions = torch.randn(2, 4, 9, 20), torch.randn(2, 3, 6), torch.randn(2, 5, 3)
+    loss = model(tokens, text, actions, torch.ones(2, 5, dtype=torch.bool))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.perceiver.latents.grad is not None
+    model.eval()
+    first = model.predict(tokens, text[:, 0], torch.Generator().manual_seed(3))
+    again = model.predict(tokens, text[:, 0], torch.Generator().manual_seed(3))
+    assert first.shape == (2, 5, 3) and torch.equal(first, again)
+    scheduler = model.policy.cfg.scheduler()
+    scheduler.set_timesteps(model.policy.cfg.sample_steps)
+    assert len(scheduler.timesteps) == 10 and float(scheduler.sigmas[-1]) == 0.0
+
+
+def test_masked_rows_do_not_count_in_the_policy_loss(monkeypatch):
+    torch.manual_seed(0)
+    policy = _tiny_expert().policy
+    # A row-wise stand-in network isolates the loss arithmetic from attention across rows.
+    monkeypatch.setattr(policy, "network", lambda scaled, c_noise, memory: scaled * 0.5)
+    memory, actions = torch.randn(1, 7, 32), torch.randn(1, 5, 3)
+    mask = torch.tensor([[True, True, True, False, False]])
+    changed = actions.clone()
+    changed[:, 3:] += 100.0
+    torch.manual_seed(1)
+    base = policy.loss(actions, memory, mask)
+    torch.manual_seed(1)
+    assert torch.allclose(policy.loss(changed, memory, mask), base)
+    torch.manual_seed(1)
+    assert not torch.allclose(policy.loss(changed, memory, None), base)
+
+
+def test_action_normalizer_modes_round_trip():
+    stats = {"mean": [1.0, -2.0], "std": [2.0, 0.0], "min": [-1.0, -3.0], "max": [3.0, -3.0],
+             "q01": [-0.5, -3.0], "q99": [2.5, -3.0]}
+    actions = torch.tensor([[0.0, -3.0], [2.5, -3.0]])
+    for mode in ("quantile", "minmax", "meanstd"):
+        norm = ActionNormalizer(2)
+        norm.set_stats(mode, stats)
+        assert torch.allclose(norm.denormalize(norm.normalize(actions)), actions)
+    norm = ActionNormalizer(2)
+    norm.set_stats("quantile", stats)
+    assert torch.allclose(norm.normalize(torch.tensor([[-0.5, -3.0], [2.5, -3.0]]))[:, 0], torch.tensor([-1.0, 1.0]))
+    with pytest.raises(ValueError, match="2 elements, the policy has 3"):
+        ActionNormalizer(3).set_stats("meanstd", stats)

@@ -89,16 +89,17 @@ def bare_forward(teacher, frames_BTHWC: torch.Tensor, repeats: int) -> dict[str,
     return out
 
 
-def end_to_end(teacher, root: str, video_id: str, batch: int, writers: int, tag: str) -> dict[str, float]:
-    """Frames/s of encode_shards over the whole video version into a fresh teacher version."""
+def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
+               tag: str) -> dict[str, float]:
+    """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
     video = open_video(root, video_id)
     recipe = teacher_recipe(teacher, video_id)
     recipe.params = {**recipe.params, "bench": tag}  # a fresh version per measurement
     store = TargetStore(root)
-    n = video.manifest.num_clips
+    n = min(clips, video.manifest.num_clips)
     writer = store.begin(recipe, teacher_arrays(n, T, teacher), n, video.manifest.shard_size)
     result = encode_shards(teacher, video, ObservedFrames(root, video), writer, list(range(writer.num_shards)),
-                           batch, writers)
+                           batch, writers, readers)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
     store.delete(writer.version_id)
@@ -113,9 +114,10 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch)))
     bare = bare_forward(teacher, frames.to(teacher.device), args.repeats)
     rows = []
+    clips = args.clips_da3 if name == "da3" else args.clips
     for writers in args.writers:
-        e2e = end_to_end(teacher, root, video_id, args.batch, writers, f"w{writers}")
-        e2e.update(writers=writers, ratio_vs_bare_target_ref=e2e["frames_per_s"] / bare["target+ref"],
+        e2e = end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, f"w{writers}")
+        e2e.update(writers=writers, clips=clips, ratio_vs_bare_target_ref=e2e["frames_per_s"] / bare["target+ref"],
                    ratio_vs_bare_target=e2e["frames_per_s"] / bare["target"])
         rows.append(e2e)
     del teacher
@@ -129,11 +131,11 @@ def report(results: list[dict], args) -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device {device}, dtype {args.dtype}, model {args.model}, {args.clips} clips x {T} frames "
           f"of {SIZE}x{SIZE}, batch {args.batch} clips ({args.batch * T} frames), shard {args.shard} clips")
-    print(f"{'teacher':<8} {'bare tgt f/s':>12} {'bare tgt+ref':>12} {'writers':>7} {'e2e f/s':>9} "
+    print(f"{'teacher':<8} {'bare tgt f/s':>12} {'bare tgt+ref':>12} {'clips':>5} {'writers':>7} {'e2e f/s':>9} "
           f"{'e2e/bare':>8} {'e2e/tgt':>8} {'wait rd s':>9} {'wait wr s':>9} {'GB out':>7}")
     for r in results:
         for e in r["e2e"]:
-            print(f"{r['teacher']:<8} {r['bare']['target']:>12.0f} {r['bare']['target+ref']:>12.0f} "
+            print(f"{r['teacher']:<8} {r['bare']['target']:>12.0f} {r['bare']['target+ref']:>12.0f} {e['clips']:>5} "
                   f"{e['writers']:>7} {e['frames_per_s']:>9.0f} {e['ratio_vs_bare_target_ref']:>8.2f} "
                   f"{e['ratio_vs_bare_target']:>8.2f} {e['wait_read_s']:>9.2f} {e['wait_write_s']:>9.2f} "
                   f"{e['written_gb']:>7.2f}")
@@ -151,7 +153,9 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=512)
     parser.add_argument("--shard", type=int, default=16, help="clips per shard of the video/teacher versions")
     parser.add_argument("--batch", type=int, default=16, help="clips per forward (x16 frames)")
+    parser.add_argument("--clips-da3", type=int, default=384, help="clips DA3 encodes end to end (1 MB/frame out)")
     parser.add_argument("--writers", default="4", help="comma list: writer threads to try")
+    parser.add_argument("--readers", type=int, default=3, help="reader threads")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--root", default=None, help="store root (default: a temp folder, removed after)")
     parser.add_argument("--json", default=None, help="also write the results here")

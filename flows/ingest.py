@@ -133,6 +133,9 @@ def ingest_metaworld_flow(root_url: str, config: MetaWorldIngestConfig) -> dict[
             break
         for future in futures:
             _accumulate(totals, future.result())
+    from flows.ingest_sources import dataset_stats
+
+    store.write_stats(dataset_stats(store, FEATURES))
     lineage.emit(root_url, "ingest-metaworld", str(uuid.uuid4()), inputs=[],
                  outputs=[f"datasets/{config.dataset}"], facets={"config": config.model_dump()})
     return totals

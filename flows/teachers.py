@@ -41,6 +41,7 @@ class TeachersConfig(StrictModel):
     device: str = Field(default="cpu", description="Torch device, e.g. cuda or cuda:1.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Model compute dtype.")
     writers: int = Field(default=2, ge=1, description="Threads compressing and storing finished shards.")
+    readers: int = Field(default=2, ge=1, description="Threads reading and pinning the next batches.")
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
 
 
@@ -76,7 +77,8 @@ def encode_shards_task(root_url: str, version_id: str, config: TeachersConfig, s
     todo = [s for s in shards if not writer.is_done(s)]
     with _progress_bar(sum(len(writer.shard_clips(s)) for s in todo), f"{config.teacher} {version_id}") as bar:
         return encode_shards(teacher, video, ObservedFrames(root_url, video), writer, todo, config.batch,
-                             config.writers, claims=ShardClaims(root_url, writer), progress=bar.update)
+                             config.writers, config.readers, claims=ShardClaims(root_url, writer),
+                             progress=bar.update)
 
 
 class TeachersSummary(StrictModel):

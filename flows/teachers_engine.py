@@ -12,7 +12,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,53 +122,6 @@ class ObservedFrames:
 
 
 # ---------------------------------------------------------------- the pipelined shard loop
-_END = object()
-
-
-class Prefetcher:
-    """Runs an iterator in a background thread, ``depth`` items ahead; re-raises its errors."""
-
-    def __init__(self, items: Iterable[Any], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self.waited_s = 0.0
-        self._thread = threading.Thread(target=self._run, args=(iter(items),), daemon=True, name="teacher-read")
-        self._thread.start()
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(_END)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put(err)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            start = time.perf_counter()
-            item = self._queue.get()
-            self.waited_s += time.perf_counter() - start
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class InputBatch:
     """Consecutive clips of one shard, as uint8 host tensors (pinned when the teacher is on CUDA)."""
@@ -188,24 +142,55 @@ def batch_plan(writer: TargetWriter, shards: list[int], batch: int) -> list[tupl
     return plan
 
 
-def read_batches(video: TargetReader, observed: ObservedFrames, plan: list[tuple[int, range]], pin: bool,
-                 claim: Callable[[int], Any] | None = None) -> Iterator[InputBatch]:
-    """Read (and pin) the frames of every planned batch, in order.
+def load_batch(video: TargetReader, observed: ObservedFrames, shard: int, clips: range, pin: bool,
+               claim: Any = None) -> InputBatch:
+    """Read (and pin) the frames and observed frames of one batch."""
+    frames = torch.from_numpy(np.ascontiguousarray(video.read("frames", slice(clips.start, clips.stop))))
+    obs = torch.from_numpy(np.ascontiguousarray(observed.read(clips)))
+    if pin:
+        frames, obs = frames.pin_memory(), obs.pin_memory()
+    return InputBatch(shard, clips, frames, obs, claim)
 
-    With ``claim``, a shard is read only when ``claim(shard)`` returns a claim (another builder
-    holds it, or it is done, otherwise); the claim travels with the shard's batches.
+
+class ReadAhead:
+    """Yields the planned batches in order while reader threads load the next ``depth`` of them.
+
+    With ``claim``, a shard is read only when ``claim(shard)`` returns a claim (None: another
+    builder holds it, or it is done); the claim travels with the shard's batches.
     """
-    owned: dict[int, Any] = {}
-    for shard, clips in plan:
-        if claim is not None and shard not in owned:
-            owned[shard] = claim(shard)
-        if claim is not None and owned[shard] is None:
-            continue
-        frames = torch.from_numpy(np.ascontiguousarray(video.read("frames", slice(clips.start, clips.stop))))
-        obs = torch.from_numpy(np.ascontiguousarray(observed.read(clips)))
-        if pin:
-            frames, obs = frames.pin_memory(), obs.pin_memory()
-        yield InputBatch(shard, clips, frames, obs, owned.get(shard))
+
+    def __init__(self, load: Callable[[int, range, Any], InputBatch], plan: list[tuple[int, range]],
+                 readers: int, depth: int, claim: Callable[[int], Any] | None = None):
+        self.load, self.plan, self.readers, self.depth, self.claim = load, plan, readers, depth, claim
+        self.waited_s = 0.0
+
+    def _owned(self) -> Iterator[tuple[int, range, Any]]:
+        owned: dict[int, Any] = {}
+        for shard, clips in self.plan:
+            if self.claim is not None and shard not in owned:
+                owned[shard] = self.claim(shard)
+            if self.claim is None or owned[shard] is not None:
+                yield shard, clips, owned.get(shard)
+
+    def __iter__(self) -> Iterator[InputBatch]:
+        window: deque[Future] = deque()
+        with ThreadPoolExecutor(self.readers, thread_name_prefix="teacher-read") as pool:
+            try:
+                for shard, clips, claim in self._owned():
+                    window.append(pool.submit(self.load, shard, clips, claim))
+                    if len(window) >= self.depth:
+                        yield self._next(window)
+                while window:
+                    yield self._next(window)
+            finally:
+                for future in window:
+                    future.cancel()
+
+    def _next(self, window: deque[Future]) -> InputBatch:
+        start = time.perf_counter()
+        item = window.popleft().result()
+        self.waited_s += time.perf_counter() - start
+        return item
 
 
 class ShardClaims:
@@ -354,8 +339,8 @@ class ShardLoop:
 
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
-                  shards: list[int], batch: int, writers: int = 2, claims: ShardClaims | None = None,
-                  progress: Callable[[int], None] | None = None) -> ShardsResult:
+                  shards: list[int], batch: int, writers: int = 2, readers: int = 2,
+                  claims: ShardClaims | None = None, progress: Callable[[int], None] | None = None) -> ShardsResult:
     """Encode and store whole shards: read ahead, forward, copy back and write, overlapped.
 
     With ``claims``, shards held by another builder are skipped and every claim is released,
@@ -368,20 +353,19 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     pool = ShardBuffers(min(writer.manifest.shard_size, writer.manifest.num_clips), (T, *shape), (1, *shape),
                         pin=cuda, count=writers + 1)
     result = ShardsResult(shards=list(shards))
-    batches = read_batches(video, observed, batch_plan(writer, shards, batch), pin=cuda, claim=claims)
-    prefetch = Prefetcher(batches, depth=3)
+    read = ReadAhead(lambda shard, clips, claim: load_batch(video, observed, shard, clips, cuda, claim),
+                     batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1, claim=claims)
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
             loop = ShardLoop(teacher, writer, pool, executor, claims, result)
-            for item in prefetch:
+            for item in read:
                 loop.step(item)
                 if progress is not None:
                     progress(len(item.clips))
             loop.drain()
     finally:
-        prefetch.close()
         if claims is not None:
             claims.release_all()
-    result.frames, result.wait_read_s = result.clips * T, prefetch.waited_s
+    result.frames, result.wait_read_s = result.clips * T, read.waited_s
     result.seconds = time.perf_counter() - start
     return result

@@ -8,6 +8,7 @@ first bad item).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -44,7 +45,7 @@ def _run(flow, workers: int, dask_address: str | None, root: str | None, **param
     for line in summary.quarantined:
         typer.echo(f"quarantined: {line}", err=True)
     if summary.partial:
-        raise typer.Exit(EXIT_PARTIAL)
+        sys.exit(EXIT_PARTIAL)  # SystemExit passes the CLI boundary with its code intact
 
 
 def ingest_calvin(

@@ -35,6 +35,7 @@ def teachers(
     settings: str = typer.Option(None, help="Teacher settings as JSON, e.g. '{\"stage\": 1}' (da3) or "
                                             "'{\"preprocess\": {\"height\": 448, \"width\": 448}}'."),
     writers: int = typer.Option(2, help="Threads compressing and storing finished shards."),
+    readers: int = typer.Option(2, help="Threads reading the next batches from the store."),
     workers: int = typer.Option(1, help="Parallel tasks, each with its own model copy."),
     dask_address: str = typer.Option(None, help="Run tasks on this dask scheduler (tcp://host:8786)."),
     root: str = ROOT_OPTION,
@@ -46,7 +47,8 @@ def teachers(
     from schemas.model import ModelSpec
 
     config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
-                            device=device, dtype=dtype, writers=writers, workers=workers)
+                            device=device, dtype=dtype, writers=writers, readers=readers,
+                            workers=workers)
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.
     parse_settings(config.teacher, config.settings)

@@ -26,15 +26,11 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flows.teachers_engine import (ObservedFrames, encode_shards, open_video, teacher_arrays,  # noqa: E402
-                                   teacher_recipe)
-from pipelines.teachers import load_teacher  # noqa: E402
-from schemas.target import ArraySpec, TargetRecipe  # noqa: E402
-from storage.targets import TargetStore  # noqa: E402
+# torch and the project are imported inside the functions: I/O worker processes re-import this
+# script as their __main__ and should not pay for torch.
 
 T = 16
 SIZE = 256  # SVD output frames
@@ -42,6 +38,8 @@ SIZE = 256  # SVD output frames
 
 def synthetic_clips(count: int, seed: int) -> np.ndarray:
     """Smooth moving frames (compress like video, unlike noise): (count, T, 256, 256, 3) uint8."""
+    import torch
+
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
     images = torch.nn.functional.interpolate(torch.from_numpy(base).float(), size=(SIZE + 64, SIZE + 64),
@@ -52,6 +50,9 @@ def synthetic_clips(count: int, seed: int) -> np.ndarray:
 
 def write_video_version(root: str, clips: int, shard: int) -> str:
     """A complete `video` version with `frames` and `observed` (the conditioning frame)."""
+    from schemas.target import ArraySpec, TargetRecipe
+    from storage.targets import TargetStore
+
     arrays = [ArraySpec(name="frames", shape=[clips, T, SIZE, SIZE, 3], dtype="uint8"),
               ArraySpec(name="observed", shape=[clips, SIZE, SIZE, 3], dtype="uint8")]
     recipe = TargetRecipe(kind="video", stage="bench.synthetic", stage_version=1, params={"clips": clips})
@@ -64,14 +65,22 @@ def write_video_version(root: str, clips: int, shard: int) -> str:
     return writer.version_id
 
 
-def sync(device: torch.device) -> None:
+def sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def bare_forward(teacher, frames_BTHWC: torch.Tensor, repeats: int) -> dict[str, float]:
+def bare_forward(teacher, frames_BTHWC, repeats: int) -> dict[str, float]:
     """Frames/s of the model forward alone on one preprocessed batch (target; target + reference)."""
+    import torch
+
+    with torch.inference_mode():
+        return _bare_forward(teacher, frames_BTHWC, repeats)
+
+
+def _bare_forward(teacher, frames_BTHWC, repeats: int) -> dict[str, float]:
     pixels = teacher.pixels(frames_BTHWC)
     ref_pixels = teacher.pixels(frames_BTHWC[:, :1])
     out = {}
@@ -90,8 +99,12 @@ def bare_forward(teacher, frames_BTHWC: torch.Tensor, repeats: int) -> dict[str,
 
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
-               tag: str) -> dict[str, float]:
+               processes: bool, tag: str) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
+    from flows.teachers_engine import encode_shards, teacher_arrays, teacher_recipe
+    from flows.teachers_io import ObservedFrames, open_video
+    from storage.targets import TargetStore
+
     video = open_video(root, video_id)
     recipe = teacher_recipe(teacher, video_id)
     recipe.params = {**recipe.params, "bench": tag}  # a fresh version per measurement
@@ -99,15 +112,22 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     n = min(clips, video.manifest.num_clips)
     writer = store.begin(recipe, teacher_arrays(n, T, teacher), n, video.manifest.shard_size)
     result = encode_shards(teacher, video, ObservedFrames(root, video), writer, list(range(writer.num_shards)),
-                           batch, writers, readers)
+                           batch, writers, readers, io_processes=processes)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
     store.delete(writer.version_id)
-    return {"frames_per_s": result.frames / result.seconds, "seconds": result.seconds,
+    steady = result.frames / max(result.seconds - result.startup_s, 1e-9)
+    return {"frames_per_s": result.frames / result.seconds, "steady_frames_per_s": steady,
+            "startup_s": result.startup_s, "seconds": result.seconds,
             "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9}
 
 
 def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
+    import torch
+
+    from flows.teachers_io import open_video
+    from pipelines.teachers import load_teacher
+
     started = time.perf_counter()
     teacher = load_teacher(name, args.model, None, args.device, args.dtype)
     load_s = time.perf_counter() - started
@@ -116,8 +136,10 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     rows = []
     clips = args.clips_da3 if name == "da3" else args.clips
     for writers in args.writers:
-        e2e = end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, f"w{writers}")
+        e2e = end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
+                         f"w{writers}")
         e2e.update(writers=writers, clips=clips, ratio_vs_bare_target_ref=e2e["frames_per_s"] / bare["target+ref"],
+                   steady_ratio_vs_bare_target_ref=e2e["steady_frames_per_s"] / bare["target+ref"],
                    ratio_vs_bare_target=e2e["frames_per_s"] / bare["target"])
         rows.append(e2e)
     del teacher
@@ -128,16 +150,21 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
 
 
 def report(results: list[dict], args) -> None:
+    import torch
+
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device {device}, dtype {args.dtype}, model {args.model}, {args.clips} clips x {T} frames "
-          f"of {SIZE}x{SIZE}, batch {args.batch} clips ({args.batch * T} frames), shard {args.shard} clips")
+          f"of {SIZE}x{SIZE}, batch {args.batch} clips ({args.batch * T} frames), shard {args.shard} clips, "
+          f"store I/O in {args.io} ({args.readers} readers), {os.cpu_count()} cores")
     print(f"{'teacher':<8} {'bare tgt f/s':>12} {'bare tgt+ref':>12} {'clips':>5} {'writers':>7} {'e2e f/s':>9} "
-          f"{'e2e/bare':>8} {'e2e/tgt':>8} {'wait rd s':>9} {'wait wr s':>9} {'GB out':>7}")
+          f"{'e2e/bare':>8} {'e2e/tgt':>8} {'start s':>7} {'steady/bare':>11} {'wait rd s':>9} {'wait wr s':>9} "
+          f"{'GB out':>7}")
     for r in results:
         for e in r["e2e"]:
             print(f"{r['teacher']:<8} {r['bare']['target']:>12.0f} {r['bare']['target+ref']:>12.0f} {e['clips']:>5} "
                   f"{e['writers']:>7} {e['frames_per_s']:>9.0f} {e['ratio_vs_bare_target_ref']:>8.2f} "
-                  f"{e['ratio_vs_bare_target']:>8.2f} {e['wait_read_s']:>9.2f} {e['wait_write_s']:>9.2f} "
+                  f"{e['ratio_vs_bare_target']:>8.2f} {e['startup_s']:>7.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
+                  f"{e['wait_read_s']:>9.2f} {e['wait_write_s']:>9.2f} "
                   f"{e['written_gb']:>7.2f}")
     if args.json:
         with open(args.json, "w") as handle:
@@ -145,6 +172,8 @@ def report(results: list[dict], args) -> None:
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16")
@@ -155,7 +184,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="clips per forward (x16 frames)")
     parser.add_argument("--clips-da3", type=int, default=384, help="clips DA3 encodes end to end (1 MB/frame out)")
     parser.add_argument("--writers", default="4", help="comma list: writer threads to try")
-    parser.add_argument("--readers", type=int, default=3, help="reader threads")
+    parser.add_argument("--readers", type=int, default=3, help="reader threads/processes")
+    parser.add_argument("--io", choices=["processes", "threads"], default="processes", help="store I/O workers")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--root", default=None, help="store root (default: a temp folder, removed after)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -166,7 +196,15 @@ def main() -> None:
         started = time.perf_counter()
         video_id = write_video_version(root, args.clips, args.shard)
         print(f"video version {video_id}: {args.clips} clips written in {time.perf_counter() - started:.1f}s")
-        results = [bench_teacher(name, args, root, video_id) for name in args.teachers.split(",")]
+        results = []
+        for name in args.teachers.split(","):
+            try:
+                results.append(bench_teacher(name, args, root, video_id))
+            except Exception as err:  # noqa: BLE001 - report and go on with the other teacher
+                import traceback
+
+                traceback.print_exc()
+                print(f"{name}: FAILED: {err}")
         report(results, args)
     finally:
         if args.root is None:

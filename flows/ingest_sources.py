@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import closing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from pipelines.ingest.common import (
     SourceEpisode,
     SourceLayout,
     file_sha256,
+    prefetch,
     source_checksum,
 )
 from schemas.base import StrictModel, canonical_json
@@ -73,9 +75,11 @@ class IngestSummary(StrictModel):
 
 
 # Per-episode work ---------------------------------------------------------------------------------
-def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str | None, strict: bool) -> str:
+def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str | None, strict: bool,
+                file: str | None = None) -> str:
     """Record a bad item; re-raise it when strict. Returns its one-line message."""
-    item = err.as_item() if isinstance(err, IngestError) else {"episode": episode_id, "message": str(err)}
+    item = err.as_item() if isinstance(err, IngestError) else \
+        {"file": file, "episode": episode_id, "field": None, "reason": str(err), "message": str(err)}
     item.setdefault("episode", episode_id)
     store.quarantine({"kind": kind, **item})
     log.warning("quarantined: %s", err)
@@ -86,14 +90,17 @@ def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str
 
 def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, features: dict[str, FeatureSpec],
                    blocks: Iterable[FrameBlock | LowdimBlock]) -> list[LanguageSegment]:
-    """Stream one episode's blocks into the store; published only when all of it is written."""
+    """Stream one episode's blocks into the store; published only when all of it is written.
+
+    Blocks are read one step ahead in a thread, so decoding overlaps the store's compression.
+    """
     record = EpisodeRecord(
         episode_id=episode.episode_id, split=episode.split, task=episode.task, instructions=episode.instructions,
         length=episode.length, success=episode.success, source_path=episode.source_path,
         source_checksum=checksum, extra=episode.extra)
     segments: list[LanguageSegment] = []
-    with store.writer(record, features) as writer:
-        for block in blocks:
+    with store.writer(record, features) as writer, closing(prefetch(blocks)) as stream:
+        for block in stream:
             if isinstance(block, FrameBlock):
                 writer.append_frames(block.camera, block.frames_THWC)
             else:
@@ -110,7 +117,7 @@ def _ingest_one(store: EpisodeStore, kind: str, episode: SourceEpisode, checksum
     try:
         segments = _write_episode(store, episode, checksum, features, blocks)
     except ValueError as err:
-        message = _quarantine(store, kind, err, episode.episode_id, strict)
+        message = _quarantine(store, kind, err, episode.episode_id, strict, file=episode.source_path)
         return EpisodeResult(episode_id=episode.episode_id, status="quarantined", message=message)
     return EpisodeResult(episode_id=episode.episode_id, status="written", frames=episode.length, segments=segments)
 

@@ -114,7 +114,7 @@ def resolve_params(config: Pi0TargetsConfig, rows: list[ClipRow], info: DatasetI
         pairs=config.pairs, attn_layers=attn_layers, attn_dtype=config.attn_dtype, cameras=cameras,
         state_key=config.state_key, action_key=config.action_key, state_indices=config.state_indices,
         normalization=normalization(config, info), max_text_tokens=config.max_text_tokens,
-        tokenizer=loaded.tokenizer_kind, image_size=pi0.image_size(loaded.model.config),
+        tokenizer=loaded.tokenizer_kind, image_size=pi0.image_size(loaded.model.config), dtype=config.dtype,
         chunk_size=loaded.model.config.chunk_size, max_dim=loaded.model.config.max_action_dim)
 
 

@@ -89,6 +89,10 @@ def local_dask_cluster(n_workers: int, gpus: int | None = None, host: str = "127
     """
     from distributed import Nanny, Scheduler, SpecCluster
 
+    if not log.isEnabledFor(logging.INFO):
+        # Worker processes read dask's logging config from the environment when they start.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     gpus = visible_gpus() if gpus is None else gpus
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
@@ -121,6 +125,21 @@ def make_task_runner(choice: RunnerChoice):
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=choice.workers)
+
+
+@contextlib.contextmanager
+def stage_runners(choice: RunnerChoice) -> Iterator[Callable[[], Any]]:
+    """A factory of task runners for several flows run one after another (a pipeline's stages).
+
+    With ``dask_local`` one local cluster is started for all of them (not one per stage), so
+    the workers and the models they cached survive from one stage to the next.
+    """
+    if choice.dask_local is None:
+        yield lambda: make_task_runner(choice)
+        return
+    with local_dask_cluster(choice.dask_local) as cluster:
+        shared = RunnerChoice(dask_address=cluster.scheduler_address)
+        yield lambda: make_task_runner(shared)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ itself lives in flows/teachers_engine.py (no Prefect there, so benchmarks run it
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import Any, Literal
@@ -18,8 +19,8 @@ from prefect import flow, task
 from pydantic import Field
 
 from flows.models_cache import cached_model
-from flows.teachers_engine import (ObservedFrames, ShardClaims, ShardsResult, encode_shards, open_video,
-                                   teacher_arrays, teacher_recipe)
+from flows.teachers_engine import ShardClaims, ShardsResult, encode_shards, teacher_arrays, teacher_recipe
+from flows.teachers_io import ObservedFrames, open_video
 from pipelines.teachers import Teacher, load_teacher
 from schemas.base import StrictModel
 from storage import lineage
@@ -40,9 +41,22 @@ class TeachersConfig(StrictModel):
     batch: int = Field(default=4, ge=1, description="Clips per forward pass (each clip is T frames).")
     device: str = Field(default="cpu", description="Torch device, e.g. cuda or cuda:1.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Model compute dtype.")
-    writers: int = Field(default=2, ge=1, description="Threads compressing and storing finished shards.")
-    readers: int = Field(default=2, ge=1, description="Threads reading and pinning the next batches.")
+    io_processes: bool | None = Field(default=None, description="Store reads/writes in worker processes "
+                                                               "(None: yes on CUDA, where one process's zarr "
+                                                               "I/O cannot keep up with the GPU).")
+    readers: int | None = Field(default=None, ge=1, description="Reader threads/processes (None: from the cores).")
+    writers: int | None = Field(default=None, ge=1, description="Writer threads/processes (None: from the cores).")
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
+
+
+def resolve_io(config: TeachersConfig) -> tuple[bool, int, int]:
+    """(io_processes, readers, writers): writing float16 tokens costs more than reading uint8
+    frames, so writers get about half the cores and readers a fifth."""
+    processes = config.device.startswith("cuda") if config.io_processes is None else config.io_processes
+    cores = os.cpu_count() or 2
+    readers = config.readers or (max(2, cores // 5) if processes else 2)
+    writers = config.writers or (max(2, cores // 2) if processes else 2)
+    return processes, readers, writers
 
 
 # ---------------------------------------------------------------- model cache (one per process)
@@ -75,10 +89,11 @@ def encode_shards_task(root_url: str, version_id: str, config: TeachersConfig, s
         raise ValueError(f"teacher version '{version_id}' was begun with other weights than {config.model!r}")
     video = open_video(root_url, config.video)
     todo = [s for s in shards if not writer.is_done(s)]
+    processes, readers, writers = resolve_io(config)
     with _progress_bar(sum(len(writer.shard_clips(s)) for s in todo), f"{config.teacher} {version_id}") as bar:
-        return encode_shards(teacher, video, ObservedFrames(root_url, video), writer, todo, config.batch,
-                             config.writers, config.readers, claims=ShardClaims(root_url, writer),
-                             progress=bar.update)
+        return encode_shards(teacher, video, ObservedFrames(root_url, video), writer, todo, config.batch, writers,
+                             readers, claims=ShardClaims(root_url, writer), progress=bar.update,
+                             io_processes=processes)
 
 
 class TeachersSummary(StrictModel):

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,14 +25,14 @@ from pydantic import Field
 from pipelines.teachers import OUTPUT_DTYPE, Teacher
 from schemas.base import StrictModel
 from schemas.target import ArraySpec, TargetRecipe
+from flows.teachers_io import ObservedFrames
 from storage.claims import ShardClaim
-from storage.targets import TargetReader, TargetStore, TargetWriter
+from storage.targets import TargetReader, TargetWriter
 
 log = logging.getLogger(__name__)
 
 STAGE = "teachers"
 STAGE_VERSION = 1
-OBSERVED_ARRAY = "observed"
 
 
 class ShardsResult(StrictModel):
@@ -45,6 +45,7 @@ class ShardsResult(StrictModel):
     seconds: float = 0.0
     wait_read_s: float = Field(default=0.0, description="Time the forward loop waited for input.")
     wait_write_s: float = Field(default=0.0, description="Time the forward loop waited for free output buffers.")
+    startup_s: float = Field(default=0.0, description="Time until the first batch was ready (pools, first read).")
 
 
 # ---------------------------------------------------------------- version layout
@@ -59,66 +60,6 @@ def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher) -> list[Ar
     dtype = str(OUTPUT_DTYPE).removeprefix("torch.")
     return [ArraySpec(name="target", shape=[num_clips, num_frames, h, w, teacher.channels], dtype=dtype),
             ArraySpec(name="reference", shape=[num_clips, 1, h, w, teacher.channels], dtype=dtype)]
-
-
-def open_video(root_url: str, video_id: str) -> TargetReader:
-    """The complete video version ``video_id``; ValueError naming what is wrong otherwise."""
-    store = TargetStore(root_url)
-    status = store.status(video_id)
-    if status is None:
-        raise ValueError(f"video version '{video_id}': not found under {store.root.url}")
-    reader = store.open(video_id)
-    if reader.manifest.kind != "video":
-        raise ValueError(f"version '{video_id}' is a '{reader.manifest.kind}' version, expected 'video'")
-    if status != "complete":
-        raise ValueError(f"video version '{video_id}' is still '{status}'; finish it before running teachers")
-    spec = reader.manifest.array_spec("frames")
-    if len(spec.shape) != 5 or spec.shape[-1] != 3 or spec.dtype != "uint8":
-        raise ValueError(f"video version '{video_id}': array 'frames' is {spec.dtype} {spec.shape}, "
-                         "expected uint8 (N, T, H, W, 3)")
-    return reader
-
-
-class ObservedFrames:
-    """The observed (conditioning) frame of every clip: the video version's ``observed`` array when
-    it has one, else frame ``start`` of the clip's episode camera, found through the plan rows."""
-
-    def __init__(self, root_url: str, video: TargetReader):
-        self.video = video
-        self.rows = None
-        if OBSERVED_ARRAY in [a.name for a in video.manifest.arrays]:
-            return
-        plan_id = video.manifest.recipe.inputs.get("plan")
-        if plan_id is None:
-            raise ValueError(f"video version '{video.version_id}': no '{OBSERVED_ARRAY}' array and no "
-                             "'plan' input, so the observed frames cannot be found")
-        from storage.plans import PlanStore  # pyarrow only when the plan is needed
-
-        self.rows = PlanStore(root_url).rows(plan_id)
-        if len(self.rows) != video.manifest.num_clips:
-            raise ValueError(f"video version '{video.version_id}': {video.manifest.num_clips} clips but plan "
-                             f"'{plan_id}' has {len(self.rows)} rows")
-        self.episodes: dict[str, Any] = {}
-        self.root_url = root_url
-
-    def read(self, clips: range) -> np.ndarray:
-        """uint8 (B, H, W, 3) observed frames of clips ``clips``."""
-        if self.rows is None:
-            data = self.video.read(OBSERVED_ARRAY, slice(clips.start, clips.stop))
-            return data[:, 0] if data.ndim == 5 else data
-        frames = []
-        for index in clips:
-            row = self.rows[index]
-            if row.dataset not in self.episodes:
-                from storage.episodes import EpisodeStore
-
-                self.episodes[row.dataset] = EpisodeStore(self.root_url, row.dataset)
-            store = self.episodes[row.dataset]
-            frames.append(store.read_frames(row.episode_id, row.camera, [row.start])[0])
-        if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"video version '{self.video.version_id}', clips {clips.start}..{clips.stop - 1}: "
-                             f"observed frames differ in size {sorted({f.shape for f in frames})}")
-        return np.stack(frames)
 
 
 # ---------------------------------------------------------------- the pipelined shard loop
@@ -279,18 +220,122 @@ class OpenShard:
     claim: Any = None
 
 
-def store_shard(writer: TargetWriter, shard: OpenShard, pool: ShardBuffers,
+def store_shard(io: "ThreadIO | ProcessIO", shard: OpenShard, pool: ShardBuffers,
                 claims: ShardClaims | None = None) -> None:
-    """Wait for the shard's device copies, write it (data, then its _done marker), recycle buffers."""
+    """Wait for the shard's device copies, store it (data, then its _done marker), recycle the
+    host buffers as soon as their contents are handed over, release the shard's claim."""
     for event in shard.events:
         if event is not None:
             event.synchronize()
-    n = len(shard.clips)
     target, reference = shard.buffers
-    writer.write_shard(shard.index, {"target": target[:n].numpy(), "reference": reference[:n].numpy()})
-    pool.give(shard.buffers)
+    io.store(shard.index, len(shard.clips), target, reference, handed_over=lambda: pool.give(shard.buffers))
     if claims is not None:
         claims.release(shard.index)
+
+
+class ThreadIO:
+    """Store reads and writes in threads of this process (small runs, tests, Dask workers)."""
+
+    def __init__(self, video: TargetReader, observed: ObservedFrames, writer: TargetWriter, pin: bool):
+        self.video, self.observed, self.writer, self.pin = video, observed, writer, pin
+
+    def load(self, shard: int, clips: range, claim: Any) -> InputBatch:
+        return load_batch(self.video, self.observed, shard, clips, self.pin, claim)
+
+    def store(self, shard: int, clips: int, target: torch.Tensor, reference: torch.Tensor,
+              handed_over: Callable[[], None]) -> None:
+        self.writer.write_shard(shard, {"target": target[:clips].numpy(), "reference": reference[:clips].numpy()})
+        handed_over()
+
+    def close(self) -> None:
+        """Nothing to release: the threads belong to the caller's executors."""
+        self.video = self.observed = self.writer = None
+
+
+class ProcessIO:
+    """Store reads and writes in worker processes (own zarr event loop and GIL each), exchanging
+    batches and shards through shared memory; this process only copies blocks in and out."""
+
+    def __init__(self, video: TargetReader, writer: TargetWriter, batch: int, out_shapes: dict[str, tuple[int, ...]],
+                 readers: int, writers: int, pin: bool):
+        import multiprocessing
+
+        from flows import teachers_io
+
+        self.pin = pin
+        frames = tuple(video.manifest.array_spec("frames").shape[1:])
+        self.in_blocks = teachers_io.SharedBlocks.create([teachers_io.BlockSpec("frames", (batch, *frames), "uint8")],
+                                                         count=2 * readers + 1)
+        try:
+            self.out_blocks = teachers_io.SharedBlocks.create(
+                [teachers_io.BlockSpec(name, shape, "float16") for name, shape in out_shapes.items()], count=writers)
+        except BaseException:
+            self.in_blocks.close()
+            raise
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["flows.teachers_io"])
+        root_url = writer.root.url
+        self.read_pool = ProcessPoolExecutor(readers, mp_context=context, initializer=teachers_io.init_reader,
+                                             initargs=(root_url, video.version_id, self.in_blocks.describe()))
+        self.write_pool = ProcessPoolExecutor(writers, mp_context=context, initializer=teachers_io.init_writer,
+                                              initargs=(root_url, writer.version_id, self.out_blocks.describe()))
+        self.free_in, self.free_out = queue.Queue(), queue.Queue()
+        for block in range(len(self.in_blocks)):
+            self.free_in.put(block)
+        for block in range(len(self.out_blocks)):
+            self.free_out.put(block)
+
+    def load(self, shard: int, clips: range, claim: Any) -> InputBatch:
+        from flows import teachers_io
+
+        block = self.free_in.get()
+        try:
+            observed = self.read_pool.submit(teachers_io.read_batch_job, block, clips.start, clips.stop).result()
+            view = torch.from_numpy(self.in_blocks.views[block]["frames"][:len(clips)])
+            frames = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin)
+            frames.copy_(view)
+        finally:
+            self.free_in.put(block)
+        obs = torch.from_numpy(observed)
+        return InputBatch(shard, clips, frames, obs.pin_memory() if self.pin else obs, claim)
+
+    def store(self, shard: int, clips: int, target: torch.Tensor, reference: torch.Tensor,
+              handed_over: Callable[[], None]) -> None:
+        from flows import teachers_io
+
+        block = self.free_out.get()
+        try:
+            views = self.out_blocks.views[block]
+            torch.from_numpy(views["target"][:clips]).copy_(target[:clips])
+            torch.from_numpy(views["reference"][:clips]).copy_(reference[:clips])
+            handed_over()
+            self.write_pool.submit(teachers_io.write_shard_job, block, shard, clips).result()
+        finally:
+            self.free_out.put(block)
+
+    def close(self) -> None:
+        """Stop the workers (after their current job), then free the shared memory."""
+        self.read_pool.shutdown(wait=True, cancel_futures=True)
+        self.write_pool.shutdown(wait=True, cancel_futures=True)
+        self.in_blocks.close()
+        self.out_blocks.close()
+
+
+def open_io(video: TargetReader, observed: ObservedFrames, writer: TargetWriter, batch: int,
+            out_shapes: dict[str, tuple[int, ...]], readers: int, writers: int, pin: bool,
+            processes: bool) -> "ThreadIO | ProcessIO":
+    """Process I/O when asked for and possible (not inside a daemonic worker, enough shared
+    memory), else thread I/O; the fallback is logged, never silent."""
+    import multiprocessing
+
+    if processes and multiprocessing.current_process().daemon:
+        log.warning("teachers: running inside a daemonic worker process: store I/O uses threads")
+    elif processes:
+        try:
+            return ProcessIO(video, writer, batch, out_shapes, readers, writers, pin)
+        except (MemoryError, OSError) as err:
+            log.warning("teachers: no shared memory for process I/O (%s): store I/O uses threads", err)
+    return ThreadIO(video, observed, writer, pin)
 
 
 def _raise_write_errors(futures: list[Future]) -> None:
@@ -303,9 +348,9 @@ class ShardLoop:
     """The forward side of :func:`encode_shards`: fills shard buffers batch by batch and hands
     every full shard to the writer threads."""
 
-    def __init__(self, teacher: Teacher, writer: TargetWriter, pool: ShardBuffers, executor: ThreadPoolExecutor,
-                 claims: ShardClaims | None, result: ShardsResult):
-        self.teacher, self.writer, self.pool, self.executor = teacher, writer, pool, executor
+    def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO, pool: ShardBuffers,
+                 executor: ThreadPoolExecutor, claims: ShardClaims | None, result: ShardsResult):
+        self.teacher, self.writer, self.io, self.pool, self.executor = teacher, writer, io, pool, executor
         self.claims, self.result = claims, result
         self.copier = DeviceToHost(teacher.device)
         self.current: OpenShard | None = None
@@ -327,7 +372,7 @@ class ShardLoop:
                          self.copier.copy(reference, shard.buffers[1][rows])]
         shard.filled += len(item.clips)
         if shard.filled == len(shard.clips):
-            self.futures.append(self.executor.submit(store_shard, self.writer, shard, self.pool, self.claims))
+            self.futures.append(self.executor.submit(store_shard, self.io, shard, self.pool, self.claims))
             self.result.shards_written.append(shard.index)
             self.current = None
         _raise_write_errors(self.futures)
@@ -340,30 +385,37 @@ class ShardLoop:
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
-                  claims: ShardClaims | None = None, progress: Callable[[int], None] | None = None) -> ShardsResult:
+                  claims: ShardClaims | None = None, progress: Callable[[int], None] | None = None,
+                  io_processes: bool = False) -> ShardsResult:
     """Encode and store whole shards: read ahead, forward, copy back and write, overlapped.
 
-    With ``claims``, shards held by another builder are skipped and every claim is released,
-    also on error (a shard not stored is left for a retry: its ``_done`` marker is missing).
+    ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by
+    one thread of this process). With ``claims``, shards held by another builder are skipped and
+    every claim is released, also on error (a shard not stored has no ``_done`` marker: a rerun
+    redoes it).
     """
     start = time.perf_counter()
     T = video.manifest.array_spec("frames").shape[1]
     shape = (*teacher.grid, teacher.channels)
     cuda = teacher.device.type == "cuda"
-    pool = ShardBuffers(min(writer.manifest.shard_size, writer.manifest.num_clips), (T, *shape), (1, *shape),
-                        pin=cuda, count=writers + 1)
+    shard_size = min(writer.manifest.shard_size, writer.manifest.num_clips)
+    pool = ShardBuffers(shard_size, (T, *shape), (1, *shape), pin=cuda, count=writers + 1)
+    io = open_io(video, observed, writer, batch, {"target": (shard_size, T, *shape), "reference": (shard_size, 1, *shape)},
+                 readers, writers, cuda, io_processes)
     result = ShardsResult(shards=list(shards))
-    read = ReadAhead(lambda shard, clips, claim: load_batch(video, observed, shard, clips, cuda, claim),
-                     batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1, claim=claims)
+    read = ReadAhead(io.load, batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1, claim=claims)
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
-            loop = ShardLoop(teacher, writer, pool, executor, claims, result)
+            loop = ShardLoop(teacher, writer, io, pool, executor, claims, result)
             for item in read:
+                if not result.startup_s:
+                    result.startup_s = time.perf_counter() - start
                 loop.step(item)
                 if progress is not None:
                     progress(len(item.clips))
             loop.drain()
     finally:
+        io.close()
         if claims is not None:
             claims.release_all()
     result.frames, result.wait_read_s = result.clips * T, read.waited_s

@@ -22,6 +22,7 @@ per-element bound for tests.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -41,6 +42,8 @@ KEY_PATTERN = re.compile(r"^c\d{9}$")
 FIELD_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?$")
 SUFFIXES = {"fp8scale.npy": "fp8scale", "fp8.npy": "fp8", "bf16.npy": "bf16", "npy": "npy"}
 TAR_BLOCK = 512
+NPY_HEADER_PREFIX = 1 << 16
+"""Bytes parsed for a .npy header; numpy writes headers of a few hundred bytes."""
 
 
 # keys, fields, member names ------------------------------------------------------------------
@@ -93,19 +96,44 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def npy_from_bytes(data: bytes | bytearray | memoryview, where: str) -> np.ndarray:
-    """Parse a .npy payload without copying (writable when ``data`` is a bytearray); never unpickles."""
-    stream = io.BytesIO(data)
+def _npy_header(prefix: bytes, where: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of a .npy payload starting with ``prefix``."""
+    length = _npy_header_length(prefix)
+    try:
+        return _parse_npy_header(prefix[:length])
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _npy_header_length(prefix: bytes) -> int:
+    """Bytes of magic + header (so identical headers hit the parse cache)."""
+    if prefix[:6] != b"\x93NUMPY" or len(prefix) < 10:
+        return len(prefix)
+    if prefix[6] == 1:
+        return 10 + int.from_bytes(prefix[8:10], "little")
+    return 12 + int.from_bytes(prefix[8:12], "little")
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    # Samples of an export repeat the same few headers: parse each once (numpy's parser uses
+    # ast.literal_eval and costs about as much as reading a small array).
+    stream = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(stream)
-        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = header(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
     except ValueError as err:
-        raise ValueError(f"{where}: not a valid .npy payload ({err})") from None
+        raise ValueError(f"not a valid .npy payload ({err})") from None
     if dtype.hasobject:
-        raise ValueError(f"{where}: .npy holds Python objects (dtype {dtype}); refusing to unpickle")
+        raise ValueError(f".npy holds Python objects (dtype {dtype}); refusing to unpickle")
+    return tuple(shape), fortran, dtype, stream.tell()
+
+
+def npy_from_bytes(data: bytes | bytearray | memoryview, where: str) -> np.ndarray:
+    """Parse a .npy payload without copying (writable when ``data`` is writable); never unpickles."""
+    shape, fortran, dtype, offset = _npy_header(bytes(data[:NPY_HEADER_PREFIX]), where)
     count = math.prod(shape)
-    offset = stream.tell()
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError(f"{where}: .npy payload has {len(data) - offset} data bytes, expected "
                          f"{count * dtype.itemsize} for shape {shape} {dtype}")
@@ -167,17 +195,25 @@ def encode_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_fp8(bits: np.ndarray, scale_C: np.ndarray, dtype: Any = np.float16) -> np.ndarray:
     """Values ``q * s_c`` of e4m3fn bit patterns, as ``dtype`` (float16 or float32)."""
-    bits_RC = fp8_channels(bits)
-    # e4m3fn magnitude bits shifted left by 7 read as float16 are exactly value * 2**-8, subnormals
-    # included; the sign moves to bit 15. Folding 2**8 into the scale leaves one multiply.
-    wide = bits_RC.astype(np.uint16)
-    half_bits = ((wide << 7) & 0x3F80) | ((wide & 0x80) << 8)
+    # One table lookup gives value * 2**-8 as float16 (exact); 2**8 is folded into the scale so that
+    # small scales stay normal float16 numbers, leaving one vectorised multiply.
+    values_RC = np.take(FP8_HALF_LUT, fp8_channels(bits))
     scale16_C = scale_C.astype(np.float32) * 256.0
     if np.dtype(dtype) == np.float16 and _fits_float16_normal(scale16_C):
-        out = torch.from_numpy(half_bits.view(np.float16)).mul_(torch.from_numpy(scale16_C.astype(np.float16)))
+        out = torch.from_numpy(values_RC).mul_(torch.from_numpy(scale16_C.astype(np.float16)))
         return out.numpy().reshape(bits.shape)
-    values = half_bits.view(np.float16).astype(np.float32) * scale16_C
+    values = values_RC.astype(np.float32) * scale16_C
     return values.astype(dtype, copy=False).reshape(bits.shape)
+
+
+def _fp8_half_lut() -> np.ndarray:
+    """float16 value * 2**-8 of every e4m3fn code: magnitude bits shifted left by 7 read as float16
+    are exactly that (subnormals included), and the sign moves to bit 15."""
+    codes = np.arange(256, dtype=np.uint16)
+    return (((codes << 7) & 0x3F80) | ((codes & 0x80) << 8)).view(np.float16)
+
+
+FP8_HALF_LUT = _fp8_half_lut()
 
 
 def _fits_float16_normal(values: np.ndarray) -> bool:
@@ -238,8 +274,12 @@ def encode_sample(key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
 
 
 def decode_sample(members: Sequence[tuple[str, bytes | bytearray]], float_dtype: Any, where: str,
-                  fields: Sequence[str] | None = None) -> dict[str, Any]:
-    """Sample dict (see trainers/data.py) from the tar members of one sample; never unpickles."""
+                  fields: Sequence[str] | None = None, decode_fp8_fields: bool = True) -> dict[str, Any]:
+    """Sample dict (see trainers/data.py) from the tar members of one sample; never unpickles.
+
+    With ``decode_fp8_fields`` False an fp8 field stays coded: '<field>' holds the uint8 e4m3 codes
+    and '<field>.fp8scale' the float32 scales (decode them on the GPU with trainers.data.fp8_to_float).
+    """
     key, meta, grouped = None, None, {}
     for name, payload in members:
         member_key, field, part = split_member(name, where)
@@ -255,8 +295,11 @@ def decode_sample(members: Sequence[tuple[str, bytes | bytearray]], float_dtype:
     sample: dict[str, Any] = {"__key__": key, "meta": meta}
     codecs = meta.get("codecs", {})
     for field, parts in grouped.items():
-        sample[field] = decode_field(parts, codecs.get(field, "raw"), float_dtype,
-                                     f"{where}, sample {key}, field '{field}'")
+        codec = codecs.get(field, "raw")
+        if codec == "fp8" and not decode_fp8_fields and {"fp8", "fp8scale"} <= set(parts):
+            sample[field], sample[f"{field}.fp8scale"] = parts["fp8"], parts["fp8scale"]
+            continue
+        sample[field] = decode_field(parts, codec, float_dtype, f"{where}, sample {key}, field '{field}'")
     return sample
 
 

@@ -118,12 +118,15 @@ def load_pi0(spec: str, device: str = "cpu", dtype: str = "float32", tiny_layers
 
     config = tiny_config(tiny_layers) if parsed.source == "tiny" else full_config()
     seed = TINY_SEED if parsed.source == "tiny" else RANDOM_SEED
-    init_device = "cpu" if parsed.source == "tiny" else device
-    torch.manual_seed(seed)
-    with torch.device(init_device):
-        model = PI0ForConditionalGeneration(config)
+    init_device = torch.device("cpu" if parsed.source == "tiny" else device)
+    # A private RNG state: loading a model must not move the caller's random streams.
+    with torch.random.fork_rng(devices=[init_device] if init_device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with init_device:
+            model = PI0ForConditionalGeneration(config)
     model = model.to(device=device, dtype=torch_dtype).eval()
-    identity_config = {**config.to_diff_dict(), "init_device": torch.device(init_device).type}
+    architecture = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+    identity_config = {**architecture, "init_device": init_device.type}
     identity = ModelIdentity(spec=spec, family="pi0", source=parsed.source, seed=seed,
                              config=_json_safe(identity_config))
     return LoadedPi0(model=model, tokenizer=None, identity=identity)
@@ -205,6 +208,7 @@ class Pi0TargetParams(StrictModel):
     max_text_tokens: int = Field(default=48, ge=2, description="Instruction tokens (bos + text + newline), padded.")
     tokenizer: Literal["bytes", "checkpoint"] = Field(description="Which tokenizer produced the ids.")
     image_size: int = Field(description="Side of the square images fed to SigLIP (stored at this size).")
+    dtype: str = Field(default="float32", description="Teacher compute dtype (float32, bfloat16, float16).")
     chunk_size: int = Field(default=50, description="Actions per chunk.")
     max_dim: int = Field(default=32, description="State and action dims are zero-padded to this.")
 

@@ -86,14 +86,23 @@ def machine_id() -> str:
     return f"{socket.gethostname()}/{_read_first_line('/proc/sys/kernel/random/boot_id')}/{pidns}"
 
 
+def _proc_stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name ([] when the process is gone)."""
+    stat = _read_first_line(f"/proc/{pid}/stat")
+    # The command name is parenthesised and may contain spaces: split after its closing ')'.
+    return stat.rsplit(")", 1)[-1].split() if stat else []
+
+
 def process_start(pid: int) -> str:
     """Start time (clock ticks since boot) of a process, '' when unknown or gone."""
-    stat = _read_first_line(f"/proc/{pid}/stat")
-    if not stat:
-        return ""
-    # Fields after the parenthesised command name; starttime is field 22 of the whole line.
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
+    fields = _proc_stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""  # field 22 of the whole line
+
+
+def _process_exited(pid: int) -> bool:
+    """True for a zombie or dead process: it exited but its parent has not reaped it yet."""
+    fields = _proc_stat_fields(pid)
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def claimer_alive(record: ClaimRecord, now: float | None = None) -> bool:
@@ -109,6 +118,8 @@ def claimer_alive(record: ClaimRecord, now: float | None = None) -> bool:
         return False
     except PermissionError:
         return True
+    if _process_exited(record.pid):
+        return False
     started = process_start(record.pid)
     return not (started and record.pid_start and started != record.pid_start)
 

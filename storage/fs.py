@@ -106,7 +106,13 @@ class Root:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.replace(src, dst)
         else:
-            self.fs.mv(src, dst, recursive=True)
+            # fsspec's recursive mv also copies the pseudo-folders object stores list, and fails on
+            # them: copy each object (a file gives [itself]), then delete the source.
+            for path in self.fs.find(src):
+                self.fs.copy(path, dst + path[len(src):])
+            self.fs.rm(src, recursive=True)
+            self.fs.invalidate_cache(src)
+            self.fs.invalidate_cache(dst)
 
     def sha256(self, *parts: str) -> str:
         """sha256 of a stored file, streamed."""

@@ -11,6 +11,8 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="foresight-test-prefect-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The embedded Prefect server starts slowly on a loaded 2-core machine (default limit 20 s).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 from test_export_store import export_world, make_video, make_world
 
@@ -19,6 +20,7 @@ from trainers.data import (
     ShardStream,
     ZarrClips,
     collate_samples,
+    fp8_to_float,
     reads_before,
     shuffle_buffer_order,
 )
@@ -67,6 +69,24 @@ def test_epochs_reshuffle_and_seeds_repeat(world):
     assert order(0, 1) == order(0, 1)
     assert order(0, 1) != order(1, 1) and sorted(order(1, 1)) == list(range(NUM_CLIPS))
     assert order(0, 1) != order(0, 2)
+    stream = ShardStream(world["root"], world["export"], pins(world), seed=1, shuffle_buffer=5)
+    assert clips_of(stream) == order(0, 1) and clips_of(stream) == order(1, 1)  # finished: moves on
+    stream.set_epoch(0)
+    assert clips_of(stream) == order(0, 1)
+
+
+def test_persistent_workers_move_to_the_next_epoch(world):
+    stream = ShardStream(world["root"], world["export"], pins(world), seed=4)
+    loader = DataLoader(stream, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=collate_samples)
+    epochs = []
+    for _ in range(2):
+        clips = []
+        for batch in loader:
+            clips += [m["clip_index"] for m in batch["meta"]]
+            stream.note_consumed(batch)
+        epochs.append(clips)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(NUM_CLIPS)) and epochs[0] != epochs[1]
+    assert stream.state_dict()["epoch"] == 1
 
 
 def test_shuffle_buffer_order_is_a_permutation_that_respects_reads():
@@ -197,6 +217,18 @@ def test_fp8_stream_decodes_within_the_documented_error(world):
         assert sample["onestep"].dtype == np.float32
         assert relative_l2(sample["onestep"], reference) < 0.035
         np.testing.assert_array_equal(sample["frames"], video.read("frames", sample["meta"]["clip_index"]))
+
+
+def test_fp8_codes_kept_for_gpu_decoding(world):
+    export_id = export_world(world, shard_size="30KB", codec="fp8")
+    decoded = {s["meta"]["clip_index"]: s for s in ShardStream(world["root"], export_id, pins(world))}
+    coded = ShardStream(world["root"], export_id, pins(world), decode_fp8=False)
+    batch = collate_samples(list(coded)[:3])
+    assert batch["onestep"].dtype == torch.uint8 and tuple(batch["onestep.fp8scale"].shape) == (3, 8)
+    values = fp8_to_float(batch["onestep"], batch["onestep.fp8scale"], torch.float32)
+    for row, meta in enumerate(batch["meta"]):
+        expected = decoded[meta["clip_index"]]["onestep"].astype(np.float32)
+        np.testing.assert_allclose(values[row].numpy(), expected, rtol=2 ** -10, atol=1e-6)
 
 
 def test_zarr_clips_random_access_matches_shard_stream(world):

@@ -214,3 +214,18 @@ def test_missing_index_file_quarantines_the_split(tmp_path):
     summary = ingest_calvin(str(tmp_path / "root"), "cal", str(src), calvin.CalvinOptions())
     assert summary.written == ["validation-0600000"]
     assert "ep_start_end_ids.npy" in summary.quarantined[0]
+
+
+def test_unknown_camera_is_a_config_error():
+    with pytest.raises(ValueError, match="rgb_fisheye.*choose from rgb_static, rgb_gripper, rgb_tactile"):
+        calvin.CalvinOptions(cameras=["rgb_static", "rgb_fisheye"])
+
+
+def test_annotation_without_required_key_is_quarantined(tmp_path):
+    src, _ = _tiny_split(tmp_path)
+    lang = src / "training" / "lang_annotations"
+    lang.mkdir()
+    np.save(lang / "auto_lang_ann.npy", {"language": {"ann": ["x"], "task": ["t"]}, "info": {}}, allow_pickle=True)
+    summary = ingest_calvin(str(tmp_path / "root"), "cal", str(src), calvin.CalvinOptions(splits=["training"]))
+    [line] = summary.quarantined
+    assert "auto_lang_ann.npy, field 'indx': key missing" in line and len(summary.written) == 2

@@ -1,4 +1,7 @@
-"""``foresight ingest teleop|lerobot`` through Prefect: exit 3 on a partial run, 1 with --strict."""
+"""``foresight ingest teleop`` through Prefect: a partial run lands the good items and exits 3.
+
+(--strict is covered in-process by each reader's tests: one Prefect start per test is costly.)
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def _foresight(*args: str, cwd: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_partial_run_exits_3_and_strict_exits_1(tmp_path):
+def test_partial_run_exits_3(tmp_path):
     src = tmp_path / "aloha"
     for index in range(3):
         fx.make_teleop_episode(src / f"episode_{index}.hdf5", length=5, compress=index != 1)
@@ -36,8 +39,3 @@ def test_partial_run_exits_3_and_strict_exits_1(tmp_path):
     assert len(quarantined) == 1 and "episode_1.hdf5, episode 'episode_1'" in quarantined[0]
     assert EpisodeStore(root, "aloha").episode_ids() == ["episode_0", "episode_2"]
 
-    strict = _foresight("ingest", "teleop", str(src), "--dataset", "strict", "--root", root, "--workers", "1",
-                        "--strict", cwd=str(tmp_path))
-    assert strict.returncode == 1
-    errors = [line for line in strict.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and "episode_1.hdf5" in errors[0] and "unreadable HDF5" in errors[0]

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from flows import teachers as tflow
 from flows import teachers_engine as engine
+from flows import teachers_io
 from flows.cli import app
 from flows.runtime import run_flow
 from pipelines.teachers import load_teacher
@@ -227,27 +228,31 @@ def test_resume_after_sigkill(world, dinov2_version, tmp_path):
     np.testing.assert_array_equal(reader.read("reference"), direct_ref.numpy())
 
 
-def test_observed_array_of_the_video_version_is_used(tmp_path):
+@pytest.mark.parametrize("io_processes", [False, True], ids=["io-threads", "io-processes"])
+def test_observed_array_of_the_video_version_is_used(tmp_path, io_processes):
     root = str(tmp_path)
     observed = np.random.default_rng(9).integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
     video, frames = write_fake_video(root, with_observed=observed)
     teacher = load_teacher("dinov2", "tiny")
     reader = TargetStore(root).open(video)
-    store = TargetStore(root).begin(engine.teacher_recipe(teacher, video),
-                                    engine.teacher_arrays(N, T, teacher), N, shard_size=2)
-    result = engine.encode_shards(teacher, reader, engine.ObservedFrames(root, reader), store, [0, 1, 2], batch=3)
+    writer = TargetStore(root).begin(engine.teacher_recipe(teacher, video), engine.teacher_arrays(N, T, teacher), N,
+                                     shard_size=2)
+    result = engine.encode_shards(teacher, reader, teachers_io.ObservedFrames(root, reader), writer, [0, 1, 2],
+                                  batch=3, writers=2, readers=2, io_processes=io_processes)
     assert result.clips == N and result.shards_written == [0, 1, 2]
-    store.finalize()
-    written = TargetStore(root).open(store.version_id)
-    np.testing.assert_array_equal(written.read("reference"),
-                                  teacher.encode_frames(torch.from_numpy(observed[:, None])).numpy())
+    writer.finalize()
+    written = TargetStore(root).open(writer.version_id)
+    assert written.verify() == []
+    direct_target, direct_ref = teacher.encode_clips(torch.from_numpy(frames), torch.from_numpy(observed))
+    np.testing.assert_array_equal(written.read("target"), direct_target.numpy())
+    np.testing.assert_array_equal(written.read("reference"), direct_ref.numpy())
 
 
 def test_video_version_problems_are_named(world, tmp_path):
     root, _, _, _ = world
     building, _ = write_fake_video(str(tmp_path), complete=False)
     with pytest.raises(ValueError, match="still 'building'"):
-        engine.open_video(str(tmp_path), building)
+        teachers_io.open_video(str(tmp_path), building)
     complete = TargetStore(root).ids("teacher")[0]
     with pytest.raises(ValueError, match="expected 'video'"):
-        engine.open_video(root, complete)
+        teachers_io.open_video(root, complete)

@@ -105,21 +105,23 @@ def test_action_expert_overfits_a_tiny_set(tmp_path):
     decoupler = Decoupler(DecouplerConfig.preset("tiny", in_channels=C_IN, teacher_channels=C_T, frames=T,
                                                  height=H, width=W))
     perceiver = UniPerceiverConfig.preset("tiny", in_channels=C_IN + C_T, frames=T)
+    # Training noise levels centred higher than the reference (log-normal -1.2, 1.2) reach the high-noise
+    # end the sampler starts from within a short run.
     policy = PolicyConfig.preset("tiny", action_dim=3, chunk=5, text_dim=6, cond_tokens=perceiver.num_latents,
-                                 cond_dim=perceiver.dim, dropout=0.0)
+                                 cond_dim=perceiver.dim, dropout=0.0, p_mean=-0.5, p_std=1.5)
     model = ActionExpert(perceiver, policy)
     samples = action_samples(4)
     actions = np.concatenate([s["actions"] for s in samples])
     model.normalizer.set_stats("meanstd", {"mean": actions.mean(0).tolist(), "std": actions.std(0).tolist()})
     task = ActionExpertTask(model, FrozenDecouplers([decoupler], ["dinov2"]))
-    loop = LoopConfig(steps=150, batch_size=4, num_workers=0, log_every=1, checkpoint_every=150, device="cpu")
+    loop = LoopConfig(steps=500, batch_size=4, num_workers=0, log_every=10, checkpoint_every=500, device="cpu")
     spec = RunSpec(Root(tmp_path), "expert", "action-expert", None, {}, {})
     before = task.evaluate(model.eval(), [task.collate(samples)])
-    result = fit(task, MemoryStream(samples, seed=1), spec, loop, OptimConfig(lr=3e-3, warmup_steps=5),
-                 eval_stream=MemoryStream(samples, seed=1))
-    losses = train_losses(tmp_path, "expert")
-    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
-    assert result.eval["action_mse"] < 0.5 * before["action_mse"]
+    result = fit(task, MemoryStream(samples, seed=1), spec, loop,
+                 OptimConfig(lr=2e-3, warmup_steps=5, schedule="constant"), eval_stream=MemoryStream(samples, seed=1))
+    losses = train_losses(tmp_path, "expert")  # each line is the mean of 10 steps
+    assert np.mean(losses[-5:]) < 0.4 * np.mean(losses[:5])
+    assert result.eval["action_mse"] < 0.3 * before["action_mse"]
     assert all(not p.requires_grad for p in task.decouplers.parameters())
 
 
@@ -192,3 +194,18 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     assert info.stream["0"]["workers"] != info.stream["1"]["workers"] or info.stream["0"] == info.stream["1"]
     metrics = read_metrics(Root(tmp_path), "ddp")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[0]["samples_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_run_with_prefetch_thread_bf16_and_resume(tmp_path):
+    task, stream, spec, cfg = decoupler_run(tmp_path, "gpu", 12, workers=2)
+    cfg.loop.device = "cuda"
+    stopped = fit(task, stream, spec, cfg.loop, cfg.optim, stop_at=6)
+    assert stopped.step == 6 and next(task.model.parameters()).is_cuda
+    task, stream, spec, cfg = decoupler_run(tmp_path, "gpu", 12, workers=2)
+    cfg.loop.device = "cuda"
+    resumed = fit(task, stream, spec, cfg.loop, cfg.optim)
+    assert resumed.resumed_from == 6 and resumed.step == 12
+    losses = train_losses(tmp_path, "gpu")
+    assert len(losses) == 12 and all(np.isfinite(losses))

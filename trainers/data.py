@@ -34,9 +34,11 @@ Both yield the same **sample dict** (one clip), so a trainer can switch between 
       "state":               float32 (S,)           episode state at the clip's first frame
     }
 
-Only the fields the export (or the caller's `fields=`) selected are present. Float fields are decoded
-to float16 except the "bf16" codec, which decodes to float32 (bfloat16 does not fit float16's range);
-pass `float_dtype="float32"` to get float32 everywhere. Statistics for normalising actions and state
+Only the fields the export (or the caller's `fields=`) selected are present. Coded float fields are
+decoded to float16 except the "bf16" codec, which decodes to float32 (bfloat16 does not fit float16's
+range); pass `float_dtype="float32"` to get float32 for them (raw fields keep their dtype). With
+`ShardStream(..., decode_fp8=False)` an "fp8" field stays coded: "<field>" is uint8 (..., C) e4m3 codes
+and "<field>.fp8scale" float32 (C,) scales; decode batches on the GPU with `fp8_to_float`. Statistics for normalising actions and state
 (mean, std, min, max, q01, q99 per dimension, over the export's episodes) are in
 `ShardStream.stats` (= index.json "stats").
 
@@ -48,7 +50,9 @@ tensors and keep "meta" / "__key__" as lists.
 Resuming: iterate `ShardStream` directly or through a DataLoader; call `stream.note_consumed(batch)` after
 each processed batch (needed with DataLoader workers, which prefetch), save `stream.state_dict()` with
 the checkpoint, and after `load_state_dict` the next iteration yields exactly the samples not yet
-consumed in that epoch (same world size and worker count). Call `stream.set_epoch(e)` at each epoch.
+consumed in that epoch (same world size and worker count). Call `stream.set_epoch(e)` at each epoch
+(like DistributedSampler); a copy that finished an epoch by itself (in-process, persistent workers)
+moves on to the next one.
 """
 
 from __future__ import annotations
@@ -61,10 +65,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from pipelines.export import decode_sample, sample_key
-from storage.exports import ClipSource, ExportIndex, ExportStore, resolve_sources
+from storage.exports import BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
 from storage.fs import Root
 
 log = logging.getLogger(__name__)
@@ -181,7 +185,7 @@ class ShardStream(IterableDataset):
     def __init__(self, root: Root | str | None, export_id: str, versions: Sequence[str] | Mapping[str, str],
                  fields: Sequence[str] | None = None, seed: int = 0, shuffle_shards: bool = True,
                  shuffle_buffer: int = 0, verify: bool = False, float_dtype: str | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, decode_fp8: bool = True):
         self.store = ExportStore(root)
         self.index: ExportIndex = self.store.index(export_id)
         self.export_id = export_id
@@ -195,10 +199,17 @@ class ShardStream(IterableDataset):
             raise ValueError(f"float_dtype {float_dtype!r}: expected one of {list(FLOAT_DTYPES)}")
         self.float_dtype, self.seed, self.verify = float_dtype, seed, verify
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, max(0, int(shuffle_buffer))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.decode_fp8 = rank, world_size, decode_fp8
         self.epoch = 0
-        self._consumed: dict[int, int] = {}
+        self._consumed: dict[int, int] = {}  # worker -> samples of this epoch the trainer has had
+        self._start: dict[int, int] = {}  # worker -> where the next iteration starts (load_state_dict)
         self._resume_layout: tuple[int, int] | None = None
+        self._finished = False  # this copy iterated its whole epoch; the next iteration moves on
+        self._pool: BufferPool | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a copy without the read buffers of this process.
+        return {**self.__dict__, "_pool": None}
 
     @property
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -206,9 +217,15 @@ class ShardStream(IterableDataset):
         return {name: stats.model_dump() for name, stats in self.index.stats.items()}
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (reshuffles shards and buffers); a new epoch starts from its beginning."""
+        """Select the epoch (reshuffles shards and buffers), like DistributedSampler.set_epoch.
+
+        Setting the current epoch again keeps a loaded resume point. Without set_epoch, a copy that
+        iterated a whole epoch itself (in-process, or a persistent DataLoader worker) moves on to the
+        next epoch at its next iteration.
+        """
         if epoch != self.epoch:
-            self.epoch, self._consumed, self._resume_layout = int(epoch), {}, None
+            self.epoch, self._consumed, self._start, self._resume_layout = int(epoch), {}, {}, None
+        self._finished = False
 
     def _rank_world(self) -> tuple[int, int]:
         detected = ddp_rank_world()
@@ -228,7 +245,7 @@ class ShardStream(IterableDataset):
         rank, world = self._rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self._consumed and self._resume_layout is not None and self._resume_layout != (world, workers):
+        if self._start and self._resume_layout is not None and self._resume_layout != (world, workers):
             raise ValueError(f"ShardStream: state was saved with world size x workers = {self._resume_layout}, "
                              f"resuming with {(world, workers)}; an exact resume needs the same split")
         return Consumer(rank, world, worker, workers)
@@ -241,29 +258,32 @@ class ShardStream(IterableDataset):
         return consumer_pieces(counts, order, lo + w_lo, lo + w_hi)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._finished:
+            self.set_epoch(self.epoch + 1)
         consumer = self._consumer()
         pieces = self._pieces(consumer)
         total = sum(stop - first for _, first, stop in pieces)
         rng = np.random.default_rng([self.seed, self.epoch, consumer.rank, consumer.worker, 1])
         order = shuffle_buffer_order(total, self.shuffle_buffer, rng)
-        start = min(self._consumed.get(consumer.worker, 0), total)
+        start = min(self._start.pop(consumer.worker, 0), total)
         self._resume_layout = (consumer.world_size, consumer.num_workers)
         # Resuming at emission `start`: what the interrupted run had read is re-read (buffered items
         # by random access), and sequential reading continues after it.
         read = reads_before(start - 1, total, self.shuffle_buffer) if 0 < start < total else 0
+        if self._pool is None:
+            self._pool = BufferPool(self.shuffle_buffer + 4)
         buffered = self._resume_buffer(pieces, order, start, read)
         reader = self._sequential(pieces, read)
         for emission in range(start, total):
             while read < reads_before(emission, total, self.shuffle_buffer):
                 position, item = next(reader)
                 assert position == read, "sequential reader out of step with the buffer plan"
-                buffered[position] = item
+                buffered[position], item = item, None  # no stray reference: keeps the buffer poolable
                 read += 1
-            clip_and_members = buffered.pop(int(order[emission]))
-            sample = self._decode(*clip_and_members, consumer, emission)
             self._consumed[consumer.worker] = emission + 1
-            yield sample
+            yield self._decode(*buffered.pop(int(order[emission])), consumer, emission)
         reader.close()
+        self._finished = True
 
     def _locate(self, pieces: list[tuple[int, int, int]], position: int) -> tuple[int, int, int]:
         """(piece number, shard, sample in shard) of a worker-local read position."""
@@ -283,7 +303,7 @@ class ShardStream(IterableDataset):
         position = start
         for index, (shard, first, stop) in enumerate(pieces[number:]):
             begin = sample if index == 0 else first
-            for item in self.store.read_samples(self.index, shard, begin, stop, verify=self.verify):
+            for item in self.store.read_samples(self.index, shard, begin, stop, verify=self.verify, pool=self._pool):
                 yield position, item
                 position += 1
 
@@ -294,12 +314,13 @@ class ShardStream(IterableDataset):
         buffered = {}
         for position in sorted(waiting):
             _, shard, sample = self._locate(pieces, position)
-            buffered[position] = self.store.read_sample(self.index, shard, sample, verify=self.verify)
+            buffered[position] = self.store.read_sample(self.index, shard, sample, verify=self.verify, pool=self._pool)
         return buffered
 
     def _decode(self, clip: int, members: list, consumer: Consumer, emission: int) -> dict[str, Any]:
         where = f"export '{self.export_id}', clip {clip}"
-        sample = decode_sample(members, FLOAT_DTYPES[self.float_dtype], where, fields=self.fields)
+        sample = decode_sample(members, FLOAT_DTYPES[self.float_dtype], where, fields=self.fields,
+                               decode_fp8_fields=self.decode_fp8)
         meta = sample["meta"]
         if meta.get("export_id") != self.export_id or meta.get("clip_index") != clip:
             raise ValueError(f"{where}: sample metadata names export {meta.get('export_id')!r}, clip "
@@ -321,6 +342,8 @@ class ShardStream(IterableDataset):
             metas = [sample["meta"] for sample in batch]
         for meta in metas:
             stream = meta["stream"]
+            if stream["epoch"] > self.epoch:  # persistent workers moved on to the next epoch
+                self.epoch, self._consumed, self._start = int(stream["epoch"]), {}, {}
             if stream["epoch"] != self.epoch:
                 continue
             worker = int(stream["worker"])
@@ -346,25 +369,53 @@ class ShardStream(IterableDataset):
         if (state.get("rank"), state.get("world_size")) != (rank, world):
             raise ValueError(f"ShardStream: state of rank {state.get('rank')}/{state.get('world_size')} "
                              f"loaded on rank {rank}/{world}")
-        self.epoch = int(state["epoch"])
+        self.epoch, self._finished = int(state["epoch"]), False
         self._consumed = {int(worker): int(count) for worker, count in state["consumed"].items()}
+        self._start = dict(self._consumed)
         self._resume_layout = tuple(state["layout"]) if state.get("layout") else None
+
+
+def fp8_to_float(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Decode an fp8 field kept coded (``ShardStream(decode_fp8=False)``), on any device.
+
+    ``codes`` uint8 (..., C) e4m3fn codes and ``scale`` float32 (C,) per sample, or (B, C) for a batch
+    of codes (B, ..., C); returns ``codes * scale`` in ``dtype``. Moving uint8 codes to the GPU and
+    decoding there halves the bytes of float16 and skips the CPU decode.
+    """
+    values = codes.view(torch.float8_e4m3fn).to(torch.float32)
+    if scale.dim() == 2 and codes.dim() > 2:
+        scale = scale.reshape(scale.shape[0], *([1] * (codes.dim() - 2)), scale.shape[1])
+    return (values * scale.to(values.device, torch.float32)).to(dtype)
 
 
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """DataLoader collate_fn: stack array fields into torch tensors; keep "meta" and "__key__" as lists.
 
-    Inside a DataLoader worker the stacked tensors are allocated in shared memory (torch's
-    default_collate does this), so a batch crosses to the main process without another copy.
+    Inside a DataLoader worker the stacked tensors are allocated in shared memory (as torch's
+    default_collate does), so a batch crosses to the main process without another copy. The copy
+    itself is numpy's: torch's CPU copy of float16 is an order of magnitude slower on this build.
     """
+    in_worker = get_worker_info() is not None
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [sample[name] for sample in samples]
         if name in ("meta", "__key__") or not isinstance(values[0], np.ndarray):
             batch[name] = values
         else:
-            batch[name] = default_collate([torch.from_numpy(np.asarray(v)) for v in values])
+            batch[name] = _stack(values, in_worker)
     return batch
+
+
+def _stack(values: Sequence[np.ndarray], shared: bool) -> torch.Tensor:
+    first = np.asarray(values[0])
+    shape = (len(values), *first.shape)
+    if not shared:
+        return torch.from_numpy(np.stack(values))
+    dtype = torch.from_numpy(first[:0] if first.ndim else first.reshape(1)[:0]).dtype
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * first.itemsize)
+    out = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    np.stack(values, out=out.numpy())
+    return out
 
 
 # ZarrClips -------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ import json
 import logging
 import math
 import os
+import queue
 import random
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -89,6 +91,7 @@ class LoopConfig(StrictModel):
     batch_size: int = Field(8, description="Samples per step on each rank.")
     num_workers: int = Field(2, description="DataLoader worker processes per rank (0 = read in the main process).")
     prefetch_factor: int = Field(2, description="Batches each worker keeps ready.")
+    pin_memory: bool = Field(False, description="Pin host batches before the GPU copy (one more host copy).")
     seed: int = Field(0, description="Seed of initialisation, dropout and noise (rank r uses seed + r).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU).")
@@ -434,7 +437,12 @@ def batch_iterator(task: TrainTask, stream: IterableDataset, cfg: LoopConfig, pi
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
     )
-    for item in loader:
+    # The workers start here, in the calling thread, not in whichever thread first asks for a batch.
+    return _tagged(iter(loader))
+
+
+def _tagged(items: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    for item in items:
         if not item.get("skip"):
             yield item["batch"], {"worker": item["worker"], "state": item["state"]}
 
@@ -451,38 +459,80 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
 
 
 class DevicePrefetcher:
-    """Copies batch k+1 to the GPU on a side stream while step k computes; yields ``(batch, tag)``."""
+    """Yields ``(batch, tag)`` with the batch on ``device``, prepared ``depth`` batches ahead.
 
-    def __init__(self, batches: Iterator[tuple[Any, Any]], device: torch.device):
+    On a GPU a background thread pulls host batches from the DataLoader and copies them on a side
+    stream (the copy, pageable or pinned, blocks that thread, never the training loop); the training
+    stream waits on the copy's event. On the CPU batches pass through unchanged.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[tuple[Any, Any]], device: torch.device, depth: int = 2):
         self.batches, self.device = batches, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ready: Any = None
-        self._load()
-
-    def _load(self) -> None:
-        host, tag = next(self.batches)
-        if self.stream is None:
-            self.ready = (host, tag)
+        self.stopping = threading.Event()
+        if device.type != "cuda":
+            self.thread = None
             return
-        with torch.cuda.stream(self.stream):
-            self.ready = (to_device(host, self.device, non_blocking=True), tag)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stream = torch.cuda.Stream(device)
+        self.thread = threading.Thread(target=self._copy_loop, name="device-prefetch", daemon=True)
+        self.thread.start()
+
+    def _copy_loop(self) -> None:
+        torch.cuda.set_device(self.device)
+        try:
+            for host, tag in self.batches:
+                with torch.cuda.stream(self.stream):
+                    moved = to_device(host, self.device, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self.stream)
+                # ``host`` rides along so pinned memory outlives its asynchronous copy.
+                while not self._offer((moved, tag, done, host)):
+                    if self.stopping.is_set():
+                        return
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._offer(err, block=True)
+            return
+        self._offer(self._END, block=True)
+
+    def _offer(self, item: Any, block: bool = False) -> bool:
+        try:
+            self.queue.put(item, timeout=None if block and not self.stopping.is_set() else 0.1)
+            return True
+        except queue.Full:
+            return False
 
     def __iter__(self) -> "DevicePrefetcher":
         return self
 
+    def __next__(self) -> tuple[Any, Any]:
+        if self.thread is None:
+            return next(self.batches)
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        moved, tag, done, _ = item
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        _record_stream(moved, current)
+        return moved, tag
+
     def close(self) -> None:
-        """Stop the DataLoader workers now rather than at garbage collection."""
+        """Stop the copy thread and the DataLoader workers now rather than at garbage collection."""
+        self.stopping.set()
+        if self.thread is not None:
+            while self.thread.is_alive():
+                try:
+                    self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self.thread.join()
         close = getattr(self.batches, "close", None)
         if close is not None:
             close()
-
-    def __next__(self) -> tuple[Any, Any]:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            _record_stream(self.ready[0], torch.cuda.current_stream(self.device))
-        ready = self.ready
-        self._load()
-        return ready
 
 
 def _record_stream(batch: Any, stream: torch.cuda.Stream) -> None:
@@ -907,7 +957,8 @@ def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfi
         return FitResult(spec.run_id, trainer.step, resume.from_step, {}, {}, run.step_rel(trainer.step))
     eval_initial = eval_stream.state_dict() if eval_stream is not None else None
     cursor = StreamCursor(loop.num_workers, resume.stream)
-    batches = DevicePrefetcher(batch_iterator(task, stream, loop, device.type == "cuda", resume.stream), device)
+    pin = loop.pin_memory and device.type == "cuda"
+    batches = DevicePrefetcher(batch_iterator(task, stream, loop, pin, resume.stream), device)
     progress = _Progress(loop, info, trainer.step, spec.kind)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}

@@ -78,7 +78,9 @@ def build_student(teacher: Any, num_layers: int) -> tuple[Any, list[int]]:
 
     layer_map = pi0.uniform_layer_map(pi0.num_layers(teacher), num_layers)
     parameter = next(teacher.parameters())
-    with torch.device(parameter.device):
+    cuda = [parameter.device] if parameter.device.type == "cuda" else []
+    # The random init is overwritten below; keep it from moving the caller's random streams.
+    with torch.random.fork_rng(devices=cuda), parameter.device:
         student = PI0ForConditionalGeneration(student_config(teacher.config, num_layers))
     student.to(parameter.dtype)
     state = student_state_dict(teacher.state_dict(), layer_map)
@@ -124,7 +126,7 @@ def distill_losses(student: Any, batch: pi0.Pi0Batch, targets: StepTargets, attn
     use_attn = lambda_attn > 0 and bool(attn_student_layers)
     velocity, attn = pi0.pi0_forward(student, batch, targets.t_B, targets.noise_BAD,
                                      attn_student_layers if use_attn else [])
-    task_target = targets.noise_BAD.to(velocity) - batch.actions.to(velocity)
+    task_target = targets.noise_BAD.float() - batch.actions.float()  # u = noise - actions, in float32
     losses = {"task": masked_mse(velocity, task_target, batch.action_mask),
               "kd": masked_mse(velocity, targets.velocity_BAD, batch.action_mask)}
     if use_attn:

@@ -34,20 +34,23 @@ def teachers(
     dtype: str = typer.Option("fp32", help="Compute dtype: fp32 | bf16 | fp16 (outputs are stored as float16)."),
     settings: str = typer.Option(None, help="Teacher settings as JSON, e.g. '{\"stage\": 1}' (da3) or "
                                             "'{\"preprocess\": {\"height\": 448, \"width\": 448}}'."),
-    writers: int = typer.Option(2, help="Threads compressing and storing finished shards."),
-    readers: int = typer.Option(2, help="Threads reading the next batches from the store."),
+    io_processes: bool = typer.Option(None, "--io-processes/--io-threads",
+                                      help="Store I/O in worker processes (default: on with CUDA)."),
+    readers: int = typer.Option(None, help="Reader threads/processes (default: from the cores)."),
+    writers: int = typer.Option(None, help="Writer threads/processes (default: from the cores)."),
     workers: int = typer.Option(1, help="Parallel tasks, each with its own model copy."),
     dask_address: str = typer.Option(None, help="Run tasks on this dask scheduler (tcp://host:8786)."),
     root: str = ROOT_OPTION,
 ) -> None:
     """Write a `teacher` version: target (N, T, h, w, C) and reference (N, 1, h, w, C), float16."""
     from flows.runtime import RunnerChoice, run_flow
-    from flows.teachers import TeachersConfig, open_video, teachers_flow
+    from flows.teachers import TeachersConfig, teachers_flow
+    from flows.teachers_io import open_video
     from pipelines.teachers import parse_settings
     from schemas.model import ModelSpec
 
     config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
-                            device=device, dtype=dtype, writers=writers, readers=readers,
+                            device=device, dtype=dtype, io_processes=io_processes, readers=readers, writers=writers,
                             workers=workers)
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.

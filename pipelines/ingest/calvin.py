@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipelines.ingest.common import (
     FrameBlock,
@@ -47,6 +47,7 @@ STORED_NAMES: dict[str, str] = {"rel_actions": "action", "actions": "abs_action"
 """npz key -> stored column. ``action`` is the relative action (what S-VAM/VPP train on) and
 ``state`` the robot proprioception, the same roles these names have in every foresight dataset."""
 
+RGB_KEYS = ("rgb_static", "rgb_gripper", "rgb_tactile")
 FRAME_NAME = "episode_{:07d}.npz"
 EP_IDS = "ep_start_end_ids.npy"
 SCENE_INFO = "scene_info.npy"
@@ -63,6 +64,14 @@ class CalvinOptions(StrictModel):
                                description="RGB keys of each frame to store (rgb_static, rgb_gripper, rgb_tactile).")
     depth: bool = Field(default=False, description="Also store depth_<x> for each rgb_<x> camera (24-bit packed).")
     lang_folder: str = Field(default="lang_annotations", description="Folder with auto_lang_ann.npy per split.")
+
+    @field_validator("cameras")
+    @classmethod
+    def _known_cameras(cls, cameras: list[str]) -> list[str]:
+        unknown = [c for c in cameras if c not in RGB_KEYS]
+        if unknown or not cameras:
+            raise ValueError(f"cameras {unknown or cameras}: choose from {', '.join(RGB_KEYS)}")
+        return cameras
 
 
 @dataclass
@@ -107,8 +116,7 @@ def scan_calvin(src: str | Path, options: CalvinOptions) -> CalvinScan:
         scenes = _scene_names(folder, ranges, problems)
         episodes += [{"split": split, "start": s, "end": e, "scene": scenes[i]} for i, (s, e) in enumerate(ranges)]
         segments += _language_segments(folder, split, ranges, options.lang_folder, problems)
-        if (folder / STATISTICS).exists():
-            statistics[split] = yaml.safe_load((folder / STATISTICS).read_text())
+        statistics[split] = _statistics(folder, problems)
     layout = _probe_layout(src, episodes, options)
     layout.extra["calvin_statistics"] = statistics
     return CalvinScan(episodes=episodes, layout=layout, segments=segments, problems=problems)
@@ -132,6 +140,18 @@ def _episode_ranges(folder: Path) -> list[tuple[int, int]]:
     return ranges
 
 
+def _statistics(folder: Path, problems: list[IngestError]) -> Any:
+    """CALVIN's own normalisation file, kept as metadata (plain YAML, read safely)."""
+    path = folder / STATISTICS
+    if not path.exists():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        problems.append(IngestError(path, None, None, f"invalid YAML ({' '.join(str(err).split())})"))
+        return None
+
+
 def _scene_names(folder: Path, ranges: list[tuple[int, int]], problems: list[IngestError]) -> list[str | None]:
     """Scene of each episode from scene_info.npy ({scene: [first_id, last_id]}), None if unknown."""
     path = folder / SCENE_INFO
@@ -142,11 +162,12 @@ def _scene_names(folder: Path, ranges: list[tuple[int, int]], problems: list[Ing
     except ValueError as err:
         problems.append(IngestError(path, None, None, str(err).removeprefix(f"{path}: ")))
         return [None] * len(ranges)
-    names = []
-    for start, _end in ranges:
-        hits = [str(k) for k, v in info.items() if int(v[0]) <= start <= int(v[1])]
-        names.append(hits[0] if hits else None)
-    return names
+    try:
+        bounds = {str(name): (int(ids[0]), int(ids[1])) for name, ids in info.items()}
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        problems.append(IngestError(path, None, None, f"expected {{scene: [first_id, last_id]}} ({err})"))
+        return [None] * len(ranges)
+    return [next((name for name, (lo, hi) in bounds.items() if lo <= start <= hi), None) for start, _ in ranges]
 
 
 def _language_segments(folder: Path, split: str, ranges: list[tuple[int, int]], lang_folder: str,
@@ -160,9 +181,11 @@ def _language_segments(folder: Path, split: str, ranges: list[tuple[int, int]], 
         ann = load_pickled_dict(path)
         texts, tasks, windows = ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"]
         emb = ann["language"].get("emb")
-    except (ValueError, KeyError, TypeError) as err:
-        field_name = str(err) if isinstance(err, KeyError) else None
-        problems.append(IngestError(path, None, field_name, str(err).removeprefix(f"{path}: ")))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if isinstance(err, KeyError):
+            problems.append(IngestError(path, None, str(err).strip("'"), "key missing"))
+        else:
+            problems.append(IngestError(path, None, None, str(err).removeprefix(f"{path}: ")))
         return []
     if not (len(texts) == len(tasks) == len(windows)) or (emb is not None and len(emb) != len(texts)):
         problems.append(IngestError(path, None, "language.ann", "ann, task, emb and info.indx lengths differ"))

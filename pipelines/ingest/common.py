@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Any
 
 import numpy as np
@@ -122,12 +124,6 @@ def check_finite(values: np.ndarray, file: str, episode: str, name: str) -> None
         raise IngestError(file, episode, name, f"NaN or inf at frame {frame}")
 
 
-def check_length(values: np.ndarray, expected: int, file: str, episode: str, name: str, of: str) -> None:
-    """Raise IngestError when a per-frame sequence has another length than the observations."""
-    if len(values) != expected:
-        raise IngestError(file, episode, name, f"{len(values)} steps but {of} has {expected}")
-
-
 def pack_depth_uint24(depth_THW: np.ndarray, scale: float) -> np.ndarray:
     """Store depth losslessly at ``scale`` resolution as an RGB image: value = round(depth / scale).
 
@@ -156,3 +152,43 @@ def blocks_of(indices: range, size: int = READ_BLOCK) -> Iterator[range]:
     """Split a range of frame indices into consecutive blocks of at most ``size``."""
     for start in range(indices.start, indices.stop, size):
         yield range(start, min(start + size, indices.stop))
+
+
+_DONE = object()
+
+
+def prefetch(blocks: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``blocks`` produced by a background thread, at most ``depth`` blocks ahead.
+
+    Reading (zlib, JPEG and video decoding) and the store's compression both release the GIL,
+    so decoding the next block overlaps writing the current one; memory stays bounded by
+    ``depth`` blocks. An exception in the producer is raised here, in order.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                if stop.is_set():
+                    return
+                queue.put(block)
+            queue.put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            queue.put(err)
+
+    worker = threading.Thread(target=produce, name="ingest-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                queue.get(timeout=0.1)
+            except Empty:
+                pass
+        worker.join()

@@ -12,7 +12,6 @@ one group, read in file order, so no frame is ever sought.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,6 @@ from pipelines.ingest.common import (
 )
 from schemas.base import StrictModel
 from schemas.dataset import FeatureSpec, LanguageSegment
-
-log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")

@@ -9,7 +9,6 @@ JPEG frames are decoded with ``cv2.imdecode(buf, 1)`` so the recorder's channel 
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +29,6 @@ from pipelines.ingest.common import (
 )
 from schemas.base import StrictModel
 from schemas.dataset import FeatureSpec
-
-log = logging.getLogger(__name__)
 
 EPISODE_FILE = re.compile(r"^episode_(\d+)\.hdf5$")
 LOWDIM_PATHS: dict[str, str] = {

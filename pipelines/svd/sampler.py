@@ -1,11 +1,11 @@
 """VPP multi-step SVD generation with one-step feature capture, and standalone one-step extraction.
 
 One trajectory per clip: the clip's seed fixes its initial latent noise and the noise that
-augments its conditioning frame. The first denoising step runs the conditional branch as its own
-UNet call with the feature hooks attached (the conditional half of the guidance batch), then the
-unconditional branch; every later step runs both branches as one batch. Running the first step
-split makes the captured features bit-identical to :func:`one_step_features` at the same batch,
-which runs exactly that conditional call and nothing else.
+augments its conditioning frame. Every denoising step runs the conditional and the
+unconditional branch as two UNet calls of the same batch B (rather than one call of 2B): the
+first step's conditional call carries the feature hooks, so the captured features are
+bit-identical to :func:`one_step_features` at the same batch, which runs exactly that call; and
+one batch shape throughout keeps compiled and graph-captured UNets to a single specialisation.
 """
 
 from __future__ import annotations
@@ -94,12 +94,17 @@ def _unet(model: SVDModel, scaled_BTCHW: torch.Tensor, t: torch.Tensor, image_la
     return out.float()
 
 
-def _first_step(model: SVDModel, params: SVDParams, c: Conditioning, scaled: torch.Tensor,
-                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Conditional call (features captured), then the unconditional one: (cond, uncond, features)."""
-    with capture_up_blocks(model.unet, params.feature_blocks) as captured:
+def _branches(model: SVDModel, c: Conditioning, scaled: torch.Tensor, t: torch.Tensor,
+              blocks: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(conditional, unconditional) predictions; with ``blocks``, also the conditional call's
+    features. The unconditional branch sees zeroed text states and image latents."""
+    features = None
+    if blocks:
+        with capture_up_blocks(model.unet, blocks) as captured:
+            pred_cond = _unet(model, scaled, t, c.image_latents, c.text_states, c.time_ids)
+            features = merge_features(captured, blocks, c.batch)
+    else:
         pred_cond = _unet(model, scaled, t, c.image_latents, c.text_states, c.time_ids)
-        features = merge_features(captured, params.feature_blocks, c.batch)
     pred_uncond = _unet(model, scaled, t, torch.zeros_like(c.image_latents), torch.zeros_like(c.text_states),
                         c.time_ids)
     return pred_cond, pred_uncond, features
@@ -115,21 +120,20 @@ def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, 
     scheduler.set_timesteps(params.steps, device=model.device)
     c = prepare(model, params, frames_BHWC, text_BLD, seeds, scheduler.init_noise_sigma)
     guidance = cond.guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames, model.device)
-    both_images = torch.cat([torch.zeros_like(c.image_latents), c.image_latents])
-    both_texts = torch.cat([torch.zeros_like(c.text_states), c.text_states])
-    both_ids = torch.cat([c.time_ids, c.time_ids])
     latents, features = c.latents, None
     for index, t in enumerate(scheduler.timesteps):
         scaled = scheduler.scale_model_input(latents, t)
-        if index == 0:
-            pred_cond, pred_uncond, features = _first_step(model, params, c, scaled, t)
-        else:
-            pred_uncond, pred_cond = _unet(model, torch.cat([scaled, scaled]), t, both_images, both_texts,
-                                           both_ids).chunk(2)
+        pred_cond, pred_uncond, captured = _branches(model, c, scaled, t, params.feature_blocks if index == 0 else None)
+        features = captured if index == 0 else features
         guided = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = scheduler.step(guided, t, latents, return_dict=False)[0]
     frames = decode_frames(model, latents)
     return GeneratedBatch(frames=frames, onestep=features.cpu().numpy())
+
+
+DECODE_CLIPS = 4
+"""Clips per VAE decoder call: bounds decoder memory (a 256x256 decoder activation of 64 frames is
+about 1 GB) and keeps the decoded bytes independent of the generation batch size."""
 
 
 @torch.no_grad()
@@ -137,9 +141,12 @@ def decode_frames(model: SVDModel, latents_BTCHW: torch.Tensor) -> np.ndarray:
     """Final latents -> uint8 frames (B, T, H, W, 3); the temporal decoder sees each clip's T
     frames together, as diffusers' SVD does with a decode chunk of T."""
     batch, frames = latents_BTCHW.shape[:2]
-    z = (latents_BTCHW.flatten(0, 1) / model.vae.config.scaling_factor).to(model.dtype)
-    images_NCHW = model.vae.decode(z, num_frames=frames).sample.float()
-    images_NCHW = ((images_NCHW / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    chunks = []
+    for first in range(0, batch, DECODE_CLIPS):
+        z = latents_BTCHW[first:first + DECODE_CLIPS].flatten(0, 1) / model.vae.config.scaling_factor
+        images_NCHW = model.vae.decode(z.to(model.dtype), num_frames=frames).sample.float()
+        chunks.append(((images_NCHW / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
+    images_NCHW = torch.cat(chunks)
     return images_NCHW.reshape(batch, frames, *images_NCHW.shape[1:]).permute(0, 1, 3, 4, 2).cpu().numpy()
 
 

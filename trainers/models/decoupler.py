@@ -40,7 +40,7 @@ class DecouplerConfig(StrictModel):
         """The reference architecture (``full``) or a small one for CPU tests (``tiny``) at given data dims."""
         if size == "full":
             return cls(**dims)
-        return cls(hidden=32, depth=1, heads=2, mlp_ratio=2, **dims)
+        return cls(**({"hidden": 32, "depth": 1, "heads": 2, "mlp_ratio": 2} | dims))
 
 
 class SpatioTemporalBlock(nn.Module):

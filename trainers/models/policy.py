@@ -53,7 +53,7 @@ class PolicyConfig(StrictModel):
         """The reference architecture (``full``) or a small one for CPU tests (``tiny``)."""
         if size == "full":
             return cls(**dims)
-        return cls(dim=32, heads=2, encoder_layers=1, decoder_layers=1, mlp_ratio=2, **dims)
+        return cls(**({"dim": 32, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "mlp_ratio": 2} | dims))
 
     def scheduler(self) -> EDMEulerScheduler:
         """A fresh diffusers EDM scheduler with this noise schedule (the sampler mutates its state)."""

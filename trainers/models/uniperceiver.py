@@ -35,7 +35,8 @@ class UniPerceiverConfig(StrictModel):
         """The reference architecture (``full``) or a small one for CPU tests (``tiny``)."""
         if size == "full":
             return cls(**dims)
-        return cls(mlp_hidden=32, dim=32, queries_per_frame=2, depth=1, heads=2, mlp_ratio=2, **dims)
+        return cls(**({"mlp_hidden": 32, "dim": 32, "queries_per_frame": 2, "depth": 1, "heads": 2, "mlp_ratio": 2}
+                      | dims))
 
     @property
     def num_latents(self) -> int:

@@ -1,0 +1,369 @@
+"""SVD generation throughput: 30-step guided generation and one-step extraction vs the bare UNet.
+
+Every figure is measured against the bare UNet forward at the same batch in the same process
+(end-to-end time / pure UNet time), plus MFU from a FLOP count of one UNet call.
+
+    # GPU sweep (random full-size weights); each variant runs in its own time-boxed process
+    python bench/bench_svd.py --sweep --out /tmp/svd-bench
+    # one variant
+    python bench/bench_svd.py --variant '{"dtype": "fp16", "compile": "blocks", "batch": 16}'
+    # CPU sanity run of the whole sweep on the tiny model
+    python bench/bench_svd.py --sweep --tiny
+
+A clip is 16 frames at 256x256 (32x32 latents); a guided step is two UNet calls of B clips
+(conditional and unconditional), so 30 steps are 60 UNet calls per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+H100_DENSE_BF16_TFLOPS = 989.4  # H100 SXM dense fp16/bf16 tensor-core peak
+
+
+# ---------------------------------------------------------------- one variant (child process)
+def setup(spec: dict):
+    import torch
+
+    from pipelines.svd import SVDParams, load_svd
+    from pipelines.svd.speed import SpeedOptions, apply_speedups
+
+    torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark", False))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    model = load_svd(spec["model"], spec["device"], spec["dtype"])
+    apply_speedups(model, SpeedOptions(channels_last=spec.get("channels_last", False),
+                                       compile=spec.get("compile", "none"), compile_mode=spec.get("compile_mode")))
+    params = SVDParams(num_frames=spec["frames"], size=spec["size"], steps=spec["steps"])
+    return model, params, time.perf_counter() - started
+
+
+def inputs(model, params, batch: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    width = model.unet.config.cross_attention_dim // 2
+    frames = rng.integers(0, 256, size=(batch, params.size, params.size, 3), dtype=np.uint8)
+    text = rng.normal(size=(batch, 20, width)).astype(np.float32)
+    seeds = np.arange(batch, dtype=np.int64) + seed * 1000
+    return frames, text, seeds
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def unet_call_args(model, params, batch: int):
+    """Random inputs of one bare UNet call (one guidance branch of ``batch`` clips)."""
+    import torch
+
+    side = params.size // model.vae_scale_factor
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sample = torch.randn(batch, params.num_frames, model.unet.config.in_channels, side, side, generator=g)
+    states = torch.randn(batch, 20, model.unet.config.cross_attention_dim, generator=g)
+    ids = torch.tensor([[3.0, 127.0, 0.02]]).repeat(batch, 1)
+    to = dict(device=model.device, dtype=model.dtype)
+    return sample.to(**to), torch.tensor(1.5, device=model.device), states.to(**to), ids.to(**to)
+
+
+def time_unet(model, params, batch: int, iters: int) -> dict:
+    """Median ms of a bare UNet forward at ``batch`` clips (first call timed separately: compile)."""
+    import torch
+
+    sample, t, states, ids = unet_call_args(model, params, batch)
+    call = lambda: model.unet(sample, t, encoder_hidden_states=states, added_time_ids=ids, return_dict=False)[0]
+    with torch.no_grad():
+        start = time.perf_counter()
+        call()
+        sync(str(model.device))
+        first_s = time.perf_counter() - start
+        call()
+        times = []
+        for _ in range(iters):
+            sync(str(model.device))
+            start = time.perf_counter()
+            call()
+            sync(str(model.device))
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"unet_ms": 1e3 * times[len(times) // 2], "unet_first_s": first_s}
+
+
+def count_flops(model, params) -> float:
+    """FLOPs of one UNet call on one clip (matmuls, convolutions, attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample, t, states, ids = unet_call_args(model, params, 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.unet(sample, t, encoder_hidden_states=states, added_time_ids=ids, return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def matmul_tflops(device: str) -> float:
+    """Achieved dense fp16 TFLOP/s of an 8192^3 matmul (what the tensor cores give here)."""
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def time_onestep(model, params, batch: int, iters: int) -> dict:
+    from pipelines.svd import one_step_features
+
+    data = inputs(model, params, batch)
+    one_step_features(model, params, *data)
+    times = []
+    for _ in range(iters):
+        sync(str(model.device))
+        start = time.perf_counter()
+        one_step_features(model, params, *data)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"onestep_s": times[len(times) // 2]}
+
+
+def time_generate(model, params, batch: int, repeats: int) -> dict:
+    from pipelines.svd import generate_clips
+
+    data = inputs(model, params, batch)
+    start = time.perf_counter()
+    generate_clips(model, params.model_copy(update={"steps": 2}), *data)  # warm-up: every code path once
+    warm_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate_clips(model, params, *data)
+        times.append(time.perf_counter() - start)
+    return {"generate_s": min(times), "generate_warm_s": warm_s}
+
+
+def time_decode(model, params, batch: int) -> dict:
+    import torch
+
+    from pipelines.svd.sampler import decode_frames
+
+    side = params.size // model.vae_scale_factor
+    latents = torch.randn(batch, params.num_frames, 4, side, side, device=model.device)
+    decode_frames(model, latents)
+    sync(str(model.device))
+    start = time.perf_counter()
+    decode_frames(model, latents)
+    return {"decode_s": time.perf_counter() - start}
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def apply_setting(model, setting: dict, stack) -> None:
+    """Switch a loaded (uncompiled) model to an eager setting in place: dtype, memory format,
+    cuDNN autotuning, SDPA backend (held open on ``stack`` until the next setting)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipelines.svd.loading import parse_dtype
+
+    stack.close()
+    dtype = parse_dtype(setting.get("dtype", "fp16"))
+    if model.dtype != dtype:
+        model.unet.to(dtype)
+        model.vae.to(dtype)
+        model.dtype = dtype
+    fmt = torch.channels_last if setting.get("channels_last") else torch.contiguous_format
+    model.unet.to(memory_format=fmt)
+    torch.backends.cudnn.benchmark = bool(setting.get("cudnn_benchmark", False))
+    if setting.get("sdpa"):
+        stack.enter_context(sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[setting["sdpa"]])]))
+
+
+def measure_settings(model, params, spec: dict, base: dict) -> None:
+    """Bare-UNet timings of each eager setting in ``spec['settings']`` on the same loaded model."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    for setting in spec.get("settings", []):
+        try:
+            apply_setting(model, setting, stack)
+            for batch in setting.get("batches", spec["batches"]):
+                row = {**base, **setting, "batch": batch, **time_unet(model, params, batch, spec["iters"])}
+                print("RESULT " + json.dumps(row), flush=True)
+        except Exception as err:  # noqa: BLE001 - one failing setting must not end the sweep
+            print("RESULT " + json.dumps({**base, **setting, "error": f"{type(err).__name__}: {err}"[:500]}), flush=True)
+    if spec.get("settings"):
+        apply_setting(model, spec["settings"][0], stack)
+
+
+def run_variant(spec: dict) -> None:
+    """Measure one variant: FLOPs, eager settings, then the pipeline (one-step, generation, decode)."""
+    import torch
+
+    model, params, load_s = setup(spec)
+    base = {k: spec.get(k) for k in ("name", "dtype", "compile", "compile_mode", "channels_last", "cudnn_benchmark")}
+    base["load_s"] = load_s
+    if "flops" in spec["measure"]:
+        row = {**base, "flops_per_clip": count_flops(model, params),
+               "matmul_tflops": matmul_tflops(spec["device"]) if spec["device"].startswith("cuda") else None}
+        print("RESULT " + json.dumps(row), flush=True)
+    measure_settings(model, params, spec, base)
+    for batch in spec["batches"]:
+        row = {**base, "batch": batch}
+        row.update(time_unet(model, params, batch, spec["iters"]))
+        if "onestep" in spec["measure"]:
+            row.update(time_onestep(model, params, batch, max(2, spec["iters"] // 2)))
+        if "decode" in spec["measure"]:
+            row.update(time_decode(model, params, batch))
+        if "generate" in spec["measure"]:
+            row.update(time_generate(model, params, batch, spec.get("repeats", 1)))
+            row["steps"] = params.steps
+        if spec["device"].startswith("cuda"):
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        print("RESULT " + json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------- the sweep (driver)
+def sweep_variants(tiny: bool) -> list[dict]:
+    """Variants of the sweep: one eager process (settings measured in place), then compiled ones."""
+    main, big = (2, [1, 2, 4]) if tiny else (16, [8, 16, 32])
+    eager_settings = [
+        {"setting": "fp16", "dtype": "fp16", "batches": big},
+        {"setting": "bf16", "dtype": "bf16", "batches": [main]},
+        {"setting": "fp16+channels-last", "dtype": "fp16", "channels_last": True, "batches": [main]},
+        {"setting": "fp16+cudnn-benchmark", "dtype": "fp16", "cudnn_benchmark": True, "batches": [main]},
+        {"setting": "fp16+sdpa-cudnn", "dtype": "fp16", "sdpa": "cudnn", "batches": [main]},
+        {"setting": "fp16+sdpa-efficient", "dtype": "fp16", "sdpa": "efficient", "batches": [main]},
+    ]
+    return [
+        {"name": "eager", "dtype": "fp16", "batches": [main], "settings": eager_settings,
+         "measure": ["flops", "onestep", "decode", "generate"]},
+        {"name": "blocks-compiled", "dtype": "fp16", "compile": "blocks", "batches": [main],
+         "measure": ["onestep", "generate"]},
+        {"name": "full-compiled", "dtype": "fp16", "compile": "full", "batches": [main],
+         "measure": ["onestep", "generate"]},
+    ]
+
+
+def run_child(spec: dict, timeout_s: float) -> list[dict]:
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--variant", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out, err, status = proc.stdout, proc.stderr, f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err, status = "", f"timed out after {timeout_s:.0f} s"
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    print(f"# {spec['name']}: {status} in {time.perf_counter() - started:.0f} s, {len(rows)} results", flush=True)
+    if not rows and err:
+        print(err[-3000:], flush=True)
+    return rows or [{"name": spec["name"], "error": status, "stderr_tail": err[-1500:]}]
+
+
+def derive(rows: list[dict]) -> list[dict]:
+    flops = next((r["flops_per_clip"] for r in rows if "flops_per_clip" in r), None)
+    peak = next((r["matmul_tflops"] for r in rows if r.get("matmul_tflops")), None)
+    for row in rows:
+        if "unet_ms" not in row:
+            continue
+        unet_s, batch = row["unet_ms"] / 1e3, row["batch"]
+        row["unet_ms_per_clip"] = row["unet_ms"] / batch
+        if flops:
+            row["tflops"] = flops * batch / unet_s / 1e12
+            row["mfu"] = row["tflops"] / H100_DENSE_BF16_TFLOPS
+            row["of_matmul_peak"] = row["tflops"] / peak if peak else None
+        row["unet_only_clips_per_hour_30_steps"] = batch * 3600 / (60 * unet_s)
+        if "generate_s" in row:
+            row["generate_clips_per_hour"] = batch * 3600 / row["generate_s"]
+            row["generate_overhead"] = row["generate_s"] / (2 * row["steps"] * unet_s) - 1
+        if "onestep_s" in row:
+            row["onestep_clips_per_hour"] = batch * 3600 / row["onestep_s"]
+            row["onestep_vs_unet"] = row["onestep_s"] / unet_s
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["name", "setting", "batch", "unet_ms", "unet_ms_per_clip", "tflops", "mfu", "unet_first_s", "generate_s",
+            "generate_clips_per_hour", "generate_overhead", "onestep_s", "onestep_clips_per_hour", "onestep_vs_unet",
+            "decode_s", "peak_mem_gb"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        if "unet_ms" not in row and "error" not in row:
+            continue
+        cells = []
+        for col in cols:
+            value = row.get(col, "")
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        print("| " + " | ".join(cells) + " |")
+
+
+def sweep(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget_s
+    common = {"model": "tiny" if args.tiny else args.model, "device": args.device, "iters": args.iters,
+              "frames": 4 if args.tiny else 16, "size": 32 if args.tiny else 256, "steps": 2 if args.tiny else 30}
+    rows = []
+    only = set(args.only.split(",")) if args.only else None
+    for variant in sweep_variants(args.tiny):
+        if only and variant["name"] not in only:
+            continue
+        left = deadline - time.perf_counter()
+        if left < 30:
+            print(f"# {variant['name']}: skipped (budget spent)", flush=True)
+            continue
+        if args.device == "cpu":  # half precision on a CPU only tests the code path, slowly
+            variant = {**variant, "dtype": "fp32",
+                       "settings": [{**s, "dtype": "fp32", "sdpa": None} for s in variant.get("settings", [])]}
+        rows += run_child({**common, **variant}, min(left, args.variant_timeout_s))
+        (out / "svd_bench.json").write_text(json.dumps(derive(rows), indent=1))
+    print_table(derive(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="Run every variant, each in its own process.")
+    parser.add_argument("--variant", help="JSON spec of one variant (child mode).")
+    parser.add_argument("--tiny", action="store_true", help="Tiny model on small sizes (CPU sanity run).")
+    parser.add_argument("--model", default="random")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--only", help="Comma list of variant names to run.")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="Wall-clock budget of the whole sweep.")
+    parser.add_argument("--variant-timeout-s", type=float, default=240.0)
+    parser.add_argument("--out", default="/tmp/svd-bench")
+    args = parser.parse_args()
+    if args.variant:
+        spec = {"model": args.model, "device": args.device, "iters": args.iters, "frames": 16, "size": 256,
+                "steps": 30, "batches": [16], "measure": [], **json.loads(args.variant)}
+        spec.setdefault("name", "variant")
+        run_variant(spec)
+    elif args.sweep:
+        sweep(args)
+    else:
+        parser.error("give --sweep or --variant")
+
+
+if __name__ == "__main__":
+    main()

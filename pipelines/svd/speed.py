@@ -1,0 +1,61 @@
+"""Runtime speed settings of a loaded SVD model (not part of a version: they do not change the maths).
+
+- ``channels_last``: NHWC activations and weights for the UNet's convolutions.
+- ``compile="blocks"``: ``torch.compile`` each ResNet/transformer/resampling layer inside the
+  UNet blocks (static shapes). The blocks themselves stay eager, so the feature hooks on
+  ``up_blocks`` never force a recompilation, and identical layers share compiled code.
+- ``compile="full"``: ``torch.compile`` of the whole UNet (one graph, hooks traced into it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from pipelines.svd.loading import SVDModel
+from schemas.base import StrictModel
+
+log = logging.getLogger(__name__)
+
+LAYER_GROUPS = ("resnets", "attentions", "downsamplers", "upsamplers")
+
+
+class SpeedOptions(StrictModel):
+    """How to run the UNet fast on a given device."""
+
+    channels_last: bool = Field(default=False, description="NHWC memory format for the UNet.")
+    compile: Literal["none", "blocks", "full"] = Field(default="none", description="torch.compile scope.")
+    compile_mode: str | None = Field(default=None, description="torch.compile mode (None = default).")
+
+
+def compiled_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers ``compile="blocks"`` compiles: every ResNet, transformer and resampler of every block."""
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    layers = []
+    for block in blocks:
+        for group in LAYER_GROUPS:
+            layers.extend(getattr(block, group, None) or [])
+    return layers
+
+
+def apply_speedups(model: SVDModel, options: SpeedOptions) -> SVDModel:
+    """Apply ``options`` to ``model`` in place (and return it)."""
+    if options.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if options.compile == "none":
+        return model
+    # Many distinct layer shapes share a few code objects; lift the per-code recompile limits so
+    # none of them silently falls back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
+    kwargs = {"dynamic": False, **({"mode": options.compile_mode} if options.compile_mode else {})}
+    if options.compile == "blocks":
+        for layer in compiled_layers(model.unet):
+            layer.compile(**kwargs)
+    else:
+        model.unet.compile(**kwargs)
+    log.info("SVD UNet compiled (%s, mode %s)", options.compile, options.compile_mode)
+    return model

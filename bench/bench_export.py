@@ -304,9 +304,28 @@ def report(results: list[tuple], sizes: dict[str, float], errors: dict[str, floa
     ]
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {n} | {v:.2f}x |" for n, v in ratios]
     lines += ["", "| bytes per sample | MB | vs S-VAM |", "|---|---:|---:|"]
-    lines += [f"| {n} | {b / 1e6:.2f} | {b / sizes['S-VAM float32 (frames + one-step)']:.1%} |" for n, b in sizes.items()]
+    svam_bytes = sizes["S-VAM float32 (frames + one-step)"]
+    lines += [f"| {n} | {b / 1e6:.3f} | {b / svam_bytes:.2%} |" for n, b in sizes.items()]
     lines += ["", "| fp8 (e4m3, per-channel scales) vs float16 | relative L2 |", "|---|---:|"]
     lines += [f"| {n} | {e:.2%} |" for n, e in errors.items()]
+    fp8_share = sizes["export fp8, S-VAM's fields (frames + one-step + json)"] / svam_bytes
+    lines += ["", "Goals:",
+              f"- ShardStream >= 90% of the raw read: {ratios[0][1]:.0%} in-process (shards are memory-mapped: "
+              "no copy). Through DataLoader worker processes it is far lower on this 2-core VM: each 31 MB "
+              "sample is copied into fresh shared memory and handed over (torch's transport), which costs more "
+              "than reading it; use num_workers=0 (or few workers) for f16 exports, workers pay off when "
+              "there is per-sample CPU work (fp8 CPU decode, augmentation).",
+              f"- >= 5x the samples/s of the S-VAM layout with the teacher recomputed: {ratios[5][1]:.0f}x "
+              f"in-process, {ratios[6][1]:.1f}x with 2 workers; ZarrClips {ratios[7][1]:.1f}x.",
+              f"- fp8 bytes <= 25% of S-VAM's: {fp8_share:.2%} for the same fields (uint8 frames and e4m3 "
+              "features are exactly 25% of float32; tar headers, per-channel scales and the JSON add the rest).",
+              f"- fp8 relative L2 <= 2%: not met, {max(errors.values()):.2%} at most. That is the floor of a "
+              "3-bit mantissa with round-to-nearest (per-element error up to 2^-4 relative; scaling cannot "
+              "lower it); the tested bound is |x - x'| <= 2^-4 |x| + 2^-10 s_c (+ float16 rounding), see "
+              "pipelines/export.py. bf16 (0.2-0.4%) or f16 (exact) meet the error goal at 2x the bytes.",
+              "- fp8 decode on the CPU is slow here (one table lookup + multiply per value, ~14 M values per "
+              "sample); `ShardStream(decode_fp8=False)` keeps the uint8 codes and `trainers.data.fp8_to_float` "
+              "decodes a batch on the GPU."]
     return "\n".join(lines) + "\n"
 
 

@@ -221,8 +221,8 @@ def write_shards(root_url: str, version_id: str, shard_indices: list[int], confi
     return Pi0ShardsResult(shards=written, clips=clips, seconds=time.perf_counter() - started)
 
 
-def begin_version(root_url: str, config: Pi0TargetsConfig) -> tuple[Any, bool]:
-    """(writer or manifest, already_complete): resolve the recipe and open (or find) its version."""
+def resolve_version(root_url: str, config: Pi0TargetsConfig) -> tuple[TargetRecipe, list[ArraySpec], int]:
+    """The recipe (hence the version id), array layout and clip count of ``config``; loads the teacher."""
     rows = plan_rows(root_url, config)
     datasets = sorted({row.dataset for row in rows})
     if len(datasets) != 1:
@@ -231,11 +231,20 @@ def begin_version(root_url: str, config: Pi0TargetsConfig) -> tuple[Any, bool]:
     loaded = cached_model(config)
     params = resolve_params(config, rows, episodes.info(), loaded)
     recipe = pi0_recipe(loaded, params, config.plan, len(rows), episodes.fingerprint())
+    return recipe, pi0_arrays(params, loaded.model.config, len(rows)), len(rows)
+
+
+def begin_version(root_url: str, config: Pi0TargetsConfig) -> tuple[Any, bool]:
+    """(writer, False) for a version to build, or (its manifest, True) when it is already complete."""
+    recipe, arrays, num_clips = resolve_version(root_url, config)
     store = TargetStore(root_url)
     if store.status(recipe.version_id()) == "complete":
         return store.manifest(recipe.version_id()), True
-    arrays = pi0_arrays(params, loaded.model.config, len(rows))
-    return store.begin(recipe, arrays, len(rows), config.shard_size), False
+    return store.begin(recipe, arrays, num_clips, config.shard_size), False
+
+
+def complete_result(version_id: str) -> dict[str, Any]:
+    return {"version": version_id, "status": "complete", "clips": 0, "seconds": 0.0}
 
 
 ShardRunner = Callable[[str, list[int]], list[Pi0ShardsResult]]
@@ -248,7 +257,7 @@ def build_version(root_url: str, config: Pi0TargetsConfig, run_shards: ShardRunn
     writer, complete = begin_version(root_url, config)
     if complete:
         log.info("pi0 version %s is already complete", writer.id)
-        return {"version": writer.id, "status": "complete", "clips": 0, "seconds": 0.0}
+        return complete_result(writer.id)
     results = run_shards(writer.version_id, writer.pending_shards())
     # Shards another builder held (or released after an error) are waited for or run here.
     wait_for_version_shards(writer, lambda shards: results.extend(run_shards(writer.version_id, shards)))
@@ -279,9 +288,13 @@ def pi0_targets_flow(root_url: str, config: Pi0TargetsConfig, workers: int = 1) 
     return build_version(root_url, config, run_shards)
 
 
-def run_pi0_targets(root: Any, config: Pi0TargetsConfig, runner: Any | None = None) -> dict[str, Any]:
-    """Run the flow on the chosen task runner (local threads by default)."""
+def run_pi0_targets(root: Any, config: Pi0TargetsConfig, runner: RunnerChoice | None = None) -> dict[str, Any]:
+    """Run the flow on the chosen task runner (local threads by default); a version that is
+    already complete returns at once, without starting Prefect."""
     choice = runner or RunnerChoice()
     root_obj = open_root(root)
+    recipe, _, _ = resolve_version(root_obj.url, config)
+    if TargetStore(root_obj).status(recipe.version_id()) == "complete":
+        return complete_result(recipe.version_id())
     return run_flow(pi0_targets_flow, choice, root_obj, root_url=root_obj.url, config=config,
                     workers=choice.dask_local or choice.workers)

@@ -23,7 +23,6 @@ result is a table of what ran, what was skipped and how long each stage took::
     codec = "f16"
 """
 
-from __future__ import annotations
 
 import logging
 import time

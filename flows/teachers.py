@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from typing import Any, Literal
@@ -70,9 +71,6 @@ def cached_teacher(config: TeachersConfig) -> Teacher:
 
 # ---------------------------------------------------------------- task and flow
 def _progress_bar(total: int, desc: str):
-    import os
-    import sys
-
     from tqdm import tqdm
 
     disabled = bool(os.environ.get("FORESIGHT_QUIET")) or not sys.stderr.isatty()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import pi0
+from pipelines import pi0, pi0_static
 from trainers import shallow_pi
 
 VERSION = "pi0-000000000000"
@@ -187,3 +187,34 @@ def test_dir_checkpoint_round_trip(tmp_path, teacher):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="no config.json"):
         pi0.load_pi0(f"dir:{tmp_path / 'missing'}")
+
+
+@pytest.mark.parametrize("attention", pi0_static.ATTENTION)
+def test_static_chunk_sampler_matches_transformers(teacher, attention):
+    params = make_params(cameras=["front", "wrist"])
+    rng = np.random.default_rng(2)
+    samples = pi0.stack_samples([
+        pi0.assemble_sample(rng.integers(0, 256, (2, 28, 28, 3), dtype=np.uint8), "open" * (i + 1),
+                            rng.normal(size=5), rng.normal(size=(50, 4)), params, None) for i in range(2)])
+    student, _ = shallow_pi.build_student(teacher, 2)
+    for model in (teacher, student):
+        batch = pi0.make_batch(samples, model.config)
+        inputs = dict(state=batch.state, input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                      pixel_attention_mask=batch.pixel_attention_mask, attention_mask=batch.attention_mask)
+        noise = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(4))
+        reference = model.sample_actions(noise=noise.clone(), **inputs)
+        chunk = pi0_static.sample_chunk(model, noise=noise.clone(), attention=attention, **inputs)
+        torch.testing.assert_close(chunk, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_chunk_equals_the_eager_chunk(teacher):
+    model = pi0.load_pi0("tiny", device="cuda").model
+    params = make_params()
+    batch = pi0.make_batch(make_samples(params, count=1), model.config, "cuda")
+    inputs = dict(state=batch.state, input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                  pixel_attention_mask=batch.pixel_attention_mask, attention_mask=batch.attention_mask,
+                  noise=torch.randn(1, 50, 32, device="cuda"))
+    with torch.inference_mode():
+        graphed = pi0_static.GraphedChunkSampler(model, **inputs)
+        torch.testing.assert_close(graphed(**inputs), pi0_static.sample_chunk(model, **inputs))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
 from flows import pi0 as pi0_flow
+from flows.cli import app
 from pipelines import pi0
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
 from schemas.plan import ClipRow, PlanInfo
@@ -47,8 +48,6 @@ def config(**overrides) -> pi0_flow.Pi0TargetsConfig:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    # The embedded Prefect API starts slowly on a busy machine; the default 20 s can be too short.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     root = str(tmp_path_factory.mktemp("pi0root"))
     rows = write_dataset(root)
     result = pi0_flow.run_pi0_targets(root, config())
@@ -88,6 +87,11 @@ def test_rerun_of_a_complete_version_does_nothing(built):
     root, _, result = built
     again = pi0_flow.build_version(root, config(), pi0_flow.run_here(root, config()))
     assert again == {"version": result["version"], "status": "complete", "clips": 0, "seconds": 0.0}
+    cli = CliRunner().invoke(app, ["pi0-targets", "--plan", PLAN, "--pairs", "2", "--attn-dtype", "float32",
+                                   "--state-indices", "0-17", "--shard-size", "2", "--batch", "2",
+                                   "--max-text-tokens", "24", "--root", root])
+    assert cli.exit_code == 0, cli.output
+    assert cli.output.strip() == f"{result['version']} already complete (nothing to do)"
 
 
 def test_interrupted_build_resumes_without_rewriting_done_shards(tmp_path, built):

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
 from flows import pi0 as pi0_flow
+from flows.cli import app
+from flows.cli.common import user_error_message
 from flows.export import ExportConfig, export_recipe, plan_export, write_shard
 from pipelines import pi0
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
@@ -131,11 +135,22 @@ def test_offline_and_online_tasks_agree_on_an_exported_batch(world):
         torch.testing.assert_close(from_cache[name], from_teacher[name], rtol=2e-3, atol=1e-5)
 
 
+def test_cli_trains_and_reports_bad_options(world):
+    base = ["train", "shallow-pi", "--export", world["export"], "--teacher", "tiny", "--layers", "2",
+            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--root", world["root"]]
+    ok = CliRunner().invoke(app, [*base, "--attn-layers", "1", "--steps", "1", "--run-id", "spi-cli"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.startswith("run spi-cli: step 1") and "checkpoint" in ok.output
+    bad = CliRunner().invoke(app, [*base, "--augment", "--steps", "1"])
+    assert bad.exit_code != 0 and user_error_message(bad.exception) == \
+        "augmentation needs --online: the cached targets were computed on unaugmented images"
+
+
 def test_guards(world):
     root = open_root(world["root"])
     with pytest.raises(ValueError, match="augmentation needs --online"):
         shallow_pi.train_shallow_pi(root, world["export"], run_config(augment=True))
-    with pytest.raises(ValueError, match="was made by teacher 'tiny'"):
+    with pytest.raises(ValueError, match=r"was made by teacher 'tiny' \[model-\w+\], not by 'tiny' \[model-"):
         shallow_pi.train_shallow_pi(root, world["export"], run_config(tiny_layers=3))
     with pytest.raises(ValueError, match=r"teacher layers \[0\] are not among the cached attention layers"):
         shallow_pi.train_shallow_pi(root, world["export"], run_config(attn_layers=[0]), run_id="spi-bad")

@@ -363,9 +363,18 @@ def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity
             continue
         model = store.manifest(version).recipe.model
         if model is None or model.key() != identity.key():
-            made_by = model.spec if model is not None else "no model"
-            raise ValueError(f"target version '{version}' was made by teacher {made_by!r}, not by "
-                             f"{identity.spec!r}; distil from the teacher that made the targets")
+            made_by = teacher_label(model) if model is not None else "no model"
+            raise ValueError(f"target version '{version}' was made by teacher {made_by}, not by "
+                             f"{teacher_label(identity)}; distil from the teacher that made the targets "
+                             "(for `tiny`, check --tiny-layers)")
+
+
+def teacher_label(identity: Any) -> str:
+    """'<spec> [model-<12 hex>]': the spec and a digest of the identifying fields, so two `tiny`
+    teachers of different depth read differently in an error."""
+    from schemas.target import content_id
+
+    return f"'{identity.spec}' [{content_id('model', identity.key())}]"
 
 
 def freeze_unused(student: Any) -> None:

@@ -55,9 +55,8 @@ _register_all()
 def main() -> None:
     """Console entry point: run the app; user errors become one line on stderr."""
     try:
-        app(standalone_mode=False)
-    except SystemExit as exc:
-        raise
+        # Without standalone mode click returns the exit code of `raise typer.Exit(code)`.
+        code = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become messages
@@ -66,3 +65,4 @@ def main() -> None:
             raise
         typer.echo(f"error: {message}", err=True)
         sys.exit(EXIT_FAILED)
+    sys.exit(code if isinstance(code, int) else 0)

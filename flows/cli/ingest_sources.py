@@ -1,5 +1,8 @@
 """``foresight ingest calvin|teleop|lerobot``: recorded datasets into the episode store.
 
+Episodes run in parallel as Prefect tasks: ``--workers N`` threads (decoding and compression
+release the GIL), ``--dask-local N`` worker processes, or ``--dask-address`` an existing cluster.
+
 Exit codes: 0 every item landed (or was already stored); 3 (EXIT_PARTIAL) the run finished but
 some items were quarantined (listed on stderr, one line each, and in the dataset's
 quarantine.jsonl); 1 the command failed (bad arguments, unreadable source, or with --strict the
@@ -14,31 +17,29 @@ from pathlib import Path
 import typer
 
 from flows.cli.common import EXIT_PARTIAL, ROOT_OPTION, get_root, sub_app
+from flows.cli.runner import runner_options
+from flows.runtime import RunnerChoice
 
 STRICT_OPTION = typer.Option(False, "--strict", help="Fail on the first bad item instead of quarantining it.")
-WORKERS_OPTION = typer.Option(2, "--workers", min=1, help="Local worker processes (episodes in parallel).")
-DASK_OPTION = typer.Option(None, "--dask-address", help="Run tasks on an existing Dask scheduler (tcp://host:8786).")
 
 
 def register(app: typer.Typer) -> None:
     ingest = sub_app(app, "ingest", "Ingest demonstrations into the episode store.")
-    ingest.command("calvin")(ingest_calvin)
-    ingest.command("teleop")(ingest_teleop)
-    ingest.command("lerobot")(ingest_lerobot)
+    ingest.command("calvin")(runner_options(ingest_calvin))
+    ingest.command("teleop")(runner_options(ingest_teleop))
+    ingest.command("lerobot")(runner_options(ingest_lerobot))
 
 
 def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _run(flow, workers: int, dask_address: str | None, root: str | None, **params) -> None:
+def _run(flow, runner: RunnerChoice, root: str | None, **params) -> None:
     """Run an ingest flow, print its summary, and exit 3 when items were quarantined."""
-    from flows.runtime import RunnerChoice, run_flow
+    from flows.runtime import run_flow
 
     data_root = get_root(root, writable=True)
-    choice = RunnerChoice(dask_address=dask_address) if dask_address else \
-        RunnerChoice(workers=workers, processes=workers > 1)
-    summary = run_flow(flow, choice, root_url=data_root.url, **params)
+    summary = run_flow(flow, runner, data_root, root_url=data_root.url, **params)
     typer.echo(f"dataset {summary.dataset}: {len(summary.written)} written ({summary.frames_written} frames), "
                f"{len(summary.skipped)} unchanged, {len(summary.quarantined)} quarantined "
                f"in {summary.seconds:.1f} s")
@@ -56,16 +57,15 @@ def ingest_calvin(
     depth: bool = typer.Option(False, "--depth", help="Also store depth_* of each camera (24-bit packed, 10 um)."),
     lang_folder: str = typer.Option("lang_annotations", help="Annotation folder inside each split."),
     strict: bool = STRICT_OPTION,
-    workers: int = WORKERS_OPTION,
-    dask_address: str = DASK_OPTION,
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Ingest CALVIN splits: one stored episode per row of ep_start_end_ids.npy, language segments."""
     from flows.ingest_sources import ingest_calvin_flow
     from pipelines.ingest.calvin import CalvinOptions
 
     options = CalvinOptions(splits=_csv(splits), cameras=_csv(cameras), depth=depth, lang_folder=lang_folder)
-    _run(ingest_calvin_flow, workers, dask_address, root, dataset=dataset, src=str(src), options=options,
+    _run(ingest_calvin_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 
 
@@ -76,16 +76,15 @@ def ingest_teleop(
     instruction: str = typer.Option(None, help="Instruction shared by every episode."),
     task: str = typer.Option(None, help="Task name (default: the folder name)."),
     strict: bool = STRICT_OPTION,
-    workers: int = WORKERS_OPTION,
-    dask_address: str = DASK_OPTION,
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Ingest teleoperation HDF5 episodes, raw or JPEG-compressed, every camera found."""
     from flows.ingest_sources import ingest_teleop_flow
     from pipelines.ingest.teleop import TeleopOptions
 
     options = TeleopOptions(fps=fps, instruction=instruction, task=task)
-    _run(ingest_teleop_flow, workers, dask_address, root, dataset=dataset, src=str(src), options=options,
+    _run(ingest_teleop_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 
 
@@ -94,14 +93,13 @@ def ingest_lerobot(
     dataset: str = typer.Option(..., help="Dataset name in the store."),
     cameras: str = typer.Option(None, help="Comma list of video/image feature keys (default all)."),
     strict: bool = STRICT_OPTION,
-    workers: int = WORKERS_OPTION,
-    dask_address: str = DASK_OPTION,
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Ingest a LeRobot dataset: frames decoded once per video file, tasks as instructions."""
     from flows.ingest_sources import ingest_lerobot_flow
     from pipelines.ingest.lerobot import LeRobotOptions
 
     options = LeRobotOptions(cameras=_csv(cameras) if cameras else None)
-    _run(ingest_lerobot_flow, workers, dask_address, root, dataset=dataset, src=str(src), options=options,
+    _run(ingest_lerobot_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)

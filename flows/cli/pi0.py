@@ -41,6 +41,7 @@ def pi0_targets(
     state_indices: str = typer.Option(None, "--state-indices", help="State elements kept, e.g. '0-17,36-38' "
                                                                     "(needed when the state is longer than 32)."),
     normalize: str = typer.Option("auto", "--normalize", help="auto | dataset | none (mean/std of state, actions)."),
+    max_text_tokens: int = typer.Option(48, "--max-text-tokens", min=2, help="Instruction tokens (padded)."),
     tiny_layers: int = typer.Option(4, "--tiny-layers", min=1, help="Depth of the `tiny` teacher."),
     shard_size: int = typer.Option(16, "--shard-size", min=1, help="Clips per shard (and per task)."),
     batch: int = typer.Option(4, "--batch", min=1, help="Samples per teacher forward."),
@@ -59,7 +60,7 @@ def pi0_targets(
         plan=plan, model=model, pairs=pairs, attn_layers=layers, attn_dtype=attn_dtype,
         cameras=[c.strip() for c in cameras.split(",") if c.strip()] if cameras else None,
         state_key=state_key, action_key=action_key, state_indices=int_list(state_indices, "--state-indices"),
-        normalize=normalize, tiny_layers=tiny_layers, shard_size=shard_size, batch=batch, device=device,
+        normalize=normalize, max_text_tokens=max_text_tokens, tiny_layers=tiny_layers, shard_size=shard_size, batch=batch, device=device,
         dtype=dtype, limit=limit)
     ModelSpec.parse(config.model)  # a malformed spec fails here, before Prefect starts
     data_root = get_root(root, writable=True)

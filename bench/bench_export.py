@@ -46,7 +46,7 @@ from storage.targets import TargetStore  # noqa: E402
 from trainers.data import ShardStream, ZarrClips, collate_samples  # noqa: E402
 
 T, SIZE, GRID, ONESTEP_C, TEACHER_C = 16, 256, 16, 2560, 768
-SECTION = "## Export and streaming (issue 7)"
+SECTION = "## Issue 7: export and streaming (ShardStream, ZarrClips) vs a raw read and S-VAM's layout"
 
 
 # building the data ------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ def apply_setting(model, setting: dict, stack) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pipelines.svd.loading import parse_dtype
+    from pipelines.svd.speed import set_channels_last
 
     stack.close()
     dtype = parse_dtype(setting.get("dtype", "fp16"))
@@ -191,8 +192,7 @@ def apply_setting(model, setting: dict, stack) -> None:
         model.unet.to(dtype)
         model.vae.to(dtype)
         model.dtype = dtype
-    fmt = torch.channels_last if setting.get("channels_last") else torch.contiguous_format
-    model.unet.to(memory_format=fmt)
+    set_channels_last(model.unet, bool(setting.get("channels_last")))
     torch.backends.cudnn.benchmark = bool(setting.get("cudnn_benchmark", False))
     if setting.get("sdpa"):
         stack.enter_context(sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[setting["sdpa"]])]))

@@ -277,10 +277,14 @@ def run_here(root_url: str, config: Pi0TargetsConfig) -> ShardRunner:
 
 @flow(name="pi0-targets")
 def pi0_targets_flow(root_url: str, config: Pi0TargetsConfig, workers: int = 1) -> dict[str, Any]:
-    """Build (or finish) the pi0 target version of ``config``; returns its id, status and throughput."""
+    """Build (or finish) the pi0 target version of ``config``; returns its id, status and throughput.
+
+    ``workers``: shard tasks in flight (each holds the teacher once per process); 0 = one task per shard.
+    """
 
     def run_shards(version_id: str, shards: list[int]) -> list[Pi0ShardsResult]:
-        groups = [shards[i::workers] for i in range(min(workers, len(shards)))]
+        tasks = len(shards) if workers == 0 else min(workers, len(shards))
+        groups = [shards[i::tasks] for i in range(tasks)]
         with device_resources(config.device):  # on Dask: one GPU per model-holding task
             futures = [write_shards.submit(root_url, version_id, group, config) for group in groups]
         return [future.result() for future in futures]
@@ -296,5 +300,6 @@ def run_pi0_targets(root: Any, config: Pi0TargetsConfig, runner: RunnerChoice | 
     recipe, _, _ = resolve_version(root_obj.url, config)
     if TargetStore(root_obj).status(recipe.version_id()) == "complete":
         return complete_result(recipe.version_id())
-    return run_flow(pi0_targets_flow, choice, root_obj, root_url=root_obj.url, config=config,
-                    workers=choice.dask_local or choice.workers)
+    # An existing cluster spreads one task per shard over its workers; locally, one per worker.
+    workers = 0 if choice.dask_address is not None else (choice.dask_local or choice.workers)
+    return run_flow(pi0_targets_flow, choice, root_obj, root_url=root_obj.url, config=config, workers=workers)

@@ -252,3 +252,37 @@ def test_index_json_is_plain_json(world):
     data = json.loads(Root(world["root"]).read_bytes(f"exports/{export_id}/index.json"))
     assert data["export_id"] == export_id and data["recipe"]["plan_id"] == world["plan"]
     assert {"shards", "versions", "stats", "num_samples", "total_bytes"} <= set(data)
+
+
+def test_buffered_and_memory_mapped_reads_agree(world):
+    from storage.exports import BufferPool
+
+    export_id = export_world(world, shard_size="30KB")
+    store = ExportStore(world["root"])
+    index = store.index(export_id)
+    shard = index.shards[0]
+    pool = BufferPool(2)
+    mapped = list(store.read_samples(index, 0, 0, shard.samples, verify=True))
+    buffered = list(store.read_samples(index, 0, 0, shard.samples, verify=True, pool=pool, mmap=False))
+    assert [c for c, _ in mapped] == [c for c, _ in buffered] == shard.clips
+    for (_, a), (_, b) in zip(mapped, buffered):
+        assert [(n, bytes(p)) for n, p in a] == [(n, bytes(p)) for n, p in b]
+
+
+def test_corrupt_tar_header_is_refused(world):
+    export_id = export_world(world, shard_size="30KB")
+    store = ExportStore(world["root"])
+    index = store.index(export_id)
+    start, end = index.shards[0].sample_range(0)
+    with store.open_shard(export_id, index.shards[0].name) as handle:
+        data = bytearray(handle.read(end))[start:]
+    data[5] ^= 0x01  # a byte of the first member's name: the header checksum no longer matches
+    with pytest.raises(ValueError, match="corrupt tar header"):
+        parse_members(data, "shard-000000.tar")
+
+
+def test_contiguous_runs():
+    from storage.exports import contiguous_runs
+
+    assert contiguous_runs([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
+    assert contiguous_runs([]) == []

@@ -72,7 +72,7 @@ def world(tmp_path_factory):
 def run_config(**overrides) -> shallow_pi.ShallowPiRunConfig:
     loop = LoopConfig(steps=4, batch_size=2, num_workers=0, device="cpu", log_every=1, checkpoint_every=2,
                       progress=False, seed=3)
-    values = dict(teacher="tiny", tiny_layers=4, layers=2, attn_layers=[1], loop=loop)
+    values = dict(layers=2, attn_layers=[1], loop=loop)  # the teacher is read from the pi0 version
     values.update(overrides)
     return shallow_pi.ShallowPiRunConfig(**values)
 
@@ -122,7 +122,7 @@ def test_offline_and_online_tasks_agree_on_an_exported_batch(world):
     samples = [sample for _, sample in zip(range(3), stream)]
     teacher = pi0.load_pi0("tiny").model
     student, layer_map = shallow_pi.build_student(teacher, 2)
-    offline = shallow_pi.ShallowPiTask(student, None, layer_map, run_config())
+    offline = shallow_pi.ShallowPiTask(student, None, layer_map, run_config(teacher="tiny"))
     online = shallow_pi.ShallowPiTask(student, teacher, layer_map, run_config(online=True))
     batch = offline.collate(samples)
     pair_index = np.array([1, 0, 1])
@@ -136,7 +136,7 @@ def test_offline_and_online_tasks_agree_on_an_exported_batch(world):
 
 
 def test_cli_trains_and_reports_bad_options(world):
-    base = ["train", "shallow-pi", "--export", world["export"], "--teacher", "tiny", "--layers", "2",
+    base = ["train", "shallow-pi", "--export", world["export"], "--layers", "2",
             "--batch-size", "2", "--workers", "0", "--device", "cpu", "--root", world["root"]]
     ok = CliRunner().invoke(app, [*base, "--attn-layers", "1", "--steps", "1", "--run-id", "spi-cli"])
     assert ok.exit_code == 0, ok.output
@@ -151,6 +151,6 @@ def test_guards(world):
     with pytest.raises(ValueError, match="augmentation needs --online"):
         shallow_pi.train_shallow_pi(root, world["export"], run_config(augment=True))
     with pytest.raises(ValueError, match=r"was made by teacher 'tiny' \[model-\w+\], not by 'tiny' \[model-"):
-        shallow_pi.train_shallow_pi(root, world["export"], run_config(tiny_layers=3))
+        shallow_pi.train_shallow_pi(root, world["export"], run_config(teacher="tiny", tiny_layers=3))
     with pytest.raises(ValueError, match=r"teacher layers \[0\] are not among the cached attention layers"):
         shallow_pi.train_shallow_pi(root, world["export"], run_config(attn_layers=[0]), run_id="spi-bad")

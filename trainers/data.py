@@ -373,6 +373,8 @@ class ShardStream(IterableDataset):
         self._consumed = {int(worker): int(count) for worker, count in state["consumed"].items()}
         self._start = dict(self._consumed)
         self._resume_layout = tuple(state["layout"]) if state.get("layout") else None
+        log.info("export %s: resuming epoch %d after %s samples per worker", self.export_id, self.epoch,
+                 self._consumed)
 
 
 def fp8_to_float(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -231,8 +231,10 @@ ATTN_ARRAYS = ("attn", "attn_layers")
 class ShallowPiRunConfig(StrictModel):
     """Everything that defines a Shallow-π run (``--config run.toml`` holds any subset of it)."""
 
-    teacher: str = Field("tiny", description="π0 teacher spec (hf:, dir:, random, tiny); the student is cut from it.")
-    tiny_layers: int = Field(4, ge=1, description="Depth of the `tiny` teacher (must match the targets' teacher).")
+    teacher: str | None = Field(None, description="π0 teacher spec (hf:, dir:, random, tiny) the student is cut "
+                                                  "from; default: the one that made the export's pi0 targets.")
+    tiny_layers: int | None = Field(None, ge=1, description="Depth of a `tiny` teacher (default: the targets' "
+                                                            "teacher's, else 4).")
     layers: int = Field(6, ge=1, description="L_S: student depth of both stacks.")
     online: bool = Field(False, description="Run the teacher now on the same (augmented) inputs instead of "
                                             "reading cached targets.")
@@ -377,6 +379,25 @@ def teacher_label(identity: Any) -> str:
     return f"'{identity.spec}' [{content_id('model', identity.key())}]"
 
 
+def resolve_teacher(root: Root, versions: dict[str, str], cfg: ShallowPiRunConfig) -> ShallowPiRunConfig:
+    """Fill in ``teacher`` / ``tiny_layers`` from the model recorded in the pi0 version's manifest."""
+    from storage.targets import TargetStore
+
+    recorded = None
+    store = TargetStore(root)
+    for version in sorted(set(versions.values())):
+        if store.status(version) is not None:
+            recorded = store.manifest(version).recipe.model
+            break
+    teacher = cfg.teacher or (recorded.spec if recorded is not None else None)
+    if teacher is None:
+        raise ValueError("no --teacher given and the export's pi0 version is not in this root to read it from")
+    depth = cfg.tiny_layers
+    if depth is None and recorded is not None and recorded.source == "tiny" and recorded.config:
+        depth = recorded.config.get("vlm_config", {}).get("text_config", {}).get("num_hidden_layers")
+    return cfg.model_copy(update={"teacher": teacher, "tiny_layers": depth or 4})
+
+
 def freeze_unused(student: Any) -> None:
     """The expert's token embedding is never used (π0 feeds it action embeddings): freeze it, so
     AdamW does not decay it and DDP does not wait for its gradient."""
@@ -408,6 +429,7 @@ def train_shallow_pi(root: Root, export_id: str, cfg: ShallowPiRunConfig, run_id
     if eval_export:
         eval_stream, _ = open_export(root, eval_export, fields, cfg.data, cfg.loop.seed, pins=versions,
                                      shuffle=False)
+    cfg = resolve_teacher(root, versions, cfg)
     loaded = pi0.load_pi0(cfg.teacher, teacher_device(cfg), "float32", cfg.tiny_layers)
     check_teacher_matches_targets(root, versions, loaded.identity, cfg.online)
     seed_everything(cfg.loop.seed)

@@ -21,7 +21,9 @@ from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
+ENTRYPOINT = "flows.pipeline.pipeline_flow"
+"""A module path, not a file path: the flow is imported as flows.pipeline, so its pydantic parameter
+models are pickled by reference into the run's process (by value they fail to rebuild)."""
 PIPELINE_ARGUMENT = typer.Argument(..., help="Pipeline file (TOML), see docs/DEPLOY.md.")
 NAME_OPTION = typer.Option(None, "--name", help="Deployment name (default: the pipeline's name).")
 CRON_OPTION = typer.Option(None, "--cron", help="Schedule as a cron string, e.g. '0 2 * * *'.")
@@ -67,13 +69,17 @@ def _require_server() -> str:
 def serve(pipeline: Path = PIPELINE_ARGUMENT, root: str = ROOT_OPTION, name: str = NAME_OPTION,
           cron: str = CRON_OPTION, interval: int = INTERVAL_OPTION) -> None:
     """Serve the chain as a deployment on the Prefect server at PREFECT_API_URL (blocks)."""
+    from prefect.deployments.runner import EntrypointType
+
     from flows.pipeline import pipeline_flow
 
     url = _require_server()
     parameters, default_name = _deployment_parameters(pipeline, root)
     name = name or default_name
     typer.echo(f"serving deployment {pipeline_flow.name}/{name} on {url} (Ctrl-C to stop)")
-    pipeline_flow.serve(name=name, parameters=parameters, cron=cron, interval=interval, print_starting_message=False)
+    # A module-path entrypoint: runs import flows.pipeline, so its pydantic models unpickle by reference.
+    pipeline_flow.serve(name=name, parameters=parameters, cron=cron, interval=interval, print_starting_message=False,
+                        entrypoint_type=EntrypointType.MODULE_PATH)
 
 
 def deploy(pipeline: Path = PIPELINE_ARGUMENT, pool: str = typer.Option(..., "--pool", help="Work pool name."),

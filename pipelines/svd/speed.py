@@ -41,10 +41,23 @@ def compiled_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def set_channels_last(unet: torch.nn.Module, enabled: bool) -> None:
+    """NHWC (NDHWC for the temporal 3-D convolutions) weights, or back to contiguous. Per module,
+    because ``Module.to(memory_format=...)`` refuses a model that mixes 4-D and 5-D weights."""
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            fmt = torch.channels_last if enabled else torch.contiguous_format
+        elif isinstance(module, torch.nn.Conv3d):
+            fmt = torch.channels_last_3d if enabled else torch.contiguous_format
+        else:
+            continue
+        module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+
+
 def apply_speedups(model: SVDModel, options: SpeedOptions) -> SVDModel:
     """Apply ``options`` to ``model`` in place (and return it)."""
     if options.channels_last:
-        model.unet.to(memory_format=torch.channels_last)
+        set_channels_last(model.unet, True)
     if options.compile == "none":
         return model
     # Many distinct layer shapes share a few code objects; lift the per-code recompile limits so

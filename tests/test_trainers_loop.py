@@ -13,6 +13,7 @@ from storage.fs import Root
 from trainers.action_expert import ActionExpertTask, FrozenDecouplers
 from trainers.decoupler import DecouplerRunConfig, DecouplerTask, build_decoupler_config
 from trainers.loop import (
+    DevicePrefetcher,
     LoopConfig,
     MemoryStream,
     OptimConfig,
@@ -209,3 +210,27 @@ def test_gpu_run_with_prefetch_thread_bf16_and_resume(tmp_path):
     assert resumed.resumed_from == 6 and resumed.step == 12
     losses = train_losses(tmp_path, "gpu")
     assert len(losses) == 12 and all(np.isfinite(losses))
+
+
+def test_prefetch_thread_closes_on_an_endless_source_and_passes_errors():
+    def endless():
+        step = 0
+        while True:
+            step += 1
+            yield torch.full((2,), float(step)), {"worker": 0, "state": step}
+
+    fed = DevicePrefetcher(endless(), torch.device("cpu"), threaded=True)
+    firsts = [next(fed) for _ in range(5)]
+    assert [tag["state"] for _, tag in firsts] == [1, 2, 3, 4, 5]
+    fed.close()  # must return although the source never ends and the queue refills
+    assert not fed.thread.is_alive()
+
+    def broken():
+        yield torch.zeros(1), {"worker": 0, "state": 1}
+        raise ValueError("shard 3 is corrupt")
+
+    fed = DevicePrefetcher(broken(), torch.device("cpu"), threaded=True)
+    next(fed)
+    with pytest.raises(ValueError, match="shard 3 is corrupt"):
+        next(fed)
+    fed.close()

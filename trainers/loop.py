@@ -463,45 +463,56 @@ class DevicePrefetcher:
 
     On a GPU a background thread pulls host batches from the DataLoader and copies them on a side
     stream (the copy, pageable or pinned, blocks that thread, never the training loop); the training
-    stream waits on the copy's event. On the CPU batches pass through unchanged.
+    stream waits on the copy's event. On the CPU batches pass through in the caller's thread unless
+    ``threaded`` is set.
     """
 
     _END = object()
 
-    def __init__(self, batches: Iterator[tuple[Any, Any]], device: torch.device, depth: int = 2):
+    def __init__(self, batches: Iterator[tuple[Any, Any]], device: torch.device, depth: int = 2,
+                 threaded: bool | None = None):
         self.batches, self.device = batches, device
         self.stopping = threading.Event()
-        if device.type != "cuda":
-            self.thread = None
+        self.cuda = device.type == "cuda"
+        self.thread = None
+        if not (self.cuda if threaded is None else threaded):
             return
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.thread = threading.Thread(target=self._copy_loop, name="device-prefetch", daemon=True)
         self.thread.start()
 
     def _copy_loop(self) -> None:
-        torch.cuda.set_device(self.device)
         try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)
             for host, tag in self.batches:
-                with torch.cuda.stream(self.stream):
-                    moved = to_device(host, self.device, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(self.stream)
-                # ``host`` rides along so pinned memory outlives its asynchronous copy.
-                while not self._offer((moved, tag, done, host)):
-                    if self.stopping.is_set():
-                        return
+                if self.stopping.is_set() or not self._put(self._move(host, tag)):
+                    return
         except BaseException as err:  # noqa: BLE001 - handed to the training thread, which raises it
-            self._offer(err, block=True)
+            self._put(err)
             return
-        self._offer(self._END, block=True)
+        self._put(self._END)
 
-    def _offer(self, item: Any, block: bool = False) -> bool:
-        try:
-            self.queue.put(item, timeout=None if block and not self.stopping.is_set() else 0.1)
-            return True
-        except queue.Full:
-            return False
+    def _move(self, host: Any, tag: Any) -> tuple[Any, Any, Any, Any]:
+        if not self.cuda:
+            return host, tag, None, None
+        with torch.cuda.stream(self.stream):
+            moved = to_device(host, self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        # ``host`` rides along so pinned memory outlives its asynchronous copy.
+        return moved, tag, done, host
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item``; False when the prefetcher is being closed."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> "DevicePrefetcher":
         return self
@@ -515,20 +526,16 @@ class DevicePrefetcher:
         if isinstance(item, BaseException):
             raise item
         moved, tag, done, _ = item
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(done)
-        _record_stream(moved, current)
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            _record_stream(moved, current)
         return moved, tag
 
     def close(self) -> None:
         """Stop the copy thread and the DataLoader workers now rather than at garbage collection."""
         self.stopping.set()
         if self.thread is not None:
-            while self.thread.is_alive():
-                try:
-                    self.queue.get(timeout=0.1)
-                except queue.Empty:
-                    pass
             self.thread.join()
         close = getattr(self.batches, "close", None)
         if close is not None:

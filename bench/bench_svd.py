@@ -42,8 +42,14 @@ def setup(spec: dict):
     torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
     model = load_svd(spec["model"], spec["device"], spec["dtype"])
-    apply_speedups(model, SpeedOptions(channels_last=spec.get("channels_last", False),
-                                       compile=spec.get("compile", "none"), compile_mode=spec.get("compile_mode")))
+    if spec.get("compile") == "full":
+        # Timing-only comparison: feature hooks do not fire inside a whole-UNet graph.
+        model.unet = torch.compile(model.unet, dynamic=False, **({"mode": spec["compile_mode"]}
+                                                                 if spec.get("compile_mode") else {}))
+    else:
+        apply_speedups(model, SpeedOptions(channels_last=spec.get("channels_last", False),
+                                           compile=spec.get("compile") or "none",
+                                           compile_mode=spec.get("compile_mode")))
     params = SVDParams(num_frames=spec["frames"], size=spec["size"], steps=spec["steps"])
     return model, params, time.perf_counter() - started
 
@@ -173,6 +179,48 @@ def time_decode(model, params, batch: int) -> dict:
     return {"decode_s": time.perf_counter() - start}
 
 
+KERNEL_CLASSES = (("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+                  ("conv", ("fprop", "conv", "implicit_convolve", "winograd")),
+                  ("gemm", ("gemm", "nvjet", "cutlass", "matmul")),
+                  ("norm/reduction", ("triton_red", "triton_per", "norm", "reduce")),
+                  ("pointwise", ("triton_poi", "elementwise", "vectorized", "unrolled", "copy", "cat")))
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for label, needles in KERNEL_CLASSES:
+        if any(n in lowered for n in needles):
+            return label
+    return "other"
+
+
+def profile_unet(model, params, batch: int) -> dict:
+    """Where one UNet call spends device time: share per kernel class and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sample, t, states, ids = unet_call_args(model, params, batch)
+    call = lambda: model.unet(sample, t, encoder_hidden_states=states, added_time_ids=ids, return_dict=False)
+    with torch.no_grad():
+        call()
+        sync(str(model.device))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            sync(str(model.device))
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels.append((event.key, us, event.count))
+    total = sum(us for _, us, _ in kernels) or 1.0
+    shares: dict[str, float] = {}
+    for name, us, _ in kernels:
+        shares[kernel_class(name)] = shares.get(kernel_class(name), 0.0) + us / total
+    top = sorted(kernels, key=lambda k: -k[1])[:12]
+    return {"profile_device_ms": total / 1e3, "profile_shares": shares,
+            "profile_top": [[name[:90], round(us / 1e3, 2), count] for name, us, count in top]}
+
+
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "math": "MATH"}
 
@@ -210,7 +258,8 @@ def measure_settings(model, params, spec: dict, base: dict) -> None:
                 row = {**base, **setting, "batch": batch, **time_unet(model, params, batch, spec["iters"])}
                 print("RESULT " + json.dumps(row), flush=True)
         except Exception as err:  # noqa: BLE001 - one failing setting must not end the sweep
-            print("RESULT " + json.dumps({**base, **setting, "error": f"{type(err).__name__}: {err}"[:500]}), flush=True)
+            error = f"{type(err).__name__}: {err}"[:500]
+            print("RESULT " + json.dumps({**base, **setting, "error": error}), flush=True)
     if spec.get("settings"):
         apply_setting(model, spec["settings"][0], stack)
 
@@ -229,14 +278,20 @@ def run_variant(spec: dict) -> None:
     measure_settings(model, params, spec, base)
     for batch in spec["batches"]:
         row = {**base, "batch": batch}
-        row.update(time_unet(model, params, batch, spec["iters"]))
-        if "onestep" in spec["measure"]:
-            row.update(time_onestep(model, params, batch, max(2, spec["iters"] // 2)))
-        if "decode" in spec["measure"]:
-            row.update(time_decode(model, params, batch))
-        if "generate" in spec["measure"]:
-            row.update(time_generate(model, params, batch, spec.get("repeats", 1)))
-            row["steps"] = params.steps
+        measures = [("unet", lambda: time_unet(model, params, batch, spec["iters"])),
+                    ("onestep", lambda: time_onestep(model, params, batch, max(2, spec["iters"] // 2))),
+                    ("decode", lambda: time_decode(model, params, batch)),
+                    ("generate", lambda: {**time_generate(model, params, batch, spec.get("repeats", 1)),
+                                          "steps": params.steps}),
+                    ("profile", lambda: profile_unet(model, params, batch))]
+        for name, measure in measures:
+            if name != "unet" and name not in spec["measure"]:
+                continue
+            try:
+                row.update(measure())
+            except Exception as err:  # noqa: BLE001 - report and keep the other measurements
+                row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:400]
+            print("PARTIAL " + json.dumps(row), flush=True)
         if spec["device"].startswith("cuda"):
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         print("RESULT " + json.dumps(row), flush=True)
@@ -259,8 +314,12 @@ def sweep_variants(tiny: bool) -> list[dict]:
          "measure": ["flops", "onestep", "decode", "generate"]},
         {"name": "blocks-compiled", "dtype": "fp16", "compile": "blocks", "batches": [main],
          "measure": ["onestep", "generate"]},
-        {"name": "full-compiled", "dtype": "fp16", "compile": "full", "batches": [main],
-         "measure": ["onestep", "generate"]},
+        {"name": "blocks-compiled-b32", "dtype": "fp16", "compile": "blocks", "batches": [big[-1]],
+         "measure": ["onestep", "decode", "generate", "profile"]},
+        {"name": "full-compiled-unet", "dtype": "fp16", "compile": "full", "batches": [big[-1]],
+         "measure": ["profile"]},
+        {"name": "blocks-autotune-b32", "dtype": "fp16", "compile": "blocks",
+         "compile_mode": "max-autotune-no-cudagraphs", "batches": [big[-1]], "measure": []},
     ]
 
 
@@ -274,6 +333,9 @@ def run_child(spec: dict, timeout_s: float) -> list[dict]:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err, status = "", f"timed out after {timeout_s:.0f} s"
     rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    partial = [json.loads(line[8:]) for line in out.splitlines() if line.startswith("PARTIAL ")]
+    if partial and (not rows or rows[-1].get("batch") != partial[-1].get("batch")):
+        rows.append({**partial[-1], "incomplete": status})
     print(f"# {spec['name']}: {status} in {time.perf_counter() - started:.0f} s, {len(rows)} results", flush=True)
     if not rows and err:
         print(err[-3000:], flush=True)

@@ -299,12 +299,14 @@ def pipeline_flow(config: PipelineConfig, root_url: str | None = None) -> Pipeli
 def run_pipeline(config: PipelineConfig, root: str | None = None, runner: RunnerChoice | None = None) -> PipelineSummary:
     """Run a pipeline from this process (what ``foresight run`` does); ``root`` and ``runner``
     override the config's."""
-    from flows.runtime import run_flow, shared_api
+    from flows.runtime import check_workers_see_root, run_flow, shared_api
 
     if runner is not None:
         config = config.model_copy(update={"runner": runner})
     data_root = open_root(root or config.root or default_root())
     data_root.check_writable()
+    if config.runner.dask_address is not None:
+        check_workers_see_root(config.runner.dask_address, data_root)
     if not config.runner.uses_dask:
         return run_flow(pipeline_flow, RunnerChoice(), data_root, config=config, root_url=data_root.url)
     with shared_api():  # one Prefect API for the flow process and every Dask worker

@@ -1,9 +1,9 @@
 """Where flows run: Prefect's embedded API by default, a local or remote Dask cluster on request.
 
 Every flow is started through :func:`run_flow`, which owns the Prefect environment (never the
-user's home) and the task runner; flows themselves never know where they run. Inside a flow,
-tasks that need a GPU are submitted under :func:`device_resources`, which makes Dask place them
-only on workers that declare a ``GPU`` resource (one model-holding task per GPU at a time).
+user's home) and the task runner; flows themselves never know where they run. On Dask, tasks
+whose parameters ask for a CUDA device run only on workers that declare a ``GPU`` resource, one
+at a time per GPU (:mod:`flows.dask_runner`).
 """
 
 from __future__ import annotations
@@ -111,13 +111,14 @@ def local_dask_cluster(n_workers: int, gpus: int | None = None, host: str = "127
 def make_task_runner(choice: RunnerChoice):
     """The Prefect task runner for ``choice``."""
     if choice.dask_address is not None:
-        from prefect_dask import DaskTaskRunner
+        from flows.dask_runner import GPUAwareDaskTaskRunner
 
-        return DaskTaskRunner(address=choice.dask_address)
+        return GPUAwareDaskTaskRunner(address=choice.dask_address)
     if choice.dask_local is not None:
-        from prefect_dask import DaskTaskRunner
+        from flows.dask_runner import GPUAwareDaskTaskRunner
 
-        return DaskTaskRunner(cluster_class=local_dask_cluster, cluster_kwargs={"n_workers": choice.dask_local})
+        return GPUAwareDaskTaskRunner(cluster_class=local_dask_cluster,
+                                      cluster_kwargs={"n_workers": choice.dask_local})
     if choice.processes:
         from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -194,51 +195,6 @@ def check_workers_see_root(address: str, root: Root) -> None:
     if blind:
         raise ValueError(f"data root {root.url}: not visible from dask worker(s) {', '.join(blind)}; "
                          "use a shared filesystem path or an object-store URL (s3://...) as --root")
-
-
-def _current_dask_client():
-    """The Dask client of the running flow's task runner, or None when it runs locally."""
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    runner = getattr(context, "task_runner", None) if context is not None else None
-    if runner is None or type(runner).__name__ != "DaskTaskRunner":
-        return None
-    return runner.client
-
-
-def check_gpu_workers(client: Any) -> None:
-    """Fail with a clear message when a cluster has no worker declaring a GPU resource."""
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    if not any(info.get("resources", {}).get(GPU_RESOURCE, 0) >= 1 for info in workers.values()):
-        raise ValueError(
-            f"dask cluster at {client.scheduler.address}: no worker declares a '{GPU_RESOURCE}' resource, "
-            f"so GPU tasks would wait forever; start workers with `dask worker ADDRESS --nthreads 1 "
-            f"--resources {GPU_RESOURCE}=1` (one per GPU), or run with --device cpu")
-
-
-@contextlib.contextmanager
-def device_resources(device: str) -> Iterator[None]:
-    """Submit tasks under this block to request one ``GPU`` when ``device`` is a CUDA device.
-
-    Outside Dask (threads, processes) this does nothing; on Dask it annotates the submitted
-    tasks so the scheduler runs at most one of them per GPU worker::
-
-        with device_resources(config.device):
-            futures = [generate_shard.submit(version_id, i) for i in shards]
-    """
-    if not str(device).startswith("cuda"):
-        yield
-        return
-    client = _current_dask_client()
-    if client is None:
-        yield
-        return
-    import dask
-
-    check_gpu_workers(client)
-    with dask.annotate(resources={GPU_RESOURCE: 1}):
-        yield
 
 
 def gather(futures: list[Any]) -> list[Any]:

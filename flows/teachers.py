@@ -51,12 +51,13 @@ class TeachersConfig(StrictModel):
 
 
 def resolve_io(config: TeachersConfig) -> tuple[bool, int, int]:
-    """(io_processes, readers, writers): writing float16 tokens costs more than reading uint8
-    frames, so writers get about half the cores and readers a fifth."""
+    """(io_processes, readers, writers): compressing and writing float16 tokens costs far more
+    than reading uint8 frames, so with processes writers get 3/4 of the cores and readers a fifth
+    (12 + 3 on 16 cores: the best of the measured settings, bench/RESULTS.md)."""
     processes = config.device.startswith("cuda") if config.io_processes is None else config.io_processes
     cores = os.cpu_count() or 2
     readers = config.readers or (max(2, cores // 5) if processes else 2)
-    writers = config.writers or (max(2, cores // 2) if processes else 2)
+    writers = config.writers or (max(2, cores * 3 // 4) if processes else 2)
     return processes, readers, writers
 
 

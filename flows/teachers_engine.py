@@ -1,9 +1,10 @@
 """The teachers stage's shard loop, without Prefect (flows/teachers.py wraps it in tasks).
 
-A reader thread reads and pins the next batches, the teacher resizes/normalises uint8 frames on
-its own device, outputs are copied to pinned host buffers on a side CUDA stream, and writer
-threads compress and store finished shards, so the forward pass rarely waits for I/O. A shard
-is published by its ``_done`` marker only once fully written, so a killed run resumes cleanly.
+Reader threads (or worker processes, see flows/teachers_io.py) read and pin the next batches,
+the teacher resizes/normalises uint8 frames on its own device, outputs are copied to pinned host
+buffers on a side CUDA stream, and writer threads (or processes) compress and store finished
+shards, so the forward pass rarely waits for I/O. A shard is published by its ``_done`` marker
+only once fully written, so a killed run resumes cleanly.
 """
 
 from __future__ import annotations

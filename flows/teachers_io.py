@@ -161,8 +161,21 @@ class SharedBlocks:
 _WORKER: dict[str, Any] = {}
 
 
+WORKER_NICENESS = 5
+"""I/O workers yield the CPU to the process that feeds the GPU (its kernel launches are the
+critical path once reads and writes keep up)."""
+
+
+def _lower_priority() -> None:
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError as err:  # not permitted in some sandboxes: run at normal priority
+        log.debug("teachers I/O worker: cannot lower priority: %s", err)
+
+
 def init_reader(root_url: str, video_id: str, blocks: tuple[list[BlockSpec], list[list[str]]]) -> None:
     """Reader process setup: open the video version and attach the input blocks."""
+    _lower_priority()
     video = open_video(root_url, video_id)
     _WORKER.update(video=video, observed=ObservedFrames(root_url, video), in_blocks=SharedBlocks.attach(blocks))
 
@@ -176,6 +189,7 @@ def read_batch_job(block: int, start: int, stop: int) -> np.ndarray:
 
 def init_writer(root_url: str, version_id: str, blocks: tuple[list[BlockSpec], list[list[str]]]) -> None:
     """Writer process setup: reopen the building teacher version and attach the output blocks."""
+    _lower_priority()
     _WORKER.update(writer=TargetStore(root_url).writer(version_id), out_blocks=SharedBlocks.attach(blocks))
 
 

@@ -51,7 +51,7 @@ class TextModel:
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP/GPT-2's printable stand-in for each of the 256 bytes, in CLIP's vocabulary order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes, extra = list(printable), 0
     for byte in range(256):
         if byte not in printable:

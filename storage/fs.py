@@ -34,8 +34,13 @@ class Root:
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         url = str(url)
-        self.fs, base = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self.storage_options = storage_options or {}
+        options = dict(storage_options or {})
+        if "://" in url and not url.startswith("file://"):
+            # Other processes add markers and claims under the same prefixes: a cached listing
+            # (s3fs keeps them forever by default) would hide their work from exists() and ls().
+            options.setdefault("use_listings_cache", False)
+        self.fs, base = fsspec.core.url_to_fs(url, **options)
+        self.storage_options = options
         self.is_local = "file" in _protocols(self.fs)
         self.base = str(Path(base).resolve()) if self.is_local else base.rstrip("/")
         self.url = self.base if self.is_local else f"{_protocols(self.fs)[0]}://{self.base}"

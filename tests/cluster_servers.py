@@ -130,22 +130,31 @@ def shared_prefect_api(log_dir: Path) -> str:
 class DaskCluster:
     """A real ``dask scheduler`` and ``dask worker`` processes (no nanny: a killed worker stays dead)."""
 
-    def __init__(self, log_dir: Path, n_workers: int = 2, resources: str | None = None):
+    def __init__(self, log_dir: Path, n_workers: int = 2, resources: list[str | None] | None = None,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
+        self.env = env or {}
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log_dir = log_dir
         self.scheduler = Server("dask-scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
                                                    "--port", str(self.port), "--no-dashboard"], log_dir, child_env())
         wait_until(lambda: _port_open(self.port), "dask scheduler", self.scheduler)
-        self.workers = [self._start_worker(i, resources) for i in range(n_workers)]
+        self.resources = resources or [None] * n_workers  # per worker, e.g. "GPU=1"
+        self.workers = [self._start_worker(i) for i in range(n_workers)]
         self.wait_for_workers(n_workers)
 
-    def _start_worker(self, index: int, resources: str | None) -> Server:
+    def _start_worker(self, index: int) -> Server:
         argv = [str(BIN / "dask"), "worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
                 "--name", f"worker-{index}", "--host", "127.0.0.1"]
-        if resources:
-            argv += ["--resources", resources]
-        return Server(f"dask-worker-{index}", argv, self.log_dir, child_env())
+        if self.resources[index]:
+            argv += ["--resources", self.resources[index]]
+        return Server(f"dask-worker-{index}", argv, self.log_dir, child_env(**self.env))
+
+    def restart_worker(self, index: int) -> None:
+        """Replace worker ``index`` (e.g. after killing it) and wait until the scheduler sees it."""
+        self.workers[index].stop()
+        self.workers[index] = self._start_worker(index)
+        self.wait_for_workers(len(self.workers))
 
     def wait_for_workers(self, count: int) -> None:
         from distributed import Client

@@ -17,13 +17,17 @@ import time
 import pytest
 
 from cluster_servers import TESTS, DaskCluster, child_env, shared_prefect_api
+from flows.runtime import RunnerChoice
 from storage import layout
 from storage.claims import current_claim
 from storage.fs import open_root
-from test_cluster_stage import build, held_generations, shard_checksums, synthetic_recipe, written_shards
+from test_cluster_stage import build, held_generations, placement_flow, shard_checksums, synthetic_recipe, \
+    written_shards
 
 CLIPS, SHARD = 12, 3
 FLOW_TIMEOUT_S = 300
+
+pytestmark = pytest.mark.slow  # starts real servers; still part of `make test`
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,18 @@ def test_worker_killed_mid_shard_task_retried_elsewhere(tmp_path, api, cluster):
     writes = [line.split() for line in write_log.read_text().splitlines()]
     assert [int(pid) for shard, pid in writes if int(shard) == killed_shard] == list(survivors)
     assert written_shards(write_log) == list(range(CLIPS // SHARD))
+
+
+def test_gpu_tasks_run_only_on_workers_declaring_a_gpu(tmp_path, api, cluster):
+    from flows.runtime import run_flow
+
+    gpu_cluster = DaskCluster(tmp_path / "gpu", n_workers=2, resources=[None, "GPU=1"])
+    try:
+        choice = RunnerChoice(dask_address=gpu_cluster.address)
+        placed = run_flow(placement_flow, choice, devices=["cuda", "cuda:0", "cuda", "cpu", "cpu", "cpu"])
+        assert placed[:3] == ["worker-1"] * 3  # only worker-1 declares a GPU
+        assert set(placed[3:]) <= {"worker-0", "worker-1"}
+    finally:
+        gpu_cluster.stop()
+    with pytest.raises(ValueError, match="no worker declares a 'GPU' resource"):
+        run_flow(placement_flow, RunnerChoice(dask_address=cluster.address), devices=["cuda"])

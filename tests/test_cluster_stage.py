@@ -89,6 +89,20 @@ def synthetic_flow(root: str, num_clips: int, shard_size: int, seed: int = 0, de
     return writer.version_id
 
 
+@task
+def worker_name(device: str) -> str:
+    """Name of the Dask worker running this task (placement tests); ``device`` only routes it."""
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+@flow(name="placement")
+def placement_flow(devices: list[str]) -> list[str]:
+    """Which worker ran a task per device: CUDA tasks must land on workers declaring a GPU."""
+    return gather([worker_name.submit(device) for device in devices])
+
+
 def build(root: str, num_clips: int, shard_size: int, runner: RunnerChoice | None = None, **kwargs) -> str:
     return run_flow(synthetic_flow, runner, open_root(root), root=root, num_clips=num_clips, shard_size=shard_size, **kwargs)
 

@@ -23,6 +23,7 @@ from trainers.data import (
     fp8_to_float,
     reads_before,
     shuffle_buffer_order,
+    worker_context,
 )
 
 NUM_CLIPS = 23
@@ -51,7 +52,8 @@ def test_every_sample_exactly_once_across_2_ranks_x_2_workers(world):
         stream = ShardStream(world["root"], world["export"], pins(world), seed=3, shuffle_buffer=4,
                              rank=rank, world_size=2)
         stream.set_epoch(1)
-        loader = DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate_samples)
+        loader = DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate_samples,
+                            multiprocessing_context=worker_context())
         rank_clips = [meta["clip_index"] for batch in loader for meta in batch["meta"]]
         assert len(rank_clips) == len(stream)
         per_rank.append(len(rank_clips))
@@ -77,7 +79,8 @@ def test_epochs_reshuffle_and_seeds_repeat(world):
 
 def test_persistent_workers_move_to_the_next_epoch(world):
     stream = ShardStream(world["root"], world["export"], pins(world), seed=4)
-    loader = DataLoader(stream, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=collate_samples)
+    loader = DataLoader(stream, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=collate_samples,
+                        multiprocessing_context=worker_context())
     epochs = []
     for _ in range(2):
         clips = []
@@ -119,7 +122,8 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(world, buffer):
 
 def test_resume_with_dataloader_workers_after_prefetch(world):
     def loader_of(stream: ShardStream) -> DataLoader:
-        return DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_samples, prefetch_factor=4)
+        return DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_samples, prefetch_factor=4,
+                          multiprocessing_context=worker_context())
 
     def stream() -> ShardStream:
         return ShardStream(world["root"], world["export"], pins(world), seed=11, shuffle_buffer=3)

@@ -124,3 +124,32 @@ def test_missing_dir_is_a_clear_error(tmp_path):
     (tmp_path / "partial" / "unet").mkdir(parents=True)
     with pytest.raises(ValueError, match="no 'vae/' folder"):
         load_svd(f"dir:{tmp_path / 'partial'}")
+
+
+def test_hf_spec_resolves_through_the_offline_hub_cache(model, inputs, generated, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-svd"
+    save_svd(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = load_svd("hf:acme/tiny-svd@main")
+    assert loaded.identity.source == "hf" and loaded.identity.ref == "acme/tiny-svd"
+    assert loaded.identity.revision == "main" and len(loaded.identity.weights_sha256) == 2
+    assert np.array_equal(one_step_features(loaded, PARAMS, *inputs), generated.onestep)
+    with pytest.raises(ValueError, match="cannot resolve hub snapshot"):
+        load_svd("hf:acme/not-cached")
+
+
+@pytest.mark.gpu
+def test_compiled_layers_keep_capture_equal_to_standalone_on_gpu(inputs):
+    from pipelines.svd.speed import SpeedOptions, apply_speedups
+
+    compiled = apply_speedups(load_svd("tiny", "cuda", "fp16"), SpeedOptions(compile="blocks"))
+    out = generate_clips(compiled, PARAMS, *inputs)
+    again = generate_clips(compiled, PARAMS, *inputs)
+    assert np.array_equal(out.onestep, one_step_features(compiled, PARAMS, *inputs))
+    assert out.frames.tobytes() == again.frames.tobytes()

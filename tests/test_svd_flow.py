@@ -42,7 +42,7 @@ def write_dataset(root: str) -> None:
 
 
 def generate_config(plan: str, text: str, **overrides) -> GenerateConfig:
-    values = dict(plan=plan, text=text, model="tiny", params=SVDParams(num_frames=4, size=32, steps=2),
+    values = dict(plan=plan, text=text, model="tiny", params=SVDParams(num_frames=4, size=32, steps=1),
                   batch=2, shard_size=2)
     values.update(overrides)
     return GenerateConfig(**values)
@@ -52,7 +52,7 @@ def generate_config(plan: str, text: str, **overrides) -> GenerateConfig:
 def built(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("svdroot"))
     write_dataset(root)
-    plan = make_plan(root, PlanConfig(dataset="toy", frames=4, stride=2, every=4, limit=5))
+    plan = make_plan(root, PlanConfig(dataset="toy", frames=4, stride=2, every=4, limit=4))
     text = run_flow(text_flow, RunnerChoice(), None, root_url=root,
                     config=TextConfig(plan=plan.plan_id, model="tiny", shard_size=4))
     config = generate_config(plan.plan_id, text.version)
@@ -66,7 +66,7 @@ def test_text_version(built):
     assert reader.manifest.status == "complete" and reader.verify() == []
     assert reader.manifest.recipe.inputs == {"plan": plan.plan_id}
     states = reader.read("embedding")
-    assert states.shape == (5, 20, 16) and states.dtype == np.float32
+    assert states.shape == (4, 20, 16) and states.dtype == np.float32
     rows = PlanStore(root).rows(plan.plan_id)
     same = [i for i, r in enumerate(rows) if r.instruction == rows[0].instruction]
     assert len(same) > 1 and all(np.array_equal(states[i], states[same[0]]) for i in same)
@@ -81,9 +81,9 @@ def test_video_manifest_names_model_digest_and_every_parameter(built):
     assert model.family == "svd" and model.source == "tiny" and model.seed == 0
     assert model.config["unet"]["block_out_channels"] == [32, 32, 64, 64]
     assert set(manifest.recipe.params) == set(SVDParams.model_fields) | {"dtype"}
-    assert manifest.recipe.params["steps"] == 2 and manifest.recipe.params["dtype"] == "fp32"
+    assert manifest.recipe.params["steps"] == 1 and manifest.recipe.params["dtype"] == "fp32"
     assert manifest.recipe.inputs == {"plan": plan.plan_id, "text": text.version}
-    assert manifest.num_shards == 3 and set(manifest.shards) == {"0", "1", "2"}
+    assert manifest.num_shards == 2 and set(manifest.shards) == {"0", "1"}
     assert "clips_per_hour" in manifest.timings
     assert TargetStore(root).open(video.version).verify() == []
 
@@ -92,8 +92,8 @@ def test_video_arrays(built):
     root, plan, _, _, video = built
     reader = TargetStore(root).open(video.version)
     frames, onestep, seeds = reader.read("frames"), reader.read("onestep"), reader.read("seed")
-    assert frames.shape == (5, 4, 32, 32, 3) and frames.dtype == np.uint8
-    assert onestep.shape == (5, 4, 8, 8, 128) and onestep.dtype == np.float16
+    assert frames.shape == (4, 4, 32, 32, 3) and frames.dtype == np.uint8
+    assert onestep.shape == (4, 4, 8, 8, 128) and onestep.dtype == np.float16
     rows = PlanStore(root).rows(plan.plan_id)
     assert seeds.dtype == np.int64
     assert seeds.tolist() == [clip_seed(video.version, r.clip_id) for r in rows]
@@ -147,10 +147,12 @@ def test_dir_weights_are_keyed_by_their_digest(built, tmp_path):
     assert moved.version_id() == recipe.version_id()
 
 
-def test_plan_frames_must_match(built):
-    root, _, _, config, _ = built
+def test_plan_frames_must_match_or_are_adopted(built):
+    root, _, _, config, video = built
     with pytest.raises(ValueError, match="clips of 4 frames"):
         video_recipe(root, config.model_copy(update={"params": config.params.model_copy(update={"num_frames": 8})}))
+    unset = config.model_copy(update={"params": SVDParams(size=32, steps=1)})  # num_frames left to the plan
+    assert video_recipe(root, unset)[0].version_id() == video.version
 
 
 WORKER = """

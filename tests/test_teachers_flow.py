@@ -256,3 +256,29 @@ def test_video_version_problems_are_named(world, tmp_path):
     complete = TargetStore(root).ids("teacher")[0]
     with pytest.raises(ValueError, match="expected 'video'"):
         teachers_io.open_video(root, complete)
+
+
+def test_teachers_over_a_video_version_made_by_the_generate_flow(tmp_path, dinov2_version):
+    """The real `video` layout (frames, onestep, seed; observed frames through the plan)."""
+    from flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow
+    from pipelines.svd import SVDParams
+
+    root = str(tmp_path)
+    write_episodes_and_plan(root)
+    plan = make_plan(root, PlanConfig(dataset="toy", frames=3, stride=2, every=6, limit=3))
+    text = run_flow(text_flow, None, None, root_url=root, config=TextConfig(plan=plan.plan_id, model="tiny",
+                                                                          shard_size=4))
+    video = run_flow(generate_flow, None, None, root_url=root, config=GenerateConfig(
+        plan=plan.plan_id, text=text.version, model="tiny", params=SVDParams(num_frames=3, size=32, steps=1),
+        batch=2, shard_size=2))
+    summary = run_flow(tflow.teachers_flow, None, None, root_url=root, config=config(video.version))
+    reader = TargetStore(root).open(summary.version)
+    assert summary.status == "complete" and reader.verify() == []
+    assert reader.read("target").shape == (3, 3, 16, 16, 32)
+    rows = PlanStore(root).rows(plan.plan_id)
+    observed = np.stack([EpisodeStore(root, "toy").read_frames(r.episode_id, r.camera, [r.start])[0] for r in rows])
+    teacher = load_teacher("dinov2", "tiny")
+    np.testing.assert_array_equal(reader.read("reference"),
+                                  teacher.encode_frames(torch.from_numpy(observed[:, None])).numpy())
+    frames = TargetStore(root).open(video.version).read("frames")
+    np.testing.assert_array_equal(reader.read("target"), teacher.encode_frames(torch.from_numpy(frames)).numpy())

@@ -142,3 +142,29 @@ def test_action_expert_refuses_decouplers_trained_on_other_features(world, confi
     finally:
         record["target_versions"]["onestep"] = world["video"]
         root.write_json_atomic(f"{info_path}/step-{step}/checkpoint.json", record)
+
+
+def test_fp8_export_is_decoded_on_the_device_side(world):
+    from trainers.decoupler import DecouplerTask
+    from trainers.loop import DataConfig, open_export
+    from trainers.models.decoupler import Decoupler, DecouplerConfig
+    from trainers_world import export as make_export
+
+    root = Root(world["root"])
+    fp8 = make_export(root, world["plan"], [world["video"], world["dinov2"]], "train", codec="fp8")
+    fields = ["onestep", "dinov2.target", "dinov2.reference"]
+    task = DecouplerTask(Decoupler(DecouplerConfig.preset("tiny", in_channels=16, teacher_channels=8, frames=4,
+                                                          height=4, width=4)), "dinov2")
+    data = DataConfig(shuffle_buffer=0, shuffle_shards=False, fp8_on_device=True)
+    coded, _ = open_export(root, fp8, fields, data, seed=0)
+    sample = next(iter(coded))
+    assert sample["onestep"].dtype == np.uint8 and "onestep.fp8scale" in sample
+    exact, _ = open_export(root, world["train"], fields, data, seed=0)
+    reference = task.collate([next(iter(exact))])
+    batch = task.prepare(task.collate([sample]))
+    assert set(batch) == {"onestep", "target", "reference"} and batch["onestep"].dtype == torch.float32
+    for key in batch:
+        error = (batch[key] - reference[key].float()).norm() / reference[key].float().norm()
+        assert error < 0.03, (key, float(error))
+    cfg = DecouplerRunConfig(size="tiny", loop=LoopConfig(steps=3, batch_size=2, num_workers=0, device="cpu"))
+    assert train_decoupler(root, fp8, cfg, run_id="fp8").step == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -188,7 +189,10 @@ def _ddp_rank(rank: int, world: int, tmp: str) -> None:
 
 
 def test_ddp_two_ranks_on_cpu(tmp_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    with socket.socket() as probe:  # a free port: other jobs on this machine may run their own groups
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path)), nprocs=2)
     info = RunDir(Root(tmp_path), "ddp").info(4)
     assert info.world == 2 and set(info.stream) == {"0", "1"}
@@ -233,4 +237,17 @@ def test_prefetch_thread_closes_on_an_endless_source_and_passes_errors():
     next(fed)
     with pytest.raises(ValueError, match="shard 3 is corrupt"):
         next(fed)
+    fed.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefetcher_accepts_a_bare_cuda_device():
+    def batches():
+        while True:
+            yield {"x": torch.ones(4)}, {"worker": 0, "state": 0}
+
+    fed = DevicePrefetcher(batches(), torch.device("cuda"))
+    batch, _ = next(fed)
+    assert batch["x"].is_cuda and float(batch["x"].sum()) == 4.0
     fed.close()

@@ -93,9 +93,11 @@ def make_targets(root: Root, plan_id: str, num_clips: int, teacher_seed: int = 1
     return ids
 
 
-def export(root: Root, plan_id: str, targets: list[str], split: str | None, chunk: int = 5) -> str:
+def export(root: Root, plan_id: str, targets: list[str], split: str | None, chunk: int = 5,
+           codec: str = "f16") -> str:
     """Run the export stage in-process (no Prefect); returns the export id."""
-    config = ExportConfig(plan=plan_id, targets=targets, split=split, action_chunk=chunk, shard_size="40KB")
+    config = ExportConfig(plan=plan_id, targets=targets, split=split, action_chunk=chunk, shard_size="40KB",
+                          codec=codec)
     recipe = export_recipe(root.url, config)
     store = ExportStore(root.url)
     if not store.exists(recipe.export_id()):

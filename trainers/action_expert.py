@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.utils.data import default_collate
 
 from schemas.base import StrictModel, validate
 from storage.fs import Root
 from trainers.decoupler import ONESTEP, load_decoupler, teacher_of
 from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
-                           TrainTask, default_run_id, fit, open_export, seed_everything, to_device)
+                           TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything,
+                           to_device)
 from trainers.models.decoupler import Decoupler, ModelSize
 from trainers.models.policy import ActionExpert, NormMode, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
@@ -72,7 +72,8 @@ class ActionExpertRunConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(
         lr=3e-4, betas=(0.9, 0.9), weight_decay=0.05, grad_clip=1.0, warmup_steps=1000))
     loop: LoopConfig = Field(default_factory=LoopConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(fp8_on_device=True),
+                             description="Export reading; fp8 codes are decoded on the device.")
 
     def fields(self, teachers: list[str]) -> list[str]:
         """Export fields this run reads."""
@@ -153,13 +154,10 @@ class ActionExpertTask(TrainTask):
         self.text_field, self.eval_seed = text_field, eval_seed
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stack the fields the expert reads (float16 features stay float16 on the host)."""
-        picked = []
-        for s in samples:
-            refs = {t: s[f"{t}.reference"] for t in self.decouplers.teachers}
-            picked.append({"onestep": s[ONESTEP], "references": refs, "text": s[self.text_field],
-                           "actions": s["actions"], "actions_mask": s["actions_mask"]})
-        return default_collate(picked)
+        """Stack the fields the expert reads (float16 features or fp8 codes stay compact on the host)."""
+        fields = {"onestep": ONESTEP, "text": self.text_field, "actions": "actions", "actions_mask": "actions_mask"}
+        fields |= {f"reference.{t}": f"{t}.reference" for t in self.decouplers.teachers}
+        return collate_fields(samples, fields)
 
     def to(self, device: torch.device) -> None:
         self.model.to(device)
@@ -167,7 +165,8 @@ class ActionExpertTask(TrainTask):
 
     def tokens(self, batch: dict[str, Any]) -> torch.Tensor:
         """Perception tokens of a device batch (frozen decouplers, no gradients)."""
-        return self.decouplers(batch["onestep"], batch["references"])
+        references = {t: batch[f"reference.{t}"] for t in self.decouplers.teachers}
+        return self.decouplers(batch["onestep"], references)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return model(self.tokens(batch), batch["text"], batch["actions"], batch["actions_mask"])
@@ -246,6 +245,8 @@ def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, 
                 "norm": cfg.action_norm, "batch": cfg.loop.batch_size}
     spec = RunSpec(root, run_id or default_run_id("action-expert", identity), KIND, export_id, versions, config,
                    extra={"eval_export": eval_export})
+    log.info("action expert over %s: %d trainable parameters, run %s", decouplers.teachers,
+             sum(p.numel() for p in model.parameters()), spec.run_id)
     return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
 
 
@@ -261,7 +262,7 @@ def predict_actions(task: ActionExpertTask, sample: dict[str, Any], device: torc
     """One raw action chunk (chunk, action_dim) for one observation (a sample dict), float32."""
     task.to(device)
     task.model.eval()
-    batch = to_device(task.collate([_with_dummy_actions(sample, task.model.policy.cfg)]), device)
+    batch = task.prepare(to_device(task.collate([_with_dummy_actions(sample, task.model.policy.cfg)]), device))
     generator = torch.Generator().manual_seed(seed)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:

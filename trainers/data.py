@@ -390,6 +390,19 @@ def fp8_to_float(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
     return (values * scale.to(values.device, torch.float32)).to(dtype)
 
 
+def worker_context():
+    """Multiprocessing context for DataLoader workers over these datasets.
+
+    Forked workers inherit Prefect's exit hooks when a flow ran earlier in the same process (the
+    demo, tests) and then die with exit code 1 on shutdown; a forkserver starts them clean. Without
+    Prefect loaded, plain fork is kept because it starts workers fastest.
+    """
+    import multiprocessing
+    import sys
+
+    return multiprocessing.get_context("forkserver") if "prefect" in sys.modules else None
+
+
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """DataLoader collate_fn: stack array fields into torch tensors; keep "meta" and "__key__" as lists.
 

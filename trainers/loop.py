@@ -138,6 +138,46 @@ class DataConfig(StrictModel):
     shuffle_buffer: int = Field(16, description="Samples in each worker's shuffle buffer (0 = off).")
     shuffle_shards: bool = Field(True, description="Shuffle the shard order every epoch.")
     verify: bool = Field(False, description="Check every sample's sha256 against index.json while reading.")
+    fp8_on_device: bool = Field(False, description="fp8 exports: keep the uint8 codes (+ '.fp8scale' fields), "
+                                                   "move them and decode on the device (TrainTask.prepare): half "
+                                                   "the bytes of float16, no CPU decode.")
+
+
+FP8_SCALE = ".fp8scale"
+"""Suffix of the per-channel scales that ShardStream(decode_fp8=False) puts beside an fp8-coded field."""
+
+
+def collate_fields(samples: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, Any]:
+    """Stack ``fields`` (batch key -> sample field) of ``samples`` into tensors, with any fp8 scales.
+
+    Uses trainers.data.collate_samples (numpy copies straight into shared memory inside workers).
+    """
+    from trainers.data import collate_samples
+
+    picked = []
+    for sample in samples:
+        item = {}
+        for key, name in fields.items():
+            item[key] = sample[name]
+            if name + FP8_SCALE in sample:
+                item[key + FP8_SCALE] = sample[name + FP8_SCALE]
+        picked.append(item)
+    return collate_samples(picked)
+
+
+def decode_coded(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch with every fp8-coded field (codes + ``.fp8scale``) decoded to float32 where it lies."""
+    if not any(key.endswith(FP8_SCALE) for key in batch):
+        return batch
+    from trainers.data import fp8_to_float
+
+    decoded = {}
+    for key, value in batch.items():
+        if key.endswith(FP8_SCALE):
+            continue
+        scale = batch.get(key + FP8_SCALE)
+        decoded[key] = fp8_to_float(value, scale, torch.float32) if scale is not None else value
+    return decoded
 
 
 def open_export(root: Root, export_id: str, fields: list[str], cfg: DataConfig, seed: int,
@@ -156,7 +196,8 @@ def open_export(root: Root, export_id: str, fields: list[str], cfg: DataConfig, 
     versions = {f: index.versions[f] for f in fields if f in index.versions}
     stream = ShardStream(root, export_id, pins if pins is not None else versions, fields=fields, seed=seed,
                          shuffle_shards=cfg.shuffle_shards and shuffle,
-                         shuffle_buffer=cfg.shuffle_buffer if shuffle else 0, verify=cfg.verify)
+                         shuffle_buffer=cfg.shuffle_buffer if shuffle else 0, verify=cfg.verify,
+                         decode_fp8=not cfg.fp8_on_device)
     return stream, versions
 
 
@@ -316,6 +357,10 @@ class TrainTask(ABC):
         """Move the model and any frozen helpers to ``device``."""
         self.model.to(device)
 
+    def prepare(self, batch: Any) -> Any:
+        """Device-side preparation of a batch already on the device. Default: decode fp8-coded fields."""
+        return decode_coded(batch) if isinstance(batch, dict) else batch
+
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The scalar training loss of one batch."""
@@ -471,9 +516,11 @@ class DevicePrefetcher:
 
     def __init__(self, batches: Iterator[tuple[Any, Any]], device: torch.device, depth: int = 2,
                  threaded: bool | None = None):
+        self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # a bare "cuda" means the current device
+            device = torch.device("cuda", torch.cuda.current_device())
         self.batches, self.device = batches, device
         self.stopping = threading.Event()
-        self.cuda = device.type == "cuda"
         self.thread = None
         if not (self.cuda if threaded is None else threaded):
             return
@@ -772,6 +819,7 @@ class Trainer:
     def train_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a device batch; returns (loss, grad norm) as device tensors (no sync)."""
         self.model.train()
+        batch = self.task.prepare(batch)
         with self.autocast_context():
             loss = self.task.loss(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -888,12 +936,12 @@ def _eval_batches(task: TrainTask, stream: IterableDataset, initial: dict[str, A
     for sample in stream:
         samples.append(sample)
         if len(samples) == cfg.batch_size:
-            yield to_device(task.collate(samples), device)
+            yield task.prepare(to_device(task.collate(samples), device))
             samples, batches = [], batches + 1
             if batches == cfg.eval_batches:
                 return
     if samples:
-        yield to_device(task.collate(samples), device)
+        yield task.prepare(to_device(task.collate(samples), device))
 
 
 class _Progress:
@@ -956,42 +1004,62 @@ def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfi
     if info.is_main:
         run.clear_partial()
     resume = _restore(trainer, run, spec, allow_version_change)
-    if info.is_main:
-        run.write_run_json(spec, resume.version_changes, status="running")
-    metrics_log = MetricsLog(run, info.is_main, resume.step)
     end = min(loop.steps, stop_at) if stop_at is not None else loop.steps
-    if trainer.step >= end:
-        return FitResult(spec.run_id, trainer.step, resume.from_step, {}, {}, run.step_rel(trainer.step))
-    eval_initial = eval_stream.state_dict() if eval_stream is not None else None
-    cursor = StreamCursor(loop.num_workers, resume.stream)
-    pin = loop.pin_memory and device.type == "cuda"
-    batches = DevicePrefetcher(batch_iterator(task, stream, loop, pin, resume.stream), device)
-    progress = _Progress(loop, info, trainer.step, spec.kind)
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-    checkpoint = None
-    tick = time.perf_counter()
-    while trainer.step < end:
-        batch, tag = next(batches)
-        cursor.consume(tag)
-        pending.append(trainer.train_step(batch))
-        final = trainer.step == end
+    state = _RunState(trainer, run, spec, resume, MetricsLog(run, info.is_main, resume.step), eval_stream)
+    if trainer.step < end:
+        if info.is_main:
+            run.write_run_json(spec, resume.version_changes, status="running")
+        pin = loop.pin_memory and device.type == "cuda"
+        batches = DevicePrefetcher(batch_iterator(task, stream, loop, pin, resume.stream), device)
+        progress = _Progress(loop, info, trainer.step, spec.kind)
+        try:
+            while trainer.step < end:
+                batch, tag = next(batches)
+                state.cursor.consume(tag)
+                state.pending.append(trainer.train_step(batch))
+                progress.update(state.after_step(final=trainer.step == end))
+        finally:
+            progress.close()
+            batches.close()
+    if info.is_main:
+        status = "finished" if trainer.step >= loop.steps else "stopped"
+        run.write_run_json(spec, resume.version_changes, status=status)
+        _emit_lineage(spec, trainer.step, status, state.last_train | state.last_eval)
+    checkpoint = state.checkpoint or run.step_rel(trainer.step)
+    return FitResult(spec.run_id, trainer.step, resume.from_step, state.last_train, state.last_eval, checkpoint)
+
+
+class _RunState:
+    """What the loop keeps between steps: pending losses, last metrics, the stream cursor, timing."""
+
+    def __init__(self, trainer: Trainer, run: RunDir, spec: RunSpec, resume: _Resume, metrics: MetricsLog,
+                 eval_stream: IterableDataset | None):
+        self.trainer, self.run, self.spec, self.resume, self.metrics = trainer, run, spec, resume, metrics
+        self.eval_stream = eval_stream
+        self.eval_initial = eval_stream.state_dict() if eval_stream is not None else None
+        self.cursor = StreamCursor(trainer.loop.num_workers, resume.stream)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_train: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.checkpoint: str | None = None
+        self.tick = time.perf_counter()
+
+    def after_step(self, final: bool) -> dict[str, float] | None:
+        """Log, evaluate and checkpoint when due; returns the metrics line when one was written."""
+        trainer, loop = self.trainer, self.trainer.loop
         logged = None
         if trainer.step % loop.log_every == 0 or final:
-            logged = last_train = _interval_metrics(trainer, pending, time.perf_counter() - tick)
-            metrics_log.write(logged)
-            pending, tick = [], time.perf_counter()
-        if eval_stream is not None and ((loop.eval_every and trainer.step % loop.eval_every == 0) or final):
-            last_eval = trainer.evaluate(_eval_batches(task, eval_stream, eval_initial, loop, device))
-            metrics_log.write({"step": trainer.step, "split": "val", **last_eval})
+            logged = self.last_train = _interval_metrics(trainer, self.pending, time.perf_counter() - self.tick)
+            self.metrics.write(logged)
+            self.pending = []
+        paused = time.perf_counter()
+        if self.eval_stream is not None and ((loop.eval_every and trainer.step % loop.eval_every == 0) or final):
+            batches = _eval_batches(trainer.task, self.eval_stream, self.eval_initial, loop, trainer.device)
+            self.last_eval = trainer.evaluate(batches)
+            self.metrics.write({"step": trainer.step, "split": "val", **self.last_eval})
         if trainer.step % loop.checkpoint_every == 0 or final:
-            checkpoint = _save(trainer, run, spec, cursor, resume, {"train": last_train, "eval": last_eval})
-        progress.update(logged)
-    progress.close()
-    batches.close()
-    if info.is_main:
-        status = "finished" if end == loop.steps else "stopped"
-        run.write_run_json(spec, resume.version_changes, status=status)
-        _emit_lineage(spec, trainer.step, status, last_train | last_eval)
-    return FitResult(spec.run_id, trainer.step, resume.from_step, last_train, last_eval, checkpoint)
+            self.checkpoint = _save(trainer, self.run, self.spec, self.cursor, self.resume,
+                                    {"train": self.last_train, "eval": self.last_eval})
+        # samples/s counts training steps only: evaluation and saving move the interval's start.
+        self.tick = time.perf_counter() if logged is not None else self.tick + time.perf_counter() - paused
+        return logged

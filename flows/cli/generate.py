@@ -61,7 +61,9 @@ def generate(
     model: str = typer.Option(..., help="SVD model: hf:<repo>[@rev] | dir:<path> | random | tiny."),
     steps: int = typer.Option(30, help="Euler denoising steps."),
     size: int = typer.Option(256, help="Generated frame size (square)."),
-    batch: int = typer.Option(4, help="Clips per UNet batch."),
+    batch: int = typer.Option(4, help="Clips per UNet call (H100: 32 with --compile blocks)."),
+    compile_scope: str = typer.Option("none", "--compile",
+                                      help="none | blocks: torch.compile the UNet and decoder layers (GPU)."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     dtype: str = typer.Option(None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)."),
     min_guidance: float = typer.Option(1.0, help="Guidance scale of the first frame."),
@@ -76,23 +78,22 @@ def generate(
     dask_address: str = typer.Option(None, help="Run tasks on this dask scheduler (tcp://host:8786)."),
     root: str = ROOT_OPTION,
 ) -> None:
-    """Write a `video` version: frames (N, T, S, S, 3) uint8, onestep (N, T, h, w, C) float16, seed (N,)."""
+    """Write a `video` version: frames (N, T, S, S, 3) uint8, onestep (N, T, h, w, C) float16, seed (N,).
+    T is the plan's clip length."""
     import torch
 
     from flows.generate import GenerateConfig, generate_flow
     from flows.runtime import RunnerChoice, run_flow
     from pipelines.svd import SVDParams
-    from storage.plans import PlanStore
 
     data_root = get_root(root, writable=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    frames = int(PlanStore(data_root.url).info(plan).params["frames"])
-    params = SVDParams(num_frames=frames, size=size, steps=steps, fps=fps, motion_bucket_id=motion_bucket,
+    params = SVDParams(size=size, steps=steps, fps=fps, motion_bucket_id=motion_bucket,
                        noise_aug_strength=noise_aug, min_guidance=min_guidance, max_guidance=max_guidance,
                        feature_blocks=_ints(feature_blocks, "--feature-blocks"))
     config = GenerateConfig(plan=plan, text=text, model=model, seed=seed, params=params, dtype=dtype, device=device,
-                            batch=batch, shard_size=shard_size, workers=workers)
+                            batch=batch, compile=compile_scope, shard_size=shard_size, workers=workers)
     choice = RunnerChoice(workers=workers, dask_address=dask_address)
     summary = run_flow(generate_flow, choice, data_root, root_url=data_root.url, config=config)
     _report(summary)

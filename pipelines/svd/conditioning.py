@@ -39,7 +39,8 @@ def preprocess_frames(frames_BHWC: np.ndarray, size: int) -> torch.Tensor:
     Resized with antialiased bilinear filtering (CALVIN's 200x200 static camera goes up,
     larger teleop frames come down); non-square frames are stretched, as VPP's loader does."""
     if frames_BHWC.ndim != 4 or frames_BHWC.shape[-1] != 3 or frames_BHWC.dtype != np.uint8:
-        raise ValueError(f"conditioning frames: expected uint8 (B, H, W, 3), got {frames_BHWC.dtype} {frames_BHWC.shape}")
+        raise ValueError(f"conditioning frames: expected uint8 (B, H, W, 3), "
+                         f"got {frames_BHWC.dtype} {frames_BHWC.shape}")
     images_BCHW = torch.from_numpy(np.ascontiguousarray(frames_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if images_BCHW.shape[-2:] != (size, size):
         images_BCHW = F.interpolate(images_BCHW, size=(size, size), mode="bilinear", antialias=True,

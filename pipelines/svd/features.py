@@ -74,7 +74,8 @@ def merge_features(captured: dict[int, torch.Tensor], blocks: list[int], batch: 
     feats_NCHW = torch.cat(maps, dim=1)
     frames = feats_NCHW.shape[0] // batch
     feats_BTHWC = feats_NCHW.reshape(batch, frames, *feats_NCHW.shape[1:]).permute(0, 1, 3, 4, 2)
-    return feats_BTHWC.to(torch.float16)
+    # Transposed on the device: a strided device-to-host copy of this size is far slower.
+    return feats_BTHWC.to(torch.float16).contiguous()
 
 
 def feature_shape(unet_config: dict, vae_config: dict, size: int, blocks: list[int]) -> tuple[int, int, int]:

@@ -141,7 +141,8 @@ def resolve_folder(spec: ModelSpec, allow_patterns: list[str] | None = None) -> 
         try:
             return Path(snapshot_download(spec.ref, revision=spec.revision, allow_patterns=allow_patterns))
         except Exception as err:  # hub errors have many types; the message is what the user needs
-            raise ValueError(f"model spec {spec}: cannot resolve hub snapshot ({err.__class__.__name__}: {err})") from None
+            raise ValueError(f"model spec {spec}: cannot resolve hub snapshot "
+                             f"({err.__class__.__name__}: {err})") from None
     raise ValueError(f"model spec {spec}: not a real-weights spec (hf:/dir:)")
 
 
@@ -167,7 +168,8 @@ def _class_defaults(cls: type) -> dict[str, Any]:
 
 def _architecture(source: str) -> dict[str, dict[str, Any]]:
     """Complete UNet / VAE / scheduler configs of ``random`` or ``tiny`` (recorded in the identity)."""
-    unet_over, vae_over = (TINY_UNET_CONFIG, TINY_VAE_CONFIG) if source == "tiny" else (FULL_UNET_CONFIG, FULL_VAE_CONFIG)
+    tiny = source == "tiny"
+    unet_over, vae_over = (TINY_UNET_CONFIG, TINY_VAE_CONFIG) if tiny else (FULL_UNET_CONFIG, FULL_VAE_CONFIG)
     return {
         "unet": {**_class_defaults(UNetSpatioTemporalConditionModel), **unet_over},
         "vae": {**_class_defaults(AutoencoderKLTemporalDecoder), **vae_over},

@@ -5,7 +5,9 @@ augments its conditioning frame. Every denoising step runs the conditional and t
 unconditional branch as two UNet calls of the same batch B (rather than one call of 2B): the
 first step's conditional call carries the feature hooks, so the captured features are
 bit-identical to :func:`one_step_features` at the same batch, which runs exactly that call; and
-one batch shape throughout keeps compiled and graph-captured UNets to a single specialisation.
+one batch shape throughout keeps compiled UNet layers to a single specialisation. As in
+diffusers' SVD pipeline, the unconditional branch sees zeroed text states and a zeroed image
+latent; latents and the scheduler arithmetic stay in float32, the networks run in the model dtype.
 """
 
 from __future__ import annotations

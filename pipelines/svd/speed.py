@@ -2,9 +2,13 @@
 
 - ``channels_last``: NHWC activations and weights for the UNet's convolutions.
 - ``compile="blocks"``: ``torch.compile`` each ResNet/transformer/resampling layer inside the
-  UNet blocks (static shapes). The blocks themselves stay eager, so the feature hooks on
-  ``up_blocks`` never force a recompilation, and identical layers share compiled code.
-- ``compile="full"``: ``torch.compile`` of the whole UNet (one graph, hooks traced into it).
+  UNet blocks and the VAE decoder blocks (static shapes). The blocks themselves stay eager, so
+  the feature hooks on ``up_blocks`` keep working and never force a recompilation, and identical
+  layers share compiled code. (A whole-UNet ``torch.compile`` is not offered: hooks registered
+  after compilation do not fire inside the compiled graph, so features would be lost.)
+
+Compiled kernels round differently from eager ones: outputs are reproducible for the same
+settings on the same hardware, not across settings.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ class SpeedOptions(StrictModel):
     """How to run the UNet fast on a given device."""
 
     channels_last: bool = Field(default=False, description="NHWC memory format for the UNet.")
-    compile: Literal["none", "blocks", "full"] = Field(default="none", description="torch.compile scope.")
+    compile: Literal["none", "blocks"] = Field(default="none", description="torch.compile scope.")
     compile_mode: str | None = Field(default=None, description="torch.compile mode (None = default).")
 
 
-def compiled_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers ``compile="blocks"`` compiles: every ResNet, transformer and resampler of every block."""
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+def compiled_layers(model: SVDModel) -> list[torch.nn.Module]:
+    """The layers ``compile="blocks"`` compiles: every ResNet, transformer and resampler of every
+    UNet block and VAE decoder block."""
+    unet, decoder = model.unet, model.vae.decoder
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, decoder.mid_block, *decoder.up_blocks]
     layers = []
     for block in blocks:
         for group in LAYER_GROUPS:
@@ -65,10 +71,7 @@ def apply_speedups(model: SVDModel, options: SpeedOptions) -> SVDModel:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
     kwargs = {"dynamic": False, **({"mode": options.compile_mode} if options.compile_mode else {})}
-    if options.compile == "blocks":
-        for layer in compiled_layers(model.unet):
-            layer.compile(**kwargs)
-    else:
-        model.unet.compile(**kwargs)
+    for layer in compiled_layers(model):
+        layer.compile(**kwargs)
     log.info("SVD UNet compiled (%s, mode %s)", options.compile, options.compile_mode)
     return model

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.teachers.preprocess import PreprocessSettings, preprocess_frames
+from pipelines.teachers.preprocess import PreprocessSettings, normalisation, preprocess_frames
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
 
@@ -43,6 +43,7 @@ class Teacher(abc.ABC):
         self.channels = channels
         self.device = torch.device(device)
         self.dtype = dtype
+        self.norm = normalisation(preprocess, self.device)
 
     @abc.abstractmethod
     def encode_pixels(self, pixels_BTCHW: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class Teacher(abc.ABC):
         """uint8 (B, T, H, W, 3) frames (any device) -> model input (B, T, 3, h, w) on the model device."""
         B, T = frames_BTHWC.shape[:2]
         frames = frames_BTHWC.to(self.device, non_blocking=True).reshape(B * T, *frames_BTHWC.shape[2:])
-        pixels_NCHW = preprocess_frames(frames, self.preprocess, self.dtype)
+        pixels_NCHW = preprocess_frames(frames, self.preprocess, self.dtype, self.norm)
         return pixels_NCHW.reshape(B, T, *pixels_NCHW.shape[1:])
 
     @torch.inference_mode()

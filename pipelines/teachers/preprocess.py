@@ -57,12 +57,23 @@ def settings_from_processor(processor: Any) -> PreprocessSettings:
                               mean=mean, std=std)
 
 
-def preprocess_frames(frames_NHWC: torch.Tensor, settings: PreprocessSettings,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalisation(settings: PreprocessSettings, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (1, 3, 1, 1) float32 tensors on ``device``, on the [0, 255] scale.
+
+    Built once per teacher: creating them per batch would be a synchronous host-to-device copy
+    that stalls the GPU queue every batch."""
+    mean = torch.tensor(settings.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(settings.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return mean.to(device), std.to(device)
+
+
+def preprocess_frames(frames_NHWC: torch.Tensor, settings: PreprocessSettings, dtype: torch.dtype = torch.float32,
+                      norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) frames -> normalised (N, 3, height, width) pixels in ``dtype``.
 
     The resize runs in float32 on [0, 255] values (no clamping of bicubic overshoot), then the
-    result is scaled to [0, 1] and normalised with the settings' mean and std.
+    result is scaled to [0, 1] and normalised with the settings' mean and std (``norm``: the
+    :func:`normalisation` tensors on the frames' device, built here when not given).
     """
     if frames_NHWC.dim() != 4 or frames_NHWC.shape[-1] != 3:
         raise ValueError(f"teacher preprocess: expected frames (N, H, W, 3), got {tuple(frames_NHWC.shape)}")
@@ -73,6 +84,5 @@ def preprocess_frames(frames_NHWC: torch.Tensor, settings: PreprocessSettings,
         pixels_NCHW = F.interpolate(pixels_NCHW, size=(settings.height, settings.width),
                                     mode=settings.interpolation, align_corners=False,
                                     antialias=settings.antialias)
-    mean = torch.tensor(settings.mean, device=pixels_NCHW.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(settings.std, device=pixels_NCHW.device).view(1, 3, 1, 1) * 255.0
+    mean, std = norm if norm is not None else normalisation(settings, pixels_NCHW.device)
     return ((pixels_NCHW - mean) / std).to(dtype)

@@ -14,7 +14,7 @@ from torch import nn
 
 from schemas.base import StrictModel
 from trainers.models.decoupler import ModelSize
-from trainers.models.layers import CrossAttentionBlock, Mlp, SelfAttentionBlock
+from trainers.models.layers import CrossAttentionBlock, SelfAttentionBlock
 
 
 class UniPerceiverConfig(StrictModel):

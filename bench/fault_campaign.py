@@ -1,0 +1,340 @@
+"""Fault campaign (issue 10): kill a tiny chain with SIGKILL at random moments, resume, compare.
+
+Each run builds the whole chain (teleop ingest -> plan -> text -> generate -> dinov2 teacher ->
+export, tiny models) into a fresh root with ``foresight run``; at a random moment the run is
+SIGKILLed (on Dask: the flow process and one worker); then it is resumed with the same command.
+Half the runs use local threads, half a real Dask cluster (``dask scheduler`` + 2 ``dask worker``
+on loopback). A reader thread polls every root while it is written and checks every shard whose
+``_done`` marker (or export index) it can see against the checksums recorded there.
+
+Printed: how many runs ended byte-identical to the uninterrupted reference (every target shard
+checksum and every export tar sha256), how many partial shards a reader could ever see (goal 0),
+and the resume time against the uninterrupted run of the same mode.
+
+    python bench/fault_campaign.py --runs 20 --seed 0
+
+All processes run with one BLAS/OpenMP thread: on a CPU, torch's reductions depend on the thread
+count, and Dask's nanny pins workers to one thread, so this makes local and Dask runs comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from cluster_servers import DaskCluster, child_env, start_prefect_server  # noqa: E402 - test servers, reused
+from fixtures_sources import make_teleop_episode  # noqa: E402
+from storage import layout  # noqa: E402
+from storage.episodes import EpisodeStore  # noqa: E402
+from storage.fs import Root  # noqa: E402
+from storage.targets import EMPTY_SHARD, TargetStore, shard_object  # noqa: E402
+
+PIPELINE = """
+name = "fault-campaign"
+dataset = "toy"
+[ingest]
+kind = "teleop"
+src = "{src}"
+options = {{ fps = 10.0, instruction = "put the block in the drawer" }}
+[plan]
+frames = 4
+stride = 2
+every = 2
+limit = {clips}
+[text]
+model = "tiny"
+shard_size = 2
+[generate]
+model = "tiny"
+params = {{ num_frames = 4, size = 32, steps = 4 }}
+batch = 2
+shard_size = 2
+[[teachers]]
+teacher = "dinov2"
+model = "tiny"
+batch = 2
+[export]
+codec = "f16"
+shard_size = "256KB"
+"""
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@dataclass
+class RunRecord:
+    """One campaign run."""
+
+    index: int
+    mode: str
+    kill_at_s: float
+    killed: bool
+    interrupted_in: str
+    resume_s: float
+    identical: bool
+    partial_visible: int
+    checked: int
+    problems: list[str] = field(default_factory=list)
+
+
+class VisibilityReader(threading.Thread):
+    """Polls a root the way a reader honouring the markers would, and checks what it sees.
+
+    A shard counts as visible once its ``_done`` marker exists (targets), its export's
+    ``index.json`` exists, or its episode's ``_COMPLETE`` marker exists. Every visible item is
+    checked once against the checksums recorded for it; a mismatch is a partial shard a reader
+    could have read.
+    """
+
+    def __init__(self, root: Root, poll_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.root, self.poll_s = root, poll_s
+        self.seen: set[str] = set()
+        self.problems: list[str] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.scan()
+            time.sleep(self.poll_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.scan()  # what is visible at the end is checked too
+
+    def scan(self) -> None:
+        try:
+            self._scan_targets()
+            self._scan_exports()
+            self._scan_episodes()
+        except FileNotFoundError:
+            pass  # a folder appeared or moved mid-listing: the next poll sees it settled
+        except (ValueError, OSError) as err:  # a published file a reader could not read
+            self.problems.append(f"unreadable: {err}")
+
+    def _check(self, key: str, problem: str | None) -> None:
+        self.seen.add(key)
+        if problem:
+            self.problems.append(problem)
+
+    def _scan_targets(self) -> None:
+        store = TargetStore(self.root)
+        for version in self.root.ls("targets"):
+            if not self.root.exists(layout.target_dir(version), layout.MANIFEST):
+                continue
+            manifest = store.manifest(version)
+            for name in self.root.ls(layout.target_dir(version), layout.DONE_DIR):
+                key = f"{version}/{name}"
+                if name.isdigit() and key not in self.seen:  # not the temporary files of atomic writes
+                    self._check(key, self._shard_problem(manifest, int(name)))
+
+    def _shard_problem(self, manifest, index: int) -> str | None:
+        marker = f"{layout.target_dir(manifest.id)}/{layout.DONE_DIR}/{index}"
+        try:
+            digests = self.root.read_json(marker)
+        except ValueError as err:
+            return f"{marker}: unreadable marker ({err})"
+        for array, digest in digests.items():
+            rel = shard_object(manifest, array, index)
+            actual = self.root.sha256(rel) if self.root.exists(rel) else EMPTY_SHARD
+            if actual != digest:
+                return f"{manifest.id} shard {index} array {array}: stored object does not match its marker"
+        return None
+
+    def _scan_exports(self) -> None:
+        for export in self.root.ls("exports"):
+            key = f"export/{export}"
+            if key in self.seen or not self.root.exists(layout.export_dir(export), layout.EXPORT_INDEX):
+                continue
+            index = self.root.read_json(layout.export_dir(export), layout.EXPORT_INDEX)
+            bad = [s["name"] for s in index["shards"]
+                   if self.root.sha256(layout.export_dir(export), s["name"]) != s["sha256"]]
+            self._check(key, f"export {export}: shards {bad} differ from index.json" if bad else None)
+
+    def _scan_episodes(self) -> None:
+        for dataset in self.root.ls("datasets"):
+            for episode in self.root.ls(layout.episodes_dir(dataset)):
+                folder = layout.episode_dir(dataset, episode) if not episode.startswith(".") else None
+                key = f"episode/{dataset}/{episode}"
+                if folder is None or key in self.seen or not self.root.exists(folder, layout.COMPLETE_MARKER):
+                    continue
+                complete = all(self.root.exists(folder, name) for name in (layout.EPISODE_RECORD, layout.FRAMES))
+                self._check(key, None if complete else f"episode {episode}: marked complete with files missing")
+
+
+def fingerprint(root: Root, summary: dict) -> dict:
+    """What 'byte-identical' compares: every target shard checksum and every export tar sha256."""
+    store, prints = TargetStore(root), {}
+    for row in summary["stages"]:
+        output = row["output"]
+        if output.startswith(("text-", "video-", "teacher-")):
+            manifest = store.manifest(output)
+            prints[output] = manifest.shards if manifest.status == "complete" else "incomplete"
+        elif output.startswith("export-"):
+            index = root.read_json(layout.export_dir(output), layout.EXPORT_INDEX)
+            prints[output] = [s["sha256"] for s in index["shards"]]
+    return prints
+
+
+def interrupted_stage(root: Root, reference: dict) -> str:
+    """The first stage of the chain whose output was not complete when the run was killed."""
+    store = TargetStore(root)
+    for row in reference["stages"]:
+        output, stage = row["output"], row["stage"]
+        if stage == "ingest":
+            episodes = EpisodeStore(root, output)
+            finished = episodes.exists() and len(episodes.episode_ids()) == 2 and episodes.info().stats is not None
+        elif stage == "plan":
+            finished = root.exists(layout.plan_dir(output), layout.PLAN_INFO)
+        elif stage == "export":
+            finished = root.exists(layout.export_dir(output), layout.EXPORT_INDEX)
+        else:
+            finished = store.status(output) == "complete"
+        if not finished:
+            return stage
+    return "after export"
+
+
+class Campaign:
+    """The servers, the chain command and the reference results shared by every run."""
+
+    def __init__(self, work: Path, clips: int, seed: int):
+        self.work, self.rng = work, random.Random(seed)
+        src = work / "teleop"
+        for index in range(2):
+            make_teleop_episode(src / f"episode_{index}.hdf5", length=24, cameras=("cam_high",), size=(32, 32))
+        self.pipeline = work / "pipeline.toml"
+        self.pipeline.write_text(PIPELINE.format(src=src, clips=clips))
+        self.prefect, api = start_prefect_server(work)
+        self.env = child_env(PREFECT_API_URL=api, **ONE_THREAD)
+        self.cluster = DaskCluster(work, n_workers=2, env=ONE_THREAD)
+        self.reference: dict[str, dict] = {}
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        self.prefect.stop()
+
+    def start(self, root: Path, mode: str, log_name: str) -> subprocess.Popen:
+        args = [sys.executable, "-c", "from flows.cli import main; main()", "-q", "run", str(self.pipeline),
+                "--root", str(root), "--json"]
+        if mode == "dask":
+            args += ["--dask-address", self.cluster.address]
+        return subprocess.Popen(args, stdout=open(self.work / f"{log_name}.out", "wb"),
+                                stderr=open(self.work / f"{log_name}.err", "wb"), env=self.env,
+                                start_new_session=True)
+
+    def finish(self, proc: subprocess.Popen, log_name: str) -> dict:
+        if proc.wait() != 0:
+            raise RuntimeError(f"{log_name} failed:\n" + (self.work / f"{log_name}.err").read_text()[-4000:])
+        return json.loads((self.work / f"{log_name}.out").read_text())
+
+    def uninterrupted(self, mode: str, name: str) -> tuple[float, dict, dict]:
+        """Wall time, summary and fingerprint of an uninterrupted run in a fresh root."""
+        root = self.work / name
+        started = time.perf_counter()
+        summary = self.finish(self.start(root, mode, name), name)
+        seconds = time.perf_counter() - started
+        return seconds, summary, fingerprint(Root(str(root)), summary)
+
+    def kill(self, proc: subprocess.Popen, mode: str) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if mode == "dask":
+            victim = self.rng.randrange(len(self.cluster.workers))
+            os.kill(self.cluster.workers[victim].pid, signal.SIGKILL)
+            self.cluster.restart_worker(victim)
+
+    def run_once(self, index: int, mode: str, reference_s: float) -> RunRecord:
+        """Start, kill at a random moment, resume; compare with the reference of the same mode."""
+        root = Root(str(self.work / f"run-{index:02d}-{mode}"))
+        reader = VisibilityReader(root)
+        reader.start()
+        kill_at = self.rng.uniform(0.1, 0.95) * reference_s
+        proc = self.start(Path(root.url), mode, f"run-{index:02d}")
+        started = time.perf_counter()
+        while proc.poll() is None and time.perf_counter() - started < kill_at:
+            time.sleep(0.02)
+        killed = proc.poll() is None
+        if killed:
+            self.kill(proc, mode)
+        stage = interrupted_stage(root, self.reference[mode]["summary"])
+        resumed = time.perf_counter()
+        summary = self.finish(self.start(Path(root.url), mode, f"resume-{index:02d}"), f"resume-{index:02d}")
+        resume_s = time.perf_counter() - resumed
+        reader.stop()
+        identical = fingerprint(root, summary) == self.reference["local"]["fingerprint"]  # the one reference
+        return RunRecord(index=index, mode=mode, kill_at_s=round(kill_at, 2), killed=killed, interrupted_in=stage,
+                         resume_s=round(resume_s, 2), identical=identical, partial_visible=len(reader.problems),
+                         checked=len(reader.seen), problems=reader.problems)
+
+
+def report(records: list[RunRecord], reference: dict[str, dict]) -> str:
+    lines = ["| run | mode | killed at (s) | interrupted in | resume (s) | resume / uninterrupted | identical | "
+             "partial visible / checked |", "|---:|---|---:|---|---:|---:|:---:|---:|"]
+    for r in records:
+        ratio = r.resume_s / reference[r.mode]["seconds"]
+        lines.append(f"| {r.index} | {r.mode} | {r.kill_at_s:.1f}{'' if r.killed else ' (finished first)'} | "
+                     f"{r.interrupted_in} | {r.resume_s:.1f} | {ratio:.2f} | {'yes' if r.identical else 'NO'} | "
+                     f"{r.partial_visible} / {r.checked} |")
+    lines.append("")
+    for mode in ("local", "dask"):
+        mine = [r for r in records if r.mode == mode]
+        if mine:
+            ratios = [r.resume_s / reference[mode]["seconds"] for r in mine]
+            lines.append(f"- {mode}: uninterrupted {reference[mode]['seconds']:.1f} s; resume median "
+                         f"{statistics.median(r.resume_s for r in mine):.1f} s = **{statistics.median(ratios):.2f}x** "
+                         f"of uninterrupted (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    lines.append(f"- byte-identical to the reference: **{sum(r.identical for r in records)}/{len(records)}**; "
+                 f"partial shards visible to a reader: **{sum(r.partial_visible for r in records)}** "
+                 f"(of {sum(r.checked for r in records)} markers, indexes and episodes checked)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="Killed-and-resumed runs (half local, half Dask).")
+    parser.add_argument("--clips", type=int, default=16, help="Clips of the tiny chain (2 per shard).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments and killed workers.")
+    parser.add_argument("--work", default=None, help="Work folder (default: a temporary one).")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="foresight-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    campaign = Campaign(work, args.clips, args.seed)
+    try:
+        for name, mode in (("reference-local", "local"), ("warm-up-dask", "dask"), ("reference-dask", "dask")):
+            seconds, summary, prints = campaign.uninterrupted(mode, name)  # Dask is timed on warm workers
+            campaign.reference[mode] = {"seconds": seconds, "summary": summary, "fingerprint": prints}
+            print(f"uninterrupted {mode}: {seconds:.1f} s", flush=True)
+        if campaign.reference["dask"]["fingerprint"] != campaign.reference["local"]["fingerprint"]:
+            print("WARNING: the uninterrupted local and Dask runs differ", flush=True)
+        records = []
+        for index in range(args.runs):
+            mode = "local" if index % 2 == 0 else "dask"
+            record = campaign.run_once(index, mode, campaign.reference[mode]["seconds"])
+            records.append(record)
+            print(f"run {index:2d} {mode:5s}: killed at {record.kill_at_s:5.1f} s in {record.interrupted_in:15s} "
+                  f"resume {record.resume_s:5.1f} s identical={record.identical} "
+                  f"partial={record.partial_visible}/{record.checked}", flush=True)
+    finally:
+        campaign.stop()
+    print(report(records, campaign.reference))
+    (work / "fault_campaign.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
+    print(f"records: {work / 'fault_campaign.json'}")
+
+
+if __name__ == "__main__":
+    main()

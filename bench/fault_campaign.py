@@ -99,10 +99,11 @@ class VisibilityReader(threading.Thread):
     could have read.
     """
 
-    def __init__(self, root: Root, poll_s: float = 0.1):
+    def __init__(self, root: Root, poll_s: float = 0.25):
         super().__init__(daemon=True)
         self.root, self.poll_s = root, poll_s
         self.seen: set[str] = set()
+        self.manifests: dict[str, object] = {}  # array layouts never change: read each manifest once
         self.problems: list[str] = []
         self._stop_event = threading.Event()
 
@@ -134,9 +135,11 @@ class VisibilityReader(threading.Thread):
     def _scan_targets(self) -> None:
         store = TargetStore(self.root)
         for version in self.root.ls("targets"):
-            if not self.root.exists(layout.target_dir(version), layout.MANIFEST):
-                continue
-            manifest = store.manifest(version)
+            if version not in self.manifests:
+                if not self.root.exists(layout.target_dir(version), layout.MANIFEST):
+                    continue
+                self.manifests[version] = store.manifest(version)
+            manifest = self.manifests[version]
             for name in self.root.ls(layout.target_dir(version), layout.DONE_DIR):
                 key = f"{version}/{name}"
                 if name.isdigit() and key not in self.seen:  # not the temporary files of atomic writes

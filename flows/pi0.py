@@ -25,7 +25,7 @@ from schemas.base import StrictModel
 from schemas.dataset import DatasetInfo
 from schemas.plan import ClipRow
 from schemas.target import ArraySpec, TargetRecipe
-from flows.runtime import RunnerChoice, device_resources, run_flow
+from flows.runtime import RunnerChoice, run_flow
 from storage import lineage
 from storage.claims import claim_shard, wait_for_version_shards
 from storage.episodes import EpisodeStore
@@ -285,8 +285,8 @@ def pi0_targets_flow(root_url: str, config: Pi0TargetsConfig, workers: int = 1) 
     def run_shards(version_id: str, shards: list[int]) -> list[Pi0ShardsResult]:
         tasks = len(shards) if workers == 0 else min(workers, len(shards))
         groups = [shards[i::tasks] for i in range(tasks)]
-        with device_resources(config.device):  # on Dask: one GPU per model-holding task
-            futures = [write_shards.submit(root_url, version_id, group, config) for group in groups]
+        # On Dask the runner gives each task whose config names a CUDA device one GPU resource.
+        futures = [write_shards.submit(root_url, version_id, group, config) for group in groups]
         return [future.result() for future in futures]
 
     return build_version(root_url, config, run_shards)

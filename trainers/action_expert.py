@@ -10,6 +10,7 @@ evaluation samples chunks with the policy's sampler and reports their MSE to the
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -155,9 +156,12 @@ class ActionExpertTask(TrainTask):
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Stack the fields the expert reads (float16 features or fp8 codes stay compact on the host)."""
+        return self.collate_fn()(samples)
+
+    def collate_fn(self):
         fields = {"onestep": ONESTEP, "text": self.text_field, "actions": "actions", "actions_mask": "actions_mask"}
         fields |= {f"reference.{t}": f"{t}.reference" for t in self.decouplers.teachers}
-        return collate_fields(samples, fields)
+        return functools.partial(collate_fields, fields=fields)
 
     def to(self, device: torch.device) -> None:
         self.model.to(device)

@@ -353,6 +353,11 @@ class TrainTask(ABC):
         """Samples -> one batch (runs inside DataLoader workers). Default: stack the array fields."""
         return default_collate(samples)
 
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], Any]:
+        """The collate function handed to DataLoader workers. Workers started by forkserver receive it
+        pickled, so override it with something that does not carry the model. Default: ``self.collate``."""
+        return self.collate
+
     def to(self, device: torch.device) -> None:
         """Move the model and any frozen helpers to ``device``."""
         self.model.to(device)
@@ -476,10 +481,13 @@ def batch_iterator(task: TrainTask, stream: IterableDataset, cfg: LoopConfig, pi
             f"checkpoint stream state was written with {resume.get('num_workers')} DataLoader workers; "
             f"resume with num_workers={resume.get('num_workers')} for an exact resume (got {cfg.num_workers})"
         )
-    batches = StatefulBatches(stream, cfg.batch_size, task.collate, resume)
+    from trainers.data import worker_context
+
+    batches = StatefulBatches(stream, cfg.batch_size, task.collate_fn(), resume)
     loader = DataLoader(
         batches, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        multiprocessing_context=worker_context() if cfg.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
     )
     # The workers start here, in the calling thread, not in whichever thread first asks for a batch.

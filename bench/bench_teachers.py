@@ -3,16 +3,24 @@
 For each teacher (DINOv2 ViT-B/14 with registers, DA3-LARGE stage 0; ``random`` real-size weights):
 
 - bare: ``teacher.encode_pixels`` on one batch already preprocessed on the device (the target
-  call, then target + reference call), timed over repeats after a warm-up;
+  call, then target + reference call), timed over repeats after a warm-up; also the
+  preprocessing alone and ``teacher.encode_clips`` (all the GPU work of a batch: preprocess,
+  forwards, float16 casts), so a gap can be told apart from the GPU work e2e adds;
 - end to end: ``flows.teachers_engine.encode_shards`` over a `video` version in a target store
-  on local disk: read uint8 frames, preprocess on the device, forward, copy back, compress and
-  write the `teacher` version, all overlapped.
+  on local disk: read uint8 frames, upload, preprocess on the device, forward, copy back,
+  compress and write the `teacher` version, all overlapped; with the loop's own diagnostics
+  (GPU busy/idle from CUDA events, start-up, tail) and a check that the first and last stored
+  batches equal ``encode_clips`` of the same batch.
 
 Frames/s count the generated frames (T per clip); the reference frame each clip also needs is
 part of the work, which is why the ratio is taken against "bare target+reference".
 
     python bench/bench_teachers.py [--device cuda] [--dtype bf16] [--clips 512] [--batch 16]
-                                   [--teachers dinov2,da3] [--writers 4] [--model random]
+                                   [--teachers dinov2,da3] [--writers 12] [--model random]
+
+On the device tool (its image has torch; the project's other packages travel as wheels, carry
+".whl"): ``python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD`` first.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 T = 16
 SIZE = 256  # SVD output frames
+VIDEO_WRITE_THREADS = 8  # the input version is set up, not measured: write shards in parallel
 
 
 def synthetic_clips(count: int, seed: int) -> np.ndarray:
@@ -57,10 +67,13 @@ def write_video_version(root: str, clips: int, shard: int) -> str:
               ArraySpec(name="observed", shape=[clips, SIZE, SIZE, 3], dtype="uint8")]
     recipe = TargetRecipe(kind="video", stage="bench.synthetic", stage_version=1, params={"clips": clips})
     writer = TargetStore(root).begin(recipe, arrays, clips, shard_size=shard)
-    for index in range(writer.num_shards):
-        rows = writer.shard_clips(index)
-        frames = synthetic_clips(len(rows), seed=index)
+
+    def write(index: int) -> None:
+        frames = synthetic_clips(len(writer.shard_clips(index)), seed=index)
         writer.write_shard(index, {"frames": frames, "observed": frames[:, 0]})
+
+    with ThreadPoolExecutor(VIDEO_WRITE_THREADS) as pool:
+        list(pool.map(write, range(writer.num_shards)))
     writer.finalize()
     return writer.version_id
 
@@ -83,25 +96,33 @@ def bare_forward(teacher, frames_BTHWC, repeats: int) -> dict[str, float]:
 def _bare_forward(teacher, frames_BTHWC, repeats: int) -> dict[str, float]:
     pixels = teacher.pixels(frames_BTHWC)
     ref_pixels = teacher.pixels(frames_BTHWC[:, :1])
-    out = {}
-    for name, calls in (("target", [pixels]), ("target+ref", [pixels, ref_pixels])):
-        for _ in range(2):
-            for p in calls:
-                teacher.encode_pixels(p)
-        sync(teacher.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for p in calls:
-                teacher.encode_pixels(p)
-        sync(teacher.device)
-        out[name] = repeats * pixels.shape[0] * pixels.shape[1] / (time.perf_counter() - start)
-    return out
+    frames = pixels.shape[0] * pixels.shape[1]
+    calls = {"target": [lambda: teacher.encode_pixels(pixels)],
+             "target+ref": [lambda: teacher.encode_pixels(pixels), lambda: teacher.encode_pixels(ref_pixels)],
+             # the work e2e adds on the GPU: uint8 -> resized, normalised pixels of the clips and references
+             "preprocess": [lambda: teacher.pixels(frames_BTHWC), lambda: teacher.pixels(frames_BTHWC[:, :1])],
+             # everything e2e runs on the GPU for one batch (preprocess, forwards, float16 casts)
+             "encode_clips": [lambda: teacher.encode_clips(frames_BTHWC, frames_BTHWC[:, 0])]}
+    return {name: frames / _seconds_per_call(teacher, fns, repeats) for name, fns in calls.items()}
+
+
+def _seconds_per_call(teacher, fns, repeats: int) -> float:
+    for _ in range(2):
+        for fn in fns:
+            fn()
+    sync(teacher.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for fn in fns:
+            fn()
+    sync(teacher.device)
+    return (time.perf_counter() - start) / repeats
 
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
                processes: bool, tag: str) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
-    from flows.teachers_engine import encode_shards, teacher_arrays, teacher_recipe
+    from flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
     from flows.teachers_io import ObservedFrames, open_video
     from storage.targets import TargetStore
 
@@ -111,18 +132,41 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     store = TargetStore(root)
     n = min(clips, video.manifest.num_clips)
     writer = store.begin(recipe, teacher_arrays(n, T, teacher), n, video.manifest.shard_size)
-    result = encode_shards(teacher, video, ObservedFrames(root, video), writer, list(range(writer.num_shards)),
+    observed = ObservedFrames(root, video)
+    result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
                            batch, writers, readers, io_processes=processes)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
+    plan = batch_plan(writer, list(range(writer.num_shards)), batch)
+    max_diff = check_written(teacher, video, observed, store.open(writer.version_id), [plan[0][1], plan[-1][1]])
     store.delete(writer.version_id)
     steady = result.frames / max(result.seconds - result.startup_s, 1e-9)
     return {"frames_per_s": result.frames / result.seconds, "steady_frames_per_s": steady,
-            "startup_s": result.startup_s, "seconds": result.seconds,
-            "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9}
+            "startup_s": result.startup_s, "seconds": result.seconds, "tail_s": result.tail_s,
+            "host_busy_s": result.host_busy_s, "gpu_busy_s": result.gpu_busy_s, "gpu_idle_s": result.gpu_idle_s,
+            "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9,
+            "max_abs_diff": max_diff}
+
+
+def check_written(teacher, video, observed, written, batches: list[range]) -> float:
+    """Largest |stored - direct| over the given batches of clips: the pipelined, overlapped copies
+    must store what ``teacher.encode_clips`` gives for the same batch."""
+    import torch
+
+    worst = 0.0
+    for clips in batches:
+        frames = torch.from_numpy(video.read("frames", slice(clips.start, clips.stop))).to(teacher.device)
+        obs = torch.from_numpy(observed.read(clips)).to(teacher.device)
+        with torch.inference_mode():
+            target, reference = (t.float().cpu().numpy() for t in teacher.encode_clips(frames, obs))
+        stored = [written.read(name, slice(clips.start, clips.stop)).astype(np.float32) for name in ("target", "reference")]
+        worst = max(worst, float(np.abs(stored[0] - target).max()), float(np.abs(stored[1] - reference).max()))
+    return worst
 
 
 def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
+    """Bare forward before and after the end-to-end runs (a GPU kept busy for seconds may clock
+    lower than one timed for one second), end-to-end runs, ratios against the faster bare figure."""
     import torch
 
     from flows.teachers_io import open_video
@@ -131,22 +175,26 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     started = time.perf_counter()
     teacher = load_teacher(name, args.model, None, args.device, args.dtype)
     load_s = time.perf_counter() - started
-    frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch)))
-    bare = bare_forward(teacher, frames.to(teacher.device), args.repeats)
-    rows = []
+    frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch))).to(teacher.device)
+    bare_before = bare_forward(teacher, frames, args.repeats)
     clips = args.clips_da3 if name == "da3" else args.clips
-    for writers in args.writers:
-        e2e = end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
-                         f"w{writers}")
-        e2e.update(writers=writers, clips=clips, ratio_vs_bare_target_ref=e2e["frames_per_s"] / bare["target+ref"],
+    rows = [end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
+                       f"run{run}-w{writers}") | {"writers": writers, "clips": clips}
+            for run, writers in enumerate(args.writers)]
+    bare_after = bare_forward(teacher, frames, args.repeats)
+    bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
+    for e2e in rows:
+        sustained = e2e["frames_per_s"] * e2e["seconds"] / max(e2e["seconds"] - e2e["startup_s"] - e2e["tail_s"], 1e-9)
+        e2e.update(ratio_vs_bare_target_ref=e2e["frames_per_s"] / bare["target+ref"],
                    steady_ratio_vs_bare_target_ref=e2e["steady_frames_per_s"] / bare["target+ref"],
-                   ratio_vs_bare_target=e2e["frames_per_s"] / bare["target"])
-        rows.append(e2e)
+                   sustained_ratio_vs_bare_target_ref=sustained / bare["target+ref"],
+                   ratio_vs_bare_target=e2e["frames_per_s"] / bare["target"],
+                   ratio_vs_encode_clips=e2e["frames_per_s"] / bare["encode_clips"])
     del teacher
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"teacher": name, "load_s": load_s, "bare": bare, "e2e": rows,
-            "out_shape": [T, *frames.shape[2:4]]}
+    return {"teacher": name, "load_s": load_s, "bare": bare, "bare_before": bare_before, "bare_after": bare_after,
+            "e2e": rows, "out_shape": [T, *frames.shape[2:4]]}
 
 
 def report(results: list[dict], args) -> None:
@@ -156,16 +204,24 @@ def report(results: list[dict], args) -> None:
     print(f"device {device}, dtype {args.dtype}, model {args.model}, {args.clips} clips x {T} frames "
           f"of {SIZE}x{SIZE}, batch {args.batch} clips ({args.batch * T} frames), shard {args.shard} clips, "
           f"store I/O in {args.io} ({args.readers} readers), {os.cpu_count()} cores")
-    print(f"{'teacher':<8} {'bare tgt f/s':>12} {'bare tgt+ref':>12} {'clips':>5} {'writers':>7} {'e2e f/s':>9} "
-          f"{'e2e/bare':>8} {'e2e/tgt':>8} {'start s':>7} {'steady/bare':>11} {'wait rd s':>9} {'wait wr s':>9} "
-          f"{'GB out':>7}")
+    print("bare f/s (frames of the clips per second): target = forward of the clips, target+ref = with the "
+          "reference forward, preprocess = uint8 -> pixels alone, encode_clips = all GPU work of a batch")
+    for r in results:
+        for when in ("before", "after"):
+            print(f"{r['teacher']:<8} {when:<6} " + "  ".join(f"{k} {v:,.0f}" for k, v in r[f"bare_{when}"].items()))
+    print("ratios against the faster of the two; steady: without the start-up; sustained: without start-up and tail")
+    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
+          f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'tail s':>6} {'host s':>6} "
+          f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'max|diff|':>9}")
     for r in results:
         for e in r["e2e"]:
-            print(f"{r['teacher']:<8} {r['bare']['target']:>12.0f} {r['bare']['target+ref']:>12.0f} {e['clips']:>5} "
-                  f"{e['writers']:>7} {e['frames_per_s']:>9.0f} {e['ratio_vs_bare_target_ref']:>8.2f} "
-                  f"{e['ratio_vs_bare_target']:>8.2f} {e['startup_s']:>7.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
-                  f"{e['wait_read_s']:>9.2f} {e['wait_write_s']:>9.2f} "
-                  f"{e['written_gb']:>7.2f}")
+            print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['frames_per_s']:>9.0f} "
+                  f"{e['ratio_vs_bare_target_ref']:>8.2f} {e['ratio_vs_bare_target']:>8.2f} "
+                  f"{e['ratio_vs_encode_clips']:>9.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
+                  f"{e['sustained_ratio_vs_bare_target_ref']:>9.2f} "
+                  f"{e['seconds']:>7.2f} {e['startup_s']:>7.2f} {e['tail_s']:>6.2f} {e['host_busy_s']:>6.2f} "
+                  f"{e['gpu_busy_s']:>6.2f} {e['gpu_idle_s']:>8.2f} {e['wait_read_s']:>7.2f} {e['wait_write_s']:>7.2f} "
+                  f"{e['written_gb']:>7.2f} {e['max_abs_diff']:>9.2g}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)
@@ -183,7 +239,8 @@ def main() -> None:
     parser.add_argument("--shard", type=int, default=16, help="clips per shard of the video/teacher versions")
     parser.add_argument("--batch", type=int, default=16, help="clips per forward (x16 frames)")
     parser.add_argument("--clips-da3", type=int, default=384, help="clips DA3 encodes end to end (1 MB/frame out)")
-    parser.add_argument("--writers", default="4", help="comma list: writer threads to try")
+    parser.add_argument("--writers", default="12", help="comma list: writer threads/processes to try (a "
+                                                         "value repeated runs again: first vs warm run)")
     parser.add_argument("--readers", type=int, default=3, help="reader threads/processes")
     parser.add_argument("--io", choices=["processes", "threads"], default="processes", help="store I/O workers")
     parser.add_argument("--repeats", type=int, default=10)
@@ -192,6 +249,10 @@ def main() -> None:
     args = parser.parse_args()
     args.writers = [int(w) for w in args.writers.split(",")]
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
+    if args.io == "processes":
+        from flows.teachers_engine import start_fork_server
+
+        start_fork_server()  # as the teachers flow does: it boots while the data and teacher load
     try:
         started = time.perf_counter()
         video_id = write_video_version(root, args.clips, args.shard)

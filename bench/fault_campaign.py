@@ -9,7 +9,9 @@ on loopback). A reader thread polls every root while it is written and checks ev
 
 Printed: how many runs ended byte-identical to the uninterrupted reference (every target shard
 checksum and every export tar sha256), how many partial shards a reader could ever see (goal 0),
-and the resume time against the uninterrupted run of the same mode.
+and the resume time against an uninterrupted run of the same mode measured just before it (the
+machine is shared, so each run gets its own baseline). The kill moment is drawn uniformly from the
+span in which the baseline was writing its root: after its start-up, before it exited.
 
     python bench/fault_campaign.py --runs 20 --seed 0
 
@@ -80,6 +82,7 @@ class RunRecord:
 
     index: int
     mode: str
+    baseline_s: float  # an uninterrupted run of the same mode, measured just before
     kill_at_s: float
     killed: bool
     interrupted_in: str
@@ -225,7 +228,7 @@ class Campaign:
         self.prefect, api = start_prefect_server(work)
         self.env = child_env(PREFECT_API_URL=api, **ONE_THREAD)
         self.cluster = DaskCluster(work, n_workers=2, env=ONE_THREAD)
-        self.reference: dict[str, dict] = {}
+        self.reference: dict = {}
 
     def stop(self) -> None:
         self.cluster.stop()
@@ -245,13 +248,20 @@ class Campaign:
             raise RuntimeError(f"{log_name} failed:\n" + (self.work / f"{log_name}.err").read_text()[-4000:])
         return json.loads((self.work / f"{log_name}.out").read_text())
 
-    def uninterrupted(self, mode: str, name: str) -> tuple[float, dict, dict]:
-        """Wall time, summary and fingerprint of an uninterrupted run in a fresh root."""
+    def uninterrupted(self, mode: str, name: str) -> tuple[float, float, dict, dict]:
+        """Wall time, the moment its root appeared (start-up done, writing begins), summary and
+        fingerprint of an uninterrupted run in a fresh root."""
         root = self.work / name
         started = time.perf_counter()
-        summary = self.finish(self.start(root, mode, name), name)
+        proc = self.start(root, mode, name)
+        writing_at = None
+        while proc.poll() is None:
+            if writing_at is None and root.exists():
+                writing_at = time.perf_counter() - started
+            time.sleep(0.02)
+        summary = self.finish(proc, name)
         seconds = time.perf_counter() - started
-        return seconds, summary, fingerprint(Root(str(root)), summary)
+        return seconds, writing_at if writing_at is not None else 0.0, summary, fingerprint(Root(str(root)), summary)
 
     def kill(self, proc: subprocess.Popen, mode: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -261,12 +271,14 @@ class Campaign:
             os.kill(self.cluster.workers[victim].pid, signal.SIGKILL)
             self.cluster.restart_worker(victim)
 
-    def run_once(self, index: int, mode: str, reference_s: float) -> RunRecord:
-        """Start, kill at a random moment, resume; compare with the reference of the same mode."""
+    def run_once(self, index: int, mode: str) -> RunRecord:
+        """An uninterrupted run (the same-run baseline), then a run killed at a random moment of
+        that duration and resumed; both compared with the reference run."""
+        base_s, writing_at, _, base_print = self.uninterrupted(mode, f"baseline-{index:02d}-{mode}")
         root = Root(str(self.work / f"run-{index:02d}-{mode}"))
         reader = VisibilityReader(root)
         reader.start()
-        kill_at = self.rng.uniform(0.1, 0.95) * reference_s
+        kill_at = self.rng.uniform(writing_at, base_s)  # while the baseline was writing its root
         proc = self.start(Path(root.url), mode, f"run-{index:02d}")
         started = time.perf_counter()
         while proc.poll() is None and time.perf_counter() - started < kill_at:
@@ -274,33 +286,31 @@ class Campaign:
         killed = proc.poll() is None
         if killed:
             self.kill(proc, mode)
-        stage = interrupted_stage(root, self.reference[mode]["summary"])
+        stage = interrupted_stage(root, self.reference["summary"])
         resumed = time.perf_counter()
         summary = self.finish(self.start(Path(root.url), mode, f"resume-{index:02d}"), f"resume-{index:02d}")
         resume_s = time.perf_counter() - resumed
         reader.stop()
-        identical = fingerprint(root, summary) == self.reference["local"]["fingerprint"]  # the one reference
-        return RunRecord(index=index, mode=mode, kill_at_s=round(kill_at, 2), killed=killed, interrupted_in=stage,
-                         resume_s=round(resume_s, 2), identical=identical, partial_visible=len(reader.problems),
-                         checked=len(reader.seen), problems=reader.problems)
+        identical = fingerprint(root, summary) == self.reference["fingerprint"] == base_print
+        return RunRecord(index=index, mode=mode, baseline_s=round(base_s, 2), kill_at_s=round(kill_at, 2),
+                         killed=killed, interrupted_in=stage, resume_s=round(resume_s, 2), identical=identical,
+                         partial_visible=len(reader.problems), checked=len(reader.seen), problems=reader.problems)
 
 
-def report(records: list[RunRecord], reference: dict[str, dict]) -> str:
-    lines = ["| run | mode | killed at (s) | interrupted in | resume (s) | resume / uninterrupted | identical | "
-             "partial visible / checked |", "|---:|---|---:|---|---:|---:|:---:|---:|"]
+def report(records: list[RunRecord]) -> str:
+    lines = ["| run | mode | uninterrupted (s) | killed at (s) | interrupted in | resume (s) | resume / uninterrupted "
+             "| identical | partial visible / checked |", "|---:|---|---:|---:|---|---:|---:|:---:|---:|"]
     for r in records:
-        ratio = r.resume_s / reference[r.mode]["seconds"]
-        lines.append(f"| {r.index} | {r.mode} | {r.kill_at_s:.1f}{'' if r.killed else ' (finished first)'} | "
-                     f"{r.interrupted_in} | {r.resume_s:.1f} | {ratio:.2f} | {'yes' if r.identical else 'NO'} | "
+        lines.append(f"| {r.index} | {r.mode} | {r.baseline_s:.1f} | {r.kill_at_s:.1f}"
+                     f"{'' if r.killed else ' (finished first)'} | {r.interrupted_in} | {r.resume_s:.1f} | "
+                     f"{r.resume_s / r.baseline_s:.2f} | {'yes' if r.identical else 'NO'} | "
                      f"{r.partial_visible} / {r.checked} |")
     lines.append("")
     for mode in ("local", "dask"):
-        mine = [r for r in records if r.mode == mode]
-        if mine:
-            ratios = [r.resume_s / reference[mode]["seconds"] for r in mine]
-            lines.append(f"- {mode}: uninterrupted {reference[mode]['seconds']:.1f} s; resume median "
-                         f"{statistics.median(r.resume_s for r in mine):.1f} s = **{statistics.median(ratios):.2f}x** "
-                         f"of uninterrupted (min {min(ratios):.2f}, max {max(ratios):.2f})")
+        ratios = [r.resume_s / r.baseline_s for r in records if r.mode == mode]
+        if ratios:
+            lines.append(f"- {mode}: resume / uninterrupted median **{statistics.median(ratios):.2f}x** "
+                         f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {len(ratios)} runs)")
     lines.append(f"- byte-identical to the reference: **{sum(r.identical for r in records)}/{len(records)}**; "
                  f"partial shards visible to a reader: **{sum(r.partial_visible for r in records)}** "
                  f"(of {sum(r.checked for r in records)} markers, indexes and episodes checked)")
@@ -317,24 +327,21 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="foresight-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(work, args.clips, args.seed)
+    records: list[RunRecord] = []
     try:
-        for name, mode in (("reference-local", "local"), ("warm-up-dask", "dask"), ("reference-dask", "dask")):
-            seconds, summary, prints = campaign.uninterrupted(mode, name)  # Dask is timed on warm workers
-            campaign.reference[mode] = {"seconds": seconds, "summary": summary, "fingerprint": prints}
-            print(f"uninterrupted {mode}: {seconds:.1f} s", flush=True)
-        if campaign.reference["dask"]["fingerprint"] != campaign.reference["local"]["fingerprint"]:
-            print("WARNING: the uninterrupted local and Dask runs differ", flush=True)
-        records = []
+        seconds, _, summary, prints = campaign.uninterrupted("local", "reference")
+        campaign.reference = {"summary": summary, "fingerprint": prints}
+        print(f"reference (local, uninterrupted): {seconds:.1f} s", flush=True)
         for index in range(args.runs):
             mode = "local" if index % 2 == 0 else "dask"
-            record = campaign.run_once(index, mode, campaign.reference[mode]["seconds"])
+            record = campaign.run_once(index, mode)
             records.append(record)
-            print(f"run {index:2d} {mode:5s}: killed at {record.kill_at_s:5.1f} s in {record.interrupted_in:15s} "
-                  f"resume {record.resume_s:5.1f} s identical={record.identical} "
-                  f"partial={record.partial_visible}/{record.checked}", flush=True)
+            print(f"run {index:2d} {mode:5s}: uninterrupted {record.baseline_s:5.1f} s, killed at "
+                  f"{record.kill_at_s:5.1f} s in {record.interrupted_in:15s} resume {record.resume_s:5.1f} s "
+                  f"identical={record.identical} partial={record.partial_visible}/{record.checked}", flush=True)
     finally:
         campaign.stop()
-    print(report(records, campaign.reference))
+    print(report(records))
     (work / "fault_campaign.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
     print(f"records: {work / 'fault_campaign.json'}")
 

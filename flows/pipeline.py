@@ -40,10 +40,10 @@ from flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow
 from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
 from flows.ingest_sources import ingest_calvin_flow, ingest_lerobot_flow, ingest_teleop_flow
 from flows.runtime import RunnerChoice, stage_runners
+from flows.teachers import TeachersConfig, teachers_flow
 from pipelines.ingest.calvin import CalvinOptions
 from pipelines.ingest.lerobot import LeRobotOptions
 from pipelines.ingest.teleop import TeleopOptions
-from flows.teachers import TeachersConfig, teachers_flow
 from schemas.base import StrictModel, validate
 from storage import lineage
 from storage.fs import default_root, open_root
@@ -193,13 +193,6 @@ class PipelineSummary(StrictModel):
     stages: list[StageResult] = Field(default_factory=list)
     seconds: float = 0.0
 
-    def output(self, stage: str) -> str:
-        """The output id of a stage of this run; KeyError naming the stages run otherwise."""
-        for row in self.stages:
-            if row.stage == stage:
-                return row.output
-        raise KeyError(f"pipeline {self.name}: no stage '{stage}' (ran {[r.stage for r in self.stages]})")
-
 
 class ChainRun:
     """Runs stages in order, timing each and collecting the summary rows."""
@@ -246,6 +239,7 @@ def build_stage(chain: ChainRun, stage_flow: Any, root_url: str, config: Any) ->
 
 def export_stage(chain: ChainRun, root_url: str, config: PipelineConfig, plan_id: str,
                  targets: list[str]) -> tuple[str, bool, str]:
+    """Export every target version the chain produced, over the chain's plan."""
     export_config = ExportConfig(plan=plan_id, targets=targets, **config.export.model_dump())
     result = chain.subflow(export_flow, root_url=root_url, config=export_config)
     return result.export_id, result.skipped, f"{result.num_samples} samples in {result.num_shards} shard(s)"
@@ -266,7 +260,7 @@ def run_chain(chain: ChainRun, root_url: str, config: PipelineConfig) -> None:
         return
     configs = config.stage_configs(plan_id, PLACEHOLDER_ID, PLACEHOLDER_ID)
     text_id = chain.stage("text", lambda: build_stage(chain, text_flow, root_url, configs["text"]))
-    targets = [f"text={text_id}"]
+    targets = [text_id]
     if config.generate is not None:
         configs = config.stage_configs(plan_id, text_id, PLACEHOLDER_ID)
         video_id = chain.stage("generate", lambda: build_stage(chain, generate_flow, root_url, configs["generate"]))

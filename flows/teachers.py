@@ -20,7 +20,8 @@ from prefect import flow, task
 from pydantic import Field
 
 from flows.models_cache import cached_model
-from flows.teachers_engine import ShardClaims, ShardsResult, encode_shards, teacher_arrays, teacher_recipe
+from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, start_fork_server, teacher_arrays,
+                                   teacher_recipe)
 from flows.teachers_io import ObservedFrames, open_video
 from pipelines.teachers import Teacher, load_teacher
 from schemas.base import StrictModel
@@ -81,6 +82,9 @@ def _progress_bar(total: int, desc: str):
 @task(retries=1, retry_delay_seconds=1)
 def encode_shards_task(root_url: str, version_id: str, config: TeachersConfig, shards: list[int]) -> ShardsResult:
     """Encode the given shards of a building teacher version (done or claimed shards are skipped)."""
+    processes, readers, writers = resolve_io(config)
+    if processes:
+        start_fork_server()  # boots while the teacher loads
     teacher = cached_teacher(config)
     writer = TargetStore(root_url).writer(version_id)
     recorded = writer.manifest.recipe.model
@@ -88,7 +92,6 @@ def encode_shards_task(root_url: str, version_id: str, config: TeachersConfig, s
         raise ValueError(f"teacher version '{version_id}' was begun with other weights than {config.model!r}")
     video = open_video(root_url, config.video)
     todo = [s for s in shards if not writer.is_done(s)]
-    processes, readers, writers = resolve_io(config)
     with _progress_bar(sum(len(writer.shard_clips(s)) for s in todo), f"{config.teacher} {version_id}") as bar:
         return encode_shards(teacher, video, ObservedFrames(root_url, video), writer, todo, config.batch, writers,
                              readers, claims=ShardClaims(root_url, writer), progress=bar.update,

@@ -1,10 +1,13 @@
 """The teachers stage's shard loop, without Prefect (flows/teachers.py wraps it in tasks).
 
-Reader threads (or worker processes, see flows/teachers_io.py) read and pin the next batches,
-the teacher resizes/normalises uint8 frames on its own device, outputs are copied to pinned host
-buffers on a side CUDA stream, and writer threads (or processes) compress and store finished
-shards, so the forward pass rarely waits for I/O. A shard is published by its ``_done`` marker
-only once fully written, so a killed run resumes cleanly.
+Reader threads (or worker processes, see flows/teachers_io.py) read and pin the next batches; the
+forward loop uploads each batch on a side CUDA stream, resizes/normalises uint8 frames and runs the
+teacher on the compute stream, and queues the copy of the outputs into host shard buffers on a
+second side stream; writer threads (or processes) wait for a full shard's copies and store it. The
+thread that launches GPU work thus never waits for a copy or a write, only for free buffers. With
+worker processes the shard buffers are the shared-memory blocks the writers read, page-locked for
+the GPU, so outputs go from the device to the writers without a host copy. A shard is published by
+its ``_done`` marker only once fully written, so a killed run resumes cleanly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "teachers"
 STAGE_VERSION = 1
+CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
 
 class ShardsResult(StrictModel):
@@ -47,6 +52,12 @@ class ShardsResult(StrictModel):
     wait_read_s: float = Field(default=0.0, description="Time the forward loop waited for input.")
     wait_write_s: float = Field(default=0.0, description="Time the forward loop waited for free output buffers.")
     startup_s: float = Field(default=0.0, description="Time until the first batch was ready (pools, first read).")
+    tail_s: float = Field(default=0.0, description="Time from the last batch queued to the last shard stored.")
+    host_busy_s: float = Field(default=0.0, description="Time the forward loop spent queueing work (uploads, "
+                                                         "forward, copies), waits for buffers excluded.")
+    gpu_busy_s: float = Field(default=0.0, description="CUDA: time the compute stream spent on the batches.")
+    gpu_idle_s: float = Field(default=0.0, description="CUDA: time the compute stream sat idle between batches "
+                                                        "(waiting for the host or an upload).")
 
 
 # ---------------------------------------------------------------- version layout
@@ -169,24 +180,55 @@ class ShardClaims:
             self.release(shard)
 
 
-class ShardBuffers:
-    """A fixed pool of whole-shard host buffers, reused once a shard is stored (bounds memory and
-    avoids re-pinning); taking one blocks while every buffer waits to be written."""
+# ---------------------------------------------------------------- CUDA streams and events
+def sleeping_event(timing: bool = False) -> torch.cuda.Event:
+    """A CUDA event whose ``synchronize()`` sleeps instead of spinning: with spinning events every
+    writer thread waiting for a shard's copies burnt a core that the I/O workers and the thread
+    launching GPU work need."""
+    return torch.cuda.Event(enable_timing=timing, blocking=True)
 
-    def __init__(self, shard_size: int, target_shape: tuple[int, ...], reference_shape: tuple[int, ...],
-                 pin: bool, count: int):
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put((torch.empty((shard_size, *target_shape), dtype=OUTPUT_DTYPE, pin_memory=pin),
-                            torch.empty((shard_size, *reference_shape), dtype=OUTPUT_DTYPE, pin_memory=pin)))
 
-    def take(self) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-        start = time.perf_counter()
-        buffers = self._free.get()
-        return buffers, time.perf_counter() - start
+@dataclass
+class DeviceBatch:
+    """An input batch on the teacher's device; ``ready`` marks the end of its upload (None: the
+    teacher runs on the CPU and the tensors are the host ones)."""
 
-    def give(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._free.put(buffers)
+    item: InputBatch
+    frames_BTHWC: torch.Tensor
+    observed_BHWC: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+
+class HostToDevice:
+    """Uploads pinned uint8 batches on a side CUDA stream, so the copy of a batch runs on a copy
+    engine while the GPU still computes the batches queued before it, instead of holding up the
+    compute stream (50 MB a batch of 256 frames)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def send(self, item: InputBatch) -> DeviceBatch:
+        """Queue the upload of ``item`` (its pinned host blocks are kept by torch's host allocator
+        until the copy is done)."""
+        if self.stream is None:
+            return DeviceBatch(item, item.frames_BTHWC, item.observed_BHWC)
+        with torch.cuda.stream(self.stream):
+            frames = item.frames_BTHWC.to(self.device, non_blocking=True)
+            observed = item.observed_BHWC.to(self.device, non_blocking=True)
+        ready = sleeping_event()
+        ready.record(self.stream)
+        return DeviceBatch(item, frames, observed, ready)
+
+    def hand_over(self, batch: DeviceBatch) -> None:
+        """Order the compute stream after the batch's upload, and tell the caching allocator that
+        the uploaded tensors are used there (their memory is not reused before that work ends)."""
+        if batch.ready is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(batch.ready)
+        batch.frames_BTHWC.record_stream(compute)
+        batch.observed_BHWC.record_stream(compute)
 
 
 class DeviceToHost:
@@ -196,95 +238,226 @@ class DeviceToHost:
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event | None:
+        """Queue ``host.copy_(device)`` for every (device, host) pair after the work queued so far
+        on the compute stream; None when already copied (CPU)."""
         if self.stream is None:
-            dst.copy_(src)
+            for src, dst in pairs:
+                dst.copy_(src)
             return None
-        self.stream.wait_stream(torch.cuda.current_stream(src.device))
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
-        src.record_stream(self.stream)
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
+            for src, dst in pairs:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self.stream)
+        done = sleeping_event()
+        done.record(self.stream)
+        return done
 
 
+class GpuTimeline:
+    """Timing events on the compute stream around every batch, read once the run is over: how long
+    the GPU spent on the batches (upload wait excluded: preprocessing, forward, casts) and how long
+    it sat idle between them, waiting for the host to queue work or for an upload."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Mark the work queued inside the block as one batch (nothing on the CPU)."""
+        if not self.enabled:
+            yield
+            return
+        begin, end = sleeping_event(timing=True), sleeping_event(timing=True)
+        begin.record()
+        yield
+        end.record()
+        self.marks.append((begin, end))
+
+    def totals(self) -> tuple[float, float]:
+        """(busy, idle) seconds over the batches marked so far; waits for the last one to end."""
+        if not self.marks:
+            return 0.0, 0.0
+        self.marks[-1][1].synchronize()
+        busy_ms = sum(begin.elapsed_time(end) for begin, end in self.marks)
+        idle_ms = sum(prev_end.elapsed_time(begin) for (_, prev_end), (begin, _) in zip(self.marks, self.marks[1:]))
+        return busy_ms / 1e3, idle_ms / 1e3
+
+
+# ---------------------------------------------------------------- host shard buffers
 @dataclass
-class OpenShard:
-    """A shard whose batches are being computed into host buffers."""
+class ShardBuffer:
+    """Host arrays that one shard's outputs are copied into; ``block`` is the shared-memory block
+    they live in (process I/O), -1 for private memory."""
 
-    index: int
-    clips: range
-    buffers: tuple[torch.Tensor, torch.Tensor]
-    filled: int = 0
-    events: list[Any] = field(default_factory=list)
-    claim: Any = None
+    target: torch.Tensor
+    reference: torch.Tensor
+    block: int = -1
 
 
-def store_shard(io: "ThreadIO | ProcessIO", shard: OpenShard, pool: ShardBuffers,
-                claims: ShardClaims | None = None) -> None:
-    """Wait for the shard's device copies, store it (data, then its _done marker), recycle the
-    host buffers as soon as their contents are handed over, release the shard's claim."""
-    for event in shard.events:
-        if event is not None:
-            event.synchronize()
-    target, reference = shard.buffers
-    io.store(shard.index, len(shard.clips), target, reference, handed_over=lambda: pool.give(shard.buffers))
-    if claims is not None:
-        claims.release(shard.index)
+class ShardBuffers:
+    """A fixed pool of whole-shard host buffers, reused once a shard is stored (bounds memory, and
+    pinning is paid once); taking one blocks while every buffer waits to be written."""
+
+    def __init__(self, buffers: list[ShardBuffer]):
+        self._free: queue.Queue[ShardBuffer] = queue.Queue()
+        for buffer in buffers:
+            self._free.put(buffer)
+
+    @classmethod
+    def allocate(cls, shapes: dict[str, tuple[int, ...]], count: int, pin: bool) -> "ShardBuffers":
+        """``count`` private buffers of the given target/reference shapes (pinned for CUDA)."""
+        return cls([ShardBuffer(torch.empty(shapes["target"], dtype=OUTPUT_DTYPE, pin_memory=pin),
+                                torch.empty(shapes["reference"], dtype=OUTPUT_DTYPE, pin_memory=pin))
+                    for _ in range(count)])
+
+    def take(self) -> tuple[ShardBuffer, float]:
+        """A free buffer and the seconds waited for it."""
+        start = time.perf_counter()
+        buffer = self._free.get()
+        return buffer, time.perf_counter() - start
+
+    def give(self, buffer: ShardBuffer) -> None:
+        self._free.put(buffer)
 
 
+def pin_host_arrays(arrays: list[np.ndarray], device: torch.device) -> list[int]:
+    """Page-lock host arrays (shared memory) for the GPU, so device-to-host copies land in them
+    directly and asynchronously; returns the addresses pinned, to unpin before unmapping. Stops at
+    the first refusal, logged: copies into the arrays left unpinned are synchronous (correct, slower)."""
+    cudart, pinned = torch.cuda.cudart(), []
+    for array in arrays:
+        error = int(cudart.cudaHostRegister(array.ctypes.data, array.nbytes, CUDA_HOST_REGISTER_PORTABLE))
+        if error:
+            log.warning("teachers: cannot page-lock %.0f MB of shared memory (cudaError %d); copies into "
+                        "%d of %d output arrays will be synchronous", array.nbytes / 1e6, error,
+                        len(arrays) - len(pinned), len(arrays))
+            _take_pending_cuda_error(device)
+            break
+        pinned.append(array.ctypes.data)
+    return pinned
+
+
+def _take_pending_cuda_error(device: torch.device) -> None:
+    """A failed runtime call leaves its error pending, and torch would report it at the next kernel
+    launch check as that kernel's failure; one throw-away launch takes it now."""
+    try:
+        torch.zeros(1, device=device)
+    except RuntimeError as err:
+        log.debug("teachers: took the pending CUDA error: %s", err)
+
+
+def unpin_host_arrays(addresses: list[int]) -> None:
+    cudart = torch.cuda.cudart()
+    for address in addresses:
+        cudart.cudaHostUnregister(address)
+
+
+# ---------------------------------------------------------------- store I/O
 class ThreadIO:
     """Store reads and writes in threads of this process (small runs, tests, Dask workers)."""
 
-    def __init__(self, video: TargetReader, observed: ObservedFrames, writer: TargetWriter, pin: bool):
+    def __init__(self, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
+                 out_shapes: dict[str, tuple[int, ...]], writers: int, pin: bool):
         self.video, self.observed, self.writer, self.pin = video, observed, writer, pin
+        self.buffers = ShardBuffers.allocate(out_shapes, count=writers + 1, pin=pin)
 
     def load(self, shard: int, clips: range, claim: Any) -> InputBatch:
         return load_batch(self.video, self.observed, shard, clips, self.pin, claim)
 
-    def store(self, shard: int, clips: int, target: torch.Tensor, reference: torch.Tensor,
-              handed_over: Callable[[], None]) -> None:
-        self.writer.write_shard(shard, {"target": target[:clips].numpy(), "reference": reference[:clips].numpy()})
-        handed_over()
+    def store(self, shard: int, clips: int, buffer: ShardBuffer) -> None:
+        self.writer.write_shard(shard, {"target": buffer.target[:clips].numpy(),
+                                        "reference": buffer.reference[:clips].numpy()})
 
     def close(self) -> None:
         """Nothing to release: the threads belong to the caller's executors."""
-        self.video = self.observed = self.writer = None
+        self.video = self.observed = self.writer = self.buffers = None
 
 
 class ProcessIO:
     """Store reads and writes in worker processes (own zarr event loop and GIL each), exchanging
-    batches and shards through shared memory; this process only copies blocks in and out."""
+    batches and shards through shared memory. The output blocks are the shard buffers themselves
+    (page-locked on CUDA): the device copies outputs straight into what the writers compress."""
 
     def __init__(self, video: TargetReader, writer: TargetWriter, batch: int, out_shapes: dict[str, tuple[int, ...]],
-                 readers: int, writers: int, pin: bool):
-        import multiprocessing
-
+                 readers: int, writers: int, device: torch.device):
         from flows import teachers_io
 
-        self.pin = pin
+        self.device, self.pin = device, device.type == "cuda"
         frames = tuple(video.manifest.array_spec("frames").shape[1:])
         self.in_blocks = teachers_io.SharedBlocks.create([teachers_io.BlockSpec("frames", (batch, *frames), "uint8")],
                                                          count=2 * readers + 1)
         try:
             self.out_blocks = teachers_io.SharedBlocks.create(
-                [teachers_io.BlockSpec(name, shape, "float16") for name, shape in out_shapes.items()], count=writers)
+                [teachers_io.BlockSpec(name, shape, "float16") for name, shape in out_shapes.items()],
+                count=writers + 1)
         except BaseException:
             self.in_blocks.close()
             raise
+        self.free_in: queue.Queue[int] = queue.Queue()
+        for block in range(len(self.in_blocks)):
+            self.free_in.put(block)
+        self.read_pool = self.write_pool = self.pinner = None
+        self.pinned: list[int] = []
+        self.buffers = ShardBuffers([])
+        try:
+            self._start(video, writer, readers, writers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, video: TargetReader, writer: TargetWriter, readers: int, writers: int) -> None:
+        """Offer the output blocks as shard buffers (on CUDA as a background thread page-locks
+        each, GBs for DA3, so the first batches do not wait for all of them) and start the workers."""
+        if self.pin:
+            self.pinner = threading.Thread(target=self._pin_blocks, name="teacher-pin", daemon=True)
+            self.pinner.start()
+        else:
+            for buffer in self._block_buffers():
+                self.buffers.give(buffer)
+        self.read_pool, self.write_pool = self._start_workers(video, writer, readers, writers)
+
+    def _block_buffers(self) -> list[ShardBuffer]:
+        return [ShardBuffer(torch.from_numpy(v["target"]), torch.from_numpy(v["reference"]), block)
+                for block, v in enumerate(self.out_blocks.views)]
+
+    def _pin_blocks(self) -> None:
+        """Page-lock the output blocks one by one, offering each as soon as it is; after a refusal
+        (logged) or an error, the rest are offered as they are (their copies are synchronous)."""
+        buffers = self._block_buffers()
+        try:
+            while buffers:
+                arrays = [buffers[0].target.numpy(), buffers[0].reference.numpy()]
+                pinned = pin_host_arrays(arrays, self.device)
+                self.pinned += pinned
+                if len(pinned) < len(arrays):
+                    break
+                self.buffers.give(buffers.pop(0))
+        finally:
+            for buffer in buffers:
+                self.buffers.give(buffer)
+
+    def _start_workers(self, video: TargetReader, writer: TargetWriter, readers: int,
+                       writers: int) -> tuple[ProcessPoolExecutor, ProcessPoolExecutor]:
+        """Both pools, every worker started now and in parallel (a pool starts its workers one
+        per submitted job otherwise, the writers in the middle of the run)."""
+        import multiprocessing
+
+        from flows import teachers_io
+
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["flows.teachers_io"])
         root_url = writer.root.url
-        self.read_pool = ProcessPoolExecutor(readers, mp_context=context, initializer=teachers_io.init_reader,
-                                             initargs=(root_url, video.version_id, self.in_blocks.describe()))
-        self.write_pool = ProcessPoolExecutor(writers, mp_context=context, initializer=teachers_io.init_writer,
-                                              initargs=(root_url, writer.version_id, self.out_blocks.describe()))
-        self.free_in, self.free_out = queue.Queue(), queue.Queue()
-        for block in range(len(self.in_blocks)):
-            self.free_in.put(block)
-        for block in range(len(self.out_blocks)):
-            self.free_out.put(block)
+        read_pool = ProcessPoolExecutor(readers, mp_context=context, initializer=teachers_io.init_reader,
+                                        initargs=(root_url, video.version_id, self.in_blocks.describe()))
+        write_pool = ProcessPoolExecutor(writers, mp_context=context, initializer=teachers_io.init_writer,
+                                         initargs=(root_url, writer.version_id, self.out_blocks.describe()))
+        for pool, count in ((read_pool, readers), (write_pool, writers)):
+            for _ in range(count):
+                pool.submit(teachers_io.worker_ready)
+        return read_pool, write_pool
 
     def load(self, shard: int, clips: range, claim: Any) -> InputBatch:
         from flows import teachers_io
@@ -300,30 +473,43 @@ class ProcessIO:
         obs = torch.from_numpy(observed)
         return InputBatch(shard, clips, frames, obs.pin_memory() if self.pin else obs, claim)
 
-    def store(self, shard: int, clips: int, target: torch.Tensor, reference: torch.Tensor,
-              handed_over: Callable[[], None]) -> None:
+    def store(self, shard: int, clips: int, buffer: ShardBuffer) -> None:
+        """Have a writer process store the shard from the block its outputs were copied into."""
         from flows import teachers_io
 
-        block = self.free_out.get()
-        try:
-            views = self.out_blocks.views[block]
-            torch.from_numpy(views["target"][:clips]).copy_(target[:clips])
-            torch.from_numpy(views["reference"][:clips]).copy_(reference[:clips])
-            handed_over()
-            self.write_pool.submit(teachers_io.write_shard_job, block, shard, clips).result()
-        finally:
-            self.free_out.put(block)
+        self.write_pool.submit(teachers_io.write_shard_job, buffer.block, shard, clips).result()
 
     def close(self) -> None:
-        """Stop the workers (after their current job), then free the shared memory."""
-        self.read_pool.shutdown(wait=True, cancel_futures=True)
-        self.write_pool.shutdown(wait=True, cancel_futures=True)
-        self.in_blocks.close()
-        self.out_blocks.close()
+        """Stop the workers (after their current job), let queued device copies into the blocks
+        finish (an error may leave some), unpin and free the shared memory."""
+        for pool in (self.read_pool, self.write_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if self.pinner is not None:
+            self.pinner.join()
+        try:
+            if self.pinned:
+                torch.cuda.synchronize(self.device)
+                unpin_host_arrays(self.pinned)
+        finally:
+            self.buffers = None
+            self.in_blocks.close()
+            self.out_blocks.close()
+
+
+def start_fork_server() -> None:
+    """Start the fork server that I/O worker processes are forked from, now and in the background:
+    it imports the store stack (~0.5 s) while the caller loads its teacher, instead of in front of
+    the first read. Harmless when it already runs."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["flows.teachers_io"])
+    forkserver.ensure_running()
 
 
 def open_io(video: TargetReader, observed: ObservedFrames, writer: TargetWriter, batch: int,
-            out_shapes: dict[str, tuple[int, ...]], readers: int, writers: int, pin: bool,
+            out_shapes: dict[str, tuple[int, ...]], readers: int, writers: int, device: torch.device,
             processes: bool) -> "ThreadIO | ProcessIO":
     """Process I/O when asked for and possible (not inside a daemonic worker, enough shared
     memory), else thread I/O; the fallback is logged, never silent."""
@@ -333,62 +519,102 @@ def open_io(video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
         log.warning("teachers: running inside a daemonic worker process: store I/O uses threads")
     elif processes:
         try:
-            return ProcessIO(video, writer, batch, out_shapes, readers, writers, pin)
+            return ProcessIO(video, writer, batch, out_shapes, readers, writers, device)
         except (MemoryError, OSError) as err:
             log.warning("teachers: no shared memory for process I/O (%s): store I/O uses threads", err)
-    return ThreadIO(video, observed, writer, pin)
+    return ThreadIO(video, observed, writer, out_shapes, writers, device.type == "cuda")
 
 
-def _raise_write_errors(futures: list[Future]) -> None:
-    for future in futures:
-        if future.done() and future.exception() is not None:
-            raise future.exception()
+# ---------------------------------------------------------------- the forward loop
+@dataclass
+class OpenShard:
+    """A shard whose batches are being computed into a host buffer."""
+
+    index: int
+    clips: range
+    buffer: ShardBuffer
+    filled: int = 0
+    events: list[Any] = field(default_factory=list)
+    claim: Any = None
+
+
+def store_shard(io: ThreadIO | ProcessIO, shard: OpenShard, claims: ShardClaims | None = None) -> None:
+    """Wait for the shard's device copies, store it (data, then its _done marker), recycle its
+    host buffer (also on error, so the forward loop never waits for it), release its claim."""
+    try:
+        for event in shard.events:
+            if event is not None:
+                event.synchronize()
+        io.store(shard.index, len(shard.clips), shard.buffer)
+    finally:
+        io.buffers.give(shard.buffer)
+    if claims is not None:
+        claims.release(shard.index)
 
 
 class ShardLoop:
     """The forward side of :func:`encode_shards`: fills shard buffers batch by batch and hands
     every full shard to the writer threads."""
 
-    def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO, pool: ShardBuffers,
+    def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO,
                  executor: ThreadPoolExecutor, claims: ShardClaims | None, result: ShardsResult):
-        self.teacher, self.writer, self.io, self.pool, self.executor = teacher, writer, io, pool, executor
+        self.teacher, self.writer, self.io, self.executor = teacher, writer, io, executor
         self.claims, self.result = claims, result
-        self.copier = DeviceToHost(teacher.device)
+        self.upload, self.download = HostToDevice(teacher.device), DeviceToHost(teacher.device)
+        self.timeline = GpuTimeline(teacher.device)
         self.current: OpenShard | None = None
         self.futures: list[Future] = []
 
     def _open(self, item: InputBatch) -> OpenShard:
         if self.current is None:
-            buffers, waited = self.pool.take()
+            buffer, waited = self.io.buffers.take()
             self.result.wait_write_s += waited
-            self.current = OpenShard(item.shard, self.writer.shard_clips(item.shard), buffers, claim=item.claim)
+            self.current = OpenShard(item.shard, self.writer.shard_clips(item.shard), buffer, claim=item.claim)
         return self.current
 
     def step(self, item: InputBatch) -> None:
-        """Forward one batch, queue its copy into the shard buffers, submit the shard when full."""
+        """Upload one batch, forward it, queue its copy into the shard buffer, submit the shard
+        when full; nothing here waits for the GPU."""
+        started, waited = time.perf_counter(), self.result.wait_write_s
+        batch = self.upload.send(item)
         shard = self._open(item)
-        target, reference = self.teacher.encode_clips(item.frames_BTHWC, item.observed_BHWC)
+        self.upload.hand_over(batch)
+        with self.timeline.batch():
+            target, reference = self.teacher.encode_clips(batch.frames_BTHWC, batch.observed_BHWC)
         rows = slice(item.clips.start - shard.clips.start, item.clips.stop - shard.clips.start)
-        shard.events += [self.copier.copy(target, shard.buffers[0][rows]),
-                         self.copier.copy(reference, shard.buffers[1][rows])]
+        shard.events.append(self.download.copy([(target, shard.buffer.target[rows]),
+                                                (reference, shard.buffer.reference[rows])]))
         shard.filled += len(item.clips)
         if shard.filled == len(shard.clips):
-            self.futures.append(self.executor.submit(store_shard, self.io, shard, self.pool, self.claims))
-            self.result.shards_written.append(shard.index)
-            self.current = None
-        _raise_write_errors(self.futures)
+            self._submit(shard)
+        self._raise_write_errors()
         self.result.clips += len(item.clips)
+        self.result.host_busy_s += time.perf_counter() - started - (self.result.wait_write_s - waited)
+
+    def _submit(self, shard: OpenShard) -> None:
+        self.futures.append(self.executor.submit(store_shard, self.io, shard, self.claims))
+        self.result.shards_written.append(shard.index)
+        self.current = None
+
+    def _raise_write_errors(self) -> None:
+        """Re-raise the first failed write; forget the stored shards."""
+        for future in [f for f in self.futures if f.done()]:
+            if future.exception() is not None:
+                raise future.exception()
+            self.futures.remove(future)
 
     def drain(self) -> None:
+        """Wait until every submitted shard is stored; record the GPU's busy and idle time."""
         for future in self.futures:
             future.result()
+        self.result.gpu_busy_s, self.result.gpu_idle_s = self.timeline.totals()
 
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
                   claims: ShardClaims | None = None, progress: Callable[[int], None] | None = None,
                   io_processes: bool = False) -> ShardsResult:
-    """Encode and store whole shards: read ahead, forward, copy back and write, overlapped.
+    """Encode and store whole shards: read ahead, upload, forward, copy back and write, overlapped.
 
     ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by
     one thread of this process). With ``claims``, shards held by another builder are skipped and
@@ -398,22 +624,15 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     start = time.perf_counter()
     T = video.manifest.array_spec("frames").shape[1]
     shape = (*teacher.grid, teacher.channels)
-    cuda = teacher.device.type == "cuda"
     shard_size = min(writer.manifest.shard_size, writer.manifest.num_clips)
-    pool = ShardBuffers(shard_size, (T, *shape), (1, *shape), pin=cuda, count=writers + 1)
-    io = open_io(video, observed, writer, batch, {"target": (shard_size, T, *shape), "reference": (shard_size, 1, *shape)},
-                 readers, writers, cuda, io_processes)
+    out_shapes = {"target": (shard_size, T, *shape), "reference": (shard_size, 1, *shape)}
+    io = open_io(video, observed, writer, batch, out_shapes, readers, writers, teacher.device, io_processes)
     result = ShardsResult(shards=list(shards))
     read = ReadAhead(io.load, batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1, claim=claims)
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
-            loop = ShardLoop(teacher, writer, io, pool, executor, claims, result)
-            for item in read:
-                if not result.startup_s:
-                    result.startup_s = time.perf_counter() - start
-                loop.step(item)
-                if progress is not None:
-                    progress(len(item.clips))
+            loop = ShardLoop(teacher, writer, io, executor, claims, result)
+            last = _feed(loop, read, progress, start)
             loop.drain()
     finally:
         io.close()
@@ -421,4 +640,16 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
             claims.release_all()
     result.frames, result.wait_read_s = result.clips * T, read.waited_s
     result.seconds = time.perf_counter() - start
+    result.tail_s = time.perf_counter() - last
     return result
+
+
+def _feed(loop: ShardLoop, read: ReadAhead, progress: Callable[[int], None] | None, start: float) -> float:
+    """Run every read batch through the loop; returns when the last one was queued."""
+    for item in read:
+        if not loop.result.startup_s:
+            loop.result.startup_s = time.perf_counter() - start
+        loop.step(item)
+        if progress is not None:
+            progress(len(item.clips))
+    return time.perf_counter()

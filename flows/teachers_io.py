@@ -151,7 +151,10 @@ class SharedBlocks:
         self.views = []
         for block in self.segments:
             for segment in block:
-                segment.close()
+                try:
+                    segment.close()
+                except BufferError:  # arrays still viewing it (an error's traceback): unmapped when freed
+                    log.debug("shared memory %s: still viewed, left mapped", segment.name)
                 if self.owner:
                     segment.unlink()
         self.segments = []
@@ -171,6 +174,11 @@ def _lower_priority() -> None:
         os.nice(WORKER_NICENESS)
     except OSError as err:  # not permitted in some sandboxes: run at normal priority
         log.debug("teachers I/O worker: cannot lower priority: %s", err)
+
+
+def worker_ready() -> int:
+    """A no-op job: submitting one per worker starts every worker of a pool at once."""
+    return os.getpid()
 
 
 def init_reader(root_url: str, video_id: str, blocks: tuple[list[BlockSpec], list[list[str]]]) -> None:

@@ -202,6 +202,7 @@ class ShardClaim:
         self.version_id, self.shard_index = version_id, int(shard_index)
         self.ttl_s = default_ttl() if ttl_s is None else float(ttl_s)
         self.owner = uuid.uuid4().hex
+        self.acquired = time.time()
         self.generation: int | None = None
         self.lost = False
         self._stop = threading.Event()
@@ -211,7 +212,7 @@ class ShardClaim:
         now = time.time()
         pid = os.getpid()
         return ClaimRecord(state=state, owner=self.owner, host=socket.gethostname(), machine=machine_id(),
-                           pid=pid, pid_start=process_start(pid), acquired=now, expires=now + self.ttl_s)
+                           pid=pid, pid_start=process_start(pid), acquired=self.acquired, expires=now + self.ttl_s)
 
     def _rel(self, generation: int) -> str:
         return f"{claims_dir(self.version_id, self.shard_index)}/{_generation_name(generation)}"
@@ -227,6 +228,7 @@ class ShardClaim:
             if record is not None and record.state == "held":
                 log.warning("%s shard %d: taking over the claim of %s pid %d (expired or dead)",
                             self.version_id, self.shard_index, record.host, record.pid)
+            self.acquired = time.time()
             payload = self._record("held").model_dump_json().encode()
             if create_exclusive(self.root, self._rel(generation + 1), payload):
                 self.generation = generation + 1

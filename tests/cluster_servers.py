@@ -134,6 +134,7 @@ class DaskCluster:
                  env: dict[str, str] | None = None):
         self.port = free_port()
         self.env = env or {}
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log_dir = log_dir
         self.scheduler = Server("dask-scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",

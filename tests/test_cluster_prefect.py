@@ -44,12 +44,20 @@ def api(tmp_path_factory):
     return shared_prefect_api(tmp_path_factory.getbasetemp())
 
 
-def call(api: str, method: str, path: str, body: dict | None = None) -> dict:
+def call(api: str, method: str, path: str, body: dict | None = None, attempts: int = 10) -> dict:
+    """One REST call; a busy SQLite-backed server answers 503 at times, so those are retried."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{api}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(attempts):
+        request = urllib.request.Request(f"{api}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            if err.code < 500 or attempt == attempts - 1:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def deployment(api: str, name: str) -> dict | None:

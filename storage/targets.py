@@ -107,8 +107,10 @@ def shard_object(manifest: TargetVersion, array: str, shard_index: int) -> str:
     return f"{layout.target_array(manifest.id, array)}/c/{key}"
 
 
-class TargetWriter:
-    """Writes whole shards of one building version and completes it."""
+class _VersionHandle:
+    """One version's manifest and its lazily opened zarr arrays."""
+
+    read_only = True
 
     def __init__(self, store: TargetStore, manifest: TargetVersion):
         self.store, self.manifest, self.root = store, manifest, store.root
@@ -117,6 +119,20 @@ class TargetWriter:
     @property
     def version_id(self) -> str:
         return self.manifest.id
+
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array ``name`` of this version (opened once)."""
+        self.manifest.array_spec(name)
+        if name not in self._arrays:
+            store = self.root.zarr_store(layout.target_array(self.version_id, name), read_only=self.read_only)
+            self._arrays[name] = zarr.open_array(store, mode="r" if self.read_only else "r+")
+        return self._arrays[name]
+
+
+class TargetWriter(_VersionHandle):
+    """Writes whole shards of one building version and completes it."""
+
+    read_only = False
 
     @property
     def num_shards(self) -> int:
@@ -142,12 +158,6 @@ class TargetWriter:
     def pending_shards(self) -> list[int]:
         done = set(self.root.ls(layout.target_dir(self.version_id), layout.DONE_DIR))
         return [i for i in range(self.num_shards) if str(i) not in done]
-
-    def array(self, name: str) -> zarr.Array:
-        if name not in self._arrays:
-            store = self.root.zarr_store(layout.target_array(self.version_id, name))
-            self._arrays[name] = zarr.open_array(store, mode="r+")
-        return self._arrays[name]
 
     def write_shard(self, shard_index: int, arrays: dict[str, np.ndarray]) -> dict[str, str]:
         """Write every array of one shard, then its ``_done`` marker with the shard checksums."""
@@ -191,23 +201,8 @@ class TargetWriter:
         return current
 
 
-class TargetReader:
+class TargetReader(_VersionHandle):
     """Read access to one version's arrays, with checksum verification."""
-
-    def __init__(self, store: TargetStore, manifest: TargetVersion):
-        self.store, self.manifest, self.root = store, manifest, store.root
-        self._arrays: dict[str, zarr.Array] = {}
-
-    @property
-    def version_id(self) -> str:
-        return self.manifest.id
-
-    def array(self, name: str) -> zarr.Array:
-        self.manifest.array_spec(name)
-        if name not in self._arrays:
-            store = self.root.zarr_store(layout.target_array(self.version_id, name), read_only=True)
-            self._arrays[name] = zarr.open_array(store, mode="r")
-        return self._arrays[name]
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices)."""

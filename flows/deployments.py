@@ -46,7 +46,7 @@ def deploy_pipeline(repo: Path, entrypoint: str, name: str, pool: str, parameter
     ensure_work_pool(pool)
     source = flow.from_source(source=str(repo), entrypoint=entrypoint)
     deployment_id = source.deploy(name=name, work_pool_name=pool, parameters=parameters, cron=cron,
-                                  interval=interval, build=False, push=False, print_next_steps=False, ignore_warnings=True,
-                                  job_variables={"working_dir": str(repo)})
+                                  interval=interval, build=False, push=False, print_next_steps=False,
+                                  ignore_warnings=True, job_variables={"working_dir": str(repo)})
     return str(deployment_id)
 

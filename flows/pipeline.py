@@ -290,7 +290,8 @@ def pipeline_flow(config: PipelineConfig, root_url: str | None = None) -> Pipeli
     return summary
 
 
-def run_pipeline(config: PipelineConfig, root: str | None = None, runner: RunnerChoice | None = None) -> PipelineSummary:
+def run_pipeline(config: PipelineConfig, root: str | None = None,
+                 runner: RunnerChoice | None = None) -> PipelineSummary:
     """Run a pipeline from this process (what ``foresight run`` does); ``root`` and ``runner``
     override the config's."""
     from flows.runtime import check_workers_see_root, run_flow, shared_api

@@ -211,3 +211,11 @@ def test_gpu_tasks_are_recognised_by_their_device_parameters():
     assert wants_gpu({"device": "cuda:1", "shard": 3})
     assert wants_gpu({"root_url": "x", "config": TextConfig(plan="p", model="tiny", device="cuda")})
     assert not wants_gpu({"config": TextConfig(plan="p", model="tiny"), "device_count": "cuda"})
+
+
+def test_runner_options_refuse_a_command_declaring_them_itself():
+    def generate(workers: int = typer.Option(1, "--workers"), runner: RunnerChoice = None) -> None:
+        raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="'workers' declares \\['--workers'\\]"):
+        runner_options(generate)

@@ -53,7 +53,8 @@ def _claimed_unfinished_shard(root_url: str, version_id: str, pids: set[int]) ->
     return None
 
 
-def _kill_worker_mid_shard(cluster: DaskCluster, root_url: str, version_id: str, flow: subprocess.Popen) -> tuple[int, int]:
+def _kill_worker_mid_shard(cluster: DaskCluster, root_url: str, version_id: str,
+                           flow: subprocess.Popen) -> tuple[int, int]:
     deadline = time.monotonic() + FLOW_TIMEOUT_S
     while time.monotonic() < deadline and flow.poll() is None:
         found = _claimed_unfinished_shard(root_url, version_id, set(cluster.worker_pids()))

@@ -104,7 +104,8 @@ def placement_flow(devices: list[str]) -> list[str]:
 
 
 def build(root: str, num_clips: int, shard_size: int, runner: RunnerChoice | None = None, **kwargs) -> str:
-    return run_flow(synthetic_flow, runner, open_root(root), root=root, num_clips=num_clips, shard_size=shard_size, **kwargs)
+    return run_flow(synthetic_flow, runner, open_root(root), root=root, num_clips=num_clips, shard_size=shard_size,
+                    **kwargs)
 
 
 app = typer.Typer(add_completion=False)

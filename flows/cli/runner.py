@@ -34,6 +34,7 @@ DASK_ADDRESS_OPTION = typer.Option(
     None, "--dask-address", envvar=DASK_ADDRESS_ENV, metavar="tcp://HOST:PORT",
     help="Run tasks on an existing Dask scheduler (GPU workers: `dask worker ADDR --resources GPU=1`).")
 
+FLAGS = {"--workers", "--dask-local", "--dask-address"}
 _OPTIONS = (
     ("runner_workers", int, WORKERS_OPTION),
     ("runner_dask_local", int | None, DASK_LOCAL_OPTION),
@@ -53,6 +54,12 @@ def runner_options(command: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(command, eval_str=True)  # resolved in the command's own module
     if RUNNER_PARAMETER not in signature.parameters:
         raise TypeError(f"{command.__name__}: @runner_options needs a '{RUNNER_PARAMETER}' parameter")
+    for name, parameter in signature.parameters.items():
+        flags = set(getattr(parameter.default, "param_decls", None) or ()) | {f"--{name.replace('_', '-')}"}
+        clash = flags & FLAGS
+        if clash:
+            raise TypeError(f"{command.__name__}: parameter '{name}' declares {sorted(clash)}, which "
+                            "@runner_options adds; remove it and read the runner argument instead")
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

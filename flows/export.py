@@ -155,7 +155,7 @@ def existing_export(root_url: str, export_id: str) -> ExportResult | None:
                         num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=True)
 
 
-def run_export(root: str | None, config: ExportConfig) -> ExportResult:
+def run_export(root: str | None, config: ExportConfig, runner: "RunnerChoice | None" = None) -> ExportResult:
     """Check the inputs, then run the export flow with ``config.workers`` threads on Prefect's
     embedded API; a finished export returns without starting Prefect."""
     from flows.runtime import RunnerChoice, run_flow
@@ -165,5 +165,5 @@ def run_export(root: str | None, config: ExportConfig) -> ExportResult:
     done = existing_export(data_root.url, export_recipe(data_root.url, config).export_id())
     if done is not None:
         return done
-    choice = RunnerChoice(workers=config.workers)
+    choice = runner or RunnerChoice(workers=config.workers)
     return run_flow(export_flow, choice, data_root, root_url=data_root.url, config=config)

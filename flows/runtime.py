@@ -46,6 +46,12 @@ class RunnerChoice(StrictModel):
     def uses_dask(self) -> bool:
         return self.dask_local is not None or self.dask_address is not None
 
+    @property
+    def tasks(self) -> int:
+        """Shard tasks a flow keeps in flight: one per worker of a local Dask cluster, else ``workers``
+        (set ``--workers`` to the size of an existing Dask cluster to use all of it)."""
+        return self.dask_local if self.dask_local is not None else self.workers
+
     def describe(self) -> str:
         """One phrase for logs and summaries."""
         if self.dask_address is not None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root
+from flows.cli.runner import runner_options
+from flows.runtime import RunnerChoice
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(export)
+    app.command("export")(runner_options(export))
     app.command("export-check")(export_check)
 
 
@@ -27,17 +29,17 @@ def export(
     codec: str = typer.Option("f16", help="Codec of float target fields: f16, bf16 or fp8 (e4m3 + per-channel scales)."),
     split: str | None = typer.Option(None, help="Only clips of episodes of this split (train, val, ...)."),
     action_chunk: int = typer.Option(10, help="Action rows per sample, from the clip's first frame."),
-    workers: int = typer.Option(1, help="Shards written in parallel."),
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Export pinned target versions of PLAN as webdataset tar shards with a checksummed index.json."""
     from flows.export import ExportConfig, run_export
 
     config = ExportConfig(plan=plan, targets=_split_list(targets) or [], fields=_split_list(fields),
                           shard_size=shard_size, codec=codec, split=split, action_chunk=action_chunk,
-                          workers=workers)
+                          workers=runner.tasks)
     data_root = get_root(root, writable=True)
-    result = run_export(data_root.url, config)
+    result = run_export(data_root.url, config, runner)
     state = "already exported" if result.skipped else "exported"
     typer.echo(f"{result.export_id} {state}: {result.num_samples} samples in {result.num_shards} shards, "
                f"{result.total_bytes / 1e6:.1f} MB")

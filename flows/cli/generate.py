@@ -5,12 +5,14 @@ from __future__ import annotations
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root
+from flows.cli.runner import runner_options
+from flows.runtime import RunnerChoice
 
 
 def register(app: typer.Typer) -> None:
     app.command("plan")(plan)
-    app.command("text")(text)
-    app.command("generate")(generate)
+    app.command("text")(runner_options(text))
+    app.command("generate")(runner_options(generate))
 
 
 def plan(
@@ -44,14 +46,16 @@ def text(
     seed: int = typer.Option(0, help="Initialisation seed of random/tiny models."),
     shard_size: int = typer.Option(256, help="Clips per shard."),
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Write a `text` version: CLIP last_hidden_state (N, 20, D) of each clip's instruction."""
     from flows.generate import TextConfig, text_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from flows.runtime import run_flow
 
-    config = TextConfig(plan=plan, model=model, device=device, seed=seed, shard_size=shard_size)
+    config = TextConfig(plan=plan, model=model, device=device, seed=seed, shard_size=shard_size,
+                        workers=runner.tasks)
     data_root = get_root(root, writable=True)
-    summary = run_flow(text_flow, RunnerChoice(), data_root, root_url=data_root.url, config=config)
+    summary = run_flow(text_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
 
 
@@ -74,16 +78,15 @@ def generate(
     feature_blocks: str = typer.Option("0,1", help="UNet up_blocks whose first-step outputs are stored."),
     seed: int = typer.Option(0, help="Initialisation seed of random/tiny models."),
     shard_size: int = typer.Option(16, help="Clips per shard (one task writes a whole shard)."),
-    workers: int = typer.Option(1, help="Parallel shard tasks (each holds a model)."),
-    dask_address: str = typer.Option(None, help="Run tasks on this dask scheduler (tcp://host:8786)."),
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Write a `video` version: frames (N, T, S, S, 3) uint8, onestep (N, T, h, w, C) float16, seed (N,).
     T is the plan's clip length."""
     import torch
 
     from flows.generate import GenerateConfig, generate_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from flows.runtime import run_flow
     from pipelines.svd import SVDParams
 
     data_root = get_root(root, writable=True)
@@ -93,9 +96,8 @@ def generate(
                        noise_aug_strength=noise_aug, min_guidance=min_guidance, max_guidance=max_guidance,
                        feature_blocks=_ints(feature_blocks, "--feature-blocks"))
     config = GenerateConfig(plan=plan, text=text, model=model, seed=seed, params=params, dtype=dtype, device=device,
-                            batch=batch, compile=compile_scope, shard_size=shard_size, workers=workers)
-    choice = RunnerChoice(workers=workers, dask_address=dask_address)
-    summary = run_flow(generate_flow, choice, data_root, root_url=data_root.url, config=config)
+                            batch=batch, compile=compile_scope, shard_size=shard_size, workers=runner.tasks)
+    summary = run_flow(generate_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root, sub_app
+from flows.cli.runner import runner_options
+from flows.runtime import RunnerChoice
+
+
+log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
     ingest = sub_app(app, "ingest", "Ingest demonstrations into the episode store.")
-    ingest.command("metaworld")(ingest_metaworld)
+    ingest.command("metaworld")(runner_options(ingest_metaworld))
 
 
 def ingest_metaworld(
@@ -20,16 +27,24 @@ def ingest_metaworld(
     size: int = typer.Option(256, help="Frame height and width in pixels."),
     seed: int = typer.Option(0, help="First seed."),
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
-    """Collect successful expert demonstrations, rendered upright, into DATASET."""
+    """Collect successful expert demonstrations, rendered upright, into DATASET.
+
+    Local runs collect one rollout at a time (one rendering env per process); ``--dask-local N``
+    spreads the (task, seed batch) tasks over N worker processes."""
     from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from flows.runtime import run_flow
     from pipelines.ingest.metaworld import resolve_tasks
 
     config = MetaWorldIngestConfig(dataset=dataset, tasks=resolve_tasks(tasks), episodes_per_task=episodes_per_task,
                                    camera=camera, size=size, seed=seed)
     data_root = get_root(root, writable=True)
-    results = run_flow(ingest_metaworld_flow, RunnerChoice(), root_url=data_root.url, config=config)
+    if not runner.uses_dask and runner.workers > 1:
+        log.warning("--workers %d ignored: MetaWorld renders one env per process; use --dask-local N",
+                    runner.workers)
+        runner = RunnerChoice()
+    results = run_flow(ingest_metaworld_flow, runner, data_root, root_url=data_root.url, config=config)
     typer.echo(f"{'task':<28} {'attempted':>9} {'succeeded':>9} {'rate':>6}")
     for name, result in results.items():
         rate = result.succeeded / result.attempted if result.attempted else 0.0

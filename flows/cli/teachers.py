@@ -7,10 +7,12 @@ import json
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root
+from flows.cli.runner import runner_options
+from flows.runtime import RunnerChoice
 
 
 def register(app: typer.Typer) -> None:
-    app.command("teachers")(teachers)
+    app.command("teachers")(runner_options(teachers))
 
 
 def _settings(text: str | None) -> dict:
@@ -38,12 +40,11 @@ def teachers(
                                       help="Store I/O in worker processes (default: on with CUDA)."),
     readers: int = typer.Option(None, help="Reader threads/processes (default: from the cores)."),
     writers: int = typer.Option(None, help="Writer threads/processes (default: from the cores)."),
-    workers: int = typer.Option(1, help="Parallel tasks, each with its own model copy."),
-    dask_address: str = typer.Option(None, help="Run tasks on this dask scheduler (tcp://host:8786)."),
     root: str = ROOT_OPTION,
+    runner: RunnerChoice = None,
 ) -> None:
     """Write a `teacher` version: target (N, T, h, w, C) and reference (N, 1, h, w, C), float16."""
-    from flows.runtime import RunnerChoice, run_flow
+    from flows.runtime import run_flow
     from flows.teachers import TeachersConfig, teachers_flow
     from flows.teachers_io import open_video
     from pipelines.teachers import parse_settings
@@ -51,14 +52,13 @@ def teachers(
 
     config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
                             device=device, dtype=dtype, io_processes=io_processes, readers=readers, writers=writers,
-                            workers=workers)
+                            workers=runner.tasks)
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.
     parse_settings(config.teacher, config.settings)
     ModelSpec.parse(config.model)
     open_video(data_root.url, config.video)
-    choice = RunnerChoice(workers=workers, dask_address=dask_address)
-    summary = run_flow(teachers_flow, choice, data_root, root_url=data_root.url, config=config)
+    summary = run_flow(teachers_flow, runner, data_root, root_url=data_root.url, config=config)
     if summary.skipped:
         typer.echo(f"{summary.version} already complete (nothing to do)")
         return

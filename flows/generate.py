@@ -25,6 +25,7 @@ from prefect import flow, task
 from pydantic import Field
 
 from flows.models_cache import cached_model
+from flows.runtime import split_shards
 from pipelines import plan as planning
 from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
 from pipelines.svd.features import feature_shape
@@ -126,12 +127,6 @@ class BuildSummary(StrictModel):
     clips: int = 0
     seconds: float = 0.0
     clips_per_hour: float = 0.0
-
-
-def split_shards(shards: list[int], parts: int) -> list[list[int]]:
-    """Contiguous, near-equal groups of shard indices, one per task."""
-    size = -(-len(shards) // max(parts, 1)) if shards else 0
-    return [shards[i:i + size] for i in range(0, len(shards), size)] if size else []
 
 
 def write_owned_shards(root_url: str, writer: TargetWriter, shards: list[int], compute) -> ShardsResult:

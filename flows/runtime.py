@@ -203,11 +203,13 @@ def check_workers_see_root(address: str, root: Root) -> None:
                          "use a shared filesystem path or an object-store URL (s3://...) as --root")
 
 
+def split_shards(shards: list[int], parts: int) -> list[list[int]]:
+    """Contiguous, near-equal groups of shard indices, one per task (contiguous shards keep reads
+    sequential)."""
+    size = -(-len(shards) // max(parts, 1)) if shards else 0
+    return [shards[i:i + size] for i in range(0, len(shards), size)] if size else []
+
+
 def gather(futures: list[Any]) -> list[Any]:
     """Results of submitted task futures, in order; a failed task raises its exception."""
     return [future.result() for future in futures]
-
-
-def submit_all(task: Callable[..., Any], items: list[dict[str, Any]]) -> list[Any]:
-    """Submit one task run per keyword dict."""
-    return [task.submit(**kwargs) for kwargs in items]

@@ -20,6 +20,7 @@ from prefect import flow, task
 from pydantic import Field
 
 from flows.models_cache import cached_model
+from flows.runtime import split_shards
 from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, start_fork_server, teacher_arrays,
                                    teacher_recipe)
 from flows.teachers_io import ObservedFrames, open_video
@@ -111,12 +112,6 @@ class TeachersSummary(StrictModel):
     frames_per_s: float = 0.0
 
 
-def _split(items: list[int], parts: int) -> list[list[int]]:
-    """Contiguous, near-equal groups (contiguous shards keep reads sequential)."""
-    size = -(-len(items) // max(parts, 1)) if items else 0
-    return [items[i:i + size] for i in range(0, len(items), size)] if size else []
-
-
 def begin_version(root_url: str, config: TeachersConfig) -> tuple[str, TargetWriter | None, Teacher]:
     """(version id, writer or None when already complete, teacher) for ``config``."""
     video = open_video(root_url, config.video)
@@ -142,7 +137,7 @@ def teachers_flow(root_url: str, config: TeachersConfig) -> TeachersSummary:
 
     def run(shards: list[int]) -> None:
         futures = [encode_shards_task.submit(root_url, version_id, config, group)
-                   for group in _split(shards, config.workers)]
+                   for group in split_shards(shards, config.workers)]
         results.extend(future.result() for future in futures)
 
     run(writer.pending_shards())

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipelines.viz import SheetRow, contact_sheet, frames_row, png_bytes
+from pipelines.viz import SheetRow, contact_sheet, png_bytes
 from storage.episodes import EpisodeStore
 from storage.fs import Root
 

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
 from schemas.base import StrictModel
+from flows.runtime import RunnerChoice, run_flow
 from storage import lineage
 from storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
 from storage.fs import open_root
@@ -155,10 +156,9 @@ def existing_export(root_url: str, export_id: str) -> ExportResult | None:
                         num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=True)
 
 
-def run_export(root: str | None, config: ExportConfig, runner: "RunnerChoice | None" = None) -> ExportResult:
+def run_export(root: str | None, config: ExportConfig, runner: RunnerChoice | None = None) -> ExportResult:
     """Check the inputs, then run the export flow with ``config.workers`` threads on Prefect's
     embedded API; a finished export returns without starting Prefect."""
-    from flows.runtime import RunnerChoice, run_flow
 
     data_root = open_root(root)
     # Resolving first gives bad inputs a one-line error and finished exports an instant answer.

@@ -20,7 +20,6 @@ from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
 from storage import lineage
 from storage.layout import check_id
 from storage.episodes import EpisodeStore
-from storage.fs import open_root
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import sys
 import time
 import uuid
 from contextlib import closing
@@ -27,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 from tqdm import tqdm
 
+from flows.runtime import progress_disabled
 from pipelines import stats as stats_lib
 from pipelines.ingest import calvin, lerobot, teleop
 from pipelines.ingest.common import (
@@ -279,8 +278,8 @@ TaskMap = Callable[[Any, list[dict[str, Any]]], list[Any]]
 def prefect_map(task_fn: Any, calls: list[dict[str, Any]]) -> list[Any]:
     """Submit every call to the flow's task runner; gather in order (a progress bar on a terminal)."""
     futures = [task_fn.submit(**kwargs) for kwargs in calls]
-    hide = bool(os.environ.get("FORESIGHT_QUIET")) or not sys.stderr.isatty()
-    return [future.result() for future in tqdm(futures, desc="episodes", unit="task", disable=hide)]
+    bar = tqdm(futures, desc="episodes", unit="task", disable=progress_disabled())
+    return [future.result() for future in bar]
 
 
 def serial_map(task_fn: Any, calls: list[dict[str, Any]]) -> list[Any]:

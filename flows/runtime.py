@@ -213,3 +213,10 @@ def split_shards(shards: list[int], parts: int) -> list[list[int]]:
 def gather(futures: list[Any]) -> list[Any]:
     """Results of submitted task futures, in order; a failed task raises its exception."""
     return [future.result() for future in futures]
+
+
+def progress_disabled() -> bool:
+    """Progress bars are off with ``--quiet`` (``FORESIGHT_QUIET``) or when stderr is not a terminal."""
+    import sys
+
+    return bool(os.environ.get("FORESIGHT_QUIET")) or not sys.stderr.isatty()

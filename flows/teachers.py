@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import uuid
 from typing import Any, Literal
@@ -20,7 +19,7 @@ from prefect import flow, task
 from pydantic import Field
 
 from flows.models_cache import cached_model
-from flows.runtime import split_shards
+from flows.runtime import progress_disabled, split_shards
 from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, start_fork_server, teacher_arrays,
                                    teacher_recipe)
 from flows.teachers_io import ObservedFrames, open_video
@@ -76,8 +75,7 @@ def cached_teacher(config: TeachersConfig) -> Teacher:
 def _progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
-    disabled = bool(os.environ.get("FORESIGHT_QUIET")) or not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="clip", disable=disabled)
+    return tqdm(total=total, desc=desc, unit="clip", disable=progress_disabled())
 
 
 @task(retries=1, retry_delay_seconds=1)

@@ -82,12 +82,8 @@ SEGMENTS_SCHEMA = pa.schema(
     ]
 )
 
-LOWDIM_INDEX_COLUMNS = ("frame_index", "timestamp")
-"""Columns every lowdim.parquet starts with; feature columns follow as fixed-size float lists."""
-
-
 def lowdim_schema(features: dict[str, FeatureSpec]) -> pa.Schema:
-    """Arrow schema of lowdim.parquet for the given features (flattened per frame)."""
+    """Arrow schema of lowdim.parquet: frame_index, timestamp, then one flattened list column per feature."""
     fields = [pa.field("frame_index", pa.int64()), pa.field("timestamp", pa.float64())]
     for name, spec in features.items():
         size = 1

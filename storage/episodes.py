@@ -127,9 +127,6 @@ class EpisodeStore:
         """A writer that stages the episode and publishes it on successful exit of its ``with``."""
         return EpisodeWriter(self, record, features)
 
-    def delete_episode(self, episode_id: str) -> None:
-        self.root.rm(layout.episode_dir(self.dataset, episode_id))
-
     # segments, quarantine, fingerprint --------------------------------------------------
     def write_segments(self, segments: list[LanguageSegment], embeddings: np.ndarray | None = None) -> None:
         """Replace segments.parquet; optional per-segment embeddings are stored as a list column."""

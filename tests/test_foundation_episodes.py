@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from schemas.base import FORMAT_VERSION
-from storage.episodes import EpisodeStore
 from tests.factories import FEATURES, make_dataset, write_episode
 
 

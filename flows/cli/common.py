@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import typer
 from pydantic import ValidationError
@@ -35,13 +34,6 @@ def get_root(root: str | None, writable: bool = False) -> Root:
     if writable:
         resolved.check_writable()
     return resolved
-
-
-def quiet() -> bool:
-    """Progress bars are off with --quiet or when stderr is not a terminal."""
-    import sys
-
-    return bool(os.environ.get("FORESIGHT_QUIET")) or not sys.stderr.isatty()
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -26,14 +26,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[metaworld,s3,dev]"
 	touch $(STAMP)
 
-# Headless MuJoCo rendering needs OSMesa. Install it when we can (root + apt), else say how.
+# Headless MuJoCo rendering needs OSMesa; Debian's own python3 needs python3-venv for .venv.
+# Install what is missing when we can (root + apt), else say exactly what to run.
 system-deps:
-	@if ldconfig -p 2>/dev/null | grep -q libOSMesa; then exit 0; fi; \
+	@missing=""; \
+	ldconfig -p 2>/dev/null | grep -q libOSMesa || missing="libosmesa6"; \
+	$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing libosmesa6 (headless MuJoCo rendering)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libosmesa6 >/dev/null; \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-	  echo "missing system package libosmesa6; run:  sudo apt-get update && sudo apt-get install -y libosmesa6"; \
+	  echo "missing system packages:$$missing; run:  sudo apt-get update && sudo apt-get install -y$$missing"; \
 	  exit 1; \
 	fi
 

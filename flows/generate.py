@@ -187,6 +187,12 @@ def cached_text_model(config: TextConfig) -> TextModel:
                         lambda: load_text_model(config.model, config.device, config.seed), extra={"seed": config.seed})
 
 
+def open_pending(root_url: str, version_id: str, shards: list[int]) -> tuple[TargetWriter, list[int]]:
+    """Reopen a building version by id and keep the given shards that are not written yet."""
+    writer = TargetStore(root_url).writer(version_id)
+    return writer, [shard for shard in shards if not writer.is_done(shard)]
+
+
 def check_identity(loaded: ModelIdentity, recorded: ModelIdentity | None, version_id: str) -> None:
     """Refuse to add shards made by other weights than the version records."""
     if recorded is None or loaded.key() != recorded.key():
@@ -197,8 +203,7 @@ def check_identity(loaded: ModelIdentity, recorded: ModelIdentity | None, versio
 @task(retries=1, retry_delay_seconds=1)
 def text_shards_task(root_url: str, version_id: str, config: TextConfig, shards: list[int]) -> ShardsResult:
     """Embed the instructions of the given shards (each distinct instruction once) and write them."""
-    writer = TargetStore(root_url).writer(version_id)
-    todo = [s for s in shards if not writer.is_done(s)]
+    writer, todo = open_pending(root_url, version_id, shards)
     if not todo:
         return ShardsResult()
     model = cached_text_model(config)
@@ -320,8 +325,7 @@ def generate_shards(root_url: str, version_id: str, config: GenerateConfig, shar
     """Generate and write the given shards of a building video version (done shards are skipped).
     The body of :func:`generate_shards_task`, callable without Prefect."""
     config = with_plan_frames(root_url, config)
-    writer = TargetStore(root_url).writer(version_id)
-    todo = [s for s in shards if not writer.is_done(s)]
+    writer, todo = open_pending(root_url, version_id, shards)
     if not todo:
         return ShardsResult()
     model = cached_svd(config)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from schemas.model import ModelIdentity
+from schemas.target import ArraySpec, TargetRecipe
 from storage.episodes import EpisodeStore
+from storage.targets import TargetStore
 
 FEATURES = {"action": FeatureSpec(dtype="float32", shape=[4]), "state": FeatureSpec(dtype="float32", shape=[6])}
 
@@ -40,3 +43,21 @@ def write_episode(store: EpisodeStore, episode_id: str, length: int = 20, seed: 
             writer.append_frames(camera, arrays["frames"][start:start + 7])
         writer.set_lowdim({"action": arrays["action"], "state": arrays["state"]})
     return arrays
+
+
+def make_version(root, kind: str, stage: str, arrays: dict[str, np.ndarray], inputs: dict[str, str],
+                 params: dict, shard_size: int = 4) -> str:
+    """A complete target version holding ``arrays`` (made by a `tiny` model); an existing complete
+    version of the same recipe is returned as it is."""
+    recipe = TargetRecipe(kind=kind, stage=stage, stage_version=1, params=params, inputs=inputs,
+                          model=ModelIdentity(spec="tiny", family=stage, source="tiny", seed=0))
+    store = TargetStore(root)
+    if store.status(recipe.version_id()) == "complete":
+        return recipe.version_id()
+    specs = [ArraySpec(name=n, shape=list(a.shape), dtype=str(a.dtype)) for n, a in arrays.items()]
+    writer = store.begin(recipe, specs, num_clips=len(next(iter(arrays.values()))), shard_size=shard_size)
+    for shard in writer.pending_shards():
+        clips = writer.shard_clips(shard)
+        writer.write_shard(shard, {n: a[clips.start:clips.stop] for n, a in arrays.items()})
+    writer.finalize()
+    return writer.version_id

@@ -15,14 +15,15 @@ import pytest
 from flows.export import ExportConfig, export_recipe, plan_export, write_shard
 from pipelines.export import decode_fp8, relative_l2
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.model import ModelIdentity
 from schemas.plan import ClipRow, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe, content_id
+from schemas.target import content_id
 from storage.episodes import EpisodeStore
 from storage.exports import ExportStore, parse_members
 from storage.fs import Root
 from storage.plans import PlanStore
 from storage.targets import TargetStore
+
+import factories
 
 T, GRID, VIDEO_C, TEACHER_C, ACTION_D, STATE_D = 4, (4, 4), 8, 6, 4, 3
 EPISODE_LEN = 12
@@ -62,15 +63,7 @@ def make_plan(root: Root, dataset: EpisodeStore, num_clips: int) -> str:
 
 def make_version(root: Root, kind: str, stage: str, arrays: dict[str, np.ndarray], inputs: dict[str, str],
                  params: dict) -> str:
-    recipe = TargetRecipe(kind=kind, stage=stage, stage_version=1, params=params, inputs=inputs,
-                          model=ModelIdentity(spec="tiny", family=stage, source="tiny", seed=0))
-    specs = [ArraySpec(name=n, shape=list(a.shape), dtype=str(a.dtype)) for n, a in arrays.items()]
-    writer = TargetStore(root).begin(recipe, specs, num_clips=len(next(iter(arrays.values()))), shard_size=4)
-    for shard in writer.pending_shards():
-        clips = writer.shard_clips(shard)
-        writer.write_shard(shard, {n: a[clips.start:clips.stop] for n, a in arrays.items()})
-    writer.finalize()
-    return writer.version_id
+    return factories.make_version(root, kind, stage, arrays, inputs, params, shard_size=4)
 
 
 def make_video(root: Root, plan_id: str, num_clips: int, seed: int = 0) -> str:

@@ -120,7 +120,7 @@ def _seconds_per_call(teacher, fns, repeats: int) -> float:
 
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
-               processes: bool, tag: str) -> dict[str, float]:
+               processes: bool, compression: str, tag: str) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
     from flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
     from flows.teachers_io import ObservedFrames, open_video
@@ -131,7 +131,7 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     recipe.params = {**recipe.params, "bench": tag}  # a fresh version per measurement
     store = TargetStore(root)
     n = min(clips, video.manifest.num_clips)
-    writer = store.begin(recipe, teacher_arrays(n, T, teacher), n, video.manifest.shard_size)
+    writer = store.begin(recipe, teacher_arrays(n, T, teacher, compression), n, video.manifest.shard_size)
     observed = ObservedFrames(root, video)
     result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
                            batch, writers, readers, io_processes=processes)
@@ -178,9 +178,10 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch))).to(teacher.device)
     bare_before = bare_forward(teacher, frames, args.repeats)
     clips = args.clips_da3 if name == "da3" else args.clips
+    runs = [(writers, codec) for codec in args.compression for writers in args.writers]
     rows = [end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
-                       f"run{run}-w{writers}") | {"writers": writers, "clips": clips}
-            for run, writers in enumerate(args.writers)]
+                       codec, f"run{run}-w{writers}-{codec}") | {"writers": writers, "clips": clips, "compression": codec}
+            for run, (writers, codec) in enumerate(runs)]
     bare_after = bare_forward(teacher, frames, args.repeats)
     bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
     for e2e in rows:
@@ -210,12 +211,12 @@ def report(results: list[dict], args) -> None:
         for when in ("before", "after"):
             print(f"{r['teacher']:<8} {when:<6} " + "  ".join(f"{k} {v:,.0f}" for k, v in r[f"bare_{when}"].items()))
     print("ratios against the faster of the two; steady: without the start-up; sustained: without start-up and tail")
-    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
+    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'codec':>5} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
           f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'tail s':>6} {'host s':>6} "
           f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'max|diff|':>9}")
     for r in results:
         for e in r["e2e"]:
-            print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['frames_per_s']:>9.0f} "
+            print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['compression']:>5} {e['frames_per_s']:>9.0f} "
                   f"{e['ratio_vs_bare_target_ref']:>8.2f} {e['ratio_vs_bare_target']:>8.2f} "
                   f"{e['ratio_vs_encode_clips']:>9.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
                   f"{e['sustained_ratio_vs_bare_target_ref']:>9.2f} "
@@ -242,12 +243,14 @@ def main() -> None:
     parser.add_argument("--writers", default="12", help="comma list: writer threads/processes to try (a "
                                                          "value repeated runs again: first vs warm run)")
     parser.add_argument("--readers", type=int, default=3, help="reader threads/processes")
+    parser.add_argument("--compression", default="zstd", help="comma list of stored chunk codecs to try: zstd,none")
     parser.add_argument("--io", choices=["processes", "threads"], default="processes", help="store I/O workers")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--root", default=None, help="store root (default: a temp folder, removed after)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     args.writers = [int(w) for w in args.writers.split(",")]
+    args.compression = args.compression.split(",")
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
     if args.io == "processes":
         from flows.teachers_engine import start_fork_server

@@ -149,15 +149,16 @@ def bench_one(name: str, task, root: Root, export_id: str, fields: list[str], ar
     print(f"{name}: resident {resident_sps:.1f} samples/s ({resident_sps * mb / 1e3:.2f} GB/s needed), "
           f"{mb:.1f} MB/sample", flush=True)
     rows = []
-    for workers in [int(w) for w in args.workers.split(",")]:
+    runs = [(w, bool(int(r))) for r in args.reuse.split(",") for w in args.workers.split(",")]
+    for workers, reuse in [(int(w), r) for w, r in runs]:
         loop = LoopConfig(steps=10**6, batch_size=args.batch, num_workers=workers, prefetch_factor=args.prefetch,
-                          device=device.type, pin_memory=args.pin)
+                          device=device.type, pin_memory=args.pin, reuse_buffers=reuse)
         pin = args.pin and device.type == "cuda"
         # Warm up past everything the workers and the copy thread hold ready, so the timed steps measure
         # the sustained rate and not batches read before the clock started.
         warmup = max(args.warmup, workers * args.prefetch + 3)
         stream, _ = open_export(root, export_id, fields, data, seed=1)
-        host = batch_iterator(task, stream, loop, pin, None)
+        host = batch_iterator(task, stream, loop, pin, None, reuse=reuse, pin_buffers=device.type == "cuda")
         for _ in range(warmup):
             next(host)
         start = time.perf_counter()
@@ -167,12 +168,13 @@ def bench_one(name: str, task, root: Root, export_id: str, fields: list[str], ar
         host.close()
         # The trainer fed by the stream, exactly as trainers.loop.fit feeds it.
         stream, _ = open_export(root, export_id, fields, data, seed=2)
-        fed = DevicePrefetcher(batch_iterator(task, stream, loop, pin, None), device)
+        fed = DevicePrefetcher(batch_iterator(task, stream, loop, pin, None, reuse=reuse,
+                                              pin_buffers=device.type == "cuda"), device)
         stream_sps = time_steps(trainer, lambda: next(fed)[0], args.steps, warmup)
         fed.close()
-        row = {"workers": workers, "resident": resident_sps, "stream": stream_sps, "loader": loader_sps,
+        row = {"workers": workers, "reuse": reuse, "resident": resident_sps, "stream": stream_sps, "loader": loader_sps,
                "ratio": stream_sps / resident_sps, "mb_per_sample": mb}
-        print(f"{name}, {workers} workers: stream {stream_sps:.1f} samples/s ({100 * row['ratio']:.1f}% of "
+        print(f"{name}, {workers} workers, reused buffers {reuse}: stream {stream_sps:.1f} samples/s ({100 * row['ratio']:.1f}% of "
               f"resident), loader alone {loader_sps:.1f} samples/s ({loader_sps * mb / 1e3:.2f} GB/s)", flush=True)
         rows.append(row)
     return rows
@@ -193,6 +195,7 @@ def main() -> None:
     parser.add_argument("--workers", default="8", help="DataLoader workers; a comma list runs each.")
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--pin", action="store_true", help="Pin host batches in the DataLoader.")
+    parser.add_argument("--reuse", default="1", help="Reusable page-locked batch buffers: 1 on, 0 off, '0,1' both.")
     parser.add_argument("--codec", default="f16", choices=["f16", "bf16", "fp8"])
     parser.add_argument("--only", default="decoupler,action-expert")
     parser.add_argument("--root", default=None, help="Local folder for the export (default: a temp dir).")
@@ -220,12 +223,12 @@ def main() -> None:
         rows["action-expert"] = bench_one("action-expert", action_expert_task(args.small), root, export_id,
                                           ["onestep", "dinov2.reference", "da3.reference", "text", "actions",
                                            "actions_mask"], args, device)
-    print(f"\n| trainer | batch | workers | codec | MB/sample | resident samples/s | stream samples/s | "
+    print(f"\n| trainer | batch | workers | reused buffers | codec | MB/sample | resident samples/s | stream samples/s | "
           f"stream/resident | loader alone samples/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, runs in rows.items():
         for r in runs:
-            print(f"| {name} | {args.batch} | {r['workers']} | {args.codec} | {r['mb_per_sample']:.1f} | "
+            print(f"| {name} | {args.batch} | {r['workers']} | {'yes' if r['reuse'] else 'no'} | {args.codec} | {r['mb_per_sample']:.1f} | "
                   f"{r['resident']:.1f} | {r['stream']:.1f} | {100 * r['ratio']:.1f}% | {r['loader']:.1f} |")
     if not args.root:
         shutil.rmtree(folder, ignore_errors=True)

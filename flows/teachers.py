@@ -49,6 +49,8 @@ class TeachersConfig(StrictModel):
     readers: int | None = Field(default=None, ge=1, description="Reader threads/processes (None: from the cores).")
     writers: int | None = Field(default=None, ge=1, description="Writer threads/processes (None: from the cores).")
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
+    compression: Literal["zstd", "none"] = Field(default="zstd", description="Codec of the stored target and "
+                                                 "reference chunks (storage only, not part of the version id).")
 
 
 def resolve_io(config: TeachersConfig) -> tuple[bool, int, int]:
@@ -119,7 +121,7 @@ def begin_version(root_url: str, config: TeachersConfig) -> tuple[str, TargetWri
     if store.status(version_id) == "complete":
         return version_id, None, teacher
     frames = video.manifest.array_spec("frames")
-    writer = store.begin(recipe, teacher_arrays(video.manifest.num_clips, frames.shape[1], teacher),
+    writer = store.begin(recipe, teacher_arrays(video.manifest.num_clips, frames.shape[1], teacher, config.compression),
                          video.manifest.num_clips, video.manifest.shard_size)
     return version_id, writer, teacher
 

@@ -67,11 +67,13 @@ def teacher_recipe(teacher: Teacher, video_id: str) -> TargetRecipe:
                         model=teacher.identity, params=teacher.params(), inputs={"video": video_id})
 
 
-def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher) -> list[ArraySpec]:
+def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher, compression: str = "zstd") -> list[ArraySpec]:
+    """The teacher version's arrays: ``target`` (N, T, h, w, C) and ``reference`` (N, 1, h, w, C)."""
     h, w = teacher.grid
     dtype = str(OUTPUT_DTYPE).removeprefix("torch.")
-    return [ArraySpec(name="target", shape=[num_clips, num_frames, h, w, teacher.channels], dtype=dtype),
-            ArraySpec(name="reference", shape=[num_clips, 1, h, w, teacher.channels], dtype=dtype)]
+    return [ArraySpec(name=name, shape=[num_clips, frames, h, w, teacher.channels], dtype=dtype,
+                      compression=compression)
+            for name, frames in (("target", num_frames), ("reference", 1))]
 
 
 # ---------------------------------------------------------------- the pipelined shard loop

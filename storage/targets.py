@@ -17,6 +17,8 @@ from storage.provenance import git_commit, host, now_iso, package_versions
 
 log = logging.getLogger(__name__)
 ZSTD = zarr.codecs.ZstdCodec(level=3)
+COMPRESSORS = {"zstd": ZSTD, "none": None}
+"""ArraySpec.compression -> zarr compressor of the stored chunks."""
 EMPTY_SHARD = "fill-value-only"
 """Checksum recorded for a shard whose every value is the fill value (zarr writes no object)."""
 
@@ -75,7 +77,8 @@ class TargetStore:
             chunk = (1, *spec.shape[1:])
             try:
                 zarr.create_array(store, shape=tuple(spec.shape), dtype=spec.dtype, chunks=chunk,
-                                  shards=(manifest.shard_size, *spec.shape[1:]), compressors=ZSTD,
+                                  shards=(manifest.shard_size, *spec.shape[1:]),
+                                  compressors=COMPRESSORS[spec.compression],
                                   fill_value=0, config={"write_empty_chunks": True}, overwrite=False)
             except zarr.errors.ContainsArrayError:
                 # A concurrent builder created it first: same id, same layout.
@@ -94,10 +97,18 @@ class TargetStore:
 
 
 def _check_same_layout(manifest: TargetVersion, arrays: Sequence[ArraySpec], num_clips: int, shard_size: int) -> None:
-    if [a.model_dump() for a in manifest.arrays] != [a.model_dump() for a in arrays] or \
+    def content(spec: ArraySpec) -> dict:
+        return spec.model_dump(exclude={"compression"})
+
+    if [content(a) for a in manifest.arrays] != [content(a) for a in arrays] or \
             manifest.num_clips != num_clips or manifest.shard_size != shard_size:
         raise ValueError(f"target version '{manifest.id}' is being built with another array layout "
                          "(arrays, clips or shard size differ); this is a bug in the stage that made it")
+    stored = {a.name: a.compression for a in manifest.arrays}
+    changed = sorted(a.name for a in arrays if stored[a.name] != a.compression)
+    if changed:
+        log.warning("target version '%s': resuming with the compression it was begun with (%s); the requested "
+                    "compression of %s is ignored", manifest.id, stored, changed)
 
 
 def shard_object(manifest: TargetVersion, array: str, shard_index: int) -> str:

@@ -67,3 +67,29 @@ def test_complete_versions_are_immutable(tmp_path):
     assert store.open(writer.version_id).verify() == []
     with pytest.raises(ValueError, match="complete and immutable"):
         store.begin(_recipe(), arrays, num_clips=3, shard_size=2)
+
+
+def test_uncompressed_arrays_round_trip_under_the_same_id(tmp_path, caplog):
+    import numpy as np
+
+    values = np.random.default_rng(0).standard_normal((3, 4, 8)).astype(np.float16)
+    stored = {}
+    for codec in ("zstd", "none"):
+        store = TargetStore(tmp_path / codec)
+        arrays = [ArraySpec(name="target", shape=[3, 4, 8], dtype="float16", compression=codec)]
+        writer = store.begin(_recipe(), arrays, num_clips=3, shard_size=2)
+        shard = writer.pending_shards()[0]
+        writer.write_shard(shard, {"target": values[writer.shard_clips(shard)]})
+        # Resuming with another codec keeps the one the version was begun with, and says so.
+        other = "none" if codec == "zstd" else "zstd"
+        resumed = store.begin(_recipe(), [arrays[0].model_copy(update={"compression": other})], 3, 2)
+        assert "compression" in caplog.text and resumed.manifest.arrays[0].compression == codec
+        for shard in resumed.pending_shards():
+            resumed.write_shard(shard, {"target": values[resumed.shard_clips(shard)]})
+        resumed.finalize()
+        reader = store.open(writer.version_id)
+        assert reader.verify() == []
+        np.testing.assert_array_equal(reader.read("target", slice(0, 3)), values)
+        stored[codec] = (writer.version_id, store.root.du(f"targets/{writer.version_id}"))
+    assert stored["zstd"][0] == stored["none"][0]  # storage only: the version id does not change
+    assert stored["none"][1] >= values.nbytes

@@ -21,6 +21,7 @@ from trainers.loop import (
     RunDir,
     RunSpec,
     WarmupSchedule,
+    batch_iterator,
     fit,
     load_config,
     read_metrics,
@@ -66,15 +67,18 @@ def train_losses(tmp_path, run_id: str) -> list[float]:
     return [m["loss"] for m in read_metrics(Root(tmp_path), run_id) if m["split"] == "train"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_exact_resume_gives_the_same_losses(tmp_path, workers):
+@pytest.mark.parametrize("workers,reuse", [(0, False), (2, False), (2, True)])
+def test_exact_resume_gives_the_same_losses(tmp_path, workers, reuse):
     task, stream, spec, cfg = decoupler_run(tmp_path, "whole", 14, workers)
     fit(task, stream, spec, cfg.loop, cfg.optim)
     # Stop at an odd step (mid-epoch, mid round robin over the workers), then resume in a fresh process state.
+    # The interrupted run may collate into reusable buffers: the same batches, the same resume state.
     task, stream, spec, cfg = decoupler_run(tmp_path, "parts", 14, workers)
+    cfg.loop.reuse_buffers = reuse
     stopped = fit(task, stream, spec, cfg.loop, cfg.optim, stop_at=7)
     assert stopped.step == 7 and RunDir(Root(tmp_path), "parts").latest() == 7
     task, stream, spec, cfg = decoupler_run(tmp_path, "parts", 14, workers)
+    cfg.loop.reuse_buffers = reuse
     resumed = fit(task, stream, spec, cfg.loop, cfg.optim)
     assert resumed.resumed_from == 7 and resumed.step == 14
     whole, parts = train_losses(tmp_path, "whole"), train_losses(tmp_path, "parts")
@@ -82,6 +86,34 @@ def test_exact_resume_gives_the_same_losses(tmp_path, workers):
     a = RunDir(Root(tmp_path), "whole").load_model()[1]
     b = RunDir(Root(tmp_path), "parts").load_model()[1]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reused_batch_buffers_hold_the_same_batches_as_fresh_ones(tmp_path, workers):
+    """A tight ring (prefetch 1: two buffers per worker) under a slow consumer: no batch is
+    overwritten before it was taken out of its buffer, and the stream tags are unchanged."""
+    import time
+
+    task, _, _, _ = decoupler_run(tmp_path, "ring", 1)
+    loop = LoopConfig(batch_size=4, num_workers=workers, prefetch_factor=1, device="cpu")
+
+    def batches(reuse: bool) -> list:
+        source = batch_iterator(task, MemoryStream(decoupler_samples(22), seed=1), loop, False, None, reuse=reuse)
+        fed = DevicePrefetcher(source, torch.device("cpu"), threaded=True)
+        taken = []
+        for _ in range(12):  # more than two epochs
+            taken.append(next(fed))
+            time.sleep(0.02)  # let the workers run ahead into their rings
+        fed.close()
+        return taken
+
+    fresh, reused = batches(False), batches(True)
+    assert all(tag["slot"] for _, tag in reused) and not any(tag["slot"] for _, tag in fresh)
+    for (a, tag_a), (b, tag_b) in zip(fresh, reused):
+        assert {k: v for k, v in tag_a.items() if k != "slot"} == {k: v for k, v in tag_b.items() if k != "slot"}
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Each batch owns its memory once it left the prefetcher: later batches do not change it.
+    assert len({batch["onestep"].data_ptr() for batch, _ in reused}) == len(reused)
 
 
 def test_decoupler_overfits_a_tiny_set(tmp_path):

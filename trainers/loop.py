@@ -91,7 +91,11 @@ class LoopConfig(StrictModel):
     batch_size: int = Field(8, description="Samples per step on each rank.")
     num_workers: int = Field(2, description="DataLoader worker processes per rank (0 = read in the main process).")
     prefetch_factor: int = Field(2, description="Batches each worker keeps ready.")
-    pin_memory: bool = Field(False, description="Pin host batches before the GPU copy (one more host copy).")
+    pin_memory: bool = Field(False, description="Pin host batches before the GPU copy (one more host copy); "
+                                                "ignored while reuse_buffers is on (its buffers are page-locked).")
+    reuse_buffers: bool | None = Field(None, description="Collate into a few reusable page-locked buffers per "
+                                                         "worker instead of fresh memory per batch (trainers/"
+                                                         "slots.py). None: on with CUDA.")
     seed: int = Field(0, description="Seed of initialisation, dropout and noise (rank r uses seed + r).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU).")
@@ -147,12 +151,15 @@ FP8_SCALE = ".fp8scale"
 """Suffix of the per-channel scales that ShardStream(decode_fp8=False) puts beside an fp8-coded field."""
 
 
-def collate_fields(samples: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, Any]:
+def collate_fields(samples: list[dict[str, Any]], fields: dict[str, str], slots: Any = None) -> dict[str, Any]:
     """Stack ``fields`` (batch key -> sample field) of ``samples`` into tensors, with any fp8 scales.
 
-    Uses trainers.data.collate_samples (numpy copies straight into shared memory inside workers).
+    Writes into the next buffer of ``slots`` (trainers.slots.BatchSlots) when given and the batch fits
+    it; otherwise uses trainers.data.collate_samples (numpy copies straight into shared memory inside
+    workers).
     """
     from trainers.data import collate_samples
+    from trainers.slots import batch_layout, fill
 
     picked = []
     for sample in samples:
@@ -162,7 +169,8 @@ def collate_fields(samples: list[dict[str, Any]], fields: dict[str, str]) -> dic
             if name + FP8_SCALE in sample:
                 item[key + FP8_SCALE] = sample[name + FP8_SCALE]
         picked.append(item)
-    return collate_samples(picked)
+    buffer = slots.take(batch_layout(picked)) if slots is not None else None
+    return fill(buffer, picked) if buffer is not None else collate_samples(picked)
 
 
 def decode_coded(batch: dict[str, Any]) -> dict[str, Any]:
@@ -419,9 +427,11 @@ class StatefulBatches(IterableDataset):
     """Batches of ``stream`` built inside each worker, each tagged with the worker's stream state."""
 
     def __init__(self, stream: IterableDataset, batch_size: int, collate: Callable[[list], Any],
-                 resume: dict[str, Any] | None = None):
+                 resume: dict[str, Any] | None = None, slots: int = 0, pinned: bool = False):
         self.stream, self.batch_size, self.collate = stream, batch_size, collate
         self.resume = resume or {}
+        # ``slots`` reusable buffers per producer (0: fresh memory per batch); ``collate`` must take ``slots=``.
+        self.slots, self.pinned = slots, pinned
 
     def _worker(self) -> int:
         info = get_worker_info()
@@ -437,6 +447,10 @@ class StatefulBatches(IterableDataset):
         yield from self._batches(worker)
 
     def _batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        from trainers.slots import BatchSlots
+
+        in_worker = get_worker_info() is not None
+        ring = BatchSlots(self.slots, shared=in_worker, pinned=self.pinned and not in_worker) if self.slots else None
         samples: list[Any] = []
         empty_passes = 0
         while empty_passes < 2:  # one empty pass is an epoch that ended exactly at a batch boundary
@@ -446,7 +460,10 @@ class StatefulBatches(IterableDataset):
                 samples.append(sample)
                 if len(samples) == self.batch_size:
                     state = self.stream.state_dict()
-                    yield {"batch": self.collate(samples), "worker": worker, "state": state}
+                    taken = ring.next if ring is not None else 0
+                    batch = self.collate(samples, slots=ring) if ring is not None else self.collate(samples)
+                    reused = ring is not None and ring.next > taken
+                    yield {"batch": batch, "worker": worker, "state": state, "slot": reused}
                     samples = []
             self.stream.set_epoch(self.stream.epoch + 1)
         raise ValueError(
@@ -474,18 +491,27 @@ class StreamCursor:
 
 
 def batch_iterator(task: TrainTask, stream: IterableDataset, cfg: LoopConfig, pin: bool,
-                   resume: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """Endless ``(batch, tag)`` pairs of ``stream``; pass each tag to ``StreamCursor.consume`` once used."""
+                   resume: dict[str, Any] | None, reuse: bool = False,
+                   pin_buffers: bool = False) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Endless ``(batch, tag)`` pairs of ``stream``; pass each tag to ``StreamCursor.consume`` once used.
+
+    ``pin``: the DataLoader pins each batch. ``reuse``: collate into reusable buffers when the task's
+    collate takes them (page-locked ones in this process with ``pin_buffers``); a tag's ``slot``
+    then says the batch lives in one, to be consumed through ``DevicePrefetcher``.
+    """
     if resume and int(resume.get("num_workers", 1)) != max(1, cfg.num_workers):
         raise ValueError(
             f"checkpoint stream state was written with {resume.get('num_workers')} DataLoader workers; "
             f"resume with num_workers={resume.get('num_workers')} for an exact resume (got {cfg.num_workers})"
         )
     from trainers.data import worker_context
+    from trainers.slots import slots_needed
 
-    batches = StatefulBatches(stream, cfg.batch_size, task.collate_fn(), resume)
+    collate = task.collate_fn()
+    slots = slots_needed(cfg.prefetch_factor, cfg.num_workers) if reuse and _takes_slots(collate) else 0
+    batches = StatefulBatches(stream, cfg.batch_size, collate, resume, slots=slots, pinned=pin_buffers)
     loader = DataLoader(
-        batches, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin,
+        batches, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin and not slots,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
         multiprocessing_context=worker_context() if cfg.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
@@ -494,10 +520,19 @@ def batch_iterator(task: TrainTask, stream: IterableDataset, cfg: LoopConfig, pi
     return _tagged(iter(loader))
 
 
+def _takes_slots(collate: Callable) -> bool:
+    import inspect
+
+    try:
+        return "slots" in inspect.signature(collate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _tagged(items: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, dict[str, Any]]]:
     for item in items:
         if not item.get("skip"):
-            yield item["batch"], {"worker": item["worker"], "state": item["state"]}
+            yield item["batch"], {"worker": item["worker"], "state": item["state"], "slot": item["slot"]}
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -518,6 +553,11 @@ class DevicePrefetcher:
     stream (the copy, pageable or pinned, blocks that thread, never the training loop); the training
     stream waits on the copy's event. On the CPU batches pass through in the caller's thread unless
     ``threaded`` is set.
+
+    A batch tagged ``slot`` lives in a reusable buffer (trainers/slots.py): its storages are
+    page-locked here once, and the thread waits for its copy to finish before it takes the next
+    batch, which is what lets the producer overwrite the buffer later. On the CPU such a batch is
+    cloned out of its buffer.
     """
 
     _END = object()
@@ -530,6 +570,9 @@ class DevicePrefetcher:
         self.batches, self.device = batches, device
         self.stopping = threading.Event()
         self.thread = None
+        from trainers.slots import HostRegistry
+
+        self.registry = HostRegistry()
         if not (self.cuda if threaded is None else threaded):
             return
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -550,12 +593,17 @@ class DevicePrefetcher:
         self._put(self._END)
 
     def _move(self, host: Any, tag: Any) -> tuple[Any, Any, Any, Any]:
+        reused = isinstance(tag, dict) and tag.get("slot")
         if not self.cuda:
-            return host, tag, None, None
+            return (_cloned(host) if reused else host), tag, None, None
+        if reused:
+            self.registry.ensure(host)
         with torch.cuda.stream(self.stream):
             moved = to_device(host, self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
+        if reused:
+            done.synchronize()  # the buffer is free again before the producer can be asked for more
         # ``host`` rides along so pinned memory outlives its asynchronous copy.
         return moved, tag, done, host
 
@@ -574,13 +622,14 @@ class DevicePrefetcher:
 
     def __next__(self) -> tuple[Any, Any]:
         if self.thread is None:
-            return next(self.batches)
-        item = self.queue.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        moved, tag, done, _ = item
+            moved, tag, done, _ = self._move(*next(self.batches))
+        else:
+            item = self.queue.get()
+            if item is self._END:
+                raise StopIteration
+            if isinstance(item, BaseException):
+                raise item
+            moved, tag, done, _ = item
         if done is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
@@ -595,6 +644,20 @@ class DevicePrefetcher:
         close = getattr(self.batches, "close", None)
         if close is not None:
             close()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still read a buffer that gets unlocked
+        self.registry.close()
+
+
+def _cloned(batch: Any) -> Any:
+    """A nested batch with every tensor copied out of its (reusable) buffer."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {k: _cloned(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cloned(v) for v in batch)
+    return batch
 
 
 def _record_stream(batch: Any, stream: torch.cuda.Stream) -> None:
@@ -1017,8 +1080,10 @@ def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfi
     if trainer.step < end:
         if info.is_main:
             run.write_run_json(spec, resume.version_changes, status="running")
-        pin = loop.pin_memory and device.type == "cuda"
-        batches = DevicePrefetcher(batch_iterator(task, stream, loop, pin, resume.stream), device)
+        cuda = device.type == "cuda"
+        reuse = cuda if loop.reuse_buffers is None else loop.reuse_buffers
+        batches = DevicePrefetcher(batch_iterator(task, stream, loop, loop.pin_memory and cuda, resume.stream,
+                                                  reuse=reuse, pin_buffers=cuda), device)
         progress = _Progress(loop, info, trainer.step, spec.kind)
         try:
             while trainer.step < end:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,28 @@ class Root:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+
+    def write_parts_atomic(self, rel: str, parts: Iterable[bytes | memoryview]) -> str:
+        """Publish the concatenation of ``parts`` at ``rel`` (as ``write_bytes_atomic``, without the
+        fsync: callers mark completion separately) and return its sha256, hashed while writing."""
+        digest = hashlib.sha256()
+        path = self.path(rel)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if not self.is_local:
+            data = bytearray()
+            for part in parts:
+                digest.update(part)
+                data += part
+            self.fs.pipe_file(path, bytes(data))
+            return digest.hexdigest()
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            for part in parts:
+                digest.update(part)
+                handle.write(part)
+        os.replace(tmp, path)
+        return digest.hexdigest()
 
     def write_json_atomic(self, rel: str, obj: Any, canonical: bool = False) -> None:
         text = canonical_json(obj) if canonical else json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,77 @@
+"""Whole zarr v3 shard objects encoded in one pass, byte for byte what zarr itself writes.
+
+The target store writes one whole shard at a time (chunk = one clip, shard = ``shard_size``
+clips). Going through zarr costs several full copies of the shard (the codec pipeline's chunk
+buffers, the assembled shard, the write) and the ``_done`` marker then re-reads the object to
+hash it. For the teacher stage that is gigabytes per second of output, and the writers, not the
+GPU, set the pace (bench/RESULTS.md, issue 5). Here each chunk is (optionally) compressed, hashed
+and written straight from the caller's array, and the sha256 comes out of the same pass.
+
+Only the layout the target store creates is handled (``sharding_indexed`` with chunks of one
+index along the first axis, inner codecs ``bytes`` little endian [+ ``zstd``], index codecs
+``bytes`` + ``crc32c`` at the end); ``shard_codec`` returns None for anything else and the caller
+writes through zarr. Tests compare the bytes with zarr's own for both codecs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import zarr
+from numcodecs import Zstd
+
+MAX_UINT64 = 2**64 - 1
+"""Offset and length of an absent chunk in a shard index."""
+
+
+@dataclass(frozen=True)
+class ShardCodec:
+    """How the chunks of one array's shards are encoded."""
+
+    chunks_per_shard: int
+    zstd: Any = None  # numcodecs.Zstd configured as the array's zstd codec, or None for raw bytes
+
+    def parts(self, data: np.ndarray) -> Iterator[memoryview | bytes]:
+        """The shard object of ``data`` (its first axis = the shard's chunks, in order), in pieces."""
+        assert data.dtype.byteorder in "=<|" and data.shape[0] <= self.chunks_per_shard
+        data = np.ascontiguousarray(data)
+        index = np.full((self.chunks_per_shard, 2), MAX_UINT64, dtype="<u8")
+        offset = 0
+        for i in range(data.shape[0]):
+            chunk = memoryview(data[i].reshape(-1).view(np.uint8))
+            encoded = self.zstd.encode(chunk) if self.zstd is not None else chunk
+            index[i] = (offset, len(encoded))
+            offset += len(encoded)
+            yield encoded
+        index_bytes = index.tobytes()
+        yield index_bytes + np.uint32(google_crc32c.value(index_bytes)).tobytes()
+
+
+def shard_codec(array: zarr.Array) -> ShardCodec | None:
+    """The encoder for ``array``'s shards, or None when its layout is not the one handled here."""
+    # A JSON round trip turns the metadata's tuples into the lists they are on disk.
+    codecs = json.loads(json.dumps(array.metadata.to_dict().get("codecs", [])))
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    config = codecs[0]["configuration"]
+    shard_shape = array.shards
+    chunk_shape = list(config["chunk_shape"])
+    if shard_shape is None or chunk_shape != [1, *shard_shape[1:]]:
+        return None
+    little = {"name": "bytes", "configuration": {"endian": "little"}}
+    if config.get("index_location") != "end" or config.get("index_codecs") != [little, {"name": "crc32c"}]:
+        return None
+    inner = config.get("codecs", [])
+    # Single-byte dtypes carry no endianness: their bytes codec has no configuration.
+    if not inner or inner[0] not in (little, {"name": "bytes"}):
+        return None
+    if len(inner) == 1:
+        return ShardCodec(shard_shape[0])
+    if len(inner) == 2 and inner[1].get("name") == "zstd":
+        return ShardCodec(shard_shape[0], Zstd.from_config(dict(inner[1]["configuration"])))
+    return None

@@ -4,29 +4,56 @@ A sample is a list of (member name, bytes) pairs that a webdataset tar stores on
 
     c000000042.json                   clip metadata + every version id (see trainers/data.py)
     c000000042.<field>.npy            raw / "f16" field (stock numpy .npy)
+    c000000042.<field>.npy.gz         raw field, gzip'd .npy (only in "fp8" exports, see below)
     c000000042.<field>.bf16.npy       "bf16": uint16 bit patterns of bfloat16 values
-    c000000042.<field>.fp8.npy        "fp8":  uint8 bit patterns of float8 e4m3fn values ...
-    c000000042.<field>.fp8scale.npy   ... and float32 per-channel (last axis) scales
+    c000000042.<field>.fp8.npy        "fp8":  uint8 float8 e4m3fn codes of companded values ...
+    c000000042.<field>.fp8scale.npy   ... and uint8 E8M0 per-channel (last axis) scale exponents
 
-Stock ``webdataset`` decodes every member with numpy (no pickle); ``decode_field`` turns the coded
-parts back into float arrays.
+Stock ``webdataset`` decodes every member with numpy (no pickle; its default ``.gz`` handler
+gunzips first); ``decode_field`` turns the coded parts back into float arrays.
 
-fp8 error bound (documented, tested): each value is stored as ``q * s_c`` with ``s_c = max|x[..., c]| / 448``
-and ``q`` the nearest e4m3fn number to ``x / s_c`` (3 mantissa bits). For every element
-``|x - x'| <= 2**-4 * |x| + 2**-10 * s_c`` (relative half-ulp of a normal number, plus half the
-subnormal step), and the float16 output adds at most ``2**-11 * |x'|``. So the relative L2 error of a
-field is below 6.3% in the worst case; on Gaussian-like or heavy-tailed features it is 2.4-2.7%
-(the 3-bit mantissa sets that floor; scaling cannot lower it). ``fp8_error_bound`` computes the
-per-element bound for tests.
+The "fp8" codec (companded e4m3, power-of-two per-channel scales). For channel ``c`` let
+``S_c = 2**(e_c - 127)`` be the smallest power of two >= max|x[..., c]| (its OCP Microscaling E8M0
+byte ``e_c`` is stored), ``p = FP8_POWER = 1.5``. Each value is stored as the e4m3fn number ``q``
+nearest to ``y = 448 * sign(x) * (|x| / S_c)**p`` and decoded as ``x' = sign(q) * (|q| / 448)**(1/p)
+* S_c``: one 256-entry table (the signed ``(|q| / 448)**(1/p)`` of every code) and one multiply per
+value, exact in float16 because ``S_c`` is a power of two. Companding spends e4m3's spare dynamic
+range on finer relative steps: a relative error ``d`` of ``q`` becomes about ``d / p`` in ``x'``.
+
+fp8 error bound (documented, tested; ``fp8_error_bound`` computes it per element). Where ``y`` is a
+normal e4m3 number (``y >= 2**-6``), round to nearest gives ``|q/y - 1| <= 2**-4``, so
+``|x'/x - 1| = |(q/y)**(1/p) - 1| <= 1 - (1 - 2**-4)**(1/p)`` (the lower side is the larger one
+for ``p >= 1``): 4.21% at p = 1.5 (6.25% for plain e4m3). Below that, in e4m3's subnormal range,
+``|q - y| <= 2**-10`` and, since ``t**(1/p)`` is (1/p)-Hoelder with constant 1,
+``|x' - x| <= S_c * (2**-10 / 448)**(1/p)`` (1.68e-4 * S_c at p = 1.5; zero decodes to zero). So
+
+    |x - x'| <= (1 - (1 - 2**-4)**(1/p)) * |x| + (2**-10 / 448)**(1/p) * S_c
+
+plus 2**-11 * |x'| for the float16 output (2**-23 for float32) and float16's subnormal half-step.
+So a field's relative L2 error stays below ~4.2% unless much of its energy lies below
+``1.07e-3 * S_c`` (the subnormal band at p = 1.5). Measured on Gaussian, Laplace, GELU, Student-t(3)
+and tiny-model features: 1.7-1.8% (2.65% for plain e4m3); see bench/RESULTS.md, Issue 7, which
+also compares exponents: the error falls like 1/p, but a larger p also narrows the dynamic range,
+so p = 1.75 and 2 win on light tails and lose on Student-t(2) features or a few 100x outlier
+tokens, whose channel bulk falls into the subnormal band (p = 2: 3.5-3.7%); p = 1.5 has the
+lowest worst case of the exponents tried (1.9%).
+
+Lossless compression. uint8 frames and 1-byte codes are already 25% of float32, so tar headers,
+.npy headers and scales would put an fp8 sample over a quarter of S-VAM's float32 .npy files. An
+"fp8" export therefore gzips raw (uncoded) fields of at least ``GZIP_MIN_BYTES`` when that
+saves at least ``GZIP_MIN_SAVING`` of their bytes (rendered or generated frames do; noise does
+not, and then the member stays a plain .npy). Readers decompress only the fields they select.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import json
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,12 +62,29 @@ import torch
 
 CODECS = ("f16", "bf16", "fp8")
 FP8_MAX = 448.0
-"""Largest finite float8 e4m3fn value: per-channel scales map each channel's max |x| onto it."""
+"""Largest finite float8 e4m3fn value: a channel's scale S_c (>= its max |x|) maps onto it."""
+FP8_POWER = 1.5
+"""Companding exponent p of the fp8 codec. Fixed: every decoder of an "fp8" export assumes it."""
 FP8_REL_HALF_ULP = 2.0 ** -4
+"""Largest relative rounding error of a normal e4m3 number (half an ulp of a 3-bit mantissa)."""
 FP8_SUBNORMAL_HALF_STEP = 2.0 ** -10
+"""Largest absolute rounding error below e4m3's smallest normal number 2**-6 (half of 2**-9)."""
+FP8_ROUNDING_SLACK = 2.0 ** -16
+"""Relative slack in the bound for the float32 rounding of the companded value before quantising."""
+E8M0_BIAS = 127
+"""E8M0 scale byte e stands for 2**(e - 127); 255 is NaN (OCP Microscaling formats)."""
+GZIP_MIN_BYTES = 1 << 16
+"""Raw fields smaller than this are never gzip'd (the saving would vanish in tar padding)."""
+GZIP_MIN_SAVING = 1 / 8
+"""A raw field of an fp8 export is stored gzip'd only when that saves at least this share of its bytes."""
+GZIP_LEVEL = 6
+GZIP_MAX_RATIO = 1100
+"""deflate expands at most ~1032x: a gzip member claiming more output than this is corrupt."""
+GUNZIP_CHUNK = 1 << 16
+"""Compressed bytes fed to the inflater at a time (its output goes straight into the array buffer)."""
 KEY_PATTERN = re.compile(r"^c\d{9}$")
 FIELD_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?$")
-SUFFIXES = {"fp8scale.npy": "fp8scale", "fp8.npy": "fp8", "bf16.npy": "bf16", "npy": "npy"}
+SUFFIXES = {"fp8scale.npy": "fp8scale", "fp8.npy": "fp8", "bf16.npy": "bf16", "npy.gz": "npy.gz", "npy": "npy"}
 TAR_BLOCK = 512
 NPY_HEADER_PREFIX = 1 << 16
 """Bytes parsed for a .npy header; numpy writes headers of a few hundred bytes."""
@@ -72,7 +116,7 @@ def member_names(key: str, field: str, codec: str) -> list[str]:
 
 
 def split_member(name: str, where: str) -> tuple[str, str, str]:
-    """Member name -> (key, field, part) with part in {'json', 'npy', 'bf16', 'fp8', 'fp8scale'}."""
+    """Member name -> (key, field, part) with part in {'json', 'npy', 'npy.gz', 'bf16', 'fp8', 'fp8scale'}."""
     key, _, rest = name.partition(".")
     if not KEY_PATTERN.match(key) or "/" in name:
         raise ValueError(f"{where}: unexpected tar member {name!r} (not '<c + 9 digits>.<field>.npy')")
@@ -81,7 +125,8 @@ def split_member(name: str, where: str) -> tuple[str, str, str]:
     for suffix, part in SUFFIXES.items():
         if rest.endswith("." + suffix):
             return key, check_field_name(rest[: -len(suffix) - 1]), part
-    raise ValueError(f"{where}: tar member {name!r} has an unsupported type (only .json and .npy are read)")
+    raise ValueError(f"{where}: tar member {name!r} has an unsupported type (only .json, .npy and .npy.gz "
+                     "are read)")
 
 
 # .npy payloads ---------------------------------------------------------------------------------
@@ -163,7 +208,7 @@ def encode_array(array: np.ndarray, codec: str, where: str) -> list[np.ndarray]:
     if codec == "bf16":
         return [encode_bf16(array)]
     if codec == "fp8":
-        return list(encode_fp8(array))
+        return list(encode_fp8(array, where=where))
     raise ValueError(f"{where}: unknown codec {codec!r}")
 
 
@@ -178,55 +223,114 @@ def decode_bf16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+# fp8: companded e4m3 with E8M0 per-channel scales (see the module docstring) ---------------------
 def fp8_channels(array: np.ndarray) -> np.ndarray:
     """View of ``array`` as (rows, channels): channels = last axis, or one channel for 0-d/1-d arrays."""
     return array.reshape(-1, array.shape[-1]) if array.ndim >= 2 else array.reshape(-1, 1)
 
 
-def encode_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float8 e4m3fn bit patterns (uint8, same shape) and float32 per-channel scales ``max|x| / 448``."""
+def check_fp8_power(power: float) -> float:
+    """Companding exponents from 1 (plain e4m3) to 4; the error bound needs p >= 1."""
+    if not 1.0 <= power <= 4.0:
+        raise ValueError(f"fp8 companding exponent {power}: expected 1 <= p <= 4")
+    return float(power)
+
+
+def e8m0_exponents(amax_C: np.ndarray, where: str = "array") -> np.ndarray:
+    """E8M0 bytes of the smallest powers of two >= each channel's max |x| (2**0 for all-zero channels)."""
+    amax_C = np.asarray(amax_C, dtype=np.float32)
+    mantissa_C, exponent_C = np.frexp(amax_C)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent_C = np.where(mantissa_C == 0.5, exponent_C - 1, exponent_C)
+    exponent_C = np.where(amax_C > 0, exponent_C, 0)
+    if exponent_C.size and exponent_C.max() > E8M0_BIAS:
+        raise ValueError(f"{where}: values of magnitude above 2**127 do not fit the fp8 codec's E8M0 scales")
+    return (np.maximum(exponent_C, -E8M0_BIAS) + E8M0_BIAS).astype(np.uint8)
+
+
+def _e8m0_table() -> np.ndarray:
+    """float32 value 2**(e - 127) of every E8M0 byte e (exact; 2**-127 is a float32 subnormal), 255 -> NaN."""
+    powers = np.ldexp(np.float32(1.0), np.arange(255, dtype=np.int32) - E8M0_BIAS).astype(np.float32)
+    table = np.append(powers, np.float32(np.nan))
+    table.flags.writeable = False
+    return table
+
+
+E8M0_TABLE = _e8m0_table()
+
+
+def fp8_scales(scale_bits_C: np.ndarray, where: str = "fp8 field") -> np.ndarray:
+    """float32 per-channel scales S_c of stored E8M0 bytes; refuses other dtypes and the NaN byte."""
+    bits = np.asarray(scale_bits_C)
+    if bits.dtype != np.uint8:
+        raise ValueError(f"{where}: per-channel scales are {bits.dtype}, expected uint8 E8M0 exponents; float "
+                         "scales come from the earlier linear fp8 format (export stage version 1): re-export it")
+    if (bits == 255).any():
+        raise ValueError(f"{where}: per-channel scale byte 255 (E8M0 NaN); the field is corrupt")
+    return np.take(E8M0_TABLE, bits)
+
+
+@functools.lru_cache(maxsize=16)
+def fp8_table(power: float = FP8_POWER, dtype: str = "float16") -> np.ndarray:
+    """Decoded value of every e4m3fn code for a unit scale, sign(q) * (|q| / 448)**(1/p), as ``dtype``
+    (rounded once from float64; the two NaN codes decode to NaN). Read-only: it is shared."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).to(torch.float32).to(torch.float64)
+    table = (values.abs() / FP8_MAX).pow(1.0 / check_fp8_power(power)).copysign(values)
+    table = table.numpy().astype(dtype)
+    table.flags.writeable = False
+    return table
+
+
+def encode_fp8(array: np.ndarray, power: float = FP8_POWER, where: str = "array") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 e4m3fn codes (same shape) of ``448 * sign(x) * (|x| / S_c)**p`` and the uint8 E8M0 bytes of
+    the per-channel (last axis) power-of-two scales ``S_c >= max|x[..., c]|``."""
     values_RC = torch.from_numpy(np.ascontiguousarray(fp8_channels(array), dtype=np.float32))
     amax_C = values_RC.abs().amax(dim=0) if values_RC.shape[0] else torch.zeros(values_RC.shape[1])
-    scale_C = torch.where(amax_C > 0, amax_C / FP8_MAX, torch.ones_like(amax_C))
-    scaled_RC = (values_RC / scale_C).clamp_(-FP8_MAX, FP8_MAX)
-    bits = scaled_RC.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(array.shape)
-    return bits, scale_C.numpy().astype(np.float32)
+    scale_bits_C = e8m0_exponents(amax_C.numpy(), where)
+    scale_C = torch.from_numpy(np.take(E8M0_TABLE, scale_bits_C))
+    # |x| / S_c is exact (S_c is a power of two) and <= 1, so the companded value stays <= 448.
+    companded_RC = values_RC.abs().div_(scale_C).pow_(check_fp8_power(power)).mul_(FP8_MAX)
+    companded_RC = companded_RC.clamp_(max=FP8_MAX).copysign_(values_RC)
+    codes = companded_RC.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(np.shape(array))
+    return codes, scale_bits_C
 
 
-def decode_fp8(bits: np.ndarray, scale_C: np.ndarray, dtype: Any = np.float16) -> np.ndarray:
-    """Values ``q * s_c`` of e4m3fn bit patterns, as ``dtype`` (float16 or float32)."""
-    # One table lookup gives value * 2**-8 as float16 (exact); 2**8 is folded into the scale so that
-    # small scales stay normal float16 numbers, leaving one vectorised multiply.
-    values_RC = np.take(FP8_HALF_LUT, fp8_channels(bits))
-    scale16_C = scale_C.astype(np.float32) * 256.0
-    if np.dtype(dtype) == np.float16 and _fits_float16_normal(scale16_C):
-        out = torch.from_numpy(values_RC).mul_(torch.from_numpy(scale16_C.astype(np.float16)))
-        return out.numpy().reshape(bits.shape)
-    values = values_RC.astype(np.float32) * scale16_C
-    return values.astype(dtype, copy=False).reshape(bits.shape)
+def decode_fp8(codes: np.ndarray, scale_bits_C: np.ndarray, dtype: Any = np.float16, power: float = FP8_POWER,
+               where: str = "fp8 field") -> np.ndarray:
+    """Values ``sign(q) * (|q| / 448)**(1/p) * S_c`` of e4m3fn codes, as ``dtype`` (float16 or float32)."""
+    scale_C = fp8_scales(scale_bits_C, where)
+    if np.dtype(dtype) == np.float16 and _fits_float16_normal(scale_C):
+        # One table lookup and one multiply by a power of two (exact in float16).
+        values_RC = np.take(fp8_table(power, "float16"), fp8_channels(codes))
+        out = torch.from_numpy(values_RC).mul_(torch.from_numpy(scale_C.astype(np.float16)))
+        return out.numpy().reshape(codes.shape)
+    values_RC = np.take(fp8_table(power, "float32"), fp8_channels(codes)) * scale_C
+    return values_RC.astype(dtype, copy=False).reshape(codes.shape)
 
 
-def _fp8_half_lut() -> np.ndarray:
-    """float16 value * 2**-8 of every e4m3fn code: magnitude bits shifted left by 7 read as float16
-    are exactly that (subnormals included), and the sign moves to bit 15."""
-    codes = np.arange(256, dtype=np.uint16)
-    return (((codes << 7) & 0x3F80) | ((codes & 0x80) << 8)).view(np.float16)
+def _fits_float16_normal(scale_C: np.ndarray) -> bool:
+    # Table values are <= 1, so scales up to 2**15 keep every product finite in float16.
+    return bool(scale_C.size == 0 or (scale_C.min() >= np.finfo(np.float16).tiny and scale_C.max() <= 2.0 ** 15))
 
 
-FP8_HALF_LUT = _fp8_half_lut()
-
-
-def _fits_float16_normal(values: np.ndarray) -> bool:
-    return bool(values.size == 0 or (values.min() >= np.finfo(np.float16).tiny and values.max() <= 2048.0))
-
-
-def fp8_error_bound(array: np.ndarray, scale_C: np.ndarray) -> np.ndarray:
-    """Per-element bound on |x - decode(encode(x))| (float16 output; see the module docstring)."""
+def fp8_error_bound(array: np.ndarray, scale_bits_C: np.ndarray, dtype: Any = np.float16,
+                    power: float = FP8_POWER) -> np.ndarray:
+    """Per-element bound on |x - decode(encode(x))| for output ``dtype`` (see the module docstring)."""
+    power = check_fp8_power(power)
     magnitude = np.abs(fp8_channels(np.asarray(array, dtype=np.float64)))
-    scale = np.asarray(scale_C, dtype=np.float64)
-    bound = FP8_REL_HALF_ULP * magnitude + FP8_SUBNORMAL_HALF_STEP * scale
-    # float16 rounding of the product and of the float16 scale, on the (at most 1.07x larger) output.
-    bound += 2.0 ** -10 * (magnitude + bound)
+    scale = fp8_scales(scale_bits_C).astype(np.float64)
+    rel_q = FP8_REL_HALF_ULP * (1 + FP8_ROUNDING_SLACK)
+    relative = max(1 - (1 - rel_q) ** (1 / power), (1 + rel_q) ** (1 / power) - 1)
+    # Subnormal band: |q - y| <= 2**-10 and t**(1/p) is (1/p)-Hoelder with constant 1 (p >= 1).
+    absolute = (FP8_SUBNORMAL_HALF_STEP * (1 + FP8_ROUNDING_SLACK) / FP8_MAX) ** (1 / power)
+    bound = relative * magnitude + absolute * scale
+    # Output rounding: the table entry (float16 or float32; the fallback path rounds float32 to
+    # float16 once more), then the exact power-of-two product, then float16/float32 subnormals.
+    if np.dtype(dtype) == np.float16:
+        out_relative, out_absolute = 2.0 ** -11 + 2.0 ** -23, 2.0 ** -25
+    else:
+        out_relative, out_absolute = 2.0 ** -23, 2.0 ** -150
+    bound += out_relative * (magnitude + bound) + out_absolute
     return bound.reshape(np.shape(array))
 
 
@@ -234,7 +338,7 @@ def decode_field(parts: dict[str, np.ndarray], codec: str, float_dtype: Any, whe
     """Array of one field from its decoded .npy parts ({'npy'|'bf16'|'fp8'|'fp8scale': array})."""
     try:
         if codec == "fp8":
-            return decode_fp8(parts["fp8"], parts["fp8scale"], float_dtype or np.float16)
+            return decode_fp8(parts["fp8"], parts["fp8scale"], float_dtype or np.float16, where=where)
         if codec == "bf16":
             values = decode_bf16(parts["bf16"])
             return values if float_dtype is None else values.astype(float_dtype, copy=False)
@@ -247,6 +351,41 @@ def decode_field(parts: dict[str, np.ndarray], codec: str, float_dtype: Any, whe
     return values
 
 
+# lossless compression of raw fields ----------------------------------------------------------
+def gzip_payload(payload: bytes) -> bytes | None:
+    """gzip (fixed mtime) of a member payload when it saves at least ``GZIP_MIN_SAVING``, else None."""
+    if len(payload) < GZIP_MIN_BYTES:
+        return None
+    packed = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
+    return packed if len(packed) <= len(payload) * (1 - GZIP_MIN_SAVING) else None
+
+
+def gunzip_payload(payload: bytes | bytearray | memoryview, where: str) -> np.ndarray:
+    """Writable uint8 buffer of a gzip member's content; CRC, length and trailing bytes are checked.
+
+    The size comes from the gzip trailer; the inflater's output is copied straight into one buffer
+    (no second full-size copy), and a member claiming more than deflate can produce is refused.
+    """
+    data = memoryview(payload).cast("B")
+    size = int.from_bytes(data[-4:], "little") if len(data) >= 18 else -1
+    if not 0 <= size <= GZIP_MAX_RATIO * len(data):
+        raise ValueError(f"{where}: not a valid gzip member (bad length or trailer)")
+    out = np.empty(size, dtype=np.uint8)
+    inflater, position = zlib.decompressobj(wbits=31), 0
+    try:
+        for start in range(0, len(data), GUNZIP_CHUNK):
+            chunk = inflater.decompress(data[start:start + GUNZIP_CHUNK])
+            if position + len(chunk) > size:
+                raise ValueError(f"{where}: gzip member inflates past its recorded size; it is corrupt")
+            out[position:position + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            position += len(chunk)
+    except zlib.error as err:
+        raise ValueError(f"{where}: corrupt gzip member ({err})") from None
+    if not inflater.eof or inflater.unused_data or position != size:
+        raise ValueError(f"{where}: truncated or padded gzip member ({position} of {size} bytes)")
+    return out
+
+
 def relative_l2(approx: np.ndarray, reference: np.ndarray) -> float:
     """||approx - reference|| / ||reference|| in float64 (0 when both are zero)."""
     diff = np.asarray(approx, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
@@ -255,11 +394,18 @@ def relative_l2(approx: np.ndarray, reference: np.ndarray) -> float:
 
 
 # samples ---------------------------------------------------------------------------------------
+def gzips_raw_fields(codec: str) -> bool:
+    """Whether an export of ``codec`` stores large raw fields gzip'd: only "fp8", the compact codec
+    (f16/bf16 exports keep every member a plain memory-mappable .npy, read without any CPU work)."""
+    return codec == "fp8"
+
+
 def encode_sample(key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], codec: str,
                   raw_fields: Sequence[str] = ()) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     """Tar members (name, payload) of one sample and the codec used per field.
 
     ``raw_fields`` are stored as given whatever ``codec`` says (actions and state stay float32).
+    With ``codec`` "fp8", raw fields that gzip well become '<field>.npy.gz' (see the module docstring).
     The .json member comes first so a reader knows the codecs before it meets the arrays.
     """
     codecs = {f: "raw" if f in raw_fields else field_codec(a, codec) for f, a in arrays.items()}
@@ -268,7 +414,10 @@ def encode_sample(key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
         where = f"sample {key}, field '{check_field_name(field)}'"
         parts = encode_array(arrays[field], codecs[field], where)
         names = member_names(key, field, codecs[field])
-        payloads.extend((name, npy_bytes(part)) for name, part in zip(names, parts, strict=True))
+        for name, part in zip(names, parts, strict=True):
+            payload = npy_bytes(part)
+            packed = gzip_payload(payload) if codecs[field] == "raw" and gzips_raw_fields(codec) else None
+            payloads.append((name + ".gz", packed) if packed is not None else (name, payload))
     meta_bytes = json.dumps({**meta, "codecs": codecs}, sort_keys=True, separators=(",", ":")).encode()
     return [(f"{key}.json", meta_bytes), *payloads], codecs
 
@@ -277,8 +426,10 @@ def decode_sample(members: Sequence[tuple[str, bytes | bytearray]], float_dtype:
                   fields: Sequence[str] | None = None, decode_fp8_fields: bool = True) -> dict[str, Any]:
     """Sample dict (see trainers/data.py) from the tar members of one sample; never unpickles.
 
-    With ``decode_fp8_fields`` False an fp8 field stays coded: '<field>' holds the uint8 e4m3 codes
-    and '<field>.fp8scale' the float32 scales (decode them on the GPU with trainers.data.fp8_to_float).
+    Only the members of ``fields`` (all when None) are parsed, so gzip'd fields that are not asked
+    for cost nothing. With ``decode_fp8_fields`` False an fp8 field stays coded: '<field>' holds the
+    uint8 e4m3 codes and '<field>.fp8scale' the uint8 E8M0 scale bytes (decode them on the GPU with
+    trainers.data.fp8_to_float).
     """
     key, meta, grouped = None, None, {}
     for name, payload in members:
@@ -289,18 +440,29 @@ def decode_sample(members: Sequence[tuple[str, bytes | bytearray]], float_dtype:
         if part == "json":
             meta = json.loads(bytes(payload))
         elif fields is None or field in fields:
-            grouped.setdefault(field, {})[part] = npy_from_bytes(payload, f"{where}, member {name}")
+            _add_part(grouped.setdefault(field, {}), part, payload, f"{where}, member {name}")
     if meta is None:
         raise ValueError(f"{where}: sample '{key}' has no .json member")
     sample: dict[str, Any] = {"__key__": key, "meta": meta}
     codecs = meta.get("codecs", {})
     for field, parts in grouped.items():
         codec = codecs.get(field, "raw")
+        field_where = f"{where}, sample {key}, field '{field}'"
         if codec == "fp8" and not decode_fp8_fields and {"fp8", "fp8scale"} <= set(parts):
+            fp8_scales(parts["fp8scale"], field_where)  # refuses scales of another format early
             sample[field], sample[f"{field}.fp8scale"] = parts["fp8"], parts["fp8scale"]
             continue
-        sample[field] = decode_field(parts, codec, float_dtype, f"{where}, sample {key}, field '{field}'")
+        sample[field] = decode_field(parts, codec, float_dtype, field_where)
     return sample
+
+
+def _add_part(parts: dict[str, np.ndarray], part: str, payload: bytes | bytearray | memoryview, where: str) -> None:
+    """Parse one member into ``parts`` (a gzip'd .npy is inflated first and counts as the 'npy' part)."""
+    if part == "npy.gz":
+        part, payload = "npy", gunzip_payload(payload, where)
+    if part in parts:
+        raise ValueError(f"{where}: a second '{part}' member for the same field")
+    parts[part] = npy_from_bytes(payload, where)
 
 
 def action_chunk(actions_TA: np.ndarray, start: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ from storage.targets import TargetReader, TargetStore
 from storage.provenance import git_commit, host, now_iso, package_versions
 
 log = logging.getLogger(__name__)
-EXPORT_STAGE_VERSION = 1
+EXPORT_STAGE_VERSION = 2
 """Bumped by hand when the tar layout or a codec changes what bytes an export holds."""
 BUILD_INFO = "_build.json"
 TAR_BLOCK = 512

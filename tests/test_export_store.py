@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pipelines.export
 from flows.export import ExportConfig, export_recipe, plan_export, write_shard
 from pipelines.export import decode_fp8, relative_l2
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
@@ -66,9 +67,19 @@ def make_version(root: Root, kind: str, stage: str, arrays: dict[str, np.ndarray
     return factories.make_version(root, kind, stage, arrays, inputs, params, shard_size=4)
 
 
-def make_video(root: Root, plan_id: str, num_clips: int, seed: int = 0) -> str:
+def rendered_frames(num_clips: int, size: int = 8) -> np.ndarray:
+    """(N, T, size, size, 3) frames of a flat scene with a moving square: they gzip like renders do."""
+    frames = np.full((num_clips, T, size, size, 3), 90, dtype=np.uint8)
+    for clip in range(num_clips):
+        for t in range(T):
+            frames[clip, t, t:t + size // 2, clip % 4:clip % 4 + size // 2] = (200, 60 + clip, 30)
+    return frames
+
+
+def make_video(root: Root, plan_id: str, num_clips: int, seed: int = 0, rendered: bool = False) -> str:
     rng = np.random.default_rng(seed)
-    arrays = {"frames": rng.integers(0, 256, (num_clips, T, 8, 8, 3), dtype=np.uint8),
+    frames = rendered_frames(num_clips) if rendered else rng.integers(0, 256, (num_clips, T, 8, 8, 3), dtype=np.uint8)
+    arrays = {"frames": frames,
               "onestep": rng.standard_normal((num_clips, T, *GRID, VIDEO_C)).astype(np.float16),
               "seed": np.arange(num_clips, dtype=np.int64) + seed}
     return make_version(root, "video", "svd.generate", arrays, {"plan": plan_id}, {"seed": seed})
@@ -81,14 +92,28 @@ def make_teacher(root: Root, video_id: str, num_clips: int, seed: int = 1) -> st
     return make_version(root, "teacher", "teachers.dinov2", arrays, {"video": video_id}, {"seed": seed})
 
 
-def make_world(tmp_path: Path, num_clips: int = 12) -> dict[str, str]:
-    """A root with dataset 'demo', a plan, a video version and a dinov2 teacher version over it."""
+def make_world(tmp_path: Path, num_clips: int = 12, rendered: bool = False) -> dict[str, str]:
+    """A root with dataset 'demo', a plan, a video version and a dinov2 teacher version over it
+    (``rendered``: frames that gzip well instead of noise)."""
     root = Root(tmp_path / "root")
     dataset = make_dataset(root)
     plan_id = make_plan(root, dataset, num_clips)
-    video_id = make_video(root, plan_id, num_clips)
+    video_id = make_video(root, plan_id, num_clips, rendered=rendered)
     return {"root": root.url, "plan": plan_id, "video": video_id,
             "teacher": make_teacher(root, video_id, num_clips)}
+
+
+def make_gzip_world(tmp_path: Path, num_clips: int = 12, **options) -> dict[str, str]:
+    """A world with rendered frames and its fp8 export ("export"), whose frames are gzip'd members.
+
+    The test frames are tiny, so the size threshold for gzip is lowered while exporting; readers
+    need nothing special (the member name says .npy.gz).
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipelines.export, "GZIP_MIN_BYTES", 256)
+        world = make_world(tmp_path, num_clips, rendered=True)
+        world["export"] = export_world(world, codec="fp8", **options)
+    return world
 
 
 def export_world(world: dict[str, str], **options) -> str:
@@ -156,34 +181,82 @@ def test_split_selects_episodes(world):
 
 
 # stock webdataset -----------------------------------------------------------------------------
-def test_stock_webdataset_decodes_every_field(world):
+def stock_decoded_samples(world: dict[str, str], export_id: str) -> list[dict]:
+    """Every sample of an export's first shard through stock webdataset's default decoder."""
     import webdataset as wds
 
+    store = ExportStore(world["root"])
+    shard = store.index(export_id).shards[0]
+    samples = list(wds.WebDataset(store.url(export_id, shard.name), shardshuffle=False, empty_check=False).decode())
+    assert len(samples) == shard.samples
+    return samples
+
+
+def check_stock_sample(world: dict[str, str], sample: dict, codec: str, fields) -> None:
+    """The stock-decoded sample holds every field as an ndarray, with the stored values."""
+    reader = TargetStore(world["root"]).open(world["video"])
+    meta = sample["json"]
+    assert "." not in sample["__key__"] and meta["versions"]["onestep"] == world["video"]
+    expected = reader.read("onestep", meta["clip_index"])
+    if codec == "fp8":
+        assert sample["onestep.fp8.npy"].dtype == np.uint8 and sample["onestep.fp8scale.npy"].dtype == np.uint8
+        decoded = decode_fp8(sample["onestep.fp8.npy"], sample["onestep.fp8scale.npy"])
+        assert relative_l2(decoded, expected) < 0.025
+    elif codec == "bf16":
+        assert sample["onestep.bf16.npy"].dtype == np.uint16
+    else:
+        np.testing.assert_array_equal(sample["onestep.npy"], expected)
+    frames_key = next(k for k in sample if k.startswith("frames."))
+    np.testing.assert_array_equal(sample[frames_key], reader.read("frames", meta["clip_index"]))
+    arrays = [k for k in sample if k.endswith((".npy", ".npy.gz"))]
+    assert all(isinstance(sample[k], np.ndarray) for k in arrays)
+    decoded_fields = {k.split(".npy")[0].removesuffix(".fp8").removesuffix(".bf16")
+                      for k in arrays if not k.endswith("fp8scale.npy")}
+    assert decoded_fields == set(fields)
+
+
+def test_stock_webdataset_decodes_every_field(world):
     for codec in ("f16", "bf16", "fp8"):
         export_id = export_world(world, codec=codec, shard_size="12KB")
-        store = ExportStore(world["root"])
-        index = store.index(export_id)
-        url = store.url(export_id, index.shards[0].name)
-        samples = list(wds.WebDataset(url, shardshuffle=False, empty_check=False).decode())
-        assert len(samples) == index.shards[0].samples
-        reader = TargetStore(world["root"]).open(world["video"])
-        for sample in samples:
-            meta = sample["json"]
-            assert "." not in sample["__key__"] and meta["versions"]["onestep"] == world["video"]
-            expected = reader.read("onestep", meta["clip_index"])
-            if codec == "fp8":
-                assert sample["onestep.fp8.npy"].dtype == np.uint8
-                decoded = decode_fp8(sample["onestep.fp8.npy"], sample["onestep.fp8scale.npy"])
-                assert relative_l2(decoded, expected) < 0.04
-            elif codec == "bf16":
-                assert sample["onestep.bf16.npy"].dtype == np.uint16
-            else:
-                np.testing.assert_array_equal(sample["onestep.npy"], expected)
-            np.testing.assert_array_equal(sample["frames.npy"], reader.read("frames", meta["clip_index"]))
-            decoded_fields = {k.split(".npy")[0].removesuffix(".fp8").removesuffix(".bf16")
-                              for k in sample if k.endswith(".npy") and not k.endswith("fp8scale.npy")}
-            assert decoded_fields == set(index.fields)
-            assert all(isinstance(sample[k], np.ndarray) for k in sample if k.endswith(".npy"))
+        fields = ExportStore(world["root"]).index(export_id).fields
+        for sample in stock_decoded_samples(world, export_id):
+            check_stock_sample(world, sample, codec, fields)
+            assert "frames.npy" in sample  # noise frames do not gzip: they stay plain .npy
+
+
+def test_stock_webdataset_decodes_gzipped_frames(tmp_path):
+    world = make_gzip_world(tmp_path, num_clips=6, shard_size="12KB")
+    fields = ExportStore(world["root"]).index(world["export"]).fields
+    for sample in stock_decoded_samples(world, world["export"]):
+        assert "frames.npy.gz" in sample and "frames.npy" not in sample
+        check_stock_sample(world, sample, "fp8", fields)
+
+
+def test_gzipped_frames_stream_back_and_tampering_is_caught(tmp_path):
+    from trainers.data import ShardStream
+
+    world = make_gzip_world(tmp_path, num_clips=6, shard_size="40KB")
+    store, pins = ExportStore(world["root"]), [world["video"], world["teacher"]]
+    index = store.index(world["export"])
+    video = TargetStore(world["root"]).open(world["video"])
+    for sample in ShardStream(world["root"], world["export"], pins, verify=True):
+        np.testing.assert_array_equal(sample["frames"], video.read("frames", sample["meta"]["clip_index"]))
+    # Flip one byte inside the gzip'd frames of the first sample.
+    shard = index.shards[0]
+    path = Path(Root(world["root"]).path(f"exports/{world['export']}/{shard.name}"))
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"c{shard.clips[0]:09d}.frames.npy.gz")
+    data = bytearray(path.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert any("corrupt" in p for p in store.verify(world["export"]))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        next(iter(ShardStream(world["root"], world["export"], pins, shuffle_shards=False, verify=True)))
+    with pytest.raises(ValueError, match=r"frames.npy.gz: (corrupt|truncated)"):
+        next(iter(ShardStream(world["root"], world["export"], pins, shuffle_shards=False)))
+    # Fields not selected are never inflated: the tampered member does not stop reading the others.
+    first = next(iter(ShardStream(world["root"], world["export"], pins, fields=["onestep"], shuffle_shards=False)))
+    assert first["meta"]["clip_index"] == shard.clips[0] and "frames" not in first
 
 
 def test_tar_members_are_plain_read_only_files(world):

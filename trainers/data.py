@@ -38,7 +38,9 @@ Only the fields the export (or the caller's `fields=`) selected are present. Cod
 decoded to float16 except the "bf16" codec, which decodes to float32 (bfloat16 does not fit float16's
 range); pass `float_dtype="float32"` to get float32 for them (raw fields keep their dtype). With
 `ShardStream(..., decode_fp8=False)` an "fp8" field stays coded: "<field>" is uint8 (..., C) e4m3 codes
-and "<field>.fp8scale" float32 (C,) scales; decode batches on the GPU with `fp8_to_float`. Statistics for normalising actions and state
+of companded values and "<field>.fp8scale" uint8 (C,) E8M0 scale bytes (see pipelines/export.py);
+decode batches on the GPU with `fp8_to_float`. In fp8 exports large raw fields (frames) may be stored
+gzip'd; they are inflated only when selected with `fields=`. Statistics for normalising actions and state
 (mean, std, min, max, q01, q99 per dimension, over the export's episodes) are in
 `ShardStream.stats` (= index.json "stats").
 
@@ -67,7 +69,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pipelines.export import decode_sample, sample_key
+from pipelines.export import E8M0_TABLE, FP8_POWER, decode_sample, fp8_table, sample_key
 from storage.exports import BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
 from storage.fs import Root
 
@@ -380,14 +382,24 @@ class ShardStream(IterableDataset):
 def fp8_to_float(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode an fp8 field kept coded (``ShardStream(decode_fp8=False)``), on any device.
 
-    ``codes`` uint8 (..., C) e4m3fn codes and ``scale`` float32 (C,) per sample, or (B, C) for a batch
-    of codes (B, ..., C); returns ``codes * scale`` in ``dtype``. Moving uint8 codes to the GPU and
-    decoding there halves the bytes of float16 and skips the CPU decode.
+    ``codes`` uint8 (..., C) e4m3fn codes and ``scale`` the uint8 E8M0 scale bytes '<field>.fp8scale',
+    (C,) per sample or (B, C) for a batch of codes (B, ..., C). Returns ``sign(q) * (|q| / 448)**(1/p)
+    * 2**(scale - 127)`` in ``dtype``: the same 256-entry table as the CPU decode (float32 here), one
+    gather and one multiply. Moving uint8 codes to the GPU and decoding there halves the bytes of
+    float16 and skips the CPU decode.
     """
-    values = codes.view(torch.float8_e4m3fn).to(torch.float32)
-    if scale.dim() == 2 and codes.dim() > 2:
-        scale = scale.reshape(scale.shape[0], *([1] * (codes.dim() - 2)), scale.shape[1])
-    return (values * scale.to(values.device, torch.float32)).to(dtype)
+    if codes.dtype != torch.uint8 or scale.dtype != torch.uint8:
+        raise ValueError(f"fp8_to_float: expected uint8 codes and uint8 E8M0 scales, got {codes.dtype} and "
+                         f"{scale.dtype} (float scales come from the earlier linear fp8 format: re-export)")
+    table = torch.from_numpy(fp8_table(FP8_POWER, "float32").copy()).to(codes.device)
+    powers = torch.from_numpy(E8M0_TABLE.copy()).to(codes.device)
+    # int32 indices are enough on CUDA; the CPU kernel of index_select is far faster with int64.
+    index_dtype = torch.int64 if codes.device.type == "cpu" else torch.int32
+    values = torch.index_select(table, 0, codes.reshape(-1).to(index_dtype)).reshape(codes.shape)
+    scale_C = torch.index_select(powers, 0, scale.reshape(-1).to(codes.device, index_dtype)).reshape(scale.shape)
+    if scale_C.dim() == 2 and codes.dim() > 2:
+        scale_C = scale_C.reshape(scale_C.shape[0], *([1] * (codes.dim() - 2)), scale_C.shape[1])
+    return (values * scale_C).to(dtype)
 
 
 def worker_context():

@@ -269,3 +269,17 @@ def test_parse_size_and_plan_shards():
     assert [len(r) for r in ranges] == [3, 3, 3, 1] and ranges[-1].stop == 10
     assert [len(r) for r in plan_shards(3, 5000, 1000)] == [1, 1, 1]
     assert plan_shards(0, 10, 100) == []
+
+
+@pytest.mark.gpu
+def test_fp8_to_float_on_the_gpu_matches_the_cpu():
+    from trainers.data import fp8_to_float
+
+    values = np.random.default_rng(3).standard_normal((2, 4, 4, 64)).astype(np.float32)
+    coded = [encode_fp8(v) for v in values]
+    codes = torch.from_numpy(np.stack([c for c, _ in coded]))
+    scales = torch.from_numpy(np.stack([s for _, s in coded]))
+    on_cpu = fp8_to_float(codes, scales, torch.float32)
+    on_gpu = fp8_to_float(codes.cuda(), scales.cuda(), torch.float32)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(on_cpu[0], torch.from_numpy(decode_fp8(*coded[0], dtype=np.float32)), rtol=0, atol=0)

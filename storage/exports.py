@@ -34,6 +34,7 @@ from schemas.target import TargetVersion, content_id
 from storage import layout
 from storage.episodes import EpisodeStore
 from storage.fs import Root, open_root
+from storage.mapped import allow_files, map_file
 from storage.plans import PlanStore
 from storage.targets import TargetReader, TargetStore
 from storage.provenance import git_commit, host, now_iso, package_versions
@@ -365,9 +366,16 @@ class ExportStore:
         """Random access to one sample by its position in a shard."""
         return next(self.read_samples(index, shard_position, position, position + 1, verify, pool=pool))
 
+    def accept_mapped_views(self, index: ExportIndex) -> None:
+        """Let this process map views of the export's shard files that a DataLoader worker describes
+        (storage/mapped.py); nothing to do on a remote root, whose samples are never memory-mapped."""
+        if self.root.is_local:
+            allow_files({self.root.path(layout.export_dir(index.export_id), shard.name):
+                         (shard.bytes, f"export '{index.export_id}', {shard.name}") for shard in index.shards})
+
     def _mapped_reader(self, index: ExportIndex, shard: ExportShard) -> "_SampleReader":
         path = self.root.path(layout.export_dir(index.export_id), shard.name)
-        mapped = np.memmap(path, dtype=np.uint8, mode="c")  # private pages: arrays are writable
+        mapped = map_file(path)  # copy-on-write: arrays are writable, and can cross to other processes
         if len(mapped) < shard.data_end:
             raise ValueError(f"export '{index.export_id}', {shard.name}: shard is truncated "
                              f"({len(mapped)} of {shard.bytes} bytes)")

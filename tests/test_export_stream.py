@@ -3,6 +3,10 @@ pinning, checksum verification while reading, and agreement with the target stor
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pickle
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +19,14 @@ from test_export_store import export_world, make_video, make_world
 from pipelines.export import relative_l2
 from storage.exports import ExportStore
 from storage.fs import Root
+from storage.mapped import describe_views
 from storage.targets import TargetStore
 from trainers.data import (
     ShardStream,
     ZarrClips,
+    ZeroCopyCollate,
     collate_samples,
+    collate_zero_copy,
     fp8_to_float,
     reads_before,
     shuffle_buffer_order,
@@ -257,3 +264,119 @@ def test_zarr_clips_refuses_mixed_versions(world):
     other_video = make_video(Root(world["root"]), world["plan"], NUM_CLIPS, seed=13)
     with pytest.raises(ValueError, match="refusing to mix versions"):
         ZarrClips(world["root"], world["plan"], [other_video, world["teacher"]])
+
+
+# zero-copy hand-over from DataLoader workers ---------------------------------------------------
+def mapped_file_of(array: np.ndarray) -> str | None:
+    """File name of the np.memmap an array is a view of (following .base), None for a copy."""
+    obj = array
+    while obj is not None:
+        if isinstance(obj, np.memmap):
+            return obj.filename
+        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+    return None
+
+
+def shard_files(world, export_id: str) -> set[str]:
+    store = ExportStore(world["root"])
+    return {store.root.path(f"exports/{export_id}/{shard.name}") for shard in store.index(export_id).shards}
+
+
+def test_zero_copy_workers_yield_every_sample_once_with_the_in_process_bytes(world):
+    expected = {s["meta"]["clip_index"]: s for s in ShardStream(world["root"], world["export"], pins(world))}
+    stream = ShardStream(world["root"], world["export"], pins(world), seed=5, shuffle_buffer=3)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=collate_zero_copy,
+                        multiprocessing_context=worker_context())
+    seen, workers = [], set()
+    for sample in loader:
+        clip = sample["meta"]["clip_index"]
+        seen.append(clip)
+        workers.add(sample["meta"]["stream"]["worker"])
+        assert sample["__key__"] == expected[clip]["__key__"]
+        for field in ("onestep", "frames", "dinov2.target", "seed", "actions", "actions_mask", "state"):
+            assert isinstance(sample[field], torch.Tensor)
+            np.testing.assert_array_equal(sample[field].numpy(), expected[clip][field])
+            assert sample[field].numpy().dtype == expected[clip][field].dtype
+        stream.note_consumed(sample)
+    assert sorted(seen) == list(range(NUM_CLIPS)) and len(seen) == len(set(seen))
+    assert workers == {0, 1}
+    assert sum(stream.state_dict()["consumed"].values()) == NUM_CLIPS
+
+
+def test_zero_copy_arrays_in_the_main_process_are_private_views_of_the_shard(world):
+    files = shard_files(world, world["export"])
+    expected = {s["meta"]["clip_index"]: s for s in ShardStream(world["root"], world["export"], pins(world))}
+    stream = ShardStream(world["root"], world["export"], pins(world), seed=2)
+    loader = DataLoader(stream, batch_size=2, num_workers=2, collate_fn=ZeroCopyCollate(as_tensors=False),
+                        multiprocessing_context=worker_context())
+    samples = [sample for batch in loader for sample in batch]  # batch_size=k: a list, not stacked
+    assert sorted(s["meta"]["clip_index"] for s in samples) == list(range(NUM_CLIPS))
+    for sample in samples:
+        for field in ("onestep", "frames", "dinov2.reference", "actions"):
+            assert mapped_file_of(sample[field]) in files, field  # a view of the shard file: no copy
+            assert sample[field].flags.writeable
+    first = samples[0]
+    clip, original = first["meta"]["clip_index"], expected[first["meta"]["clip_index"]]["onestep"].copy()
+    first["onestep"][...] = 0  # copy-on-write: the shard and later reads keep the stored bytes
+    again = {s["meta"]["clip_index"]: s for s in ShardStream(world["root"], world["export"], pins(world))}
+    np.testing.assert_array_equal(again[clip]["onestep"], original)
+
+
+def test_zero_copy_keeps_copying_arrays_that_are_not_mapped(world):
+    export_id = export_world(world, shard_size="30KB", codec="fp8")
+    decoded = {s["meta"]["clip_index"]: s for s in ShardStream(world["root"], export_id, pins(world))}
+    stream = ShardStream(world["root"], export_id, pins(world), fields=["onestep", "frames", "actions"])
+    loader = DataLoader(stream, batch_size=None, num_workers=1, collate_fn=ZeroCopyCollate(as_tensors=False),
+                        multiprocessing_context=worker_context())
+    samples = list(loader)
+    assert len(samples) == NUM_CLIPS
+    for sample in samples:
+        clip = sample["meta"]["clip_index"]
+        assert mapped_file_of(sample["onestep"]) is None  # decoded from fp8 codes in the worker: copied
+        assert mapped_file_of(sample["actions"]) in shard_files(world, export_id)
+        for field in ("onestep", "frames", "actions"):
+            np.testing.assert_array_equal(sample[field], decoded[clip][field])
+    in_process = collate_zero_copy(next(iter(ShardStream(world["root"], export_id, pins(world)))))
+    assert isinstance(in_process["onestep"], torch.Tensor) and isinstance(in_process["meta"], dict)
+
+
+def test_descriptors_outside_the_file_or_of_unknown_files_are_refused(world):
+    sample = next(iter(ShardStream(world["root"], world["export"], pins(world))))
+    view = describe_views(sample)["onestep"]
+    name = Path(view.region.path).name
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(view)), sample["onestep"])
+    size = view.region.identity.size
+    outside = dataclasses.replace(view.region, start=size - 100, length=4096)
+    with pytest.raises(ValueError, match=rf"{name}.*\[{size - 100}, {size - 100 + 4096}\) is outside the file"):
+        pickle.loads(pickle.dumps(outside))
+    past_region = dataclasses.replace(view, offset=view.region.length)
+    with pytest.raises(ValueError, match=rf"{name}: view of .* runs outside its mapped region"):
+        pickle.loads(pickle.dumps(past_region))
+    with pytest.raises(ValueError, match="may only hold numeric arrays"):
+        pickle.loads(pickle.dumps(dataclasses.replace(view, dtype="|O")))
+    stranger = dataclasses.replace(view.region, path=str(Path(world["root"]) / "index.json"))
+    with pytest.raises(ValueError, match="index.json: not a shard file of an export read in this process"):
+        pickle.loads(pickle.dumps(stranger))
+
+
+def test_descriptors_of_a_changed_deleted_or_replaced_shard_are_refused(tmp_path):
+    world = make_world(tmp_path, num_clips=4)
+    export_id = export_world(world, shard_size="40KB")
+    stream = ShardStream(world["root"], export_id, pins(world), shuffle_shards=False)
+    sample = next(iter(stream))
+    view = describe_views(sample)["onestep"]
+    path = Path(view.region.path)
+    data = path.read_bytes()
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10 ** 9))  # same bytes, modified in place
+    with pytest.raises(ValueError, match=rf"{path.name}.*changed after the sender mapped it"):
+        pickle.loads(pickle.dumps(view))
+    path.unlink()
+    with pytest.raises(ValueError, match=rf"{path.name}.*deleted or replaced"):
+        pickle.loads(pickle.dumps(view))
+    replacement = path.with_name(".tmp-replacement")
+    replacement.write_bytes(data)  # the same bytes under a new inode: still not the file the worker mapped
+    replacement.rename(path)
+    with pytest.raises(ValueError, match=rf"{path.name}.*changed after the sender mapped it"):
+        pickle.loads(pickle.dumps(view))
+    fresh = describe_views(next(iter(ShardStream(world["root"], export_id, pins(world), shuffle_shards=False))))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(fresh["onestep"])), sample["onestep"])

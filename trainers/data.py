@@ -47,7 +47,9 @@ gzip'd; they are inflated only when selected with `fields=`. Statistics for norm
 Field names: a "video" version gives its arrays' names ("frames", "onestep", "seed"); a "teacher"
 version gives "<teacher>.<array>"; a "text" version gives "text" (its single array); a "pi0" version
 gives "pi0.<array>". Use `collate_samples` as the DataLoader's `collate_fn` to stack arrays into torch
-tensors and keep "meta" / "__key__" as lists.
+tensors and keep "meta" / "__key__" as lists. For per-sample loading through DataLoader workers
+(``batch_size=None``) use `collate_zero_copy`: arrays that are views of the memory-mapped shard reach the
+main process as views of the same file, without a copy.
 
 Resuming: iterate `ShardStream` directly or through a DataLoader; call `stream.note_consumed(batch)` after
 each processed batch (needed with DataLoader workers, which prefetch), save `stream.state_dict()` with
@@ -72,6 +74,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from pipelines.export import E8M0_TABLE, FP8_POWER, decode_sample, fp8_table, sample_key
 from storage.exports import BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
 from storage.fs import Root
+from storage.mapped import describe_views
 
 log = logging.getLogger(__name__)
 FLOAT_DTYPES = {None: None, "float16": np.float16, "float32": np.float32}
@@ -208,10 +211,15 @@ class ShardStream(IterableDataset):
         self._resume_layout: tuple[int, int] | None = None
         self._finished = False  # this copy iterated its whole epoch; the next iteration moves on
         self._pool: BufferPool | None = None
+        self.store.accept_mapped_views(self.index)  # samples handed over by collate_zero_copy
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get a copy without the read buffers of this process.
         return {**self.__dict__, "_pool": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.store.accept_mapped_views(self.index)  # a process that receives the stream can read its views
 
     @property
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -443,6 +451,77 @@ def _stack(values: Sequence[np.ndarray], shared: bool) -> torch.Tensor:
     out = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     np.stack(values, out=out.numpy())
     return out
+
+
+class ZeroCopyCollate:
+    """DataLoader collate_fn for per-sample loading in worker processes, without copying mapped arrays.
+
+        loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=collate_zero_copy)
+
+    With ``batch_size=None`` the DataLoader calls it on each sample and it returns the sample dict
+    with its arrays as torch tensors, like the default ``default_convert`` (numpy arrays with
+    ``as_tensors=False``); given a list of samples (``batch_size=k``) it returns the list, each sample
+    converted, not stacked. "meta" and "__key__" pass through.
+
+    ShardStream's arrays on a local root are views of the memory-mapped shard (f16 and raw fields,
+    fp8 codes kept with ``decode_fp8=False``). Inside a worker each such view leaves as a descriptor
+    (file, byte offset, dtype, shape, file identity; see storage/mapped.py) and the main process maps
+    the same bytes of the shard again: no copy, the page cache is shared, and a shard deleted or
+    replaced in between is refused with a ValueError. Other arrays (fp8 decoded on the CPU,
+    inflated gzip'd fields, anything read from an object store) are copied into shared memory, as
+    ``collate_samples`` does. In-process (``num_workers=0``) nothing is copied either way.
+
+    When to use it: per-sample loading through workers (a consumer that takes one sample at a time,
+    or batches and pins on its own in the main process). Batched training goes through
+    trainers/loop.py's StatefulBatches, which collates inside the workers into reusable page-locked
+    buffers; ``collate_samples`` stacks batches into fresh shared memory.
+    """
+
+    def __init__(self, as_tensors: bool = True):
+        self.as_tensors = as_tensors
+
+    def __call__(self, item: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, Any] | list:
+        if isinstance(item, Mapping):
+            return self._sample(item)
+        return [self._sample(sample) for sample in item]
+
+    def _sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        if get_worker_info() is None:
+            return {name: self._convert(value) for name, value in sample.items()}
+        views = describe_views(sample)
+        handed: dict[str, Any] = {}
+        for name, value in sample.items():
+            if name in views:  # unpickles in the receiving process as a view of the shard (+ a tensor)
+                handed[name] = _Arrival(torch.from_numpy, views[name]) if self.as_tensors else views[name]
+            elif _tensor_compatible(value):
+                shared = _stack([value], shared=True)[0]
+                handed[name] = shared if self.as_tensors else _Arrival(torch.Tensor.numpy, shared)
+            else:
+                handed[name] = value
+        return handed
+
+    def _convert(self, value: Any) -> Any:
+        return torch.from_numpy(value) if self.as_tensors and _tensor_compatible(value) else value
+
+
+collate_zero_copy = ZeroCopyCollate()
+"""``ZeroCopyCollate()``: per-sample collate_fn returning tensors (see ZeroCopyCollate)."""
+
+
+def _tensor_compatible(value: Any) -> bool:
+    # Numeric and bool arrays (what default_convert turns into tensors); strings and objects stay numpy.
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """``function(value)``, applied where it is unpickled (turns a received view into a tensor there)."""
+
+    function: Any
+    value: Any
+
+    def __reduce__(self):
+        return self.function, (self.value,)
 
 
 # ZarrClips -------------------------------------------------------------------------------------

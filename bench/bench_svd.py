@@ -5,13 +5,17 @@ Every figure is measured against the bare UNet forward at the same batch in the 
 
     # GPU sweep (random full-size weights); each variant runs in its own time-boxed process
     python bench/bench_svd.py --sweep --out /tmp/svd-bench
+    # the whole-graph fp16 and fp8 variants only (fp8 drift is measured against the fp16 run)
+    python bench/bench_svd.py --sweep --only unet-fp16-b32,unet-fp8-b32
     # one variant
     python bench/bench_svd.py --variant '{"dtype": "fp16", "compile": "blocks", "batch": 16}'
     # CPU sanity run of the whole sweep on the tiny model
     python bench/bench_svd.py --sweep --tiny
 
 A clip is 16 frames at 256x256 (32x32 latents); a guided step is two UNet calls of B clips
-(conditional and unconditional), so 30 steps are 60 UNet calls per batch.
+(conditional and unconditional), so 30 steps are 60 UNet calls per batch. The bare UNet call is
+the split UNet the pipeline runs (head up to the last feature block, then tail); the bare head
+call is what one-step extraction pays for the network alone.
 """
 
 from __future__ import annotations
@@ -41,15 +45,16 @@ def setup(spec: dict):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
+    if spec.get("inductor"):  # e.g. {"freezing": true}: inductor settings of this variant
+        import torch._inductor.config as inductor_config
+
+        for key, value in spec["inductor"].items():
+            setattr(inductor_config, key, value)
     model = load_svd(spec["model"], spec["device"], spec["dtype"])
-    if spec.get("compile") == "full":
-        # Timing-only comparison: feature hooks do not fire inside a whole-UNet graph.
-        model.unet = torch.compile(model.unet, dynamic=False, **({"mode": spec["compile_mode"]}
-                                                                 if spec.get("compile_mode") else {}))
-    else:
-        apply_speedups(model, SpeedOptions(channels_last=spec.get("channels_last", False),
-                                           compile=spec.get("compile") or "none",
-                                           compile_mode=spec.get("compile_mode")))
+    apply_speedups(model, SpeedOptions(channels_last=spec.get("channels_last", False),
+                                       compile=spec.get("compile") or "none", compile_mode=spec.get("compile_mode"),
+                                       compile_backend=spec.get("compile_backend", "inductor"),
+                                       freeze=spec.get("freeze", True)))
     params = SVDParams(num_frames=spec["frames"], size=spec["size"], steps=spec["steps"])
     return model, params, time.perf_counter() - started
 
@@ -85,27 +90,46 @@ def unet_call_args(model, params, batch: int):
     return sample.to(**to), torch.tensor(1.5, device=model.device), states.to(**to), ids.to(**to)
 
 
-def time_unet(model, params, batch: int, iters: int) -> dict:
-    """Median ms of a bare UNet forward at ``batch`` clips (first call timed separately: compile)."""
+def bare_call(model, params, batch: int, head_only: bool = False):
+    """A no-argument closure running one bare UNet call (or only its head) on random inputs."""
+    split = model.split(params.feature_blocks)
+    sample, t, states, ids = unet_call_args(model, params, batch)
+    if head_only:
+        return lambda: split.features(sample, t, states, ids)
+    return lambda: split(sample, t, states, ids)[0]
+
+
+def time_call(call, device: str, iters: int) -> tuple[float, float]:
+    """(median seconds of ``call()``, seconds of the first call: compilation) under no_grad."""
     import torch
 
-    sample, t, states, ids = unet_call_args(model, params, batch)
-    call = lambda: model.unet(sample, t, encoder_hidden_states=states, added_time_ids=ids, return_dict=False)[0]
     with torch.no_grad():
         start = time.perf_counter()
         call()
-        sync(str(model.device))
+        sync(device)
         first_s = time.perf_counter() - start
         call()
         times = []
         for _ in range(iters):
-            sync(str(model.device))
+            sync(device)
             start = time.perf_counter()
             call()
-            sync(str(model.device))
+            sync(device)
             times.append(time.perf_counter() - start)
     times.sort()
-    return {"unet_ms": 1e3 * times[len(times) // 2], "unet_first_s": first_s}
+    return times[len(times) // 2], first_s
+
+
+def time_unet(model, params, batch: int, iters: int) -> dict:
+    """Median ms of a bare UNet forward at ``batch`` clips (first call timed separately: compile)."""
+    median_s, first_s = time_call(bare_call(model, params, batch), str(model.device), iters)
+    return {"unet_ms": 1e3 * median_s, "unet_first_s": first_s}
+
+
+def time_head(model, params, batch: int, iters: int) -> dict:
+    """Median ms of the bare head (UNet up to the last feature block) at ``batch`` clips."""
+    median_s, first_s = time_call(bare_call(model, params, batch, head_only=True), str(model.device), iters)
+    return {"head_ms": 1e3 * median_s, "head_first_s": first_s}
 
 
 def count_flops(model, params) -> float:
@@ -150,8 +174,52 @@ def time_onestep(model, params, batch: int, iters: int) -> dict:
     return {"onestep_s": times[len(times) // 2]}
 
 
-def time_generate(model, params, batch: int, repeats: int) -> dict:
-    from pipelines.svd import generate_clips
+def onestep_breakdown(model, params, batch: int) -> dict:
+    """Seconds of each stage of ``one_step_features`` (run stage by stage, synchronised after
+    each, second of two passes): where the time beyond the bare head call goes."""
+    import torch
+
+    from pipelines.svd import conditioning as cond
+    from pipelines.svd.features import merge_features, to_host
+
+    frames, text, seeds = inputs(model, params, batch)
+    device = str(model.device)
+    split = model.split(params.feature_blocks)
+    side = params.size // model.vae_scale_factor
+    stages: dict[str, float] = {}
+
+    def stage(name, fn):
+        sync(device)
+        start = time.perf_counter()
+        value = fn()
+        sync(device)
+        stages[name] = time.perf_counter() - start
+        return value
+
+    with torch.no_grad():
+        for _ in range(2):
+            scheduler = model.new_scheduler()
+            scheduler.set_timesteps(params.steps, device=model.device)
+            noise, image_noise = stage("noise", lambda: cond.clip_noise(
+                seeds, (params.num_frames, 4, side, side), (3, params.size, params.size)))
+            images = stage("preprocess", lambda: cond.preprocess_frames(frames, params.size))
+            image_latents = stage("encode", lambda: cond.image_latents(
+                model, images, image_noise, params.noise_aug_strength, params.num_frames))
+            states = stage("text", lambda: cond.text_states(model, text, params.text_position_encoding))
+            ids = cond.added_time_ids(model, params.fps, params.motion_bucket_id, params.noise_aug_strength, batch)
+            t = scheduler.timesteps[0]
+            sample = stage("scale", lambda: torch.cat([scheduler.scale_model_input(
+                noise.to(model.device) * scheduler.init_noise_sigma, t).to(model.dtype), image_latents], dim=2))
+            captured = stage("head", lambda: split.features(sample, t, states, ids))
+            merged = stage("merge", lambda: merge_features(captured, params.feature_blocks, batch))
+            stage("to_host", lambda: to_host(merged))
+    return {f"onestep_{name}_s": value for name, value in stages.items()}
+
+
+def time_generate(model, params, batch: int, repeats: int, spec: dict) -> dict:
+    """Seconds of 30-step generation (best of ``repeats``); with ``check`` in the measures, whether
+    its features equal the standalone extraction; keeps the last output for ``save_ref``/``drift``."""
+    from pipelines.svd import generate_clips, one_step_features
 
     data = inputs(model, params, batch)
     start = time.perf_counter()
@@ -160,9 +228,68 @@ def time_generate(model, params, batch: int, repeats: int) -> dict:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        generate_clips(model, params, *data)
+        out = generate_clips(model, params, *data, keep_latents=True)
         times.append(time.perf_counter() - start)
-    return {"generate_s": min(times), "generate_warm_s": warm_s}
+    row = {"generate_s": min(times), "generate_warm_s": warm_s}
+    if "check" in spec["measure"]:
+        row["capture_equals_standalone"] = bool((out.onestep == one_step_features(model, params, *data)).all())
+    LAST_OUTPUT["generated"] = out
+    return row
+
+
+LAST_OUTPUT: dict = {}
+
+
+def reference_arrays(model, params, batch: int) -> dict:
+    """Outputs compared between precisions: one bare UNet call, the one-step features, the final
+    latents and frames of the last timed generation (same inputs and weights in every process)."""
+    import torch
+
+    with torch.no_grad():
+        call = bare_call(model, params, batch)().float().cpu().numpy()
+    out = LAST_OUTPUT["generated"]
+    return {"call": call, "onestep": out.onestep, "latents": out.latents, "frames": out.frames}
+
+
+def save_reference(model, params, batch: int, scratch: Path) -> dict:
+    """Write :func:`reference_arrays` under ``scratch`` (fp16 run) plus the drift of one compiled
+    call from the same call in eager mode (the rounding floor of compilation alone)."""
+    import numpy as np
+    import torch
+
+    from pipelines.svd.unet_split import UNetSplit
+
+    arrays = reference_arrays(model, params, batch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(scratch / f"ref_{name}.npy", array)
+    sample, t, states, ids = unet_call_args(model, params, batch)
+    with torch.no_grad():
+        eager = UNetSplit(model.unet, max(params.feature_blocks))(sample, t, states, ids)[0].float().cpu().numpy()
+    return {"ref_saved": str(scratch), "drift_call_compiled_vs_eager": rel_l2(arrays["call"], eager)}
+
+
+def rel_l2(value, reference) -> float:
+    import numpy as np
+
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(value - reference) / np.linalg.norm(reference))
+
+
+def drift(model, params, batch: int, scratch: Path) -> dict:
+    """Relative L2 of this run's outputs against the fp16 reference saved by ``save_ref``, and the
+    mean absolute difference of the decoded frames in uint8 levels."""
+    import numpy as np
+
+    arrays = reference_arrays(model, params, batch)
+    row = {}
+    for name, array in arrays.items():
+        reference = np.load(scratch / f"ref_{name}.npy")
+        if name == "frames":
+            row["drift_frames_mean_abs"] = float(np.abs(array.astype(np.int16) - reference).mean())
+        else:
+            row[f"drift_{name}"] = rel_l2(array, reference)
+    return row
 
 
 def time_decode(model, params, batch: int) -> dict:
@@ -199,8 +326,7 @@ def profile_unet(model, params, batch: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    sample, t, states, ids = unet_call_args(model, params, batch)
-    call = lambda: model.unet(sample, t, encoder_hidden_states=states, added_time_ids=ids, return_dict=False)
+    call = bare_call(model, params, batch)
     with torch.no_grad():
         call()
         sync(str(model.device))
@@ -269,8 +395,13 @@ def run_variant(spec: dict) -> None:
     import torch
 
     model, params, load_s = setup(spec)
-    base = {k: spec.get(k) for k in ("name", "dtype", "compile", "compile_mode", "channels_last", "cudnn_benchmark")}
+    base = {k: spec.get(k) for k in ("name", "dtype", "compile", "compile_mode", "channels_last", "cudnn_benchmark",
+                                     "inductor")}
+    base["freeze"] = spec.get("freeze", True) if spec.get("compile") == "unet" else None
     base["load_s"] = load_s
+    if spec["device"].startswith("cuda"):
+        base["gpu"] = torch.cuda.get_device_name()
+    scratch = Path(spec.get("scratch", "/tmp/svd-bench-scratch"))
     if "flops" in spec["measure"]:
         row = {**base, "flops_per_clip": count_flops(model, params),
                "matmul_tflops": matmul_tflops(spec["device"]) if spec["device"].startswith("cuda") else None}
@@ -279,10 +410,14 @@ def run_variant(spec: dict) -> None:
     for batch in spec["batches"]:
         row = {**base, "batch": batch}
         measures = [("unet", lambda: time_unet(model, params, batch, spec["iters"])),
-                    ("onestep", lambda: time_onestep(model, params, batch, max(2, spec["iters"] // 2))),
+                    ("head", lambda: time_head(model, params, batch, spec["iters"])),
+                    ("onestep", lambda: time_onestep(model, params, batch, max(3, spec["iters"] // 2))),
+                    ("breakdown", lambda: onestep_breakdown(model, params, batch)),
                     ("decode", lambda: time_decode(model, params, batch)),
-                    ("generate", lambda: {**time_generate(model, params, batch, spec.get("repeats", 1)),
+                    ("generate", lambda: {**time_generate(model, params, batch, spec.get("repeats", 1), spec),
                                           "steps": params.steps}),
+                    ("save_ref", lambda: save_reference(model, params, batch, scratch)),
+                    ("drift", lambda: drift(model, params, batch, scratch)),
                     ("profile", lambda: profile_unet(model, params, batch))]
         for name, measure in measures:
             if name != "unet" and name not in spec["measure"]:
@@ -316,10 +451,18 @@ def sweep_variants(tiny: bool) -> list[dict]:
          "measure": ["onestep", "generate"]},
         {"name": "blocks-compiled-b32", "dtype": "fp16", "compile": "blocks", "batches": [big[-1]],
          "measure": ["onestep", "decode", "generate", "profile"]},
-        {"name": "full-compiled-unet", "dtype": "fp16", "compile": "full", "batches": [big[-1]],
-         "measure": ["profile"]},
         {"name": "blocks-autotune-b32", "dtype": "fp16", "compile": "blocks",
          "compile_mode": "max-autotune-no-cudagraphs", "batches": [big[-1]], "measure": []},
+        # Whole-graph UNet halves, decoder and encoder; fp8 drift is measured against the fp16 outputs
+        # saved by save_ref (run the fp16 variant first). "-nofreeze" repeats the first whole-graph
+        # run (without inductor freezing).
+        {"name": "unet-fp16-nofreeze-b32", "dtype": "fp16", "compile": "unet", "freeze": False,
+         "batches": [big[-1]], "timeout_s": 290,
+         "measure": ["flops", "head", "onestep", "breakdown", "decode", "generate", "check", "save_ref", "profile"]},
+        {"name": "unet-fp16-b32", "dtype": "fp16", "compile": "unet", "batches": [big[-1]], "timeout_s": 250,
+         "measure": ["flops", "head", "onestep", "breakdown", "decode", "generate", "check", "save_ref", "profile"]},
+        {"name": "unet-fp8-b32", "dtype": "fp8", "compile": "unet", "batches": [big[-1]], "timeout_s": 280,
+         "measure": ["head", "onestep", "decode", "generate", "check", "drift", "profile"]},
     ]
 
 
@@ -337,7 +480,7 @@ def run_child(spec: dict, timeout_s: float) -> list[dict]:
     if partial and (not rows or rows[-1].get("batch") != partial[-1].get("batch")):
         rows.append({**partial[-1], "incomplete": status})
     print(f"# {spec['name']}: {status} in {time.perf_counter() - started:.0f} s, {len(rows)} results", flush=True)
-    if not rows and err:
+    if err and (not rows or status != "exit 0"):
         print(err[-3000:], flush=True)
     return rows or [{"name": spec["name"], "error": status, "stderr_tail": err[-1500:]}]
 
@@ -361,13 +504,20 @@ def derive(rows: list[dict]) -> list[dict]:
         if "onestep_s" in row:
             row["onestep_clips_per_hour"] = batch * 3600 / row["onestep_s"]
             row["onestep_vs_unet"] = row["onestep_s"] / unet_s
+            if "head_ms" in row:
+                row["onestep_vs_head"] = row["onestep_s"] / (row["head_ms"] / 1e3)
+        if "decode_s" in row:
+            row["decode_ms_per_clip"] = 1e3 * row["decode_s"] / batch
     return rows
 
 
+DETAIL_KEYS = ("onestep_", "drift_", "capture_", "profile_shares", "decode_ms", "head_", "gpu", "error", "incomplete")
+
+
 def print_table(rows: list[dict]) -> None:
-    cols = ["name", "setting", "batch", "unet_ms", "unet_ms_per_clip", "tflops", "mfu", "unet_first_s", "generate_s",
-            "generate_clips_per_hour", "generate_overhead", "onestep_s", "onestep_clips_per_hour", "onestep_vs_unet",
-            "decode_s", "peak_mem_gb"]
+    cols = ["name", "setting", "batch", "unet_ms", "unet_ms_per_clip", "tflops", "mfu", "unet_first_s", "head_ms",
+            "generate_s", "generate_clips_per_hour", "generate_overhead", "onestep_s", "onestep_clips_per_hour",
+            "onestep_vs_unet", "onestep_vs_head", "decode_s", "peak_mem_gb"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
@@ -378,6 +528,11 @@ def print_table(rows: list[dict]) -> None:
             value = row.get(col, "")
             cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
         print("| " + " | ".join(cells) + " |")
+    for row in rows:  # breakdowns, drift, checks: one line per variant
+        detail = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                  if k.startswith(DETAIL_KEYS) and k != "onestep_clips_per_hour"}
+        if detail:
+            print(f"# detail {row.get('name')} B={row.get('batch')}: {json.dumps(detail)}")
 
 
 def sweep(args) -> None:
@@ -385,6 +540,7 @@ def sweep(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget_s
     common = {"model": "tiny" if args.tiny else args.model, "device": args.device, "iters": args.iters,
+              "compile_backend": args.compile_backend,
               "frames": 4 if args.tiny else 16, "size": 32 if args.tiny else 256, "steps": 2 if args.tiny else 30}
     rows = []
     only = set(args.only.split(",")) if args.only else None
@@ -395,10 +551,11 @@ def sweep(args) -> None:
         if left < 30:
             print(f"# {variant['name']}: skipped (budget spent)", flush=True)
             continue
-        if args.device == "cpu":  # half precision on a CPU only tests the code path, slowly
-            variant = {**variant, "dtype": "fp32",
+        if args.device == "cpu":  # half precision on a CPU only tests the code path, slowly (fp8 kept: tiny)
+            variant = {**variant, "dtype": "fp8" if variant["dtype"] == "fp8" else "fp32",
                        "settings": [{**s, "dtype": "fp32", "sdpa": None} for s in variant.get("settings", [])]}
-        rows += run_child({**common, **variant}, min(left, args.variant_timeout_s))
+        timeout_s = variant.get("timeout_s", args.variant_timeout_s)
+        rows += run_child({**common, "scratch": args.scratch, **variant}, min(left, timeout_s))
         (out / "svd_bench.json").write_text(json.dumps(derive(rows), indent=1))
     print_table(derive(rows))
 
@@ -412,9 +569,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--only", help="Comma list of variant names to run.")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of compiled variants ('aot_eager': quick CPU check of the code).")
     parser.add_argument("--budget-s", type=float, default=540.0, help="Wall-clock budget of the whole sweep.")
     parser.add_argument("--variant-timeout-s", type=float, default=240.0)
     parser.add_argument("--out", default="/tmp/svd-bench")
+    parser.add_argument("--scratch", default="/tmp/svd-bench-scratch",
+                        help="Where the fp16 run leaves its outputs for the fp8 drift (large: not under --out).")
     args = parser.parse_args()
     if args.variant:
         spec = {"model": args.model, "device": args.device, "iters": args.iters, "frames": 16, "size": 256,

@@ -249,12 +249,15 @@ class GenerateConfig(StrictModel):
     model: str = Field(description="SVD model spec: hf:<repo>[@rev] | dir:<path> | random | tiny.")
     seed: int = Field(default=0, description="Initialisation seed of random/tiny models.")
     params: SVDParams = Field(default_factory=SVDParams, description="Generation settings (keyed).")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="UNet/VAE compute dtype (keyed).")
+    dtype: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
+        default="fp32", description="UNet/VAE compute dtype (keyed); fp8: e4m3 transformer Linear layers "
+                                    "around float16 (Hopper/Ada GPUs; H100: faster, changes the numbers).")
     device: str = Field(default="cpu", description="Torch device.")
     batch: int = Field(default=4, ge=1, description="Clips per UNet call (two calls per guided step).")
-    compile: Literal["none", "blocks"] = Field(
-        default="none", description="torch.compile the UNet/decoder layers (GPU: 1.4x; compiled kernels "
-                                    "round differently, so rerun a version with the setting that built it).")
+    compile: Literal["none", "blocks", "unet"] = Field(
+        default="none", description="torch.compile the UNet/decoder per layer (blocks, GPU: 1.4x) or as whole "
+                                    "graphs (unet: +4%, longer first call); compiled kernels round differently, "
+                                    "so rerun a version with the setting that built it.")
     shard_size: int = Field(default=16, ge=1, description="Clips per shard and per writer.")
     workers: int = Field(default=1, ge=1, description="Parallel shard tasks (each holds a model).")
 

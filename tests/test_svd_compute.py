@@ -8,7 +8,7 @@ import torch
 
 from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd, one_step_features, save_svd
 from pipelines.svd.conditioning import clip_noise, text_states
-from pipelines.svd.features import capture_up_blocks, feature_shape
+from pipelines.svd.features import feature_shape
 from pipelines.svd.loading import describe_svd
 
 PARAMS = SVDParams(num_frames=4, size=32, steps=2)
@@ -103,8 +103,7 @@ def test_text_states_are_duplicated(model):
 
 def test_bad_feature_block_is_named(model):
     with pytest.raises(ValueError, match="feature block 9"):
-        with capture_up_blocks(model.unet, [0, 9]):
-            pass
+        model.split([0, 9])
 
 
 def test_dir_round_trip_records_digests_and_reproduces(model, inputs, generated, tmp_path):
@@ -145,10 +144,11 @@ def test_hf_spec_resolves_through_the_offline_hub_cache(model, inputs, generated
 
 
 @pytest.mark.gpu
-def test_compiled_layers_keep_capture_equal_to_standalone_on_gpu(inputs):
+@pytest.mark.parametrize("scope,dtype", [("blocks", "fp16"), ("unet", "fp16"), ("unet", "fp8")])
+def test_compiled_keeps_capture_equal_to_standalone_on_gpu(inputs, scope, dtype):
     from pipelines.svd.speed import SpeedOptions, apply_speedups
 
-    compiled = apply_speedups(load_svd("tiny", "cuda", "fp16"), SpeedOptions(compile="blocks"))
+    compiled = apply_speedups(load_svd("tiny", "cuda", dtype), SpeedOptions(compile=scope))
     out = generate_clips(compiled, PARAMS, *inputs)
     again = generate_clips(compiled, PARAMS, *inputs)
     assert np.array_equal(out.onestep, one_step_features(compiled, PARAMS, *inputs))

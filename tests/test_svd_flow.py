@@ -125,12 +125,14 @@ def test_changed_parameter_model_or_input_gives_a_new_version(built, tmp_path):
         config.model_copy(update={"params": config.params.model_copy(update={"max_guidance": 2.5})}),
         config.model_copy(update={"params": config.params.model_copy(update={"feature_blocks": [0]})}),
         config.model_copy(update={"dtype": "bf16"}),
+        config.model_copy(update={"dtype": "fp8"}),
         config.model_copy(update={"seed": 1}),
     ]
     ids = {video_recipe(root, c)[0].version_id() for c in changed}
     assert len(ids) == len(changed) and version not in ids
     # runtime choices are not part of the version
-    assert video_recipe(root, config.model_copy(update={"batch": 1, "device": "cpu"}))[0].version_id() == version
+    runtime = config.model_copy(update={"batch": 1, "device": "cpu", "compile": "unet"})
+    assert video_recipe(root, runtime)[0].version_id() == version
 
 
 def test_dir_weights_are_keyed_by_their_digest(built, tmp_path):

@@ -65,11 +65,13 @@ def generate(
     model: str = typer.Option(..., help="SVD model: hf:<repo>[@rev] | dir:<path> | random | tiny."),
     steps: int = typer.Option(30, help="Euler denoising steps."),
     size: int = typer.Option(256, help="Generated frame size (square)."),
-    batch: int = typer.Option(4, help="Clips per UNet call (H100: 32 with --compile blocks)."),
+    batch: int = typer.Option(4, help="Clips per UNet call (H100: 32 with --compile unet)."),
     compile_scope: str = typer.Option("none", "--compile",
-                                      help="none | blocks: torch.compile the UNet and decoder layers (GPU)."),
+                                      help="none | blocks | unet: torch.compile the UNet and decoder per layer "
+                                           "or as whole graphs (GPU)."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
-    dtype: str = typer.Option(None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)."),
+    dtype: str = typer.Option(None, help="fp16 | bf16 | fp32 | fp8 (default: fp16 on cuda, fp32 on cpu); fp8 "
+                                         "runs the transformer Linear layers in e4m3 (keyed: a new version)."),
     min_guidance: float = typer.Option(1.0, help="Guidance scale of the first frame."),
     max_guidance: float = typer.Option(3.0, help="Guidance scale of the last frame."),
     fps: int = typer.Option(4, help="Frame-rate conditioning."),

@@ -1,65 +1,17 @@
-"""One-step features: outputs of the UNet's first up blocks, captured with forward hooks."""
+"""One-step features: outputs of the UNet's first up blocks (returned by the split UNet's head,
+see ``pipelines.svd.unet_split``), merged into one (B, T, h, w, C) map, and device-to-host copies."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
+import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNetSpatioTemporalConditionModel
-
-
-class FeaturesCaptured(Exception):
-    """Raised by the last feature hook to end a features-only forward early (see ``stop``)."""
-
-
-@contextmanager
-def capture_up_blocks(unet: UNetSpatioTemporalConditionModel, blocks: list[int],
-                      stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the output of ``unet.up_blocks[i]`` for each i in ``blocks`` while the context is
-    open: a dict i -> (B*T, C_i, h_i, w_i), overwritten by each forward call.
-
-    With ``stop`` the hook of the deepest-in-order block raises :class:`FeaturesCaptured`, so a
-    caller that only wants features skips the rest of the UNet (the high-resolution up blocks,
-    a large share of its cost); the captured values are the same either way."""
-    for index in blocks:
-        if not 0 <= index < len(unet.up_blocks):
-            raise ValueError(f"feature block {index}: the UNet has up_blocks 0..{len(unet.up_blocks) - 1}")
-    captured: dict[int, torch.Tensor] = {}
-    last = max(blocks)
-    handles = [
-        unet.up_blocks[index].register_forward_hook(_recorder(captured, index, stop and index == last))
-        for index in set(blocks)
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _recorder(captured: dict[int, torch.Tensor], index: int, raise_after: bool):
-    def hook(_module, _inputs, output):
-        captured[index] = output[0] if isinstance(output, tuple) else output
-        if raise_after:
-            raise FeaturesCaptured
-    return hook
-
-
-def run_until_captured(call) -> None:
-    """Run ``call()`` (a UNet forward inside ``capture_up_blocks(..., stop=True)``) to the point
-    where the features are recorded."""
-    try:
-        call()
-    except FeaturesCaptured:
-        return
-    raise RuntimeError("feature capture: the UNet forward finished without reaching the last feature block")
 
 
 def merge_features(captured: dict[int, torch.Tensor], blocks: list[int], batch: int) -> torch.Tensor:
-    """Captured block outputs -> (B, T, h, w, C) float16: each map upsampled (nearest) to the
-    finest captured resolution and concatenated on channels in ``blocks`` order."""
+    """Up block outputs {index: (B*T, C_i, h_i, w_i)} -> (B, T, h, w, C) float16: each map
+    upsampled (nearest) to the finest captured resolution and concatenated on channels in
+    ``blocks`` order."""
     missing = [i for i in blocks if i not in captured]
     if missing:
         raise RuntimeError(f"feature capture: up_blocks {missing} did not run")
@@ -94,3 +46,16 @@ def feature_shape(unet_config: dict, vae_config: dict, size: int, blocks: list[i
     channels = list(reversed(unet_config["block_out_channels"]))
     side = max(latent if i == levels - 1 else bottom * 2 ** (i + 1) for i in blocks)
     return side, side, sum(channels[i] for i in blocks)
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A device tensor as a host numpy array. From a GPU the copy lands in page-locked memory
+    (PyTorch's caching host allocator: the block returns to its cache once the array is dropped,
+    so steady-state calls neither pin nor page-fault fresh memory, which costs more than the copy
+    of 21 MB of features per clip itself)."""
+    if tensor.device.type != "cuda":
+        return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()

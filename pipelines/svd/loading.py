@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 
+from pipelines.svd.fp8 import fp8_supported, quantize_transformer_linears
+from pipelines.svd.unet_split import UNetSplit, check_feature_blocks
 from schemas.model import ModelIdentity, ModelSpec
 from storage.fs import sha256_local_files
 
@@ -28,7 +30,10 @@ FAMILY = "svd"
 DEFAULT_SEED = 0
 SVD_SUBFOLDERS = ("unet", "vae", "scheduler")
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Compute dtype of each precision name. ``fp8`` runs the transformer Linear layers in e4m3
+# (pipelines.svd.fp8) and everything else in float16.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                                  "fp8": torch.float16}
 
 # Scheduler of stabilityai/stable-video-diffusion-img2vid (scheduler/scheduler_config.json).
 SVD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -93,11 +98,27 @@ class SVDModel:
     identity: ModelIdentity
     device: torch.device
     dtype: torch.dtype
+    precision: str = "fp32"
+    compile_kwargs: dict | None = None  # torch.compile arguments of the UNet halves (None: eager)
+    _splits: dict[int, UNetSplit] = field(default_factory=dict, repr=False)
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along one axis."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def split(self, feature_blocks: list[int]) -> UNetSplit:
+        """The UNet split after the last of ``feature_blocks`` (built once per split point, compiled
+        when ``compile_kwargs`` is set); ValueError naming a block the UNet does not have."""
+        last = check_feature_blocks(self.unet, feature_blocks)
+        if last not in self._splits:
+            self._splits[last] = UNetSplit(self.unet, last, self.compile_kwargs)
+        return self._splits[last]
+
+    def compile_unet(self, compile_kwargs: dict | None) -> None:
+        """``torch.compile`` the UNet halves with these arguments from the next call on (None: eager)."""
+        self.compile_kwargs = compile_kwargs
+        self._splits.clear()
 
     def new_scheduler(self) -> EulerDiscreteScheduler:
         """A fresh scheduler: its step index is per-trajectory state, never shared between calls."""
@@ -119,7 +140,8 @@ class VaeEncoderHalf(torch.nn.Module):
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """'fp32' | 'fp16' | 'bf16' -> torch dtype; ValueError naming the value otherwise."""
+    """'fp32' | 'fp16' | 'bf16' | 'fp8' -> compute dtype (fp8: float16 around the e4m3 products);
+    ValueError naming the value otherwise."""
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[name]
@@ -232,10 +254,14 @@ def load_svd(spec: str | ModelSpec | SVDDescription, device: str | torch.device 
     """Load the SVD UNet, VAE and scheduler named by ``spec`` onto ``device`` in ``dtype``.
 
     ``seed`` only matters for ``random``/``tiny`` (it is recorded in the identity). A
-    :class:`SVDDescription` may be passed instead of a spec to skip re-hashing weight files."""
+    :class:`SVDDescription` may be passed instead of a spec to skip re-hashing weight files.
+    ``dtype="fp8"`` loads float16 weights and quantises the transformer Linear layers to e4m3."""
     desc = spec if isinstance(spec, SVDDescription) else describe_svd(spec, seed)
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype)
+    if dtype == "fp8" and not fp8_supported(device):
+        raise ValueError(f"SVD {desc.identity.spec}: dtype fp8 needs a GPU of compute capability >= 8.9 "
+                         f"(or the CPU), not {device}")
     if desc.folder is None:
         unet, vae = _build_random(desc, device)
     else:
@@ -246,8 +272,10 @@ def load_svd(spec: str | ModelSpec | SVDDescription, device: str | torch.device 
     vae = _place(vae, device, torch_dtype)
     log.info("loaded SVD %s on %s (%s): unet %.1fM parameters", desc.identity.spec, device, dtype,
              sum(p.numel() for p in unet.parameters()) / 1e6)
+    if dtype == "fp8":
+        log.info("SVD UNet: %d transformer Linear layers quantised to e4m3", quantize_transformer_linears(unet))
     return SVDModel(unet=unet, vae=vae, vae_encoder=encoder, scheduler_config=desc.scheduler_config,
-                    identity=desc.identity, device=device, dtype=torch_dtype)
+                    identity=desc.identity, device=device, dtype=torch_dtype, precision=dtype)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -2,10 +2,11 @@
 
 One trajectory per clip: the clip's seed fixes its initial latent noise and the noise that
 augments its conditioning frame. Every denoising step runs the conditional and the
-unconditional branch as two UNet calls of the same batch B (rather than one call of 2B): the
-first step's conditional call carries the feature hooks, so the captured features are
-bit-identical to :func:`one_step_features` at the same batch, which runs exactly that call; and
-one batch shape throughout keeps compiled UNet layers to a single specialisation. As in
+unconditional branch as two UNet calls of the same batch B (rather than one call of 2B). The
+UNet runs as a head (up to the last feature block, returning the block outputs) and a tail
+(``pipelines.svd.unet_split``): the first step's conditional call keeps the head's features, so
+they are bit-identical to :func:`one_step_features` at the same batch, which runs exactly that
+head; and one batch shape throughout keeps a compiled UNet to a single specialisation. As in
 diffusers' SVD pipeline, the unconditional branch sees zeroed text states and a zeroed image
 latent; latents and the scheduler arithmetic stay in float32, the networks run in the model dtype.
 """
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import EulerDiscreteScheduler
 from pydantic import Field
 
 from pipelines.svd import conditioning as cond
-from pipelines.svd.features import capture_up_blocks, merge_features, run_until_captured
+from pipelines.svd.features import merge_features, to_host
 from pipelines.svd.loading import SVDModel
+from pipelines.svd.unet_split import UNetSplit
 from schemas.base import StrictModel
 
 
@@ -54,6 +57,10 @@ class Conditioning:
     def batch(self) -> int:
         return self.latents.shape[0]
 
+    def unconditional(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed (image latents, text states) of the unconditional branch."""
+        return torch.zeros_like(self.image_latents), torch.zeros_like(self.text_states)
+
 
 @dataclass
 class GeneratedBatch:
@@ -61,6 +68,7 @@ class GeneratedBatch:
 
     frames: np.ndarray  # (B, T, size, size, 3) uint8
     onestep: np.ndarray  # (B, T, h, w, C) float16
+    latents: np.ndarray | None = None  # (B, T, C, h, w) float32 final latents, when asked for
 
 
 def _check_batch(frames_BHWC: np.ndarray, text_BLD: np.ndarray, seeds: np.ndarray) -> None:
@@ -88,49 +96,52 @@ def prepare(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BL
     )
 
 
-def _unet(model: SVDModel, scaled_BTCHW: torch.Tensor, t: torch.Tensor, image_latents: torch.Tensor,
-          text_states: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-    """One UNet call on scheduler-scaled latents; returns the prediction in float32."""
-    sample = torch.cat([scaled_BTCHW.to(model.dtype), image_latents], dim=2)
-    out = model.unet(sample, t, encoder_hidden_states=text_states, added_time_ids=time_ids, return_dict=False)[0]
-    return out.float()
+def _unet(split: UNetSplit, dtype: torch.dtype, scaled_BTCHW: torch.Tensor, t: torch.Tensor,
+          image_latents: torch.Tensor, text_states: torch.Tensor,
+          time_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One UNet call on scheduler-scaled latents: (prediction in float32, up block outputs)."""
+    sample = torch.cat([scaled_BTCHW.to(dtype), image_latents], dim=2)
+    out, features = split(sample, t, text_states, time_ids)
+    return out.float(), features
 
 
-def _branches(model: SVDModel, c: Conditioning, scaled: torch.Tensor, t: torch.Tensor,
-              blocks: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(conditional, unconditional) predictions; with ``blocks``, also the conditional call's
-    features. The unconditional branch sees zeroed text states and image latents."""
-    features = None
-    if blocks:
-        with capture_up_blocks(model.unet, blocks) as captured:
-            pred_cond = _unet(model, scaled, t, c.image_latents, c.text_states, c.time_ids)
-            features = merge_features(captured, blocks, c.batch)
-    else:
-        pred_cond = _unet(model, scaled, t, c.image_latents, c.text_states, c.time_ids)
-    pred_uncond = _unet(model, scaled, t, torch.zeros_like(c.image_latents), torch.zeros_like(c.text_states),
-                        c.time_ids)
-    return pred_cond, pred_uncond, features
+def denoise(model: SVDModel, params: SVDParams, c: Conditioning,
+            scheduler: EulerDiscreteScheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided Euler loop from ``c.latents``: (final latents (B, T, C, h, w) float32, merged
+    features of the first step's conditional call (B, T, h, w, C) float16), both on the device.
+
+    Apart from the scheduler's lookup of its first step index, nothing here waits for the device,
+    so the host queues the next UNet call while the device runs the current one."""
+    split = model.split(params.feature_blocks)
+    guidance = cond.guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames, model.device)
+    null_image, null_text = c.unconditional()
+    latents, features = c.latents, None
+    for t in scheduler.timesteps:
+        scaled = scheduler.scale_model_input(latents, t)
+        pred_cond, captured = _unet(split, model.dtype, scaled, t, c.image_latents, c.text_states, c.time_ids)
+        if features is None:
+            features = merge_features(captured, params.feature_blocks, c.batch)
+        del captured
+        pred_uncond, _ = _unet(split, model.dtype, scaled, t, null_image, null_text, c.time_ids)
+        guided = pred_uncond + guidance * (pred_cond - pred_uncond)
+        latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+    return latents, features
 
 
 @torch.no_grad()
 def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
-                   seeds: np.ndarray) -> GeneratedBatch:
+                   seeds: np.ndarray, keep_latents: bool = False) -> GeneratedBatch:
     """Generate B clips of ``params.num_frames`` frames from their observed frames (B, H, W, 3)
     uint8, CLIP text states (B, L, D) and seeds (B,), capturing the one-step features of the
-    first denoising step of the same trajectories."""
+    first denoising step of the same trajectories. ``keep_latents`` also returns the final
+    latents (for comparing the numbers of two settings)."""
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(params.steps, device=model.device)
     c = prepare(model, params, frames_BHWC, text_BLD, seeds, scheduler.init_noise_sigma)
-    guidance = cond.guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames, model.device)
-    latents, features = c.latents, None
-    for index, t in enumerate(scheduler.timesteps):
-        scaled = scheduler.scale_model_input(latents, t)
-        pred_cond, pred_uncond, captured = _branches(model, c, scaled, t, params.feature_blocks if index == 0 else None)
-        features = captured if index == 0 else features
-        guided = pred_uncond + guidance * (pred_cond - pred_uncond)
-        latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+    latents, features = denoise(model, params, c, scheduler)
     frames = decode_frames(model, latents)
-    return GeneratedBatch(frames=frames, onestep=features.cpu().numpy())
+    return GeneratedBatch(frames=frames, onestep=to_host(features),
+                          latents=to_host(latents) if keep_latents else None)
 
 
 DECODE_CLIPS = 4
@@ -149,15 +160,15 @@ def decode_frames(model: SVDModel, latents_BTCHW: torch.Tensor) -> np.ndarray:
         images_NCHW = model.vae.decode(z.to(model.dtype), num_frames=frames).sample.float()
         chunks.append(((images_NCHW / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
     images_NCHW = torch.cat(chunks)
-    return images_NCHW.reshape(batch, frames, *images_NCHW.shape[1:]).permute(0, 1, 3, 4, 2).cpu().numpy()
+    return to_host(images_NCHW.reshape(batch, frames, *images_NCHW.shape[1:]).permute(0, 1, 3, 4, 2).contiguous())
 
 
 @torch.no_grad()
 def one_step_features(model: SVDModel, params: SVDParams, frame: np.ndarray, text: np.ndarray,
                       seed: np.ndarray | int) -> np.ndarray:
-    """Standalone one-step features (what inference uses): the conditional UNet call of the first
-    denoising step from the clip's seed, nothing more. Gives the same numbers as the capture in
-    :func:`generate_clips` for the same clips, batch and device.
+    """Standalone one-step features (what inference uses): the head of the conditional UNet call
+    of the first denoising step from the clip's seed, nothing more. Gives the same numbers as the
+    capture in :func:`generate_clips` for the same clips, batch, device and speed settings.
 
     ``frame`` (H, W, 3) uint8 with ``text`` (L, D) and an int seed returns (T, h, w, C) float16;
     batched inputs (B, H, W, 3), (B, L, D), (B,) return (B, T, h, w, C)."""
@@ -170,7 +181,7 @@ def one_step_features(model: SVDModel, params: SVDParams, frame: np.ndarray, tex
     c = prepare(model, params, frames_BHWC, text_BLD, seeds, scheduler.init_noise_sigma)
     t = scheduler.timesteps[0]
     scaled = scheduler.scale_model_input(c.latents, t)
-    with capture_up_blocks(model.unet, params.feature_blocks, stop=True) as captured:
-        run_until_captured(lambda: _unet(model, scaled, t, c.image_latents, c.text_states, c.time_ids))
-        features = merge_features(captured, params.feature_blocks, c.batch).cpu().numpy()
+    sample = torch.cat([scaled.to(model.dtype), c.image_latents], dim=2)
+    captured = model.split(params.feature_blocks).features(sample, t, c.text_states, c.time_ids)
+    features = to_host(merge_features(captured, params.feature_blocks, c.batch))
     return features[0] if single else features

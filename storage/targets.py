@@ -127,6 +127,7 @@ class _VersionHandle:
     def __init__(self, store: TargetStore, manifest: TargetVersion):
         self.store, self.manifest, self.root = store, manifest, store.root
         self._arrays: dict[str, zarr.Array] = {}
+        self._codecs: dict[str, ShardCodec | None] = {}
 
     @property
     def version_id(self) -> str:
@@ -140,15 +141,18 @@ class _VersionHandle:
             self._arrays[name] = zarr.open_array(store, mode="r" if self.read_only else "r+")
         return self._arrays[name]
 
+    def _codec(self, name: str) -> ShardCodec | None:
+        """storage.zarr_shards' encoder/decoder of the array's shards (None: zarr does the work)."""
+        if name not in self._codecs:
+            self._codecs[name] = shard_codec(self.array(name))
+        return self._codecs[name]
+
 
 class TargetWriter(_VersionHandle):
     """Writes whole shards of one building version and completes it."""
 
     read_only = False
 
-    def __init__(self, store: TargetStore, manifest: TargetVersion):
-        super().__init__(store, manifest)
-        self._codecs: dict[str, ShardCodec | None] = {}
 
     @property
     def num_shards(self) -> int:
@@ -198,9 +202,7 @@ class TargetWriter(_VersionHandle):
 
     def _store_shard(self, array: str, shard_index: int, data: np.ndarray) -> str:
         """Store one shard of ``array``; returns the stored object's sha256 (or EMPTY_SHARD)."""
-        if array not in self._codecs:
-            self._codecs[array] = shard_codec(self.array(array))
-        codec = self._codecs[array]
+        codec = self._codec(array)
         if codec is None:  # a layout storage.zarr_shards does not encode: let zarr write it
             clips = self.shard_clips(shard_index)
             self.array(array)[clips.start:clips.stop] = data
@@ -232,12 +234,34 @@ class TargetWriter(_VersionHandle):
 class TargetReader(_VersionHandle):
     """Read access to one version's arrays, with checksum verification."""
 
+
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices)."""
         array = self.array(name)
+        if isinstance(clips, slice) and self.root.is_local:
+            start, stop, step = clips.indices(self.manifest.num_clips)
+            codec = self._codec(name)
+            if step == 1 and codec is not None:
+                return self._read_direct(name, codec, range(start, max(start, stop)))
         if isinstance(clips, (slice, int, np.integer)):
             return array[clips]
         return array.get_orthogonal_selection((np.asarray(clips, dtype=np.int64),))
+
+    def _read_direct(self, name: str, codec: ShardCodec, clips: range) -> np.ndarray:
+        """Rows ``clips`` decoded from the shard objects without zarr (same layout, see zarr_shards)."""
+        spec = self.manifest.array_spec(name)
+        out = np.zeros((len(clips), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
+        size = self.manifest.shard_size
+        for shard in range(clips.start // size, (clips.stop - 1) // size + 1) if len(clips) else []:
+            first, last = max(clips.start, shard * size), min(clips.stop, (shard + 1) * size)
+            rel = shard_object(self.manifest, name, shard)
+            where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+            if not self.root.exists(rel):
+                continue  # zarr stores no object for a shard of fill values only
+            with open(self.root.path(rel), "rb") as handle:
+                codec.read_rows(handle, range(first - shard * size, last - shard * size),
+                                out[first - clips.start:last - clips.start], where)
+        return out
 
     def verify(self, shards: Sequence[int] | None = None) -> list[str]:
         """Re-hash stored shard objects; one message per missing or corrupt shard ([] = intact)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 from schemas.target import ArraySpec, TargetRecipe
-from storage.targets import TargetStore
+from storage.targets import TargetStore, shard_object
 from storage.zarr_shards import shard_codec
 
 
@@ -43,6 +44,50 @@ def test_shard_objects_are_byte_identical_to_zarrs(tmp_path, compression, dtype)
     reader = store.open(writer.version_id)
     assert reader.verify() == []
     np.testing.assert_array_equal(reader.read("target", slice(0, 7)), values)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_direct_slice_reads_equal_zarrs(tmp_path, compression):
+    rng = np.random.default_rng(1)
+    shape = (8, 2, 3, 4)  # shards of 3 clips; the last shard is partial and shard 1 is never written
+    values = (rng.standard_normal(shape) * 10).astype("float16")
+    values[3:6] = 0
+    store = TargetStore(tmp_path)
+    spec = ArraySpec(name="target", shape=list(shape), dtype="float16", compression=compression)
+    writer = store.begin(_recipe(), [spec], num_clips=8, shard_size=3)
+    for shard in (0, 2):
+        writer.write_shard(shard, {"target": values[writer.shard_clips(shard)]})
+    reader = store.open(writer.version_id)
+    zarr_array = reader.array("target")
+    for clips in (slice(None), slice(0, 1), slice(2, 7), slice(5, 8), slice(4, 4), slice(-3, None)):
+        direct = reader.read("target", clips)
+        assert direct.dtype == np.float16 and direct.shape == zarr_array[clips].shape
+        np.testing.assert_array_equal(direct, zarr_array[clips])
+    np.testing.assert_array_equal(reader.read("target", [7, 0, 2]), values[[7, 0, 2]])  # through zarr
+
+
+def test_direct_reads_of_one_dimensional_arrays(tmp_path):
+    seeds = np.arange(5, dtype=np.int64) * 1_000_000_007
+    store = TargetStore(tmp_path)
+    writer = store.begin(_recipe(), [ArraySpec(name="seed", shape=[5], dtype="int64")], num_clips=5, shard_size=2)
+    for shard in writer.pending_shards():
+        writer.write_shard(shard, {"seed": seeds[writer.shard_clips(shard)]})
+    reader = store.open(writer.version_id)
+    np.testing.assert_array_equal(reader.read("seed"), seeds)
+    np.testing.assert_array_equal(reader.read("seed", slice(1, 4)), reader.array("seed")[1:4])
+
+
+def test_a_corrupt_shard_index_is_reported_by_name(tmp_path):
+    store = TargetStore(tmp_path)
+    spec = ArraySpec(name="target", shape=[2, 4], dtype="float32")
+    writer = store.begin(_recipe(), [spec], num_clips=2, shard_size=2)
+    writer.write_shard(0, {"target": np.ones((2, 4), dtype=np.float32)})
+    path = Path(store.root.path(shard_object(writer.manifest, "target", 0)))
+    data = bytearray(path.read_bytes())
+    data[-6] ^= 0xFF  # inside the index, before its crc32c
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"'{writer.version_id}', array 'target', shard 0: shard index checksum"):
+        store.open(writer.version_id).read("target", slice(0, 2))
 
 
 def test_other_layouts_fall_back_to_zarr(tmp_path):

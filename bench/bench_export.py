@@ -75,7 +75,7 @@ def rendered_clips(samples: int) -> np.ndarray:
     return np.stack(windows[:samples])
 
 
-def build_root(folder: str, samples: int, frames_kind: str) -> dict[str, str]:
+def build_root(folder: str, samples: int, frames_kind: str, compression: str = "zstd") -> dict[str, str]:
     """Dataset, plan, video and teacher versions of ``samples`` full-size clips (random features;
     frames rendered or noise, see ``--frames``)."""
     root = Root(folder)
@@ -95,11 +95,11 @@ def build_root(folder: str, samples: int, frames_kind: str) -> dict[str, str]:
     PlanStore(root).write(PlanInfo(plan_id=plan_id, dataset="bench", dataset_fingerprint="b", params={},
                                    num_clips=samples), rows)
     rendered = rendered_clips(samples) if frames_kind == "metaworld" else None
-    video = write_version(root, "video", "svd.generate", {"plan": plan_id}, {
+    video = write_version(root, "video", "svd.generate", {"plan": plan_id}, compression, {
         "frames": lambda r, c: rendered[c] if rendered is not None else noise_frames(r, len(c)),
         "onestep": lambda r, c: gaussian(r, (len(c), T, GRID, GRID, ONESTEP_C)),
         "seed": lambda r, c: np.asarray(c, dtype=np.int64)}, samples)
-    teacher = write_version(root, "teacher", "teachers.dinov2", {"video": video}, {
+    teacher = write_version(root, "teacher", "teachers.dinov2", {"video": video}, compression, {
         "target": lambda r, c: gaussian(r, (len(c), T, GRID, GRID, TEACHER_C)),
         "reference": lambda r, c: gaussian(r, (len(c), 1, GRID, GRID, TEACHER_C))},
         samples)
@@ -114,13 +114,14 @@ def noise_frames(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, (n, T, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def write_version(root: Root, kind: str, stage: str, inputs: dict[str, str],
+def write_version(root: Root, kind: str, stage: str, inputs: dict[str, str], compression: str,
                   makers: dict[str, Callable[[np.random.Generator, list[int]], np.ndarray]], samples: int) -> str:
     """A complete version written shard by shard (2 clips per shard) through the real TargetStore;
     each maker returns the arrays of the given clips."""
     rng = np.random.default_rng(len(kind))
     probes = {name: make(rng, [0]) for name, make in makers.items()}
-    specs = [ArraySpec(name=n, shape=[samples, *a.shape[1:]], dtype=str(a.dtype)) for n, a in probes.items()]
+    specs = [ArraySpec(name=n, shape=[samples, *a.shape[1:]], dtype=str(a.dtype), compression=compression)
+             for n, a in probes.items()]
     recipe = TargetRecipe(kind=kind, stage=stage, stage_version=1, params={"bench": True}, inputs=inputs,
                           model=ModelIdentity(spec="random", family=stage, source="random", seed=0))
     writer = TargetStore(root).begin(recipe, specs, num_clips=samples, shard_size=2)
@@ -520,6 +521,8 @@ def write_results(path: str, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=6, help="Full-size clips (~31 MB each as f16).")
+    parser.add_argument("--store-compression", choices=["zstd", "none"], default="zstd",
+                        help="Chunk codec of the target versions ZarrClips reads (and the export is made from).")
     parser.add_argument("--epochs", type=int, default=5, help="Timed epochs per reader (after one warm-up).")
     parser.add_argument("--results", default=None, help="Write the markdown section into this RESULTS.md.")
     parser.add_argument("--keep", default=None, help="Build under this folder and keep it (default: temp, removed).")
@@ -529,7 +532,7 @@ def main() -> None:
     folder = args.keep or tempfile.mkdtemp(prefix="bench-export-")
     try:
         print(f"building {args.samples} full-size clips under {folder} ...", flush=True)
-        world = build_root(os.path.join(folder, "root"), args.samples, args.frames)
+        world = build_root(os.path.join(folder, "root"), args.samples, args.frames, args.store_compression)
         exports = {codec: export(world, codec) for codec in ("f16", "fp8")}
         folders = write_svam(os.path.join(folder, "svam"), world)
         print("timing (samples/s, MB/s of stored bytes read):", flush=True)

@@ -260,6 +260,9 @@ class GenerateConfig(StrictModel):
                                     "so rerun a version with the setting that built it.")
     shard_size: int = Field(default=16, ge=1, description="Clips per shard and per writer.")
     workers: int = Field(default=1, ge=1, description="Parallel shard tasks (each holds a model).")
+    compression: Literal["zstd", "none"] = Field(
+        default="zstd", description="Codec of the stored one-step features (storage only, not in the version "
+                                    "id); 'none' makes random access (ZarrClips) read at page-cache speed.")
 
 
 def video_params(config: GenerateConfig) -> dict:
@@ -371,12 +374,13 @@ def video_recipe(root_url: str, config: GenerateConfig) -> tuple[TargetRecipe, S
     return recipe, desc, num_clips
 
 
-def video_arrays(desc: SVDDescription, params: SVDParams, num_clips: int) -> list[ArraySpec]:
-    """frames (N, T, S, S, 3) uint8, onestep (N, T, h, w, C) float16, seed (N,) int64."""
+def video_arrays(desc: SVDDescription, params: SVDParams, num_clips: int,
+                 compression: str = "zstd") -> list[ArraySpec]:
+    """frames (N, T, S, S, 3) uint8, onestep (N, T, h, w, C) float16 (stored with ``compression``), seed (N,)."""
     h, w, channels = feature_shape(desc.unet_config, desc.vae_config, params.size, params.feature_blocks)
     n, t, s = num_clips, params.num_frames, params.size
     return [ArraySpec(name="frames", shape=[n, t, s, s, 3], dtype="uint8"),
-            ArraySpec(name="onestep", shape=[n, t, h, w, channels], dtype="float16"),
+            ArraySpec(name="onestep", shape=[n, t, h, w, channels], dtype="float16", compression=compression),
             ArraySpec(name="seed", shape=[n], dtype="int64")]
 
 
@@ -387,7 +391,8 @@ def begin_video(root_url: str, config: GenerateConfig) -> tuple[TargetWriter | N
     store, version_id = TargetStore(root_url), recipe.version_id()
     if store.status(version_id) == "complete":
         return None, version_id
-    return store.begin(recipe, video_arrays(desc, config.params, num_clips), num_clips, config.shard_size), version_id
+    arrays = video_arrays(desc, config.params, num_clips, config.compression)
+    return store.begin(recipe, arrays, num_clips, config.shard_size), version_id
 
 
 @flow(name="generate", log_prints=False)

@@ -208,3 +208,18 @@ def test_resume_after_sigkill_part_way(built, tmp_path):
     assert fresh.verify() == []
     for name in ("frames", "onestep", "seed"):
         assert fresh.read(name).tobytes() == original.read(name).tobytes(), name
+
+
+def test_uncompressed_features_keep_the_version_and_the_values(built, tmp_path):
+    root, plan, text, config, video = built
+    import shutil
+
+    other = str(tmp_path / "raw")
+    shutil.copytree(root, other, ignore=shutil.ignore_patterns("targets"))
+    shutil.copytree(f"{root}/targets/{text.version}", f"{other}/targets/{text.version}")
+    raw = run_flow(generate_flow, RunnerChoice(), None, root_url=other,
+                   config=config.model_copy(update={"compression": "none"}))
+    assert raw.version == video.version  # storage only
+    stored = TargetStore(other).open(raw.version)
+    assert stored.manifest.array_spec("onestep").compression == "none"
+    np.testing.assert_array_equal(stored.read("onestep"), TargetStore(root).open(video.version).read("onestep"))

@@ -13,8 +13,8 @@ from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
 from storage.claims import claim_shard
 from storage.fs import Root, open_root
-from storage.zarr_shards import ShardCodec, shard_codec
 from storage.provenance import git_commit, host, now_iso, package_versions
+from storage.zarr_shards import ShardCodec, shard_codec
 
 log = logging.getLogger(__name__)
 ZSTD = zarr.codecs.ZstdCodec(level=3)
@@ -153,7 +153,6 @@ class TargetWriter(_VersionHandle):
 
     read_only = False
 
-
     @property
     def num_shards(self) -> int:
         return self.manifest.num_shards
@@ -233,7 +232,6 @@ class TargetWriter(_VersionHandle):
 
 class TargetReader(_VersionHandle):
     """Read access to one version's arrays, with checksum verification."""
-
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices)."""

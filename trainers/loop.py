@@ -92,7 +92,7 @@ class LoopConfig(StrictModel):
     num_workers: int = Field(2, description="DataLoader worker processes per rank (0 = read in the main process).")
     prefetch_factor: int = Field(2, description="Batches each worker keeps ready.")
     pin_memory: bool = Field(False, description="Pin host batches before the GPU copy (one more host copy); "
-                                                "ignored while reuse_buffers is on (its buffers are page-locked).")
+                                                "batches collated into reusable buffers are page-locked already.")
     reuse_buffers: bool | None = Field(None, description="Collate into a few reusable page-locked buffers per "
                                                          "worker instead of fresh memory per batch (trainers/"
                                                          "slots.py). None: on with CUDA.")

@@ -31,7 +31,7 @@ def ensure_work_pool(name: str) -> None:
                 client.create_work_pool(WorkPoolCreate(name=name, type=POOL_TYPE))
                 log.info("created work pool %s (%s)", name, POOL_TYPE)
             except ObjectAlreadyExists:
-                pass
+                pass  # another process created it between our read and create: same pool
             return
         if pool.type != POOL_TYPE:
             log.warning("work pool %s is of type %s; its workers must be able to run this checkout", name, pool.type)

@@ -109,11 +109,10 @@ class Root:
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if not self.is_local:
-            data = bytearray()
-            for part in parts:
+            pieces = list(parts)
+            for part in pieces:
                 digest.update(part)
-                data += part
-            self.fs.pipe_file(path, bytes(data))
+            self.fs.pipe_file(path, b"".join(pieces))  # one PUT: one copy of the object, not two
             return digest.hexdigest()
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as handle:

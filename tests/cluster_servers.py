@@ -79,7 +79,7 @@ def wait_until(check, what: str, server: Server | None = None, timeout_s: float 
             if check():
                 return
         except OSError:
-            pass
+            pass  # not listening yet: poll again
         time.sleep(0.3)
     tail = server.log_text()[-3000:] if server is not None else ""
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s\n{tail}")

@@ -6,8 +6,10 @@ import numpy as np
 
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
 from schemas.model import ModelIdentity
-from schemas.target import ArraySpec, TargetRecipe
+from schemas.plan import ClipRow, PlanInfo
+from schemas.target import ArraySpec, TargetRecipe, content_id
 from storage.episodes import EpisodeStore
+from storage.plans import PlanStore
 from storage.targets import TargetStore
 
 FEATURES = {"action": FeatureSpec(dtype="float32", shape=[4]), "state": FeatureSpec(dtype="float32", shape=[6])}
@@ -61,3 +63,17 @@ def make_version(root, kind: str, stage: str, arrays: dict[str, np.ndarray], inp
         writer.write_shard(shard, {n: a[clips.start:clips.stop] for n, a in arrays.items()})
     writer.finalize()
     return writer.version_id
+
+
+def make_demo_plan(root, dataset: EpisodeStore, num_clips: int, num_frames: int, start_of) -> str:
+    """A plan of the "demo" dataset: clip i on episode i mod E (round robin), from frame
+    ``start_of(i, E)``, camera "front", stride 1; returns its content-addressed id."""
+    episodes = dataset.episode_ids()
+    rows = [ClipRow(clip_id=f"{episodes[i % len(episodes)]}_s{i}", dataset="demo",
+                    episode_id=episodes[i % len(episodes)], camera="front", start=start_of(i, len(episodes)),
+                    num_frames=num_frames, stride=1, instruction=f"pick the cube {i}") for i in range(num_clips)]
+    params = {"num_clips": num_clips}
+    plan_id = content_id("plan", {"dataset": "demo", "params": params})
+    PlanStore(root).write(PlanInfo(plan_id=plan_id, dataset="demo", dataset_fingerprint=dataset.fingerprint(),
+                                   params=params, num_clips=num_clips), rows)
+    return plan_id

@@ -16,12 +16,9 @@ import pipelines.export
 from flows.export import ExportConfig, export_recipe, plan_export, write_shard
 from pipelines.export import decode_fp8, relative_l2
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import content_id
 from storage.episodes import EpisodeStore
 from storage.exports import ExportStore, parse_members
 from storage.fs import Root
-from storage.plans import PlanStore
 from storage.targets import TargetStore
 
 import factories
@@ -51,15 +48,7 @@ def make_dataset(root: Root, episodes: int = 3) -> EpisodeStore:
 
 
 def make_plan(root: Root, dataset: EpisodeStore, num_clips: int) -> str:
-    episodes = dataset.episode_ids()
-    rows = [ClipRow(clip_id=f"{episodes[i % len(episodes)]}_s{i}", dataset="demo",
-                    episode_id=episodes[i % len(episodes)], camera="front", start=i % EPISODE_LEN, num_frames=T,
-                    stride=1, instruction=f"pick the cube {i}") for i in range(num_clips)]
-    params = {"num_clips": num_clips}
-    plan_id = content_id("plan", {"dataset": "demo", "params": params})
-    PlanStore(root).write(PlanInfo(plan_id=plan_id, dataset="demo", dataset_fingerprint=dataset.fingerprint(),
-                                   params=params, num_clips=num_clips), rows)
-    return plan_id
+    return factories.make_demo_plan(root, dataset, num_clips, T, lambda i, _: i % EPISODE_LEN)
 
 
 def make_version(root: Root, kind: str, stage: str, arrays: dict[str, np.ndarray], inputs: dict[str, str],

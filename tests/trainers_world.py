@@ -12,12 +12,9 @@ import numpy as np
 
 from flows.export import ExportConfig, export_recipe, plan_export, write_shard
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import content_id
 from storage.episodes import EpisodeStore
 from storage.exports import ExportStore
 from storage.fs import Root
-from storage.plans import PlanStore
 
 import factories
 
@@ -46,15 +43,7 @@ def make_dataset(root: Root) -> EpisodeStore:
 
 
 def make_plan(root: Root, dataset: EpisodeStore, num_clips: int) -> str:
-    episodes = dataset.episode_ids()
-    rows = [ClipRow(clip_id=f"{episodes[i % len(episodes)]}_s{i}", dataset="demo",
-                    episode_id=episodes[i % len(episodes)], camera="front", start=(i // len(episodes)) % EPISODE_LEN,
-                    num_frames=T, stride=1, instruction=f"pick the cube {i}") for i in range(num_clips)]
-    params = {"num_clips": num_clips}
-    plan_id = content_id("plan", {"dataset": "demo", "params": params})
-    PlanStore(root).write(PlanInfo(plan_id=plan_id, dataset="demo", dataset_fingerprint=dataset.fingerprint(),
-                                   params=params, num_clips=num_clips), rows)
-    return plan_id
+    return factories.make_demo_plan(root, dataset, num_clips, T, lambda i, episodes: (i // episodes) % EPISODE_LEN)
 
 
 def make_version(root: Root, kind: str, stage: str, arrays: dict[str, np.ndarray], inputs: dict[str, str],

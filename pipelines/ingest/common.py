@@ -190,5 +190,5 @@ def prefetch(blocks: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             try:
                 queue.get(timeout=0.1)
             except Empty:
-                pass
+                pass  # drained: a reader blocked on a full queue can now see `stop` and end
         worker.join()

@@ -16,13 +16,10 @@ from pipelines.teachers.da3_model import (DA3Backbone, reference_view_order, sad
                                           select_reference_view)
 from pipelines.teachers.preprocess import preprocess_frames
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "da3_tiny"
-if not FIXTURE.is_dir():
-    FIXTURE = Path("/work/shared/fixtures/da3_tiny")
+FIXTURE = Path(__file__).resolve().parent / "reference" / "da3_tiny"
 TOL = 1e-4
 VIEWS = {"multiview": slice(0, 4), "single": slice(0, 1), "twoview": slice(0, 2), "threeview": slice(0, 3)}
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="DA3 fixture folder not available")
 
 
 @pytest.fixture(scope="module")

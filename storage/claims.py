@@ -234,6 +234,9 @@ class ShardClaim:
             self._heartbeat.join(timeout=5)
         if self.generation is None or self.lost:
             return
+        if not self.root.exists(claims_dir(self.version_id, self.shard_index)):
+            self.generation = None  # the build finished and removed its claims: nothing to release
+            return
         released = self._record("released").model_dump_json().encode()
         if not create_exclusive(self.root, self._rel(self.generation + 1), released):
             log.warning("%s shard %d: claim already superseded at release", self.version_id, self.shard_index)

@@ -72,7 +72,8 @@ def fast_digest():
     return xxhash.xxh3_128()
 
 
-def _free_bytes(path: str) -> int | None:
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the local filesystem holding the file ``path`` (None when unknown)."""
     try:
         return shutil.disk_usage(os.path.dirname(path) or ".").free
     except OSError:
@@ -200,7 +201,7 @@ class Root:
         except OSError as err:
             _discard(tmp)
             if err.errno == errno.ENOSPC:
-                raise DiskFullError(path, written, _free_bytes(path)) from None
+                raise DiskFullError(path, written, free_bytes(path)) from None
             raise
         except BaseException:
             _discard(tmp)

@@ -11,6 +11,8 @@ from storage.fs import Root, default_root, open_root
 
 EXIT_FAILED = 1
 """The command failed: nothing (more) was written."""
+EXIT_USAGE = 2
+"""The command was used on something it cannot take (e.g. not a dataset folder): nothing was written."""
 EXIT_PARTIAL = 3
 """The run finished but some inputs were quarantined; see the dataset's quarantine.jsonl."""
 

@@ -29,6 +29,7 @@ from flows.runtime import progress_disabled
 from pipelines import stats as stats_lib
 from pipelines.ingest import calvin, lerobot, teleop
 from pipelines.ingest.common import (
+    ChunkBlock,
     FrameBlock,
     IngestError,
     LowdimBlock,
@@ -39,7 +40,7 @@ from pipelines.ingest.common import (
     source_checksum,
 )
 from schemas.base import StrictModel, canonical_json
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, LanguageSegment, SourceKind
+from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage, LanguageSegment, SourceKind
 from storage import lineage
 from storage.episodes import EpisodeStore
 
@@ -88,7 +89,8 @@ def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str
 
 
 def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, features: dict[str, FeatureSpec],
-                   blocks: Iterable[FrameBlock | LowdimBlock]) -> list[LanguageSegment]:
+                   blocks: Iterable[FrameBlock | ChunkBlock | LowdimBlock], frame_storage: dict[str, FrameStorage],
+                   fps: float) -> list[LanguageSegment]:
     """Stream one episode's blocks into the store; published only when all of it is written.
 
     Blocks are read one step ahead in a thread, so decoding overlaps the store's compression.
@@ -96,45 +98,59 @@ def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, f
     record = EpisodeRecord(
         episode_id=episode.episode_id, split=episode.split, task=episode.task, instructions=episode.instructions,
         length=episode.length, success=episode.success, source_path=episode.source_path,
-        source_checksum=checksum, extra=episode.extra)
+        source_checksum=checksum, extra=episode.extra, source_bytes=_source_bytes(episode))
     segments: list[LanguageSegment] = []
-    with store.writer(record, features) as writer, closing(prefetch(blocks)) as stream:
+    with store.writer(record, features, frame_storage, fps) as writer, closing(prefetch(blocks)) as stream:
         for block in stream:
             if isinstance(block, FrameBlock):
                 writer.append_frames(block.camera, block.frames_THWC)
+            elif isinstance(block, ChunkBlock):
+                writer.append_chunks(block.camera, block.payloads, block.frames, block.frame_shape, block.extradata)
             else:
-                writer.set_lowdim(block.columns, timestamps=block.timestamps_T)
+                writer.set_lowdim(block.columns, timestamps=block.timestamps_T, absent=block.absent)
                 segments = block.segments
     return segments
 
 
-def _ingest_one(store: EpisodeStore, kind: str, episode: SourceEpisode, checksum: str,
-                features: dict[str, FeatureSpec], blocks: Iterable[FrameBlock | LowdimBlock],
-                strict: bool) -> EpisodeResult:
+def _source_bytes(episode: SourceEpisode) -> int:
+    if episode.source_bytes is not None:
+        return episode.source_bytes
+    return sum(Path(path).stat().st_size for path in episode.files)
+
+
+def _ingest_one(store: EpisodeStore, kind: str, episode: SourceEpisode, checksum: str, layout: SourceLayout,
+                blocks: Iterable[FrameBlock | ChunkBlock | LowdimBlock], strict: bool) -> EpisodeResult:
     if store.has_episode(episode.episode_id, checksum):
         return EpisodeResult(episode_id=episode.episode_id, status="skipped")
     try:
-        segments = _write_episode(store, episode, checksum, features, blocks)
+        segments = _write_episode(store, episode, checksum, layout.features, blocks, layout.frame_storage, layout.fps)
     except ValueError as err:
         message = _quarantine(store, kind, err, episode.episode_id, strict, file=episode.source_path)
         return EpisodeResult(episode_id=episode.episode_id, status="quarantined", message=message)
     return EpisodeResult(episode_id=episode.episode_id, status="written", frames=episode.length, segments=segments)
 
 
+def _storage_identity(layout: SourceLayout) -> dict[str, Any]:
+    """The resolved frame storage, part of every episode checksum: a changed codec (or a changed
+    default for the source) rewrites the episodes and gives the dataset a new fingerprint."""
+    return {cam: storage.model_dump(mode="json") for cam, storage in sorted(layout.frame_storage.items())}
+
+
 @task(name="ingest-calvin-episode", cache_policy=NO_CACHE)
 def ingest_calvin_episode(root_url: str, dataset: str, src: str, desc: dict, options: calvin.CalvinOptions,
-                          frame_shapes: dict[str, list[int]], strict: bool) -> EpisodeResult:
+                          layout: SourceLayout, strict: bool) -> EpisodeResult:
     """One row of ep_start_end_ids: checksum its frame files, then store it unless unchanged."""
     store = EpisodeStore(root_url, dataset)
     episode = calvin.calvin_episode(src, desc)
     try:
-        checksum = source_checksum(episode.files, {"cameras": options.cameras, "depth": options.depth})
+        checksum = source_checksum(episode.files, {"cameras": options.cameras, "depth": options.depth,
+                                                   "frame_storage": _storage_identity(layout)})
     except FileNotFoundError as err:
         bad = IngestError(err.filename, episode.episode_id, None, "frame file missing")
         return EpisodeResult(episode_id=episode.episode_id, status="quarantined",
                              message=_quarantine(store, "calvin", bad, episode.episode_id, strict))
-    blocks = calvin.read_calvin_episode(src, desc, options, frame_shapes)
-    return _ingest_one(store, "calvin", episode, checksum, calvin.calvin_features(), blocks, strict)
+    blocks = calvin.read_calvin_episode(src, desc, options, layout.extra["frame_shapes"])
+    return _ingest_one(store, "calvin", episode, checksum, layout, blocks, strict)
 
 
 @task(name="ingest-teleop-episode", cache_policy=NO_CACHE)
@@ -148,9 +164,9 @@ def ingest_teleop_episode(root_url: str, dataset: str, path: str, options: teleo
     except IngestError as err:
         return EpisodeResult(episode_id=episode_id, status="quarantined",
                              message=_quarantine(store, "teleop", err, episode_id, strict))
-    checksum = source_checksum(episode.files, options.model_dump())
+    checksum = source_checksum(episode.files, {**options.model_dump(), "frame_storage": _storage_identity(layout)})
     blocks = teleop.read_teleop_episode(path, layout)
-    return _ingest_one(store, "teleop", episode, checksum, layout.features, blocks, strict)
+    return _ingest_one(store, "teleop", episode, checksum, layout, blocks, strict)
 
 
 @task(name="ingest-lerobot-group", cache_policy=NO_CACHE)
@@ -170,7 +186,7 @@ def ingest_lerobot_group(root_url: str, dataset: str, src: str, group: list[int]
             results.append(EpisodeResult(episode_id=episode.episode_id, status="skipped"))
     for episode, blocks in lerobot.read_lerobot_group(meta, group, options, skip=skip):
         ep = episode.extra["episode_index"]
-        results.append(_ingest_one(store, "lerobot", episode, checksums[ep], layout.features, blocks, strict))
+        results.append(_ingest_one(store, "lerobot", episode, checksums[ep], layout, blocks, strict))
     return results
 
 
@@ -220,10 +236,11 @@ def dataset_stats(store: EpisodeStore, features: dict[str, FeatureSpec]) -> dict
     """Normalisation statistics of every float column: per episode, then aggregated."""
     per_column: dict[str, list[stats_lib.EpisodeStats]] = {
         name: [] for name, spec in features.items() if np.dtype(spec.dtype).kind == "f"}
-    for episode_id in store.episode_ids():
-        table = store.read_lowdim(episode_id, list(per_column))
+    for record in store.records():
+        absent = set(record.extra.get("absent_fields", []))
+        table = store.read_lowdim(record.episode_id, [c for c in per_column if c not in absent])
         for name, spec in features.items():
-            if name in per_column and len(table):
+            if name in per_column and name not in absent and len(table):
                 values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
                 per_column[name].append(stats_lib.episode_stats(values.reshape(len(table), *spec.shape)))
     return {name: stats_lib.aggregate(parts) for name, parts in per_column.items() if parts}
@@ -241,13 +258,29 @@ def _finish(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayou
     old = store.info() if store.exists() else None
     cameras = {**(old.cameras if old else {}), **layout.cameras}
     features = {**(old.features if old else {}), **layout.features}
-    records = {r.episode_id: r.source_checksum for r in store.records()}
-    fingerprint = hashlib.sha256(canonical_json({"kind": kind, "episodes": records}).encode()).hexdigest()
+    stored = list(store.records())
+    records = {r.episode_id: r.source_checksum for r in stored}
+    frame_storage = {**(old.frame_storage if old else {}), **layout.frame_storage}
+    identity = {"kind": kind, "episodes": records, "frame_storage": {c: s.model_dump(mode="json")
+                                                                      for c, s in sorted(frame_storage.items())}}
+    fingerprint = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
     info = DatasetInfo(name=store.dataset, source_kind=kind, source=str(src), source_fingerprint=fingerprint,
-                       fps=layout.fps, cameras=cameras, features=features, extra=layout.extra)
+                       fps=layout.fps, cameras=cameras, features=features, extra=layout.extra,
+                       frame_storage=frame_storage, absent_fields=_absent_fields(stored),
+                       source_bytes=sum(r.source_bytes for r in stored)
+                       if all(r.source_bytes is not None for r in stored) else None)
     info.stats = dataset_stats(store, features) if records else None
     if old is None or old.model_dump(mode="json") != info.model_dump(mode="json"):
         store.write_info(info)
+
+
+def _absent_fields(records: list[EpisodeRecord]) -> dict[str, list[str]]:
+    """Optional field -> the stored episodes whose source lacks it."""
+    absent: dict[str, list[str]] = {}
+    for record in records:
+        for name in record.extra.get("absent_fields", []):
+            absent.setdefault(name, []).append(record.episode_id)
+    return dict(sorted(absent.items()))
 
 
 def _summarise(dataset: str, kind: SourceKind, results: list[EpisodeResult], problems: list[str],
@@ -296,7 +329,7 @@ def ingest_calvin(root_url: str, dataset: str, src: str, options: calvin.CalvinO
     scan = calvin.scan_calvin(src, options)
     problems = [_quarantine(store, "calvin", err, err.episode, strict) for err in scan.problems]
     calls = [dict(root_url=root_url, dataset=dataset, src=str(src), desc=desc, options=options,
-                  frame_shapes=scan.layout.extra["frame_shapes"], strict=strict) for desc in scan.episodes]
+                  layout=scan.layout, strict=strict) for desc in scan.episodes]
     results = map_tasks(ingest_calvin_episode, calls)
     fresh: dict[str, list] = {r.episode_id: [] for r in results if r.status != "quarantined"}
     for segment, embedding in scan.segments:

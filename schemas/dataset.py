@@ -11,6 +11,28 @@ from schemas.base import FORMAT_VERSION, StrictModel
 
 SourceKind = Literal["metaworld", "calvin", "teleop", "lerobot", "synthetic"]
 
+FrameCodecName = Literal["raw", "raw-lz4", "source-jpeg", "video"]
+"""How camera frames are kept: ``raw`` uint8 under zstd, ``raw-lz4`` uint8 under blosc-lz4,
+``source-jpeg`` the source's JPEG bytes, ``video`` self-contained keyframe-aligned segments."""
+
+
+class FrameStorage(StrictModel):
+    """How one camera's frames are stored (dataset.json ``frame_storage`` and each array's attributes)."""
+
+    codec: FrameCodecName = Field(description="Frame codec of the camera's arrays.")
+    pass_through: bool = Field(default=False, description="True when the source's compressed bytes are kept "
+                               "unchanged (JPEG frames, video packets); False when frames were (re-)encoded.")
+    segment_frames: int = Field(default=1, ge=1, description="Frames per zarr chunk: 1 for raw and JPEG, the "
+                                "keyframe-aligned segment length for video.")
+    zstd_level: int | None = Field(default=None, description="raw: zstd level.")
+    lz4_level: int | None = Field(default=None, description="raw-lz4: blosc clevel.")
+    crf: int | None = Field(default=None, description="video encode: x264 CRF (lossy, yuv420p); None is "
+                            "lossless (libx264rgb, qp 0), exact for uint8 RGB.")
+    stream_codec: str | None = Field(default=None, description="video: codec of the stored packets "
+                                     "('h264', 'hevc', 'av1').")
+    swap_rb: bool = Field(default=False, description="source-jpeg: swap R and B after an OpenCV decode "
+                          "(the source JPEG was encoded from RGB); False keeps the recorder's order.")
+
 
 class FeatureSpec(StrictModel):
     """One low-dimensional per-frame column."""
@@ -45,6 +67,13 @@ class DatasetInfo(StrictModel):
     features: dict[str, FeatureSpec] = Field(description="Low-dim columns stored per frame.")
     stats: dict[str, ColumnStats] | None = Field(default=None, description="Per-column statistics.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Source-specific facts.")
+    frame_storage: dict[str, FrameStorage] = Field(default_factory=dict, description="Camera name -> how its "
+                                                   "frames are stored (absent in stores written before issue 16: "
+                                                   "raw under zstd level 3).")
+    source_bytes: int | None = Field(default=None, description="Bytes of the source files of the stored "
+                                     "episodes (files shared by several episodes counted once).")
+    absent_fields: dict[str, list[str]] = Field(default_factory=dict, description="Optional source field -> "
+                                                "ids of the stored episodes whose source lacks it.")
 
 
 class EpisodeRecord(StrictModel):
@@ -60,6 +89,8 @@ class EpisodeRecord(StrictModel):
     source_path: str = Field(description="The input file or folder this episode came from.")
     source_checksum: str = Field(description="sha256 identifying the source content of this episode.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Source-specific facts.")
+    source_bytes: int | None = Field(default=None, description="Bytes of this episode's share of its source "
+                                     "files (a file shared by n episodes counts 1/n to each).")
 
 
 class LanguageSegment(StrictModel):

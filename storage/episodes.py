@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from schemas.base import check_format_version, validate
 from schemas.dataset import (
@@ -21,14 +23,16 @@ from schemas.dataset import (
     DatasetInfo,
     EpisodeRecord,
     FeatureSpec,
+    FrameStorage,
     LanguageSegment,
     lowdim_schema,
 )
-from storage import layout
+from storage import frame_codecs, layout
 from storage.fs import Root, open_root, parquet_bytes, read_parquet
 
 log = logging.getLogger(__name__)
-ZSTD = zarr.codecs.ZstdCodec(level=3)
+RAW = FrameStorage(codec="raw", zstd_level=3)
+"""Frames of a camera given no frame storage: raw uint8 under zstd level 3 (the store's original format)."""
 
 
 class EpisodeStore:
@@ -102,12 +106,22 @@ class EpisodeStore:
             self._arrays[key] = group[camera]
         return self._arrays[key]
 
+    def frame_storage(self, episode_id: str, camera: str) -> FrameStorage:
+        """How one camera's frames of one episode are stored (codec, segment length, ...)."""
+        return frame_codecs.storage_of(self.frames_array(episode_id, camera))
+
     def read_frames(self, episode_id: str, camera: str, indices: Any = slice(None)) -> np.ndarray:
-        """Frames of one camera at ``indices`` (slice, list or array of frame indices)."""
+        """(n, H, W, 3) uint8 frames of one camera at ``indices`` (slice, list or array of frame indices).
+
+        Whatever the codec, only the chunks holding the requested frames are read and decoded.
+        """
         array = self.frames_array(episode_id, camera)
-        if isinstance(indices, slice):
-            return array[indices]
-        return array.get_orthogonal_selection((np.asarray(indices, dtype=np.int64),))
+        try:
+            if isinstance(indices, slice):
+                return array[indices]
+            return array.get_orthogonal_selection((np.asarray(indices, dtype=np.int64),))
+        except frame_codecs.FrameDecodeError as err:
+            raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}', camera '{camera}': {err}") from None
 
     def read_lowdim(self, episode_id: str, columns: list[str] | None = None) -> pa.Table:
         """The per-frame low-dim table (frame_index, timestamp, features...)."""
@@ -115,6 +129,9 @@ class EpisodeStore:
 
     def read_column(self, episode_id: str, column: str) -> np.ndarray:
         """One low-dim column as a (T, ...) numpy array in its stored dtype and shape."""
+        if column in self.record(episode_id).extra.get("absent_fields", []):
+            raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}', field '{column}': absent in "
+                             "this episode's source (an optional field)")
         table = self.read_lowdim(episode_id, [column])
         values = table.column(column).combine_chunks()
         flat = values.values.to_numpy(zero_copy_only=False) if pa.types.is_list(values.type) or \
@@ -123,9 +140,14 @@ class EpisodeStore:
         shape = spec.shape if spec else []
         return flat.reshape((len(table), *shape))
 
-    def writer(self, record: EpisodeRecord, features: dict[str, FeatureSpec]) -> "EpisodeWriter":
-        """A writer that stages the episode and publishes it on successful exit of its ``with``."""
-        return EpisodeWriter(self, record, features)
+    def writer(self, record: EpisodeRecord, features: dict[str, FeatureSpec],
+               frame_storage: dict[str, FrameStorage] | None = None, fps: float = 30.0) -> "EpisodeWriter":
+        """A writer that stages the episode and publishes it on successful exit of its ``with``.
+
+        ``frame_storage`` gives each camera's codec (cameras not named: raw under zstd 3); ``fps``
+        is the frame rate recorded in encoded video segments.
+        """
+        return EpisodeWriter(self, record, features, frame_storage or {}, fps)
 
     # segments, quarantine, fingerprint --------------------------------------------------
     def write_segments(self, segments: list[LanguageSegment], embeddings: np.ndarray | None = None) -> None:
@@ -187,16 +209,22 @@ class EpisodeWriter:
     """Streams one episode into a staging folder; publishes it atomically on success.
 
     Frames arrive in blocks of any size per camera and are written one full zarr shard at a
-    time, so memory stays bounded by one shard per camera whatever the episode length.
+    time, so memory stays bounded by one shard per camera whatever the episode length. Raw
+    frames go through zarr's codecs (``raw``, ``raw-lz4``, or a ``video`` encode); pass-through
+    chunks (source JPEG frames, source video segments) are laid into shards as they came.
     """
 
-    def __init__(self, store: EpisodeStore, record: EpisodeRecord, features: dict[str, FeatureSpec]):
+    def __init__(self, store: EpisodeStore, record: EpisodeRecord, features: dict[str, FeatureSpec],
+                 frame_storage: dict[str, FrameStorage], fps: float):
         self.store, self.record, self.features = store, record, features
+        self.frame_storage, self.fps = frame_storage, fps
         self.root = store.root
         self.final = layout.episode_dir(store.dataset, record.episode_id)
         self.staging = f"{layout.episodes_dir(store.dataset)}/{layout.STAGING}/{record.episode_id}-{uuid.uuid4().hex[:8]}"
         self._group: zarr.Group | None = None
         self._buffers: dict[str, list[np.ndarray]] = {}
+        self._chunks: dict[str, list[bytes]] = {}
+        self._shards: dict[str, int] = {}
         self._written: dict[str, int] = {}
         self._lowdim: pa.Table | None = None
 
@@ -212,19 +240,29 @@ class EpisodeWriter:
     def _where(self, field: str) -> str:
         return f"{self.record.source_path}: episode '{self.record.episode_id}', field '{field}'"
 
+    def _storage(self, camera: str) -> FrameStorage:
+        return self.frame_storage.get(camera, RAW)
+
+    def _shard_frames(self, camera: str) -> int:
+        return frame_codecs.shard_frames(self._storage(camera), layout.FRAME_SHARD)
+
     def append_frames(self, camera: str, frames_THWC: np.ndarray) -> None:
-        """Append a block of (n, H, W, 3) uint8 frames of one camera."""
+        """Append a block of (n, H, W, 3) uint8 frames of one camera (encoded by its codec)."""
         frames_THWC = np.asarray(frames_THWC)
         if frames_THWC.dtype != np.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
             raise ValueError(f"{self._where(camera)}: expected uint8 frames (T, H, W, 3), got "
                              f"{frames_THWC.dtype} {tuple(frames_THWC.shape)}")
+        if self._storage(camera).pass_through:
+            raise ValueError(f"{self._where(camera)}: camera stores the source's {self._storage(camera).codec} "
+                             "bytes; frames must come as chunks (append_chunks)")
         buffer = self._buffers.setdefault(camera, [])
         if buffer and buffer[0].shape[1:] != frames_THWC.shape[1:]:
             raise ValueError(f"{self._where(camera)}: frame size changed from {buffer[0].shape[1:]} "
                              f"to {frames_THWC.shape[1:]}")
         buffer.append(frames_THWC)
-        while sum(len(b) for b in self._buffers[camera]) >= layout.FRAME_SHARD:
-            self._flush(camera, layout.FRAME_SHARD)
+        shard = self._shard_frames(camera)
+        while sum(len(b) for b in self._buffers[camera]) >= shard:
+            self._flush(camera, shard)
 
     def _flush(self, camera: str, count: int) -> None:
         frames = np.concatenate(self._buffers[camera])
@@ -236,19 +274,64 @@ class EpisodeWriter:
         array[start:start + len(block)] = block
         self._written[camera] = start + len(block)
 
-    def _array(self, camera: str, frame_shape: tuple[int, ...]) -> zarr.Array:
+    def append_chunks(self, camera: str, payloads: list[bytes], frames: int, frame_shape: tuple[int, int, int],
+                      extradata: bytes | None = None) -> None:
+        """Append pass-through chunk payloads holding ``frames`` frames of (H, W, 3).
+
+        One payload per chunk: a JPEG per frame (``source-jpeg``) or one segment of
+        ``segment_frames`` frames (``video``; only the episode's last may be shorter).
+        ``extradata`` is the video stream's codec configuration, needed by its decoder.
+        """
+        storage = self._storage(camera)
+        if not storage.pass_through:
+            raise ValueError(f"{self._where(camera)}: camera is stored as {storage.codec} frames, not as "
+                             "source chunks")
+        array = self._array(camera, tuple(frame_shape), extradata, length=self.record.length)
+        if array.shape[1:] != tuple(frame_shape):
+            raise ValueError(f"{self._where(camera)}: frame size changed from {array.shape[1:]} to {frame_shape}")
+        pending = self._chunks.setdefault(camera, [])
+        pending.extend(payloads)
+        self._written[camera] = self._written.get(camera, 0) + frames
+        per_shard = self._shard_frames(camera) // storage.segment_frames
+        while len(pending) >= per_shard:
+            self._write_shard(camera, pending[:per_shard])
+            del pending[:per_shard]
+
+    def _write_shard(self, camera: str, payloads: list[bytes]) -> None:
+        storage = self._storage(camera)
+        per_shard = self._shard_frames(camera) // storage.segment_frames
+        index = self._shards.get(camera, 0)
+        key = self._group[camera].metadata.encode_chunk_key((index, 0, 0, 0))
+        data = frame_codecs.shard_bytes(payloads, per_shard)
+        sync(self._group.store.set(f"{camera}/{key}", default_buffer_prototype().buffer.from_bytes(data)))
+        self._shards[camera] = index + 1
+
+    def _array(self, camera: str, frame_shape: tuple[int, ...], extradata: bytes | None = None,
+               length: int = 0) -> zarr.Array:
         if self._group is None:
             self._group = zarr.open_group(self.root.zarr_store(f"{self.staging}/{layout.FRAMES}"), mode="w")
-        if camera not in self._group:
-            return self._group.create_array(
-                camera, shape=(0, *frame_shape), dtype="uint8", chunks=(1, *frame_shape),
-                shards=(layout.FRAME_SHARD, *frame_shape), compressors=ZSTD, fill_value=0)
-        return self._group[camera]
+        if camera in self._group:
+            return self._group[camera]
+        storage = self._storage(camera)
+        serializer, compressors = frame_codecs.serializer_and_compressors(storage, extradata, self.fps)
+        array = self._group.create_array(
+            camera, shape=(length, *frame_shape), dtype="uint8", chunks=(storage.segment_frames, *frame_shape),
+            shards=(self._shard_frames(camera), *frame_shape), serializer=serializer, compressors=compressors,
+            fill_value=0)
+        array.attrs["frame_storage"] = storage.model_dump(mode="json")
+        return array
 
-    def set_lowdim(self, columns: dict[str, np.ndarray], timestamps: np.ndarray | None = None) -> None:
-        """Set the per-frame low-dim columns ((T, ...) arrays, one per declared feature)."""
+    def set_lowdim(self, columns: dict[str, np.ndarray], timestamps: np.ndarray | None = None,
+                   absent: list[str] | None = None) -> None:
+        """Set the per-frame low-dim columns ((T, ...) arrays, one per declared feature).
+
+        Features in ``absent`` (optional fields this episode's source lacks) get no column; the
+        episode record lists them under ``extra["absent_fields"]``.
+        """
         length = self.record.length
-        for name, spec in self.features.items():
+        absent = sorted(absent or [])
+        present = {name: spec for name, spec in self.features.items() if name not in absent}
+        for name, spec in present.items():
             if name not in columns:
                 raise ValueError(f"{self._where(name)}: missing low-dim column")
             values = np.asarray(columns[name])
@@ -258,15 +341,20 @@ class EpisodeWriter:
                 raise ValueError(f"{self._where(name)}: contains NaN or inf")
         ts = np.arange(length) / 1.0 if timestamps is None else np.asarray(timestamps, dtype=np.float64)
         data = {"frame_index": np.arange(length, dtype=np.int64), "timestamp": ts}
-        for name, spec in self.features.items():
+        for name, spec in present.items():
             data[name] = list(np.asarray(columns[name], dtype=spec.dtype).reshape(length, -1))
-        self._lowdim = pa.Table.from_pydict(data, schema=lowdim_schema(self.features))
+        self._lowdim = pa.Table.from_pydict(data, schema=lowdim_schema(present))
+        if absent:
+            self.record.extra["absent_fields"] = absent
 
     def commit(self) -> None:
         """Flush the last partial shards, check lengths, then publish (marker last)."""
         for camera in list(self._buffers):
             if self._buffers[camera]:
                 self._flush(camera, sum(len(b) for b in self._buffers[camera]))
+        for camera in self._chunks:
+            if self._chunks[camera]:
+                self._write_shard(camera, self._chunks[camera])
         for camera, count in self._written.items():
             if count != self.record.length:
                 raise ValueError(f"{self._where(camera)}: {count} frames but the episode has {self.record.length}")

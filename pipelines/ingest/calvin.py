@@ -22,6 +22,9 @@ import yaml
 from pydantic import Field, field_validator
 
 from pipelines.ingest.common import (
+    FrameCodecOptions,
+    depth_frame_storage,
+    resolve_frame_storage,
     FrameBlock,
     IngestError,
     LowdimBlock,
@@ -56,7 +59,7 @@ LANG_FILE = "auto_lang_ann.npy"
 _NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-class CalvinOptions(StrictModel):
+class CalvinOptions(FrameCodecOptions):
     """What to take from a CALVIN dataset folder."""
 
     splits: list[str] = Field(default=["training", "validation"], description="Split folders to ingest.")
@@ -216,7 +219,9 @@ def _probe_layout(src: Path, episodes: list[dict[str, Any]], options: CalvinOpti
         for key, shape in shapes.items():
             for name in _camera_names(key, shape):
                 cameras[name] = [int(shape[0]), int(shape[1]), 3]
-        return SourceLayout(fps=CALVIN_FPS, cameras=cameras, features=calvin_features(),
+        storage = {name: depth_frame_storage(options) if name.startswith("depth_") else
+                   resolve_frame_storage(options, "none", f"{src}, camera '{name}'") for name in cameras}
+        return SourceLayout(fps=CALVIN_FPS, cameras=cameras, features=calvin_features(), frame_storage=storage,
                             extra={"frame_shapes": {k: list(v) for k, v in shapes.items()},
                                    "depth_scale_m": DEPTH_SCALE_M if options.depth else None,
                                    "source_columns": {v: k for k, v in STORED_NAMES.items()}})

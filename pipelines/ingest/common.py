@@ -10,16 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from schemas.dataset import FeatureSpec, LanguageSegment
+from schemas.base import StrictModel
+from schemas.dataset import FeatureSpec, FrameCodecName, FrameStorage, LanguageSegment
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEGMENT_FRAMES = 8
+"""Frames per segment (one closed GOP) when decoded frames are encoded as video."""
 
 READ_BLOCK = 64
 """Frames read per block: one episode-store shard, so memory is bounded by one shard per camera."""
@@ -56,6 +64,22 @@ class FrameBlock:
 
 
 @dataclass
+class ChunkBlock:
+    """Source-compressed chunks of one camera stored as they came (pass-through).
+
+    One payload per store chunk: a JPEG per frame, or one keyframe-aligned video segment.
+    """
+
+    camera: str
+    payloads: list[bytes]
+    frames: int
+    """Frames the payloads hold."""
+    frame_shape: tuple[int, int, int]
+    extradata: bytes | None = None
+    """The video stream's codec configuration (avcC, hvcC, av1C), when its decoder needs one."""
+
+
+@dataclass
 class LowdimBlock:
     """All per-frame vectors of the episode, each (T, ...), plus timestamps in seconds (T,)."""
 
@@ -63,6 +87,8 @@ class LowdimBlock:
     timestamps_T: np.ndarray
     segments: list[LanguageSegment] = field(default_factory=list)
     """Language segments the source defines inside this episode (episode-relative, inclusive)."""
+    absent: list[str] = field(default_factory=list)
+    """Optional features this episode's source lacks (no column is stored for them)."""
 
 
 @dataclass
@@ -79,6 +105,8 @@ class SourceEpisode:
     instructions: list[str] = field(default_factory=list)
     success: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    source_bytes: int | None = None
+    """This episode's share of its source files' bytes (None: the sum of ``files``' sizes)."""
 
 
 @dataclass
@@ -89,6 +117,55 @@ class SourceLayout:
     cameras: dict[str, list[int]]
     features: dict[str, FeatureSpec]
     extra: dict[str, Any] = field(default_factory=dict)
+    frame_storage: dict[str, FrameStorage] = field(default_factory=dict)
+    """Camera -> how its frames are stored (cameras not named: raw under zstd 3)."""
+
+
+SourceCompression = Literal["none", "jpeg", "video"]
+"""What a source camera holds: decoded frames, JPEG images, or a video stream."""
+
+
+class FrameCodecOptions(StrictModel):
+    """How camera frames are stored (the ``--frame-codec``, ``--crf`` and ``--zstd-level`` flags)."""
+
+    frame_codec: FrameCodecName | None = Field(default=None, description="raw, raw-lz4, source-jpeg or video; "
+                                               "default: the source's own compression (JPEG, video) kept, "
+                                               "raw under zstd otherwise.")
+    crf: int | None = Field(default=None, ge=0, le=51, description="video encode of decoded frames: x264 CRF "
+                            "(lossy, yuv420p); default lossless (libx264rgb qp 0). Ignored for pass-through.")
+    zstd_level: int = Field(default=3, ge=1, le=22, description="raw: zstd level.")
+
+
+def resolve_frame_storage(options: FrameCodecOptions, compression: SourceCompression, where: str,
+                          stream_codec: str | None = None) -> FrameStorage:
+    """The frame storage of one source camera: pass-through when the source is compressed and no
+    other codec was asked for; raw under zstd for decoded sources; an encode for ``video`` on them.
+
+    Raises ``ValueError`` naming ``where`` for a codec the source cannot give (source-jpeg of a
+    video or of decoded frames).
+    """
+    codec = options.frame_codec or {"none": "raw", "jpeg": "source-jpeg", "video": "video"}[compression]
+    if codec == "source-jpeg" and compression != "jpeg":
+        raise ValueError(f"{where}: --frame-codec source-jpeg needs JPEG source frames, this camera holds "
+                         f"{'a video stream' if compression == 'video' else 'decoded frames'}")
+    if codec == "raw":
+        return FrameStorage(codec="raw", zstd_level=options.zstd_level)
+    if codec == "raw-lz4":
+        return FrameStorage(codec="raw-lz4", lz4_level=5)
+    if codec == "source-jpeg":
+        return FrameStorage(codec="source-jpeg", pass_through=True)
+    if compression == "video":
+        if options.crf is not None:
+            log.warning("%s: --crf %d ignored: the source's video packets are kept as they are", where, options.crf)
+        return FrameStorage(codec="video", pass_through=True, stream_codec=stream_codec)
+    return FrameStorage(codec="video", segment_frames=DEFAULT_SEGMENT_FRAMES, crf=options.crf, stream_codec="h264")
+
+
+def depth_frame_storage(options: FrameCodecOptions) -> FrameStorage:
+    """Packed depth must stay exact: raw-lz4 or lossless video when asked, raw under zstd otherwise."""
+    if options.frame_codec == "raw-lz4" or (options.frame_codec == "video" and options.crf is None):
+        return resolve_frame_storage(options, "none", "depth")
+    return FrameStorage(codec="raw", zstd_level=options.zstd_level)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -4,7 +4,11 @@ File layout (REFERENCE.md): attrs ``sim`` and ``compress`` (absent in the origin
 ``/observations/{qpos,qvel,effort}``, ``/action``, ``/base_action``; images under
 ``/observations/images/<cam>``, either raw (T, H, W, 3) uint8 or JPEG bytes (T, padded_len)
 zero-padded with ``/compress_len`` (n_cams, T); optional ``/observations/images_depth/<cam>`` uint16.
-JPEG frames are decoded with ``cv2.imdecode(buf, 1)`` so the recorder's channel order is kept.
+
+Fields the public recorders disagree on are optional (``OPTIONAL_FIELDS``): a file without one
+ingests, and the episode is recorded as lacking it. JPEG frames are kept as the recorder wrote
+them (``source-jpeg``, checked by their headers) unless another frame codec is asked for; then
+they are decoded with ``cv2.imdecode(buf, 1)`` so the recorder's channel order is kept.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import numpy as np
 from pydantic import Field
 
 from pipelines.ingest.common import (
+    ChunkBlock,
     FrameBlock,
+    FrameCodecOptions,
     IngestError,
     LowdimBlock,
     SourceEpisode,
     SourceLayout,
     blocks_of,
     check_finite,
+    depth_frame_storage,
     pack_depth_uint24,
+    resolve_frame_storage,
 )
-from schemas.base import StrictModel
-from schemas.dataset import FeatureSpec
+from schemas.dataset import FeatureSpec, FrameStorage
+from storage.frame_codecs import jpeg_size
 
 EPISODE_FILE = re.compile(r"^episode_(\d+)\.hdf5$")
 LOWDIM_PATHS: dict[str, str] = {
@@ -38,15 +46,21 @@ LOWDIM_PATHS: dict[str, str] = {
     "action": "action",
     "base_action": "base_action",
 }
-"""Stored column name -> HDF5 dataset path; each is taken when present in the file. ``state`` is
-qpos (14 = per arm 6 joints + gripper), the role the name has in every foresight dataset."""
+"""Stored column name -> HDF5 dataset path. ``state`` is qpos (14 = per arm 6 joints + gripper), the
+role the name has in every foresight dataset."""
+REQUIRED_FIELDS = ("state", "action")
+"""Every recorder writes qpos and action; a file without either is quarantined."""
+OPTIONAL_FIELDS = ("qvel", "effort", "base_action")
+"""Written by some recorders only: ACT's simulated episodes have no effort, only Mobile ALOHA and
+AgileX write base_action, LeRobot's HDF5 conversions keep qpos and action alone. A column is
+stored when any file of the dataset has it; episodes whose file lacks it are recorded as such."""
 IMAGES = "observations/images"
 IMAGES_DEPTH = "observations/images_depth"
 DEPTH_SCALE = 1.0
 """uint16 depth is stored exactly, in the recorder's units (24-bit packing, scale 1)."""
 
 
-class TeleopOptions(StrictModel):
+class TeleopOptions(FrameCodecOptions):
     """How to interpret a folder of teleoperation HDF5 episodes."""
 
     fps: float = Field(default=50.0, gt=0, description="Recording rate (ALOHA 50 Hz, AgileX 30 Hz).")
@@ -77,21 +91,35 @@ def _open(path: Path, episode: str) -> h5py.File:
 
 
 def probe_layout(files: list[Path], options: TeleopOptions) -> tuple[SourceLayout, list[IngestError]]:
-    """Cameras and low-dim features from the first readable file; unreadable files are problems."""
+    """Cameras and frame storage from the first readable file, low-dim features from every file
+    (an optional field is a feature when any file has it); unreadable files are problems."""
     problems: list[IngestError] = []
+    layout: SourceLayout | None = None
     for path in files:
         try:
             with _open(path, episode_id_of(path)) as h5:
-                return _layout_of(h5, path, options), problems
+                if layout is None:
+                    layout = _layout_of(h5, path, options)
+                else:
+                    _add_optional_features(h5, layout.features)
         except IngestError as err:
             problems.append(err)
-    raise ValueError(f"{files[0].parent}: no readable episode_*.hdf5 file")
+    if layout is None:
+        raise ValueError(f"{files[0].parent}: no readable episode_*.hdf5 file")
+    return layout, problems
+
+
+def _add_optional_features(h5: h5py.File, features: dict[str, FeatureSpec]) -> None:
+    for name in OPTIONAL_FIELDS:
+        if name not in features and LOWDIM_PATHS[name] in h5:
+            features[name] = FeatureSpec(dtype="float32", shape=list(h5[LOWDIM_PATHS[name]].shape[1:]))
 
 
 def _layout_of(h5: h5py.File, path: Path, options: TeleopOptions) -> SourceLayout:
     episode = episode_id_of(path)
-    if "observations/qpos" not in h5:
-        raise IngestError(path, episode, "observations/qpos", "dataset missing")
+    for name in REQUIRED_FIELDS:
+        if LOWDIM_PATHS[name] not in h5:
+            raise IngestError(path, episode, LOWDIM_PATHS[name], "dataset missing")
     features = {name: FeatureSpec(dtype="float32", shape=list(h5[p].shape[1:]))
                 for name, p in LOWDIM_PATHS.items() if p in h5}
     compressed = bool(h5.attrs.get("compress", False))
@@ -105,7 +133,10 @@ def _layout_of(h5: h5py.File, path: Path, options: TeleopOptions) -> SourceLayou
         cameras[f"{cam}_depth"] = [int(shape[1]), int(shape[2]), 3]
     if not cameras:
         raise IngestError(path, episode, IMAGES, "no cameras")
-    return SourceLayout(fps=options.fps, cameras=cameras, features=features,
+    storage = {cam: depth_frame_storage(options) if cam.endswith("_depth") else
+               resolve_frame_storage(options, "jpeg" if compressed else "none", f"{path.parent}, camera '{cam}'")
+               for cam in cameras}
+    return SourceLayout(fps=options.fps, cameras=cameras, features=features, frame_storage=storage,
                         extra={"sim": bool(h5.attrs.get("sim", False)), "compress": compressed,
                                "depth_scale": DEPTH_SCALE})
 
@@ -134,13 +165,18 @@ def teleop_episode(path: str | Path, options: TeleopOptions) -> SourceEpisode:
     )
 
 
-def read_teleop_episode(path: str | Path, layout: SourceLayout) -> Iterator[FrameBlock | LowdimBlock]:
-    """Stream one HDF5 episode: every camera block by block, then the low-dim columns."""
+def read_teleop_episode(path: str | Path, layout: SourceLayout
+                        ) -> Iterator[FrameBlock | ChunkBlock | LowdimBlock]:
+    """Stream one HDF5 episode: every camera block by block, then the low-dim columns.
+
+    JPEG cameras stored ``source-jpeg`` come as ``ChunkBlock`` of the recorder's bytes; the
+    others as decoded ``FrameBlock``.
+    """
     path = Path(path)
     episode = episode_id_of(path)
     with _open(path, episode) as h5:
         length = int(h5["observations/qpos"].shape[0])
-        columns = _read_lowdim(h5, path, episode, layout, length)
+        columns, absent = _read_lowdim(h5, path, episode, layout, length)
         compressed = bool(h5.attrs.get("compress", False))
         cams = _camera_names(h5, IMAGES)
         _check_cameras(cams, _camera_names(h5, IMAGES_DEPTH), layout, path, episode)
@@ -153,18 +189,25 @@ def read_teleop_episode(path: str | Path, layout: SourceLayout) -> Iterator[Fram
                 yield from _raw_blocks(dataset, layout.cameras[cam], path, episode, cam)
                 continue
             lengths_T = np.zeros(length, dtype=np.int64)
-            yield from _jpeg_blocks(dataset, layout.cameras[cam], path, episode, cam, lengths_T)
+            keep = layout.frame_storage.get(cam, FrameStorage(codec="raw")).codec == "source-jpeg"
+            read = _jpeg_chunks if keep else _jpeg_blocks
+            yield from read(dataset, layout.cameras[cam], path, episode, cam, lengths_T)
             check_compress_row(table, order, lengths_T, path, episode, cam)
         for cam in _camera_names(h5, IMAGES_DEPTH):
             yield from _depth_blocks(h5[f"{IMAGES_DEPTH}/{cam}"], length, path, episode, cam)
-    yield LowdimBlock(columns=columns, timestamps_T=np.arange(length) / layout.fps)
+    yield LowdimBlock(columns=columns, timestamps_T=np.arange(length) / layout.fps, absent=absent)
 
 
-def _read_lowdim(h5: h5py.File, path: Path, episode: str, layout: SourceLayout, length: int) -> dict[str, np.ndarray]:
-    columns = {}
+def _read_lowdim(h5: h5py.File, path: Path, episode: str, layout: SourceLayout, length: int
+                 ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The episode's low-dim columns, and the optional features its file lacks."""
+    columns, absent = {}, []
     for name, spec in layout.features.items():
         hdf_path = LOWDIM_PATHS[name]
         if hdf_path not in h5:
+            if name in OPTIONAL_FIELDS:
+                absent.append(name)
+                continue
             raise IngestError(path, episode, hdf_path, "dataset missing")
         values = h5[hdf_path][()]
         if values.ndim != 2 or list(values.shape[1:]) != spec.shape or values.dtype.kind not in "fiu":
@@ -174,7 +217,7 @@ def _read_lowdim(h5: h5py.File, path: Path, episode: str, layout: SourceLayout, 
             raise IngestError(path, episode, hdf_path, f"{len(values)} steps but observations/qpos has {length}")
         check_finite(values, str(path), episode, hdf_path)
         columns[name] = values.astype(np.float32)
-    return columns
+    return columns, absent
 
 
 def _check_cameras(cams: list[str], depth_cams: list[str], layout: SourceLayout, path: Path, episode: str) -> None:
@@ -263,3 +306,30 @@ def _jpeg_blocks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: s
                                   f"expected {tuple(shape)}")
             frames[i] = image
         yield FrameBlock(cam, frames)
+
+
+def _jpeg_chunks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: str, cam: str,
+                 lengths_T: np.ndarray) -> Iterator[ChunkBlock]:
+    """The recorder's JPEG bytes block by block, unchanged, each checked by its header.
+
+    A frame whose bytes are not a whole JPEG (no start or end marker, no frame header) or whose
+    header gives another size or fewer than 3 components is corrupt. Fills ``lengths_T``.
+    """
+    if dataset.dtype != np.uint8 or dataset.ndim != 2:
+        raise IngestError(path, episode, f"{IMAGES}/{cam}", f"expected uint8 (T, padded_len) JPEG bytes, "
+                          f"found {dataset.dtype} {dataset.shape}")
+    for block in blocks_of(range(len(dataset))):
+        buffers = dataset[block.start:block.stop]
+        lengths_T[block.start:block.stop] = jpeg_lengths(buffers)
+        payloads = []
+        for i, t in enumerate(block):
+            data = buffers[i, :lengths_T[t]]
+            try:
+                height, width, components = jpeg_size(data)
+            except ValueError as err:
+                raise IngestError(path, episode, f"{IMAGES}/{cam}", f"frame {t}: corrupt JPEG ({err})") from None
+            if [height, width] != shape[:2] or components != 3:
+                raise IngestError(path, episode, f"{IMAGES}/{cam}", f"frame {t}: JPEG is {height}x{width} with "
+                                  f"{components} components, expected {shape[0]}x{shape[1]} colour")
+            payloads.append(data.tobytes())
+        yield ChunkBlock(cam, payloads, len(payloads), (shape[0], shape[1], 3))

@@ -26,7 +26,7 @@ class Attention(nn.Module):
         else:
             self.q = nn.Linear(dim, dim)
             self.kv = nn.Linear(context_dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.out_drop = nn.Dropout(dropout)
 
     def _split_heads(self, x_BND: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         drop = self.dropout if self.training else 0.0
         out_BHND = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         out_BND = out_BHND.transpose(1, 2).reshape(x_BND.shape[0], x_BND.shape[1], -1)
-        return self.out_drop(self.out(out_BND))
+        return self.out_drop(self.proj(out_BND))
 
 
 class Mlp(nn.Module):

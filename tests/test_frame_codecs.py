@@ -1,0 +1,207 @@
+"""Frame codecs of the episode store: source-jpeg, video (pass-through and encoded), raw and raw-lz4.
+
+Every codec reads back through the same ``EpisodeStore.read_frames`` as uint8 (T, H, W, 3):
+exactly the source's own decode for pass-through, exactly the frames for lossless encodes, within
+a PSNR bound for lossy ones; a clip read decodes only the chunks it covers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+import fixtures_sources as fx
+from flows.ingest_sources import ingest_teleop
+from pipelines.ingest import teleop
+from storage import frame_codecs
+from storage.episodes import EpisodeStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ingest(tmp_path, src, **options):
+    root = str(tmp_path / "root")
+    summary = ingest_teleop(root, "tel", str(src), teleop.TeleopOptions(**options))
+    return summary, EpisodeStore(root, "tel")
+
+
+def _source_jpegs(path: Path, cam: str) -> list[bytes]:
+    with h5py.File(path) as h5:
+        buffers = h5[f"observations/images/{cam}"][()]
+    lengths = teleop.jpeg_lengths(buffers)
+    return [buffers[t, :lengths[t]].tobytes() for t in range(len(buffers))]
+
+
+def _cv2_decode(jpegs: list[bytes]) -> np.ndarray:
+    return np.stack([cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture()
+def jpeg_episode(tmp_path):
+    return fx.make_teleop_episode(tmp_path / "src" / "episode_0.hdf5", length=70, cameras=("cam_high", "cam_low"),
+                                  compress=True)
+
+
+def test_source_jpeg_keeps_the_recorders_bytes_and_reads_as_their_cv2_decode(tmp_path, jpeg_episode):
+    summary, store = _ingest(tmp_path, tmp_path / "src")
+    assert summary.written == ["episode_0"]
+    info = store.info()
+    assert {cam: s.codec for cam, s in info.frame_storage.items()} == {"cam_high": "source-jpeg",
+                                                                        "cam_low": "source-jpeg"}
+    assert info.frame_storage["cam_high"].pass_through
+    for cam in ("cam_high", "cam_low"):
+        jpegs = _source_jpegs(jpeg_episode, cam)
+        np.testing.assert_array_equal(store.read_frames("episode_0", cam), _cv2_decode(jpegs))
+        assert store.frame_storage("episode_0", cam).codec == "source-jpeg"
+        array = store.frames_array("episode_0", cam)
+        assert array.metadata.codecs[0].codecs[0].to_dict()["name"] == frame_codecs.SOURCE_JPEG
+    stored = store.total_bytes()
+    assert info.source_bytes == jpeg_episode.stat().st_size
+    jpeg_total = sum(len(j) for cam in ("cam_high", "cam_low") for j in _source_jpegs(jpeg_episode, cam))
+    frames_bytes = sum(p.stat().st_size for p in (tmp_path / "root/datasets/tel").rglob("frames.zarr/**/c/*/*/*/*"))
+    assert jpeg_total <= frames_bytes <= jpeg_total + 2 * 2 * (64 * 16 + 4)  # the JPEGs, 2 shard indexes per camera
+    assert stored < info.source_bytes * 1.1
+
+
+def test_plain_zarr_reads_source_jpeg_frames_once_the_package_is_imported(tmp_path, jpeg_episode):
+    _ingest(tmp_path, tmp_path / "src")
+    array_path = next((tmp_path / "root/datasets/tel/episodes/episode_0").glob("frames.zarr/cam_low"))
+    expected = tmp_path / "expected.npy"
+    np.save(expected, _cv2_decode(_source_jpegs(jpeg_episode, "cam_low"))[5:21])
+    script = ("import numpy, zarr, storage.frame_codecs; "
+              f"frames = zarr.open_array({str(array_path)!r}, mode='r')[5:21]; "
+              f"assert frames.dtype == numpy.uint8 and frames.shape[1:] == (48, 64, 3); "
+              f"numpy.testing.assert_array_equal(frames, numpy.load({str(expected)!r})); print('ok')")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_clip_read_decodes_only_its_frames(tmp_path, jpeg_episode, monkeypatch):
+    _, store = _ingest(tmp_path, tmp_path / "src")
+    calls = []
+    decode = frame_codecs.decode_jpeg
+    monkeypatch.setattr(frame_codecs, "decode_jpeg", lambda data, swap_rb=False: calls.append(1) or
+                        decode(data, swap_rb))
+    clip = store.read_frames("episode_0", "cam_high", slice(50, 66))
+    assert clip.shape == (16, 48, 64, 3) and len(calls) == 16
+    calls.clear()
+    store.read_frames("episode_0", "cam_high", [3, 69])
+    assert len(calls) == 2
+
+
+def test_corrupt_jpeg_names_file_episode_camera_and_frame_and_the_rest_lands(tmp_path):
+    for index in range(3):
+        fx.make_teleop_episode(tmp_path / "src" / f"episode_{index}.hdf5", length=6, compress=True)
+    with h5py.File(tmp_path / "src/episode_1.hdf5", "r+") as h5:
+        data = h5["observations/images/cam_high"]
+        frame = data[4]
+        frame[len(_source_jpegs(tmp_path / "src/episode_1.hdf5", "cam_high")[4]) - 2:] = 0  # EOI cut off
+        data[4] = frame
+    summary, store = _ingest(tmp_path, tmp_path / "src")
+    assert store.episode_ids() == ["episode_0", "episode_2"]
+    [line] = summary.quarantined
+    assert "episode_1.hdf5" in line and "episode 'episode_1'" in line
+    assert "field 'observations/images/cam_high'" in line and "frame 4: corrupt JPEG" in line
+
+
+def test_teleop_file_without_effort_ingests_and_is_recorded_absent(tmp_path):
+    for index in range(3):
+        fx.make_teleop_episode(tmp_path / "src" / f"episode_{index}.hdf5", length=5, effort=index != 1,
+                               base_action=index == 2)
+    summary, store = _ingest(tmp_path, tmp_path / "src")
+    assert summary.written == ["episode_0", "episode_1", "episode_2"] and not summary.partial
+    info = store.info()
+    assert set(info.features) == {"state", "qvel", "effort", "action", "base_action"}
+    assert info.absent_fields == {"base_action": ["episode_0", "episode_1"], "effort": ["episode_1"]}
+    assert store.record("episode_1").extra["absent_fields"] == ["base_action", "effort"]
+    np.testing.assert_array_equal(store.read_column("episode_0", "effort"), fx.teleop_vectors(5, 14, 2))
+    with pytest.raises(ValueError, match="episode 'episode_1', field 'effort': absent"):
+        store.read_column("episode_1", "effort")
+    assert info.stats["effort"].count == 10 and info.stats["base_action"].count == 5
+    assert info.stats["state"].count == 15
+
+
+def test_a_file_without_action_is_still_quarantined(tmp_path):
+    for index in range(2):
+        fx.make_teleop_episode(tmp_path / "src" / f"episode_{index}.hdf5", length=5)
+    with h5py.File(tmp_path / "src/episode_1.hdf5", "r+") as h5:
+        del h5["action"]
+    summary, store = _ingest(tmp_path, tmp_path / "src")
+    assert store.episode_ids() == ["episode_0"]
+    assert "field 'action': dataset missing" in summary.quarantined[0]
+
+
+@pytest.mark.parametrize("codec, options", [("raw", {"zstd_level": 9}), ("raw-lz4", {}), ("video", {})])
+def test_lossless_codecs_store_raw_frames_exactly(tmp_path, codec, options):
+    fx.make_teleop_episode(tmp_path / "src" / "episode_0.hdf5", length=20, cameras=("cam_high",), size=(32, 48))
+    summary, store = _ingest(tmp_path, tmp_path / "src", frame_codec=codec, **options)
+    expected = np.stack([fx.teleop_frame(0, t, (32, 48)) for t in range(20)])
+    np.testing.assert_array_equal(store.read_frames("episode_0", "cam_high"), expected)
+    np.testing.assert_array_equal(store.read_frames("episode_0", "cam_high", [19, 3]), expected[[19, 3]])
+    storage = store.info().frame_storage["cam_high"]
+    assert storage.codec == codec and not storage.pass_through
+    if codec == "raw":
+        assert storage.zstd_level == 9
+    if codec == "video":
+        assert storage.crf is None and store.frames_array("episode_0", "cam_high").chunks[0] == storage.segment_frames
+
+
+def test_lossy_video_encode_stays_within_its_psnr_bound_and_decodes_only_its_segments(tmp_path, monkeypatch):
+    fx.make_teleop_episode(tmp_path / "src" / "episode_0.hdf5", length=40, cameras=("cam_high",), size=(32, 48))
+    _, store = _ingest(tmp_path, tmp_path / "src", frame_codec="video", crf=18)
+    expected = np.stack([fx.teleop_frame(0, t, (32, 48)) for t in range(40)])
+    assert _psnr(store.read_frames("episode_0", "cam_high"), expected) > 26  # yuv420p on per-pixel noise
+    assert store.info().frame_storage["cam_high"].crf == 18
+    segments = []
+    decode = frame_codecs.decode_segment
+    monkeypatch.setattr(frame_codecs, "decode_segment",
+                        lambda packets, *args, **kw: segments.append(len(packets)) or decode(packets, *args, **kw))
+    clip = store.read_frames("episode_0", "cam_high", slice(8, 24))
+    assert clip.shape == (16, 32, 48, 3) and segments == [8, 8]  # two 8-frame segments, nothing else
+
+
+def test_jpeg_source_can_be_decoded_into_raw(tmp_path, jpeg_episode):
+    _, store = _ingest(tmp_path, tmp_path / "src", frame_codec="raw-lz4")
+    assert store.info().frame_storage["cam_low"].codec == "raw-lz4"
+    np.testing.assert_array_equal(store.read_frames("episode_0", "cam_low"),
+                                  _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")))
+
+
+def test_source_jpeg_of_raw_frames_is_refused_with_the_camera_named(tmp_path):
+    fx.make_teleop_episode(tmp_path / "src" / "episode_0.hdf5", length=4, cameras=("cam_high",))
+    with pytest.raises(ValueError, match="camera 'cam_high': --frame-codec source-jpeg needs JPEG source frames"):
+        _ingest(tmp_path, tmp_path / "src", frame_codec="source-jpeg")
+
+
+def test_a_changed_frame_codec_is_a_new_dataset_version(tmp_path, jpeg_episode):
+    _, store = _ingest(tmp_path, tmp_path / "src")
+    before = store.info().source_fingerprint
+    summary, store = _ingest(tmp_path, tmp_path / "src", frame_codec="raw")
+    assert summary.written == ["episode_0"] and store.info().source_fingerprint != before
+
+
+def test_shard_bytes_read_by_plain_zarr(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (5, 16, 24, 3), dtype=np.uint8)
+    jpegs = [cv2.imencode(".jpg", f)[1].tobytes() for f in frames]
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    array = group.create_array("cam", shape=(5, 16, 24, 3), dtype="uint8", chunks=(1, 16, 24, 3),
+                               shards=(4, 16, 24, 3), serializer=frame_codecs.SourceJpegCodec(), compressors=None,
+                               fill_value=0)
+    for shard in range(2):
+        key = array.metadata.encode_chunk_key((shard, 0, 0, 0))
+        (tmp_path / "g.zarr/cam" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "g.zarr/cam" / key).write_bytes(frame_codecs.shard_bytes(jpegs[4 * shard:4 * shard + 4], 4))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "g.zarr/cam"), mode="r")[:], _cv2_decode(jpegs))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 from prefect import flow, task
@@ -154,6 +154,26 @@ def write_shard_task(root_url: str, export_id: str, shard_index: int, read_batch
 @flow(name="export", log_prints=False)
 def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
     """Export ``config.targets`` over ``config.plan``; returns the (possibly existing) export."""
+
+    def submit(export_id: str, shards: list[int]) -> None:
+        gather([write_shard_task.submit(root_url, export_id, i, config.read_batch) for i in shards])
+
+    return build_export(root_url, config, submit)
+
+
+def serial_shards(root_url: str, read_batch: int) -> Callable[[str, list[int]], None]:
+    """A ``write_shards`` for :func:`build_export` that writes shards one after another in-process."""
+    def write(export_id: str, shards: list[int]) -> None:
+        for index in shards:
+            write_shard(root_url, export_id, index, read_batch)
+
+    return write
+
+
+def build_export(root_url: str, config: ExportConfig, write_shards: Callable[[str, list[int]], None]) -> ExportResult:
+    """The export stage: plan, write pending shards with ``write_shards(export_id, shards)``, wait for
+    shards a concurrent builder of the same export holds (never writing them twice), finalize.
+    Two identical exports racing both return the one export."""
     started = time.perf_counter()
     store = ExportStore(root_url)
     recipe = export_recipe(root_url, config)
@@ -168,14 +188,9 @@ def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
         if store.exists(export_id):  # a concurrent identical export finished first
             return existing_export(root_url, export_id)
         raise
-
-    def run_missing(shards: list[int]) -> None:
-        gather([write_shard_task.submit(root_url, export_id, i, config.read_batch) for i in shards])
-
-    run_missing(pending_shards(store, export_id))
-    # Shards a concurrent builder of the same export holds are waited for, not written twice.
+    write_shards(export_id, pending_shards(store, export_id))
     wait_for_shards(lambda: pending_shards(store, export_id), lambda: set(active_claims(store.root, export_id)),
-                    run_missing, what=f"export '{export_id}'")
+                    lambda free: write_shards(export_id, free), what=f"export '{export_id}'")
     index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started},
                            verified_inputs=verify_by_default())
     lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[config.plan, *index.version_ids],

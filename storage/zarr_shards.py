@@ -72,7 +72,7 @@ class ShardCodec:
                 if length != target.nbytes or handle.readinto(target) != length:
                     raise ValueError(f"{where}: chunk {row} holds {length} bytes, expected {target.nbytes}")
             else:
-                self.zstd.decode(handle.read(length), out=target)
+                self._decode(handle.read(length), target, row, where)
 
     def decode_rows(self, shard: memoryview, rows: Sequence[int], out: np.ndarray, where: str) -> None:
         """As :meth:`read_rows`, from a shard object already in memory (or memory-mapped)."""
@@ -92,7 +92,13 @@ class ShardCodec:
                     raise ValueError(f"{where}: chunk {row} holds {length} bytes, expected {target.nbytes}")
                 target[:] = encoded
             else:
-                self.zstd.decode(encoded, out=target)
+                self._decode(encoded, target, row, where)
+
+    def _decode(self, encoded: bytes | memoryview, target: memoryview, row: int, where: str) -> None:
+        try:
+            self.zstd.decode(encoded, out=target)
+        except (RuntimeError, ValueError) as err:  # numcodecs reports corrupt frames as RuntimeError
+            raise ValueError(f"{where}: chunk {row} cannot be decoded ({err}); the shard is corrupt") from None
 
     @property
     def index_size(self) -> int:

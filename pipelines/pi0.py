@@ -14,6 +14,7 @@ velocity ``u = noise - actions``, ``t ~ Beta(1.5, 1) * 0.999 + 0.001``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,13 +476,20 @@ def pi0_forward(model: Any, batch: Pi0Batch, t_B: torch.Tensor, noise_BAD: torch
 def prefix_cache(model: Any, batch: Pi0Batch) -> Any:
     """Run the VLM once over the prefix and return its key/value cache (as PI0Model.forward does)."""
     inputs_embeds = model.model.embed_prefix(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
-    return model.model.vlm(
+    out = model.model.vlm(
         inputs_embeds=inputs_embeds,
         attention_mask=batch.attention_mask,
         position_ids=batch.attention_mask.cumsum(-1) - 1,
         token_type_ids=torch.zeros_like(inputs_embeds)[:, :, 0],
         use_cache=True,
-    ).cache
+    )
+    # transformers renamed the output and argument `past_key_values` to `cache` (5.2x); accept both.
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which this transformers version's π0 forward takes a prefix cache."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -499,7 +507,7 @@ def teacher_targets(model: Any, batch: Pi0Batch, t_BK: torch.Tensor, noise_BKAD:
     for k in range(t_BK.shape[1]):
         out = model(state=batch.state, noise=noise_BKAD[:, k].to(batch.actions), timestep=t_BK[:, k].float(),
                     attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask,
-                    actions=batch.actions, cache=cache, output_attentions=bool(attn_layers))
+                    actions=batch.actions, output_attentions=bool(attn_layers), **{cache_kwarg(model): cache})
         cache.crop(batch.prefix_len - cache.get_seq_length())
         velocities.append(out.logits.float())
         if attn_layers:

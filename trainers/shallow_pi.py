@@ -372,7 +372,7 @@ class ShallowPiTask(TrainTask):
     def evaluate(self, model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Held-out losses at fixed pairs (cached pair 0 offline, seeds from the sample keys online), the
         masked MSE of a full 10-step action chunk to the ground-truth actions and, with the teacher
-        loaded, to the teacher's chunk from the same noise (``teacher_chunk_mse``)."""
+        loaded, the student's distance to it (``teacher_velocity_mse``, ``teacher_chunk_mse``)."""
         sums: dict[str, float] = {}
         count = 0
         for arrays in batches:
@@ -383,11 +383,9 @@ class ShallowPiTask(TrainTask):
             else:
                 losses = self.losses(model, arrays, False, np.zeros(size, dtype=np.int64), None)
             batch = self.model_batch(arrays, augment=False)
-            chunk = sample_chunk(model, batch, seeds)
-            losses["action_mse"] = masked_mse(chunk, batch.actions, batch.action_mask)
+            losses["action_mse"] = masked_mse(sample_chunk(model, batch, seeds), batch.actions, batch.action_mask)
             if self.teacher is not None:
-                losses["teacher_chunk_mse"] = masked_mse(chunk, sample_chunk(self.teacher, batch, seeds),
-                                                         batch.action_mask)
+                losses.update({f"teacher_{k}": v for k, v in teacher_gap(model, self.teacher, batch, seeds).items()})
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * size
             count += size
@@ -402,6 +400,20 @@ def sample_chunk(model: Any, batch: pi0.Pi0Batch, seeds: np.ndarray) -> torch.Te
     return pi0.unwrap(model).sample_actions(
         state=batch.state, input_ids=batch.input_ids, pixel_values=batch.pixel_values, noise=noise,
         attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask)
+
+
+@torch.no_grad()
+def teacher_gap(student: Any, teacher: Any, batch: pi0.Pi0Batch, seeds: np.ndarray) -> dict[str, torch.Tensor]:
+    """How far the student is from the teacher on one batch, at the (t, noise) of ``seeds`` (one per sample):
+    ``velocity_mse`` (the one-step velocity at the same x_t, t) and ``chunk_mse`` (the 10-step action
+    chunk integrated from the same noise); both masked to the real action steps and dims."""
+    t_B = torch.from_numpy(pi0.pair_times(seeds)).to(batch.actions.device)
+    noise_BAD = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions.device)
+    student_velocity, _ = pi0.pi0_forward(student, batch, t_B, noise_BAD, [])
+    teacher_velocity, _ = pi0.teacher_targets(teacher, batch, t_B[:, None], noise_BAD[:, None], [])
+    return {"velocity_mse": masked_mse(student_velocity, teacher_velocity[:, 0], batch.action_mask),
+            "chunk_mse": masked_mse(sample_chunk(student, batch, seeds), sample_chunk(teacher, batch, seeds),
+                                    batch.action_mask)}
 
 
 def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity: Any, online: bool) -> None:

@@ -41,7 +41,8 @@ class Pi0TargetsConfig(StrictModel):
 
     plan: str = Field(description="Clip plan id: each clip's first frame is an observation, its actions the chunk.")
     model: str = Field(default="tiny", description="π0 teacher spec: hf:<repo>[@rev], dir:<path>, random or tiny.")
-    pairs: int = Field(default=4, ge=1, description="K fixed (t, noise-seed) pairs per sample.")
+    pairs: int = Field(default=4, ge=0, description="K fixed (t, noise-seed) pairs per sample (0: inputs only, "
+                                                    "all that online distillation reads).")
     attn_layers: list[int] | None = Field(
         default=None, description="Teacher layers whose attention is stored; default: the middle layers of "
                                   "a uniform 6-layer student's map; [] stores none.")

@@ -481,7 +481,7 @@ def prefix_cache(model: Any, batch: Pi0Batch) -> Any:
         position_ids=batch.attention_mask.cumsum(-1) - 1,
         token_type_ids=torch.zeros_like(inputs_embeds)[:, :, 0],
         use_cache=True,
-    ).past_key_values
+    ).cache
 
 
 @torch.no_grad()
@@ -499,7 +499,7 @@ def teacher_targets(model: Any, batch: Pi0Batch, t_BK: torch.Tensor, noise_BKAD:
     for k in range(t_BK.shape[1]):
         out = model(state=batch.state, noise=noise_BKAD[:, k].to(batch.actions), timestep=t_BK[:, k].float(),
                     attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask,
-                    actions=batch.actions, past_key_values=cache, output_attentions=bool(attn_layers))
+                    actions=batch.actions, cache=cache, output_attentions=bool(attn_layers))
         cache.crop(batch.prefix_len - cache.get_seq_length())
         velocities.append(out.logits.float())
         if attn_layers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import torch
@@ -98,10 +99,16 @@ def text_states(model: SVDModel, text_BLD: np.ndarray | torch.Tensor, position_e
     return torch.cat([states, states], dim=-1).to(model.device, model.dtype)
 
 
+FpsId = Literal["fps-1", "fps"]
+"""How the frame rate enters the time ids: ``fps-1`` as diffusers' SVD pipeline passes it (SVD was
+trained on fps - 1), ``fps`` as is (S-VAM's released extractor: ``_get_add_time_ids(4, 127, 0)``)."""
+
+
 def added_time_ids(model: SVDModel, fps: int, motion_bucket_id: int, noise_aug_strength: float,
-                   batch: int) -> torch.Tensor:
-    """SVD micro-conditioning (B, 3): fps - 1 (SVD was trained on fps - 1), motion bucket, noise aug."""
-    ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=model.dtype)
+                   batch: int, fps_id: FpsId = "fps-1") -> torch.Tensor:
+    """SVD micro-conditioning (B, 3): [fps id, motion bucket, noise augmentation strength]."""
+    fps_value = fps - 1 if fps_id == "fps-1" else fps
+    ids = torch.tensor([[fps_value, motion_bucket_id, noise_aug_strength]], dtype=model.dtype)
     return ids.repeat(batch, 1).to(model.device)
 
 

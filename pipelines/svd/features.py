@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 
-def merge_features(captured: dict[int, torch.Tensor], blocks: list[int], batch: int) -> torch.Tensor:
-    """Up block outputs {index: (B*T, C_i, h_i, w_i)} -> (B, T, h, w, C) float16: each map
-    upsampled (nearest) to the finest captured resolution and concatenated on channels in
-    ``blocks`` order."""
+def merge_features(captured: dict[int, torch.Tensor], blocks: list[int], batch: int,
+                   dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Up block outputs {index: (B*T, C_i, h_i, w_i)} -> (B, T, h, w, C) in ``dtype`` (float16 is
+    what the stores hold): each map upsampled (nearest, torch's default mode, as S-VAM's
+    ``step_unet``) to the finest captured resolution and concatenated on channels in ``blocks``
+    order."""
     missing = [i for i in blocks if i not in captured]
     if missing:
         raise RuntimeError(f"feature capture: up_blocks {missing} did not run")
@@ -27,7 +29,7 @@ def merge_features(captured: dict[int, torch.Tensor], blocks: list[int], batch: 
     frames = feats_NCHW.shape[0] // batch
     feats_BTHWC = feats_NCHW.reshape(batch, frames, *feats_NCHW.shape[1:]).permute(0, 1, 3, 4, 2)
     # Transposed on the device: a strided device-to-host copy of this size is far slower.
-    return feats_BTHWC.to(torch.float16).contiguous()
+    return feats_BTHWC.to(dtype).contiguous()
 
 
 def feature_shape(unet_config: dict, vae_config: dict, size: int, blocks: list[int]) -> tuple[int, int, int]:

@@ -278,6 +278,28 @@ def load_svd(spec: str | ModelSpec | SVDDescription, device: str | torch.device 
                     identity=desc.identity, device=device, dtype=torch_dtype, precision=dtype)
 
 
+def svd_from_state_dicts(identity: ModelIdentity, unet_config: dict[str, Any], vae_config: dict[str, Any],
+                         scheduler_config: dict[str, Any], unet_state: dict[str, torch.Tensor],
+                         vae_state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                         dtype: str = "fp32") -> SVDModel:
+    """An :class:`SVDModel` from diffusers-named state dicts and their configs (a conformance
+    fixture's ``model_unet.safetensors`` / ``model_vae.safetensors`` with ``config.json``).
+
+    Loading is strict: a missing or unexpected key is a ValueError naming it."""
+    device, torch_dtype = torch.device(device), parse_dtype(dtype)
+    unet = UNetSpatioTemporalConditionModel.from_config(unet_config)
+    vae = AutoencoderKLTemporalDecoder.from_config(vae_config)
+    for name, module, state in (("unet", unet, unet_state), ("vae", vae, vae_state)):
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"SVD {identity.spec} {name}: missing keys {sorted(missing)[:5]}, "
+                             f"unexpected keys {sorted(unexpected)[:5]}")
+    encoder = VaeEncoderHalf(vae.float()).to(device=device).eval().requires_grad_(False)
+    return SVDModel(unet=_place(unet.float(), device, torch_dtype), vae=_place(vae, device, torch_dtype),
+                    vae_encoder=encoder, scheduler_config=dict(scheduler_config), identity=identity,
+                    device=device, dtype=torch_dtype, precision=dtype)
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module = module.to(device)
     if next(module.parameters()).dtype != dtype:

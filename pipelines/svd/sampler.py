@@ -21,10 +21,26 @@ from diffusers import EulerDiscreteScheduler
 from pydantic import Field
 
 from pipelines.svd import conditioning as cond
+from pipelines.svd.conditioning import FpsId
 from pipelines.svd.features import merge_features, to_host
 from pipelines.svd.loading import SVDModel
 from pipelines.svd.unet_split import UNetSplit
 from schemas.base import StrictModel
+
+
+class OneStepParams(StrictModel):
+    """Conditioning of the one-step features when they come from their own UNet head call, as in
+    S-VAM's released extractor (``Diffusion_feature_extractor.forward``), from the same initial
+    noise as the generated trajectory. Frame rate, motion bucket, text states and feature blocks
+    are the generation's."""
+
+    fps_id: FpsId = Field(default="fps", description="How fps enters the time ids: 'fps' as is (release "
+                                                     "extractor) or 'fps-1' (diffusers' SVD pipeline).")
+    noise_aug_strength: float = Field(default=0.0, ge=0.0, description="Noise augmentation of the conditioning "
+                                                                        "frame (time id and image noise).")
+    schedule_steps: int = Field(default=20, ge=1, description="Steps the extraction's scheduler is set to; only "
+                                                              "the first runs (its sigma is sigma_max whatever "
+                                                              "the count).")
 
 
 class SVDParams(StrictModel):
@@ -33,7 +49,9 @@ class SVDParams(StrictModel):
     num_frames: int = Field(default=16, ge=1, description="Frames per generated clip (T).")
     size: int = Field(default=256, ge=8, description="Square frame size in pixels (VPP: 256).")
     steps: int = Field(default=30, ge=1, description="Euler denoising steps.")
-    fps: int = Field(default=4, ge=1, description="Frame rate micro-conditioning (the UNet sees fps - 1).")
+    fps: int = Field(default=4, ge=1, description="Frame rate micro-conditioning.")
+    fps_id: FpsId = Field(default="fps-1", description="How fps enters the generation's time ids: 'fps-1' "
+                                                       "(diffusers' SVD pipeline) or 'fps' as is.")
     motion_bucket_id: int = Field(default=127, description="SVD motion bucket micro-conditioning.")
     noise_aug_strength: float = Field(default=0.02, ge=0.0, description="Noise added to the conditioning frame.")
     min_guidance: float = Field(default=1.0, description="Guidance scale of the first frame.")
@@ -42,6 +60,10 @@ class SVDParams(StrictModel):
                                       description="UNet up_blocks whose first-step outputs form the features.")
     text_position_encoding: bool = Field(default=True,
                                          description="Add VPP's sine/cosine positions to the text states.")
+    onestep: OneStepParams | None = Field(
+        default_factory=OneStepParams,
+        description="One-step features from their own head call with the release extractor's conditioning "
+                    "(default); None: captured from the generation's first conditional call itself.")
 
 
 @dataclass
@@ -77,23 +99,76 @@ def _check_batch(frames_BHWC: np.ndarray, text_BLD: np.ndarray, seeds: np.ndarra
                          f"{len(seeds)} seeds must be the same count")
 
 
-def prepare(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
-            seeds: np.ndarray, init_sigma: torch.Tensor | float) -> Conditioning:
-    """Conditioning tensors for a batch: noise from the clips' seeds, the noise-augmented image
-    latent repeated over T, the text states and the micro-conditioning ids."""
+@dataclass
+class BatchInputs:
+    """Host-side inputs of one batch before conditioning: the clips' noise draws, the observed
+    frames as [-1, 1] pixels and the CLIP text states."""
+
+    noise_BTCHW: torch.Tensor  # float32 standard normal: the initial latent noise
+    image_noise_BCHW: torch.Tensor  # float32 standard normal: the conditioning frame's augmentation noise
+    images_BCHW: torch.Tensor  # float32 in [-1, 1], (B, 3, size, size)
+    text_BLD: np.ndarray | torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.noise_BTCHW.shape[0]
+
+
+def batch_inputs(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
+                 seeds: np.ndarray) -> BatchInputs:
+    """Noise from the clips' seeds and the observed frames resized to ``params.size``."""
     _check_batch(frames_BHWC, text_BLD, seeds)
     latent_side = params.size // model.vae_scale_factor
     latent_TCHW = (params.num_frames, model.unet.config.out_channels, latent_side, latent_side)
     noise_BTCHW, image_noise_BCHW = cond.clip_noise(seeds, latent_TCHW, (3, params.size, params.size))
-    images_BCHW = cond.preprocess_frames(frames_BHWC, params.size)
+    return BatchInputs(noise_BTCHW, image_noise_BCHW, cond.preprocess_frames(frames_BHWC, params.size), text_BLD)
+
+
+def condition(model: SVDModel, params: SVDParams, inputs: BatchInputs, init_sigma: torch.Tensor | float,
+              fps_id: FpsId, noise_aug_strength: float) -> Conditioning:
+    """Conditioning tensors of a batch: initial latents (noise x the scheduler's init sigma), the
+    noise-augmented image latent repeated over T, the text states and the micro-conditioning ids."""
     return Conditioning(
-        latents=noise_BTCHW.to(model.device) * init_sigma,
-        image_latents=cond.image_latents(model, images_BCHW, image_noise_BCHW, params.noise_aug_strength,
+        latents=inputs.noise_BTCHW.to(model.device) * init_sigma,
+        image_latents=cond.image_latents(model, inputs.images_BCHW, inputs.image_noise_BCHW, noise_aug_strength,
                                          params.num_frames),
-        text_states=cond.text_states(model, text_BLD, params.text_position_encoding),
-        time_ids=cond.added_time_ids(model, params.fps, params.motion_bucket_id, params.noise_aug_strength,
-                                     len(seeds)),
+        text_states=cond.text_states(model, inputs.text_BLD, params.text_position_encoding),
+        time_ids=cond.added_time_ids(model, params.fps, params.motion_bucket_id, noise_aug_strength,
+                                     inputs.batch, fps_id),
     )
+
+
+def prepare(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
+            seeds: np.ndarray, init_sigma: torch.Tensor | float) -> Conditioning:
+    """The generation's conditioning of a batch of clips (see :func:`condition`)."""
+    inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
+    return condition(model, params, inputs, init_sigma, params.fps_id, params.noise_aug_strength)
+
+
+def unet_sample(model: SVDModel, scaled_BTCHW: torch.Tensor, image_latents: torch.Tensor) -> torch.Tensor:
+    """UNet input (B, T, 2C, h, w): scheduler-scaled latents and the image latents on channels."""
+    return torch.cat([scaled_BTCHW.to(model.dtype), image_latents], dim=2)
+
+
+def first_step_features(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: EulerDiscreteScheduler,
+                        dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Merged features (B, T, h, w, C) of the UNet head at the scheduler's first timestep."""
+    t = scheduler.timesteps[0]
+    sample = unet_sample(model, scheduler.scale_model_input(c.latents, t), c.image_latents)
+    captured = model.split(params.feature_blocks).features(sample, t, c.text_states, c.time_ids)
+    return merge_features(captured, params.feature_blocks, c.batch, dtype)
+
+
+def extractor_features(model: SVDModel, params: SVDParams, inputs: BatchInputs,
+                       dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """One-step features (B, T, h, w, C) in ``dtype`` with ``params.onestep``'s conditioning (the
+    release extractor's: its own scheduler, time ids and un-augmented image latent)."""
+    onestep = params.onestep
+    assert onestep is not None, "extractor_features needs params.onestep"
+    scheduler = model.new_scheduler()
+    scheduler.set_timesteps(onestep.schedule_steps, device=model.device)
+    c = condition(model, params, inputs, scheduler.init_noise_sigma, onestep.fps_id, onestep.noise_aug_strength)
+    return first_step_features(model, params, c, scheduler, dtype)
 
 
 def _unet(split: UNetSplit, dtype: torch.dtype, scaled_BTCHW: torch.Tensor, t: torch.Tensor,
@@ -105,17 +180,18 @@ def _unet(split: UNetSplit, dtype: torch.dtype, scaled_BTCHW: torch.Tensor, t: t
     return out.float(), features
 
 
-def denoise(model: SVDModel, params: SVDParams, c: Conditioning,
-            scheduler: EulerDiscreteScheduler) -> tuple[torch.Tensor, torch.Tensor]:
+def denoise(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: EulerDiscreteScheduler,
+            features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The guided Euler loop from ``c.latents``: (final latents (B, T, C, h, w) float32, merged
-    features of the first step's conditional call (B, T, h, w, C) float16), both on the device.
+    features (B, T, h, w, C) float16), both on the device. The features are ``features`` when
+    given, else those of the first step's conditional call.
 
     Apart from the scheduler's lookup of its first step index, nothing here waits for the device,
     so the host queues the next UNet call while the device runs the current one."""
     split = model.split(params.feature_blocks)
     guidance = cond.guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames, model.device)
     null_image, null_text = c.unconditional()
-    latents, features = c.latents, None
+    latents = c.latents
     for t in scheduler.timesteps:
         scaled = scheduler.scale_model_input(latents, t)
         pred_cond, captured = _unet(split, model.dtype, scaled, t, c.image_latents, c.text_states, c.time_ids)
@@ -135,10 +211,12 @@ def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, 
     uint8, CLIP text states (B, L, D) and seeds (B,), capturing the one-step features of the
     first denoising step of the same trajectories. ``keep_latents`` also returns the final
     latents (for comparing the numbers of two settings)."""
+    inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
+    features = extractor_features(model, params, inputs) if params.onestep is not None else None
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(params.steps, device=model.device)
-    c = prepare(model, params, frames_BHWC, text_BLD, seeds, scheduler.init_noise_sigma)
-    latents, features = denoise(model, params, c, scheduler)
+    c = condition(model, params, inputs, scheduler.init_noise_sigma, params.fps_id, params.noise_aug_strength)
+    latents, features = denoise(model, params, c, scheduler, features)
     frames = decode_frames(model, latents)
     return GeneratedBatch(frames=frames, onestep=to_host(features),
                           latents=to_host(latents) if keep_latents else None)
@@ -166,9 +244,10 @@ def decode_frames(model: SVDModel, latents_BTCHW: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def one_step_features(model: SVDModel, params: SVDParams, frame: np.ndarray, text: np.ndarray,
                       seed: np.ndarray | int) -> np.ndarray:
-    """Standalone one-step features (what inference uses): the head of the conditional UNet call
-    of the first denoising step from the clip's seed, nothing more. Gives the same numbers as the
-    capture in :func:`generate_clips` for the same clips, batch, device and speed settings.
+    """Standalone one-step features (what inference uses): one UNet head call at the first
+    timestep from the clip's seed, with ``params.onestep``'s conditioning (or, when it is None,
+    the generation's first conditional call). Gives the same numbers as :func:`generate_clips`
+    stores for the same clips, batch, device and speed settings.
 
     ``frame`` (H, W, 3) uint8 with ``text`` (L, D) and an int seed returns (T, h, w, C) float16;
     batched inputs (B, H, W, 3), (B, L, D), (B,) return (B, T, h, w, C)."""
@@ -176,12 +255,13 @@ def one_step_features(model: SVDModel, params: SVDParams, frame: np.ndarray, tex
     frames_BHWC = np.asarray(frame)[None] if single else np.asarray(frame)
     text_BLD = np.asarray(text)[None] if single else np.asarray(text)
     seeds = np.atleast_1d(np.asarray(seed, dtype=np.int64))
-    scheduler = model.new_scheduler()
-    scheduler.set_timesteps(params.steps, device=model.device)
-    c = prepare(model, params, frames_BHWC, text_BLD, seeds, scheduler.init_noise_sigma)
-    t = scheduler.timesteps[0]
-    scaled = scheduler.scale_model_input(c.latents, t)
-    sample = torch.cat([scaled.to(model.dtype), c.image_latents], dim=2)
-    captured = model.split(params.feature_blocks).features(sample, t, c.text_states, c.time_ids)
-    features = to_host(merge_features(captured, params.feature_blocks, c.batch))
+    inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
+    if params.onestep is not None:
+        features = extractor_features(model, params, inputs)
+    else:
+        scheduler = model.new_scheduler()
+        scheduler.set_timesteps(params.steps, device=model.device)
+        c = condition(model, params, inputs, scheduler.init_noise_sigma, params.fps_id, params.noise_aug_strength)
+        features = first_step_features(model, params, c, scheduler)
+    features = to_host(features)
     return features[0] if single else features

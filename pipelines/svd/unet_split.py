@@ -50,15 +50,23 @@ class UNetHead(torch.nn.Module):
         self.unet = unet
         self.last_block = last_block
 
-    def embed(self, sample: torch.Tensor, timestep: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
-        """Time + micro-conditioning embedding (B, C_emb), as diffusers computes it."""
+    def time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Embedding of the (continuous) timestep, (B, C_emb) in the sample dtype."""
         unet = self.unet
         timesteps = timestep[None] if timestep.ndim == 0 else timestep
-        batch = sample.shape[0]
-        t_emb = unet.time_proj(timesteps.to(sample.device).expand(batch)).to(dtype=sample.dtype)
-        emb = unet.time_embedding(t_emb)
-        time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((batch, -1)).to(emb.dtype)
-        return emb + unet.add_embedding(time_embeds)
+        t_emb = unet.time_proj(timesteps.to(sample.device).expand(sample.shape[0])).to(dtype=sample.dtype)
+        return unet.time_embedding(t_emb)
+
+    def aug_embedding(self, added_time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Embedding of the micro-conditioning ids (B, 3) -> (B, C_emb)."""
+        unet = self.unet
+        time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((added_time_ids.shape[0], -1))
+        return unet.add_embedding(time_embeds.to(dtype))
+
+    def embed(self, sample: torch.Tensor, timestep: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
+        """Time + micro-conditioning embedding (B, C_emb), as diffusers computes it."""
+        emb = self.time_embedding(sample, timestep)
+        return emb + self.aug_embedding(added_time_ids, emb.dtype)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_time_ids: torch.Tensor) -> HeadState:

@@ -1,0 +1,128 @@
+"""Group ``extract``: foresight's one-step SVD feature extraction against the released extractor.
+
+The fixture (svam_tiny format, SPEC.md section 1) holds the release's inputs (text hidden
+states, the [-1, 1] observed frame, the initial latent draw), its settings in ``config.json`` →
+``extract`` and a tiny UNet/VAE under diffusers' parameter names. Everything here runs the
+production code path of ``pipelines.svd`` (conditioning, scheduler, image latents, the UNet split
+head, the feature merge) with the release's settings expressed as foresight settings
+(:func:`release_params`); only the fixture's recorded random draws replace the seeded ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.conformance import ArrayCheck, compare, group_arrays
+from pipelines.svd import conditioning as cond
+from pipelines.svd.loading import SVDModel, svd_from_state_dicts
+from pipelines.svd.sampler import (BatchInputs, OneStepParams, SVDParams, condition, extractor_features,
+                                   unet_sample)
+from pipelines.svd.unet_split import UNetHead, check_feature_blocks
+from schemas.model import ModelIdentity
+
+GROUP = "extract"
+REQUIRED = ("text_hidden", "pixel_values", "latents_randn", "features")
+
+# (atol, rtol) per array, SPEC.md section 1; (0, 0) means exact.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "added_time_ids": (0.0, 0.0),
+    "sched_sigmas": (0.0, 1e-6), "sched_timesteps": (0.0, 1e-6), "t0": (0.0, 1e-6), "sigma0": (0.0, 1e-6),
+    "init_noise_sigma": (0.0, 1e-6),
+    "text_pe_table": (1e-6, 0.0), "text_enc_pe_on": (1e-6, 0.0),
+    "latents_init": (1e-3, 0.0),
+    "latents_scaled": (1e-5, 1e-5), "image_latents": (1e-5, 1e-5), "unet_input": (1e-5, 1e-5),
+    "time_emb": (1e-5, 1e-5), "aug_emb": (1e-5, 1e-5),
+    "mid_out": (1e-4, 1e-4),
+    "features": (2e-4, 1e-4),
+}
+
+
+def applies(io: dict[str, np.ndarray]) -> bool:
+    """True when the fixture holds the extract group's inputs and outputs."""
+    return all(f"{GROUP}.{name}" in io for name in REQUIRED)
+
+
+def release_params(settings: dict[str, Any]) -> SVDParams:
+    """foresight's SVD settings equivalent to the release extractor's (``config.json`` → ``extract``).
+
+    ``extract_layer_idx`` k with ``use_all_layer`` becomes feature blocks 0..k (each upsampled
+    nearest to block k's grid and concatenated), without it block k alone; fps goes into the time
+    ids as is; the noise augmentation is the release's (0, so the image gets no noise either)."""
+    k = int(settings["extract_layer_idx"])
+    blocks = list(range(k + 1)) if settings["use_all_layer"] else [k]
+    onestep = OneStepParams(fps_id="fps", noise_aug_strength=float(settings["noise_aug_strength"]),
+                            schedule_steps=int(settings["num_inference_steps"]))
+    return SVDParams(num_frames=int(settings["num_frames"]), size=int(settings["pixel_hw"][0]),
+                     fps=int(settings["fps"]), motion_bucket_id=int(settings["motion_bucket_id"]),
+                     feature_blocks=blocks, text_position_encoding=bool(settings["position_encoding_main"]),
+                     onestep=onestep)
+
+
+def load_fixture_svd(fixture_dir: Path, settings: dict[str, Any]) -> SVDModel:
+    """The fixture's tiny UNet and VAE (float16-exact weights, computed in float32)."""
+    from safetensors.torch import load_file
+
+    identity = ModelIdentity(spec=f"dir:{fixture_dir}", family="svd", source="dir", ref=str(fixture_dir))
+    return svd_from_state_dicts(identity, settings["unet_config"], settings["vae_config"],
+                                settings["scheduler_config"], load_file(str(fixture_dir / "model_unet.safetensors")),
+                                load_file(str(fixture_dir / "model_vae.safetensors")))
+
+
+def fixture_inputs(arrays: dict[str, np.ndarray]) -> BatchInputs:
+    """The release's recorded draws and inputs as foresight's batch inputs (no image noise drawn:
+    the release adds none, and with strength 0 foresight's draw would be multiplied by 0)."""
+    pixels_BFCHW = torch.from_numpy(arrays["pixel_values"])
+    if pixels_BFCHW.shape[1] != 1:
+        raise ValueError(f"extract.pixel_values: frame axis must have length 1, got {tuple(pixels_BFCHW.shape)}")
+    images_BCHW = pixels_BFCHW[:, 0]
+    return BatchInputs(noise_BTCHW=torch.from_numpy(arrays["latents_randn"]),
+                       image_noise_BCHW=torch.zeros_like(images_BCHW), images_BCHW=images_BCHW,
+                       text_BLD=arrays["text_hidden"])
+
+
+@torch.no_grad()
+def recompute(model: SVDModel, params: SVDParams, inputs: BatchInputs) -> dict[str, np.ndarray]:
+    """Every ``extract.*`` array the release computes, recomputed by foresight's functions."""
+    onestep = params.onestep
+    assert onestep is not None
+    scheduler = model.new_scheduler()
+    scheduler.set_timesteps(onestep.schedule_steps, device=model.device)
+    c = condition(model, params, inputs, scheduler.init_noise_sigma, onestep.fps_id, onestep.noise_aug_strength)
+    t0 = scheduler.timesteps[0]
+    scaled = scheduler.scale_model_input(c.latents, t0)
+    sample = unet_sample(model, scaled, c.image_latents)
+    head = UNetHead(model.unet, check_feature_blocks(model.unet, params.feature_blocks))
+    length, width = np.shape(inputs.text_BLD)[1:]
+    out = {
+        "sched_sigmas": scheduler.sigmas, "sched_timesteps": scheduler.timesteps, "t0": t0.reshape(1),
+        "sigma0": scheduler.sigmas[:1], "init_noise_sigma": torch.tensor([float(scheduler.init_noise_sigma)]),
+        "added_time_ids": c.time_ids, "latents_init": c.latents, "latents_scaled": scaled,
+        "image_latents": c.image_latents[:, 0], "unet_input": sample,
+        "text_pe_table": cond.sincos_positions(length, width),
+        "text_enc_pe_on": cond.text_states(model, inputs.text_BLD, position_encoding=True),
+        "time_emb": head.time_embedding(sample, t0),
+        "aug_emb": head.aug_embedding(c.time_ids, sample.dtype),
+    }
+    mid: list[torch.Tensor] = []
+    hook = model.unet.mid_block.register_forward_hook(lambda _m, _a, output: mid.append(output))
+    try:
+        features_BTHWC = extractor_features(model, params, inputs, dtype=torch.float32)
+    finally:
+        hook.remove()
+    out["mid_out"] = mid[0]
+    out["features"] = features_BTHWC.permute(0, 1, 4, 2, 3)  # the release's (B, T, C, h, w)
+    return {name: value.float().cpu().numpy() for name, value in out.items()}
+
+
+def check(fixture_dir: Path, io: dict[str, np.ndarray], config: dict) -> list[ArrayCheck]:
+    """Compare every recomputed ``extract.*`` array the fixture holds at SPEC.md's tolerances."""
+    arrays = group_arrays(io, GROUP)
+    settings = config[GROUP]
+    params = release_params(settings)
+    got = recompute(load_fixture_svd(fixture_dir, settings), params, fixture_inputs(arrays))
+    return [compare(GROUP, name, got[name], arrays[name], *TOLERANCES[name])
+            for name in TOLERANCES if name in arrays]

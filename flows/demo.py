@@ -199,7 +199,7 @@ def predict_stage(state: DemoState) -> None:
 
 
 def shallow_pi_stage(state: DemoState) -> None:
-    """A 2-layer student distilled from the 4-layer tiny pi0 teacher's cached targets."""
+    """A 2-layer student distilled online (the default) from the 4-layer tiny pi0 teacher."""
     cli("train", "shallow-pi", "--export", state.ids["pi0_export"], "--layers", "2", "--attn-layers", "1",
         "--steps", "4", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--run-id", "demo-shallow-pi",
         "--root", state.root.url)

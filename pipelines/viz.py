@@ -368,3 +368,127 @@ def _events_html(events: list[dict[str, Any]]) -> str:
              "outputs": [o.get("name") for o in e.get("outputs", [])],
              "facets": e.get("run", {}).get("facets", {})} for e in events]
     return _table(rows, ["time", "job", "run", "inputs", "outputs", "facets"])
+
+
+# closed-loop evaluations: videos, rollout sheets, success bar chart, the eval report ------------
+MP4_CODECS = ("libx264", "h264", "mpeg4")
+"""Tried in order: H.264 plays in every browser; MPEG-4 part 2 is the fallback of a minimal FFmpeg."""
+
+
+def mp4_bytes(frames_THWC: Sequence[np.ndarray], fps: float) -> bytes:
+    """An MP4 of uint8 (H, W, 3) frames (PyAV). Odd sides are padded by one pixel (yuv420p needs even)."""
+    import av
+
+    if not len(frames_THWC):
+        raise ValueError("mp4: no frames to encode")
+    height, width = frames_THWC[0].shape[:2]
+    even_h, even_w = height + height % 2, width + width % 2
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        codec = next((c for c in MP4_CODECS if c in av.codecs_available), None)
+        if codec is None:
+            raise ValueError(f"mp4: this PyAV build has none of the encoders {MP4_CODECS}")
+        stream = container.add_stream(codec, rate=round(fps))
+        stream.width, stream.height, stream.pix_fmt = even_w, even_h, "yuv420p"
+        for frame in frames_THWC:
+            padded = np.zeros((even_h, even_w, 3), np.uint8)
+            padded[:height, :width] = frame
+            for packet in stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def mp4_frames(data: bytes) -> np.ndarray:
+    """Every frame of an MP4 as uint8 (T, H, W, 3)."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def rollout_row(label: str, frames_THWC: np.ndarray, success_step: int | None, stride: int = 1,
+                max_frames: int = 8) -> SheetRow:
+    """A contact-sheet row of one rollout whose frames are every ``stride``-th env step: frames spread
+    over the episode, captioned with their env step, from the success step on marked 'ok'."""
+    picks = spread_indices(len(frames_THWC), max_frames)
+    captions = [f"t={i * stride}" + (" ok" if success_step is not None and i * stride >= success_step else "")
+                for i in picks]
+    return SheetRow(label, [frames_THWC[i] for i in picks], captions)
+
+
+BAR_OK, BAR_WHISKER = (76, 175, 80), (230, 230, 230)
+
+
+def success_bar_chart(rows: Sequence[dict[str, Any]], title: str, bar_w: int = 36, plot_h: int = 180) -> np.ndarray:
+    """A bar per row (keys ``task``, ``rate``, ``ci_low``, ``ci_high``): success rate with its 95% CI
+    whisker, task names under the bars. Returns (H, W, 3) uint8."""
+    if not rows:
+        raise ValueError("success bar chart: no tasks")
+    pad, label_h, axis_w, title_h = 8, 84, 36, 20
+    width = max(axis_w + len(rows) * (bar_w + pad) + pad, 2 * pad + 6 * len(title))
+    height = title_h + plot_h + label_h
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=11)
+    draw.text((pad, 2), title, fill=TEXT, font=font)
+    top, bottom = title_h, title_h + plot_h
+
+    def y_of(rate: float) -> int:
+        return round(bottom - rate * (plot_h - 4))
+
+    for tick in (0.0, 0.5, 1.0):
+        draw.line([(axis_w - 4, y_of(tick)), (width - pad, y_of(tick))], fill=(70, 70, 70))
+        draw.text((2, y_of(tick) - 6), f"{tick:.0%}", fill=TEXT, font=font)
+    for i, row in enumerate(rows):
+        left = axis_w + pad + i * (bar_w + pad)
+        draw.rectangle([left, y_of(row["rate"]), left + bar_w, bottom], fill=BAR_OK)
+        centre = left + bar_w // 2
+        draw.line([(centre, y_of(row["ci_high"])), (centre, y_of(row["ci_low"]))], fill=BAR_WHISKER, width=2)
+        for y in (y_of(row["ci_high"]), y_of(row["ci_low"])):
+            draw.line([(centre - 5, y), (centre + 5, y)], fill=BAR_WHISKER, width=2)
+        label = Image.new("RGB", (label_h, bar_w), BACKGROUND)
+        ImageDraw.Draw(label).text((2, bar_w // 2 - 6), str(row["task"])[:14], fill=TEXT, font=font)
+        canvas.paste(label.rotate(90, expand=True), (left, bottom + 2))
+    assert top < bottom
+    return np.asarray(canvas)
+
+
+class EvalReportPage(StrictModel):
+    """Everything the static report of one eval shows (plain JSON types)."""
+
+    eval_id: str
+    generated: str
+    summary: dict[str, Any] = Field(description="Policy, run, checkpoint, status, episodes, overall rate.")
+    tasks: list[dict[str, Any]] = Field(description="Per-task TaskSummary dicts.")
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict, description="Field -> target version id.")
+    episodes: list[dict[str, Any]] = Field(default_factory=list)
+    images: list[ReportImage] = Field(default_factory=list)
+    videos: list[ReportImage] = Field(default_factory=list)
+
+
+def render_eval_html(page: EvalReportPage) -> str:
+    """The eval report as one self-contained HTML page (relative links to its pictures and videos)."""
+    for item in (*page.images, *page.videos):
+        check_relative_link(item.src)
+    tasks = [{**t, "rate": f"{t['rate']:.0%}", "ci95": f"[{t['ci_low']:.0%}, {t['ci_high']:.0%}]",
+              "mean_steps": f"{t['mean_steps']:.1f}"} for t in page.tasks]
+    latency = {k: f"{v:.2f} ms" for k, v in page.latency_ms.items()}
+    videos = "".join(f"<figure><video src='{_e(quote(v.src))}' controls loop muted></video>"
+                     f"<figcaption>{_e(v.caption)}</figcaption></figure>" for v in page.videos)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(page.eval_id)}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Evaluation <code>{_e(page.eval_id)}</code></h1>", f"<p>Report generated {_e(page.generated)}.</p>",
+             "<h2>Summary</h2>", _kv_table(page.summary),
+             "<h2>Success per task (Wilson 95% CI)</h2>",
+             _table(tasks, ["task", "difficulty", "episodes", "successes", "rate", "ci95", "mean_steps"]),
+             "<h2>Pictures</h2>", _images_html(page.images, []),
+             "<h2>Videos</h2>", videos or "<p>No rollout was recorded (pass <code>--video</code>).</p>",
+             "<h2>Latency per policy call</h2>", _kv_table(latency) if latency else "<p>Not measured.</p>",
+             "<h2>Target versions of the policy</h2>",
+             _kv_table(page.versions) if page.versions else "<p>A built-in policy: no target versions.</p>",
+             "<h2>Episodes</h2>", _table(page.episodes, ["task", "seed", "success", "steps", "policy_calls", "wall_s"]),
+             "</body></html>"]
+    return "\n".join(parts)

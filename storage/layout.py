@@ -64,3 +64,17 @@ def export_dir(export_id: str) -> str:
 
 def run_dir(run_id: str) -> str:
     return f"runs/{check_id('run', run_id)}"
+
+
+EVAL_RECORD = "eval.json"
+EVAL_EPISODES = "episodes"
+EVAL_VIDEOS = "videos"
+
+
+def eval_dir(eval_id: str) -> str:
+    return f"evals/{check_id('eval', eval_id)}"
+
+
+def eval_episode(eval_id: str, task: str, seed: int) -> str:
+    """One finished episode's result: its presence is what makes an eval resumable."""
+    return f"{eval_dir(eval_id)}/{EVAL_EPISODES}/{check_id('task', task)}/{int(seed)}.json"

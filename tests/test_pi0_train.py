@@ -82,7 +82,7 @@ def train_losses(root, run_id: str) -> list[float]:
 
 
 def test_offline_training_writes_checkpoints_and_a_loadable_student(world):
-    cfg = run_config()
+    cfg = run_config(mode="offline")
     assert "pi0.attn" in cfg.fields() and "pi0.velocity" in cfg.fields()
     result = shallow_pi.train_shallow_pi(open_root(world["root"]), world["export"], cfg, run_id="spi-offline",
                                          eval_export=world["export"])
@@ -98,7 +98,7 @@ def test_offline_training_writes_checkpoints_and_a_loadable_student(world):
 
 def test_stopping_and_resuming_gives_the_same_losses(world):
     root = open_root(world["root"])
-    cfg = run_config(loop=run_config().loop.model_copy(update={"checkpoint_every": 1}))
+    cfg = run_config(mode="offline", loop=run_config().loop.model_copy(update={"checkpoint_every": 1}))
     shallow_pi.train_shallow_pi(root, world["export"], cfg, run_id="spi-whole")
     shallow_pi.train_shallow_pi(root, world["export"], cfg, run_id="spi-split", stop_at=2)
     resumed = shallow_pi.train_shallow_pi(root, world["export"], cfg, run_id="spi-split")
@@ -107,7 +107,7 @@ def test_stopping_and_resuming_gives_the_same_losses(world):
 
 
 def test_online_training_runs_the_teacher_on_augmented_inputs(world):
-    cfg = run_config(online=True, loop=run_config().loop.model_copy(update={"steps": 2}))
+    cfg = run_config(loop=run_config().loop.model_copy(update={"steps": 2}))
     assert cfg.augments and "pi0.velocity" not in cfg.fields()
     result = shallow_pi.train_shallow_pi(open_root(world["root"]), world["export"], cfg, run_id="spi-online",
                                          eval_export=world["export"])
@@ -122,8 +122,8 @@ def test_offline_and_online_tasks_agree_on_an_exported_batch(world):
     samples = [sample for _, sample in zip(range(3), stream)]
     teacher = pi0.load_pi0("tiny").model
     student, layer_map = shallow_pi.build_student(teacher, 2)
-    offline = shallow_pi.ShallowPiTask(student, None, layer_map, run_config(teacher="tiny"))
-    online = shallow_pi.ShallowPiTask(student, teacher, layer_map, run_config(online=True))
+    offline = shallow_pi.ShallowPiTask(student, None, layer_map, run_config(teacher="tiny", mode="offline"))
+    online = shallow_pi.ShallowPiTask(student, teacher, layer_map, run_config())
     batch = offline.collate(samples)
     pair_index = np.array([1, 0, 1])
     seeds = batch["noise_seed"].numpy()[np.arange(3), pair_index]
@@ -138,19 +138,21 @@ def test_offline_and_online_tasks_agree_on_an_exported_batch(world):
 def test_cli_trains_and_reports_bad_options(world):
     base = ["train", "shallow-pi", "--export", world["export"], "--layers", "2",
             "--batch-size", "2", "--workers", "0", "--device", "cpu", "--root", world["root"]]
-    ok = CliRunner().invoke(app, [*base, "--attn-layers", "1", "--steps", "1", "--run-id", "spi-cli"])
+    ok = CliRunner().invoke(app, [*base, "--attn-layers", "1", "--steps", "1", "--run-id", "spi-cli",
+                                  "--mode", "offline"])
     assert ok.exit_code == 0, ok.output
     assert ok.output.startswith("run spi-cli: step 1") and "checkpoint" in ok.output
-    bad = CliRunner().invoke(app, [*base, "--augment", "--steps", "1"])
+    bad = CliRunner().invoke(app, [*base, "--mode", "offline", "--augment", "--steps", "1"])
     assert bad.exit_code != 0 and user_error_message(bad.exception) == \
-        "augmentation needs --online: the cached targets were computed on unaugmented images"
+        "augmentation needs --mode online: the cached targets were computed on unaugmented images"
 
 
 def test_guards(world):
     root = open_root(world["root"])
-    with pytest.raises(ValueError, match="augmentation needs --online"):
-        shallow_pi.train_shallow_pi(root, world["export"], run_config(augment=True))
+    with pytest.raises(ValueError, match="augmentation needs --mode online"):
+        shallow_pi.train_shallow_pi(root, world["export"], run_config(mode="offline", augment=True))
     with pytest.raises(ValueError, match=r"was made by teacher 'tiny' \[model-\w+\], not by 'tiny' \[model-"):
-        shallow_pi.train_shallow_pi(root, world["export"], run_config(teacher="tiny", tiny_layers=3))
+        shallow_pi.train_shallow_pi(root, world["export"], run_config(mode="offline", teacher="tiny", tiny_layers=3))
     with pytest.raises(ValueError, match=r"teacher layers \[0\] are not among the cached attention layers"):
-        shallow_pi.train_shallow_pi(root, world["export"], run_config(attn_layers=[0]), run_id="spi-bad")
+        shallow_pi.train_shallow_pi(root, world["export"], run_config(mode="offline", attn_layers=[0]),
+                                    run_id="spi-bad")

@@ -28,6 +28,7 @@ from trainers.loop import (
     seed_everything,
 )
 from trainers.models.decoupler import Decoupler, DecouplerConfig
+from trainers.models.objectives import ObjectiveConfig
 from trainers.models.policy import ActionExpert, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
 
@@ -142,8 +143,8 @@ def test_action_expert_overfits_a_tiny_set(tmp_path):
     # Training noise levels centred higher than the reference (log-normal -1.2, 1.2) reach the high-noise
     # end the sampler starts from within a short run.
     policy = PolicyConfig.preset("tiny", action_dim=3, chunk=5, text_dim=6, cond_tokens=perceiver.num_latents,
-                                 cond_dim=perceiver.dim, dropout=0.0, p_mean=-0.5, p_std=1.5)
-    model = ActionExpert(perceiver, policy)
+                                 cond_dim=perceiver.dim, dropout=0.0)
+    model = ActionExpert(perceiver, policy, ObjectiveConfig.for_kind("edm", p_mean=-0.5, p_std=1.5))
     samples = action_samples(4)
     actions = np.concatenate([s["actions"] for s in samples])
     model.normalizer.set_stats("meanstd", {"mean": actions.mean(0).tolist(), "std": actions.std(0).tolist()})

@@ -1,4 +1,4 @@
-"""Train the S-VAM action expert: Uni-Perceiver + diffusion policy over frozen decouplers' predictions.
+"""Train the S-VAM action expert: aggregator + diffusion policy over frozen decouplers' predictions.
 
 Per clip the perception input is concat[one-step features | prediction of decoupler 1 | ...] per
 token (REFERENCE.md: one-step 2560 | DINOv2 768 | DA3 2048 = 5376 channels), built on the fly by the
@@ -6,6 +6,10 @@ frozen decoupler runs named in the config, each fed its teacher's reference map.
 conditioned on those tokens and the clip's text embedding and predicts the export's action chunk
 (normalised with the export's action statistics, which are stored with the model). The held-out
 evaluation samples chunks with the policy's sampler and reports their MSE to the recorded actions.
+
+``arch`` picks the release's ``Video_Former_3D`` + ``GCDenoiser`` (default; ``--init`` may start it
+from a released policy checkpoint) or foresight's Uni-Perceiver + ``DiffusionPolicy``; ``objective``
+picks ``release-edm`` (default) or ``edm`` (see ``trainers.models.objectives``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,15 +31,22 @@ from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, Op
                            TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything,
                            to_device)
 from trainers.models.decoupler import Decoupler, ModelSize
-from trainers.models.policy import ActionExpert, NormMode, PolicyConfig
+from trainers.models.denoiser import CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation
+from trainers.models.objectives import ObjectiveConfig, ObjectiveName
+from trainers.models.policy import ActionExpert, AggregatorConfig, DenoiserNetConfig, NormMode, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
+from trainers.models.video_former import VideoFormerConfig
+from trainers.release_checkpoints import load_strict, policy_parts, read_state_dict
 
 log = logging.getLogger(__name__)
 KIND = "action-expert"
 
 
+ArchName = Literal["release", "foresight"]
+
+
 class PerceiverArch(StrictModel):
-    """Overrides of the Uni-Perceiver preset (unset fields keep the preset's value)."""
+    """Overrides of foresight's Uni-Perceiver preset (``arch = "foresight"``; unset fields keep the preset)."""
 
     mlp_hidden: int | None = Field(None, description="Input MLP hidden width (preset 768).")
     dim: int | None = Field(None, description="Latent width (preset 384).")
@@ -47,7 +58,7 @@ class PerceiverArch(StrictModel):
 
 
 class PolicyArch(StrictModel):
-    """Overrides of the diffusion-policy preset (unset fields keep the preset's value)."""
+    """Overrides of foresight's diffusion-policy preset (``arch = "foresight"``)."""
 
     dim: int | None = Field(None, description="Transformer width (preset 384).")
     heads: int | None = Field(None, description="Attention heads (preset 8).")
@@ -55,18 +66,65 @@ class PolicyArch(StrictModel):
     decoder_layers: int | None = Field(None, description="Decoder layers (preset 4).")
     mlp_ratio: int | None = Field(None, description="MLP width multiple (preset 4).")
     dropout: float | None = Field(None, description="Dropout (preset 0.1).")
-    sample_steps: int | None = Field(None, description="Sampler steps at inference (preset 10).")
-    sigma_max: float | None = Field(None, description="Largest noise level (preset 80).")
-    sigma_data: float | None = Field(None, description="EDM sigma_data (preset 0.5).")
+
+
+class FormerArch(StrictModel):
+    """Overrides of the release's ``Video_Former_3D`` preset (``arch = "release"``)."""
+
+    dim: int | None = Field(None, description="Latent width (preset 384).")
+    queries_per_frame: int | None = Field(None, description="Latents per frame (preset 14).")
+    depth: int | None = Field(None, description="Layers (preset 6).")
+    heads: int | None = Field(None, description="Attention heads (preset 8).")
+    dim_head: int | None = Field(None, description="Perceiver head width (preset 64).")
+    dropout: float | None = Field(None, description="Temporal-attention dropout (preset 0).")
+
+
+class DenoiserArch(StrictModel):
+    """Overrides of the release's ``GCDenoiser`` preset (``arch = "release"``), including its quirks."""
+
+    embed_dim: int | None = Field(None, description="Transformer width (preset 384).")
+    n_enc_layers: int | None = Field(None, description="Encoder layers (preset 4).")
+    n_dec_layers: int | None = Field(None, description="Decoder layers (preset 4).")
+    n_heads: int | None = Field(None, description="Attention heads (preset 8).")
+    attn_pdrop: float | None = Field(None, description="Attention dropout (preset 0.3).")
+    resid_pdrop: float | None = Field(None, description="Residual dropout (preset 0.1).")
+    mlp_pdrop: float | None = Field(None, description="MLP dropout (preset 0.05).")
+    cross_attn_mask: CrossAttnMask | None = Field(None, description="top-left-causal (release) or none.")
+    modulation: Modulation | None = Field(None, description="scale-shift (release) or one-plus-scale.")
+
+
+class ObjectiveArch(StrictModel):
+    """Overrides of the diffusion objective (unset fields keep ``ObjectiveConfig.for_kind(kind)``)."""
+
+    kind: ObjectiveName = Field("release-edm", description="release-edm (the release's) or edm (foresight's).")
+    sigma_data: float | None = Field(None, description="EDM sigma_data (0.5).")
+    sigma_min: float | None = Field(None, description="release-edm: lower bound of the training sigmas (0.001).")
+    sigma_max: float | None = Field(None, description="Upper bound of the training sigmas, first sampler sigma (80).")
+    loc: float | None = Field(None, description="release-edm: log-logistic location (ln 0.5).")
+    scale: float | None = Field(None, description="release-edm: log-logistic scale (0.5).")
+    p_mean: float | None = Field(None, description="edm: lognormal mean of ln(sigma) (-1.2).")
+    p_std: float | None = Field(None, description="edm: lognormal std of ln(sigma) (1.2).")
+    sample_steps: int | None = Field(None, description="Sampler steps (10).")
+    sample_sigma_min: float | None = Field(None, description="Last nonzero sampler sigma (release-edm 1.0, edm 0.002).")
+    rho: float | None = Field(None, description="edm: Karras exponent (7).")
 
 
 class ActionExpertRunConfig(StrictModel):
     """Everything that defines an action-expert run (``--config run.toml`` holds any subset of it)."""
 
+    preset: str | None = Field(None, description="Preset the settings came from (schemas.presets), recorded.")
+    arch: ArchName = Field("release", description="release (Video_Former_3D + GCDenoiser) or foresight "
+                                                  "(Uni-Perceiver + DiffusionPolicy).")
     decouplers: list[str] = Field(default_factory=list, description="Decoupler run ids, in concat order.")
     size: ModelSize = Field("full", description="Architecture preset: 'full' (reference) or 'tiny'.")
-    perceiver: PerceiverArch = Field(default_factory=PerceiverArch, description="Uni-Perceiver overrides.")
-    policy: PolicyArch = Field(default_factory=PolicyArch, description="Diffusion-policy overrides.")
+    perceiver: PerceiverArch = Field(default_factory=PerceiverArch, description="Uni-Perceiver overrides (foresight).")
+    policy: PolicyArch = Field(default_factory=PolicyArch, description="Diffusion-policy overrides (foresight).")
+    former: FormerArch = Field(default_factory=FormerArch, description="Video_Former_3D overrides (release).")
+    denoiser: DenoiserArch = Field(default_factory=DenoiserArch, description="GCDenoiser overrides (release).")
+    objective: ObjectiveArch = Field(default_factory=ObjectiveArch, description="Diffusion objective.")
+    init: str | None = Field(None, description="Start from a released policy checkpoint (dir:/hf:, keys "
+                                               "'Video_Former.*' and 'model.*'; arch release).")
+    chunk: int | None = Field(None, description="Required action-chunk length of the export (None: any).")
     action_norm: NormMode = Field("quantile", description="Action normalisation from the export's statistics.")
     text_field: str = Field("text", description="Export field holding the instruction embedding.")
     eval_seed: int = Field(0, description="Seed of the sampler noise in held-out evaluation.")
@@ -82,12 +140,38 @@ class ActionExpertRunConfig(StrictModel):
 
 
 def _override(preset: StrictModel, overrides: StrictModel) -> dict[str, Any]:
-    return preset.model_dump() | {k: v for k, v in overrides.model_dump().items() if v is not None}
+    return preset.model_dump() | _set_fields(overrides)
+
+
+def _set_fields(overrides: StrictModel) -> dict[str, Any]:
+    return {k: v for k, v in overrides.model_dump().items() if v is not None}
+
+
+def _warn_ignored(cfg: ActionExpertRunConfig) -> None:
+    """Overrides of the architecture not in use are ignored: say so."""
+    unused = ("perceiver", "policy") if cfg.arch == "release" else ("former", "denoiser")
+    for table in unused:
+        if _set_fields(getattr(cfg, table)):
+            log.warning("action expert: [%s] settings are ignored with arch = %r", table, cfg.arch)
+
+
+def build_objective(cfg: ActionExpertRunConfig) -> ObjectiveConfig:
+    """The resolved objective: the kind's defaults with the run's overrides."""
+    overrides = _set_fields(cfg.objective)
+    return validate(ObjectiveConfig, ObjectiveConfig.for_kind(overrides.pop("kind")).model_dump() | overrides,
+                    "objective")
 
 
 def build_architecture(cfg: ActionExpertRunConfig, frames: int, token_channels: int, text_dim: int,
-                       chunk: int, action_dim: int) -> tuple[UniPerceiverConfig, PolicyConfig]:
-    """Uni-Perceiver and policy configs for the data's dimensions."""
+                       chunk: int, action_dim: int) -> tuple[AggregatorConfig, DenoiserNetConfig]:
+    """Aggregator and denoiser configs of ``cfg.arch`` for the data's dimensions."""
+    _warn_ignored(cfg)
+    if cfg.arch == "release":
+        former = validate(VideoFormerConfig, _override(
+            VideoFormerConfig.preset(cfg.size, in_channels=token_channels, frames=frames), cfg.former), "former")
+        denoiser_preset = DenoiserConfig.preset(cfg.size, action_dim=action_dim, chunk=chunk, goal_dim=text_dim,
+                                                obs_dim=former.dim, cond_tokens=former.num_latents)
+        return former, validate(DenoiserConfig, _override(denoiser_preset, cfg.denoiser), "denoiser")
     perceiver = validate(UniPerceiverConfig, _override(
         UniPerceiverConfig.preset(cfg.size, in_channels=token_channels, frames=frames), cfg.perceiver), "perceiver")
     policy_preset = PolicyConfig.preset(cfg.size, action_dim=action_dim, chunk=chunk, text_dim=text_dim,
@@ -192,13 +276,27 @@ class ActionExpertTask(TrainTask):
         return {"action_mse": raw_sum / rows, "action_mse_norm": norm_sum / rows}
 
 
-def run_config_record(cfg: ActionExpertRunConfig, perceiver: UniPerceiverConfig, policy: PolicyConfig,
-                      decoupler_infos: list[CheckpointInfo]) -> dict[str, Any]:
+def run_config_record(cfg: ActionExpertRunConfig, perceiver: AggregatorConfig, policy: DenoiserNetConfig,
+                      objective: ObjectiveConfig, decoupler_infos: list[CheckpointInfo],
+                      init: dict[str, str] | None = None) -> dict[str, Any]:
     """The resolved config stored with every checkpoint, including which decoupler checkpoints were used."""
     decouplers = [{"run_id": i.run_id, "step": i.step, "teacher": teacher_of(i), "target_versions": i.target_versions}
                   for i in decoupler_infos]
-    return {"run": cfg.model_dump(mode="json"), "perceiver": perceiver.model_dump(mode="json"),
-            "policy": policy.model_dump(mode="json"), "decouplers": decouplers}
+    return {"run": cfg.model_dump(mode="json"), "preset": cfg.preset, "arch": cfg.arch,
+            "perceiver": perceiver.model_dump(mode="json"), "policy": policy.model_dump(mode="json"),
+            "objective": objective.model_dump(mode="json"), "decouplers": decouplers, "init": init}
+
+
+def model_from_record(config: dict[str, Any], where: str) -> ActionExpert:
+    """An (untrained) action expert of the architecture a checkpoint's config records."""
+    arch = config.get("arch", "foresight")  # records before the release architecture existed
+    perceiver_model, policy_model = ((VideoFormerConfig, DenoiserConfig) if arch == "release"
+                                     else (UniPerceiverConfig, PolicyConfig))
+    perceiver = validate(perceiver_model, config["perceiver"], f"{where}: perceiver")
+    policy = validate(policy_model, config["policy"], f"{where}: policy")
+    objective = validate(ObjectiveConfig, config.get("objective", {"kind": "edm", "sample_sigma_min": 0.002}),
+                         f"{where}: objective")
+    return ActionExpert(perceiver, policy, objective)
 
 
 def load_action_expert(root: Root, run_id: str, step: int | None = None
@@ -207,10 +305,7 @@ def load_action_expert(root: Root, run_id: str, step: int | None = None
     info, state = RunDir(root, run_id).load_model(step)
     if info.kind != KIND:
         raise ValueError(f"run {run_id}: is a '{info.kind}' run, not an action-expert run")
-    where = f"run {run_id} step {info.step}"
-    perceiver = validate(UniPerceiverConfig, info.config["perceiver"], f"{where}: perceiver")
-    policy = validate(PolicyConfig, info.config["policy"], f"{where}: policy")
-    model = ActionExpert(perceiver, policy)
+    model = model_from_record(info.config, f"run {run_id} step {info.step}")
     model.load_state_dict(state)
     decouplers, teachers = [], []
     for record in info.config["decouplers"]:
@@ -221,6 +316,24 @@ def load_action_expert(root: Root, run_id: str, step: int | None = None
     task = ActionExpertTask(model.eval(), FrozenDecouplers(decouplers, teachers), run_cfg["text_field"],
                             run_cfg["eval_seed"])
     return task, info
+
+
+def init_from_release(model: ActionExpert, spec: str) -> dict[str, str]:
+    """Load a released policy checkpoint's aggregator and denoiser into ``model`` (strictly); its provenance."""
+    if not isinstance(model.policy, GCDenoiser):
+        raise ValueError(f"--init {spec}: a released policy checkpoint needs arch = 'release'")
+    state, provenance = read_state_dict(spec)
+    former_state, denoiser_state = policy_parts(state, spec)
+    load_strict(model.perceiver, former_state, f"{spec} (Video_Former.*)")
+    load_strict(model.policy, denoiser_state, f"{spec} (model.*)")
+    return provenance
+
+
+def check_chunk(cfg: ActionExpertRunConfig, export_id: str, chunk: int) -> None:
+    """A preset fixes the chunk length; an export cut with another one is refused."""
+    if cfg.chunk is not None and cfg.chunk != chunk:
+        raise ValueError(f"export '{export_id}': action chunks of {chunk} steps, the run config "
+                         f"(preset {cfg.preset}) needs {cfg.chunk}; re-export with --action-chunk {cfg.chunk}")
 
 
 def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, run_id: str | None = None,
@@ -234,23 +347,27 @@ def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, 
     specs = stream.index.fields
     frames = specs[ONESTEP].shape[0]
     actions_shape = specs["actions"].shape
+    check_chunk(cfg, export_id, actions_shape[0])
     perceiver, policy = build_architecture(cfg, frames, specs[ONESTEP].shape[-1] + decouplers.channels,
                                            specs[cfg.text_field].shape[-1], actions_shape[0], actions_shape[-1])
+    objective = build_objective(cfg)
     eval_stream = None
     if eval_export:
         eval_stream, _ = open_export(root, eval_export, fields, cfg.data, cfg.loop.seed, pins=versions, shuffle=False)
     seed_everything(cfg.loop.seed)
-    model = ActionExpert(perceiver, policy)
+    model = ActionExpert(perceiver, policy, objective)
+    init = init_from_release(model, cfg.init) if cfg.init else None
     model.normalizer.set_stats(cfg.action_norm, action_stats(stream.stats, export_id))
     task = ActionExpertTask(model, decouplers, cfg.text_field, cfg.eval_seed)
-    config = run_config_record(cfg, perceiver, policy, infos)
-    identity = {"export": export_id, "decouplers": config["decouplers"], "perceiver": config["perceiver"],
-                "policy": config["policy"], "optim": config["run"]["optim"], "seed": cfg.loop.seed,
-                "norm": cfg.action_norm, "batch": cfg.loop.batch_size}
+    config = run_config_record(cfg, perceiver, policy, objective, infos, init)
+    identity = {"export": export_id, "decouplers": config["decouplers"], "arch": cfg.arch,
+                "perceiver": config["perceiver"], "policy": config["policy"], "objective": config["objective"],
+                "optim": config["run"]["optim"], "seed": cfg.loop.seed, "norm": cfg.action_norm,
+                "batch": cfg.loop.batch_size, "init": init}
     spec = RunSpec(root, run_id or default_run_id("action-expert", identity), KIND, export_id, versions, config,
                    extra={"eval_export": eval_export})
-    log.info("action expert over %s: %d trainable parameters, run %s", decouplers.teachers,
-             sum(p.numel() for p in model.parameters()), spec.run_id)
+    log.info("action expert (%s, %s) over %s: %d trainable parameters, run %s", cfg.arch, objective.kind,
+             decouplers.teachers, sum(p.numel() for p in model.parameters()), spec.run_id)
     return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
 
 

@@ -3,6 +3,10 @@
 Reads an export's ``onestep``, ``<teacher>.target`` and ``<teacher>.reference`` fields. The held-out
 evaluation reports, per teacher, the cosine similarity over channels of every predicted token to the
 teacher's token and the relative L2 error ||pred - target|| / ||target|| per clip.
+
+``arch = "release"`` (default) is the released decoupler (no positional embeddings; ``--init`` may
+start it from a released checkpoint); ``arch = "foresight"`` adds foresight's learned space and
+time embeddings.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from schemas.base import StrictModel, validate
 from storage.fs import Root
 from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
                            TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything)
-from trainers.models.decoupler import Decoupler, DecouplerConfig, ModelSize
+from trainers.models.decoupler import Decoupler, DecouplerArchName, DecouplerConfig, ModelSize
+from trainers.release_checkpoints import load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,11 @@ class DecouplerArch(StrictModel):
 class DecouplerRunConfig(StrictModel):
     """Everything that defines a decoupler run (``--config run.toml`` holds any subset of it)."""
 
+    preset: str | None = Field(None, description="Preset the settings came from (schemas.presets), recorded.")
+    arch: DecouplerArchName = Field("release", description="release (no positional embeddings) or foresight "
+                                                           "(learned space and time embeddings).")
+    init: str | None = Field(None, description="Start from a released decoupler checkpoint (dir:/hf:, keys "
+                                               "'base_model.*' and 'adapter.*').")
     teacher: str = Field("dinov2", description="Teacher name: fields '<teacher>.target' / '<teacher>.reference'.")
     size: ModelSize = Field("full", description="Architecture preset: 'full' (reference, ~106M for DINOv2) or 'tiny'.")
     model: DecouplerArch = Field(default_factory=DecouplerArch, description="Architecture overrides.")
@@ -66,7 +76,8 @@ def build_decoupler_config(cfg: DecouplerRunConfig, onestep_shape: list[int], te
             f"features' (T, h, w) = {(frames, height, width)}"
         )
     preset = DecouplerConfig.preset(cfg.size, in_channels=channels, teacher_channels=teacher_shape[3],
-                                    frames=frames, height=height, width=width)
+                                    frames=frames, height=height, width=width,
+                                    position_embeddings=cfg.arch == "foresight")
     overrides = {k: v for k, v in cfg.model.model_dump().items() if v is not None}
     return DecouplerConfig.model_validate(preset.model_dump() | overrides)
 
@@ -112,9 +123,18 @@ class DecouplerTask(TrainTask):
         return {f"{self.teacher}/{name}": total / count for name, total in sums.items()}
 
 
-def run_config_record(cfg: DecouplerRunConfig, arch: DecouplerConfig) -> dict[str, Any]:
-    """The resolved config stored with every checkpoint: the run config and the built architecture."""
-    return {"run": cfg.model_dump(mode="json"), "architecture": arch.model_dump(mode="json")}
+def run_config_record(cfg: DecouplerRunConfig, arch: DecouplerConfig,
+                      init: dict[str, str] | None = None) -> dict[str, Any]:
+    """The resolved config stored with every checkpoint: the run config, the built architecture, the init."""
+    return {"run": cfg.model_dump(mode="json"), "preset": cfg.preset, "architecture": arch.model_dump(mode="json"),
+            "init": init}
+
+
+def init_from_release(model: Decoupler, spec: str) -> dict[str, str]:
+    """Load a released decoupler checkpoint into ``model`` (strictly); its provenance (spec, file, sha256)."""
+    state, provenance = read_state_dict(spec)
+    load_strict(model, state, spec)
+    return provenance
 
 
 def load_decoupler(root: Root, run_id: str, step: int | None = None) -> tuple[Decoupler, CheckpointInfo]:
@@ -145,10 +165,12 @@ def train_decoupler(root: Root, export_id: str, cfg: DecouplerRunConfig, run_id:
     if eval_export:
         eval_stream, _ = open_export(root, eval_export, fields, cfg.data, cfg.loop.seed, pins=versions, shuffle=False)
     seed_everything(cfg.loop.seed)
-    task = DecouplerTask(Decoupler(arch), cfg.teacher)
-    config = run_config_record(cfg, arch)
+    model = Decoupler(arch)
+    init = init_from_release(model, cfg.init) if cfg.init else None
+    task = DecouplerTask(model, cfg.teacher)
+    config = run_config_record(cfg, arch, init)
     identity = {"export": export_id, "teacher": cfg.teacher, "arch": config["architecture"],
-                "optim": config["run"]["optim"], "seed": cfg.loop.seed, "batch": cfg.loop.batch_size}
+                "optim": config["run"]["optim"], "seed": cfg.loop.seed, "batch": cfg.loop.batch_size, "init": init}
     spec = RunSpec(root, run_id or default_run_id(KIND, identity), KIND, export_id, versions, config,
                    extra={"eval_export": eval_export})
     log.info("decoupler '%s': %d parameters, run %s", cfg.teacher, sum(p.numel() for p in task.model.parameters()),

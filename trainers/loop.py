@@ -323,17 +323,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
+def _rng_state(task: "TrainTask | None" = None) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
+    if task is not None and task.generators():
+        state["task"] = {name: gen.get_state() for name, gen in task.generators().items()}
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], task: "TrainTask | None" = None) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("task", {})
+    for name, gen in (task.generators() if task is not None else {}).items():
+        if name in saved:
+            gen.set_state(saved[name])
+        else:
+            log.warning("checkpoint holds no state of the task's '%s' generator: it restarts from its seed", name)
+
+
+def seed_task_generators(task: "TrainTask", seed: int) -> None:
+    """Seed each of the task's own generators from the rank's seed and the generator's name."""
+    for name, gen in task.generators().items():
+        digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+        gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _gather(obj: Any, info: DistInfo) -> list[Any]:
@@ -373,6 +388,13 @@ class TrainTask(ABC):
     def prepare(self, batch: Any) -> Any:
         """Device-side preparation of a batch already on the device. Default: decode fp8-coded fields."""
         return decode_coded(batch) if isinstance(batch, dict) else batch
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The task's own random streams (name -> CPU generator), kept apart from torch's global one
+        so that what they draw does not depend on anything else that draws. :func:`fit` seeds each
+        from the rank's seed and its name, and every checkpoint holds their states, so a resumed
+        run continues each stream exactly. Default: none."""
+        return {}
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -966,7 +988,7 @@ def _restore(trainer: Trainer, run: RunDir, spec: RunSpec, allow_change: bool) -
     changes = check_versions(info, spec, allow_change)
     trainer.load_state(model_state, state)
     rank = str(trainer.info.rank)
-    _set_rng_state(state["rng"][rank])
+    _set_rng_state(state["rng"][rank], trainer.task)
     stream_state = None
     if info.export_id == spec.export_id:
         stream_state = info.stream.get(rank)
@@ -981,7 +1003,7 @@ def _save(trainer: Trainer, run: RunDir, spec: RunSpec, cursor: StreamCursor, re
           metrics: dict[str, Any]) -> str | None:
     """Gather every rank's stream cursor and RNG state; rank 0 writes the checkpoint."""
     streams = _gather(cursor.state(), trainer.info)
-    rngs = _gather(_rng_state(), trainer.info)
+    rngs = _gather(_rng_state(trainer.task), trainer.info)
     path = None
     if trainer.info.is_main:
         info = CheckpointInfo(
@@ -1070,6 +1092,7 @@ def fit(task: TrainTask, stream: IterableDataset, spec: RunSpec, loop: LoopConfi
     info = init_distributed(loop.device)
     device = resolve_device(loop.device, info)
     seed_everything(loop.seed + info.rank)
+    seed_task_generators(task, loop.seed + info.rank)
     trainer = Trainer(task, loop, optim, info, device)
     run = RunDir(spec.root, spec.run_id)
     if info.is_main:

@@ -14,8 +14,14 @@ Loss: ``L_task + lambda_kd * L_kd + lambda_attn * L_attn`` with
 Two defects of the public reference code are avoided on purpose: the attention loss exists, and
 the VLM stack is subsampled with the map (not truncated to the teacher's first L_S layers).
 
-Targets come either from a cached pi0 version (offline: one of its K fixed pairs per sample per
-step) or from the teacher run now on the same (augmented) inputs as the student (online).
+Two regimes (``mode``):
+- ``online`` (default, the paper's): the frozen teacher is loaded beside the student and run on
+  the same (augmented) inputs; every step draws a fresh (t, noise) per sample from the task's
+  seeded ``pairs`` generator, whose state every checkpoint holds, so a resumed run draws what an
+  uninterrupted one would have drawn.
+- ``offline``: the teacher's targets come from a cached pi0 version, one of its K fixed pairs per
+  sample per step, no augmentation. An approximation: the student only ever sees K (t, noise)
+  points per sample; bench/bench_shallow_pi_gap.py measures what that costs.
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import default_collate
 
 from pipelines import pi0
+from pipelines.pi0_augment import AugmentConfig, augment_images
 from schemas.base import StrictModel
+from schemas.presets import preset_table
 from storage.fs import Root
 from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
                            TrainTask, default_run_id, fit, open_export, seed_everything)
@@ -74,14 +82,12 @@ def student_state_dict(teacher_state: dict[str, torch.Tensor], layer_map: list[i
 
 def build_student(teacher: Any, num_layers: int) -> tuple[Any, list[int]]:
     """A Shallow-π student of ``num_layers`` layers initialised from ``teacher``; returns (student, map)."""
-    from transformers import PI0ForConditionalGeneration
-
     layer_map = pi0.uniform_layer_map(pi0.num_layers(teacher), num_layers)
     parameter = next(teacher.parameters())
     cuda = [parameter.device] if parameter.device.type == "cuda" else []
     # The random init is overwritten below; keep it from moving the caller's random streams.
     with torch.random.fork_rng(devices=cuda), parameter.device:
-        student = PI0ForConditionalGeneration(student_config(teacher.config, num_layers))
+        student = type(teacher)(student_config(teacher.config, num_layers))
     student.to(parameter.dtype)
     state = student_state_dict(teacher.state_dict(), layer_map)
     # strict: a key the map missed (or one left over) is a bug, never silently random weights.
@@ -188,37 +194,15 @@ def online_targets(teacher: Any, batch: pi0.Pi0Batch, t_B: torch.Tensor, noise_B
                        attn_BLAP=None if attn is None else attn[:, 0])
 
 
-def draw_noise_seeds(batch_size: int) -> np.ndarray:
-    """Fresh noise seeds for online pairs, from torch's global generator (checkpointed by the loop)."""
-    return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64).numpy()
+def draw_noise_seeds(batch_size: int, generator: torch.Generator) -> np.ndarray:
+    """Fresh per-sample (t, noise) seeds of one online step; each seed gives its pair exactly
+    (:func:`pipelines.pi0.pair_times`, :func:`pipelines.pi0.noise_from_seeds`)."""
+    return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64, generator=generator).numpy()
 
 
-def draw_pair_index(batch_size: int, num_pairs: int) -> np.ndarray:
-    """Which cached pair each sample uses this step (torch's global generator, so resume is exact)."""
-    return torch.randint(0, num_pairs, (batch_size,)).numpy()
-
-
-def augment_images(images_BNHWC: torch.Tensor, crop_scale: float = 0.9, jitter: float = 0.1) -> torch.Tensor:
-    """Random crop (side in [crop_scale, 1]) resized back, plus brightness/contrast jitter; uint8 in and out.
-
-    Draws from torch's global generator (checkpointed by the loop), so a resumed run augments identically.
-    """
-    batch, cams, height, width, _ = images_BNHWC.shape
-    draws = torch.rand(batch, cams, 5).tolist()
-    out = torch.empty_like(images_BNHWC)
-    for b in range(batch):
-        for c in range(cams):
-            side, top_u, left_u, bright_u, contrast_u = draws[b][c]
-            side = crop_scale + (1 - crop_scale) * side
-            crop_h, crop_w = max(1, round(height * side)), max(1, round(width * side))
-            top, left = int(top_u * (height - crop_h + 1)), int(left_u * (width - crop_w + 1))
-            crop = images_BNHWC[b, c, top:top + crop_h, left:left + crop_w].permute(2, 0, 1)[None].float()
-            img = torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", antialias=True,
-                                                  align_corners=False)[0]
-            brightness, contrast = (2 * bright_u - 1) * jitter, 1 + (2 * contrast_u - 1) * jitter
-            img = (img - img.mean()) * contrast + img.mean() + brightness * 255.0
-            out[b, c] = img.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
-    return out
+def draw_pair_index(batch_size: int, num_pairs: int, generator: torch.Generator) -> np.ndarray:
+    """Which of its K cached pairs each sample uses this offline step."""
+    return torch.randint(0, num_pairs, (batch_size,), generator=generator).numpy()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -228,18 +212,34 @@ PAIR_ARRAYS = ("noise_seed", "velocity")
 ATTN_ARRAYS = ("attn", "attn_layers")
 
 
-class ShallowPiRunConfig(StrictModel):
-    """Everything that defines a Shallow-π run (``--config run.toml`` holds any subset of it)."""
+Mode = Literal["online", "offline"]
 
+
+class ShallowPiRunConfig(StrictModel):
+    """Everything that defines a Shallow-π run (``--config run.toml`` holds any subset of it).
+
+    ``preset`` names a table of :mod:`schemas.presets.shallow_pi`: its values become the defaults
+    of the settings it names (dotted paths such as ``optim.lr``), explicit settings win, and the
+    resolved config (which the run records) keeps the preset's name.
+    """
+
+    preset: str | None = Field(None, description="Preset whose sourced settings are the defaults "
+                                                 "(e.g. 'shallow-pi'); explicit settings win.")
     teacher: str | None = Field(None, description="π0 teacher spec (hf:, dir:, random, tiny) the student is cut "
                                                   "from; default: the one that made the export's pi0 targets.")
     tiny_layers: int | None = Field(None, ge=1, description="Depth of a `tiny` teacher (default: the targets' "
                                                             "teacher's, else 4).")
+    teacher_family: Literal["pi0", "pi05"] | None = Field(
+        None, description="Architecture of a `random`/`tiny` teacher: pi0 or pi05 (π0.5); default: the targets' "
+                          "teacher's, else pi0 (a checkpoint's config.json decides for hf:/dir:).")
     layers: int = Field(6, ge=1, description="L_S: student depth of both stacks.")
-    online: bool = Field(False, description="Run the teacher now on the same (augmented) inputs instead of "
-                                            "reading cached targets.")
+    mode: Mode = Field("online", description="online: the frozen teacher runs beside the student on the same "
+                                             "(augmented) inputs at fresh (t, noise) every step (the paper's "
+                                             "regime); offline: targets from the export's K cached (t, noise) "
+                                             "pairs per sample, an approximation (see bench/RESULTS.md).")
     augment: bool | None = Field(None, description="Image augmentation (default: on when online; offline "
                                                    "refuses it, the cached targets saw unaugmented images).")
+    augmentation: AugmentConfig = Field(default_factory=AugmentConfig, description="The augmentation's settings.")
     lambda_kd: float = Field(1.0, ge=0, description="Weight of L_kd (velocity distillation).")
     lambda_attn: float = Field(1.0, ge=0, description="Weight of L_attn (action->VL attention KL).")
     attn_layers: list[int] | None = Field(None, description="Student layers whose attention is distilled "
@@ -249,6 +249,17 @@ class ShallowPiRunConfig(StrictModel):
                                                                    warmup_steps=100))
     loop: LoopConfig = Field(default_factory=LoopConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        return preset_defaults(data, preset_table(data["preset"], "shallow_pi"))
+
+    @property
+    def online(self) -> bool:
+        return self.mode == "online"
 
     @property
     def augments(self) -> bool:
@@ -271,14 +282,44 @@ class ShallowPiRunConfig(StrictModel):
         return [f"{self.field_prefix}.{name}" for name in names]
 
 
-class ShallowPiTask(TrainTask):
-    """Batch of pi0 samples -> L_task + lambda_kd L_kd + lambda_attn L_attn of the student."""
+def preset_defaults(data: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every applicable preset setting (dotted key) filled in where ``data`` leaves it unset."""
+    from schemas.presets.shallow_pi import FIXED_PREFIX
 
-    def __init__(self, student: Any, teacher: Any | None, layer_map: list[int], cfg: ShallowPiRunConfig):
+    out = copy.deepcopy(data)
+    for dotted, item in table.items():
+        if dotted.startswith(FIXED_PREFIX):
+            continue
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):  # an already-built sub-config: the user chose it whole
+                break
+        else:
+            node.setdefault(leaf, item.value)
+    return out
+
+
+class ShallowPiTask(TrainTask):
+    """Batch of pi0 samples -> L_task + lambda_kd L_kd + lambda_attn L_attn of the student.
+
+    Two private generators drive every random choice of a step: ``pairs`` (online: each sample's
+    fresh (t, noise) seed; offline: which cached pair) and ``augment`` (the image augmentation).
+    The loop seeds them from the run's seed and checkpoints their states.
+    """
+
+    def __init__(self, student: Any, teacher: Any | None, layer_map: list[int], cfg: ShallowPiRunConfig,
+                 cameras: list[str] | None = None):
         self.model, self.teacher, self.layer_map, self.cfg = student, teacher, layer_map, cfg
         self.student_layers = cfg.student_attn_layers()
         self.teacher_layers = [layer_map[i] for i in self.student_layers]
         self.prefix = f"{cfg.field_prefix}."
+        self.cameras = cameras
+        self.rngs = {"pairs": torch.Generator(), "augment": torch.Generator()}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return self.rngs
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Stack the pi0 arrays under their short names, plus a per-sample evaluation seed."""
@@ -296,9 +337,9 @@ class ShallowPiTask(TrainTask):
 
     def targets(self, batch_arrays: dict[str, torch.Tensor], batch: pi0.Pi0Batch, pair_index: np.ndarray | None,
                 noise_seeds: np.ndarray | None) -> StepTargets:
-        """Offline (cached pair ``pair_index``) or online (teacher now, pairs from ``noise_seeds``) targets."""
+        """Cached pair ``pair_index`` (offline) or the teacher now at the pairs of ``noise_seeds``."""
         device = batch.actions.device
-        if not self.cfg.online:
+        if noise_seeds is None:
             return offline_targets(batch_arrays, pair_index, self.teacher_layers, device)
         t_B = torch.from_numpy(pi0.pair_times(noise_seeds)).to(device)
         noise_BAD = pi0.noise_from_seeds(noise_seeds, *batch.actions.shape[-2:]).to(device)
@@ -307,9 +348,11 @@ class ShallowPiTask(TrainTask):
     def model_batch(self, batch_arrays: dict[str, torch.Tensor], augment: bool) -> pi0.Pi0Batch:
         arrays = dict(batch_arrays)
         if augment:
-            arrays["images"] = augment_images(arrays["images"])
+            images = arrays["images"]
+            geometric = self.cfg.augmentation.geometric_cameras(self.cameras, images.shape[1])
+            arrays["images"] = augment_images(images, self.cfg.augmentation, geometric, self.rngs["augment"])
         parameter = next(self.model.parameters())
-        return pi0.make_batch(arrays, self.model.config, parameter.device, parameter.dtype)
+        return pi0.make_batch(arrays, pi0.unwrap(self.model).config, parameter.device, parameter.dtype)
 
     def losses(self, model: Any, batch_arrays: dict[str, torch.Tensor], augment: bool,
                pair_index: np.ndarray | None, noise_seeds: np.ndarray | None) -> dict[str, torch.Tensor]:
@@ -320,22 +363,30 @@ class ShallowPiTask(TrainTask):
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         size = batch["actions"].shape[0]
         if self.cfg.online:
-            losses = self.losses(model, batch, self.cfg.augments, None, draw_noise_seeds(size))
+            losses = self.losses(model, batch, self.cfg.augments, None, draw_noise_seeds(size, self.rngs["pairs"]))
         else:
-            losses = self.losses(model, batch, False, draw_pair_index(size, batch["noise_seed"].shape[1]), None)
+            pair_index = draw_pair_index(size, batch["noise_seed"].shape[1], self.rngs["pairs"])
+            losses = self.losses(model, batch, False, pair_index, None)
         log.debug("step losses: %s", {k: round(v.item(), 6) for k, v in losses.items()})
         return losses["total"]
 
     def evaluate(self, model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Held-out losses at fixed pairs (cached pair 0, or seeds from the sample keys) and the
-        masked MSE of a full 10-step action chunk to the ground-truth actions."""
+        """Held-out losses at fixed pairs (cached pair 0 offline, seeds from the sample keys online), the
+        masked MSE of a full 10-step action chunk to the ground-truth actions and, with the teacher
+        loaded, the student's distance to it (``teacher_velocity_mse``, ``teacher_chunk_mse``)."""
         sums: dict[str, float] = {}
         count = 0
         for arrays in batches:
             size = arrays["actions"].shape[0]
             seeds = arrays["eval_seed"].cpu().numpy()
-            losses = self.losses(model, arrays, False, np.zeros(size, dtype=np.int64), seeds)
-            losses["action_mse"] = self.chunk_mse(model, arrays, seeds)
+            if self.cfg.online:
+                losses = self.losses(model, arrays, False, None, seeds)
+            else:
+                losses = self.losses(model, arrays, False, np.zeros(size, dtype=np.int64), None)
+            batch = self.model_batch(arrays, augment=False)
+            losses["action_mse"] = masked_mse(sample_chunk(model, batch, seeds), batch.actions, batch.action_mask)
+            if self.teacher is not None:
+                losses.update({f"teacher_{k}": v for k, v in teacher_gap(model, self.teacher, batch, seeds).items()})
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * size
             count += size
@@ -343,13 +394,27 @@ class ShallowPiTask(TrainTask):
             raise ValueError("shallow-pi: the held-out stream gave no samples")
         return {name: total / count for name, total in sums.items()}
 
-    def chunk_mse(self, model: Any, arrays: dict[str, torch.Tensor], seeds: np.ndarray) -> torch.Tensor:
-        batch = self.model_batch(arrays, augment=False)
-        noise = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions)
-        chunk = pi0.unwrap(model).sample_actions(
-            state=batch.state, input_ids=batch.input_ids, pixel_values=batch.pixel_values, noise=noise,
-            attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask)
-        return masked_mse(chunk, batch.actions, batch.action_mask)
+
+def sample_chunk(model: Any, batch: pi0.Pi0Batch, seeds: np.ndarray) -> torch.Tensor:
+    """The model's 10-step action chunk (B, 50, 32) from the noise of ``seeds`` (one per sample)."""
+    noise = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions)
+    return pi0.unwrap(model).sample_actions(
+        **pi0.state_input(model, batch), input_ids=batch.input_ids, pixel_values=batch.pixel_values, noise=noise,
+        attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask)
+
+
+@torch.no_grad()
+def teacher_gap(student: Any, teacher: Any, batch: pi0.Pi0Batch, seeds: np.ndarray) -> dict[str, torch.Tensor]:
+    """How far the student is from the teacher on one batch, at the (t, noise) of ``seeds`` (one per sample):
+    ``velocity_mse`` (the one-step velocity at the same x_t, t) and ``chunk_mse`` (the 10-step action
+    chunk integrated from the same noise); both masked to the real action steps and dims."""
+    t_B = torch.from_numpy(pi0.pair_times(seeds)).to(batch.actions.device)
+    noise_BAD = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions.device)
+    student_velocity, _ = pi0.pi0_forward(student, batch, t_B, noise_BAD, [])
+    teacher_velocity, _ = pi0.teacher_targets(teacher, batch, t_B[:, None], noise_BAD[:, None], [])
+    return {"velocity_mse": masked_mse(student_velocity, teacher_velocity[:, 0], batch.action_mask),
+            "chunk_mse": masked_mse(sample_chunk(student, batch, seeds), sample_chunk(teacher, batch, seeds),
+                                    batch.action_mask)}
 
 
 def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity: Any, online: bool) -> None:
@@ -379,29 +444,36 @@ def teacher_label(identity: Any) -> str:
     return f"'{identity.spec}' [{content_id('model', identity.key())}]"
 
 
-def resolve_teacher(root: Root, versions: dict[str, str], cfg: ShallowPiRunConfig) -> ShallowPiRunConfig:
-    """Fill in ``teacher`` / ``tiny_layers`` from the model recorded in the pi0 version's manifest."""
+def recorded_inputs(root: Root, versions: dict[str, str]) -> tuple[Any | None, list[str] | None]:
+    """(teacher identity, camera names) recorded by the export's pi0 version, or None where it is not here."""
     from storage.targets import TargetStore
 
-    recorded = None
     store = TargetStore(root)
     for version in sorted(set(versions.values())):
         if store.status(version) is not None:
-            recorded = store.manifest(version).recipe.model
-            break
+            recipe = store.manifest(version).recipe
+            return recipe.model, recipe.params.get("cameras")
+    return None, None
+
+
+def resolve_teacher(cfg: ShallowPiRunConfig, recorded: Any | None) -> ShallowPiRunConfig:
+    """Fill in ``teacher`` / ``tiny_layers`` / ``teacher_family`` from the model the pi0 version recorded."""
     teacher = cfg.teacher or (recorded.spec if recorded is not None else None)
     if teacher is None:
         raise ValueError("no --teacher given and the export's pi0 version is not in this root to read it from")
     depth = cfg.tiny_layers
     if depth is None and recorded is not None and recorded.source == "tiny" and recorded.config:
         depth = recorded.config.get("vlm_config", {}).get("text_config", {}).get("num_hidden_layers")
-    return cfg.model_copy(update={"teacher": teacher, "tiny_layers": depth or 4})
+    family = cfg.teacher_family or (recorded.family if recorded is not None else "pi0")
+    return cfg.model_copy(update={"teacher": teacher, "tiny_layers": depth or 4, "teacher_family": family})
 
 
 def freeze_unused(student: Any) -> None:
     """The expert's token embedding is never used (π0 feeds it action embeddings): freeze it, so
-    AdamW does not decay it and DDP does not wait for its gradient."""
-    student.model.dit.embed_tokens.weight.requires_grad_(False)
+    AdamW does not decay it and DDP does not wait for its gradient (π0.5's expert has none)."""
+    embed = getattr(student.model.dit, "embed_tokens", None)
+    if embed is not None:
+        embed.weight.requires_grad_(False)
 
 
 def teacher_device(cfg: ShallowPiRunConfig) -> str:
@@ -411,56 +483,67 @@ def teacher_device(cfg: ShallowPiRunConfig) -> str:
 
 
 def run_config_record(cfg: ShallowPiRunConfig, student: Any, layer_map: list[int], identity: Any) -> dict[str, Any]:
-    """The resolved config stored with every checkpoint (enough to rebuild the student)."""
-    return {"run": cfg.model_dump(mode="json"), "student_config": student.config.to_dict(),
-            "layer_map": layer_map, "teacher": identity.model_dump(mode="json"),
-            "attn_student_layers": cfg.student_attn_layers()}
+    """The resolved config stored with every checkpoint (enough to rebuild the student), with the
+    preset's table (value and source per setting) when one was applied."""
+    record = {"run": cfg.model_dump(mode="json"), "student_config": student.config.to_dict(),
+              "layer_map": layer_map, "teacher": identity.model_dump(mode="json"),
+              "attn_student_layers": cfg.student_attn_layers()}
+    if cfg.preset is not None:
+        record["preset"] = {"name": cfg.preset, "settings": {
+            key: {"value": item.value, "source": item.source}
+            for key, item in preset_table(cfg.preset, "shallow_pi").items()}}
+    return record
+
+
+RUN_IDENTITY = ("preset", "layers", "mode", "augment", "augmentation", "lambda_kd", "lambda_attn", "attn_layers")
+"""Run-config keys that make a run another run (its default id hashes them)."""
 
 
 def train_shallow_pi(root: Root, export_id: str, cfg: ShallowPiRunConfig, run_id: str | None = None,
                      eval_export: str | None = None, allow_version_change: bool = False,
                      stop_at: int | None = None) -> FitResult:
-    """Train (or resume) a Shallow-π student on a pi0 export, offline or with the teacher online."""
+    """Train (or resume) a Shallow-π student on a pi0 export: online (the teacher run beside it at
+    fresh (t, noise) every step, the default) or offline (the export's cached pairs)."""
     if cfg.augments and not cfg.online:
-        raise ValueError("augmentation needs --online: the cached targets were computed on unaugmented images")
+        raise ValueError("augmentation needs --mode online: the cached targets were computed on unaugmented images")
     fields = cfg.fields()
     stream, versions = open_export(root, export_id, fields, cfg.data, cfg.loop.seed)
     eval_stream = None
     if eval_export:
         eval_stream, _ = open_export(root, eval_export, fields, cfg.data, cfg.loop.seed, pins=versions,
                                      shuffle=False)
-    cfg = resolve_teacher(root, versions, cfg)
-    loaded = pi0.load_pi0(cfg.teacher, teacher_device(cfg), "float32", cfg.tiny_layers)
+    recorded, cameras = recorded_inputs(root, versions)
+    cfg = resolve_teacher(cfg, recorded)
+    loaded = pi0.load_pi0(cfg.teacher, teacher_device(cfg), "float32", cfg.tiny_layers, cfg.teacher_family)
     check_teacher_matches_targets(root, versions, loaded.identity, cfg.online)
     seed_everything(cfg.loop.seed)
     student, layer_map = build_student(loaded.model, cfg.layers)
     freeze_unused(student)
     pi0.use_eager_expert(student)
     teacher = loaded.model.requires_grad_(False).eval() if cfg.online else None
-    task = ShallowPiTask(student, teacher, layer_map, cfg)
+    task = ShallowPiTask(student, teacher, layer_map, cfg, cameras)
     if cfg.lambda_attn > 0 and not task.student_layers:
         log.warning("a %d-layer student has no middle layers: L_attn is off (pass attn_layers to choose some)",
                     cfg.layers)
     config = run_config_record(cfg, student, layer_map, loaded.identity)
-    identity = {"export": export_id, "teacher": loaded.identity.key(), "run": {
-        k: config["run"][k] for k in ("layers", "online", "augment", "lambda_kd", "lambda_attn", "attn_layers")},
-        "optim": config["run"]["optim"], "seed": cfg.loop.seed, "batch": cfg.loop.batch_size}
+    identity = {"export": export_id, "teacher": loaded.identity.key(),
+                "run": {k: config["run"][k] for k in RUN_IDENTITY},
+                "optim": config["run"]["optim"], "seed": cfg.loop.seed, "batch": cfg.loop.batch_size}
     spec = RunSpec(root, run_id or default_run_id(KIND, identity), KIND, export_id, versions, config,
                    extra={"eval_export": eval_export})
     log.info("Shallow-π run %s: %d -> %d layers (map %s), %s, L_attn at student layers %s",
-             spec.run_id, pi0.num_layers(loaded.model), cfg.layers, layer_map,
-             "online" if cfg.online else "offline", task.student_layers)
+             spec.run_id, pi0.num_layers(loaded.model), cfg.layers, layer_map, cfg.mode, task.student_layers)
     return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
 
 
 def load_student(root: Root, run_id: str, step: int | None = None) -> tuple[Any, CheckpointInfo]:
     """A trained Shallow-π student (eval mode) and its checkpoint record, from ``runs/<run_id>/step-N``."""
-    from transformers import PI0Config, PI0ForConditionalGeneration
-
     info, state = RunDir(root, run_id).load_model(step)
     if info.kind != KIND:
         raise ValueError(f"run {run_id}: is a '{info.kind}' run, not a {KIND} run")
-    student = PI0ForConditionalGeneration(PI0Config.from_dict(info.config["student_config"]))
+    student_config = info.config["student_config"]
+    config_class, model_class = pi0.family_classes("pi05" if student_config.get("model_type") == "pi05" else "pi0")
+    student = model_class(config_class.from_dict(student_config))
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as err:

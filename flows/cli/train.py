@@ -38,6 +38,19 @@ EVAL_OPTION = typer.Option(None, "--eval-export", help="Held-out export (e.g. th
 ALLOW_OPTION = typer.Option(False, "--allow-version-change",
                             help="Resume on an export whose target versions differ from the checkpoint's (recorded).")
 STOP_OPTION = typer.Option(None, "--stop-at", min=1, help="Stop (with a checkpoint) at this step; rerun to resume.")
+PRESET_OPTION = typer.Option(None, "--preset", help="Named recipe (svam-calvin, svam-metaworld): its sourced settings "
+                                                    "are the defaults; --config and flags win; recorded in the run.")
+ARCH_OPTION = typer.Option(None, "--arch", help="release (the released S-VAM architecture) or foresight.")
+INIT_OPTION = typer.Option(None, "--init", help="Start from a released checkpoint: dir:<folder or file> | hf:<repo>[@rev].")
+ARCH_TABLES = ("model.", "former.", "denoiser.", "perceiver.", "policy.")
+DEPENDENT_SETTINGS = {
+    "size": (ARCH_TABLES, True),
+    "arch": (("former.", "denoiser."), False),
+    "objective.kind": (("objective.",), False),
+}
+"""Setting -> (key prefixes, integers only) of the preset settings that hold only for the preset's value
+of that setting: a run that picks another value drops them (sizes belong to a size, the release
+modules' settings to arch release, an objective's parameters to that objective)."""
 
 
 def loop_overrides(steps: int | None, batch_size: int | None, device: str | None, workers: int | None) -> dict[str, Any]:
@@ -45,6 +58,66 @@ def loop_overrides(steps: int | None, batch_size: int | None, device: str | None
     if device is not None and device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: expected auto, cpu or cuda")
     return {"loop.steps": steps, "loop.batch_size": batch_size, "loop.device": device, "loop.num_workers": workers}
+
+
+def _toml_settings(path: Path | None) -> dict[str, Any]:
+    """The settings a TOML run config sets, by dotted key (its values win over a preset's)."""
+    import tomllib
+
+    if path is None:
+        return {}
+
+    def flatten(table: dict, prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in table.items():
+            flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return flat
+
+    try:
+        with open(path, "rb") as handle:
+            return flatten(tomllib.load(handle), "")
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}  # load_config reports the problem with the file's name
+
+
+def preset_overrides(stage: str, preset: str | None, config: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides for ``load_config``: a preset's settings beneath the TOML file's and the flags'.
+
+    The preset comes from ``--preset`` or the file's ``preset`` key. A run that picks another size,
+    arch or objective than the preset drops the preset settings that depend on that choice
+    (:data:`DEPENDENT_SETTINGS`), with a warning.
+    """
+    from schemas.presets import apply_preset, check_preset, preset_values
+
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    settings = _toml_settings(config)
+    preset = preset or settings.get("preset")
+    if preset is None:
+        return explicit
+    try:
+        values = preset_values(check_preset(preset), stage)
+    except ValueError as err:
+        fail(str(err))
+    if not values:
+        typer.echo(f"warning: preset {preset} fixes no {stage} setting", err=True)
+    explicit["preset"] = preset
+    resolved = apply_preset(preset, stage, explicit)
+    shadowed = set(settings) | _dependent_on_other_choices(preset, values, settings | explicit)
+    return {k: v for k, v in resolved.items() if k in explicit or k not in shadowed}
+
+
+def _dependent_on_other_choices(preset: str, values: dict[str, Any], chosen: dict[str, Any]) -> set[str]:
+    """Preset settings that hold only for a choice (size, arch, objective) the run made otherwise."""
+    dropped: set[str] = set()
+    for setting, (prefixes, ints_only) in DEPENDENT_SETTINGS.items():
+        if setting not in chosen or values.get(setting, chosen[setting]) == chosen[setting]:
+            continue
+        keys = sorted(k for k, v in values.items() if k.startswith(prefixes) and k != setting
+                      and (not ints_only or type(v) is int))
+        typer.echo(f"warning: {setting} {chosen[setting]}: preset {preset}'s settings for {setting} "
+                   f"{values[setting]} are ignored ({', '.join(keys)})", err=True)
+        dropped |= set(keys)
+    return dropped
 
 
 def is_main_process() -> bool:
@@ -76,13 +149,15 @@ def cmd_decoupler(export: str = typer.Option(..., "--export", help="Export id to
                   device: str = DEVICE_OPTION, workers: int = WORKERS_OPTION, size: str = SIZE_OPTION,
                   run_id: str = RUN_ID_OPTION, eval_export: str = EVAL_OPTION,
                   allow_version_change: bool = ALLOW_OPTION, stop_at: int = STOP_OPTION,
+                  preset: str = PRESET_OPTION, arch: str = ARCH_OPTION, init: str = INIT_OPTION,
                   root: str | None = ROOT_OPTION) -> None:
     """Train the S-VAM decoupler of one teacher: one-step features -> teacher maps (MSE)."""
     from trainers.decoupler import DecouplerRunConfig, train_decoupler
     from trainers.loop import load_config
 
-    overrides = loop_overrides(steps, batch_size, device, workers) | {"teacher": teacher, "size": size}
-    cfg = load_config(DecouplerRunConfig, config, overrides)
+    overrides = loop_overrides(steps, batch_size, device, workers) | {"teacher": teacher, "size": size,
+                                                                      "arch": arch, "init": init}
+    cfg = load_config(DecouplerRunConfig, config, preset_overrides("decoupler", preset, config, overrides))
     data_root = get_root(root, writable=True)
     result = train_decoupler(data_root, export, cfg, run_id, eval_export, allow_version_change, stop_at)
     echo_result(result, data_root.url)
@@ -95,14 +170,18 @@ def cmd_action_expert(export: str = typer.Option(..., "--export", help="Export i
                       device: str = DEVICE_OPTION, workers: int = WORKERS_OPTION, size: str = SIZE_OPTION,
                       run_id: str = RUN_ID_OPTION, eval_export: str = EVAL_OPTION,
                       allow_version_change: bool = ALLOW_OPTION, stop_at: int = STOP_OPTION,
+                      preset: str = PRESET_OPTION, arch: str = ARCH_OPTION, init: str = INIT_OPTION,
+                      objective: str = typer.Option(None, "--objective",
+                                                    help="release-edm (the release's) or edm (foresight's)."),
                       root: str | None = ROOT_OPTION) -> None:
-    """Train the action expert (Uni-Perceiver + diffusion policy) over frozen decoupler runs."""
+    """Train the action expert (aggregator + diffusion policy) over frozen decoupler runs."""
     from trainers.action_expert import ActionExpertRunConfig, train_action_expert
     from trainers.loop import load_config
 
     runs = [r.strip() for r in decouplers.split(",") if r.strip()] if decouplers else None
-    overrides = loop_overrides(steps, batch_size, device, workers) | {"decouplers": runs, "size": size}
-    cfg = load_config(ActionExpertRunConfig, config, overrides)
+    overrides = loop_overrides(steps, batch_size, device, workers) | {
+        "decouplers": runs, "size": size, "arch": arch, "init": init, "objective.kind": objective}
+    cfg = load_config(ActionExpertRunConfig, config, preset_overrides("action_expert", preset, config, overrides))
     data_root = get_root(root, writable=True)
     result = train_action_expert(data_root, export, cfg, run_id, eval_export, allow_version_change, stop_at)
     echo_result(result, data_root.url)

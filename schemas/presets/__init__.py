@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-PRESET_NAMES = ("svam-calvin", "svam-metaworld", "vpp")
+PRESET_NAMES = ("svam-calvin", "svam-metaworld", "vpp", "shallow-pi")
 """Every preset foresight knows, in the order the docs list them."""
 
 STAGE_MODULES = {

@@ -1,11 +1,17 @@
-"""The S-VAM action expert: Uni-Perceiver tokens + CLIP text -> a diffusion policy over action chunks.
+"""The S-VAM action expert: aggregator tokens + CLIP text -> a diffusion policy over action chunks.
 
-The denoiser is EDM-preconditioned (Karras et al. 2022): D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)
-with the preconditioning and the sampler taken from diffusers' ``EDMEulerScheduler``. Its
-deterministic Euler step on the probability-flow ODE is the DDIM update, run for ``sample_steps``
-(10) steps. The transformer is an encoder (text + perception tokens, independent of the noise
-level, so it runs once per observation at inference) and a decoder over the noisy action tokens
-that carries the noise-level embedding and cross-attends to the encoder output.
+Two architectures, keyed by ``arch`` in the run config:
+
+- ``release``: the released code's ``Video_Former_3D`` aggregator (``trainers.models.video_former``)
+  and ``GCDenoiser`` (``trainers.models.denoiser``), with the release's parameter names;
+- ``foresight``: foresight's Uni-Perceiver (``trainers.models.uniperceiver``) and the
+  :class:`DiffusionPolicy` below: an encoder over text + perception tokens (learned positions) and
+  a decoder over the noisy action tokens that adds the noise-level embedding and cross-attends to
+  the encoder output.
+
+Both denoisers expose ``encode(tokens, text) -> memory`` (once per observation) and
+``network(c_in x, sigma, memory) -> F``; the objective (``trainers.models.objectives``: ``release-edm``
+or ``edm``) supplies the preconditioning, the training noise levels, the loss and the sampler.
 """
 
 from __future__ import annotations
@@ -14,20 +20,23 @@ import math
 from typing import Literal
 
 import torch
-from diffusers import EDMEulerScheduler
 from pydantic import Field
 from torch import nn
 
 from schemas.base import StrictModel
+from trainers.models import objectives
 from trainers.models.decoupler import ModelSize
+from trainers.models.denoiser import DenoiserConfig, GCDenoiser
 from trainers.models.layers import Attention, CrossAttentionBlock, Mlp, SelfAttentionBlock
+from trainers.models.objectives import ObjectiveConfig
 from trainers.models.uniperceiver import UniPerceiver, UniPerceiverConfig
+from trainers.models.video_former import VideoFormer3D, VideoFormerConfig
 
-NormMode = Literal["quantile", "minmax", "meanstd"]
+NormMode = Literal["quantile", "minmax", "meanstd", "none"]
 
 
 class PolicyConfig(StrictModel):
-    """Architecture and noise schedule of the diffusion policy."""
+    """Architecture of foresight's diffusion-policy network (the objective is separate)."""
 
     action_dim: int = Field(7, description="Action dimensions (CALVIN 7, MetaWorld 4, teleop 14).")
     chunk: int = Field(10, description="Actions per predicted chunk.")
@@ -40,13 +49,6 @@ class PolicyConfig(StrictModel):
     decoder_layers: int = Field(4, description="Decoder layers over the action tokens.")
     mlp_ratio: int = Field(4, description="MLP width multiple.")
     dropout: float = Field(0.1, description="Dropout in attention and MLPs.")
-    sigma_min: float = Field(0.002, description="Smallest noise level of the sampler.")
-    sigma_max: float = Field(80.0, description="Largest noise level of the sampler.")
-    sigma_data: float = Field(0.5, description="EDM sigma_data (std of the normalised actions).")
-    rho: float = Field(7.0, description="Karras schedule exponent.")
-    sample_steps: int = Field(10, description="Denoising steps at inference (DDIM-equivalent Euler).")
-    p_mean: float = Field(-1.2, description="Mean of log(sigma) for training noise levels (EDM).")
-    p_std: float = Field(1.2, description="Std of log(sigma) for training noise levels (EDM).")
 
     @classmethod
     def preset(cls, size: ModelSize, **dims: int) -> "PolicyConfig":
@@ -54,13 +56,6 @@ class PolicyConfig(StrictModel):
         if size == "full":
             return cls(**dims)
         return cls(**({"dim": 32, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "mlp_ratio": 2} | dims))
-
-    def scheduler(self) -> EDMEulerScheduler:
-        """A fresh diffusers EDM scheduler with this noise schedule (the sampler mutates its state)."""
-        return EDMEulerScheduler(
-            sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
-            sigma_schedule="karras", rho=self.rho, prediction_type="epsilon",
-        )
 
 
 class NoiseEmbedding(nn.Module):
@@ -96,7 +91,7 @@ class DecoderLayer(nn.Module):
 
 
 class DiffusionPolicy(nn.Module):
-    """EDM denoiser over (B, chunk, action_dim) normalised action chunks."""
+    """foresight's denoiser network over (B, chunk, action_dim) normalised action chunks."""
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
@@ -117,7 +112,6 @@ class DiffusionPolicy(nn.Module):
         self.action_out = nn.Linear(cfg.dim, cfg.action_dim)
         for param in (self.cond_pos, self.text_type, self.action_pos):
             nn.init.trunc_normal_(param, std=0.02)
-        self.edm = cfg.scheduler()
 
     def encode(self, cond_BLD: torch.Tensor, text_BE: torch.Tensor) -> torch.Tensor:
         """Memory tokens from perception tokens (B, L, cond_dim) and text (B, text_dim) or (B, S, text_dim)."""
@@ -129,47 +123,13 @@ class DiffusionPolicy(nn.Module):
             memory_BMD = block(memory_BMD)
         return self.encoder_norm(memory_BMD)
 
-    def network(self, scaled_BKA: torch.Tensor, c_noise_B: torch.Tensor, memory_BMD: torch.Tensor) -> torch.Tensor:
-        """F(c_in x, c_noise): the raw network output before the EDM output preconditioning."""
-        x_BKD = self.action_in(scaled_BKA) + self.action_pos[None] + self.noise_embed(c_noise_B)[:, None]
+    def network(self, scaled_BKA: torch.Tensor, sigma_B: torch.Tensor, memory_BMD: torch.Tensor) -> torch.Tensor:
+        """F(c_in x, sigma): the raw network output before the EDM output preconditioning."""
+        noise_BD = self.noise_embed(objectives.c_noise(sigma_B.float()))
+        x_BKD = self.action_in(scaled_BKA) + self.action_pos[None] + noise_BD[:, None]
         for layer in self.decoder:
             x_BKD = layer(x_BKD, memory_BMD)
         return self.action_out(self.out_norm(x_BKD)).float()
-
-    def loss(self, actions_BKA: torch.Tensor, memory_BMD: torch.Tensor,
-             mask_BK: torch.Tensor | None = None) -> torch.Tensor:
-        """EDM training loss in F-space (equivalent to the lambda(sigma)-weighted denoising MSE).
-
-        ``mask_BK`` (True = real action) leaves out rows padded past an episode's end.
-        """
-        batch = actions_BKA.shape[0]
-        log_sigma = self.cfg.p_mean + self.cfg.p_std * torch.randn(batch, device=actions_BKA.device)
-        sigma_B11 = log_sigma.exp()[:, None, None]
-        noisy_BKA = actions_BKA + sigma_B11 * torch.randn_like(actions_BKA)
-        c_skip = self.cfg.sigma_data**2 / (sigma_B11**2 + self.cfg.sigma_data**2)
-        c_out = sigma_B11 * self.cfg.sigma_data / (sigma_B11**2 + self.cfg.sigma_data**2).sqrt()
-        target_BKA = (actions_BKA - c_skip * noisy_BKA) / c_out
-        scaled = self.edm.precondition_inputs(noisy_BKA, sigma_B11)
-        predicted = self.network(scaled, self.edm.precondition_noise(sigma_B11.flatten()), memory_BMD)
-        error_BK = ((predicted - target_BKA) ** 2).mean(-1)
-        if mask_BK is None:
-            return error_BK.mean()
-        weight_BK = mask_BK.to(error_BK.dtype)
-        return (error_BK * weight_BK).sum() / weight_BK.sum().clamp_min(1.0)
-
-    @torch.no_grad()
-    def sample(self, memory_BMD: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised action chunks (B, chunk, action_dim) by ``sample_steps`` Euler (DDIM) steps."""
-        scheduler = self.cfg.scheduler()
-        scheduler.set_timesteps(self.cfg.sample_steps, device=memory_BMD.device)
-        batch, device = memory_BMD.shape[0], memory_BMD.device
-        noise = torch.randn(batch, self.cfg.chunk, self.cfg.action_dim, generator=generator, device="cpu")
-        sample_BKA = noise.to(device) * scheduler.sigmas[0].item()
-        for c_noise in scheduler.timesteps:
-            scaled = scheduler.scale_model_input(sample_BKA, c_noise)
-            output = self.network(scaled, c_noise.expand(batch), memory_BMD)
-            sample_BKA = scheduler.step(output, c_noise, sample_BKA).prev_sample
-        return sample_BKA
 
 
 class ActionNormalizer(nn.Module):
@@ -181,7 +141,13 @@ class ActionNormalizer(nn.Module):
         self.register_buffer("scale", torch.ones(action_dim))
 
     def set_stats(self, mode: NormMode, stats: dict[str, list[float]]) -> None:
-        """Set from dataset statistics (keys mean/std/min/max/q01/q99, one value per action element)."""
+        """Set from dataset statistics (keys mean/std/min/max/q01/q99, one value per action element).
+
+        ``none`` keeps the identity: the policy sees the actions as exported (the release's CALVIN
+        policy takes its relative actions, already in [-1, 1], as loaded).
+        """
+        if mode == "none":
+            return
         if mode == "meanstd":
             offset, scale = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
         else:
@@ -202,29 +168,60 @@ class ActionNormalizer(nn.Module):
         return actions.float() * self.scale + self.offset
 
 
-class ActionExpert(nn.Module):
-    """Uni-Perceiver + diffusion policy + action normaliser: tokens and text -> raw action chunks."""
+AggregatorConfig = UniPerceiverConfig | VideoFormerConfig
+DenoiserNetConfig = PolicyConfig | DenoiserConfig
 
-    def __init__(self, perceiver_cfg: UniPerceiverConfig, policy_cfg: PolicyConfig):
+
+def _aggregator(cfg: AggregatorConfig) -> nn.Module:
+    return UniPerceiver(cfg) if isinstance(cfg, UniPerceiverConfig) else VideoFormer3D(cfg)
+
+
+def _denoiser(cfg: DenoiserNetConfig) -> nn.Module:
+    return DiffusionPolicy(cfg) if isinstance(cfg, PolicyConfig) else GCDenoiser(cfg)
+
+
+def _check_widths(perceiver_cfg: AggregatorConfig, policy_cfg: DenoiserNetConfig) -> None:
+    tokens, width = (policy_cfg.cond_tokens, policy_cfg.cond_dim if isinstance(policy_cfg, PolicyConfig)
+                     else policy_cfg.obs_dim)
+    if tokens != perceiver_cfg.num_latents or width != perceiver_cfg.dim:
+        raise ValueError(f"action expert: policy expects {tokens}x{width} tokens, the aggregator gives "
+                         f"{perceiver_cfg.num_latents}x{perceiver_cfg.dim}")
+
+
+class ActionExpert(nn.Module):
+    """Aggregator + denoiser + action normaliser + objective: tokens and text -> raw action chunks.
+
+    ``perceiver`` is a :class:`UniPerceiver` or :class:`VideoFormer3D` and ``policy`` a
+    :class:`DiffusionPolicy` or :class:`GCDenoiser`, chosen by the type of their config. A released
+    policy checkpoint's ``Video_Former.*`` keys are ``perceiver.*`` here and its ``model.*`` keys
+    ``policy.*``.
+    """
+
+    def __init__(self, perceiver_cfg: AggregatorConfig, policy_cfg: DenoiserNetConfig,
+                 objective: ObjectiveConfig | None = None):
         super().__init__()
-        if policy_cfg.cond_tokens != perceiver_cfg.num_latents or policy_cfg.cond_dim != perceiver_cfg.dim:
-            raise ValueError(
-                f"action expert: policy expects {policy_cfg.cond_tokens}x{policy_cfg.cond_dim} tokens, the "
-                f"Uni-Perceiver gives {perceiver_cfg.num_latents}x{perceiver_cfg.dim}"
-            )
-        self.perceiver = UniPerceiver(perceiver_cfg)
-        self.policy = DiffusionPolicy(policy_cfg)
+        _check_widths(perceiver_cfg, policy_cfg)
+        self.perceiver = _aggregator(perceiver_cfg)
+        self.policy = _denoiser(policy_cfg)
         self.normalizer = ActionNormalizer(policy_cfg.action_dim)
+        self.objective = objective or ObjectiveConfig()
+
+    def memory(self, tokens_BTNC: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The denoiser's memory for one observation (aggregator, then the context encoder)."""
+        return self.policy.encode(self.perceiver(tokens_BTNC), text)
 
     def forward(self, tokens_BTNC: torch.Tensor, text: torch.Tensor, actions_BKA: torch.Tensor,
                 mask_BK: torch.Tensor | None = None) -> torch.Tensor:
         """Diffusion loss on normalised actions for one batch of raw action chunks (what DDP runs)."""
-        memory = self.policy.encode(self.perceiver(tokens_BTNC), text)
-        return self.policy.loss(self.normalizer.normalize(actions_BKA), memory, mask_BK)
+        return objectives.diffusion_loss(self.policy.network, self.objective, self.normalizer.normalize(actions_BKA),
+                                         self.memory(tokens_BTNC, text), mask_BK)
 
     @torch.no_grad()
     def predict(self, tokens_BTNC: torch.Tensor, text: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Raw (denormalised) action chunks (B, chunk, action_dim)."""
-        memory = self.policy.encode(self.perceiver(tokens_BTNC), text)
-        return self.normalizer.denormalize(self.policy.sample(memory, generator))
+        """Raw (denormalised) action chunks (B, chunk, action_dim) from the objective's sampler."""
+        memory = self.memory(tokens_BTNC, text)
+        cfg = self.policy.cfg
+        shape = (memory.shape[0], cfg.chunk, cfg.action_dim)
+        return self.normalizer.denormalize(objectives.sample_actions(self.policy.network, self.objective, memory,
+                                                                     shape, generator))

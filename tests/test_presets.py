@@ -137,7 +137,7 @@ def test_every_preset_setting_is_sourced_and_applies():
                     assert len(item.source) > len("ours: ") + 10, (name, stage, key)  # says why
         # The svd tables are real settings: they validate as foresight's own config models.
         GenerateConfig(plan="p", text="t", model="tiny", preset=name)
-        TextConfig(plan="p", preset=name)
+        TextConfig(plan="p", preset=name, model="tiny")
         for teacher in ("dinov2", "da3"):
             parse_settings(teacher, TeachersConfig(video="v", teacher=teacher, model="tiny", preset=name).settings)
     assert preset_values("svam-calvin", "extract")["onestep.fps_id"] == "fps"

@@ -19,7 +19,9 @@ from pipelines.audit import (
     sample_clip_indices,
 )
 from schemas.base import StrictModel
+from schemas.eval import EvalRecord
 from storage import audit, layout, references
+from storage.evals import EvalStore
 from storage.targets import TargetReader, TargetStore
 
 DEFAULT_STATS_SAMPLE = 16
@@ -160,9 +162,11 @@ def cmd_show(version: str = typer.Argument(..., help="Target version id."),
     tree = audit.lineage_tree(store.root, version)
     users = references.users_of(store, version)
     events = audit.version_events(store.root, version)
+    evals = [eval_row(record) for record in EvalStore(store.root).using_version(version)]
     if as_json:
         typer.echo(json.dumps({"manifest": manifest.model_dump(mode="json"), "lineage": tree.model_dump(),
-                               "used_by": [u.model_dump() for u in users], "events": events}, indent=2, default=str))
+                               "used_by": [u.model_dump() for u in users], "evals": evals, "events": events},
+                              indent=2, default=str))
         return
     typer.echo(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True))
     typer.echo("\nlineage:")
@@ -172,9 +176,22 @@ def cmd_show(version: str = typer.Argument(..., help="Target version id."),
         typer.echo(f"  {use.kind} {use.id}" + ("" if use.direct else "  (through a downstream version)"))
     if not users:
         typer.echo("  no export or run")
+    typer.echo("\nevals of policies built from it:")
+    for row in evals:
+        typer.echo(f"  {row['eval_id']}  {row['policy']}  {row['status']}  {row['success']}  tasks {row['tasks']}")
+    if not evals:
+        typer.echo("  none")
     typer.echo(f"\nlineage events: {len(events)}")
     for event in events:
         typer.echo(f"  {event.get('eventTime')}  {event.get('job', {}).get('name')}  run {event.get('run', {}).get('runId')}")
+
+
+def eval_row(record: EvalRecord) -> dict[str, Any]:
+    """One line's facts about an eval for `targets show`."""
+    overall = record.overall
+    success = f"{overall.successes}/{overall.episodes} ({overall.rate:.0%})" if overall else "running"
+    return {"eval_id": record.eval_id, "policy": record.key.policy.label(), "status": record.status,
+            "success": success, "tasks": ",".join(record.key.tasks)}
 
 
 def cmd_verify(version: str | None = typer.Argument(None, help="Target version id (or --all)."),

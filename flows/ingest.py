@@ -15,8 +15,9 @@ from prefect import flow, task
 from pydantic import Field, field_validator
 
 from pipelines.ingest import metaworld as mw
+from pipelines.ingest.common import FrameCodecOptions, resolve_frame_storage
 from schemas.base import StrictModel, canonical_json
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage
 from storage import lineage
 from storage.layout import check_id
 from storage.episodes import EpisodeStore
@@ -29,8 +30,8 @@ FEATURES = {
 }
 
 
-class MetaWorldIngestConfig(StrictModel):
-    """Parameters of a MetaWorld collection run."""
+class MetaWorldIngestConfig(FrameCodecOptions):
+    """Parameters of a MetaWorld collection run (renders are raw frames: raw by default, or --frame-codec)."""
 
     dataset: str = Field(description="Dataset name in the episode store.")
     tasks: list[str] = Field(description="MetaWorld task names (without -v3).")
@@ -85,13 +86,18 @@ def collect_batch(root_url: str, config: MetaWorldIngestConfig, task_name: str, 
     return result
 
 
+def frame_storage(config: MetaWorldIngestConfig) -> dict[str, FrameStorage]:
+    """The camera's frame storage: renders are decoded frames (raw under zstd unless asked otherwise)."""
+    return {config.camera: resolve_frame_storage(config, "none", f"metaworld, camera '{config.camera}'")}
+
+
 def _store_demo(store: EpisodeStore, demo: mw.Demonstration, episode_id: str, checksum: str,
                 config: MetaWorldIngestConfig) -> None:
     record = EpisodeRecord(
         episode_id=episode_id, split="train", task=demo.task, instructions=[mw.INSTRUCTIONS[demo.task]],
         length=demo.length, success=demo.success, source_path=f"metaworld://{demo.task}-v3/seed={demo.seed}",
         source_checksum=checksum, extra={"seed": demo.seed, "camera": config.camera})
-    with store.writer(record, FEATURES) as writer:
+    with store.writer(record, FEATURES, frame_storage(config), mw.FPS) as writer:
         writer.append_frames(config.camera, demo.frames_THWC)
         writer.set_lowdim({"action": demo.actions_TA, "state": demo.states_TS},
                           timestamps=mw.np.arange(demo.length) / mw.FPS)
@@ -99,11 +105,16 @@ def _store_demo(store: EpisodeStore, demo: mw.Demonstration, episode_id: str, ch
 
 def dataset_info(config: MetaWorldIngestConfig) -> DatasetInfo:
     """dataset.json of a MetaWorld collection (fingerprint over what determines its content)."""
+    storage = frame_storage(config)
     source = {"camera": config.camera, "size": config.size, "metaworld": version("metaworld")}
+    if storage[config.camera] != FrameStorage(codec="raw", zstd_level=3):
+        # Raw under zstd 3 is what every MetaWorld dataset held before frame codecs; any other
+        # storage is another dataset, so collecting into an existing one with it is refused.
+        source["frame_storage"] = {cam: s.model_dump(mode="json") for cam, s in storage.items()}
     return DatasetInfo(
         name=config.dataset, source_kind="metaworld", source="metaworld v3 scripted experts",
         source_fingerprint=hashlib.sha256(canonical_json(source).encode()).hexdigest(), fps=mw.FPS,
-        cameras={config.camera: [config.size, config.size, 3]}, features=FEATURES,
+        cameras={config.camera: [config.size, config.size, 3]}, features=FEATURES, frame_storage=storage,
         extra={"camera": config.camera, "action_space": "Box(-1, 1, (4,))"})
 
 
@@ -114,7 +125,7 @@ def ingest_metaworld_flow(root_url: str, config: MetaWorldIngestConfig) -> dict[
     info = dataset_info(config)
     if store.exists() and store.info().source_fingerprint != info.source_fingerprint:
         raise ValueError(f"dataset '{config.dataset}' was collected with other settings "
-                         "(camera, size or metaworld version); use another --dataset name")
+                         "(camera, size, frame codec or metaworld version); use another --dataset name")
     if not store.exists():
         store.write_info(info)
     totals = {name: BatchResult(task=name) for name in config.tasks}

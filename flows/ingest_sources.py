@@ -105,7 +105,8 @@ def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, f
             if isinstance(block, FrameBlock):
                 writer.append_frames(block.camera, block.frames_THWC)
             elif isinstance(block, ChunkBlock):
-                writer.append_chunks(block.camera, block.payloads, block.frames, block.frame_shape, block.extradata)
+                writer.append_chunks(block.camera, block.payloads, block.frames, block.frame_shape, block.extradata,
+                                     block.segment_frames, block.stream_codec)
             else:
                 writer.set_lowdim(block.columns, timestamps=block.timestamps_T, absent=block.absent)
                 segments = block.segments
@@ -198,7 +199,8 @@ def _lerobot_checksum(meta: lerobot.LeRobotMeta, ep: int, episode: SourceEpisode
             digests[path] = file_sha256(path)
     present = [p for p in episode.files if p in digests]
     identity = {"options": options.model_dump(), "row": episode.extra["meta"], "tasks": meta.tasks,
-                "missing": [p for p in episode.files if p not in digests], "fps": meta.fps}
+                "missing": [p for p in episode.files if p not in digests], "fps": meta.fps,
+                "frame_storage": _storage_identity(lerobot.source_layout(meta, options))}
     return source_checksum(present, identity, known=digests)
 
 

@@ -22,8 +22,9 @@ class FrameStorage(StrictModel):
     codec: FrameCodecName = Field(description="Frame codec of the camera's arrays.")
     pass_through: bool = Field(default=False, description="True when the source's compressed bytes are kept "
                                "unchanged (JPEG frames, video packets); False when frames were (re-)encoded.")
-    segment_frames: int = Field(default=1, ge=1, description="Frames per zarr chunk: 1 for raw and JPEG, the "
-                                "keyframe-aligned segment length for video.")
+    segment_frames: int | None = Field(default=1, ge=1, description="Frames per zarr chunk: 1 for raw and JPEG, "
+                                       "the segment (GOP) length for encoded video; None in dataset.json for "
+                                       "pass-through video, whose arrays each take the source's keyframe spacing.")
     zstd_level: int | None = Field(default=None, description="raw: zstd level.")
     lz4_level: int | None = Field(default=None, description="raw-lz4: blosc clevel.")
     crf: int | None = Field(default=None, description="video encode: x264 CRF (lossy, yuv420p); None is "

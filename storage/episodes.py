@@ -225,6 +225,7 @@ class EpisodeWriter:
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._chunks: dict[str, list[bytes]] = {}
         self._shards: dict[str, int] = {}
+        self._array_storage: dict[str, FrameStorage] = {}
         self._written: dict[str, int] = {}
         self._lowdim: pa.Table | None = None
 
@@ -241,7 +242,8 @@ class EpisodeWriter:
         return f"{self.record.source_path}: episode '{self.record.episode_id}', field '{field}'"
 
     def _storage(self, camera: str) -> FrameStorage:
-        return self.frame_storage.get(camera, RAW)
+        """The camera's storage: as recorded on its array once created, else as configured."""
+        return self._array_storage.get(camera) or self.frame_storage.get(camera, RAW)
 
     def _shard_frames(self, camera: str) -> int:
         return frame_codecs.shard_frames(self._storage(camera), layout.FRAME_SHARD)
@@ -275,31 +277,36 @@ class EpisodeWriter:
         self._written[camera] = start + len(block)
 
     def append_chunks(self, camera: str, payloads: list[bytes], frames: int, frame_shape: tuple[int, int, int],
-                      extradata: bytes | None = None) -> None:
+                      extradata: bytes | None = None, segment_frames: int = 1, stream_codec: str | None = None) -> None:
         """Append pass-through chunk payloads holding ``frames`` frames of (H, W, 3).
 
         One payload per chunk: a JPEG per frame (``source-jpeg``) or one segment of
         ``segment_frames`` frames (``video``; only the episode's last may be shorter).
-        ``extradata`` is the video stream's codec configuration, needed by its decoder.
+        ``extradata`` and ``stream_codec`` describe the video stream to its decoder.
         """
         storage = self._storage(camera)
         if not storage.pass_through:
             raise ValueError(f"{self._where(camera)}: camera is stored as {storage.codec} frames, not as "
                              "source chunks")
+        if camera not in self._array_storage:
+            update = {"segment_frames": segment_frames, "stream_codec": stream_codec or storage.stream_codec}
+            self._array_storage[camera] = storage.model_copy(update=update)
+        elif self._array_storage[camera].segment_frames != segment_frames:
+            raise ValueError(f"{self._where(camera)}: segments of {segment_frames} frames after segments of "
+                             f"{self._array_storage[camera].segment_frames}")
         array = self._array(camera, tuple(frame_shape), extradata, length=self.record.length)
         if array.shape[1:] != tuple(frame_shape):
             raise ValueError(f"{self._where(camera)}: frame size changed from {array.shape[1:]} to {frame_shape}")
         pending = self._chunks.setdefault(camera, [])
         pending.extend(payloads)
         self._written[camera] = self._written.get(camera, 0) + frames
-        per_shard = self._shard_frames(camera) // storage.segment_frames
+        per_shard = self._shard_frames(camera) // segment_frames
         while len(pending) >= per_shard:
             self._write_shard(camera, pending[:per_shard])
             del pending[:per_shard]
 
     def _write_shard(self, camera: str, payloads: list[bytes]) -> None:
-        storage = self._storage(camera)
-        per_shard = self._shard_frames(camera) // storage.segment_frames
+        per_shard = self._shard_frames(camera) // self._storage(camera).segment_frames
         index = self._shards.get(camera, 0)
         key = self._group[camera].metadata.encode_chunk_key((index, 0, 0, 0))
         data = frame_codecs.shard_bytes(payloads, per_shard)
@@ -313,6 +320,7 @@ class EpisodeWriter:
         if camera in self._group:
             return self._group[camera]
         storage = self._storage(camera)
+        self._array_storage[camera] = storage
         serializer, compressors = frame_codecs.serializer_and_compressors(storage, extradata, self.fps)
         array = self._group.create_array(
             camera, shape=(length, *frame_shape), dtype="uint8", chunks=(storage.segment_frames, *frame_shape),

@@ -173,6 +173,7 @@ def _decoder(stream_codec: str, extradata: bytes | None) -> av.CodecContext:
         if extradata:
             context.extradata = extradata
         context.thread_type = "NONE"  # one segment is a few frames; parallelism comes from the readers
+        context.options = {"err_detect": "explode"}  # fail on damaged data instead of concealing it
         cache[key] = context
     return cache[key]
 

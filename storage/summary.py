@@ -15,6 +15,7 @@ def dataset_summary(root: Root, name: str) -> dict[str, Any]:
     store = EpisodeStore(root, name)
     info = store.info()
     records = list(store.records())
+    stored_bytes = store.total_bytes()
     return {
         "dataset": name,
         "source": info.source_kind,
@@ -24,7 +25,10 @@ def dataset_summary(root: Root, name: str) -> dict[str, Any]:
         "tasks": sorted({r.task for r in records}),
         "cameras": {cam: shape for cam, shape in info.cameras.items()},
         "fps": info.fps,
-        "bytes": store.total_bytes(),
+        "bytes": stored_bytes,
+        "source_bytes": info.source_bytes,
+        "store_vs_source": stored_bytes / info.source_bytes if info.source_bytes else None,
+        "frame_codecs": {cam: storage.codec for cam, storage in info.frame_storage.items()},
         "quarantined": len(store.quarantined()),
         "segments": len(store.segments()),
         "stats": {col: {"mean": s.mean, "std": s.std} for col, s in (info.stats or {}).items()},

@@ -7,10 +7,12 @@ a PSNR bound for lossy ones; a clip read decodes only the chunks it covers.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import av
 import cv2
 import h5py
 import numpy as np
@@ -18,8 +20,8 @@ import pytest
 import zarr
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_teleop
-from pipelines.ingest import teleop
+from flows.ingest_sources import ingest_lerobot, ingest_teleop
+from pipelines.ingest import lerobot, teleop
 from storage import frame_codecs
 from storage.episodes import EpisodeStore
 
@@ -205,3 +207,80 @@ def test_shard_bytes_read_by_plain_zarr(tmp_path):
         (tmp_path / "g.zarr/cam" / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "g.zarr/cam" / key).write_bytes(frame_codecs.shard_bytes(jpegs[4 * shard:4 * shard + 4], 4))
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "g.zarr/cam"), mode="r")[:], _cv2_decode(jpegs))
+
+
+# LeRobot v3.0 video kept as its packets --------------------------------------------------------
+def _lerobot(tmp_path, src, **options):
+    root = str(tmp_path / "root")
+    summary = ingest_lerobot(root, "lr", str(src), lerobot.LeRobotOptions(**options))
+    return summary, EpisodeStore(root, "lr")
+
+
+def _pyav_decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
+@pytest.fixture(scope="module")
+def lerobot_v3(tmp_path_factory):
+    return fx.make_lerobot_v3(tmp_path_factory.mktemp("lr") / "v3", lengths=(12, 9))
+
+
+def _mp4(src: Path) -> Path:
+    return src / f"videos/{fx.LEROBOT_CAMERA}/chunk-000/file-000.mp4"
+
+
+def test_lerobot_video_is_kept_as_its_packets_and_reads_as_its_pyav_decode(tmp_path, lerobot_v3):
+    summary, store = _lerobot(tmp_path, lerobot_v3)
+    assert summary.written == ["episode_000000", "episode_000001"]
+    storage = store.info().frame_storage["top"]
+    assert storage.codec == "video" and storage.pass_through and storage.stream_codec == "h264"
+    source = _pyav_decode(_mp4(lerobot_v3))
+    np.testing.assert_array_equal(store.read_frames("episode_000000", "top"), source[:12])
+    np.testing.assert_array_equal(store.read_frames("episode_000001", "top"), source[12:])
+    np.testing.assert_array_equal(store.read_frames("episode_000001", "top", [8, 0, 5]), source[[20, 12, 17]])
+    assert store.frame_storage("episode_000001", "top").segment_frames == 2  # the fixture encodes with g=2
+    decoded_first = _lerobot(tmp_path / "raw", lerobot_v3, frame_codec="raw")[1]
+    np.testing.assert_array_equal(decoded_first.read_frames("episode_000000", "top"), source[:12])
+    assert decoded_first.info().frame_storage["top"].codec == "raw"
+
+
+def test_a_lerobot_clip_read_decodes_only_its_segments(tmp_path, lerobot_v3, monkeypatch):
+    _, store = _lerobot(tmp_path, lerobot_v3)
+    segments = []
+    decode = frame_codecs.decode_segment
+    monkeypatch.setattr(frame_codecs, "decode_segment",
+                        lambda packets, *args, **kw: segments.append(len(packets)) or decode(packets, *args, **kw))
+    clip = store.read_frames("episode_000000", "top", slice(3, 7))
+    assert clip.shape == (4, *fx.LEROBOT_SIZE, 3) and segments == [2, 2, 2]  # frames 2-3, 4-5, 6-7
+    segments.clear()
+    store.read_frames("episode_000001", "top", [8])
+    assert segments == [1]  # the 9-frame episode's last segment holds one frame
+
+
+def test_a_corrupt_video_segment_quarantines_its_episode_only(tmp_path, lerobot_v3):
+    src = shutil.copytree(lerobot_v3, tmp_path / "src")
+    with av.open(str(_mp4(src))) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    pos, size = packets[16]  # episode 1 (frames 12-20), its frame 4
+    data = bytearray(_mp4(src).read_bytes())
+    data[pos + size // 3:pos + size - 2] = bytes((b * 7 + 13) % 256 for b in data[pos + size // 3:pos + size - 2])
+    _mp4(src).write_bytes(bytes(data))
+    summary, store = _lerobot(tmp_path, src)
+    assert store.episode_ids() == ["episode_000000"]
+    [line] = summary.quarantined
+    assert "file-000.mp4" in line and "episode 'episode_000001'" in line
+    assert f"field '{fx.LEROBOT_CAMERA}'" in line and "frame 4: corrupt video segment" in line
+
+
+def test_info_shows_store_bytes_against_source_bytes(tmp_path, jpeg_episode):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, store = _ingest(tmp_path, tmp_path / "src")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "root")])
+    assert result.exit_code == 0, result.output
+    ratio = store.total_bytes() / jpeg_episode.stat().st_size
+    assert f"vs source {jpeg_episode.stat().st_size / 1e6:.2f} MB: {ratio:.2f}x" in result.output
+    assert "cam_high source-jpeg" in result.output and ratio < 1.1

@@ -31,6 +31,10 @@ def info(root: str = typer.Argument(None, envvar="FORESIGHT_ROOT", help="Data ro
         typer.echo(f"dataset {ds['dataset']} ({ds['source']}, {ds['fps']:g} fps): {ds['episodes']} episodes, "
                    f"{ds['frames']} frames, {ds['bytes'] / 1e6:.1f} MB, cameras [{cams}], "
                    f"{ds['quarantined']} quarantined, {ds['segments']} language segments")
+        if ds["source_bytes"]:
+            codecs = ", ".join(f"{c} {codec}" for c, codec in ds["frame_codecs"].items())
+            typer.echo(f"  store {ds['bytes'] / 1e6:.2f} MB vs source {ds['source_bytes'] / 1e6:.2f} MB: "
+                       f"{ds['store_vs_source']:.2f}x (frames: {codecs or 'raw'})")
         typer.echo(f"  tasks: {', '.join(ds['tasks'])}")
         for col, st in ds["stats"].items():
             mean = ", ".join(f"{v:.3g}" for v in st["mean"][:8])

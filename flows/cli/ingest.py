@@ -7,6 +7,7 @@ import logging
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root, sub_app
+from flows.cli.ingest_sources import CRF_OPTION, FRAME_CODEC_OPTION, ZSTD_OPTION, frame_codec_options
 from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
 
@@ -26,6 +27,9 @@ def ingest_metaworld(
     camera: str = typer.Option("corner2", help="MetaWorld camera."),
     size: int = typer.Option(256, help="Frame height and width in pixels."),
     seed: int = typer.Option(0, help="First seed."),
+    frame_codec: str = FRAME_CODEC_OPTION,
+    crf: int = CRF_OPTION,
+    zstd_level: int = ZSTD_OPTION,
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
@@ -38,7 +42,8 @@ def ingest_metaworld(
     from pipelines.ingest.metaworld import resolve_tasks
 
     config = MetaWorldIngestConfig(dataset=dataset, tasks=resolve_tasks(tasks), episodes_per_task=episodes_per_task,
-                                   camera=camera, size=size, seed=seed)
+                                   camera=camera, size=size, seed=seed,
+                                   **frame_codec_options(frame_codec, crf, zstd_level))
     data_root = get_root(root, writable=True)
     if not runner.uses_dask and runner.workers > 1:
         log.warning("--workers %d ignored: MetaWorld renders one env per process; use --dask-local N",

@@ -22,6 +22,11 @@ from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
 
 STRICT_OPTION = typer.Option(False, "--strict", help="Fail on the first bad item instead of quarantining it.")
+FRAME_CODEC_OPTION = typer.Option(None, "--frame-codec", help="raw | raw-lz4 | source-jpeg | video. Default: keep "
+                                  "the source's JPEG or video bytes, raw under zstd for decoded frames.")
+CRF_OPTION = typer.Option(None, "--crf", help="With --frame-codec video on decoded frames: x264 CRF (lossy); "
+                          "default lossless.")
+ZSTD_OPTION = typer.Option(3, "--zstd-level", help="zstd level of raw frames.")
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +38,11 @@ def register(app: typer.Typer) -> None:
 
 def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def frame_codec_options(frame_codec: str | None, crf: int | None, zstd_level: int) -> dict:
+    """The FrameCodecOptions fields of the --frame-codec, --crf and --zstd-level flags."""
+    return {"frame_codec": frame_codec, "crf": crf, "zstd_level": zstd_level}
 
 
 def _run(flow, runner: RunnerChoice, root: str | None, **params) -> None:
@@ -57,6 +67,9 @@ def ingest_calvin(
     cameras: str = typer.Option("rgb_static,rgb_gripper", help="Comma list of rgb_* keys to store."),
     depth: bool = typer.Option(False, "--depth", help="Also store depth_* of each camera (24-bit packed, 10 um)."),
     lang_folder: str = typer.Option("lang_annotations", help="Annotation folder inside each split."),
+    frame_codec: str = FRAME_CODEC_OPTION,
+    crf: int = CRF_OPTION,
+    zstd_level: int = ZSTD_OPTION,
     strict: bool = STRICT_OPTION,
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
@@ -65,7 +78,8 @@ def ingest_calvin(
     from flows.ingest_sources import ingest_calvin_flow
     from pipelines.ingest.calvin import CalvinOptions
 
-    options = CalvinOptions(splits=_csv(splits), cameras=_csv(cameras), depth=depth, lang_folder=lang_folder)
+    options = CalvinOptions(splits=_csv(splits), cameras=_csv(cameras), depth=depth, lang_folder=lang_folder,
+                            **frame_codec_options(frame_codec, crf, zstd_level))
     _run(ingest_calvin_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 
@@ -76,15 +90,18 @@ def ingest_teleop(
     fps: float = typer.Option(50.0, help="Recording rate (ALOHA 50, AgileX 30)."),
     instruction: str = typer.Option(None, help="Instruction shared by every episode."),
     task: str = typer.Option(None, help="Task name (default: the folder name)."),
+    frame_codec: str = FRAME_CODEC_OPTION,
+    crf: int = CRF_OPTION,
+    zstd_level: int = ZSTD_OPTION,
     strict: bool = STRICT_OPTION,
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
-    """Ingest teleoperation HDF5 episodes, raw or JPEG-compressed, every camera found."""
+    """Ingest teleoperation HDF5 episodes, raw or JPEG-compressed, every camera found (JPEG kept as recorded)."""
     from flows.ingest_sources import ingest_teleop_flow
     from pipelines.ingest.teleop import TeleopOptions
 
-    options = TeleopOptions(fps=fps, instruction=instruction, task=task)
+    options = TeleopOptions(fps=fps, instruction=instruction, task=task, **frame_codec_options(frame_codec, crf, zstd_level))
     _run(ingest_teleop_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 
@@ -93,15 +110,18 @@ def ingest_lerobot(
     src: Path = typer.Argument(..., help="Local LeRobot dataset folder (codebase v3.0 or v2.x)."),
     dataset: str = typer.Option(..., help="Dataset name in the store."),
     cameras: str = typer.Option(None, help="Comma list of video/image feature keys (default all)."),
+    frame_codec: str = FRAME_CODEC_OPTION,
+    crf: int = CRF_OPTION,
+    zstd_level: int = ZSTD_OPTION,
     strict: bool = STRICT_OPTION,
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
-    """Ingest a LeRobot dataset: frames decoded once per video file, tasks as instructions."""
+    """Ingest a LeRobot dataset: video kept as its packets (keyframe-aligned segments), tasks as instructions."""
     from flows.ingest_sources import ingest_lerobot_flow
     from pipelines.ingest.lerobot import LeRobotOptions, LeRobotUsageError, load_meta
 
-    options = LeRobotOptions(cameras=_csv(cameras) if cameras else None)
+    options = LeRobotOptions(cameras=_csv(cameras) if cameras else None, **frame_codec_options(frame_codec, crf, zstd_level))
     try:
         load_meta(src)  # usage errors exit 2 here, before the root is touched
     except LeRobotUsageError as err:

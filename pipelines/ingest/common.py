@@ -77,6 +77,10 @@ class ChunkBlock:
     frame_shape: tuple[int, int, int]
     extradata: bytes | None = None
     """The video stream's codec configuration (avcC, hvcC, av1C), when its decoder needs one."""
+    segment_frames: int = 1
+    """Frames per payload (the last payload of an episode may hold fewer)."""
+    stream_codec: str | None = None
+    """Codec of video payloads ('h264', 'hevc', 'av1')."""
 
 
 @dataclass

@@ -5,8 +5,11 @@ episodes per data parquet and per video file, an episode's frames located in its
 ``videos/<key>/from_timestamp``. v2.x: one parquet and one mp4 per episode, ``meta/episodes.jsonl``,
 ``meta/tasks.jsonl``. Paths come from the ``data_path``/``video_path`` templates of info.json.
 
-Video frames are decoded with PyAV, each file once and sequentially: episodes sharing files form
-one group, read in file order, so no frame is ever sought.
+Video is kept as the source's packets by default (frame codec ``video``, pass-through): each file
+is demuxed once, front to back, and each episode's packets are cut into keyframe-aligned segments
+that the store keeps as they are, each checked by decoding it alone. With another frame codec the
+frames are decoded with PyAV, again each file once and sequentially. Either way episodes sharing
+files form one group, read in file order, so nothing is ever sought.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from pydantic import Field
 
 from pipelines.ingest.common import (
     READ_BLOCK,
+    ChunkBlock,
     FrameBlock,
+    FrameCodecOptions,
     IngestError,
     LowdimBlock,
     SourceEpisode,
     SourceLayout,
     check_finite,
+    resolve_frame_storage,
 )
-from schemas.base import StrictModel
-from schemas.dataset import FeatureSpec, LanguageSegment
+from schemas.dataset import FeatureSpec, FrameStorage, LanguageSegment
+from storage.frame_codecs import FrameDecodeError, decode_segment, pack_packets
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
@@ -55,7 +61,7 @@ class LeRobotUsageError(IngestError):
     unsupported): the command refuses it before writing anything (exit 2), nothing is quarantined."""
 
 
-class LeRobotOptions(StrictModel):
+class LeRobotOptions(FrameCodecOptions):
     """What to take from a LeRobot dataset folder."""
 
     cameras: list[str] | None = Field(default=None, description="Video/image feature keys to store (default all).")
@@ -337,10 +343,21 @@ def source_layout(meta: LeRobotMeta, options: LeRobotOptions) -> SourceLayout:
     """Cameras (H, W from the feature shape and its names) and low-dim features."""
     cameras = {camera_name(k): [*_height_width(meta, k), 3] for k in selected_cameras(meta, options)}
     features = {stored_name(k): spec for k, spec in meta.lowdim.items()}
-    return SourceLayout(fps=meta.fps, cameras=cameras, features=features,
+    storage = {camera_name(k): _frame_storage(meta, k, options) for k in selected_cameras(meta, options)}
+    return SourceLayout(fps=meta.fps, cameras=cameras, features=features, frame_storage=storage,
                         extra={"codebase_version": meta.version, "robot_type": meta.info.get("robot_type"),
                                "camera_keys": {camera_name(k): k for k in selected_cameras(meta, options)},
                                "source_columns": {stored_name(k): k for k in meta.lowdim}})
+
+
+def _frame_storage(meta: LeRobotMeta, key: str, options: LeRobotOptions) -> FrameStorage:
+    """Video features keep their packets unless another codec is asked for; image features are decoded."""
+    feature = meta.info["features"][key]
+    where = f"{meta.root / INFO}, camera '{camera_name(key)}'"
+    if feature["dtype"] != "video":
+        return resolve_frame_storage(options, "none", where)
+    storage = resolve_frame_storage(options, "video", where, stream_codec=(feature.get("info") or {}).get("video.codec"))
+    return storage.model_copy(update={"segment_frames": None}) if storage.pass_through else storage
 
 
 def _height_width(meta: LeRobotMeta, key: str) -> tuple[int, int]:
@@ -432,7 +449,7 @@ class _TableCache:
 
 
 def _episode_blocks(meta: LeRobotMeta, ep: int, episode: SourceEpisode, options: LeRobotOptions,
-                    tables: _TableCache, cursors: dict[Path, "VideoCursor"]) -> Iterator[Block]:
+                    tables: _TableCache, cursors: dict[Path, "VideoCursor | PacketCursor"]) -> Iterator[Block]:
     data_path = meta.data_file(ep)
     rows = _episode_rows(tables.get(data_path, episode.episode_id), ep, data_path, episode)
     columns = _lowdim_columns(meta, rows, data_path, episode.episode_id)
@@ -442,12 +459,16 @@ def _episode_blocks(meta: LeRobotMeta, ep: int, episode: SourceEpisode, options:
             yield from _image_blocks(rows, key, data_path, episode.episode_id)
             continue
         path = meta.video_file(ep, key)
+        pass_through = _frame_storage(meta, key, options).pass_through
         if path not in cursors:
-            cursors[path] = VideoCursor(path, meta.fps)
+            cursors[path] = PacketCursor(path, meta.fps) if pass_through else VideoCursor(path, meta.fps)
         row = meta.episodes[ep]
         from_ts = float(row.get(f"videos/{key}/from_timestamp", 0.0))
         to_ts = float(row.get(f"videos/{key}/to_timestamp", from_ts + episode.length / meta.fps))
         shape = [*_height_width(meta, key), 3]
+        if pass_through:
+            yield from cursors[path].take(from_ts, to_ts, episode.length, shape, episode.episode_id, key)
+            continue
         for frames in cursors[path].take(from_ts, to_ts, episode.length, shape, episode.episode_id, key):
             yield FrameBlock(camera_name(key), frames)
     timestamps = rows.column("timestamp").to_numpy().astype(np.float64) if "timestamp" in rows.column_names \
@@ -586,3 +607,118 @@ class VideoCursor:
     def close(self) -> None:
         if self._container is not None:
             self._container.close()
+
+
+@dataclass
+class _Packet:
+    data: bytes
+    time: float
+    keyframe: bool
+
+
+class PacketCursor:
+    """One video file demuxed once, front to back; episodes take their packets by timestamp.
+
+    An episode's packets become self-contained segments of ``n`` frames, ``n`` the shortest
+    spacing at which every segment starts on a keyframe (LeRobot encodes with ``g=2``: 2 frames),
+    so reading any frame decodes at most one segment. Each segment is decoded alone once, to
+    check that it is whole, before the store keeps its packets.
+    """
+
+    def __init__(self, path: Path, fps: float):
+        self.path = path
+        self.tolerance = 0.5 / fps
+        self._container: av.container.InputContainer | None = None
+        self._packets: Iterator[av.Packet] | None = None
+        self._pending: _Packet | None = None
+        self.stream_codec = ""
+        self.extradata: bytes | None = None
+
+    def _open(self, episode: str, key: str) -> None:
+        try:
+            self._container = av.open(str(self.path))
+            stream = self._container.streams.video[0]
+        except (av.error.FFmpegError, OSError, IndexError) as err:
+            raise IngestError(self.path, episode, key, f"unreadable video ({err})") from None
+        codec = stream.codec_context.codec
+        self.stream_codec = getattr(codec, "canonical_name", None) or codec.name
+        self.extradata = stream.codec_context.extradata or None
+        self._time_base = stream.time_base
+        self._packets = self._container.demux(stream)
+
+    def _next(self, episode: str, key: str) -> _Packet | None:
+        if self._pending is not None:
+            packet, self._pending = self._pending, None
+            return packet
+        if self._packets is None:
+            self._open(episode, key)
+        try:
+            for packet in self._packets:
+                if packet.size and packet.pts is not None:
+                    return _Packet(bytes(packet), float(packet.pts * self._time_base), bool(packet.is_keyframe))
+        except (av.error.FFmpegError, OSError) as err:
+            raise IngestError(self.path, episode, key, f"video demuxing failed ({err})") from None
+        return None
+
+    def _episode_packets(self, from_ts: float, to_ts: float, count: int, episode: str, key: str) -> list[_Packet]:
+        """The packets presented in [from_ts, to_ts), in decode order."""
+        packets: list[_Packet] = []
+        while (packet := self._next(episode, key)) is not None:
+            if packet.time < from_ts - self.tolerance:
+                continue
+            if packet.time >= to_ts - self.tolerance:
+                self._pending = packet
+                break
+            packets.append(packet)
+        if len(packets) != count:
+            raise IngestError(self.path, episode, key, f"video holds {len(packets)} frames for the episode, "
+                              f"data has {count} rows")
+        return packets
+
+    def take(self, from_ts: float, to_ts: float, count: int, shape: list[int], episode: str,
+             key: str) -> Iterator[ChunkBlock]:
+        """Blocks of the episode's segments (about ``READ_BLOCK`` frames each), each checked."""
+        packets = self._episode_packets(from_ts, to_ts, count, episode, key)
+        order = np.argsort([p.time for p in packets], kind="stable")
+        rank = np.empty(len(packets), dtype=np.int64)
+        rank[order] = np.arange(len(packets))
+        keyframes = {int(rank[i]) for i, p in enumerate(packets) if p.keyframe}
+        size = segment_length(keyframes, count)
+        if size is None:
+            raise IngestError(self.path, episode, key, "the episode does not start on a keyframe, so its "
+                              "packets cannot be kept; ingest with --frame-codec raw")
+        segments: list[list[bytes]] = [[] for _ in range((count + size - 1) // size)]
+        for i, packet in enumerate(packets):
+            segments[int(rank[i]) // size].append(packet.data)
+        per_block = max(1, READ_BLOCK // size)
+        for first in range(0, len(segments), per_block):
+            batch = segments[first:first + per_block]
+            for j, segment in enumerate(batch):
+                self._check_segment(segment, (first + j) * size, shape, episode, key)
+            frames = sum(len(segment) for segment in batch)
+            yield ChunkBlock(camera_name(key), [pack_packets(segment) for segment in batch], frames,
+                             (shape[0], shape[1], 3), self.extradata, size, self.stream_codec)
+
+    def _check_segment(self, segment: list[bytes], start: int, shape: list[int], episode: str, key: str) -> None:
+        try:
+            frames = decode_segment(segment, self.stream_codec, self.extradata, to_rgb=False)
+        except FrameDecodeError as err:
+            raise IngestError(self.path, episode, key, f"frame {start}: {err}") from None
+        if len(frames) != len(segment) or any((f.height, f.width) != tuple(shape[:2]) for f in frames):
+            found = f"{frames[0].height}x{frames[0].width}" if frames else "nothing"
+            raise IngestError(self.path, episode, key, f"frame {start}: segment of {len(segment)} packets decoded "
+                              f"to {len(frames)} frames of {found}, expected {shape[0]}x{shape[1]}")
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+
+
+def segment_length(keyframes: set[int], count: int) -> int | None:
+    """The shortest ``n`` with a keyframe at every multiple of ``n`` below ``count`` (None: frame 0 is not one)."""
+    if 0 not in keyframes:
+        return None
+    for n in range(1, count + 1):
+        if all(t in keyframes for t in range(0, count, n)):
+            return n
+    return count

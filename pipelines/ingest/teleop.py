@@ -185,11 +185,14 @@ def read_teleop_episode(path: str | Path, layout: SourceLayout
             dataset = h5[f"{IMAGES}/{cam}"]
             if len(dataset) != length:
                 raise IngestError(path, episode, f"{IMAGES}/{cam}", f"{len(dataset)} frames but qpos has {length}")
+            keep = layout.frame_storage.get(cam, FrameStorage(codec="raw")).codec == "source-jpeg"
             if table is None:
+                if keep:
+                    raise IngestError(path, episode, f"{IMAGES}/{cam}", "raw frames, but the dataset keeps JPEG "
+                                      "frames as recorded (other files are compressed); use --frame-codec raw")
                 yield from _raw_blocks(dataset, layout.cameras[cam], path, episode, cam)
                 continue
             lengths_T = np.zeros(length, dtype=np.int64)
-            keep = layout.frame_storage.get(cam, FrameStorage(codec="raw")).codec == "source-jpeg"
             read = _jpeg_chunks if keep else _jpeg_blocks
             yield from read(dataset, layout.cameras[cam], path, episode, cam, lengths_T)
             check_compress_row(table, order, lengths_T, path, episode, cam)

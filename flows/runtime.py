@@ -202,6 +202,14 @@ def _terminal_handlers() -> list[logging.Handler]:
     return handlers
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file; a write that fails (a full disk) drops the record instead of printing
+    logging's own traceback to the terminal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
 def flow_run_name(flow_name: str) -> str:
     """``<flow>-<UTC time>-<6 hex>``: the Prefect flow-run name and the name of its log file."""
     return f"{flow_name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
@@ -217,10 +225,14 @@ def flow_log(root: Root | None, run_name: str) -> Iterator[str]:
     """
     local = root is not None and root.is_local
     folder = root.path(LOGS_DIR) if local else os.path.join(tempfile.gettempdir(), "foresight-logs")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # e.g. the root's disk is full: the log goes to the temp folder instead
+        local, folder = False, os.path.join(tempfile.gettempdir(), "foresight-logs")
+        os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{run_name}.log")
-    shown = root.url_of(LOGS_DIR, f"{run_name}.log") if root is not None else path
-    handler = logging.FileHandler(path, delay=True)  # no file unless something is logged
+    shown = root.url_of(LOGS_DIR, f"{run_name}.log") if local else path
+    handler = _RunLogHandler(path, delay=True)  # no file unless something is logged
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     quiet = None if debug_enabled() else _TerminalFilter()
     terminals = _terminal_handlers() if quiet is not None else []

@@ -438,7 +438,10 @@ class ExportStore:
             self._buffered_reader(index, shard, first, pool)
         try:
             for position in range(first, stop):
-                yield shard.clips[position], self._check_and_parse(index, shard, position, read(position), verify)
+                checked = verify and not _VERIFIED.seen(read.identity, position)
+                yield shard.clips[position], self._check_and_parse(index, shard, position, read(position), checked)
+                if checked:
+                    _VERIFIED.add(read.identity, position)
         finally:
             read.close()
 
@@ -460,7 +463,8 @@ class ExportStore:
         if len(mapped) < shard.data_end:
             raise ValueError(f"export '{index.export_id}', {shard.name}: shard is truncated "
                              f"({len(mapped)} of {shard.bytes} bytes)")
-        return _SampleReader(lambda position: mapped[slice(*shard.sample_range(position))], lambda: None)
+        return _SampleReader(lambda position: mapped[slice(*shard.sample_range(position))], lambda: None,
+                             identity=(path, mapped.identity))
 
     def _buffered_reader(self, index: ExportIndex, shard: ExportShard, first: int,
                          pool: "BufferPool | None") -> "_SampleReader":
@@ -499,6 +503,32 @@ class ExportStore:
         return problems
 
 
+class _VerifiedSamples:
+    """Samples of memory-mapped shard files whose bytes this process already checked, keyed by the
+    file's identity (device, inode, size, mtime): a later epoch over the same unmodified file reads
+    the same page-cache bytes, so the check is not repeated; a rewritten or replaced file has
+    another identity and is checked again. Each new process (a training run, a DataLoader worker)
+    checks every sample once. Buffered (remote) reads are checked every time."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, int]] = set()
+
+    def seen(self, identity: Any, position: int) -> bool:
+        return identity is not None and (identity, position) in self._seen
+
+    def add(self, identity: Any, position: int) -> None:
+        if identity is None:
+            return
+        if len(self._seen) >= self.LIMIT:
+            self._seen.clear()
+        self._seen.add((identity, position))
+
+
+_VERIFIED = _VerifiedSamples()
+
+
 def _sample_intact(shard: ExportShard, position: int, buffer: np.ndarray) -> bool:
     """The sample's bytes hash to what index.json records (xxh3 when recorded, else sha256)."""
     if shard.sample_xxh3:
@@ -533,10 +563,11 @@ class BufferPool:
 
 
 class _SampleReader:
-    """Bytes of one sample by position (sequential positions for the buffered reader)."""
+    """Bytes of one sample by position (sequential positions for the buffered reader); ``identity``
+    names the exact file a memory map was made from (None for buffered reads)."""
 
-    def __init__(self, read: Any, close: Any):
-        self._read, self.close = read, close
+    def __init__(self, read: Any, close: Any, identity: Any = None):
+        self._read, self.close, self.identity = read, close, identity
 
     def __call__(self, position: int) -> np.ndarray:
         return self._read(position)

@@ -198,6 +198,18 @@ def predict_stage(state: DemoState) -> None:
         state.report(f"  wrote {sheet}")
 
 
+DEMO_EVAL_TASKS = "reach,button-press"
+DEMO_EVAL_STEPS = 40
+"""Step cap of the demo's closed-loop eval (MetaWorld allows 500): rendering dominates its time on a
+CPU, and a tiny random-ish action expert is not expected to succeed anyway."""
+
+
+def eval_stage(state: DemoState) -> None:
+    """The tiny action expert in closed loop: 2 easy tasks x 2 episodes through the whole S-VAM stack."""
+    cli("eval", "metaworld", "--run", "demo-action-expert", "--tasks", DEMO_EVAL_TASKS, "--episodes", "2",
+        "--max-steps", str(DEMO_EVAL_STEPS), "--video", "--root", state.root.url)
+
+
 def shallow_pi_stage(state: DemoState) -> None:
     """A 2-layer student distilled online (the default) from the 4-layer tiny pi0 teacher."""
     cli("train", "shallow-pi", "--export", state.ids["pi0_export"], "--layers", "2", "--attn-layers", "1",
@@ -231,6 +243,7 @@ STAGES: list[tuple[str, Callable[[DemoState], None]]] = [
     ("pi0 teacher targets", pi0_stage),
     ("train decouplers + action expert", train_stage),
     ("predict", predict_stage),
+    ("closed-loop MetaWorld eval", eval_stage),
     ("train Shallow-pi student", shallow_pi_stage),
     ("audit: verify, lineage, pictures", audit_stage),
 ]

@@ -56,6 +56,10 @@ class EvalConfig(StrictModel):
                                      description="Field -> target version to use instead of the run's.")
     allow_version_change: bool = Field(default=False, description="Accept (and record) version/weight changes.")
     random_chunk: int = Field(default=10, ge=1, description="Chunk length of the random policy.")
+    execute: int | None = Field(default=None, ge=1, description="Actions of each chunk executed before re-planning "
+                                                                "(default: the whole chunk).")
+    pi0_teacher: bool = Field(default=False, description="Of a shallow-pi run, evaluate the π0 teacher it was "
+                                                         "distilled from instead of the student.")
     workers: int = Field(default=1, ge=1, description="Episode tasks kept in flight.")
 
     @field_validator("tasks")
@@ -94,7 +98,12 @@ def resolve_policy(root: Root, config: EvalConfig) -> ResolvedPolicy:
     """The policy's identity, its observation settings and the demo seeds of its training data."""
     if config.policy in BUILTIN_POLICIES:
         policy = builtin_policy(config)
-        return ResolvedPolicy(policy.identity(), config.camera or "corner2", config.size or 128)
+        if config.pi0_teacher:
+            raise ValueError("--pi0-teacher needs --run of a shallow-pi run")
+        identity = policy.identity()
+        if config.execute is not None:
+            identity.settings["execute"] = config.execute
+        return ResolvedPolicy(identity, config.camera or "corner2", config.size or 128)
     from flows.eval_runs import resolve_run
 
     return resolve_run(root, config)
@@ -149,7 +158,7 @@ def run_episodes(root_url: str, config: EvalConfig, eval_id: str, pairs: list[tu
             continue
         keep = seed in video_seeds.get(task_name, [])
         rollout = ro.run_episode(policy, task_name, seed, key.step_limits[task_name], key.camera, key.size,
-                                 keep_frames=keep, frame_stride=VIDEO_STRIDE)
+                                 keep_frames=keep, frame_stride=VIDEO_STRIDE, execute=config.execute)
         result = rollout.result
         if keep:
             result.video = store.video_rel(task_name, seed)

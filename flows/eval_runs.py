@@ -12,6 +12,7 @@ the store, replaced versions and weights whose digest changed are refused unless
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from flows.eval import EvalConfig, ResolvedPolicy, parse_policy
@@ -25,7 +26,17 @@ from storage.targets import TargetStore
 
 log = logging.getLogger(__name__)
 
-POLICY_KINDS = ("action-expert",)
+POLICY_KINDS = ("action-expert", "shallow-pi")
+
+
+@dataclass
+class SamplerSpec:
+    """A π0-family policy as its run and pi0 version recorded it."""
+
+    params: Any  # pipelines.pi0.Pi0TargetParams
+    teacher: ModelIdentity
+    tiny_layers: int
+    use_teacher: bool
 
 
 def resolve_run(root: Root, config: EvalConfig) -> ResolvedPolicy:
@@ -40,18 +51,44 @@ def resolve_run(root: Root, config: EvalConfig) -> ResolvedPolicy:
     info = runs.info(step)
     if info.kind not in POLICY_KINDS:
         raise ValueError(f"run {run_id}: a '{info.kind}' run is not a policy; evaluate one of {list(POLICY_KINDS)}")
+    if config.pi0_teacher and info.kind != "shallow-pi":
+        raise ValueError(f"run {run_id}: --pi0-teacher needs a shallow-pi run (this is a '{info.kind}' run)")
     where = f"run {run_id} step {step}"
     versions, changes = apply_overrides(info.target_versions, config.versions, config.allow_version_change, where)
     manifests = complete_manifests(root, versions, where)
-    stack = stack_spec(info.config, versions, manifests, where)
     checkpoints = {f"{run_id}/{name}": digest for name, digest in info.files.items() if name.endswith(".safetensors")}
-    for record in info.config.get("decouplers", []):
-        dec = RunDir(root, record["run_id"]).info(record["step"])
-        checkpoints |= {f"{dec.run_id}/{n}": d for n, d in dec.files.items() if n.endswith(".safetensors")}
-    identity = PolicyIdentity(kind=info.kind, run_id=run_id, step=step, checkpoint_sha256=checkpoints,
-                              versions=versions, models=stack.model_keys())
+    if info.kind == "action-expert":
+        stack = stack_spec(info.config, versions, manifests, where)
+        models = stack.model_keys()
+        for record in info.config.get("decouplers", []):
+            dec = RunDir(root, record["run_id"]).info(record["step"])
+            checkpoints |= {f"{dec.run_id}/{n}": d for n, d in dec.files.items() if n.endswith(".safetensors")}
+    else:
+        stack = sampler_spec(info.config, manifests, config.pi0_teacher, where)
+        models = {"pi0-teacher": stack.teacher.key()}
+        if stack.use_teacher:
+            checkpoints = {}  # the teacher alone: the student's weights play no part
+    kind = "pi0" if config.pi0_teacher else info.kind
+    identity = PolicyIdentity(kind=kind, run_id=run_id, step=step, checkpoint_sha256=checkpoints,
+                              versions=versions, models=models, settings={"execute": config.execute})
     camera, size, demo_seeds = training_observations(root, info.export_id, where)
     return ResolvedPolicy(identity, config.camera or camera, config.size or size, demo_seeds, changes, stack)
+
+
+def sampler_spec(run_config: dict[str, Any], manifests: dict[str, TargetVersion], use_teacher: bool,
+                 where: str) -> SamplerSpec:
+    """The pi0 version's sample parameters and the teacher a Shallow-π run was distilled from."""
+    from pipelines.pi0 import Pi0TargetParams
+
+    pi0_versions = {m.id: m for m in manifests.values() if m.kind == "pi0"}
+    if len(pi0_versions) != 1:
+        raise ValueError(f"{where}: expected the fields of one pi0 version, found {sorted(pi0_versions)}")
+    manifest = next(iter(pi0_versions.values()))
+    params = {k: v for k, v in manifest.recipe.params.items() if k in Pi0TargetParams.model_fields}
+    teacher = validate(ModelIdentity, run_config["teacher"], f"{where}: teacher")
+    return SamplerSpec(params=validate(Pi0TargetParams, params, f"{where}: version {manifest.id} params"),
+                       teacher=teacher, tiny_layers=int(run_config["run"].get("tiny_layers") or 4),
+                       use_teacher=use_teacher)
 
 
 def apply_overrides(trained: dict[str, str], overrides: dict[str, str], allow: bool, where: str
@@ -138,17 +175,41 @@ def training_observations(root: Root, export_id: str | None, where: str) -> tupl
 
 
 def build_run_policy(root: Root, config: EvalConfig):
-    """(policy, weight changes): the run's stack loaded on ``config.device``."""
+    """(policy, weight changes): the run's models loaded on ``config.device``."""
+    resolved = resolve_run(root, config)
+    if isinstance(resolved.stack, SamplerSpec):
+        return _sampler_policy(root, config, resolved)
     from pipelines.eval.svam import SVAMPolicy, load_stack
     from trainers.action_expert import load_action_expert
 
-    resolved = resolve_run(root, config)
     identity = resolved.identity
     expert, _ = load_action_expert(root, identity.run_id, identity.step)
     models, changed = load_stack(resolved.stack, config.device)
-    where = f"run {identity.run_id} step {identity.step}"
+    return SVAMPolicy(resolved.stack, models, expert, identity, config.device), _weight_changes(changed, config,
+                                                                                               identity)
+
+
+def _weight_changes(changed: list[str], config: EvalConfig, identity: PolicyIdentity) -> list[dict[str, Any]]:
     if changed and not config.allow_version_change:
-        raise ValueError(f"{where}: the weights loaded for {changed} are not the ones its versions recorded "
-                         "(same spec, other files); pass --allow-version-change to evaluate it anyway")
-    changes = [{"field": role, "reason": "weights differ from the recorded identity"} for role in changed]
-    return SVAMPolicy(resolved.stack, models, expert, identity, config.device), changes
+        raise ValueError(f"run {identity.run_id} step {identity.step}: the weights loaded for {changed} are not the "
+                         "ones its versions recorded (same spec, other files); pass --allow-version-change to "
+                         "evaluate it anyway")
+    return [{"field": role, "reason": "weights differ from the recorded identity"} for role in changed]
+
+
+def _sampler_policy(root: Root, config: EvalConfig, resolved: ResolvedPolicy):
+    """A Shallow-π student, or the π0 teacher it was cut from, behind the chunk-sampler policy."""
+    from pipelines import pi0
+    from pipelines.eval.chunk_sampler import ChunkSamplerPolicy
+    from trainers.shallow_pi import load_student
+
+    spec, identity = resolved.stack, resolved.identity
+    changed: list[str] = []
+    tokenizer = None
+    if spec.use_teacher or spec.params.tokenizer == "checkpoint":
+        loaded = pi0.load_pi0(spec.teacher.spec, config.device, spec.params.dtype, spec.tiny_layers)
+        tokenizer = loaded.tokenizer
+        changed = ["pi0-teacher"] if loaded.identity.key() != spec.teacher.key() else []
+    model = loaded.model if spec.use_teacher else load_student(root, identity.run_id, identity.step)[0]
+    policy = ChunkSamplerPolicy(model, spec.params, tokenizer, identity, config.device)
+    return policy, _weight_changes(changed, config, identity)

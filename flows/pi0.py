@@ -41,6 +41,8 @@ class Pi0TargetsConfig(StrictModel):
 
     plan: str = Field(description="Clip plan id: each clip's first frame is an observation, its actions the chunk.")
     model: str = Field(default="tiny", description="π0 teacher spec: hf:<repo>[@rev], dir:<path>, random or tiny.")
+    family: Literal["pi0", "pi05"] = Field(default="pi0", description="Architecture of a random/tiny teacher: π0 "
+                                                                      "or π0.5 (a checkpoint's config decides).")
     pairs: int = Field(default=4, ge=0, description="K fixed (t, noise-seed) pairs per sample (0: inputs only, "
                                                     "all that online distillation reads).")
     attn_layers: list[int] | None = Field(
@@ -79,11 +81,12 @@ _MODELS_LOCK = threading.Lock()
 
 def cached_model(config: Pi0TargetsConfig) -> pi0.LoadedPi0:
     """The teacher of ``config``, loaded once per process (workers reuse it across tasks)."""
-    key = config.model_dump_json(include={"model", "device", "dtype", "tiny_layers"})
+    key = config.model_dump_json(include={"model", "family", "device", "dtype", "tiny_layers"})
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS.clear()  # one model per worker: free the previous one first
-            _MODELS[key] = pi0.load_pi0(config.model, config.device, config.dtype, config.tiny_layers)
+            _MODELS[key] = pi0.load_pi0(config.model, config.device, config.dtype, config.tiny_layers,
+                                        config.family)
         return _MODELS[key]
 
 
@@ -153,8 +156,8 @@ def pi0_arrays(params: pi0.Pi0TargetParams, model_config: Any, num_clips: int) -
 class SampleReader:
     """Reads the raw observation of plan rows from the episode store (columns cached per episode)."""
 
-    def __init__(self, root_url: str, params: pi0.Pi0TargetParams, tokenizer: Any | None):
-        self.root_url, self.params, self.tokenizer = root_url, params, tokenizer
+    def __init__(self, root_url: str, params: pi0.Pi0TargetParams, tokenizer: Any | None, family: str = "pi0"):
+        self.root_url, self.params, self.tokenizer, self.family = root_url, params, tokenizer, family
         self.stores: dict[str, EpisodeStore] = {}
         self.columns: dict[tuple[str, str, str], np.ndarray] = {}
 
@@ -181,7 +184,7 @@ class SampleReader:
         try:
             return pi0.assemble_sample(images, row.instruction, states[row.start],
                                        actions[row.start: row.start + self.params.chunk_size],
-                                       self.params, self.tokenizer)
+                                       self.params, self.tokenizer, self.family)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
 
@@ -212,7 +215,7 @@ def write_shards(root_url: str, version_id: str, shard_indices: list[int], confi
     if loaded.identity.key() != writer.manifest.recipe.model.key():
         raise ValueError(f"target version '{version_id}' was begun with another teacher than {config.model!r}")
     rows = plan_rows(root_url, config)
-    reader = SampleReader(root_url, params, loaded.tokenizer)
+    reader = SampleReader(root_url, params, loaded.tokenizer, loaded.identity.family)
     written, clips = [], 0
     for index in shard_indices:
         with claim_shard(root_url, version_id, index, is_done=lambda i=index: writer.is_done(i)) as owned:

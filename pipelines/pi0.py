@@ -2,7 +2,8 @@
 teacher velocities and head-averaged action-query attention over the vision-language keys.
 
 Pure compute: functions take arrays and records and return arrays. The only side effect is model
-loading through :func:`load_pi0`. The model is transformers' ``PI0ForConditionalGeneration``:
+loading through :func:`load_pi0`. The model is transformers' ``PI0ForConditionalGeneration`` (or
+``PI05ForConditionalGeneration``, π0.5: see :data:`FAMILIES`):
 a PaliGemma VLM (SigLIP + Gemma language stack) whose per-layer key/value cache of the prefix
 (images + instruction) is read by the Gemma action expert ("dit"), layer i of the expert
 attending to the prefix of VLM layer i. The suffix fed to the expert is [state, 50 noisy actions].
@@ -14,6 +15,7 @@ velocity ``u = noise - actions``, ``t ~ Beta(1.5, 1) * 0.999 + 0.001``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,37 @@ BYTE_PAD_ID, BYTE_BOS_ID = 0, 2
 """Byte-level tokenizer for random/tiny models and checkpoints without tokenizer files."""
 
 
-# ----------------------------------------------------------------------------- configs
-def tiny_config(num_layers: int = 4, image_size: int = 28) -> Any:
-    """A small π0 config (both stacks ``num_layers`` deep) for tests and the CPU demo."""
-    from transformers import PI0Config
+FAMILIES = ("pi0", "pi05")
+"""Teacher families: π0 (``PI0ForConditionalGeneration``: the state is a token of the expert's
+suffix) and π0.5 (``PI05ForConditionalGeneration``: the state is discretised into the prompt, the
+expert's norms are modulated by the time embedding, the suffix is the 50 actions alone)."""
 
-    return PI0Config(
+
+# ----------------------------------------------------------------------------- configs
+def family_classes(family: str) -> tuple[Any, Any]:
+    """(config class, model class) of a teacher family; ValueError naming the known ones otherwise."""
+    import transformers
+
+    names = {"pi0": ("PI0Config", "PI0ForConditionalGeneration"),
+             "pi05": ("PI05Config", "PI05ForConditionalGeneration")}
+    if family not in names:
+        raise ValueError(f"π0 family {family!r}: expected one of {', '.join(FAMILIES)}")
+    config_name, model_name = names[family]
+    if not hasattr(transformers, model_name):
+        raise ValueError(f"π0 family {family!r}: transformers {transformers.__version__} has no {model_name}")
+    return getattr(transformers, config_name), getattr(transformers, model_name)
+
+
+def model_family(model: Any) -> str:
+    """'pi05' for a π0.5 model (or config), else 'pi0'."""
+    config = getattr(unwrap(model), "config", model)
+    return "pi05" if getattr(config, "model_type", "pi0") == "pi05" else "pi0"
+
+
+def tiny_config(num_layers: int = 4, image_size: int = 28, family: str = "pi0") -> Any:
+    """A small π0 (or π0.5) config (both stacks ``num_layers`` deep) for tests and the CPU demo."""
+    config_class, _ = family_classes(family)
+    return config_class(
         vlm_config=dict(
             model_type="paligemma",
             text_config=dict(model_type="gemma", hidden_size=64, num_hidden_layers=num_layers,
@@ -64,11 +91,9 @@ def tiny_config(num_layers: int = 4, image_size: int = 28) -> Any:
     )
 
 
-def full_config() -> Any:
-    """The full-size π0 config (PaliGemma 3B + 300M Gemma expert, 18 layers each)."""
-    from transformers import PI0Config
-
-    return PI0Config()
+def full_config(family: str = "pi0") -> Any:
+    """The full-size π0 / π0.5 config (PaliGemma 3B + 300M Gemma expert, 18 layers each)."""
+    return family_classes(family)[0]()
 
 
 def num_layers(model: Any) -> int:
@@ -103,46 +128,64 @@ class LoadedPi0:
         return "bytes" if self.tokenizer is None else "checkpoint"
 
 
-def load_pi0(spec: str, device: str = "cpu", dtype: str = "float32", tiny_layers: int = 4) -> LoadedPi0:
-    """Load a π0 teacher from a model spec (``hf:``, ``dir:``, ``random`` or ``tiny``).
+def load_pi0(spec: str, device: str = "cpu", dtype: str = "float32", tiny_layers: int = 4,
+             family: str = "pi0") -> LoadedPi0:
+    """Load a π0 or π0.5 teacher from a model spec (``hf:``, ``dir:``, ``random`` or ``tiny``).
 
     ``random`` is the full-size architecture initialised on ``device`` (fast on a GPU; the init
     device is part of the identity because CPU and CUDA random streams differ). ``tiny`` is a
-    small config with both stacks ``tiny_layers`` deep, always initialised on the CPU.
+    small config with both stacks ``tiny_layers`` deep, always initialised on the CPU. ``family``
+    picks the architecture of ``random``/``tiny``; a checkpoint's own config.json decides for it.
     """
     parsed = ModelSpec.parse(spec)
     torch_dtype = _torch_dtype(dtype)
     if parsed.source in ("hf", "dir"):
         return _load_checkpoint(spec, parsed, device, torch_dtype)
-    from transformers import PI0ForConditionalGeneration
-
-    config = tiny_config(tiny_layers) if parsed.source == "tiny" else full_config()
+    _, model_class = family_classes(family)
+    config = tiny_config(tiny_layers, family=family) if parsed.source == "tiny" else full_config(family)
     seed = TINY_SEED if parsed.source == "tiny" else RANDOM_SEED
     init_device = torch.device("cpu" if parsed.source == "tiny" else device)
     # A private RNG state: loading a model must not move the caller's random streams.
     with torch.random.fork_rng(devices=[init_device] if init_device.type == "cuda" else []):
         torch.manual_seed(seed)
         with init_device:
-            model = PI0ForConditionalGeneration(config)
+            model = model_class(config)
+            if family == "pi05":
+                randomize_adaptive_norms(model)
     model = model.to(device=device, dtype=torch_dtype).eval()
     architecture = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
     identity_config = {**architecture, "init_device": init_device.type}
-    identity = ModelIdentity(spec=spec, family="pi0", source=parsed.source, seed=seed,
+    identity = ModelIdentity(spec=spec, family=family, source=parsed.source, seed=seed,
                              config=_json_safe(identity_config))
     return LoadedPi0(model=model, tokenizer=None, identity=identity)
 
 
+def randomize_adaptive_norms(model: Any) -> None:
+    """Draw π0.5's adaptive-norm projections like its other linear layers (normal, initializer_range).
+
+    transformers initialises them to zero, so each expert layer's residual gate is 0 and the expert
+    is the identity: every layer cut of such a random teacher would equal it exactly, and a random
+    or tiny π0.5 could not stand for a trained one in tests and benchmarks.
+    """
+    std = model.config.dit_config.initializer_range
+    for module in model.model.dit.modules():
+        if type(module).__name__ == "PI05AdaptiveRMSNorm":
+            torch.nn.init.normal_(module.dense.weight, std=std)
+            torch.nn.init.zeros_(module.dense.bias)
+
+
 def _load_checkpoint(spec: str, parsed: ModelSpec, device: str, torch_dtype: torch.dtype) -> LoadedPi0:
-    from transformers import PI0ForConditionalGeneration
+    import json
 
     from storage.fs import sha256_local_files
 
     folder = _checkpoint_folder(parsed)
     if not (folder / "config.json").is_file():
         raise ValueError(f"model spec {spec!r}: no config.json in {folder}")
-    model = PI0ForConditionalGeneration.from_pretrained(str(folder), dtype=torch_dtype)
+    family = "pi05" if json.loads((folder / "config.json").read_text()).get("model_type") == "pi05" else "pi0"
+    model = family_classes(family)[1].from_pretrained(str(folder), dtype=torch_dtype)
     model = model.to(device).eval()
-    identity = ModelIdentity(spec=spec, family="pi0", source=parsed.source, ref=parsed.ref,
+    identity = ModelIdentity(spec=spec, family=family, source=parsed.source, ref=parsed.ref,
                              revision=parsed.revision, weights_sha256=sha256_local_files(folder))
     if not identity.weights_sha256:
         raise ValueError(f"model spec {spec!r}: no weight files (.safetensors/.bin) in {folder}")
@@ -238,16 +281,17 @@ def prefix_length(config: Any, num_cameras: int, max_text_tokens: int) -> int:
 
 
 # ----------------------------------------------------------------------------- samples
-def tokenize_instruction(text: str, tokenizer: Any | None, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Instruction -> (ids (L,) int32, mask (L,) uint8) as PI0Processor lays it out: bos + text + newline.
+def tokenize_instruction(text: str, tokenizer: Any | None, max_tokens: int,
+                         suffix: str = "\n") -> tuple[np.ndarray, np.ndarray]:
+    """Prompt -> (ids (L,) int32, mask (L,) uint8) as PI0Processor lays it out: bos + text + ``suffix``.
 
     Right-padded to ``max_tokens``; longer instructions are truncated (logged).
     """
     if tokenizer is None:
-        ids = [BYTE_BOS_ID] + [BYTE_TOKEN_OFFSET + b for b in (text + "\n").encode("utf-8")]
+        ids = [BYTE_BOS_ID] + [BYTE_TOKEN_OFFSET + b for b in (text + suffix).encode("utf-8")]
         pad_id = BYTE_PAD_ID
     else:
-        ids = tokenizer((tokenizer.bos_token or "") + text + "\n", add_special_tokens=False)["input_ids"]
+        ids = tokenizer((tokenizer.bos_token or "") + text + suffix, add_special_tokens=False)["input_ids"]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if len(ids) > max_tokens:
         log.warning("instruction %r: %d tokens, truncated to %d", text[:40], len(ids), max_tokens)
@@ -257,6 +301,15 @@ def tokenize_instruction(text: str, tokenizer: Any | None, max_tokens: int) -> t
     ids_L[: len(ids)] = ids
     mask_L[: len(ids)] = 1
     return ids_L, mask_L
+
+
+def pi05_prompt(instruction: str, state: np.ndarray) -> str:
+    """π0.5's prompt (PI05Processor.build_prompts, after bos): the task, then the normalised state
+    discretised into 256 bins over [-1, 1]."""
+    bins = np.linspace(-1, 1, 256 + 1)[:-1]
+    discrete = np.searchsorted(bins, np.asarray(state, dtype=np.float32), side="right") - 1
+    task = instruction.strip().replace("_", " ").replace("\n", " ")
+    return f"Task: {task}, State: {' '.join(str(int(b)) for b in discrete)};\nAction: "
 
 
 def resize_images(frames_NHWC: np.ndarray, size: int) -> np.ndarray:
@@ -292,7 +345,7 @@ def prepare_vector(values: np.ndarray, stats: dict[str, list[float]] | None, wid
 
 
 def assemble_sample(images_NHWC: np.ndarray, instruction: str, state: np.ndarray, actions_TD: np.ndarray,
-                    params: Pi0TargetParams, tokenizer: Any | None) -> dict[str, np.ndarray]:
+                    params: Pi0TargetParams, tokenizer: Any | None, family: str = "pi0") -> dict[str, np.ndarray]:
     """One training sample from raw observation data.
 
     ``images_NHWC``: the observation frame of each camera (uint8); ``state``: the raw state vector
@@ -311,12 +364,17 @@ def assemble_sample(images_NHWC: np.ndarray, instruction: str, state: np.ndarray
     actions_AD = prepare_vector(chunk, params.normalization.get("action"), params.max_dim, "actions")
     action_mask_AD = np.zeros((params.chunk_size, params.max_dim), dtype=np.uint8)
     action_mask_AD[:valid, : chunk.shape[-1]] = 1
-    text_ids, text_mask = tokenize_instruction(instruction, tokenizer, params.max_text_tokens)
+    state_D = prepare_vector(state, params.normalization.get("state"), params.max_dim, "state")
+    if family == "pi05":  # the state is read from the prompt (the model has no state input)
+        prompt = pi05_prompt(instruction, state_D[: state.shape[-1]])
+        text_ids, text_mask = tokenize_instruction(prompt, tokenizer, params.max_text_tokens, suffix="")
+    else:
+        text_ids, text_mask = tokenize_instruction(instruction, tokenizer, params.max_text_tokens)
     return {
         "images": resize_images(images_NHWC, params.image_size),
         "text_ids": text_ids,
         "text_mask": text_mask,
-        "state": prepare_vector(state, params.normalization.get("state"), params.max_dim, "state"),
+        "state": state_D,
         "actions": actions_AD,
         "action_mask": action_mask_AD,
     }
@@ -432,6 +490,11 @@ def use_eager_expert(model: Any) -> None:
         model.set_attn_implementation({"dit_config": "eager"})
 
 
+def state_input(model: Any, batch: Pi0Batch) -> dict[str, torch.Tensor]:
+    """The state as the model takes it: π0's ``state`` argument; nothing for π0.5 (it is in the prompt)."""
+    return {} if model_family(model) == "pi05" else {"state": batch.state}
+
+
 def unwrap(model: Any) -> Any:
     """The π0 model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
@@ -462,7 +525,7 @@ def pi0_forward(model: Any, batch: Pi0Batch, t_B: torch.Tensor, noise_BAD: torch
     the action->VL attention (B, len(attn_layers), 50, P) float32.
     """
     use_eager_expert(model)
-    out = model(state=batch.state, noise=noise_BAD.to(batch.actions), timestep=t_B.float(),
+    out = model(**state_input(model, batch), noise=noise_BAD.to(batch.actions), timestep=t_B.float(),
                 input_ids=batch.input_ids, pixel_values=batch.pixel_values,
                 pixel_attention_mask=batch.pixel_attention_mask, attention_mask=batch.attention_mask,
                 actions=batch.actions, output_attentions=bool(attn_layers))
@@ -475,13 +538,20 @@ def pi0_forward(model: Any, batch: Pi0Batch, t_B: torch.Tensor, noise_BAD: torch
 def prefix_cache(model: Any, batch: Pi0Batch) -> Any:
     """Run the VLM once over the prefix and return its key/value cache (as PI0Model.forward does)."""
     inputs_embeds = model.model.embed_prefix(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
-    return model.model.vlm(
+    out = model.model.vlm(
         inputs_embeds=inputs_embeds,
         attention_mask=batch.attention_mask,
         position_ids=batch.attention_mask.cumsum(-1) - 1,
         token_type_ids=torch.zeros_like(inputs_embeds)[:, :, 0],
         use_cache=True,
-    ).cache
+    )
+    # transformers renamed the output and argument `past_key_values` to `cache` (5.2x); accept both.
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which this transformers version's π0 forward takes a prefix cache."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -497,9 +567,9 @@ def teacher_targets(model: Any, batch: Pi0Batch, t_BK: torch.Tensor, noise_BKAD:
     cache = prefix_cache(model, batch)
     velocities, maps = [], []
     for k in range(t_BK.shape[1]):
-        out = model(state=batch.state, noise=noise_BKAD[:, k].to(batch.actions), timestep=t_BK[:, k].float(),
+        out = model(**state_input(model, batch), noise=noise_BKAD[:, k].to(batch.actions), timestep=t_BK[:, k].float(),
                     attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask,
-                    actions=batch.actions, cache=cache, output_attentions=bool(attn_layers))
+                    actions=batch.actions, output_attentions=bool(attn_layers), **{cache_kwarg(model): cache})
         cache.crop(batch.prefix_len - cache.get_seq_length())
         velocities.append(out.logits.float())
         if attn_layers:

@@ -82,14 +82,12 @@ def student_state_dict(teacher_state: dict[str, torch.Tensor], layer_map: list[i
 
 def build_student(teacher: Any, num_layers: int) -> tuple[Any, list[int]]:
     """A Shallow-π student of ``num_layers`` layers initialised from ``teacher``; returns (student, map)."""
-    from transformers import PI0ForConditionalGeneration
-
     layer_map = pi0.uniform_layer_map(pi0.num_layers(teacher), num_layers)
     parameter = next(teacher.parameters())
     cuda = [parameter.device] if parameter.device.type == "cuda" else []
     # The random init is overwritten below; keep it from moving the caller's random streams.
     with torch.random.fork_rng(devices=cuda), parameter.device:
-        student = PI0ForConditionalGeneration(student_config(teacher.config, num_layers))
+        student = type(teacher)(student_config(teacher.config, num_layers))
     student.to(parameter.dtype)
     state = student_state_dict(teacher.state_dict(), layer_map)
     # strict: a key the map missed (or one left over) is a bug, never silently random weights.
@@ -231,6 +229,9 @@ class ShallowPiRunConfig(StrictModel):
                                                   "from; default: the one that made the export's pi0 targets.")
     tiny_layers: int | None = Field(None, ge=1, description="Depth of a `tiny` teacher (default: the targets' "
                                                             "teacher's, else 4).")
+    teacher_family: Literal["pi0", "pi05"] | None = Field(
+        None, description="Architecture of a `random`/`tiny` teacher: pi0 or pi05 (π0.5); default: the targets' "
+                          "teacher's, else pi0 (a checkpoint's config.json decides for hf:/dir:).")
     layers: int = Field(6, ge=1, description="L_S: student depth of both stacks.")
     mode: Mode = Field("online", description="online: the frozen teacher runs beside the student on the same "
                                              "(augmented) inputs at fresh (t, noise) every step (the paper's "
@@ -372,7 +373,7 @@ class ShallowPiTask(TrainTask):
     def evaluate(self, model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Held-out losses at fixed pairs (cached pair 0 offline, seeds from the sample keys online), the
         masked MSE of a full 10-step action chunk to the ground-truth actions and, with the teacher
-        loaded, to the teacher's chunk from the same noise (``teacher_chunk_mse``)."""
+        loaded, the student's distance to it (``teacher_velocity_mse``, ``teacher_chunk_mse``)."""
         sums: dict[str, float] = {}
         count = 0
         for arrays in batches:
@@ -383,11 +384,9 @@ class ShallowPiTask(TrainTask):
             else:
                 losses = self.losses(model, arrays, False, np.zeros(size, dtype=np.int64), None)
             batch = self.model_batch(arrays, augment=False)
-            chunk = sample_chunk(model, batch, seeds)
-            losses["action_mse"] = masked_mse(chunk, batch.actions, batch.action_mask)
+            losses["action_mse"] = masked_mse(sample_chunk(model, batch, seeds), batch.actions, batch.action_mask)
             if self.teacher is not None:
-                losses["teacher_chunk_mse"] = masked_mse(chunk, sample_chunk(self.teacher, batch, seeds),
-                                                         batch.action_mask)
+                losses.update({f"teacher_{k}": v for k, v in teacher_gap(model, self.teacher, batch, seeds).items()})
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * size
             count += size
@@ -400,8 +399,22 @@ def sample_chunk(model: Any, batch: pi0.Pi0Batch, seeds: np.ndarray) -> torch.Te
     """The model's 10-step action chunk (B, 50, 32) from the noise of ``seeds`` (one per sample)."""
     noise = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions)
     return pi0.unwrap(model).sample_actions(
-        state=batch.state, input_ids=batch.input_ids, pixel_values=batch.pixel_values, noise=noise,
+        **pi0.state_input(model, batch), input_ids=batch.input_ids, pixel_values=batch.pixel_values, noise=noise,
         attention_mask=batch.attention_mask, pixel_attention_mask=batch.pixel_attention_mask)
+
+
+@torch.no_grad()
+def teacher_gap(student: Any, teacher: Any, batch: pi0.Pi0Batch, seeds: np.ndarray) -> dict[str, torch.Tensor]:
+    """How far the student is from the teacher on one batch, at the (t, noise) of ``seeds`` (one per sample):
+    ``velocity_mse`` (the one-step velocity at the same x_t, t) and ``chunk_mse`` (the 10-step action
+    chunk integrated from the same noise); both masked to the real action steps and dims."""
+    t_B = torch.from_numpy(pi0.pair_times(seeds)).to(batch.actions.device)
+    noise_BAD = pi0.noise_from_seeds(seeds, *batch.actions.shape[-2:]).to(batch.actions.device)
+    student_velocity, _ = pi0.pi0_forward(student, batch, t_B, noise_BAD, [])
+    teacher_velocity, _ = pi0.teacher_targets(teacher, batch, t_B[:, None], noise_BAD[:, None], [])
+    return {"velocity_mse": masked_mse(student_velocity, teacher_velocity[:, 0], batch.action_mask),
+            "chunk_mse": masked_mse(sample_chunk(student, batch, seeds), sample_chunk(teacher, batch, seeds),
+                                    batch.action_mask)}
 
 
 def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity: Any, online: bool) -> None:
@@ -444,20 +457,23 @@ def recorded_inputs(root: Root, versions: dict[str, str]) -> tuple[Any | None, l
 
 
 def resolve_teacher(cfg: ShallowPiRunConfig, recorded: Any | None) -> ShallowPiRunConfig:
-    """Fill in ``teacher`` / ``tiny_layers`` from the model recorded in the pi0 version's manifest."""
+    """Fill in ``teacher`` / ``tiny_layers`` / ``teacher_family`` from the model the pi0 version recorded."""
     teacher = cfg.teacher or (recorded.spec if recorded is not None else None)
     if teacher is None:
         raise ValueError("no --teacher given and the export's pi0 version is not in this root to read it from")
     depth = cfg.tiny_layers
     if depth is None and recorded is not None and recorded.source == "tiny" and recorded.config:
         depth = recorded.config.get("vlm_config", {}).get("text_config", {}).get("num_hidden_layers")
-    return cfg.model_copy(update={"teacher": teacher, "tiny_layers": depth or 4})
+    family = cfg.teacher_family or (recorded.family if recorded is not None else "pi0")
+    return cfg.model_copy(update={"teacher": teacher, "tiny_layers": depth or 4, "teacher_family": family})
 
 
 def freeze_unused(student: Any) -> None:
     """The expert's token embedding is never used (π0 feeds it action embeddings): freeze it, so
-    AdamW does not decay it and DDP does not wait for its gradient."""
-    student.model.dit.embed_tokens.weight.requires_grad_(False)
+    AdamW does not decay it and DDP does not wait for its gradient (π0.5's expert has none)."""
+    embed = getattr(student.model.dit, "embed_tokens", None)
+    if embed is not None:
+        embed.weight.requires_grad_(False)
 
 
 def teacher_device(cfg: ShallowPiRunConfig) -> str:
@@ -498,7 +514,7 @@ def train_shallow_pi(root: Root, export_id: str, cfg: ShallowPiRunConfig, run_id
                                      shuffle=False)
     recorded, cameras = recorded_inputs(root, versions)
     cfg = resolve_teacher(cfg, recorded)
-    loaded = pi0.load_pi0(cfg.teacher, teacher_device(cfg), "float32", cfg.tiny_layers)
+    loaded = pi0.load_pi0(cfg.teacher, teacher_device(cfg), "float32", cfg.tiny_layers, cfg.teacher_family)
     check_teacher_matches_targets(root, versions, loaded.identity, cfg.online)
     seed_everything(cfg.loop.seed)
     student, layer_map = build_student(loaded.model, cfg.layers)
@@ -522,12 +538,12 @@ def train_shallow_pi(root: Root, export_id: str, cfg: ShallowPiRunConfig, run_id
 
 def load_student(root: Root, run_id: str, step: int | None = None) -> tuple[Any, CheckpointInfo]:
     """A trained Shallow-π student (eval mode) and its checkpoint record, from ``runs/<run_id>/step-N``."""
-    from transformers import PI0Config, PI0ForConditionalGeneration
-
     info, state = RunDir(root, run_id).load_model(step)
     if info.kind != KIND:
         raise ValueError(f"run {run_id}: is a '{info.kind}' run, not a {KIND} run")
-    student = PI0ForConditionalGeneration(PI0Config.from_dict(info.config["student_config"]))
+    student_config = info.config["student_config"]
+    config_class, model_class = pi0.family_classes("pi05" if student_config.get("model_type") == "pi05" else "pi0")
+    student = model_class(config_class.from_dict(student_config))
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -57,6 +57,9 @@ def eval_metaworld(
     max_steps: int = typer.Option(None, "--max-steps", help="Cap of the per-task step limit (default 500)."),
     video: bool = typer.Option(False, "--video", help="Record an MP4 of the first episode(s) of every task."),
     video_episodes: int = typer.Option(1, "--video-episodes", min=1, help="Episodes per task recorded with --video."),
+    execute: int = typer.Option(None, min=1, help="Actions of each chunk executed before re-planning (default: all)."),
+    pi0_teacher: bool = typer.Option(False, "--pi0-teacher",
+                                     help="Of a shallow-pi run, evaluate its π0 teacher instead of the student."),
     versions: str = typer.Option(None, help="FIELD=VERSION,... to use instead of the run's versions."),
     allow_version_change: bool = typer.Option(False, "--allow-version-change",
                                               help="Accept (and record) versions or weights other than the run's."),
@@ -79,7 +82,8 @@ def eval_metaworld(
     config = EvalConfig(policy=run or policy, tasks=resolve_tasks(tasks), episodes=episodes, seeds=parse_seeds(seeds),
                         camera=camera, size=size, device=device, max_steps=max_steps,
                         video=video_episodes if video else 0, versions=parse_versions(versions),
-                        allow_version_change=allow_version_change, workers=runner.tasks)
+                        allow_version_change=allow_version_change, execute=execute, pi0_teacher=pi0_teacher,
+                        workers=runner.tasks)
     data_root = get_root(root, writable=True)
     eval_key(config, resolve_policy(data_root, config))  # refuse a bad run, versions or seeds before any rollout
     if not runner.uses_dask and runner.workers > 1:

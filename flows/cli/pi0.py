@@ -31,6 +31,7 @@ def int_list(text: str | None, option: str) -> list[int] | None:
 def pi0_targets(
     plan: str = typer.Option(..., "--plan", help="Clip plan id (a clip's first frame is the observation)."),
     model: str = typer.Option("tiny", "--model", help="π0 teacher: hf:<repo>[@rev] | dir:<path> | random | tiny."),
+    family: str = typer.Option("pi0", "--family", help="pi0 | pi05: architecture of a random/tiny teacher."),
     pairs: int = typer.Option(4, "--pairs", min=0, help="K fixed (t, noise-seed) pairs per sample (0: inputs only)."),
     attn_layers: str = typer.Option(None, "--attn-layers", help="Teacher layers whose attention is stored, e.g. "
                                     "'3,7,10,14' (default: middle layers of a 6-layer student's map; '' = none)."),
@@ -57,7 +58,7 @@ def pi0_targets(
 
     layers = int_list(attn_layers, "--attn-layers")
     config = Pi0TargetsConfig(
-        plan=plan, model=model, pairs=pairs, attn_layers=layers, attn_dtype=attn_dtype,
+        plan=plan, model=model, family=family, pairs=pairs, attn_layers=layers, attn_dtype=attn_dtype,
         cameras=[c.strip() for c in cameras.split(",") if c.strip()] if cameras else None,
         state_key=state_key, action_key=action_key, state_indices=int_list(state_indices, "--state-indices"),
         normalize=normalize, max_text_tokens=max_text_tokens, tiny_layers=tiny_layers, shard_size=shard_size, batch=batch, device=device,

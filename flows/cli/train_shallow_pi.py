@@ -33,6 +33,8 @@ def cmd_shallow_pi(
     attn_layers: str = typer.Option(None, "--attn-layers", help="Student layers of L_attn, e.g. '1,2,3,4' "
                                                                 "(default: all but the first and last)."),
     tiny_layers: int = typer.Option(None, "--tiny-layers", min=1, help="Depth of the `tiny` teacher."),
+    teacher_family: str = typer.Option(None, "--teacher-family", help="pi0 | pi05 (π0.5): architecture of a "
+                                                                      "random/tiny teacher (default: the targets')."),
     config: Path = CONFIG_OPTION, steps: int = STEPS_OPTION, batch_size: int = BATCH_OPTION,
     device: str = DEVICE_OPTION, workers: int = WORKERS_OPTION, run_id: str = RUN_ID_OPTION,
     eval_export: str = EVAL_OPTION, allow_version_change: bool = ALLOW_OPTION, stop_at: int = STOP_OPTION,
@@ -45,7 +47,7 @@ def cmd_shallow_pi(
     overrides = loop_overrides(steps, batch_size, device, workers) | {
         "preset": preset, "teacher": teacher, "layers": layers, "mode": mode, "augment": augment, "lambda_kd": lambda_kd,
         "lambda_attn": lambda_attn, "attn_layers": int_list(attn_layers, "--attn-layers"),
-        "tiny_layers": tiny_layers}
+        "tiny_layers": tiny_layers, "teacher_family": teacher_family}
     cfg = load_config(ShallowPiRunConfig, config, overrides)
     data_root = get_root(root, writable=True)
     result = train_shallow_pi(data_root, export, cfg, run_id, eval_export, allow_version_change, stop_at)

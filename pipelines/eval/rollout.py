@@ -84,13 +84,14 @@ def check_chunk(chunk: np.ndarray, policy: Policy, task: str, seed: int, step: i
 
 
 def run_episode(policy: Policy, task: str, seed: int, step_limit: int, camera: str = "corner2", size: int = 128,
-                keep_frames: bool = False, frame_stride: int = 1) -> Rollout:
-    """Roll ``policy`` out on ``task`` from ``seed`` until success or ``step_limit`` steps; with
-    ``keep_frames`` the frame of every ``frame_stride``-th step is kept (for a video)."""
+                keep_frames: bool = False, frame_stride: int = 1, execute: int | None = None) -> Rollout:
+    """Roll ``policy`` out on ``task`` from ``seed`` until success or ``step_limit`` steps, executing the
+    first ``execute`` actions of each chunk (default: all) before re-planning; with ``keep_frames`` the
+    frame of every ``frame_stride``-th step is kept (for a video)."""
     started = time.perf_counter()
     env = make_env(task, seed, camera, size, render=policy.needs_frames or keep_frames)
     try:
-        rollout = _loop(env, policy, task, seed, step_limit, camera, keep_frames, frame_stride)
+        rollout = _loop(env, policy, task, seed, step_limit, camera, keep_frames, frame_stride, execute)
     finally:
         env.close()
     rollout.result.wall_s = time.perf_counter() - started
@@ -98,7 +99,7 @@ def run_episode(policy: Policy, task: str, seed: int, step_limit: int, camera: s
 
 
 def _loop(env, policy: Policy, task: str, seed: int, step_limit: int, camera: str, keep_frames: bool,
-          frame_stride: int) -> Rollout:
+          frame_stride: int, execute: int | None) -> Rollout:
     instruction = INSTRUCTIONS[task]
     policy.timer.reset()
     policy.reset(task, instruction, seed)
@@ -119,7 +120,7 @@ def _loop(env, policy: Policy, task: str, seed: int, step_limit: int, camera: st
                                          step))
             policy_s += time.perf_counter() - started
             policy.timer.calls += 1
-            chunk, cursor, calls = check_chunk(raw, policy, task, seed, step), 0, calls + 1
+            chunk, cursor, calls = check_chunk(raw, policy, task, seed, step)[:execute], 0, calls + 1
         obs, _, terminated, truncated, info = env.step(chunk[cursor])
         cursor += 1
         step += 1

@@ -1,4 +1,4 @@
-"""The S-VAM inference stack rebuilt from a trained action-expert run, rolled out through `foresight eval`.
+"""Trained runs rolled out through `foresight eval`: the S-VAM stack of an action expert, a Shallow-π student.
 
 The world is tiny but real where the eval depends on it: target versions whose manifests record the
 `tiny` CLIP text, SVD and DINOv2 models (arrays of the shapes those models produce), an export of
@@ -156,3 +156,36 @@ def test_eval_seeds_that_were_demo_seeds_are_refused(world):
     root, _, _ = world
     result = invoke(root, "--seeds", "0,5")
     assert result.exit_code != 0 and "demonstration seeds" in user_error_message(result.exception)
+
+
+@pytest.fixture(scope="module")
+def shallow_pi_run(world):
+    """A 2-layer student distilled one step from tiny pi0 teacher targets on the same dataset."""
+    from flows.export import ExportConfig, run_export
+    from flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
+    from flows.runtime import RunnerChoice, run_flow
+
+    root, _, plan_id = world
+    config = Pi0TargetsConfig(plan=plan_id, model="tiny", tiny_layers=4, pairs=1, attn_layers=[1, 2],
+                              state_indices=list(range(18)) + [36, 37, 38], shard_size=4)
+    version = run_flow(pi0_targets_flow, RunnerChoice(), root_url=root.url, config=config)["version"]
+    export = run_export(root.url, ExportConfig(plan=plan_id, targets=[version], action_chunk=50))
+    result = runner.invoke(app, ["train", "shallow-pi", "--export", export.export_id, "--layers", "2",
+                                 "--attn-layers", "1", "--steps", "1", "--batch-size", "2", "--workers", "0",
+                                 "--device", "cpu", "--run-id", "student", "--root", root.url])
+    assert result.exit_code == 0, result.output
+    return root, version
+
+
+@pytest.mark.parametrize("extra, kind, components", [((), "shallow-pi", {"preprocess", "sampler"}),
+                                                      (("--pi0-teacher",), "pi0", {"preprocess", "sampler"})])
+def test_shallow_pi_student_and_its_teacher_roll_out_through_the_chunk_sampler(shallow_pi_run, extra, kind,
+                                                                                components):
+    root, version = shallow_pi_run
+    result = runner.invoke(app, ["eval", "metaworld", "--run", "student", "--tasks", "reach", "--episodes", "1",
+                                 "--max-steps", "8", "--execute", "4", "--root", root.url, "--json", *extra])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output[result.output.index("{"):])["record"]
+    assert record["key"]["policy"]["kind"] == kind and set(record["key"]["policy"]["versions"].values()) == {version}
+    (episode,) = EvalStore(root).episodes(record["eval_id"])
+    assert episode.policy_calls == 2 and set(episode.latency_ms) == components  # 50-action chunks, 4 executed

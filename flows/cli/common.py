@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import typer
 from pydantic import ValidationError
@@ -47,9 +48,10 @@ def user_error_message(exc: BaseException) -> str | None:
         # click's (or typer's vendored click's) usage errors: bad option, unknown command.
         return exc.format_message()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
-        path = exc.filename or "?"
-        free = free_bytes(str(path)) if exc.filename else None
-        return f"disk full writing {path}" + (f" ({free} bytes free)" if free is not None else "")
+        path = str(exc.filename or "")
+        where = f"under {path}" if os.path.isdir(path) else path or "a file (the writer did not name it)"
+        free = free_bytes(os.path.join(path, ".") if os.path.isdir(path) else path) if path else None
+        return f"disk full writing {where}" + (f" ({free} bytes free)" if free is not None else "")
     if isinstance(exc, (ValueError, FileNotFoundError, PermissionError, KeyError, OSError)):
         return " ".join(_original_message(str(exc)).split()) or exc.__class__.__name__
     cause = exc.__cause__ or exc.__context__

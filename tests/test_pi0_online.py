@@ -11,6 +11,7 @@ from flows import pi0 as pi0_flow
 from pipelines.pi0_augment import AugmentConfig, augment_images
 from schemas.presets import preset_table
 from storage.fs import open_root
+from storage.targets import TargetStore
 from tests.test_pi0_train import PLAN, export_version, train_losses, write_dataset
 from trainers import shallow_pi
 from trainers.loop import LoopConfig, RunDir, load_config
@@ -51,6 +52,12 @@ def test_online_is_the_default_and_reads_only_the_inputs(inputs_only):
     cfg = shallow_pi.ShallowPiRunConfig()
     assert cfg.mode == "online" and cfg.augments
     assert sorted(cfg.fields()) == sorted(f"pi0.{name}" for name in shallow_pi.INPUT_ARRAYS)
+    manifest = TargetStore(inputs_only["root"]).manifest(inputs_only["version"])
+    assert manifest.recipe.params["pairs"] == 0 and {a.name for a in manifest.arrays} == set(shallow_pi.INPUT_ARRAYS)
+    # Attention layers mean nothing without pairs: the default ones do not key an inputs-only version.
+    default_layers = pi0_flow.Pi0TargetsConfig(plan=PLAN, model="tiny", pairs=0, shard_size=3, batch=3,
+                                               max_text_tokens=24)
+    assert pi0_flow.resolve_version(inputs_only["root"], default_layers)[0].version_id() == inputs_only["version"]
 
 
 def test_each_step_draws_fresh_pairs_reproducibly_and_across_resume(inputs_only, recorded_pairs):

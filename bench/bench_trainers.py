@@ -38,6 +38,9 @@ from trainers.decoupler import DecouplerTask  # noqa: E402
 from trainers.loop import (DataConfig, DistInfo, DevicePrefetcher, LoopConfig, OptimConfig, Trainer,  # noqa: E402
                            batch_iterator, open_export)
 from trainers.models.decoupler import Decoupler, DecouplerConfig  # noqa: E402
+from trainers.models.denoiser import DenoiserConfig  # noqa: E402
+from trainers.models.objectives import ObjectiveConfig  # noqa: E402
+from trainers.models.video_former import VideoFormerConfig  # noqa: E402
 from trainers.models.policy import ActionExpert, PolicyConfig  # noqa: E402
 from trainers.models.uniperceiver import UniPerceiverConfig  # noqa: E402
 
@@ -102,17 +105,22 @@ def decoupler_task(small: bool) -> DecouplerTask:
                                                           frames=t, height=h, width=w)), "dinov2")
 
 
-def action_expert_task(small: bool) -> ActionExpertTask:
+def action_expert_task(small: bool, arch: str = "release") -> ActionExpertTask:
     s = shapes(small)
     t, h, w, c = s["onestep"]
     size = "tiny" if small else "full"
     decs = [Decoupler(DecouplerConfig.preset(size, in_channels=c, teacher_channels=s[f"{n}.reference"][-1], frames=t,
                                              height=h, width=w)) for n in ("dinov2", "da3")]
     frozen = FrozenDecouplers(decs, ["dinov2", "da3"])
+    if arch == "release":
+        former = VideoFormerConfig.preset(size, in_channels=c + frozen.channels, frames=t)
+        denoiser = DenoiserConfig.preset(size, action_dim=7, chunk=10, goal_dim=s["text"][-1],
+                                         cond_tokens=former.num_latents, obs_dim=former.dim)
+        return ActionExpertTask(ActionExpert(former, denoiser), frozen)
     perceiver = UniPerceiverConfig.preset(size, in_channels=c + frozen.channels, frames=t)
     policy = PolicyConfig.preset(size, action_dim=7, chunk=10, text_dim=s["text"][-1],
                                  cond_tokens=perceiver.num_latents, cond_dim=perceiver.dim)
-    return ActionExpertTask(ActionExpert(perceiver, policy), frozen)
+    return ActionExpertTask(ActionExpert(perceiver, policy, ObjectiveConfig.for_kind("edm")), frozen)
 
 
 def sync(device: torch.device) -> None:
@@ -200,6 +208,8 @@ def main() -> None:
     parser.add_argument("--only", default="decoupler,action-expert")
     parser.add_argument("--root", default=None, help="Local folder for the export (default: a temp dir).")
     parser.add_argument("--small", action="store_true", help="Tiny shapes on the CPU (checks the script).")
+    parser.add_argument("--arch", default="release", choices=["release", "foresight"],
+                        help="Action-expert architecture (Video_Former_3D + GCDenoiser, or foresight's).")
     args = parser.parse_args()
     device = torch.device("cpu") if args.small or not torch.cuda.is_available() else torch.device("cuda", 0)
     if device.type == "cuda":
@@ -220,7 +230,7 @@ def main() -> None:
                                       ["onestep", "dinov2.target", "dinov2.reference"], args, device)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     if "action-expert" in wanted:
-        rows["action-expert"] = bench_one("action-expert", action_expert_task(args.small), root, export_id,
+        rows["action-expert"] = bench_one("action-expert", action_expert_task(args.small, args.arch), root, export_id,
                                           ["onestep", "dinov2.reference", "da3.reference", "text", "actions",
                                            "actions_mask"], args, device)
     print(f"\n| trainer | batch | workers | reused buffers | codec | MB/sample | resident samples/s | stream samples/s | "

@@ -153,16 +153,22 @@ def test_decoupler_training_starts_from_a_released_checkpoint(world, tmp_path):
         assert torch.equal(state[key], value.half().float()), key
 
 
-def test_action_expert_training_starts_from_a_released_policy_checkpoint(world, tmp_path):
+@pytest.fixture(scope="module")
+def decoupler_run(world):
+    train_decoupler(Root(world["root"]), world["train"], DecouplerRunConfig(size="tiny", loop=frozen_loop()),
+                    run_id="dec-ae")
+    return "dec-ae"
+
+
+def test_action_expert_training_starts_from_a_released_policy_checkpoint(world, decoupler_run, tmp_path):
     root = Root(world["root"])
-    train_decoupler(root, world["train"], DecouplerRunConfig(size="tiny", loop=frozen_loop()), run_id="dec-ae")
     former = VideoFormerConfig.preset("tiny", in_channels=C_IN + TEACHERS["dinov2"], frames=T)
     denoiser = DenoiserConfig.preset("tiny", action_dim=4, chunk=5, goal_dim=TEXT_D, obs_dim=former.dim,
                                      cond_tokens=former.num_latents)
     torch.manual_seed(7)
     released = ActionExpert(former, denoiser)
     write_policy_checkpoint(tmp_path / "policy.ckpt", released.perceiver.state_dict(), released.policy.state_dict())
-    cfg = ActionExpertRunConfig(decouplers=["dec-ae"], size="tiny", init=f"dir:{tmp_path / 'policy.ckpt'}",
+    cfg = ActionExpertRunConfig(decouplers=[decoupler_run], size="tiny", init=f"dir:{tmp_path / 'policy.ckpt'}",
                                 optim=OptimConfig(lr=0.0, warmup_steps=0), loop=frozen_loop())
     train_action_expert(root, world["train"], cfg, run_id="ae-init")
     task, info = load_action_expert(root, "ae-init")
@@ -171,6 +177,18 @@ def test_action_expert_training_starts_from_a_released_policy_checkpoint(world, 
     for name in ("perceiver", "policy"):
         for key, value in getattr(released, name).state_dict().items():
             assert torch.equal(getattr(task.model, name).state_dict()[key], value), f"{name}.{key}"
+
+
+def test_action_expert_with_the_proprio_token_reads_the_export_state(world, decoupler_run):
+    root = Root(world["root"])
+    cfg = ActionExpertRunConfig(decouplers=[decoupler_run], size="tiny", denoiser={"proprio": "token"},
+                                loop=frozen_loop(3))
+    result = train_action_expert(root, world["train"], cfg, run_id="ae-proprio", eval_export=world["val"])
+    assert np.isfinite(result.eval["action_mse"])
+    task, info = load_action_expert(root, "ae-proprio")
+    assert info.config["policy"]["proprio"] == "token" and info.config["policy"]["proprio_dim"] == 3
+    assert task.model.reads_proprio and "state" in task.collate_fn().keywords["fields"]
+    assert not torch.equal(task.model.proprio_normalizer.scale, torch.ones(3))  # the export's state statistics
 
 
 def cli(*args: str):

@@ -149,3 +149,20 @@ def test_action_normalizer_modes_round_trip():
     assert torch.allclose(norm.normalize(torch.tensor([[-0.5, -3.0], [2.5, -3.0]]))[:, 0], torch.tensor([-1.0, 1.0]))
     with pytest.raises(ValueError, match="2 elements, the policy has 3"):
         ActionNormalizer(3).set_stats("meanstd", stats)
+
+
+def test_proprio_token_is_a_named_option_of_the_release_denoiser():
+    torch.manual_seed(0)
+    perceiver = VideoFormerConfig.preset("tiny", in_channels=20, frames=4)
+    policy = DenoiserConfig.preset("tiny", action_dim=3, chunk=5, goal_dim=6, cond_tokens=perceiver.num_latents,
+                                   obs_dim=perceiver.dim, proprio_dim=4, proprio="token")
+    model = ActionExpert(perceiver, policy)
+    tokens, text, actions, state = torch.randn(2, 4, 9, 20), torch.randn(2, 6), torch.randn(2, 5, 3), torch.randn(2, 4)
+    assert model.reads_proprio and model.memory(tokens, text, state).shape == (2, 1 + 1 + 8, 32)
+    loss = model(tokens, text, actions, None, state)
+    loss.backward()
+    assert model.policy.inner_model.proprio_emb[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reads proprioception"):
+        model(tokens, text, actions)
+    release = ActionExpert(perceiver, policy.model_copy(update={"proprio": "unused"}))
+    assert not release.reads_proprio and release.memory(tokens, text).shape == (2, 1 + 8, 32)

@@ -31,7 +31,7 @@ from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, Op
                            TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything,
                            to_device)
 from trainers.models.decoupler import Decoupler, ModelSize
-from trainers.models.denoiser import CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation
+from trainers.models.denoiser import CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation, Proprio
 from trainers.models.objectives import ObjectiveConfig, ObjectiveName
 from trainers.models.policy import ActionExpert, AggregatorConfig, DenoiserNetConfig, NormMode, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
@@ -91,6 +91,8 @@ class DenoiserArch(StrictModel):
     mlp_pdrop: float | None = Field(None, description="MLP dropout (preset 0.05).")
     cross_attn_mask: CrossAttnMask | None = Field(None, description="top-left-causal (release) or none.")
     modulation: Modulation | None = Field(None, description="scale-shift (release) or one-plus-scale.")
+    proprio: Proprio | None = Field(None, description="unused (release) or token (the export's 'state' field, "
+                                                      "mean/std normalised, as a context token).")
 
 
 class ObjectiveArch(StrictModel):
@@ -135,8 +137,9 @@ class ActionExpertRunConfig(StrictModel):
                              description="Export reading; fp8 codes are decoded on the device.")
 
     def fields(self, teachers: list[str]) -> list[str]:
-        """Export fields this run reads."""
-        return [ONESTEP, self.text_field, "actions", "actions_mask", *(f"{t}.reference" for t in teachers)]
+        """Export fields this run reads (``state`` too when the denoiser reads proprioception)."""
+        proprio = ["state"] if self.arch == "release" and self.denoiser.proprio == "token" else []
+        return [ONESTEP, self.text_field, "actions", "actions_mask", *(f"{t}.reference" for t in teachers), *proprio]
 
 
 def _override(preset: StrictModel, overrides: StrictModel) -> dict[str, Any]:
@@ -163,14 +166,16 @@ def build_objective(cfg: ActionExpertRunConfig) -> ObjectiveConfig:
 
 
 def build_architecture(cfg: ActionExpertRunConfig, frames: int, token_channels: int, text_dim: int,
-                       chunk: int, action_dim: int) -> tuple[AggregatorConfig, DenoiserNetConfig]:
+                       chunk: int, action_dim: int, proprio_dim: int | None = None
+                       ) -> tuple[AggregatorConfig, DenoiserNetConfig]:
     """Aggregator and denoiser configs of ``cfg.arch`` for the data's dimensions."""
     _warn_ignored(cfg)
     if cfg.arch == "release":
         former = validate(VideoFormerConfig, _override(
             VideoFormerConfig.preset(cfg.size, in_channels=token_channels, frames=frames), cfg.former), "former")
+        dims = {"proprio_dim": proprio_dim} if proprio_dim else {}
         denoiser_preset = DenoiserConfig.preset(cfg.size, action_dim=action_dim, chunk=chunk, goal_dim=text_dim,
-                                                obs_dim=former.dim, cond_tokens=former.num_latents)
+                                                obs_dim=former.dim, cond_tokens=former.num_latents, **dims)
         return former, validate(DenoiserConfig, _override(denoiser_preset, cfg.denoiser), "denoiser")
     perceiver = validate(UniPerceiverConfig, _override(
         UniPerceiverConfig.preset(cfg.size, in_channels=token_channels, frames=frames), cfg.perceiver), "perceiver")
@@ -245,6 +250,8 @@ class ActionExpertTask(TrainTask):
     def collate_fn(self):
         fields = {"onestep": ONESTEP, "text": self.text_field, "actions": "actions", "actions_mask": "actions_mask"}
         fields |= {f"reference.{t}": f"{t}.reference" for t in self.decouplers.teachers}
+        if self.model.reads_proprio:
+            fields["state"] = "state"
         return functools.partial(collate_fields, fields=fields)
 
     def to(self, device: torch.device) -> None:
@@ -257,13 +264,13 @@ class ActionExpertTask(TrainTask):
         return self.decouplers(batch["onestep"], references)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return model(self.tokens(batch), batch["text"], batch["actions"], batch["actions_mask"])
+        return model(self.tokens(batch), batch["text"], batch["actions"], batch["actions_mask"], batch.get("state"))
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.eval_seed)
         raw_sum = norm_sum = rows = 0.0
         for batch in batches:
-            pred = model.predict(self.tokens(batch), batch["text"], generator)
+            pred = model.predict(self.tokens(batch), batch["text"], generator, batch.get("state"))
             mask = batch["actions_mask"].to(pred.dtype)
             raw_err = ((pred - batch["actions"].float()) ** 2).mean(-1)
             norm = model.normalizer
@@ -348,8 +355,10 @@ def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, 
     frames = specs[ONESTEP].shape[0]
     actions_shape = specs["actions"].shape
     check_chunk(cfg, export_id, actions_shape[0])
+    proprio_dim = specs["state"].shape[-1] if "state" in fields else None
     perceiver, policy = build_architecture(cfg, frames, specs[ONESTEP].shape[-1] + decouplers.channels,
-                                           specs[cfg.text_field].shape[-1], actions_shape[0], actions_shape[-1])
+                                           specs[cfg.text_field].shape[-1], actions_shape[0], actions_shape[-1],
+                                           proprio_dim)
     objective = build_objective(cfg)
     eval_stream = None
     if eval_export:
@@ -358,6 +367,8 @@ def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, 
     model = ActionExpert(perceiver, policy, objective)
     init = init_from_release(model, cfg.init) if cfg.init else None
     model.normalizer.set_stats(cfg.action_norm, action_stats(stream.stats, export_id))
+    if model.reads_proprio:
+        model.proprio_normalizer.set_stats("meanstd", action_stats(stream.stats, export_id, "state"))
     task = ActionExpertTask(model, decouplers, cfg.text_field, cfg.eval_seed)
     config = run_config_record(cfg, perceiver, policy, objective, infos, init)
     identity = {"export": export_id, "decouplers": config["decouplers"], "arch": cfg.arch,
@@ -371,11 +382,11 @@ def train_action_expert(root: Root, export_id: str, cfg: ActionExpertRunConfig, 
     return fit(task, stream, spec, cfg.loop, cfg.optim, eval_stream, allow_version_change, stop_at)
 
 
-def action_stats(stats: dict[str, dict[str, Any]], export_id: str) -> dict[str, Any]:
-    """The export's per-dimension action statistics (index.json "stats"["actions"])."""
-    if "actions" not in stats:
-        raise ValueError(f"export '{export_id}': index.json has no 'actions' statistics (has {sorted(stats)})")
-    return stats["actions"]
+def action_stats(stats: dict[str, dict[str, Any]], export_id: str, field: str = "actions") -> dict[str, Any]:
+    """The export's per-dimension statistics of ``field`` (index.json "stats"["actions"] or ["state"])."""
+    if field not in stats:
+        raise ValueError(f"export '{export_id}': index.json has no '{field}' statistics (has {sorted(stats)})")
+    return stats[field]
 
 
 @torch.no_grad()
@@ -387,7 +398,7 @@ def predict_actions(task: ActionExpertTask, sample: dict[str, Any], device: torc
     generator = torch.Generator().manual_seed(seed)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        actions = task.model.predict(task.tokens(batch), batch["text"], generator)
+        actions = task.model.predict(task.tokens(batch), batch["text"], generator, batch.get("state"))
     return actions[0].float().cpu().numpy()
 
 

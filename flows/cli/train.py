@@ -275,7 +275,8 @@ def _predict_actions(root: Any, run: str, info: Any, export_id: str, clip: int |
 
     task, info = load_action_expert(root, run, info.step)
     teachers = task.decouplers.teachers
-    fields = ["onestep", task.text_field, "actions", "actions_mask", *(f"{t}.reference" for t in teachers)]
+    fields = ["onestep", task.text_field, "actions", "actions_mask", *(f"{t}.reference" for t in teachers),
+              *(["state"] if task.model.reads_proprio else [])]
     sample = export_sample(root, export_id, fields, clip)
     check_sample_versions(sample, info.target_versions, allow_change, f"run {run}")
     actions = predict_actions(task, sample, device, seed)

@@ -41,7 +41,7 @@ from pipelines.ingest.common import (
     resolve_frame_storage,
 )
 from schemas.dataset import FeatureSpec, FrameStorage, LanguageSegment
-from storage.frame_codecs import FrameDecodeError, decode_segment, pack_packets
+from storage.frame_codecs import FrameDecodeError, decode_segment, frame_rgb, pack_packets
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
@@ -203,7 +203,8 @@ def source_layout(meta: LeRobotMeta, options: LeRobotOptions) -> SourceLayout:
     cameras = {camera_name(k): [*_height_width(meta, k), 3] for k in selected_cameras(meta, options)}
     features = {stored_name(k): spec for k, spec in meta.lowdim.items()}
     storage = {camera_name(k): _frame_storage(meta, k, options) for k in selected_cameras(meta, options)}
-    return SourceLayout(fps=meta.fps, cameras=cameras, features=features, frame_storage=storage,
+    shared = [str(p) for p in sorted((meta.root / "meta").rglob("*")) if p.is_file()]
+    return SourceLayout(fps=meta.fps, cameras=cameras, features=features, frame_storage=storage, shared_files=shared,
                         extra={"codebase_version": meta.version, "robot_type": meta.info.get("robot_type"),
                                "camera_keys": {camera_name(k): k for k in selected_cameras(meta, options)},
                                "source_columns": {stored_name(k): k for k in meta.lowdim}})
@@ -452,7 +453,7 @@ class VideoCursor:
             if time >= to_ts - self.tolerance:
                 raise IngestError(self.path, episode, key, f"video holds {taken} frames before to_timestamp "
                                   f"{to_ts:.3f}, data has {count} rows")
-            image = frame.to_ndarray(format="rgb24")
+            image = frame_rgb(frame)
             if list(image.shape) != shape:
                 raise IngestError(self.path, episode, key, f"frame {taken}: decoded {image.shape}, expected {shape}")
             block.append(image)

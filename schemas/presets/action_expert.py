@@ -37,6 +37,8 @@ _ARCH: dict[str, Sourced] = {
     "denoiser.cross_attn_mask": Sourced("top-left-causal", f"{_DECODER}: SDPA is_causal with more keys than queries"),
     "denoiser.modulation": Sourced("scale-shift", "S-VAM-Code policy_models/module/transformers/"
                                                   "transformer_blocks.py modulate: x * scale + shift"),
+    "denoiser.proprio": Sourced("unused", "S-VAM-Code VPP_Policy: the batch holds 'robot_obs', the denoiser reads "
+                                          "'state_obs' (fixture SPEC.md §4.2: no proprio token)"),
     "objective.kind": Sourced("release-edm", "S-VAM-Code policy_models/edm_diffusion (GCDenoiser.loss, sample_ddim)"),
     "objective.sigma_data": Sourced(0.5, _DENOISER),
     "objective.sigma_min": Sourced(0.001, f"{_TRAIN_YAML} sigma_min"),

@@ -14,10 +14,11 @@ with ``strict=True``:
   causal self-attention, cross-attention to the encoder output (pre-norm ``ln3``, no gate), gated MLP;
   final LayerNorm and ``action_pred``.
 
-Two release quirks are named options (:class:`DenoiserConfig`): the cross-attention mask
+Three release quirks are named options (:class:`DenoiserConfig`): the cross-attention mask
 (``top-left-causal``: action i sees context tokens 0..i, torch SDPA ``is_causal`` with more keys than
-queries; ``none``: every action sees the whole context) and the modulation form (``scale-shift``:
-x * scale + shift; ``one-plus-scale``: x * (1 + scale) + shift, the DiT form).
+queries; ``none``: every action sees the whole context), the modulation form (``scale-shift``:
+x * scale + shift; ``one-plus-scale``: x * (1 + scale) + shift, the DiT form) and proprioception
+(``unused``; ``token``: the robot state embedded by ``proprio_emb`` joins the context after the goal).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from trainers.models.objectives import c_noise
 
 CrossAttnMask = Literal["top-left-causal", "none"]
 Modulation = Literal["scale-shift", "one-plus-scale"]
+Proprio = Literal["unused", "token"]
 
 
 class DenoiserConfig(StrictModel):
@@ -60,6 +62,8 @@ class DenoiserConfig(StrictModel):
                                            "(release: top-left-causal; none: the whole context).")
     modulation: Modulation = Field("scale-shift", description="AdaLN modulation (release: x*scale+shift; "
                                    "one-plus-scale: x*(1+scale)+shift).")
+    proprio: Proprio = Field("unused", description="Proprioception (release: unused, the CALVIN batch has no "
+                             "'state_obs'; token: proprio_emb(state) as a context token after the goal).")
 
     @classmethod
     def preset(cls, size: ModelSize, **dims) -> "DenoiserConfig":
@@ -243,9 +247,13 @@ class DiffusionTransformer(nn.Module):
         """(B, 1, E) embedding of the noise level, from c_noise = ln(sigma) / 4."""
         return self.sigma_emb(c_noise(sigma_B.float()))[:, None]
 
-    def encode(self, states_BLD: torch.Tensor, goal_B1G: torch.Tensor) -> torch.Tensor:
-        """Encoder output over [goal token, state tokens]: (B, 1 + L, E)."""
-        context = torch.cat([self.lang_emb(goal_B1G), self.tok_emb(states_BLD)], dim=1)
+    def encode(self, states_BLD: torch.Tensor, goal_B1G: torch.Tensor,
+               proprio_BP: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output over [goal token, (proprio token,) state tokens]: (B, 1 (+1) + L, E)."""
+        parts = [self.lang_emb(goal_B1G)]
+        if proprio_BP is not None:
+            parts.append(self.proprio_emb(proprio_BP.float())[:, None])
+        context = torch.cat([*parts, self.tok_emb(states_BLD)], dim=1)
         return self.encoder(self.drop(context))
 
     def decode(self, scaled_BKA: torch.Tensor, sigma_B: torch.Tensor, memory_BME: torch.Tensor) -> torch.Tensor:
@@ -266,14 +274,19 @@ class GCDenoiser(nn.Module):
         self.cfg = cfg
         self.inner_model = DiffusionTransformer(cfg)
 
-    def encode(self, cond_BLD: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    def encode(self, cond_BLD: torch.Tensor, goal: torch.Tensor, proprio_BP: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """Memory from aggregator latents (B, L, obs_dim) and the goal (B, G), (B, 1, G) or (B, S, G).
 
         A goal of S > 1 token states (foresight's text exports) is averaged over its tokens: the
         release takes one pooled CLIP vector (``text_embeds``), which those exports do not hold.
+        ``proprio_BP`` is required with ``proprio = "token"`` and refused otherwise.
         """
+        if (proprio_BP is not None) != (self.cfg.proprio == "token"):
+            raise ValueError(f"denoiser: proprio = {self.cfg.proprio!r} but a state was "
+                             f"{'given' if proprio_BP is not None else 'not given'}")
         goal_B1G = goal[:, None] if goal.dim() == 2 else goal.mean(1, keepdim=True)
-        return self.inner_model.encode(cond_BLD.float(), goal_B1G.float())
+        return self.inner_model.encode(cond_BLD.float(), goal_B1G.float(), proprio_BP)
 
     def network(self, scaled_BKA: torch.Tensor, sigma_B: torch.Tensor, memory_BME: torch.Tensor) -> torch.Tensor:
         return self.inner_model.decode(scaled_BKA, sigma_B, memory_BME).float()

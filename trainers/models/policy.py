@@ -204,23 +204,37 @@ class ActionExpert(nn.Module):
         self.perceiver = _aggregator(perceiver_cfg)
         self.policy = _denoiser(policy_cfg)
         self.normalizer = ActionNormalizer(policy_cfg.action_dim)
+        if self.reads_proprio:
+            self.proprio_normalizer = ActionNormalizer(policy_cfg.proprio_dim)
         self.objective = objective or ObjectiveConfig()
 
-    def memory(self, tokens_BTNC: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_proprio(self) -> bool:
+        """True when the denoiser takes the robot state as a context token (``proprio = "token"``)."""
+        return isinstance(self.policy, GCDenoiser) and self.policy.cfg.proprio == "token"
+
+    def memory(self, tokens_BTNC: torch.Tensor, text: torch.Tensor, proprio_BP: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """The denoiser's memory for one observation (aggregator, then the context encoder)."""
-        return self.policy.encode(self.perceiver(tokens_BTNC), text)
+        latents = self.perceiver(tokens_BTNC)
+        if not self.reads_proprio:
+            return self.policy.encode(latents, text)
+        if proprio_BP is None:
+            raise ValueError("action expert: this policy reads proprioception (denoiser.proprio = 'token'); "
+                             "pass the robot state")
+        return self.policy.encode(latents, text, self.proprio_normalizer.normalize(proprio_BP))
 
     def forward(self, tokens_BTNC: torch.Tensor, text: torch.Tensor, actions_BKA: torch.Tensor,
-                mask_BK: torch.Tensor | None = None) -> torch.Tensor:
+                mask_BK: torch.Tensor | None = None, proprio_BP: torch.Tensor | None = None) -> torch.Tensor:
         """Diffusion loss on normalised actions for one batch of raw action chunks (what DDP runs)."""
         return objectives.diffusion_loss(self.policy.network, self.objective, self.normalizer.normalize(actions_BKA),
-                                         self.memory(tokens_BTNC, text), mask_BK)
+                                         self.memory(tokens_BTNC, text, proprio_BP), mask_BK)
 
     @torch.no_grad()
-    def predict(self, tokens_BTNC: torch.Tensor, text: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict(self, tokens_BTNC: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None,
+                proprio_BP: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (denormalised) action chunks (B, chunk, action_dim) from the objective's sampler."""
-        memory = self.memory(tokens_BTNC, text)
+        memory = self.memory(tokens_BTNC, text, proprio_BP)
         cfg = self.policy.cfg
         shape = (memory.shape[0], cfg.chunk, cfg.action_dim)
         return self.normalizer.denormalize(objectives.sample_actions(self.policy.network, self.objective, memory,

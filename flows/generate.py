@@ -87,6 +87,15 @@ def resolve_plan_params(config: PlanConfig, store: EpisodeStore) -> planning.Pla
                                every=config.every, limit=config.limit, split=config.split)
 
 
+def check_plannable(dataset: str, records: list, split: str | None) -> None:
+    """Name the real reason a plan would be empty: no episodes at all, or none of the split."""
+    if not records:
+        raise ValueError(f"dataset '{dataset}': has no episodes (ingest it first, or check its quarantine.jsonl)")
+    splits = sorted({r.split for r in records})
+    if split is not None and split not in splits:
+        raise ValueError(f"dataset '{dataset}': no episodes of split '{split}' (splits present: {splits})")
+
+
 def make_plan(root_url: str, config: PlanConfig) -> PlanSummary:
     """Write the plan of ``config`` under ``plans/`` (nothing to do when it already exists)."""
     episodes = EpisodeStore(root_url, config.dataset)
@@ -97,7 +106,9 @@ def make_plan(root_url: str, config: PlanConfig) -> PlanSummary:
     if plans.exists(plan_id):
         info = plans.info(plan_id)
         return PlanSummary(plan_id=plan_id, num_clips=info.num_clips, created=False, params=info.params)
-    rows = planning.make_clips(config.dataset, list(episodes.records()), episodes.segments(), params)
+    records = list(episodes.records())
+    check_plannable(config.dataset, records, params.split)
+    rows = planning.make_clips(config.dataset, records, episodes.segments(), params)
     if not rows:
         raise ValueError(f"dataset '{config.dataset}': no clip of {params.frames} frames (stride {params.stride}) "
                          f"fits its {params.source}; lower --frames or --stride")

@@ -384,12 +384,9 @@ def ingest_lerobot(root_url: str, dataset: str, src: str, options: lerobot.LeRob
                    map_tasks: TaskMap = serial_map) -> IngestSummary:
     """Ingest a LeRobot v3.0/v2.x folder: one task per group of episodes sharing files."""
     started = time.perf_counter()
+    meta = lerobot.load_meta(src)  # a LeRobotUsageError (not a dataset, or unsupported) before anything is written
     store = EpisodeStore(root_url, dataset)
     _check_kind(store, "lerobot")
-    try:
-        meta = lerobot.load_meta(src)
-    except IngestError as err:
-        return _summarise(dataset, "lerobot", [], [_quarantine(store, "lerobot", err, None, strict)], started)
     layout = lerobot.source_layout(meta, options)
     calls = [dict(root_url=root_url, dataset=dataset, src=str(src), group=group, options=options, strict=strict)
              for group in lerobot.episode_groups(meta, options)]

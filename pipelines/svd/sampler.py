@@ -171,12 +171,11 @@ def extractor_features(model: SVDModel, params: SVDParams, inputs: BatchInputs,
     return first_step_features(model, params, c, scheduler, dtype)
 
 
-def _unet(split: UNetSplit, dtype: torch.dtype, scaled_BTCHW: torch.Tensor, t: torch.Tensor,
+def _unet(model: SVDModel, split: UNetSplit, scaled_BTCHW: torch.Tensor, t: torch.Tensor,
           image_latents: torch.Tensor, text_states: torch.Tensor,
           time_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One UNet call on scheduler-scaled latents: (prediction in float32, up block outputs)."""
-    sample = torch.cat([scaled_BTCHW.to(dtype), image_latents], dim=2)
-    out, features = split(sample, t, text_states, time_ids)
+    out, features = split(unet_sample(model, scaled_BTCHW, image_latents), t, text_states, time_ids)
     return out.float(), features
 
 
@@ -194,11 +193,11 @@ def denoise(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: Eule
     latents = c.latents
     for t in scheduler.timesteps:
         scaled = scheduler.scale_model_input(latents, t)
-        pred_cond, captured = _unet(split, model.dtype, scaled, t, c.image_latents, c.text_states, c.time_ids)
+        pred_cond, captured = _unet(model, split, scaled, t, c.image_latents, c.text_states, c.time_ids)
         if features is None:
             features = merge_features(captured, params.feature_blocks, c.batch)
         del captured
-        pred_uncond, _ = _unet(split, model.dtype, scaled, t, null_image, null_text, c.time_ids)
+        pred_uncond, _ = _unet(model, split, scaled, t, null_image, null_text, c.time_ids)
         guided = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = scheduler.step(guided, t, latents, return_dict=False)[0]
     return latents, features

@@ -47,7 +47,8 @@ SHALLOW_PI: dict[str, Sourced] = {
     "optim.weight_decay": Sourced(1e-10, f"ours: {SILENT}; {OPENPI_OPTIM} AdamW weight_decay"),
     "optim.grad_clip": Sourced(1.0, f"ours: {SILENT}; {OPENPI_OPTIM} clip_gradient_norm"),
     "loop.steps": Sourced(30000, f"ours: {SILENT}; openpi TrainConfig num_train_steps (= its decay_steps)"),
-    "loop.batch_size": Sourced(32, f"ours: {SILENT}; openpi TrainConfig batch_size (global)"),
+    "loop.batch_size": Sourced(32, f"ours: {SILENT}; openpi TrainConfig batch_size 32 is global, foresight's is "
+                                   "per rank: under torchrun pass --batch-size 32/world"),
     # --- computed, not set (documented, never applied)
     "fixed.time_distribution": Sourced("t ~ Beta(1.5, 1) * 0.999 + 0.001",
                                        "π0 (transformers PI0Config time_sampling_*; openpi pi0.sample_time)"),

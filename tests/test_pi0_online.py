@@ -145,3 +145,19 @@ def test_augmentation_is_seeded_and_spares_wrist_cameras():
     assert not torch.equal(spared[:, 0], images[:, 0])
     with pytest.raises(ValueError, match="2 images per sample but 1 camera names"):
         cfg.geometric_cameras(["front"], 2)
+
+
+def test_cli_preset_and_mode(inputs_only):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    base = ["train", "shallow-pi", "--export", inputs_only["export"], "--layers", "2", "--attn-layers", "1",
+            "--steps", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--root", inputs_only["root"]]
+    ok = CliRunner().invoke(app, [*base, "--preset", "shallow-pi", "--run-id", "on-cli-preset"])
+    assert ok.exit_code == 0, ok.output
+    run = RunDir(open_root(inputs_only["root"]), "on-cli-preset").info(1).config["run"]
+    assert run["preset"] == "shallow-pi" and run["mode"] == "online" and run["optim"]["betas"] == [0.9, 0.95]
+    assert run["layers"] == 2 and run["loop"]["batch_size"] == 2  # explicit options win over the preset
+    bad = CliRunner().invoke(app, [*base, "--mode", "sideways"])
+    assert bad.exit_code != 0 and "'mode'" in str(bad.exception)

@@ -37,6 +37,7 @@ VIDEO_STRIDE = 2
 """MetaWorld steps at 80 Hz: videos keep every second step (rendering dominates a rollout's cost) and
 play at 40 fps, in real time."""
 BUILTIN_POLICIES = ("oracle", "random")
+REPORT_NAME = "report.html"
 
 
 class EvalConfig(StrictModel):
@@ -203,6 +204,8 @@ def eval_metaworld_flow(root_url: str, config: EvalConfig) -> EvalOutcome:
     record = store.begin(key, resolved.version_changes)
     missing = store.missing(key)
     skipped = len(key.tasks) * len(key.seeds) - len(missing)
+    if record.status == "complete" and not missing:  # a complete eval is never rewritten
+        return EvalOutcome(record=record, ran=0, skipped=skipped, report=store.url(record.eval_id, REPORT_NAME))
     video_seeds = {t: key.seeds[:config.video] for t in key.tasks}
     futures = [eval_episodes_task.submit(root_url, config, record.eval_id, group, video_seeds)
                for group in split_pairs(missing, config.workers)]

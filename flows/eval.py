@@ -129,7 +129,8 @@ def load_policy(root_url: str, config: EvalConfig) -> tuple[Policy, list[dict[st
         return builtin_policy(config), []
     from flows.eval_runs import build_run_policy
 
-    extra = {"root": root_url, "versions": config.versions, "allow": config.allow_version_change}
+    extra = {"root": root_url, "versions": config.versions, "allow": config.allow_version_change,
+             "pi0_teacher": config.pi0_teacher}
     return cached_model("eval-policy", config.policy, config.device, "policy",
                         lambda: build_run_policy(open_root(root_url), config), extra=extra)
 

@@ -20,8 +20,8 @@ import pytest
 import zarr
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_lerobot, ingest_teleop
-from pipelines.ingest import lerobot, teleop
+from flows.ingest_sources import ingest_calvin, ingest_lerobot, ingest_teleop
+from pipelines.ingest import calvin, lerobot, teleop
 from storage import frame_codecs
 from storage.episodes import EpisodeStore
 
@@ -303,3 +303,20 @@ def test_a_recording_written_by_lerobot_keeps_its_av1_packets(tmp_path):
 def _mp4_of(src: Path) -> Path:
     [path] = sorted(src.glob("videos/*/chunk-*/file-*.mp4"))
     return path
+
+
+def test_calvin_frames_encoded_as_lossless_video_read_back_exactly(tmp_path):
+    src = tmp_path / "calvin"
+    fx.make_calvin_dataset(src, lengths=(42, 6))  # its first language window ends at frame 40
+    stores = {}
+    for codec in ("raw", "video"):
+        root = str(tmp_path / codec)
+        options = calvin.CalvinOptions(splits=["training"], cameras=["rgb_gripper"], depth=True, frame_codec=codec)
+        summary = ingest_calvin(root, "cal", str(src), options)
+        assert not summary.partial
+        stores[codec] = EpisodeStore(root, "cal")
+    raw, video = stores["raw"], stores["video"]
+    assert {c: s.codec for c, s in video.info().frame_storage.items()} == dict.fromkeys(raw.info().cameras, "video")
+    for episode in raw.episode_ids():
+        for camera in raw.info().cameras:  # colour and packed depth, both exact
+            np.testing.assert_array_equal(video.read_frames(episode, camera), raw.read_frames(episode, camera))

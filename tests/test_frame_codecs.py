@@ -320,3 +320,15 @@ def test_calvin_frames_encoded_as_lossless_video_read_back_exactly(tmp_path):
     for episode in raw.episode_ids():
         for camera in raw.info().cameras:  # colour and packed depth, both exact
             np.testing.assert_array_equal(video.read_frames(episode, camera), raw.read_frames(episode, camera))
+
+
+def test_a_damaged_stored_chunk_reads_as_one_line_naming_episode_and_camera(tmp_path, jpeg_episode):
+    _, store = _ingest(tmp_path, tmp_path / "src")
+    [shard] = (tmp_path / "root/datasets/tel/episodes/episode_0").glob("frames.zarr/cam_low/c/1/0/0/0")
+    data = bytearray(shard.read_bytes())
+    data[:64] = b"\0" * 64  # the first JPEG of the shard (frame 64) loses its headers
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"dataset 'tel', episode 'episode_0', camera 'cam_low': corrupt JPEG"):
+        EpisodeStore(str(tmp_path / "root"), "tel").read_frames("episode_0", "cam_low", [64])
+    np.testing.assert_array_equal(store.read_frames("episode_0", "cam_low", [63]),
+                                  _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")[63:64]))

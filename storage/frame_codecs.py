@@ -49,6 +49,8 @@ LOSSLESS_ENCODER = "libx264rgb"
 """qp 0 in RGB: exact for uint8 frames, and every segment carries its own SPS/PPS (no extradata)."""
 LOSSY_ENCODER = "libx264"
 _PACKET_LENGTH = struct.Struct("<I")
+MAX_DECODERS = 8
+"""Decoders kept per thread (one per stream configuration)."""
 
 
 class FrameDecodeError(ValueError):
@@ -182,6 +184,8 @@ def _decoder(stream_codec: str, extradata: bytes | None) -> av.CodecContext:
         cache = _decoders.cache = {}
     key = (stream_codec, extradata)
     if key not in cache:
+        if len(cache) >= MAX_DECODERS:
+            cache.clear()  # streams of many configurations: keep memory bounded
         context = av.CodecContext.create(decoder_name(stream_codec), "r")
         if extradata:
             context.extradata = extradata

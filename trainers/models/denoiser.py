@@ -242,6 +242,10 @@ class DiffusionTransformer(nn.Module):
         self.encoder = TransformerEncoder(cfg)
         self.decoder = TransformerFiLMDecoder(cfg)
         self.action_pred = nn.Linear(dim, cfg.action_dim)
+        # Never-read parameters get no gradient: frozen, so DDP does not wait for them and AdamW skips them.
+        unused = [self.goal_emb, self.pos_emb] + ([] if cfg.proprio == "token" else [self.proprio_emb])
+        for item in unused:
+            item.requires_grad_(False)
 
     def embed_sigma(self, sigma_B: torch.Tensor) -> torch.Tensor:
         """(B, 1, E) embedding of the noise level, from c_noise = ln(sigma) / 4."""

@@ -7,6 +7,8 @@ to the ``release`` baseline (the released recipe, trained in the same run):
 - release:            Video_Former_3D + GCDenoiser, top-left causal cross-attention, x*scale+shift,
                       release-edm objective (log-logistic sigmas, DDIM on an exponential schedule);
 - cross-attn none:    every action token sees the whole context (the release: action i sees 0..i);
+- action positions:   the action tokens get positions (pos_emb; the release never reads it), alone
+                      and with cross-attn none;
 - one-plus-scale:     AdaLN modulation x*(1+scale)+shift;
 - proprio token:      the robot state joins the context (the release never reads it);
 - objective edm:      lognormal sigmas + Karras Euler sampler (foresight's earlier objective);
@@ -64,7 +66,10 @@ def expert(variant: str) -> ActionExpert:
                                      cond_tokens=perceiver.num_latents, cond_dim=perceiver.dim)
         return ActionExpert(perceiver, policy, ObjectiveConfig.for_kind("edm"))
     former = VideoFormerConfig.preset("tiny", in_channels=C, frames=T)
-    options = {"cross-attn none": {"cross_attn_mask": "none"}, "one-plus-scale": {"modulation": "one-plus-scale"},
+    options = {"cross-attn none": {"cross_attn_mask": "none"},
+               "cross-attn none + action positions": {"cross_attn_mask": "none", "action_positions": "pos_emb"},
+               "action positions": {"action_positions": "pos_emb"},
+               "one-plus-scale": {"modulation": "one-plus-scale"},
                "proprio token": {"proprio": "token"}}.get(variant, {})
     denoiser = DenoiserConfig.preset("tiny", action_dim=ACT, chunk=CHUNK, goal_dim=GOAL, obs_dim=former.dim,
                                      cond_tokens=former.num_latents, proprio_dim=STATE, attn_pdrop=0.0,
@@ -132,7 +137,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     train, held_out = ({k: v.to(device) for k, v in make_data(n, seed).items()} for n, seed in ((1024, 1), (256, 2)))
-    variants = ["release", "cross-attn none", "one-plus-scale", "proprio token", "objective edm", "foresight"]
+    variants = ["release", "cross-attn none", "cross-attn none + action positions", "action positions",
+                "one-plus-scale", "proprio token", "objective edm", "foresight"]
     results = {v: [train_and_eval(v, args.steps, s, train, held_out, device) for s in range(args.seeds)]
                for v in variants}
     base_all = statistics.median(r[0] for r in results["release"])

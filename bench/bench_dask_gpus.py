@@ -39,7 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from fixtures_sources import make_teleop_episode  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
 from storage import layout  # noqa: E402
 from storage.fs import Root  # noqa: E402
 from storage.targets import TargetStore  # noqa: E402
@@ -60,13 +62,31 @@ def foresight(root: Path, *args: str, env: dict | None = None) -> tuple[str, flo
     return (found[0] if found else ""), wall
 
 
+def write_teleop_episode(path: Path, length: int, size: tuple[int, int]) -> None:
+    """One ALOHA-layout HDF5 episode (one raw camera, qpos/qvel/action) of moving gradients.
+
+    Written here rather than with the tests' factory, which imports PyAV (not on the GPU image).
+    """
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.stack([np.stack([(xx * 3 + t) % 256, (yy * 3 + 5 * t) % 256, (xx + yy) % 256], axis=-1)
+                       for t in range(length)]).astype(np.uint8)
+    vectors = np.sin(0.1 * np.arange(length)[:, None] + np.arange(14)[None, :]).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as root:
+        root.attrs["sim"], root.attrs["compress"] = False, False
+        images = root.create_group("observations").create_group("images")
+        images.create_dataset("cam_high", data=frames, chunks=(1, h, w, 3))
+        for name in ("observations/qpos", "observations/qvel", "action"):
+            root.create_dataset(name, data=vectors)
+
+
 def build_base(work: Path, clips: int, frames: int, text_model: str, device: str) -> tuple[Path, str, str]:
     """A store with the dataset, the plan and the text version (CLIP ``text_model``) every build starts from."""
     src, root = work / "src", work / "base"
     episodes = max(1, -(-clips // 4))
     for index in range(episodes):
-        make_teleop_episode(src / f"episode_{index}.hdf5", length=frames + 3 * 8, cameras=["cam_high"],
-                            size=(96, 128))
+        write_teleop_episode(src / f"episode_{index}.hdf5", length=frames + 3 * 8, size=(96, 128))
     foresight(root, "ingest", "teleop", str(src), "--dataset", "toy", "--fps", "10",
               "--instruction", "put the block in the drawer")
     plan, _ = foresight(root, "plan", "--dataset", "toy", "--frames", str(frames), "--stride", "1",

@@ -11,7 +11,7 @@ Caching throughput = samples/s of pipelines.pi0.compute_targets (K pairs, head-a
 the default middle layers), alone and including the zarr shard writes of a TargetStore.
 
     python bench/bench_pi0.py --device cuda --model random --dtype bfloat16        # H100
-    python bench/bench_pi0.py --device cpu --model tiny --iters 3                 # smoke test
+    python bench/bench_pi0.py --device cpu --model tiny --student-layers 2 --iters 3   # smoke test
 
 Prints a JSON record (and writes it to --out).
 """

@@ -12,11 +12,12 @@ teacher's targets come from:
 - ``online+aug``: the default, online with openpi's image augmentation.
 
 The actions are the teacher's own chunks (a random teacher is no expert of random actions; see
-:func:`teacher_labelled`). The gap is the student's distance to the teacher afterwards (trainers.shallow_pi.teacher_gap) at
-(t, noise) pairs no run trained on, over the training observations and over held-out ones: the
-velocity MSE at the same (x_t, t) and the MSE of the 10-step action chunk from the same noise. The
-figure is the ratio offline / online of each error (above 1: the cache costs accuracy); the
-untrained cut and the seconds per step of each regime are printed beside it.
+:func:`teacher_labelled`). The gap is the student's distance to the teacher afterwards
+(trainers.shallow_pi.teacher_gap) at (t, noise) pairs no run trained on, over the training
+observations and over held-out ones: the velocity MSE at the same (x_t, t) and the MSE of the
+10-step action chunk from the same noise. The figure is the ratio offline / online of each error
+(above 1: the cache costs accuracy); the untrained cut and the seconds per step of each regime are
+printed beside it.
 
     python bench/bench_shallow_pi_gap.py                                  # tiny π0, CPU (~2 min)
     python bench/bench_shallow_pi_gap.py --size real --device cuda        # random full-size π0 (H100)
@@ -188,8 +189,10 @@ def ratios(modes: dict) -> dict:
     for online in ("online", "online+aug"):
         for split in ("train_obs", "held_out_obs"):
             for metric in ("velocity_mse", "chunk_mse"):
-                out[f"offline/{online} {split} {metric}"] = modes["offline"][split][metric] / modes[online][split][metric]
-        out[f"{online}/offline seconds_per_step"] = modes[online]["seconds_per_step"] / modes["offline"]["seconds_per_step"]
+                offline, other = modes["offline"][split][metric], modes[online][split][metric]
+                out[f"offline/{online} {split} {metric}"] = offline / other
+        step_s = modes[online]["seconds_per_step"], modes["offline"]["seconds_per_step"]
+        out[f"{online}/offline seconds_per_step"] = step_s[0] / step_s[1]
     return out
 
 

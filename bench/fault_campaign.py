@@ -151,9 +151,11 @@ class VisibilityReader(threading.Thread):
     def _shard_problem(self, manifest, index: int) -> str | None:
         marker = f"{layout.target_dir(manifest.id)}/{layout.DONE_DIR}/{index}"
         try:
-            digests = self.root.read_json(marker)
+            recorded = self.root.read_json(marker)
         except ValueError as err:
             return f"{marker}: unreadable marker ({err})"
+        # Markers hold {"sha256": {array: digest}, "xxh3_128": {...}} (older ones {array: digest}).
+        digests = recorded["sha256"] if isinstance(recorded.get("sha256"), dict) else recorded
         for array, digest in digests.items():
             rel = shard_object(manifest, array, index)
             actual = self.root.sha256(rel) if self.root.exists(rel) else EMPTY_SHARD

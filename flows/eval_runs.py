@@ -207,7 +207,8 @@ def _sampler_policy(root: Root, config: EvalConfig, resolved: ResolvedPolicy):
     changed: list[str] = []
     tokenizer = None
     if spec.use_teacher or spec.params.tokenizer == "checkpoint":
-        loaded = pi0.load_pi0(spec.teacher.spec, config.device, spec.params.dtype, spec.tiny_layers)
+        loaded = pi0.load_pi0(spec.teacher.spec, config.device, spec.params.dtype, spec.tiny_layers,
+                              spec.teacher.family)
         tokenizer = loaded.tokenizer
         changed = ["pi0-teacher"] if loaded.identity.key() != spec.teacher.key() else []
     model = loaded.model if spec.use_teacher else load_student(root, identity.run_id, identity.step)[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 from prefect import flow, task
@@ -19,10 +19,12 @@ from pydantic import Field
 
 from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
 from schemas.base import StrictModel
-from flows.runtime import RunnerChoice, run_flow
+from flows.runtime import RunnerChoice, gather, run_flow
 from storage import lineage
+from storage.claims import active_claims, claim_shard, wait_for_shards
 from storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
 from storage.fs import open_root
+from storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
 RAW_FIELDS = ("actions", "actions_mask", "state")
@@ -65,6 +67,8 @@ def batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
 
 def export_recipe(root_url: str, config: ExportConfig) -> ExportRecipe:
     """The recipe (and so the id) of an export, after resolving and checking its sources."""
+    if not config.targets:
+        raise ValueError("export: no target versions given (--targets is empty); name at least one version id")
     sources = resolve_sources(root_url, config.plan, config.targets, config.fields, config.action_column,
                               config.state_column)
     return ExportRecipe(plan_id=config.plan, split=config.split, sources=sources, codec=config.codec,
@@ -95,15 +99,25 @@ def plan_export(root_url: str, recipe: ExportRecipe) -> ExportBuild:
 
 
 def write_shard(root_url: str, export_id: str, shard_index: int, read_batch: int = 4) -> int:
-    """Write one planned shard (skipped when already done); returns its sample count."""
+    """Write one planned shard unless it is done or another live builder holds its claim; returns the
+    samples this call wrote (0 when it wrote nothing)."""
     store = ExportStore(root_url)
-    done = store.done_shard(export_id, shard_index)
-    if done is not None:
-        return done.samples
+    with claim_shard(store.root, export_id, shard_index, is_done=lambda: _shard_done(store, export_id, shard_index),
+                     on_acquire=lambda: store.remove_stale_temporaries(export_id, shard_index)) as owned:
+        if not owned:
+            return 0
+        return _write_claimed_shard(store, export_id, shard_index, read_batch)
+
+
+def _shard_done(store: ExportStore, export_id: str, shard_index: int) -> bool:
+    return store.exists(export_id) or store.done_shard(export_id, shard_index) is not None
+
+
+def _write_claimed_shard(store: ExportStore, export_id: str, shard_index: int, read_batch: int) -> int:
     build = store.build_info(export_id)
     recipe = build.recipe
-    source = ClipSource(root_url, recipe.plan_id, recipe.sources, recipe.action_chunk)
-    writer = store.shard_writer(export_id, shard_index)
+    source = ClipSource(store.root, recipe.plan_id, recipe.sources, recipe.action_chunk)
+    writer = store.shard_writer(export_id, shard_index, expected_bytes=recipe.shard_bytes)
     try:
         for clips in batches(build.shard_clips[shard_index], read_batch):
             for clip, arrays in zip(clips, source.read(clips), strict=True):
@@ -119,6 +133,19 @@ def write_shard(root_url: str, export_id: str, shard_index: int, read_batch: int
     return shard.samples
 
 
+def pending_shards(store: ExportStore, export_id: str) -> list[int]:
+    """Shards still to write ([] once the export is complete, also when a concurrent builder
+    completed it and removed the build files in between)."""
+    if store.exists(export_id):
+        return []
+    try:
+        return store.pending_shards(export_id)
+    except ValueError:
+        if store.exists(export_id):
+            return []
+        raise
+
+
 @task(name="export-shard", retries=1, retry_delay_seconds=1)
 def write_shard_task(root_url: str, export_id: str, shard_index: int, read_batch: int) -> int:
     return write_shard(root_url, export_id, shard_index, read_batch)
@@ -127,6 +154,26 @@ def write_shard_task(root_url: str, export_id: str, shard_index: int, read_batch
 @flow(name="export", log_prints=False)
 def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
     """Export ``config.targets`` over ``config.plan``; returns the (possibly existing) export."""
+
+    def submit(export_id: str, shards: list[int]) -> None:
+        gather([write_shard_task.submit(root_url, export_id, i, config.read_batch) for i in shards])
+
+    return build_export(root_url, config, submit)
+
+
+def serial_shards(root_url: str, read_batch: int) -> Callable[[str, list[int]], None]:
+    """A ``write_shards`` for :func:`build_export` that writes shards one after another in-process."""
+    def write(export_id: str, shards: list[int]) -> None:
+        for index in shards:
+            write_shard(root_url, export_id, index, read_batch)
+
+    return write
+
+
+def build_export(root_url: str, config: ExportConfig, write_shards: Callable[[str, list[int]], None]) -> ExportResult:
+    """The export stage: plan, write pending shards with ``write_shards(export_id, shards)``, wait for
+    shards a concurrent builder of the same export holds (never writing them twice), finalize.
+    Two identical exports racing both return the one export."""
     started = time.perf_counter()
     store = ExportStore(root_url)
     recipe = export_recipe(root_url, config)
@@ -134,12 +181,18 @@ def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
     done = existing_export(root_url, export_id)
     if done is not None:
         return done
-    store.begin(plan_export(root_url, recipe))
-    futures = [write_shard_task.submit(root_url, export_id, i, config.read_batch)
-               for i in store.pending_shards(export_id)]
-    for future in futures:
-        future.result()
-    index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started})
+    build = plan_export(root_url, recipe)
+    try:
+        store.begin(build)
+    except ValueError:
+        if store.exists(export_id):  # a concurrent identical export finished first
+            return existing_export(root_url, export_id)
+        raise
+    write_shards(export_id, pending_shards(store, export_id))
+    wait_for_shards(lambda: pending_shards(store, export_id), lambda: set(active_claims(store.root, export_id)),
+                    lambda free: write_shards(export_id, free), what=f"export '{export_id}'")
+    index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started},
+                           verified_inputs=verify_by_default())
     lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[config.plan, *index.version_ids],
                  outputs=[export_id], facets={"codec": recipe.codec, "samples": index.num_samples})
     return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,

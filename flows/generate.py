@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from prefect import flow, task
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flows.models_cache import cached_model
 from flows.runtime import split_shards
@@ -35,6 +35,7 @@ from pipelines.text import MAX_LENGTH, TextModel, embed_instructions, load_text_
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
 from schemas.plan import ClipRow, PlanInfo
+from schemas.presets import check_preset, preset_values, resolve_nested
 from schemas.target import ArraySpec, TargetRecipe
 from storage import lineage
 from storage.claims import claim_shard, wait_for_version_shards
@@ -86,6 +87,15 @@ def resolve_plan_params(config: PlanConfig, store: EpisodeStore) -> planning.Pla
                                every=config.every, limit=config.limit, split=config.split)
 
 
+def check_plannable(dataset: str, records: list, split: str | None) -> None:
+    """Name the real reason a plan would be empty: no episodes at all, or none of the split."""
+    if not records:
+        raise ValueError(f"dataset '{dataset}': has no episodes (ingest it first, or check its quarantine.jsonl)")
+    splits = sorted({r.split for r in records})
+    if split is not None and split not in splits:
+        raise ValueError(f"dataset '{dataset}': no episodes of split '{split}' (splits present: {splits})")
+
+
 def make_plan(root_url: str, config: PlanConfig) -> PlanSummary:
     """Write the plan of ``config`` under ``plans/`` (nothing to do when it already exists)."""
     episodes = EpisodeStore(root_url, config.dataset)
@@ -96,7 +106,9 @@ def make_plan(root_url: str, config: PlanConfig) -> PlanSummary:
     if plans.exists(plan_id):
         info = plans.info(plan_id)
         return PlanSummary(plan_id=plan_id, num_clips=info.num_clips, created=False, params=info.params)
-    rows = planning.make_clips(config.dataset, list(episodes.records()), episodes.segments(), params)
+    records = list(episodes.records())
+    check_plannable(config.dataset, records, params.split)
+    rows = planning.make_clips(config.dataset, records, episodes.segments(), params)
     if not rows:
         raise ValueError(f"dataset '{config.dataset}': no clip of {params.frames} frames (stride {params.stride}) "
                          f"fits its {params.source}; lower --frames or --stride")
@@ -175,11 +187,43 @@ class TextConfig(StrictModel):
     """``foresight text`` parameters."""
 
     plan: str = Field(description="Plan id.")
-    model: str = Field(description="CLIP text model spec: hf:<repo>[@rev] | dir:<path> | random | tiny.")
+    model: str | None = Field(default=None, description="CLIP text model spec: hf:<repo>[@rev] | dir:<path> | "
+                                                        "random | tiny (required unless the preset names one).")
+    max_length: int = Field(default=MAX_LENGTH, ge=1, description="Tokens per instruction (padded/truncated).")
+    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld, vpp) whose "
+                                                         "text settings are the defaults; explicit ones win.")
     seed: int = Field(default=0, description="Initialisation seed of random/tiny models.")
     device: str = Field(default="cpu", description="Torch device.")
     shard_size: int = Field(default=256, ge=1, description="Clips per shard.")
     workers: int = Field(default=1, ge=1, description="Parallel shard tasks.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """The preset's text settings fill in the ones not given."""
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        explicit = {key: value for key, value in data.items() if value is not None}
+        return {**preset_values(check_preset(data["preset"]), "text"), **explicit}
+
+    @model_validator(mode="after")
+    def _has_model(self) -> "TextConfig":
+        if self.model is None:
+            raise ValueError("text: no model spec (give one, or a preset that names one)")
+        return self
+
+
+def with_preset(params: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    """A recipe's keyed parameters plus the preset's name when one was applied (a version built
+    without a preset keeps the id it always had)."""
+    return {**params, "preset": preset} if preset is not None else params
+
+
+def text_recipe(config: TextConfig, identity: ModelIdentity) -> TargetRecipe:
+    """The recipe (hence the version id) of a text version: model, token length, preset, plan."""
+    return TargetRecipe(kind="text", stage=TEXT_STAGE, stage_version=TEXT_STAGE_VERSION, model=identity,
+                        params=with_preset({"max_length": config.max_length}, config.preset),
+                        inputs={"plan": config.plan})
 
 
 def cached_text_model(config: TextConfig) -> TextModel:
@@ -210,7 +254,7 @@ def text_shards_task(root_url: str, version_id: str, config: TextConfig, shards:
     check_identity(model.identity, writer.manifest.recipe.model, version_id)
     rows = plan_rows(root_url, config.plan)
     clips = [i for s in todo for i in writer.shard_clips(s)]
-    states = embed_instructions(model, [rows[i].instruction for i in clips], MAX_LENGTH)
+    states = embed_instructions(model, [rows[i].instruction for i in clips], config.max_length)
     row_of = {clip: n for n, clip in enumerate(clips)}
 
     def compute(shard: int) -> dict[str, np.ndarray]:
@@ -224,12 +268,11 @@ def text_flow(root_url: str, config: TextConfig) -> BuildSummary:
     """Write the ``text`` version of a plan (idempotent; resumes a building one)."""
     rows = plan_rows(root_url, config.plan)
     model = cached_text_model(config)
-    recipe = TargetRecipe(kind="text", stage=TEXT_STAGE, stage_version=TEXT_STAGE_VERSION, model=model.identity,
-                          params={"max_length": MAX_LENGTH}, inputs={"plan": config.plan})
+    recipe = text_recipe(config, model.identity)
     store, version_id = TargetStore(root_url), recipe.version_id()
     if store.status(version_id) == "complete":
         return BuildSummary(version=version_id, status="complete", skipped=True)
-    arrays = [ArraySpec(name=TEXT_ARRAY, shape=[len(rows), MAX_LENGTH, model.width], dtype="float32")]
+    arrays = [ArraySpec(name=TEXT_ARRAY, shape=[len(rows), config.max_length, model.width], dtype="float32")]
     writer = store.begin(recipe, arrays, len(rows), config.shard_size)
     start = time.perf_counter()
     results = run_shard_tasks(root_url, writer, lambda group: text_shards_task.submit(root_url, version_id, config,
@@ -263,11 +306,24 @@ class GenerateConfig(StrictModel):
     compression: Literal["zstd", "none"] = Field(
         default="zstd", description="Codec of the stored one-step features (storage only, not in the version "
                                     "id); 'none' makes random access (ZarrClips) read at page-cache speed.")
+    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld, vpp) whose "
+                                                         "generate and extract settings are the defaults of "
+                                                         "`params`; explicit params win (keyed).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """The preset's generate + extract settings fill in the ``params`` not given."""
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        params = data.get("params")
+        explicit = params.model_dump(exclude_unset=True) if isinstance(params, SVDParams) else dict(params or {})
+        return {**data, "params": resolve_nested(check_preset(data["preset"]), ("generate", "extract"), explicit)}
 
 
 def video_params(config: GenerateConfig) -> dict:
-    """The keyed parameters of a video version: every SVD setting plus the compute dtype."""
-    return {**config.params.model_dump(mode="json"), "dtype": config.dtype}
+    """The keyed parameters of a video version: every SVD setting, the compute dtype and the preset."""
+    return with_preset({**config.params.model_dump(mode="json"), "dtype": config.dtype}, config.preset)
 
 
 def cached_svd(config: GenerateConfig) -> SVDModel:

@@ -185,10 +185,25 @@ def ingest_lerobot_group(root_url: str, dataset: str, src: str, group: list[int]
         if store.has_episode(episode.episode_id, checksums[ep]):
             skip.add(ep)
             results.append(EpisodeResult(episode_id=episode.episode_id, status="skipped"))
+    shares = _file_shares(meta, group, options)
     for episode, blocks in lerobot.read_lerobot_group(meta, group, options, skip=skip):
         ep = episode.extra["episode_index"]
+        episode.source_bytes = shares[ep]
         results.append(_ingest_one(store, "lerobot", episode, checksums[ep], layout, blocks, strict))
     return results
+
+
+def _file_shares(meta: lerobot.LeRobotMeta, group: list[int], options: lerobot.LeRobotOptions) -> dict[int, int]:
+    """Each episode's share of the bytes of the data and video files it shares, by frame count."""
+    files = {ep: lerobot.episode_files(meta, ep, options) for ep in group}
+    shares = dict.fromkeys(group, 0.0)
+    for path in {p for paths in files.values() for p in paths}:
+        sharers = [ep for ep in group if path in files[ep]]
+        frames = sum(int(meta.episodes[ep]["length"]) for ep in sharers) or 1
+        size = path.stat().st_size if path.exists() else 0
+        for ep in sharers:
+            shares[ep] += size * int(meta.episodes[ep]["length"]) / frames
+    return {ep: round(share) for ep, share in shares.items()}
 
 
 def _lerobot_checksum(meta: lerobot.LeRobotMeta, ep: int, episode: SourceEpisode, options: lerobot.LeRobotOptions,
@@ -269,11 +284,18 @@ def _finish(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayou
     info = DatasetInfo(name=store.dataset, source_kind=kind, source=str(src), source_fingerprint=fingerprint,
                        fps=layout.fps, cameras=cameras, features=features, extra=layout.extra,
                        frame_storage=frame_storage, absent_fields=_absent_fields(stored),
-                       source_bytes=sum(r.source_bytes for r in stored)
-                       if all(r.source_bytes is not None for r in stored) else None)
+                       source_bytes=_dataset_source_bytes(stored, layout))
     info.stats = dataset_stats(store, features) if records else None
     if old is None or old.model_dump(mode="json") != info.model_dump(mode="json"):
         store.write_info(info)
+
+
+def _dataset_source_bytes(records: list[EpisodeRecord], layout: SourceLayout) -> int | None:
+    """The stored episodes' source bytes plus the dataset's own metadata files (None: some unknown)."""
+    if any(r.source_bytes is None for r in records):
+        return None
+    shared = sum(Path(p).stat().st_size for p in layout.shared_files if Path(p).exists())
+    return sum(r.source_bytes for r in records) + shared
 
 
 def _absent_fields(records: list[EpisodeRecord]) -> dict[str, list[str]]:
@@ -362,12 +384,9 @@ def ingest_lerobot(root_url: str, dataset: str, src: str, options: lerobot.LeRob
                    map_tasks: TaskMap = serial_map) -> IngestSummary:
     """Ingest a LeRobot v3.0/v2.x folder: one task per group of episodes sharing files."""
     started = time.perf_counter()
+    meta = lerobot.load_meta(src)  # a LeRobotUsageError (not a dataset, or unsupported) before anything is written
     store = EpisodeStore(root_url, dataset)
     _check_kind(store, "lerobot")
-    try:
-        meta = lerobot.load_meta(src)
-    except IngestError as err:
-        return _summarise(dataset, "lerobot", [], [_quarantine(store, "lerobot", err, None, strict)], started)
     layout = lerobot.source_layout(meta, options)
     calls = [dict(root_url=root_url, dataset=dataset, src=str(src), group=group, options=options, strict=strict)
              for group in lerobot.episode_groups(meta, options)]

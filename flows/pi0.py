@@ -112,6 +112,10 @@ def resolve_params(config: Pi0TargetsConfig, rows: list[ClipRow], info: DatasetI
             raise ValueError(f"dataset '{info.name}': no low-dim column '{key}' (has {sorted(info.features)})")
     depth = pi0.num_layers(loaded.model)
     attn_layers = pi0.default_attn_layers(depth) if config.attn_layers is None else sorted(set(config.attn_layers))
+    if config.pairs == 0:  # inputs only: no attention is stored, so none may key the version
+        if config.attn_layers:
+            log.warning("--attn-layers %s ignored: --pairs 0 stores the inputs only", config.attn_layers)
+        attn_layers = []
     if any(not 0 <= layer < depth for layer in attn_layers):
         raise ValueError(f"attn layers {attn_layers}: the teacher has layers 0..{depth - 1}")
     return pi0.Pi0TargetParams(

@@ -123,6 +123,9 @@ class PipelineConfig(StrictModel):
     name: str = Field(default="pipeline", description="Name of the pipeline (deployment name, logs).")
     root: str | None = Field(default=None, description="Data root URL; default $FORESIGHT_ROOT or ./foresight-data.")
     dataset: str = Field(description="Dataset the chain works on (ingested by [ingest], or already stored).")
+    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld, vpp) for "
+                                                         "every [text], [generate] and [[teachers]] section that "
+                                                         "names none itself.")
     runner: RunnerChoice = Field(default_factory=RunnerChoice, description="Where the stages' tasks run.")
     ingest: IngestSection | None = Field(default=None, description="How to fill the dataset; none = it exists.")
     plan: PlanSection = Field(default_factory=PlanSection, description="Clip plan settings.")
@@ -154,12 +157,21 @@ class PipelineConfig(StrictModel):
     def stage_configs(self, plan: str, text: str, video: str) -> dict[str, Any]:
         """The stage configs with the chain's ids filled in (validated by each stage's model)."""
         configs: dict[str, Any] = {"plan": PlanConfig(dataset=self.dataset, **self.plan.model_dump())}
+        # Only the keys a section sets, so that a preset fills in the rest.
         if self.text is not None:
-            configs["text"] = TextConfig(plan=plan, **self.text.model_dump())
+            configs["text"] = TextConfig(plan=plan, **self._with_preset(self.text))
         if self.generate is not None:
-            configs["generate"] = GenerateConfig(plan=plan, text=text, **self.generate.model_dump())
-        configs["teachers"] = [TeachersConfig(video=video, **t.model_dump(exclude={"alias"})) for t in self.teachers]
+            configs["generate"] = GenerateConfig(plan=plan, text=text, **self._with_preset(self.generate))
+        configs["teachers"] = [TeachersConfig(video=video, **self._with_preset(t, exclude={"alias"}))
+                               for t in self.teachers]
         return configs
+
+    def _with_preset(self, section: StrictModel, exclude: set[str] | None = None) -> dict[str, Any]:
+        """A section's explicit keys, with the pipeline's preset when the section names none."""
+        values = section.model_dump(exclude_unset=True, exclude=exclude)
+        if values.get("preset") is None and self.preset is not None:
+            values["preset"] = self.preset
+        return values
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:

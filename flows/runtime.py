@@ -12,18 +12,26 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from schemas.base import StrictModel
-from storage.fs import Root
+from storage.fs import Root, open_root
 
 log = logging.getLogger(__name__)
 
 GPU_RESOURCE = "GPU"
 DASK_ADDRESS_ENV = "FORESIGHT_DASK_ADDRESS"
+DEBUG_ENV = "FORESIGHT_DEBUG"
+"""Set by ``foresight --debug``: Prefect's and Dask's logs and tracebacks reach the terminal too."""
+LOGS_DIR = "logs"
+"""Folder under the data root holding one ``<flow-run>.log`` per flow run that logged anything."""
+ENGINE_LOGGERS = ("prefect", "distributed", "dask")
+"""Loggers whose records (Prefect's and Dask's engine chatter and tracebacks) go to the run's log only."""
 
 
 class RunnerChoice(StrictModel):
@@ -96,8 +104,9 @@ def local_dask_cluster(n_workers: int, gpus: int | None = None, host: str = "127
     from distributed import Nanny, Scheduler, SpecCluster
 
     if not log.isEnabledFor(logging.INFO):
-        # Worker processes read dask's logging config from the environment when they start.
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        # Worker processes read dask's logging config from the environment when they start; their
+        # failed-task reports come back to the flow (and its log file) as exceptions.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if debug_enabled() else "error")
         logging.getLogger("distributed").setLevel(logging.WARNING)
     gpus = visible_gpus() if gpus is None else gpus
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -170,22 +179,115 @@ def shared_api() -> Iterator[None]:
         yield
 
 
+def debug_enabled() -> bool:
+    """``foresight --debug``: tracebacks and engine logs on the terminal."""
+    return bool(os.environ.get(DEBUG_ENV))
+
+
+class _TerminalFilter(logging.Filter):
+    """Keeps Prefect's and Dask's records, and any record carrying a traceback, off the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text:
+            return False
+        return not record.name.split(".", 1)[0] in ENGINE_LOGGERS
+
+
+def _terminal_handlers() -> list[logging.Handler]:
+    handlers = []
+    for name in ("", *ENGINE_LOGGERS):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handlers.append(handler)
+    return handlers
+
+
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file; a write that fails (a full disk) drops the record instead of printing
+    logging's own traceback to the terminal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
+def flow_run_name(flow_name: str) -> str:
+    """``<flow>-<UTC time>-<6 hex>``: the Prefect flow-run name and the name of its log file."""
+    return f"{flow_name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def flow_log(root: Root | None, run_name: str) -> Iterator[str]:
+    """Send every log record of a flow run to ``<root>/logs/<run_name>.log`` (a temp folder without a
+    local root; copied under the root afterwards when it is remote); yields the log's location.
+
+    Unless ``--debug``, the terminal gets none of Prefect's or Dask's records and no traceback: a
+    failure raises out of here with ``exc.log_path`` set, and the CLI prints one line naming it.
+    """
+    local = root is not None and root.is_local
+    folder = root.path(LOGS_DIR) if local else os.path.join(tempfile.gettempdir(), "foresight-logs")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # e.g. the root's disk is full: the log goes to the temp folder instead
+        local, folder = False, os.path.join(tempfile.gettempdir(), "foresight-logs")
+        os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{run_name}.log")
+    shown = root.url_of(LOGS_DIR, f"{run_name}.log") if local else path
+    handler = _RunLogHandler(path, delay=True)  # no file unless something is logged
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    quiet = None if debug_enabled() else _TerminalFilter()
+    terminals = _terminal_handlers() if quiet is not None else []
+    for terminal in terminals:
+        terminal.addFilter(quiet)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield shown
+    except BaseException as exc:
+        logging.getLogger("foresight.flow").error("flow run %s failed", run_name, exc_info=exc)
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.log_path = shown
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        for terminal in terminals:
+            terminal.removeFilter(quiet)
+        if root is not None and not local and os.path.exists(path):
+            with contextlib.suppress(OSError):
+                with open(path, "rb") as handle:
+                    root.write_bytes_atomic(f"{LOGS_DIR}/{run_name}.log", handle.read())
+
+
+def _flow_root(root: Root | None, params: dict[str, Any]) -> Root | None:
+    """The data root a flow writes: the one given, else its ``root_url`` / ``root`` parameter."""
+    if root is not None:
+        return root
+    url = params.get("root_url", params.get("root"))
+    if isinstance(url, (str, os.PathLike, Root)):
+        with contextlib.suppress(ValueError, OSError):
+            return open_root(url)
+    return None
+
+
 def run_flow(flow: Any, choice: RunnerChoice | None = None, root: Root | None = None, /, **params: Any) -> Any:
     """Run a Prefect flow with the chosen task runner; returns the flow's return value.
 
     ``flow``, ``choice`` and ``root`` are positional-only, so a flow may have a ``root`` parameter.
     With ``root`` and an existing Dask cluster, the workers are first asked whether they can
     see a local root (they need a shared filesystem for it), so a wrong setup fails at once.
+    The run's log records go to ``<root>/logs/<flow-run>.log`` (:func:`flow_log`).
     """
     choice = choice or RunnerChoice()
     runner = make_task_runner(choice)
     log.info("running flow %s on %s", flow.name, choice.describe())
-    if not choice.uses_dask:
-        return flow.with_options(task_runner=runner)(**params)
-    if root is not None and choice.dask_address is not None:
-        check_workers_see_root(choice.dask_address, root)
-    with shared_api():
-        return flow.with_options(task_runner=runner)(**params)
+    run_name = flow_run_name(flow.name)
+    configured = flow.with_options(task_runner=runner, flow_run_name=run_name)
+    with flow_log(_flow_root(root, params), run_name):
+        if not choice.uses_dask:
+            return configured(**params)
+        if root is not None and choice.dask_address is not None:
+            check_workers_see_root(choice.dask_address, root)
+        with shared_api():
+            return configured(**params)
 
 
 def check_workers_see_root(address: str, root: Root) -> None:

@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Literal
 
 from prefect import flow, task
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flows.models_cache import cached_model
 from flows.runtime import progress_disabled, split_shards
@@ -25,6 +25,7 @@ from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, sta
 from flows.teachers_io import ObservedFrames, open_video
 from pipelines.teachers import Teacher, load_teacher
 from schemas.base import StrictModel
+from schemas.presets import check_preset, deep_merge, resolve_nested
 from storage import lineage
 from storage.claims import wait_for_version_shards
 from storage.targets import TargetStore, TargetWriter
@@ -37,7 +38,8 @@ class TeachersConfig(StrictModel):
 
     video: str = Field(description="Id of the complete `video` target version to read.")
     teacher: str = Field(description="Teacher name: dinov2, da3 or hf.")
-    model: str = Field(description="Model spec: hf:<repo>[@rev], dir:<path>, random or tiny.")
+    model: str | None = Field(default=None, description="Model spec: hf:<repo>[@rev], dir:<path>, random or tiny "
+                                                        "(required unless the preset names one).")
     settings: dict[str, Any] = Field(default_factory=dict, description="Teacher settings (see the teacher's "
                                                                        "settings model); unknown keys are errors.")
     batch: int = Field(default=4, ge=1, description="Clips per forward pass (each clip is T frames).")
@@ -51,6 +53,28 @@ class TeachersConfig(StrictModel):
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
     compression: Literal["zstd", "none"] = Field(default="zstd", description="Codec of the stored target and "
                                                  "reference chunks (storage only, not part of the version id).")
+    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld) whose "
+                                                         "settings and weights for this teacher are the defaults; "
+                                                         "explicit settings win (keyed).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """The preset's ``<teacher>.*`` entries fill in the model and the settings not given."""
+        if not isinstance(data, dict) or data.get("preset") is None or "teacher" not in data:
+            return data
+        table = resolve_nested(check_preset(data["preset"]), ("teachers",), {}, prefix=f"{data['teacher']}.")
+        model = table.pop("model", None)
+        resolved = {**data, "settings": deep_merge(table, dict(data.get("settings") or {}))}
+        if model is not None and data.get("model") is None:
+            resolved["model"] = model
+        return resolved
+
+    @model_validator(mode="after")
+    def _has_model(self) -> "TeachersConfig":
+        if self.model is None:
+            raise ValueError(f"teacher {self.teacher}: no model spec (give one, or a preset that names one)")
+        return self
 
 
 def resolve_io(config: TeachersConfig) -> tuple[bool, int, int]:
@@ -116,7 +140,7 @@ def begin_version(root_url: str, config: TeachersConfig) -> tuple[str, TargetWri
     """(version id, writer or None when already complete, teacher) for ``config``."""
     video = open_video(root_url, config.video)
     teacher = cached_teacher(config)
-    recipe = teacher_recipe(teacher, config.video)
+    recipe = teacher_recipe(teacher, config.video, config.preset)
     store, version_id = TargetStore(root_url), recipe.version_id()
     if store.status(version_id) == "complete":
         return version_id, None, teacher

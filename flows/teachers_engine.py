@@ -61,10 +61,12 @@ class ShardsResult(StrictModel):
 
 
 # ---------------------------------------------------------------- version layout
-def teacher_recipe(teacher: Teacher, video_id: str) -> TargetRecipe:
-    """Recipe of the teacher version: the video version, the teacher identity and its settings."""
+def teacher_recipe(teacher: Teacher, video_id: str, preset: str | None = None) -> TargetRecipe:
+    """Recipe of the teacher version: the video version, the teacher identity, its settings and
+    the preset they were resolved from (recorded only when there is one)."""
+    params = {**teacher.params(), "preset": preset} if preset is not None else teacher.params()
     return TargetRecipe(kind="teacher", stage=f"{STAGE}.{teacher.family}", stage_version=STAGE_VERSION,
-                        model=teacher.identity, params=teacher.params(), inputs={"video": video_id})
+                        model=teacher.identity, params=params, inputs={"video": video_id})
 
 
 def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher, compression: str = "zstd") -> list[ArraySpec]:

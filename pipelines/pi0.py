@@ -500,29 +500,34 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-def action_vl_attention(attentions: tuple[torch.Tensor, ...], layers: list[int], prefix_len: int,
-                        chunk: int) -> torch.Tensor:
-    """Head-averaged attention of the action queries over the vision-language keys.
+ATTN_HEADS = ("mean", "all")
+"""How action->VL attention maps keep the heads: averaged (what the pi0 cache stores) or each head."""
 
-    ``attentions[l]``: expert layer l's weights (B, H, 1 + chunk, P + 1 + chunk) over
-    [prefix | state | actions]. Each head's distribution is restricted to the P prefix keys and
-    renormalised (Shallow-π distils the action->VL distribution only), then heads are averaged.
-    Returns float32 (B, len(layers), chunk, P); padded text keys carry zero mass.
+
+def action_vl_attention(attentions: tuple[torch.Tensor, ...], layers: list[int], prefix_len: int,
+                        chunk: int, heads: str = "mean") -> torch.Tensor:
+    """Attention of the action queries over the vision-language keys, heads averaged or kept.
+
+    ``attentions[l]``: expert layer l's weights (B, H, [1 +] chunk, P + [1 +] chunk) over
+    [prefix | (π0: state) | actions]. Each head's distribution is restricted to the P prefix keys
+    and renormalised (Shallow-π distils the action->VL distribution only). Returns float32
+    (B, len(layers), chunk, P) with ``heads="mean"``, (B, len(layers), H, chunk, P) with ``"all"``;
+    padded text keys carry zero mass.
     """
     maps = []
     for layer in layers:
         weights_BHQK = attentions[layer][:, :, -chunk:, :prefix_len].float()
         weights_BHQK = weights_BHQK / weights_BHQK.sum(-1, keepdim=True).clamp_min(1e-30)
-        maps.append(weights_BHQK.mean(dim=1))
+        maps.append(weights_BHQK.mean(dim=1) if heads == "mean" else weights_BHQK)
     return torch.stack(maps, dim=1)
 
 
 def pi0_forward(model: Any, batch: Pi0Batch, t_B: torch.Tensor, noise_BAD: torch.Tensor,
-                attn_layers: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attn_layers: list[int], heads: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
     """One full forward (prefix + expert) at (x_t, t); differentiable. Used for the student.
 
     Returns the velocity (B, 50, 32) in the model's dtype and, when ``attn_layers`` is not empty,
-    the action->VL attention (B, len(attn_layers), 50, P) float32.
+    the action->VL attention (B, len(attn_layers), [H,] 50, P) float32 (see action_vl_attention).
     """
     use_eager_expert(model)
     out = model(**state_input(model, batch), noise=noise_BAD.to(batch.actions), timestep=t_B.float(),
@@ -531,7 +536,8 @@ def pi0_forward(model: Any, batch: Pi0Batch, t_B: torch.Tensor, noise_BAD: torch
                 actions=batch.actions, output_attentions=bool(attn_layers))
     attn = None
     if attn_layers:
-        attn = action_vl_attention(out.attentions, attn_layers, batch.prefix_len, unwrap(model).config.chunk_size)
+        attn = action_vl_attention(out.attentions, attn_layers, batch.prefix_len, unwrap(model).config.chunk_size,
+                                   heads)
     return out.logits, attn
 
 
@@ -556,12 +562,12 @@ def cache_kwarg(model: Any) -> str:
 
 @torch.no_grad()
 def teacher_targets(model: Any, batch: Pi0Batch, t_BK: torch.Tensor, noise_BKAD: torch.Tensor,
-                    attn_layers: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    attn_layers: list[int], heads: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher velocity and attention at K fixed (t, noise) pairs per sample.
 
     The prefix is run once and its cache reused for the K expert passes (cropped back after
     each, so no pass sees another's suffix). Returns velocity (B, K, 50, 32) float32 and
-    attention (B, K, L_sel, 50, P) float32, or None when ``attn_layers`` is empty.
+    attention (B, K, L_sel, [H,] 50, P) float32, or None when ``attn_layers`` is empty.
     """
     use_eager_expert(model)
     cache = prefix_cache(model, batch)
@@ -573,7 +579,8 @@ def teacher_targets(model: Any, batch: Pi0Batch, t_BK: torch.Tensor, noise_BKAD:
         cache.crop(batch.prefix_len - cache.get_seq_length())
         velocities.append(out.logits.float())
         if attn_layers:
-            maps.append(action_vl_attention(out.attentions, attn_layers, batch.prefix_len, model.config.chunk_size))
+            maps.append(action_vl_attention(out.attentions, attn_layers, batch.prefix_len, model.config.chunk_size,
+                                            heads))
     attn = torch.stack(maps, dim=1) if attn_layers else None
     return torch.stack(velocities, dim=1), attn
 

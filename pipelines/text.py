@@ -122,13 +122,20 @@ def save_text_model(model: TextModel, folder: str | Path) -> Path:
     return folder
 
 
+def tokenize(tokenizer: CLIPTokenizer, texts: list[str], max_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (N, max_length) as VPP/S-VAM tokenise: [BOS, content,
+    EOS, PAD...], padded to ``max_length`` and truncated, mask 1 on BOS/content/EOS."""
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
 @torch.no_grad()
 def embed_texts(model: TextModel, texts: list[str], max_length: int = MAX_LENGTH, batch: int = 64) -> np.ndarray:
     """``last_hidden_state`` of each text, padded/truncated to ``max_length`` tokens: (N, L, D) float32."""
     out = []
     for first in range(0, len(texts), batch):
-        tokens = model.tokenizer(texts[first:first + batch], padding="max_length", truncation=True,
-                                 max_length=max_length, return_tensors="pt").to(model.device)
+        tokens = {key: value.to(model.device)
+                  for key, value in tokenize(model.tokenizer, texts[first:first + batch], max_length).items()}
         states = model.encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         out.append(states.float().cpu().numpy())
     if not out:

@@ -67,6 +67,7 @@ class EpisodeResult(StrictModel):
     success_step: int | None = Field(default=None, description="Step index of the first success.")
     policy_calls: int = Field(description="Chunks requested from the policy.")
     wall_s: float = Field(description="Wall time of the episode (env, rendering and policy).")
+    env_build_s: float = Field(default=0.0, description="Part of wall_s spent building the env.")
     policy_s: float = Field(default=0.0, description="Wall time inside the policy.")
     latency_ms: dict[str, float] = Field(default_factory=dict,
                                          description="Mean milliseconds per policy call, by component.")

@@ -71,6 +71,11 @@ class TargetVersion(StrictModel):
     shards: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="shard index -> array name -> sha256 of the stored shard object."
     )
+    shard_xxh3: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="shard index -> array name -> xxh3-128 of the stored shard object: "
+                                          "what readers check while reading (sha256 stays for the audit).")
+    verified_inputs: bool = Field(
+        default=True, description="False when the stage that made it read its input versions with --no-verify.")
     created: str = ""
     completed: str | None = None
     git_commit: str | None = None

@@ -20,6 +20,7 @@ Use it through :func:`claim_shard` (or ``TargetWriter.claim``) inside a shard ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from pydantic import Field
 
 from schemas.base import StrictModel
 from storage import layout
-from storage.fs import Root, open_root
+from storage.fs import Root, open_root, temp_name
+from storage.process import machine_id, process_alive, process_start
 
 log = logging.getLogger(__name__)
 
@@ -69,42 +71,6 @@ def default_ttl() -> float:
     return ttl
 
 
-def _read_first_line(path: str) -> str:
-    try:
-        with open(path) as handle:
-            return handle.readline().strip()
-    except OSError:
-        return ""
-
-
-def machine_id() -> str:
-    """Where a pid means one process: host name, boot id and pid namespace."""
-    try:
-        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        pidns = ""
-    return f"{socket.gethostname()}/{_read_first_line('/proc/sys/kernel/random/boot_id')}/{pidns}"
-
-
-def _proc_stat_fields(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name ([] when the process is gone)."""
-    stat = _read_first_line(f"/proc/{pid}/stat")
-    # The command name is parenthesised and may contain spaces: split after its closing ')'.
-    return stat.rsplit(")", 1)[-1].split() if stat else []
-
-
-def process_start(pid: int) -> str:
-    """Start time (clock ticks since boot) of a process, '' when unknown or gone."""
-    fields = _proc_stat_fields(pid)
-    return fields[19] if len(fields) > 19 else ""  # field 22 of the whole line
-
-
-def _process_exited(pid: int) -> bool:
-    """True for a zombie or dead process: it exited but its parent has not reaped it yet."""
-    fields = _proc_stat_fields(pid)
-    return bool(fields) and fields[0] in ("Z", "X")
-
-
 def claimer_alive(record: ClaimRecord, now: float | None = None) -> bool:
     """Whether a held claim still protects its shard."""
     now = time.time() if now is None else now
@@ -112,21 +78,19 @@ def claimer_alive(record: ClaimRecord, now: float | None = None) -> bool:
         return False
     if record.machine != machine_id():
         return True  # another machine: only the expiry can tell
-    try:
-        os.kill(record.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if _process_exited(record.pid):
-        return False
-    started = process_start(record.pid)
-    return not (started and record.pid_start and started != record.pid_start)
+    return process_alive(record.pid, record.pid_start)
+
+
+def owner_dir(version_id: str) -> str:
+    """Folder of the version (or export: ids ``export-*``) whose shards are claimed."""
+    if version_id.startswith("export-"):
+        return layout.export_dir(version_id)
+    return layout.target_dir(version_id)
 
 
 def claims_dir(version_id: str, shard_index: int) -> str:
     """Folder (relative to the root) of the claim generations of one shard."""
-    return f"{layout.target_dir(version_id)}/{layout.CLAIMS_DIR}/{int(shard_index)}"
+    return f"{owner_dir(version_id)}/{layout.CLAIMS_DIR}/{int(shard_index)}"
 
 
 def _generation_name(generation: int) -> str:
@@ -139,18 +103,19 @@ def create_exclusive(root: Root, rel: str, data: bytes) -> bool:
     parent = path.rsplit("/", 1)[0]
     root.fs.makedirs(parent, exist_ok=True)
     if root.is_local:
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        tmp = f"{parent}/{temp_name()}"
         try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.link(tmp, path)  # atomic, fails when the name exists; readers see all or nothing
             return True
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     try:
         root.fs.pipe_file(path, data, mode="create")
     except FileExistsError:
@@ -186,7 +151,7 @@ def active_claims(root: Root | str, version_id: str) -> dict[int, ClaimRecord]:
     """Shards of a version currently held by a live claimer, with their records."""
     root = open_root(root)
     held = {}
-    for name in root.ls(layout.target_dir(version_id), layout.CLAIMS_DIR):
+    for name in root.ls(owner_dir(version_id), layout.CLAIMS_DIR):
         if name.isdigit():
             _, record = current_claim(root, version_id, int(name))
             if record is not None and claimer_alive(record):
@@ -269,6 +234,9 @@ class ShardClaim:
             self._heartbeat.join(timeout=5)
         if self.generation is None or self.lost:
             return
+        if not self.root.exists(claims_dir(self.version_id, self.shard_index)):
+            self.generation = None  # the build finished and removed its claims: nothing to release
+            return
         released = self._record("released").model_dump_json().encode()
         if not create_exclusive(self.root, self._rel(self.generation + 1), released):
             log.warning("%s shard %d: claim already superseded at release", self.version_id, self.shard_index)
@@ -277,13 +245,15 @@ class ShardClaim:
 
 @contextmanager
 def claim_shard(root: Root | str, version_id: str, shard_index: int, *,
-                is_done: Callable[[], bool] | None = None, ttl_s: float | None = None) -> Iterator[ShardClaim | None]:
+                is_done: Callable[[], bool] | None = None, ttl_s: float | None = None,
+                on_acquire: Callable[[], Any] | None = None) -> Iterator[ShardClaim | None]:
     """Hold shard ``shard_index`` of ``version_id`` for the body of a ``with`` block.
 
     Yields the claim when this process owns the shard and should write it, or ``None`` when a
     live builder holds it or ``is_done()`` says it is already written (checked again after
     acquiring, since a holder may have finished in between). Released on exit, also on error,
-    so a retry elsewhere can take it without waiting for the expiry::
+    so a retry elsewhere can take it without waiting for the expiry. ``on_acquire`` runs once the
+    claim is held and the shard is still to write (e.g. to remove a dead writer's temporaries)::
 
         with claim_shard(root, version_id, 3, is_done=lambda: writer.is_done(3)) as owned:
             if owned:
@@ -297,7 +267,12 @@ def claim_shard(root: Root | str, version_id: str, shard_index: int, *,
         yield None
         return
     try:
-        yield None if (is_done is not None and is_done()) else claim
+        if is_done is not None and is_done():
+            yield None
+            return
+        if on_acquire is not None:
+            on_acquire()
+        yield claim
     finally:
         claim.release()
 

@@ -5,7 +5,9 @@ Layout of one export::
     exports/<export_id>/
       _build.json            while building: the recipe, field specs, shard plan and stats
       _done/<shard>.json     while building: the record of a finished shard (written after its rename)
-      shard-000000.tar ...   plain ustar tars; each written as .tmp-<name>-<uuid> and renamed when complete
+      _claims/<shard>/       claims of concurrent builders: each shard is written by one (storage.claims)
+      shard-000000.tar ...   plain ustar tars; each written as a writer-tagged .tmp-* (storage.fs.temp_name),
+                             fsynced and renamed when complete
       index.json             written last: shards, sample counts, bytes, sha256 (per shard and per
                              sample), sample byte offsets, every version id, action/state statistics
 
@@ -15,11 +17,13 @@ bytes: never extracted by path; anything but a regular file member is refused.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import os
 import sys
 import tarfile
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -33,10 +37,11 @@ from schemas.plan import ClipRow
 from schemas.target import TargetVersion, content_id
 from storage import layout
 from storage.episodes import EpisodeStore
-from storage.fs import Root, open_root
+from storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
+                        remove_temporaries, temp_name)
 from storage.mapped import allow_files, map_file
 from storage.plans import PlanStore
-from storage.targets import TargetReader, TargetStore
+from storage.targets import TargetReader, TargetStore, verify_by_default
 from storage.provenance import git_commit, host, now_iso, package_versions
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,8 @@ class ExportShard(StrictModel):
     offsets: list[int] = Field(description="Byte offset of each sample's first tar header.")
     data_end: int = Field(description="Byte offset of the end-of-archive blocks (end of the last sample).")
     sample_sha256: list[str] = Field(description="sha256 of each sample's bytes (headers + payloads).")
+    sample_xxh3: list[str] = Field(default_factory=list, description="xxh3-128 of each sample's bytes: what "
+                                   "readers check while reading (empty in exports made before it was recorded).")
 
     def sample_range(self, position: int) -> tuple[int, int]:
         """[start, end) byte range of the sample at ``position`` in this shard."""
@@ -122,6 +129,8 @@ class ExportIndex(StrictModel):
     host: str | None = None
     packages: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    verified_inputs: bool = Field(default=True, description="False when the target versions were read with "
+                                                            "--no-verify while exporting.")
 
     @property
     def version_ids(self) -> list[str]:
@@ -151,51 +160,82 @@ def tar_padding(size: int) -> bytes:
 
 
 class ShardTarWriter:
-    """Streams samples into one tar under a temporary name; ``publish`` renames it into place."""
+    """Streams samples into one tar under a temporary name; ``publish`` fsyncs and renames it into place.
 
-    def __init__(self, root: Root, export_id: str, index: int):
+    The temporary's name records the writer (storage.fs.temp_name): the next claimer of the shard, or
+    the export's completion, removes it when its writer died. ``expected_bytes`` (the planned shard
+    size) is what a full disk reports as needed.
+    """
+
+    def __init__(self, root: Root, export_id: str, index: int, expected_bytes: int = 0):
         self.root, self.index, self.name = root, index, shard_name(index)
         self.dir = layout.export_dir(export_id)
-        self.tmp_rel = f"{self.dir}/.tmp-{self.name}-{uuid.uuid4().hex[:8]}"
+        self.tmp_rel = f"{self.dir}/{temp_name(self.name)}"
+        self.expected_bytes = expected_bytes
         root.makedirs(self.dir)
         self.handle = root.open(self.tmp_rel, "wb")
         self.digest, self.position = hashlib.sha256(), 0
         self.clips: list[int] = []
         self.offsets: list[int] = []
         self.sample_sha256: list[str] = []
+        self.sample_xxh3: list[str] = []
 
-    def _write(self, data: bytes | memoryview, sample_digest: Any) -> None:
-        self.handle.write(data)
+    def _write(self, data: bytes | memoryview, sample_digests: Sequence[Any]) -> None:
+        try:
+            self.handle.write(data)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                self._raise_disk_full(len(data))
+            raise
         self.digest.update(data)
-        sample_digest.update(data)
+        for digest in sample_digests:
+            digest.update(data)
         self.position += len(data)
+
+    def _raise_disk_full(self, pending: int) -> None:
+        path = self.root.url_of(self.dir, self.name)
+        needed = max(self.expected_bytes, self.position + pending)
+        free = free_bytes(self.root.path(self.tmp_rel)) if self.root.is_local else None
+        raise DiskFullError(path, needed, free) from None
 
     def add_sample(self, clip_index: int, members: Sequence[tuple[str, bytes]]) -> None:
         """Append one sample: every member's header, payload and padding, contiguously."""
-        sample_digest = hashlib.sha256()
+        sample_digests = (hashlib.sha256(), fast_digest())
         self.clips.append(clip_index)
         self.offsets.append(self.position)
         for name, payload in members:
-            self._write(tar_header(name, len(payload)), sample_digest)
-            self._write(payload, sample_digest)
-            self._write(tar_padding(len(payload)), sample_digest)
-        self.sample_sha256.append(sample_digest.hexdigest())
+            self._write(tar_header(name, len(payload)), sample_digests)
+            self._write(payload, sample_digests)
+            self._write(tar_padding(len(payload)), sample_digests)
+        self.sample_sha256.append(sample_digests[0].hexdigest())
+        self.sample_xxh3.append(sample_digests[1].hexdigest())
 
     def publish(self) -> ExportShard:
-        """Write the end-of-archive blocks, close, rename to the final name; returns the shard record."""
+        """Write the end-of-archive blocks, fsync, close, rename to the final name; returns the record."""
         data_end = self.position
         trailer = bytes(2 * TAR_BLOCK + (-(self.position + 2 * TAR_BLOCK) % TAR_RECORD))
-        self._write(trailer, hashlib.sha256())
+        self._write(trailer, ())
+        if self.root.is_local:
+            self.handle.flush()
+            try:
+                os.fsync(self.handle.fileno())
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    self._raise_disk_full(0)
+                raise
         self.handle.close()
         self.root.rename(self.tmp_rel, f"{self.dir}/{self.name}")
+        if self.root.is_local:
+            fsync_dir(self.root.path(self.dir))
         return ExportShard(name=self.name, samples=len(self.clips), bytes=self.position,
                            sha256=self.digest.hexdigest(), clips=self.clips, offsets=self.offsets,
-                           data_end=data_end, sample_sha256=self.sample_sha256)
+                           data_end=data_end, sample_sha256=self.sample_sha256, sample_xxh3=self.sample_xxh3)
 
     def abort(self) -> None:
         """Drop the temporary file (a failed shard leaves nothing visible)."""
-        if not self.handle.closed:
-            self.handle.close()
+        with contextlib.suppress(OSError):
+            if not self.handle.closed:
+                self.handle.close()  # a full disk can fail the close's flush too: the file goes anyway
         self.root.rm(self.tmp_rel)
 
 
@@ -263,9 +303,18 @@ class ExportStore:
         if not self.root.exists(rel):
             raise ValueError(f"export '{export_id}': no {layout.EXPORT_INDEX} under {self.root.url} "
                              "(not exported, or still building)")
+        where = self.root.url_of(rel)
         data = self.root.read_json(rel)
-        check_format_version(data.get("format_version"), self.root.url_of(rel))
-        return validate(ExportIndex, data, self.root.url_of(rel))
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        check_format_version(data.get("format_version"), where)
+        index = validate(ExportIndex, data, where)
+        proven = index.recipe.export_id()
+        if index.export_id != export_id or proven != export_id:
+            raise ValueError(f"{where}: export '{export_id}' does not match its stored recipe (the recipe hashes "
+                             f"to '{proven}', index.json says '{index.export_id}'); index.json was edited or "
+                             "belongs to another export")
+        return index
 
     # building ----------------------------------------------------------------------------------
     def begin(self, build: ExportBuild) -> None:
@@ -284,8 +333,20 @@ class ExportStore:
             raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}")
         return validate(ExportBuild, self.root.read_json(rel), self.root.url_of(rel))
 
-    def shard_writer(self, export_id: str, index: int) -> ShardTarWriter:
-        return ShardTarWriter(self.root, export_id, index)
+    def shard_writer(self, export_id: str, index: int, expected_bytes: int = 0) -> ShardTarWriter:
+        return ShardTarWriter(self.root, export_id, index, expected_bytes)
+
+    def remove_stale_temporaries(self, export_id: str, index: int) -> list[str]:
+        """Delete the tar temporaries of shard ``index`` (call while holding its claim: any writer of
+        them is dead, or lost the claim)."""
+        name, folder, removed = shard_name(index), layout.export_dir(export_id), []
+        for found in self.root.ls(folder):
+            # Writer-tagged names end with the shard's name; older ones were .tmp-<shard name>-<random>.
+            if found.startswith(TMP_PREFIX) and (found.endswith(f"-{name}") or found.startswith(f"{TMP_PREFIX}{name}-")):
+                with contextlib.suppress(FileNotFoundError):
+                    self.root.fs.rm(self.root.path(folder, found))
+                    removed.append(found)
+        return removed
 
     def record_shard(self, export_id: str, index: int, shard: ExportShard) -> None:
         """Mark a renamed shard finished (after the rename, so a marker implies a complete tar)."""
@@ -303,31 +364,48 @@ class ExportStore:
         done = set(self.root.ls(layout.export_dir(export_id), layout.DONE_DIR))
         return [i for i in range(len(build.shard_clips)) if f"{i}.json" not in done]
 
-    def finalize(self, export_id: str, timings: dict[str, float] | None = None) -> ExportIndex:
-        """Write index.json (last) once every shard is done; the build files are removed after it."""
+    def finalize(self, export_id: str, timings: dict[str, float] | None = None,
+                 verified_inputs: bool = True) -> ExportIndex:
+        """Write index.json (last) once every shard is done; the build files are removed after it.
+
+        Safe to race: a concurrent builder that finalized first makes this call return its index.
+        """
         if self.exists(export_id):
             return self.index(export_id)
+        try:
+            index = self._final_index(export_id, timings, verified_inputs)
+        except (FileNotFoundError, ValueError):
+            if self.exists(export_id):  # another builder finished (and removed the build files) meanwhile
+                return self.index(export_id)
+            raise
+        folder = layout.export_dir(export_id)
+        self.root.write_json_atomic(f"{folder}/{layout.EXPORT_INDEX}", index.model_dump(mode="json"))
+        for leftover in (layout.DONE_DIR, BUILD_INFO, layout.CLAIMS_DIR):
+            with contextlib.suppress(FileNotFoundError, OSError):  # a concurrent finalizer removes them too
+                self.root.rm(folder, leftover)
+        remove_temporaries(self.root, folder, only_dead=True)
+        log.info("export %s complete: %d samples, %d shards, %.1f MB", export_id, index.num_samples,
+                 len(index.shards), index.total_bytes / 1e6)
+        return index
+
+    def _final_index(self, export_id: str, timings: dict[str, float] | None, verified_inputs: bool) -> ExportIndex:
         build = self.build_info(export_id)
         pending = self.pending_shards(export_id)
         if pending:
             raise ValueError(f"export '{export_id}': shards {pending} are not written yet")
         shards = [self.done_shard(export_id, i) for i in range(len(build.shard_clips))]
         for planned, shard in zip(build.shard_clips, shards, strict=True):
+            if shard is None:
+                raise FileNotFoundError(f"export '{export_id}': a shard record vanished while finalizing")
             if shard.clips != planned or self.root.size(layout.export_dir(export_id), shard.name) != shard.bytes:
                 raise ValueError(f"export '{export_id}', {shard.name}: stored shard does not match its plan")
-        index = ExportIndex(
+        return ExportIndex(
             export_id=export_id, recipe=build.recipe, plan_id=build.recipe.plan_id, dataset=build.dataset,
             versions={f: spec.version for f, spec in build.fields.items() if spec.version},
             fields=build.fields, num_samples=sum(s.samples for s in shards),
             total_bytes=sum(s.bytes for s in shards), shards=shards, stats=build.stats, created=now_iso(),
-            git_commit=git_commit(), host=host(), packages=package_versions(), timings=timings or {})
-        self.root.write_json_atomic(f"{layout.export_dir(export_id)}/{layout.EXPORT_INDEX}",
-                                    index.model_dump(mode="json"))
-        self.root.rm(layout.export_dir(export_id), layout.DONE_DIR)
-        self.root.rm(layout.export_dir(export_id), BUILD_INFO)
-        log.info("export %s complete: %d samples, %d shards, %.1f MB", export_id, index.num_samples,
-                 len(shards), index.total_bytes / 1e6)
-        return index
+            git_commit=git_commit(), host=host(), packages=package_versions(), timings=timings or {},
+            verified_inputs=verified_inputs)
 
     def delete(self, export_id: str) -> None:
         self.root.rm(layout.export_dir(export_id))
@@ -337,16 +415,19 @@ class ExportStore:
         """A binary file object over one shard (any fsspec filesystem)."""
         return self.root.open(f"{layout.export_dir(export_id)}/{name}", "rb")
 
-    def read_samples(self, index: ExportIndex, shard_position: int, first: int, stop: int, verify: bool = False,
+    def read_samples(self, index: ExportIndex, shard_position: int, first: int, stop: int,
+                     verify: bool | None = None,
                      pool: "BufferPool | None" = None,
                      mmap: bool = True) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
         """(clip, members) of samples ``first`` .. ``stop - 1`` of one shard, read sequentially.
 
         On a local root the shard is memory-mapped (copy-on-write) and payloads are views of the page
         cache: no copy at all. Elsewhere (or with ``mmap=False``) each sample is read into one buffer
-        (from ``pool`` when given). With ``verify`` each sample's bytes are checked against index.json
-        before they are parsed, so a tampered sample is never returned.
+        (from ``pool`` when given). With ``verify`` (default: on unless ``--no-verify``) each sample's
+        bytes are checked against index.json (xxh3, else sha256) before they are parsed, so a tampered
+        sample is never returned.
         """
+        verify = verify_by_default() if verify is None else verify
         shard = index.shards[shard_position]
         if not 0 <= first <= stop <= shard.samples:
             raise ValueError(f"export '{index.export_id}', {shard.name}: samples [{first}, {stop}) out of "
@@ -357,11 +438,14 @@ class ExportStore:
             self._buffered_reader(index, shard, first, pool)
         try:
             for position in range(first, stop):
-                yield shard.clips[position], self._check_and_parse(index, shard, position, read(position), verify)
+                checked = verify and not _VERIFIED.seen(read.identity, position)
+                yield shard.clips[position], self._check_and_parse(index, shard, position, read(position), checked)
+                if checked:
+                    _VERIFIED.add(read.identity, position)
         finally:
             read.close()
 
-    def read_sample(self, index: ExportIndex, shard_position: int, position: int, verify: bool = False,
+    def read_sample(self, index: ExportIndex, shard_position: int, position: int, verify: bool | None = None,
                     pool: "BufferPool | None" = None) -> tuple[int, list[tuple[str, memoryview]]]:
         """Random access to one sample by its position in a shard."""
         return next(self.read_samples(index, shard_position, position, position + 1, verify, pool=pool))
@@ -379,7 +463,8 @@ class ExportStore:
         if len(mapped) < shard.data_end:
             raise ValueError(f"export '{index.export_id}', {shard.name}: shard is truncated "
                              f"({len(mapped)} of {shard.bytes} bytes)")
-        return _SampleReader(lambda position: mapped[slice(*shard.sample_range(position))], lambda: None)
+        return _SampleReader(lambda position: mapped[slice(*shard.sample_range(position))], lambda: None,
+                             identity=(path, mapped.identity))
 
     def _buffered_reader(self, index: ExportIndex, shard: ExportShard, first: int,
                          pool: "BufferPool | None") -> "_SampleReader":
@@ -400,7 +485,7 @@ class ExportStore:
     def _check_and_parse(self, index: ExportIndex, shard: ExportShard, position: int, buffer: np.ndarray,
                          verify: bool) -> list[tuple[str, memoryview]]:
         where = f"export '{index.export_id}', {shard.name}, sample {position} (clip {shard.clips[position]})"
-        if verify and hashlib.sha256(buffer).hexdigest() != shard.sample_sha256[position]:
+        if verify and not _sample_intact(shard, position, buffer):
             raise ValueError(f"{where}: checksum mismatch, the shard was modified or corrupted")
         return parse_members(buffer, where)
 
@@ -416,6 +501,41 @@ class ExportStore:
                 problems.append(f"export '{export_id}': {shard.name} is corrupt (sha256 mismatch, "
                                 f"{self.root.url_of(rel)})")
         return problems
+
+
+class _VerifiedSamples:
+    """Samples of memory-mapped shard files whose bytes this process already checked, keyed by the
+    file's identity (device, inode, size, mtime): a later epoch over the same unmodified file reads
+    the same page-cache bytes, so the check is not repeated; a rewritten or replaced file has
+    another identity and is checked again. Each new process (a training run, a DataLoader worker)
+    checks every sample once. Buffered (remote) reads are checked every time."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, int]] = set()
+
+    def seen(self, identity: Any, position: int) -> bool:
+        return identity is not None and (identity, position) in self._seen
+
+    def add(self, identity: Any, position: int) -> None:
+        if identity is None:
+            return
+        if len(self._seen) >= self.LIMIT:
+            self._seen.clear()
+        self._seen.add((identity, position))
+
+
+_VERIFIED = _VerifiedSamples()
+
+
+def _sample_intact(shard: ExportShard, position: int, buffer: np.ndarray) -> bool:
+    """The sample's bytes hash to what index.json records (xxh3 when recorded, else sha256)."""
+    if shard.sample_xxh3:
+        digest = fast_digest()
+        digest.update(buffer)
+        return digest.hexdigest() == shard.sample_xxh3[position]
+    return hashlib.sha256(buffer).hexdigest() == shard.sample_sha256[position]
 
 
 class BufferPool:
@@ -443,10 +563,11 @@ class BufferPool:
 
 
 class _SampleReader:
-    """Bytes of one sample by position (sequential positions for the buffered reader)."""
+    """Bytes of one sample by position (sequential positions for the buffered reader); ``identity``
+    names the exact file a memory map was made from (None for buffered reads)."""
 
-    def __init__(self, read: Any, close: Any):
-        self._read, self.close = read, close
+    def __init__(self, read: Any, close: Any, identity: Any = None):
+        self._read, self.close, self.identity = read, close, identity
 
     def __call__(self, position: int) -> np.ndarray:
         return self._read(position)
@@ -584,7 +705,8 @@ class ClipSource:
     What the export stage writes into shards and what ZarrClips serves by random access.
     """
 
-    def __init__(self, root: Root | str, plan_id: str, sources: dict[str, str], action_chunk_len: int):
+    def __init__(self, root: Root | str, plan_id: str, sources: dict[str, str], action_chunk_len: int,
+                 verify: bool | None = None):
         self.root = open_root(root)
         self.plan_id, self.sources, self.action_chunk_len = plan_id, dict(sources), action_chunk_len
         self.rows: list[ClipRow] = PlanStore(self.root).rows(plan_id)
@@ -593,7 +715,7 @@ class ClipSource:
         for source in self.target_sources().values():
             version = source.split(":", 1)[0]
             if version not in self.readers:
-                self.readers[version] = TargetReader(targets, complete_manifest(targets, version))
+                self.readers[version] = TargetReader(targets, complete_manifest(targets, version), verify)
         self._episodes: dict[str, EpisodeStore] = {}
         self._columns: dict[tuple[str, str, str], np.ndarray] = {}
         self._splits: dict[tuple[str, str], str] = {}

@@ -30,6 +30,7 @@ import cv2
 import google_crc32c
 import numpy as np
 import zarr
+from av.video.reformatter import VideoReformatter
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 from zarr.registry import register_codec
@@ -48,6 +49,8 @@ LOSSLESS_ENCODER = "libx264rgb"
 """qp 0 in RGB: exact for uint8 frames, and every segment carries its own SPS/PPS (no extradata)."""
 LOSSY_ENCODER = "libx264"
 _PACKET_LENGTH = struct.Struct("<I")
+MAX_DECODERS = 8
+"""Decoders kept per thread (one per stream configuration)."""
 
 
 class FrameDecodeError(ValueError):
@@ -162,6 +165,18 @@ def decoder_name(stream_codec: str) -> str:
 _decoders = threading.local()
 
 
+def frame_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame, through this thread's reused reformatter.
+
+    Equal to ``frame.to_ndarray(format="rgb24")``, which builds a new scaler for every frame
+    (most of the cost of small frames).
+    """
+    reformatter = getattr(_decoders, "reformatter", None)
+    if reformatter is None:
+        reformatter = _decoders.reformatter = VideoReformatter()
+    return reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+
 def _decoder(stream_codec: str, extradata: bytes | None) -> av.CodecContext:
     """A decoder for this thread, reused across segments (flushed between them)."""
     cache = getattr(_decoders, "cache", None)
@@ -169,6 +184,8 @@ def _decoder(stream_codec: str, extradata: bytes | None) -> av.CodecContext:
         cache = _decoders.cache = {}
     key = (stream_codec, extradata)
     if key not in cache:
+        if len(cache) >= MAX_DECODERS:
+            cache.clear()  # streams of many configurations: keep memory bounded
         context = av.CodecContext.create(decoder_name(stream_codec), "r")
         if extradata:
             context.extradata = extradata
@@ -196,7 +213,7 @@ def decode_segment(packets: list[bytes], stream_codec: str, extradata: bytes | N
     finally:
         context.flush_buffers()
     if to_rgb:
-        return [frame.to_ndarray(format="rgb24") for frame in frames]
+        return [frame_rgb(frame) for frame in frames]
     return frames
 
 

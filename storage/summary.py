@@ -45,7 +45,11 @@ def root_summary(root: Root) -> dict[str, Any]:
     targets = TargetStore(root)
     versions = []
     for vid in targets.ids():
-        manifest = targets.manifest(vid)
+        try:
+            manifest = targets.manifest(vid)
+        except ValueError as err:  # one unreadable manifest must not hide the rest of the root
+            versions.append({"version": vid, "status": "unreadable", "clips": 0, "model": "-", "error": str(err)})
+            continue
         model = manifest.recipe.model
         versions.append({"version": vid, "status": manifest.status, "clips": manifest.num_clips,
                          "model": f"{model.family}:{model.spec}" if model else "-"})

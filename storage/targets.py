@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import mmap
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +15,7 @@ from schemas.base import check_format_version, validate
 from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
 from storage.claims import claim_shard
-from storage.fs import Root, open_root
+from storage.fs import FAST_HASH, Root, fast_digest, open_root, remove_temporaries
 from storage.provenance import git_commit, host, now_iso, package_versions
 from storage.zarr_shards import ShardCodec, shard_codec
 
@@ -22,6 +25,13 @@ COMPRESSORS = {"zstd": ZSTD, "none": None}
 """ArraySpec.compression -> zarr compressor of the stored chunks."""
 EMPTY_SHARD = "fill-value-only"
 """Checksum recorded for a shard whose every value is the fill value (zarr writes no object)."""
+NO_VERIFY_ENV = "FORESIGHT_NO_VERIFY"
+"""Set (by ``foresight --no-verify``) to read versions and exports without checking checksums."""
+
+
+def verify_by_default() -> bool:
+    """Whether readers check recorded checksums while reading (True unless ``--no-verify``)."""
+    return not os.environ.get(NO_VERIFY_ENV)
 
 
 class TargetStore:
@@ -46,8 +56,13 @@ class TargetStore:
         if not self.root.exists(rel):
             raise ValueError(f"target version '{version_id}': not found under {self.root.url}")
         data = self.root.read_json(rel)
-        check_format_version(data.get("format_version"), self.root.url_of(rel))
-        return validate(TargetVersion, data, self.root.url_of(rel))
+        where = self.root.url_of(rel)
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        check_format_version(data.get("format_version"), where)
+        manifest = validate(TargetVersion, data, where)
+        check_version_id(manifest, version_id, where)
+        return manifest
 
     def write_manifest(self, manifest: TargetVersion) -> None:
         self.root.write_json_atomic(f"{layout.target_dir(manifest.id)}/{layout.MANIFEST}",
@@ -90,11 +105,22 @@ class TargetStore:
         manifest = self.manifest(version_id)
         return TargetWriter(self, manifest)
 
-    def open(self, version_id: str) -> "TargetReader":
-        return TargetReader(self, self.manifest(version_id))
+    def open(self, version_id: str, verify: bool | None = None) -> "TargetReader":
+        """A reader of one version; ``verify`` (default: on unless ``--no-verify``) checks every
+        shard's recorded checksum as it is read."""
+        return TargetReader(self, self.manifest(version_id), verify)
 
     def delete(self, version_id: str) -> None:
         self.root.rm(layout.target_dir(version_id))
+
+
+def check_version_id(manifest: TargetVersion, version_id: str, where: str) -> None:
+    """Refuse a manifest whose stored recipe does not hash to the id of the folder it is in."""
+    proven = manifest.recipe.version_id()
+    if manifest.id != version_id or proven != version_id:
+        raise ValueError(f"{where}: target version '{version_id}' does not match its stored recipe (the recipe "
+                         f"hashes to '{proven}', the manifest says '{manifest.id}'); the manifest was edited "
+                         "or belongs to another version")
 
 
 def _check_same_layout(manifest: TargetVersion, arrays: Sequence[ArraySpec], num_clips: int, shard_size: int) -> None:
@@ -170,9 +196,19 @@ class TargetWriter(_VersionHandle):
 
     def claim(self, shard_index: int, ttl_s: float | None = None):
         """``with writer.claim(i) as owned:`` -- owned is truthy when this process should write
-        shard ``i`` (None when it is done or a live builder holds it); see storage.claims."""
+        shard ``i`` (None when it is done or a live builder holds it); see storage.claims. Taking
+        the claim removes the temporaries a dead writer of the shard left behind."""
         return claim_shard(self.root, self.version_id, shard_index, is_done=lambda: self.is_done(shard_index),
-                           ttl_s=ttl_s)
+                           ttl_s=ttl_s, on_acquire=lambda: self.remove_stale_temporaries(shard_index))
+
+    def _sweep_temporaries(self) -> None:
+        """At completion, remove what writers that have exited left anywhere in the version (a
+        temporary of a live writer, or of another machine, is left alone: its claim handles it)."""
+        folders = {shard_object(self.manifest, spec.name, i).rsplit("/", 1)[0]
+                   for spec in self.manifest.arrays for i in range(self.num_shards)}
+        base = layout.target_dir(self.version_id)
+        for folder in sorted(folders | {base, f"{base}/{layout.DONE_DIR}"}):
+            remove_temporaries(self.root, folder, only_dead=True)
 
     def pending_shards(self) -> list[int]:
         done = set(self.root.ls(layout.target_dir(self.version_id), layout.DONE_DIR))
@@ -193,25 +229,54 @@ class TargetWriter(_VersionHandle):
             if data.shape != want:
                 raise ValueError(f"target version '{self.version_id}', shard {shard_index}, array "
                                  f"'{spec.name}': shape {data.shape}, expected {want}")
-        sums = {spec.name: self._store_shard(spec.name, shard_index,
-                                             np.asarray(arrays[spec.name]).astype(spec.dtype, copy=False))
-                for spec in self.manifest.arrays}
-        self.root.write_json_atomic(self.done_path(shard_index), sums)
+        sums, fast = {}, {}
+        for spec in self.manifest.arrays:
+            data = np.asarray(arrays[spec.name]).astype(spec.dtype, copy=False)
+            sums[spec.name], fast[spec.name] = self._store_shard(spec.name, shard_index, data)
+        # Every shard object was fsynced (file and folder) above: the marker never outlives its data.
+        self.root.write_json_atomic(self.done_path(shard_index), {"sha256": sums, FAST_HASH: fast})
         return sums
 
-    def _store_shard(self, array: str, shard_index: int, data: np.ndarray) -> str:
-        """Store one shard of ``array``; returns the stored object's sha256 (or EMPTY_SHARD)."""
+    def _store_shard(self, array: str, shard_index: int, data: np.ndarray) -> tuple[str, str]:
+        """Store one shard of ``array``; returns the stored object's (sha256, xxh3) (or EMPTY_SHARD twice)."""
         codec = self._codec(array)
         if codec is None:  # a layout storage.zarr_shards does not encode: let zarr write it
             clips = self.shard_clips(shard_index)
             self.array(array)[clips.start:clips.stop] = data
             return self._object_digest(array, shard_index)
-        return self.root.write_parts_atomic(shard_object(self.manifest, array, shard_index), codec.parts(data))
+        hasher = fast_digest()
+        sha = self.root.write_parts_atomic(shard_object(self.manifest, array, shard_index), codec.parts(data),
+                                           digests=[hasher])
+        return sha, hasher.hexdigest()
 
-    def _object_digest(self, array: str, shard_index: int) -> str:
+    def _object_digest(self, array: str, shard_index: int) -> tuple[str, str]:
         rel = shard_object(self.manifest, array, shard_index)
         # zarr stores no object for a shard that holds only the fill value.
-        return self.root.sha256(rel) if self.root.exists(rel) else EMPTY_SHARD
+        if not self.root.exists(rel):
+            return EMPTY_SHARD, EMPTY_SHARD
+        data = self.root.read_bytes(rel)
+        self.root.write_bytes_atomic(rel, data)  # zarr's LocalStore does not fsync; this publication does
+        return hashlib.sha256(data).hexdigest(), fast_digest_of(data)
+
+    def read_done(self, shard_index: int) -> tuple[dict[str, str], dict[str, str]]:
+        """(sha256, xxh3) per array recorded in one shard's ``_done`` marker (xxh3 {} for old markers)."""
+        marker = self.root.read_json(self.done_path(shard_index))
+        if isinstance(marker, dict) and isinstance(marker.get("sha256"), dict):
+            return dict(marker["sha256"]), dict(marker.get(FAST_HASH) or {})
+        return dict(marker), {}  # written before xxh3 was recorded: {array: sha256}
+
+    def remove_stale_temporaries(self, shard_index: int) -> list[str]:
+        """Delete temporaries a dead writer left in this shard's object folders (call while holding
+        the shard's claim: no live writer can be using them)."""
+        removed = []
+        for spec in self.manifest.arrays:
+            folder = shard_object(self.manifest, spec.name, shard_index).rsplit("/", 1)[0]
+            # A 1-d array keeps every shard's object in one folder: there only exited writers' go.
+            removed += remove_temporaries(self.root, folder, only_dead=len(spec.shape) == 1)
+        if removed:
+            log.info("target version %s shard %d: removed %d stale temporaries", self.version_id, shard_index,
+                     len(removed))
+        return removed
 
     def finalize(self, timings: dict[str, float] | None = None) -> TargetVersion:
         """Mark the version complete once every shard is done; returns the final manifest."""
@@ -221,32 +286,131 @@ class TargetWriter(_VersionHandle):
         pending = self.pending_shards()
         if pending:
             raise ValueError(f"target version '{self.version_id}': shards {pending} are not written yet")
-        shards = {str(i): self.root.read_json(self.done_path(i)) for i in range(self.num_shards)}
-        current.shards, current.status, current.completed = shards, "complete", now_iso()
+        done = {str(i): self.read_done(i) for i in range(self.num_shards)}
+        self._sweep_temporaries()
+        current.shards = {i: sums for i, (sums, _) in done.items()}
+        current.shard_xxh3 = {i: fast for i, (_, fast) in done.items() if fast}
+        current.status, current.completed = "complete", now_iso()
         current.timings = {**current.timings, **(timings or {})}
         self.store.write_manifest(current)
         self.manifest = current
-        log.info("target version %s complete (%d clips, %d shards)", current.id, current.num_clips, len(shards))
+        log.info("target version %s complete (%d clips, %d shards)", current.id, current.num_clips, len(done))
         return current
 
 
 class TargetReader(_VersionHandle):
-    """Read access to one version's arrays, with checksum verification."""
+    """Read access to one version's arrays; with ``verify`` (the default) every shard object is
+    checked against the checksum recorded at ``_done`` as it is read, and a mismatch is refused."""
+
+    def __init__(self, store: TargetStore, manifest: TargetVersion, verify: bool | None = None):
+        super().__init__(store, manifest)
+        self.verify_reads = verify_by_default() if verify is None else bool(verify)
+        self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its verified bytes)
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices)."""
         array = self.array(name)
-        if isinstance(clips, slice) and self.root.is_local:
+        codec = self._codec(name)
+        if self.verify_reads and codec is not None:
+            return self._read_verified(name, codec, clips)
+        if self.verify_reads:  # a layout zarr_shards does not decode: check the objects, then let zarr read
+            for shard in sorted({i // self.manifest.shard_size for i in self._rows(clips)}):
+                self._shard_bytes(name, shard)
+        elif isinstance(clips, slice) and self.root.is_local and codec is not None:
             start, stop, step = clips.indices(self.manifest.num_clips)
-            codec = self._codec(name)
-            if step == 1 and codec is not None:
+            if step == 1:
                 return self._read_direct(name, codec, range(start, max(start, stop)))
         if isinstance(clips, (slice, int, np.integer)):
             return array[clips]
         return array.get_orthogonal_selection((np.asarray(clips, dtype=np.int64),))
 
+    def _rows(self, clips: slice | int | Sequence[int]) -> np.ndarray:
+        if isinstance(clips, slice):
+            return np.arange(*clips.indices(self.manifest.num_clips))
+        rows = np.atleast_1d(np.asarray(clips, dtype=np.int64))
+        rows = np.where(rows < 0, rows + self.manifest.num_clips, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.manifest.num_clips):
+            raise IndexError(f"target version '{self.version_id}': clip index out of range "
+                             f"(has {self.manifest.num_clips} clips)")
+        return rows
+
+    def _read_verified(self, name: str, codec: ShardCodec, clips: slice | int | Sequence[int]) -> np.ndarray:
+        """Rows decoded from shard objects whose checksum was checked on the bytes decoded."""
+        spec = self.manifest.array_spec(name)
+        rows = self._rows(clips)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        out = np.zeros((len(unique), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
+        size = self.manifest.shard_size
+        shards = unique // size
+        for shard in np.unique(shards).tolist():
+            picked = np.flatnonzero(shards == shard)
+            data = self._shard_bytes(name, shard)
+            if data is None:
+                continue  # a shard of fill values only: no object
+            where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+            if len(picked) == picked[-1] - picked[0] + 1:  # contiguous rows: decode into a view of out
+                codec.decode_rows(data, (unique[picked] - shard * size).tolist(), out[picked[0]:picked[-1] + 1],
+                                  where)
+            else:
+                part = np.zeros((len(picked), *spec.shape[1:]), dtype=spec.dtype)
+                codec.decode_rows(data, (unique[picked] - shard * size).tolist(), part, where)
+                out[picked] = part
+        if isinstance(clips, (int, np.integer)):
+            return out[0]
+        return out if len(unique) == len(rows) and np.array_equal(unique, rows) else out[inverse]
+
+    def _recorded(self, name: str, shard: int) -> tuple[str, str] | None:
+        """(hash name, hex digest) recorded for a shard object: xxh3 when recorded, else sha256; None
+        when nothing is recorded yet (a building version's unfinished shard)."""
+        fast = self.manifest.shard_xxh3.get(str(shard), {}).get(name)
+        if fast is not None:
+            return FAST_HASH, fast
+        sha = self.manifest.shards.get(str(shard), {}).get(name)
+        return ("sha256", sha) if sha is not None else None
+
+    def _shard_bytes(self, name: str, shard: int) -> memoryview | None:
+        """The verified bytes of one shard object (memory-mapped on local disks), None when zarr
+        stored no object (fill values only). The newest shard per array is kept for the next rows."""
+        cached = self._objects.get(name)
+        if cached is not None and cached[0] == shard:
+            return cached[1]
+        rel = shard_object(self.manifest, name, shard)
+        recorded = self._recorded(name, shard)
+        where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+        data = self._load_object(rel)
+        if recorded is not None and recorded[1] == EMPTY_SHARD:
+            if data is not None:
+                raise ValueError(f"{where}: should hold only fill values but an object exists "
+                                 f"({self.root.url_of(rel)})")
+        elif recorded is not None:
+            if data is None:
+                raise ValueError(f"{where}: shard object is missing ({self.root.url_of(rel)})")
+            kind, digest = recorded
+            found = fast_digest_of(data) if kind == FAST_HASH else hashlib.sha256(data).hexdigest()
+            if found != digest:
+                raise ValueError(f"{where}: checksum mismatch ({kind} of {self.root.url_of(rel)} differs from "
+                                 f"the one recorded at _done); the shard was modified or corrupted, refusing "
+                                 f"to read it (run `foresight targets verify {self.version_id}`)")
+        self._objects[name] = (shard, data)
+        return data
+
+    def _load_object(self, rel: str) -> memoryview | None:
+        if self.root.is_local:
+            try:
+                handle = open(self.root.path(rel), "rb")
+            except FileNotFoundError:
+                return None
+            with handle:
+                if os.fstat(handle.fileno()).st_size == 0:
+                    return memoryview(b"")
+                return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        try:
+            return memoryview(self.root.read_bytes(rel))
+        except FileNotFoundError:
+            return None
+
     def _read_direct(self, name: str, codec: ShardCodec, clips: range) -> np.ndarray:
-        """Rows ``clips`` decoded from the shard objects without zarr (same layout, see zarr_shards)."""
+        """Rows ``clips`` decoded from the shard objects without zarr, unverified (``--no-verify``)."""
         spec = self.manifest.array_spec(name)
         out = np.zeros((len(clips), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
         size = self.manifest.shard_size
@@ -264,7 +428,8 @@ class TargetReader(_VersionHandle):
         return out
 
     def verify(self, shards: Sequence[int] | None = None) -> list[str]:
-        """Re-hash stored shard objects; one message per missing or corrupt shard ([] = intact)."""
+        """Re-hash stored shard objects (sha256, the audit hash); one message per missing or corrupt
+        shard ([] = intact)."""
         if self.manifest.status != "complete":
             return [f"{self.version_id}: status is '{self.manifest.status}', not complete"]
         problems = []
@@ -291,3 +456,9 @@ class TargetReader(_VersionHandle):
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]
         return []
+
+
+def fast_digest_of(data: bytes | memoryview) -> str:
+    hasher = fast_digest()
+    hasher.update(data)
+    return hasher.hexdigest()

@@ -20,7 +20,7 @@ writes through zarr. Tests compare the bytes with zarr's own for both codecs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -59,15 +59,9 @@ class ShardCodec:
     def read_rows(self, handle: BinaryIO, rows: range, out: np.ndarray, where: str) -> None:
         """Decode chunks ``rows`` (indices within the shard) of the open shard object ``handle`` into
         ``out`` (one row per chunk, already filled with the fill value for absent chunks)."""
-        index_size = 16 * self.chunks_per_shard + 4
         size = handle.seek(0, 2)
-        if size < index_size:
-            raise ValueError(f"{where}: shard object of {size} bytes is shorter than its index")
-        handle.seek(size - index_size)
-        index_bytes = handle.read(index_size)
-        if np.uint32(google_crc32c.value(index_bytes[:-4])).tobytes() != index_bytes[-4:]:
-            raise ValueError(f"{where}: shard index checksum (crc32c) does not match")
-        index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
+        handle.seek(max(0, size - self.index_size))
+        index = self._index(handle.read(self.index_size), size, where)
         for i, row in enumerate(rows):
             offset, length = (int(v) for v in index[row])
             if offset == MAX_UINT64:
@@ -78,7 +72,46 @@ class ShardCodec:
                 if length != target.nbytes or handle.readinto(target) != length:
                     raise ValueError(f"{where}: chunk {row} holds {length} bytes, expected {target.nbytes}")
             else:
-                self.zstd.decode(handle.read(length), out=target)
+                self._decode(handle.read(length), target, row, where)
+
+    def decode_rows(self, shard: memoryview, rows: Sequence[int], out: np.ndarray, where: str) -> None:
+        """As :meth:`read_rows`, from a shard object already in memory (or memory-mapped)."""
+        shard = memoryview(shard).cast("B")
+        index = self._index(shard[len(shard) - self.index_size:] if len(shard) >= self.index_size else shard,
+                            len(shard), where)
+        for i, row in enumerate(rows):
+            offset, length = (int(v) for v in index[row])
+            if offset == MAX_UINT64:
+                continue
+            if offset + length > len(shard) - self.index_size:
+                raise ValueError(f"{where}: chunk {row} runs past the end of the shard object")
+            target = memoryview(out[i:i + 1].reshape(-1).view(np.uint8))
+            encoded = shard[offset:offset + length]
+            if self.zstd is None:
+                if length != target.nbytes:
+                    raise ValueError(f"{where}: chunk {row} holds {length} bytes, expected {target.nbytes}")
+                target[:] = encoded
+            else:
+                self._decode(encoded, target, row, where)
+
+    def _decode(self, encoded: bytes | memoryview, target: memoryview, row: int, where: str) -> None:
+        try:
+            self.zstd.decode(encoded, out=target)
+        except (RuntimeError, ValueError) as err:  # numcodecs reports corrupt frames as RuntimeError
+            raise ValueError(f"{where}: chunk {row} cannot be decoded ({err}); the shard is corrupt") from None
+
+    @property
+    def index_size(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    def _index(self, index_bytes: bytes | memoryview, size: int, where: str) -> np.ndarray:
+        """The (chunks, 2) offset/length table of a shard object of ``size`` bytes, crc-checked."""
+        if size < self.index_size:
+            raise ValueError(f"{where}: shard object of {size} bytes is shorter than its index")
+        index_bytes = bytes(index_bytes)
+        if np.uint32(google_crc32c.value(index_bytes[:-4])).tobytes() != index_bytes[-4:]:
+            raise ValueError(f"{where}: shard index checksum (crc32c) does not match")
+        return np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
 
 
 def shard_codec(array: zarr.Array) -> ShardCodec | None:

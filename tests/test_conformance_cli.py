@@ -28,7 +28,7 @@ def test_vendored_extract_group_passes_with_one_line_per_array():
     result = conformance(REFERENCE / "svam_tiny", "--group", "extract")
     assert result.exit_code == 0, result.output
     rows = lines(result.output)
-    assert ("extract", "features") in rows and len(rows) == 16
+    assert ("extract", "features") in rows and len(rows) == 18
     assert all(row[-1] == "ok" for row in rows.values())
     features = rows[("extract", "features")]
     assert float(features[2]) < 2e-4 and features[3:7] == ["atol", "2.0e-04", "rtol", "1.0e-04"]

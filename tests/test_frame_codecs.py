@@ -284,3 +284,22 @@ def test_info_shows_store_bytes_against_source_bytes(tmp_path, jpeg_episode):
     ratio = store.total_bytes() / jpeg_episode.stat().st_size
     assert f"vs source {jpeg_episode.stat().st_size / 1e6:.2f} MB: {ratio:.2f}x" in result.output
     assert "cam_high source-jpeg" in result.output and ratio < 1.1
+
+
+def test_a_recording_written_by_lerobot_keeps_its_av1_packets(tmp_path):
+    """bench/data holds a LeRobot v3.0 dataset written by lerobot 0.4.4 itself (libsvtav1, g=2)."""
+    src = REPO / "bench/data/lerobot_v30_av1_96x128"
+    summary, store = _lerobot(tmp_path, src)
+    assert summary.written == ["episode_000000", "episode_000001", "episode_000002"]
+    source = _pyav_decode(_mp4_of(src))
+    stored = np.concatenate([store.read_frames(e, "top") for e in store.episode_ids()])
+    np.testing.assert_array_equal(stored, source)
+    assert store.frame_storage("episode_000002", "top").stream_codec == "av1"
+    frames_bytes = sum(p.stat().st_size for p in (tmp_path / "root").rglob("frames.zarr/top/c/*/*/*/*"))
+    assert frames_bytes <= 1.1 * _mp4_of(src).stat().st_size
+    assert store.total_bytes() <= 1.1 * store.info().source_bytes
+
+
+def _mp4_of(src: Path) -> Path:
+    [path] = sorted(src.glob("videos/*/chunk-*/file-*.mp4"))
+    return path

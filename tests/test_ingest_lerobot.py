@@ -80,21 +80,20 @@ def test_second_run_changes_nothing(sources, tmp_path):
     assert summary.skipped == ["episode_000000", "episode_000001"] and files() == before
 
 
-def test_missing_info_json_is_quarantined(v3_copy, tmp_path):
+def test_missing_info_json_is_a_usage_error_and_writes_nothing(v3_copy, tmp_path):
     (v3_copy / "meta/info.json").unlink()
-    summary, store = _ingest(tmp_path, v3_copy)
-    [line] = summary.quarantined
-    assert "meta/info.json" in line and "file missing" in line
-    assert store.quarantined()[0]["file"].endswith("meta/info.json")
+    with pytest.raises(lerobot.LeRobotUsageError, match="meta/info.json: file missing"):
+        _ingest(tmp_path, v3_copy)
+    assert not (tmp_path / "root").exists()
 
 
-def test_unsupported_codebase_version_is_quarantined(v3_copy, tmp_path):
+def test_unsupported_codebase_version_is_a_usage_error(v3_copy, tmp_path):
     info = json.loads((v3_copy / "meta/info.json").read_text())
     info["codebase_version"] = "v1.6"
     (v3_copy / "meta/info.json").write_text(json.dumps(info))
-    summary, _ = _ingest(tmp_path, v3_copy)
-    [line] = summary.quarantined
-    assert "field 'codebase_version'" in line and "'v1.6'" in line
+    with pytest.raises(lerobot.LeRobotUsageError, match="field 'codebase_version'.*'v1.6'"):
+        _ingest(tmp_path, v3_copy)
+    assert not (tmp_path / "root").exists()
 
 
 def _rewrite_data(src, change):

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from flows import pi0 as pi0_flow
+from pipelines import pi0
 from pipelines.pi0_augment import AugmentConfig, augment_images
 from schemas.presets import preset_table
 from storage.fs import open_root
+from storage.targets import TargetStore
 from tests.test_pi0_train import PLAN, export_version, train_losses, write_dataset
 from trainers import shallow_pi
+from trainers.data import ShardStream
 from trainers.loop import LoopConfig, RunDir, load_config
 
 
@@ -39,9 +42,9 @@ def recorded_pairs(monkeypatch):
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = shallow_pi.online_targets
 
-    def recording(teacher, batch, t_B, noise_BAD, teacher_layers):
+    def recording(teacher, batch, t_B, noise_BAD, teacher_layers, **kwargs):
         calls.append((t_B.clone(), noise_BAD.clone()))
-        return original(teacher, batch, t_B, noise_BAD, teacher_layers)
+        return original(teacher, batch, t_B, noise_BAD, teacher_layers, **kwargs)
 
     monkeypatch.setattr(shallow_pi, "online_targets", recording)
     return calls
@@ -51,6 +54,12 @@ def test_online_is_the_default_and_reads_only_the_inputs(inputs_only):
     cfg = shallow_pi.ShallowPiRunConfig()
     assert cfg.mode == "online" and cfg.augments
     assert sorted(cfg.fields()) == sorted(f"pi0.{name}" for name in shallow_pi.INPUT_ARRAYS)
+    manifest = TargetStore(inputs_only["root"]).manifest(inputs_only["version"])
+    assert manifest.recipe.params["pairs"] == 0 and {a.name for a in manifest.arrays} == set(shallow_pi.INPUT_ARRAYS)
+    # Attention layers mean nothing without pairs: the default ones do not key an inputs-only version.
+    default_layers = pi0_flow.Pi0TargetsConfig(plan=PLAN, model="tiny", pairs=0, shard_size=3, batch=3,
+                                               max_text_tokens=24)
+    assert pi0_flow.resolve_version(inputs_only["root"], default_layers)[0].version_id() == inputs_only["version"]
 
 
 def test_each_step_draws_fresh_pairs_reproducibly_and_across_resume(inputs_only, recorded_pairs):
@@ -145,3 +154,41 @@ def test_augmentation_is_seeded_and_spares_wrist_cameras():
     assert not torch.equal(spared[:, 0], images[:, 0])
     with pytest.raises(ValueError, match="2 images per sample but 1 camera names"):
         cfg.geometric_cameras(["front"], 2)
+
+
+def test_cli_preset_and_mode(inputs_only):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    base = ["train", "shallow-pi", "--export", inputs_only["export"], "--layers", "2", "--attn-layers", "1",
+            "--steps", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--root", inputs_only["root"]]
+    ok = CliRunner().invoke(app, [*base, "--preset", "shallow-pi", "--run-id", "on-cli-preset"])
+    assert ok.exit_code == 0, ok.output
+    run = RunDir(open_root(inputs_only["root"]), "on-cli-preset").info(1).config["run"]
+    assert run["preset"] == "shallow-pi" and run["mode"] == "online" and run["optim"]["betas"] == [0.9, 0.95]
+    assert run["layers"] == 2 and run["loop"]["batch_size"] == 2  # explicit options win over the preset
+    bad = CliRunner().invoke(app, [*base, "--mode", "sideways"])
+    assert bad.exit_code != 0 and "'mode'" in str(bad.exception)
+
+
+def test_per_head_attention_kl_online_only(inputs_only):
+    teacher = pi0.load_pi0("tiny").model
+    student, layer_map = shallow_pi.build_student(teacher, 2)
+    stream = ShardStream(inputs_only["root"], inputs_only["export"], [inputs_only["version"]], seed=0,
+                         shuffle_buffer=0)
+    arrays = shallow_pi.ShallowPiTask(student, None, layer_map, online_config()).collate(
+        [sample for _, sample in zip(range(2), stream)])
+    batch = pi0.make_batch(arrays, teacher.config)
+    seeds = np.array([5, 6])
+    t_B, noise = torch.from_numpy(pi0.pair_times(seeds)), pi0.noise_from_seeds(seeds)
+    by_head = shallow_pi.online_targets(teacher, batch, t_B, noise, [3], heads="all")
+    mean = shallow_pi.online_targets(teacher, batch, t_B, noise, [3])
+    assert by_head.attn_BLAP.shape == (2, 1, 2, 50, mean.attn_BLAP.shape[-1])  # tiny: 2 heads
+    torch.testing.assert_close(by_head.attn_BLAP.mean(2), mean.attn_BLAP)
+    per_head = shallow_pi.distill_losses(student, batch, by_head, [1], 1.0, 1.0, heads="all")["attn"]
+    averaged = shallow_pi.distill_losses(student, batch, mean, [1], 1.0, 1.0)["attn"]
+    assert per_head >= averaged > 0  # KL is convex: averaging the heads first can only lower it
+    with pytest.raises(ValueError, match="--attn-heads all needs --mode online"):
+        shallow_pi.train_shallow_pi(open_root(inputs_only["root"]), inputs_only["export"],
+                                    online_config(mode="offline", attn_heads="all"))

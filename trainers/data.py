@@ -75,6 +75,7 @@ from pipelines.export import E8M0_TABLE, FP8_POWER, decode_sample, fp8_table, sa
 from storage.exports import BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
 from storage.fs import Root
 from storage.mapped import describe_views
+from storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
 FLOAT_DTYPES = {None: None, "float16": np.float16, "float32": np.float32}
@@ -189,7 +190,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, root: Root | str | None, export_id: str, versions: Sequence[str] | Mapping[str, str],
                  fields: Sequence[str] | None = None, seed: int = 0, shuffle_shards: bool = True,
-                 shuffle_buffer: int = 0, verify: bool = False, float_dtype: str | None = None,
+                 shuffle_buffer: int = 0, verify: bool | None = None, float_dtype: str | None = None,
                  rank: int | None = None, world_size: int | None = None, decode_fp8: bool = True):
         self.store = ExportStore(root)
         self.index: ExportIndex = self.store.index(export_id)
@@ -202,7 +203,9 @@ class ShardStream(IterableDataset):
         self.pins = dict(versions) if isinstance(versions, Mapping) else sorted(versions)
         if float_dtype not in FLOAT_DTYPES:
             raise ValueError(f"float_dtype {float_dtype!r}: expected one of {list(FLOAT_DTYPES)}")
-        self.float_dtype, self.seed, self.verify = float_dtype, seed, verify
+        # Each sample's checksum is checked while reading unless --no-verify (or verify=False) says not to.
+        self.verify = verify_by_default() if verify is None else bool(verify)
+        self.float_dtype, self.seed = float_dtype, seed
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, max(0, int(shuffle_buffer))
         self.rank, self.world_size, self.decode_fp8 = rank, world_size, decode_fp8
         self.epoch = 0
@@ -530,12 +533,12 @@ class ZarrClips(Dataset):
 
     ``versions`` pins the target versions (ids, or 'alias=id'); versions made from different upstream
     versions are refused. Items are sample dicts (see the module docstring) with ``meta["export_id"]``
-    None and every codec 'raw'. With ``verify`` each zarr shard is re-hashed against its manifest the
-    first time one of its clips is read.
+    None and every codec 'raw'. With ``verify`` (default: on unless ``--no-verify``) every zarr shard
+    object is checked against its recorded checksum as it is read (storage.targets.TargetReader).
     """
 
     def __init__(self, root: Root | str | None, plan_id: str, versions: Sequence[str],
-                 fields: Sequence[str] | None = None, split: str | None = None, verify: bool = False,
+                 fields: Sequence[str] | None = None, split: str | None = None, verify: bool | None = None,
                  float_dtype: str | None = None, action_chunk: int = 10, action_column: str = "action",
                  state_column: str = "state"):
         if float_dtype not in FLOAT_DTYPES:
@@ -544,12 +547,11 @@ class ZarrClips(Dataset):
             raise ValueError(f"plan '{plan_id}': pin the target versions to read as a non-empty list of ids")
         root = ExportStore(root).root
         sources = resolve_sources(root, plan_id, list(versions), fields, action_column, state_column)
-        self.source = ClipSource(root, plan_id, sources, action_chunk)
+        self.source = ClipSource(root, plan_id, sources, action_chunk, verify=verify)
         self.clips = [i for i in range(len(self.source.rows)) if split is None or self.source.split(i) == split]
         if not self.clips:
             raise ValueError(f"plan '{plan_id}': no clips of split '{split}'")
-        self.verify, self.float_dtype = verify, float_dtype
-        self._verified: set[tuple[str, int]] = set()
+        self.float_dtype = float_dtype
 
     @property
     def versions(self) -> dict[str, str]:
@@ -563,20 +565,8 @@ class ZarrClips(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def _check_shards(self, clip: int) -> None:
-        for version, reader in self.source.readers.items():
-            shard = clip // reader.manifest.shard_size
-            if (version, shard) in self._verified:
-                continue
-            problems = reader.verify([shard])
-            if problems:
-                raise ValueError(f"clip {clip}: " + "; ".join(problems))
-            self._verified.add((version, shard))
-
     def __getitem__(self, item: int) -> dict[str, Any]:
         clip = self.clips[item]
-        if self.verify:
-            self._check_shards(clip)
         arrays = self.source.read([clip])[0]
         dtype = FLOAT_DTYPES[self.float_dtype]
         for field in self.source.target_sources():

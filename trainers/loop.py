@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from schemas.base import StrictModel, validate
 from storage import layout
 from storage.fs import Root
+from storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,9 @@ class DataConfig(StrictModel):
 
     shuffle_buffer: int = Field(16, description="Samples in each worker's shuffle buffer (0 = off).")
     shuffle_shards: bool = Field(True, description="Shuffle the shard order every epoch.")
-    verify: bool = Field(False, description="Check every sample's sha256 against index.json while reading.")
+    verify: bool = Field(default_factory=verify_by_default,
+                         description="Check every sample's checksum against index.json while reading (default on; "
+                                     "off with `foresight --no-verify`, recorded in the run's config).")
     fp8_on_device: bool = Field(False, description="fp8 exports: keep the uint8 codes (+ '.fp8scale' fields), "
                                                    "move them and decode on the device (TrainTask.prepare): half "
                                                    "the bytes of float16, no CPU decode.")

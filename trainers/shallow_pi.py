@@ -110,7 +110,9 @@ def masked_mse(pred_BAD: torch.Tensor, target_BAD: torch.Tensor, mask_BAD: torch
 
 
 def attention_kl(teacher_BLAP: torch.Tensor, student_BLAP: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over the P vision-language keys, mean over batch, layers and queries."""
+    """KL(teacher || student) over the P vision-language keys (last axis), mean over every other axis
+    (batch, layers, [heads,] queries)."""
+    assert teacher_BLAP.shape == student_BLAP.shape, (teacher_BLAP.shape, student_BLAP.shape)
     p, q = teacher_BLAP.float(), student_BLAP.float()
     kl_BLA = (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(1e-30))).sum(-1)
     return kl_BLA.mean()
@@ -123,15 +125,17 @@ class StepTargets:
     t_B: torch.Tensor
     noise_BAD: torch.Tensor
     velocity_BAD: torch.Tensor
-    attn_BLAP: torch.Tensor | None  # teacher layers ``teacher_layers``, or None without L_attn
+    attn_BLAP: torch.Tensor | None  # teacher layers ``teacher_layers`` ([B, L, H, A, P] per head), or None
 
 
 def distill_losses(student: Any, batch: pi0.Pi0Batch, targets: StepTargets, attn_student_layers: list[int],
-                   lambda_kd: float, lambda_attn: float) -> dict[str, torch.Tensor]:
-    """L_task, L_kd, L_attn and the weighted total for one batch (differentiable in the student)."""
+                   lambda_kd: float, lambda_attn: float, heads: str = "mean") -> dict[str, torch.Tensor]:
+    """L_task, L_kd, L_attn and the weighted total for one batch (differentiable in the student).
+
+    ``heads``: L_attn between head-averaged maps ("mean") or head by head ("all"), as the targets hold."""
     use_attn = lambda_attn > 0 and bool(attn_student_layers)
     velocity, attn = pi0.pi0_forward(student, batch, targets.t_B, targets.noise_BAD,
-                                     attn_student_layers if use_attn else [])
+                                     attn_student_layers if use_attn else [], heads)
     task_target = targets.noise_BAD.float() - batch.actions.float()  # u = noise - actions, in float32
     losses = {"task": masked_mse(velocity, task_target, batch.action_mask),
               "kd": masked_mse(velocity, targets.velocity_BAD, batch.action_mask)}
@@ -187,9 +191,9 @@ def cached_attention(arrays: dict[str, Any], pair_index_B: np.ndarray, teacher_l
 
 
 def online_targets(teacher: Any, batch: pi0.Pi0Batch, t_B: torch.Tensor, noise_BAD: torch.Tensor,
-                   teacher_layers: list[int]) -> StepTargets:
+                   teacher_layers: list[int], heads: str = "mean") -> StepTargets:
     """Targets from the teacher run now on the same batch (the same augmented inputs as the student)."""
-    velocity, attn = pi0.teacher_targets(teacher, batch, t_B[:, None], noise_BAD[:, None], teacher_layers)
+    velocity, attn = pi0.teacher_targets(teacher, batch, t_B[:, None], noise_BAD[:, None], teacher_layers, heads)
     return StepTargets(t_B=t_B, noise_BAD=noise_BAD, velocity_BAD=velocity[:, 0],
                        attn_BLAP=None if attn is None else attn[:, 0])
 
@@ -244,6 +248,9 @@ class ShallowPiRunConfig(StrictModel):
     lambda_attn: float = Field(1.0, ge=0, description="Weight of L_attn (action->VL attention KL).")
     attn_layers: list[int] | None = Field(None, description="Student layers whose attention is distilled "
                                                             "(default: the middle ones, not first/last).")
+    attn_heads: Literal["mean", "all"] = Field("mean", description="L_attn between head-averaged maps ('mean', "
+                                                                   "what the offline cache stores) or per head "
+                                                                   "('all', online only).")
     field_prefix: str = Field("pi0", description="Export field prefix of the pi0 version ('pi0' unless aliased).")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=1e-4, grad_clip=1.0,
                                                                    warmup_steps=100))
@@ -343,7 +350,7 @@ class ShallowPiTask(TrainTask):
             return offline_targets(batch_arrays, pair_index, self.teacher_layers, device)
         t_B = torch.from_numpy(pi0.pair_times(noise_seeds)).to(device)
         noise_BAD = pi0.noise_from_seeds(noise_seeds, *batch.actions.shape[-2:]).to(device)
-        return online_targets(self.teacher, batch, t_B, noise_BAD, self.teacher_layers)
+        return online_targets(self.teacher, batch, t_B, noise_BAD, self.teacher_layers, heads=self.cfg.attn_heads)
 
     def model_batch(self, batch_arrays: dict[str, torch.Tensor], augment: bool) -> pi0.Pi0Batch:
         arrays = dict(batch_arrays)
@@ -358,7 +365,8 @@ class ShallowPiTask(TrainTask):
                pair_index: np.ndarray | None, noise_seeds: np.ndarray | None) -> dict[str, torch.Tensor]:
         batch = self.model_batch(batch_arrays, augment)
         targets = self.targets(batch_arrays, batch, pair_index, noise_seeds)
-        return distill_losses(model, batch, targets, self.student_layers, self.cfg.lambda_kd, self.cfg.lambda_attn)
+        return distill_losses(model, batch, targets, self.student_layers, self.cfg.lambda_kd, self.cfg.lambda_attn,
+                              self.cfg.attn_heads)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         size = batch["actions"].shape[0]
@@ -495,7 +503,8 @@ def run_config_record(cfg: ShallowPiRunConfig, student: Any, layer_map: list[int
     return record
 
 
-RUN_IDENTITY = ("preset", "layers", "mode", "augment", "augmentation", "lambda_kd", "lambda_attn", "attn_layers")
+RUN_IDENTITY = ("preset", "layers", "mode", "augment", "augmentation", "lambda_kd", "lambda_attn", "attn_layers",
+                "attn_heads")
 """Run-config keys that make a run another run (its default id hashes them)."""
 
 
@@ -506,6 +515,8 @@ def train_shallow_pi(root: Root, export_id: str, cfg: ShallowPiRunConfig, run_id
     fresh (t, noise) every step, the default) or offline (the export's cached pairs)."""
     if cfg.augments and not cfg.online:
         raise ValueError("augmentation needs --mode online: the cached targets were computed on unaugmented images")
+    if cfg.attn_heads == "all" and not cfg.online:
+        raise ValueError("--attn-heads all needs --mode online: the cached targets hold head-averaged attention")
     fields = cfg.fields()
     stream, versions = open_export(root, export_id, fields, cfg.data, cfg.loop.seed)
     eval_stream = None

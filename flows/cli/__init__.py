@@ -1,20 +1,28 @@
 """The ``foresight`` console command.
 
 Each module in this package adds its commands through ``register(app)``, so every stage owns
-its own CLI module. Errors a user can fix (bad data, bad config, missing inputs) print one line
-and exit non-zero, without a traceback.
+its own CLI module. Every error prints one line (``error: ...``) and exits non-zero: errors a user
+can fix (bad data, bad config, missing inputs) as they are, anything else with its type; the
+traceback goes to the flow run's log (``<root>/logs/<flow-run>.log``) or, outside a flow, to a
+log file in the temp folder, whose path the line names. ``--debug`` prints the traceback too.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+import tempfile
+import time
+import traceback
 
 import typer
 
 from flows.cli.common import EXIT_FAILED, user_error_message
+from flows.runtime import DEBUG_ENV, debug_enabled
+from storage.targets import NO_VERIFY_ENV
 
 PREFECT_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect._internal.concurrency",
                    "prefect.server", "prefect.events", "prefect.task_engine", "prefect.flow_engine")
@@ -25,17 +33,25 @@ app = typer.Typer(help="foresight: versioned teacher-target caches for robot lea
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+          debug: bool = typer.Option(False, "--debug", help="Print tracebacks and Prefect's/Dask's logs."),
+          no_verify: bool = typer.Option(False, "--no-verify",
+                                         help="Read target versions and exports without checking their "
+                                              "checksums (faster; recorded in what is written).")) -> None:
     """foresight: robot demonstrations -> versioned, sharded teacher-target caches -> small models."""
-    level = logging.INFO if verbose else logging.WARNING
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        # The CLI reports a failed flow itself, in one line; Prefect's own traceback is for --verbose.
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    elif not verbose:
+        # The CLI reports a failed flow itself, in one line; the details go to the run's log file.
         for name in PREFECT_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    if no_verify:
+        os.environ[NO_VERIFY_ENV] = "1"
+        logging.getLogger("foresight").warning("--no-verify: checksums of target versions and exports are not "
+                                               "checked while reading")
     if quiet:
-        import os
-
         os.environ["FORESIGHT_QUIET"] = "1"
 
 
@@ -60,9 +76,36 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become messages
-        message = user_error_message(exc)
-        if message is None:
-            raise
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {error_line(exc)}", err=True)
         sys.exit(EXIT_FAILED)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line printed for a failed command; with ``--debug`` the traceback is printed first.
+
+    A bug (no user-facing message) is named by its type, and its traceback is kept in the flow
+    run's log, or in a log file written here when it happened outside a flow.
+    """
+    if debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
+    message = user_error_message(exc)
+    log_path = getattr(exc, "log_path", None)
+    if message is None:
+        message = f"{exc.__class__.__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+        if log_path is None and not debug_enabled():
+            log_path = _write_traceback(exc)
+    return f"{message} (details: {log_path})" if log_path else message
+
+
+def _write_traceback(exc: BaseException) -> str | None:
+    """Save a traceback to ``<tmp>/foresight-logs/cli-<time>-<pid>.log``; its path (None if unwritable)."""
+    folder = os.path.join(tempfile.gettempdir(), "foresight-logs")
+    path = os.path.join(folder, f"cli-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as handle:
+            traceback.print_exception(exc, file=handle)
+    except OSError:
+        return None
+    return path

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 
 import typer
 from pydantic import ValidationError
 
 from schemas.base import describe_validation_error
-from storage.fs import Root, default_root, open_root
+from storage.fs import DiskFullError, Root, default_root, free_bytes, open_root
 
 EXIT_FAILED = 1
 """The command failed: nothing (more) was written."""
+EXIT_USAGE = 2
+"""The command was used on something it cannot take (e.g. not a dataset folder): nothing was written."""
 EXIT_PARTIAL = 3
 """The run finished but some inputs were quarantined; see the dataset's quarantine.jsonl."""
 
@@ -43,6 +46,10 @@ def user_error_message(exc: BaseException) -> str | None:
     if callable(getattr(exc, "format_message", None)):
         # click's (or typer's vendored click's) usage errors: bad option, unknown command.
         return exc.format_message()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+        path = exc.filename or "?"
+        free = free_bytes(str(path)) if exc.filename else None
+        return f"disk full writing {path}" + (f" ({free} bytes free)" if free is not None else "")
     if isinstance(exc, (ValueError, FileNotFoundError, PermissionError, KeyError, OSError)):
         return " ".join(str(exc).split()) or exc.__class__.__name__
     cause = exc.__cause__ or exc.__context__

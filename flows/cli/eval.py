@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 def register(app: typer.Typer) -> None:
     evals = sub_app(app, "eval", "Closed-loop evaluation of trained policies.")
     evals.command("metaworld")(runner_options(eval_metaworld))
+    evals.command("calvin-check")(calvin_check)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -95,3 +96,14 @@ def eval_metaworld(
     typer.echo(format_table(outcome.record))
     typer.echo(f"{outcome.ran} episode(s) run, {outcome.skipped} already finished; record "
                f"{data_root.url_of('evals', outcome.record.eval_id)}; report {outcome.report}")
+
+
+
+def calvin_check() -> None:
+    """Check that CALVIN's simulator and evaluation packages are importable (README: CALVIN evaluation);
+    prints the protocol foresight follows, or one line naming what to install."""
+    from pipelines.eval.calvin import CHAIN_LENGTH, NUM_CHAINS, SUBTASK_STEPS, require_calvin_env
+
+    require_calvin_env()
+    typer.echo(f"calvin_env and calvin_agent are importable: protocol {NUM_CHAINS} chains x {CHAIN_LENGTH} "
+               f"subtasks, {SUBTASK_STEPS} steps per subtask, reported as success@k and average length")

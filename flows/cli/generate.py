@@ -7,6 +7,7 @@ import typer
 from flows.cli.common import ROOT_OPTION, get_root
 from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
+from schemas.presets import check_preset
 
 
 def register(app: typer.Typer) -> None:
@@ -39,9 +40,16 @@ def plan(
                f"x stride {summary.params['stride']})")
 
 
+PRESET_OPTION = typer.Option(None, "--preset", help="Release recipe: svam-calvin | svam-metaworld | vpp (its "
+                                                     "settings are the defaults; options given here win).")
+
+
 def text(
     plan: str = typer.Option(..., "--plan", help="Plan id."),
-    model: str = typer.Option(..., help="CLIP text model: hf:<repo>[@rev] | dir:<path> | random | tiny."),
+    model: str = typer.Option(None, help="CLIP text model: hf:<repo>[@rev] | dir:<path> | random | tiny "
+                                         "(required unless --preset names one)."),
+    max_length: int = typer.Option(None, help="Tokens per instruction (default 20)."),
+    preset: str = PRESET_OPTION,
     device: str = typer.Option("cpu", help="Torch device."),
     seed: int = typer.Option(0, help="Initialisation seed of random/tiny models."),
     shard_size: int = typer.Option(256, help="Clips per shard."),
@@ -52,8 +60,10 @@ def text(
     from flows.generate import TextConfig, text_flow
     from flows.runtime import run_flow
 
-    config = TextConfig(plan=plan, model=model, device=device, seed=seed, shard_size=shard_size,
-                        workers=runner.tasks)
+    if preset is not None:
+        check_preset(preset)
+    config = TextConfig(**_given(plan=plan, model=model, max_length=max_length, preset=preset, device=device,
+                                 seed=seed, shard_size=shard_size, workers=runner.tasks))
     data_root = get_root(root, writable=True)
     summary = run_flow(text_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
@@ -63,8 +73,8 @@ def generate(
     plan: str = typer.Option(..., "--plan", help="Plan id."),
     text: str = typer.Option(..., "--text", help="Id of the plan's complete `text` version."),
     model: str = typer.Option(..., help="SVD model: hf:<repo>[@rev] | dir:<path> | random | tiny."),
-    steps: int = typer.Option(30, help="Euler denoising steps."),
-    size: int = typer.Option(256, help="Generated frame size (square)."),
+    steps: int = typer.Option(None, help="Euler denoising steps (default 30)."),
+    size: int = typer.Option(None, help="Generated frame size, square (default 256)."),
     batch: int = typer.Option(4, help="Clips per UNet call (H100: 32 with --compile unet)."),
     compile_scope: str = typer.Option("none", "--compile",
                                       help="none | blocks | unet: torch.compile the UNet and decoder per layer "
@@ -74,12 +84,22 @@ def generate(
                                          "runs the transformer Linear layers in e4m3 (keyed: a new version)."),
     compression: str = typer.Option("zstd", help="Stored one-step feature codec: zstd | none (none: ~1.1x the "
                                                  "bytes, random access at page-cache speed)."),
-    min_guidance: float = typer.Option(1.0, help="Guidance scale of the first frame."),
-    max_guidance: float = typer.Option(3.0, help="Guidance scale of the last frame."),
-    fps: int = typer.Option(4, help="Frame-rate conditioning."),
-    motion_bucket: int = typer.Option(127, help="Motion bucket conditioning."),
-    noise_aug: float = typer.Option(0.02, help="Noise augmentation of the observed frame."),
-    feature_blocks: str = typer.Option("0,1", help="UNet up_blocks whose first-step outputs are stored."),
+    min_guidance: float = typer.Option(None, help="Guidance scale of the first frame (default 1.0)."),
+    max_guidance: float = typer.Option(None, help="Guidance scale of the last frame (default 3.0)."),
+    fps: int = typer.Option(None, help="Frame-rate conditioning (default 4)."),
+    fps_id: str = typer.Option(None, help="How fps enters the generation's time ids: fps-1 (default, diffusers' "
+                                          "SVD pipeline) | fps (as is)."),
+    motion_bucket: int = typer.Option(None, help="Motion bucket conditioning (default 127)."),
+    noise_aug: float = typer.Option(None, help="Noise augmentation of the observed frame (default 0.02)."),
+    text_position_encoding: bool = typer.Option(None, "--text-position-encoding/--no-text-position-encoding",
+                                                help="Add sine/cosine positions to the text states (default on)."),
+    feature_blocks: str = typer.Option(None, help="UNet up_blocks whose first-step outputs are stored "
+                                                  "(default 0,1)."),
+    onestep: str = typer.Option(None, "--onestep", help="One-step features from: extractor (default: their own "
+                                                        "head call with the release extractor's conditioning, "
+                                                        "fps as is, no noise augmentation, 20-step schedule) | "
+                                                        "generation (the generation's first conditional call)."),
+    preset: str = PRESET_OPTION,
     seed: int = typer.Option(0, help="Initialisation seed of random/tiny models."),
     shard_size: int = typer.Option(16, help="Clips per shard (one task writes a whole shard)."),
     root: str = ROOT_OPTION,
@@ -96,14 +116,26 @@ def generate(
     data_root = get_root(root, writable=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    params = SVDParams(size=size, steps=steps, fps=fps, motion_bucket_id=motion_bucket,
-                       noise_aug_strength=noise_aug, min_guidance=min_guidance, max_guidance=max_guidance,
-                       feature_blocks=_ints(feature_blocks, "--feature-blocks"))
+    if preset is not None:
+        check_preset(preset)
+    if onestep not in (None, "extractor", "generation"):
+        raise ValueError(f"--onestep {onestep!r}: expected extractor or generation")
+    params = SVDParams(**_given(
+        size=size, steps=steps, fps=fps, fps_id=fps_id, motion_bucket_id=motion_bucket, noise_aug_strength=noise_aug,
+        min_guidance=min_guidance, max_guidance=max_guidance, text_position_encoding=text_position_encoding,
+        feature_blocks=None if feature_blocks is None else _ints(feature_blocks, "--feature-blocks")))
+    if onestep == "generation":
+        params.onestep = None
     config = GenerateConfig(plan=plan, text=text, model=model, seed=seed, params=params, dtype=dtype, device=device,
                             batch=batch, compile=compile_scope, shard_size=shard_size, workers=runner.tasks,
-                            compression=compression)
+                            compression=compression, preset=preset)
     summary = run_flow(generate_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
+
+
+def _given(**values):
+    """The options the user gave (typer's None = not given), so a preset fills in the others."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _ints(text: str, option: str) -> list[int]:

@@ -42,6 +42,9 @@ def info(root: str = typer.Argument(None, envvar="FORESIGHT_ROOT", help="Data ro
     for plan in summary["plans"]:
         typer.echo(f"plan {plan['plan']}: dataset {plan['dataset']}, {plan['clips']} clips")
     for version in summary["targets"]:
+        if version["status"] == "unreadable":
+            typer.echo(f"target {version['version']}: unreadable ({version['error']})")
+            continue
         typer.echo(f"target {version['version']}: {version['status']}, {version['clips']} clips, "
                    f"model {version['model']}")
     for export in summary["exports"]:

@@ -5,8 +5,9 @@ release the GIL), ``--dask-local N`` worker processes, or ``--dask-address`` an 
 
 Exit codes: 0 every item landed (or was already stored); 3 (EXIT_PARTIAL) the run finished but
 some items were quarantined (listed on stderr, one line each, and in the dataset's
-quarantine.jsonl); 1 the command failed (bad arguments, unreadable source, or with --strict the
-first bad item).
+quarantine.jsonl); 2 (EXIT_USAGE) the source is not an ingestible dataset (a missing folder, an
+unreadable or unsupported LeRobot info.json): refused before anything is written; 1 the command
+failed (bad arguments, unreadable source, or with --strict the first bad item).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import EXIT_PARTIAL, ROOT_OPTION, get_root, sub_app
+from flows.cli.common import EXIT_PARTIAL, EXIT_USAGE, ROOT_OPTION, fail, get_root, sub_app
 from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
 
@@ -118,8 +119,12 @@ def ingest_lerobot(
 ) -> None:
     """Ingest a LeRobot dataset: video kept as its packets (keyframe-aligned segments), tasks as instructions."""
     from flows.ingest_sources import ingest_lerobot_flow
-    from pipelines.ingest.lerobot import LeRobotOptions
+    from pipelines.ingest.lerobot import LeRobotOptions, LeRobotUsageError, load_meta
 
     options = LeRobotOptions(cameras=_csv(cameras) if cameras else None, **frame_codec_options(frame_codec, crf, zstd_level))
+    try:
+        load_meta(src)  # usage errors exit 2 here, before the root is touched
+    except LeRobotUsageError as err:
+        fail(str(err), EXIT_USAGE)
     _run(ingest_lerobot_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)

@@ -9,6 +9,7 @@ import typer
 from flows.cli.common import ROOT_OPTION, get_root
 from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
+from schemas.presets import check_preset
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +31,10 @@ def _settings(text: str | None) -> dict:
 def teachers(
     video: str = typer.Option(..., help="Id of a complete `video` target version."),
     teacher: str = typer.Option(..., help="Teacher: dinov2 | da3 | hf."),
-    model: str = typer.Option(..., help="Weights: hf:<repo>[@rev] | dir:<path> | random | tiny."),
+    model: str = typer.Option(None, help="Weights: hf:<repo>[@rev] | dir:<path> | random | tiny (required unless "
+                                         "--preset names the teacher's)."),
+    preset: str = typer.Option(None, "--preset", help="Release recipe: svam-calvin | svam-metaworld (the teacher's "
+                                                      "weights and settings; --settings given here win)."),
     batch: int = typer.Option(4, help="Clips per forward pass (each clip is T frames)."),
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("fp32", help="Compute dtype: fp32 | bf16 | fp16 (outputs are stored as float16)."),
@@ -52,9 +56,11 @@ def teachers(
     from pipelines.teachers import parse_settings
     from schemas.model import ModelSpec
 
+    if preset is not None:
+        check_preset(preset)
     config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
                             device=device, dtype=dtype, io_processes=io_processes, readers=readers, writers=writers,
-                            compression=compression, workers=runner.tasks)
+                            compression=compression, workers=runner.tasks, preset=preset)
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.
     parse_settings(config.teacher, config.settings)

@@ -30,6 +30,8 @@ def cmd_shallow_pi(
                                                                       "default on when online)."),
     lambda_kd: float = typer.Option(None, "--lambda-kd", min=0, help="Weight of the velocity distillation loss."),
     lambda_attn: float = typer.Option(None, "--lambda-attn", min=0, help="Weight of the attention KL loss."),
+    attn_heads: str = typer.Option(None, "--attn-heads", help="mean (default: L_attn between head-averaged "
+                                                              "maps) | all (per head; online only)."),
     attn_layers: str = typer.Option(None, "--attn-layers", help="Student layers of L_attn, e.g. '1,2,3,4' "
                                                                 "(default: all but the first and last)."),
     tiny_layers: int = typer.Option(None, "--tiny-layers", min=1, help="Depth of the `tiny` teacher."),
@@ -45,8 +47,8 @@ def cmd_shallow_pi(
     from trainers.shallow_pi import ShallowPiRunConfig, train_shallow_pi
 
     overrides = loop_overrides(steps, batch_size, device, workers) | {
-        "preset": preset, "teacher": teacher, "layers": layers, "mode": mode, "augment": augment, "lambda_kd": lambda_kd,
-        "lambda_attn": lambda_attn, "attn_layers": int_list(attn_layers, "--attn-layers"),
+        "preset": preset, "teacher": teacher, "layers": layers, "mode": mode, "augment": augment,
+        "lambda_kd": lambda_kd, "lambda_attn": lambda_attn, "attn_layers": int_list(attn_layers, "--attn-layers"), "attn_heads": attn_heads,
         "tiny_layers": tiny_layers, "teacher_family": teacher_family}
     cfg = load_config(ShallowPiRunConfig, config, overrides)
     data_root = get_root(root, writable=True)

@@ -22,6 +22,7 @@ from pipelines.svd.loading import SVDModel, svd_from_state_dicts
 from pipelines.svd.sampler import (BatchInputs, OneStepParams, SVDParams, condition, extractor_features,
                                    unet_sample)
 from pipelines.svd.unet_split import UNetHead, check_feature_blocks
+from pipelines.text import tokenize
 from schemas.model import ModelIdentity
 
 GROUP = "extract"
@@ -29,7 +30,7 @@ REQUIRED = ("text_hidden", "pixel_values", "latents_randn", "features")
 
 # (atol, rtol) per array, SPEC.md section 1; (0, 0) means exact.
 TOLERANCES: dict[str, tuple[float, float]] = {
-    "added_time_ids": (0.0, 0.0),
+    "token_ids": (0.0, 0.0), "attention_mask": (0.0, 0.0), "added_time_ids": (0.0, 0.0),
     "sched_sigmas": (0.0, 1e-6), "sched_timesteps": (0.0, 1e-6), "t0": (0.0, 1e-6), "sigma0": (0.0, 1e-6),
     "init_noise_sigma": (0.0, 1e-6),
     "text_pe_table": (1e-6, 0.0), "text_enc_pe_on": (1e-6, 0.0),
@@ -70,6 +71,43 @@ def load_fixture_svd(fixture_dir: Path, settings: dict[str, Any]) -> SVDModel:
     return svd_from_state_dicts(identity, settings["unet_config"], settings["vae_config"],
                                 settings["scheduler_config"], load_file(str(fixture_dir / "model_unet.safetensors")),
                                 load_file(str(fixture_dir / "model_vae.safetensors")))
+
+
+def fixture_tokenizer(text_config: dict[str, Any], prompts: list[dict[str, Any]]):
+    """A CLIP tokenizer whose vocabulary maps each word of the fixture's prompts to its recorded
+    content id (merges build each word from its characters; the intermediate symbols get ids past
+    the tiny vocabulary and never come out), with the fixture's BOS/EOS/PAD ids. What it checks is
+    foresight's tokeniser call (padding, truncation, specials, mask), not CLIP's vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": int(text_config["bos_token_id"]), "<|endoftext|>": int(text_config["eos_token_id"])}
+    merges, symbols = [], []
+    for prompt in prompts:
+        words = prompt["text"].lower().split()
+        if len(words) != len(prompt["content_ids"]):
+            raise ValueError(f"config.json extract.prompts {prompt['text']!r}: {len(words)} words but "
+                             f"{len(prompt['content_ids'])} content ids")
+        for word, token_id in zip(words, prompt["content_ids"]):
+            pieces = [*word[:-1], word[-1] + "</w>"]
+            symbols += pieces
+            for piece in pieces[1:]:
+                merges.append((pieces[0], piece))
+                pieces[0] += piece
+                symbols.append(pieces[0])
+            vocab[pieces[0]] = int(token_id)
+    next_id = int(text_config["vocab_size"])
+    for symbol in symbols:
+        if symbol not in vocab:
+            vocab[symbol], next_id = next_id, next_id + 1
+    return CLIPTokenizer(vocab=vocab, merges=merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def tokens(settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``token_ids`` and ``attention_mask`` of the fixture's prompts through foresight's tokeniser call."""
+    tokenizer = fixture_tokenizer(settings["text_encoder_config"], settings["prompts"])
+    encoded = tokenize(tokenizer, [prompt["text"] for prompt in settings["prompts"]], int(settings["max_length"]))
+    return {"token_ids": encoded["input_ids"].numpy(), "attention_mask": encoded["attention_mask"].numpy()}
 
 
 def fixture_inputs(arrays: dict[str, np.ndarray]) -> BatchInputs:
@@ -123,6 +161,6 @@ def check(fixture_dir: Path, io: dict[str, np.ndarray], config: dict) -> list[Ar
     arrays = group_arrays(io, GROUP)
     settings = config[GROUP]
     params = release_params(settings)
-    got = recompute(load_fixture_svd(fixture_dir, settings), params, fixture_inputs(arrays))
+    got = {**tokens(settings), **recompute(load_fixture_svd(fixture_dir, settings), params, fixture_inputs(arrays))}
     return [compare(GROUP, name, got[name], arrays[name], *TOLERANCES[name])
             for name in TOLERANCES if name in arrays]

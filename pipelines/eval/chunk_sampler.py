@@ -64,7 +64,7 @@ class ChunkSamplerPolicy(Policy):
         with self.timer("preprocess"):
             placeholder = np.zeros((1, self.action_dim), np.float32)  # a sample needs actions; none are known
             sample = pi0.assemble_sample(obs.frame[None], obs.instruction, obs.state, placeholder, self.params,
-                                         self.tokenizer)
+                                         self.tokenizer, pi0.model_family(self.model))
             arrays = {name: torch.from_numpy(np.asarray(value))[None] for name, value in sample.items()}
             batch = pi0.make_batch(arrays, pi0.unwrap(self.model).config, self.device, self.dtype)
         with self.timer("sampler"):

@@ -90,11 +90,13 @@ def run_episode(policy: Policy, task: str, seed: int, step_limit: int, camera: s
     frame of every ``frame_stride``-th step is kept (for a video)."""
     started = time.perf_counter()
     env = make_env(task, seed, camera, size, render=policy.needs_frames or keep_frames)
+    built = time.perf_counter()
     try:
         rollout = _loop(env, policy, task, seed, step_limit, camera, keep_frames, frame_stride, execute)
     finally:
         env.close()
     rollout.result.wall_s = time.perf_counter() - started
+    rollout.result.env_build_s = built - started
     return rollout
 
 

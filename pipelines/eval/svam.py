@@ -24,9 +24,8 @@ import torch
 
 from pipelines.eval.policy import Observation, Policy, call_seed
 from pipelines.svd import SVDParams
-from pipelines.svd.features import merge_features
 from pipelines.svd.loading import SVDModel, load_svd
-from pipelines.svd.sampler import prepare
+from pipelines.svd.sampler import one_step_on_device
 from pipelines.teachers import Teacher, load_teacher
 from pipelines.text import TextModel, embed_instructions, load_text_model
 from schemas.eval import PolicyIdentity
@@ -85,21 +84,6 @@ def load_stack(spec: StackSpec, device: str) -> tuple[StackModels, list[str]]:
     return StackModels(text, svd, teachers), changed
 
 
-@torch.no_grad()
-def one_step_on_device(svd: SVDModel, params: SVDParams, frame_HWC: np.ndarray, text_LD: np.ndarray,
-                       seed: int) -> torch.Tensor:
-    """One-step features (1, T, h, w, C) float16 of one frame, left on the model's device."""
-    scheduler = svd.new_scheduler()
-    scheduler.set_timesteps(params.steps, device=svd.device)
-    c = prepare(svd, params, frame_HWC[None], text_LD[None], np.array([seed], dtype=np.int64),
-                scheduler.init_noise_sigma)
-    t = scheduler.timesteps[0]
-    scaled = scheduler.scale_model_input(c.latents, t)
-    sample = torch.cat([scaled.to(svd.dtype), c.image_latents], dim=2)
-    captured = svd.split(params.feature_blocks).features(sample, t, c.text_states, c.time_ids)
-    return merge_features(captured, params.feature_blocks, 1)
-
-
 class SVAMPolicy(Policy):
     """Frame + instruction -> one-step features -> decouplers -> Uni-Perceiver + action expert -> chunk."""
 
@@ -134,7 +118,8 @@ class SVAMPolicy(Policy):
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                   enabled=self.device.type == "cuda")
         with self.timer("backbone"):
-            onestep = one_step_on_device(self.models.svd, self.spec.svd_params, obs.frame, self.text_LD, seed)
+            onestep = one_step_on_device(self.models.svd, self.spec.svd_params, obs.frame[None], self.text_LD[None],
+                                         np.array([seed], dtype=np.int64))
         with self.timer("references"):
             frame = torch.from_numpy(np.ascontiguousarray(obs.frame))[None, None]
             references = {name: self.models.teachers[name].encode_frames(frame).to(self.device)

@@ -123,6 +123,8 @@ class SourceLayout:
     extra: dict[str, Any] = field(default_factory=dict)
     frame_storage: dict[str, FrameStorage] = field(default_factory=dict)
     """Camera -> how its frames are stored (cameras not named: raw under zstd 3)."""
+    shared_files: list[str] = field(default_factory=list)
+    """Source files of the dataset as a whole (metadata), counted once in its source bytes."""
 
 
 SourceCompression = Literal["none", "jpeg", "video"]

@@ -15,6 +15,8 @@ files form one group, read in file order, so nothing is ever sought.
 from __future__ import annotations
 
 import json
+import os
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ from pipelines.ingest.common import (
     resolve_frame_storage,
 )
 from schemas.dataset import FeatureSpec, FrameStorage, LanguageSegment
-from storage.frame_codecs import FrameDecodeError, decode_segment, pack_packets
+from storage.frame_codecs import FrameDecodeError, decode_segment, frame_rgb, pack_packets
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
@@ -49,6 +51,14 @@ CAMERA_PREFIX = "observation.images."
 STORED_NAMES = {"observation.state": "state"}
 """Feature key -> stored column where foresight has a common name (``action`` is already common)."""
 INFO = "meta/info.json"
+TEMPLATE_FIELDS = {"data_path": {"chunk_index", "file_index", "episode_chunk", "episode_index"},
+                   "video_path": {"chunk_index", "file_index", "episode_chunk", "episode_index", "video_key"}}
+"""The placeholders each info.json path template may use (LeRobot v2.x and v3.0)."""
+
+
+class LeRobotUsageError(IngestError):
+    """The folder is not an ingestible LeRobot dataset (missing, or its metadata is unreadable or
+    unsupported): the command refuses it before writing anything (exit 2), nothing is quarantined."""
 
 
 class LeRobotOptions(FrameCodecOptions):
@@ -79,12 +89,37 @@ class LeRobotMeta:
     def data_file(self, ep: int) -> Path:
         row = self.episodes[ep]
         keys = _template_keys(self, ep, row, "data")
-        return self.root / self.info["data_path"].format(**keys)
+        return confined_path(self.root, "data_path", self.info["data_path"], keys, ep)
 
     def video_file(self, ep: int, key: str) -> Path:
         row = self.episodes[ep]
         keys = _template_keys(self, ep, row, f"videos/{key}")
-        return self.root / self.info["video_path"].format(video_key=key, **keys)
+        return confined_path(self.root, "video_path", self.info["video_path"], {"video_key": key, **keys}, ep)
+
+
+def confined_path(root: Path, template_name: str, template: str, keys: dict[str, Any], ep: int) -> Path:
+    """``root / template.format(**keys)``, refused unless it stays inside the dataset folder: no
+    absolute path, no ``..``, no symlink whose target leaves the folder (a crafted info.json or
+    dataset must not make ingest read other files)."""
+    where = f"{root / INFO}"
+    try:
+        relative = template.format(**keys)
+    except (KeyError, IndexError, ValueError) as err:
+        raise IngestError(where, _episode_id(ep), template_name, f"template {template!r} cannot be filled "
+                          f"({err.__class__.__name__}: {err})") from None
+    if not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise IngestError(where, _episode_id(ep), template_name, f"resolves to {relative!r}, outside the dataset "
+                          "folder (absolute paths and '..' are refused)")
+    path = root / relative
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        raise IngestError(path, _episode_id(ep), template_name, f"is a link to {real}, outside the dataset folder "
+                          f"{base}; refusing to read it")
+    return path
+
+
+def _episode_id(ep: int) -> str:
+    return f"episode_{ep:06d}"
 
 
 def stored_name(key: str) -> str:
@@ -99,37 +134,106 @@ def camera_name(key: str) -> str:
 def _template_keys(meta: LeRobotMeta, ep: int, row: dict[str, Any], prefix: str) -> dict[str, int]:
     chunks_size = int(meta.info.get("chunks_size", 1000))
     if meta.is_v3:
-        return {"chunk_index": int(row[f"{prefix}/chunk_index"]), "file_index": int(row[f"{prefix}/file_index"]),
-                "episode_index": ep}
+        try:
+            return {"chunk_index": int(row[f"{prefix}/chunk_index"]), "file_index": int(row[f"{prefix}/file_index"]),
+                    "episode_index": ep}
+        except (KeyError, TypeError, ValueError) as err:
+            raise IngestError(meta.root / "meta/episodes", _episode_id(ep), f"{prefix}/chunk_index",
+                              f"missing or not an integer ({err.__class__.__name__}: {err})") from None
     return {"episode_chunk": ep // chunks_size, "episode_index": ep}
 
 
 def load_meta(src: str | Path) -> LeRobotMeta:
-    """Read info.json, episodes and tasks; raises IngestError for a missing or unsupported dataset."""
+    """Read info.json, episodes and tasks; raises :class:`LeRobotUsageError` (one line naming the
+    file, and for JSON the line and key) for a missing, malformed or unsupported dataset."""
     root = Path(src)
+    if not root.is_dir():
+        raise LeRobotUsageError(root, None, None, "no such folder (expected a LeRobot dataset folder)")
     info_path = root / INFO
-    if not info_path.exists():
-        raise IngestError(info_path, None, None, "file missing (not a LeRobot dataset folder)")
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as err:
-        raise IngestError(info_path, None, None, f"invalid JSON ({err})") from None
+    info = _read_json_object(info_path)
     version = str(info.get("codebase_version"))
     if version not in SUPPORTED_VERSIONS:
-        raise IngestError(info_path, None, "codebase_version", f"unsupported version {version!r} "
-                          f"(supported: {', '.join(SUPPORTED_VERSIONS)})")
-    for key in ("fps", "features", "data_path"):
-        if key not in info:
-            raise IngestError(info_path, None, key, "key missing")
+        raise LeRobotUsageError(info_path, None, "codebase_version", f"unsupported version {version!r} "
+                                f"(supported: {', '.join(SUPPORTED_VERSIONS)})")
+    _check_info(info, info_path)
     features = info["features"]
     camera_keys = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
     lowdim = {k: FeatureSpec(dtype=f["dtype"], shape=[int(d) for d in f["shape"]], names=_flat_names(f.get("names")))
               for k, f in features.items() if k not in INDEX_COLUMNS and _is_numeric(f.get("dtype"))}
     is_v3 = version.startswith("v3")
-    episodes = _episodes_v3(root) if is_v3 else _episodes_v2(root)
-    tasks = _tasks_v3(root) if is_v3 else _tasks_v2(root)
+    try:
+        episodes = _episodes_v3(root) if is_v3 else _episodes_v2(root)
+        tasks = _tasks_v3(root) if is_v3 else _tasks_v2(root)
+    except LeRobotUsageError:
+        raise
+    except IngestError as err:
+        raise LeRobotUsageError(err.file, err.episode, err.field, err.reason) from None
     return LeRobotMeta(root=root, version=version, info=info, fps=float(info["fps"]), camera_keys=camera_keys,
                        lowdim=lowdim, episodes=episodes, tasks=tasks)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; LeRobotUsageError naming the file (and line/column) otherwise."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LeRobotUsageError(path, None, None, "file missing (not a LeRobot dataset folder)") from None
+    except OSError as err:
+        raise LeRobotUsageError(path, None, None, f"unreadable ({err.strerror or err})") from None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise LeRobotUsageError(path, None, None, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise LeRobotUsageError(path, None, None, f"malformed JSON at line {err.lineno} column {err.colno}: "
+                                f"{err.msg}") from None
+    if not isinstance(value, dict):
+        raise LeRobotUsageError(path, None, None, f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _check_info(info: dict[str, Any], path: Path) -> None:
+    """Every key ingest relies on, with its type; the first problem raises LeRobotUsageError."""
+    for key in ("fps", "features", "data_path"):
+        if key not in info:
+            raise LeRobotUsageError(path, None, key, "key missing")
+    if not isinstance(info["fps"], (int, float)) or isinstance(info["fps"], bool) or info["fps"] <= 0:
+        raise LeRobotUsageError(path, None, "fps", f"expected a positive number, found {info['fps']!r}")
+    if not isinstance(info["features"], dict):
+        raise LeRobotUsageError(path, None, "features", f"expected an object, found {type(info['features']).__name__}")
+    for name, feature in info["features"].items():
+        if not isinstance(feature, dict):
+            raise LeRobotUsageError(path, None, f"features.{name}", f"expected an object, found "
+                                    f"{type(feature).__name__}")
+        shape = feature.get("shape")
+        if not isinstance(feature.get("dtype"), str) or not isinstance(shape, list) or \
+                not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise LeRobotUsageError(path, None, f"features.{name}", "expected 'dtype' (a string) and 'shape' "
+                                    "(a list of integers)")
+    if "chunks_size" in info and (not isinstance(info["chunks_size"], int) or info["chunks_size"] <= 0):
+        raise LeRobotUsageError(path, None, "chunks_size", f"expected a positive integer, found "
+                                f"{info['chunks_size']!r}")
+    for key, allowed in TEMPLATE_FIELDS.items():
+        if key in info:
+            _check_template(info[key], key, allowed, path)
+
+
+def _check_template(template: Any, key: str, allowed: set[str], path: Path) -> None:
+    """A path template must be relative, without '..', and use only LeRobot's placeholders."""
+    if not isinstance(template, str) or not template:
+        raise LeRobotUsageError(path, None, key, f"expected a path template string, found {template!r}")
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise LeRobotUsageError(path, None, key, f"template {template!r} is malformed ({err})") from None
+    unknown = sorted(n for n in names if n.split(".")[0].split("[")[0] not in allowed)
+    if unknown:
+        raise LeRobotUsageError(path, None, key, f"template {template!r} uses unknown placeholders {unknown} "
+                                f"(allowed: {sorted(allowed)})")
+    if template.startswith(("/", "\\")) or Path(template).is_absolute() or \
+            ".." in template.replace("\\", "/").split("/"):
+        raise LeRobotUsageError(path, None, key, f"template {template!r} leaves the dataset folder (absolute "
+                                "paths and '..' are refused)")
 
 
 def _is_numeric(dtype: Any) -> bool:
@@ -154,7 +258,12 @@ def _episodes_v3(root: Path) -> dict[int, dict[str, Any]]:
         raise IngestError(root / "meta/episodes", None, None, "no episode metadata parquet files")
     episodes: dict[int, dict[str, Any]] = {}
     for path in files:
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as err:
+            raise IngestError(path, None, None, f"unreadable parquet ({err})") from None
+        if "episode_index" not in table.column_names:
+            raise IngestError(path, None, "episode_index", "column missing")
         keep = [c for c in table.column_names if not c.startswith("stats/")]
         for row in table.select(keep).to_pylist():
             episodes[int(row["episode_index"])] = row
@@ -165,8 +274,7 @@ def _episodes_v2(root: Path) -> dict[int, dict[str, Any]]:
     path = root / "meta/episodes.jsonl"
     if not path.exists():
         raise IngestError(path, None, None, "file missing")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(row["episode_index"]): row for row in rows}
+    return {_int_key(row, "episode_index", path, number): row for number, row in _jsonl_rows(path)}
 
 
 def _tasks_v3(root: Path) -> dict[int, str]:
@@ -174,7 +282,10 @@ def _tasks_v3(root: Path) -> dict[int, str]:
     path = root / "meta/tasks.parquet"
     if not path.exists():
         raise IngestError(path, None, None, "file missing")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise IngestError(path, None, None, f"unreadable parquet ({err})") from None
     index_columns = (table.schema.pandas_metadata or {}).get("index_columns", [])
     text_column = next((c for c in [*index_columns, "task"] if isinstance(c, str) and c in table.column_names), None)
     if text_column is None or "task_index" not in table.column_names:
@@ -186,8 +297,38 @@ def _tasks_v2(root: Path) -> dict[int, str]:
     path = root / "meta/tasks.jsonl"
     if not path.exists():
         raise IngestError(path, None, None, "file missing")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(row["task_index"]): str(row["task"]) for row in rows}
+    tasks = {}
+    for number, row in _jsonl_rows(path):
+        if "task" not in row:
+            raise IngestError(path, None, "task", f"line {number}: key missing")
+        tasks[_int_key(row, "task_index", path, number)] = str(row["task"])
+    return tasks
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-empty line; errors name the file and the line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise IngestError(path, None, None, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise IngestError(path, None, None, f"line {number}: malformed JSON at column {err.colno}: "
+                              f"{err.msg}") from None
+        if not isinstance(row, dict):
+            raise IngestError(path, None, None, f"line {number}: expected a JSON object, found {type(row).__name__}")
+        yield number, row
+
+
+def _int_key(row: dict[str, Any], key: str, path: Path, number: int) -> int:
+    value = row.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise IngestError(path, None, key, f"line {number}: expected an integer, found {value!r}")
+    return value
 
 
 def selected_cameras(meta: LeRobotMeta, options: LeRobotOptions) -> list[str]:
@@ -203,7 +344,8 @@ def source_layout(meta: LeRobotMeta, options: LeRobotOptions) -> SourceLayout:
     cameras = {camera_name(k): [*_height_width(meta, k), 3] for k in selected_cameras(meta, options)}
     features = {stored_name(k): spec for k, spec in meta.lowdim.items()}
     storage = {camera_name(k): _frame_storage(meta, k, options) for k in selected_cameras(meta, options)}
-    return SourceLayout(fps=meta.fps, cameras=cameras, features=features, frame_storage=storage,
+    shared = [str(p) for p in sorted((meta.root / "meta").rglob("*")) if p.is_file()]
+    return SourceLayout(fps=meta.fps, cameras=cameras, features=features, frame_storage=storage, shared_files=shared,
                         extra={"codebase_version": meta.version, "robot_type": meta.info.get("robot_type"),
                                "camera_keys": {camera_name(k): k for k in selected_cameras(meta, options)},
                                "source_columns": {stored_name(k): k for k in meta.lowdim}})
@@ -452,7 +594,7 @@ class VideoCursor:
             if time >= to_ts - self.tolerance:
                 raise IngestError(self.path, episode, key, f"video holds {taken} frames before to_timestamp "
                                   f"{to_ts:.3f}, data has {count} rows")
-            image = frame.to_ndarray(format="rgb24")
+            image = frame_rgb(frame)
             if list(image.shape) != shape:
                 raise IngestError(self.path, episode, key, f"frame {taken}: decoded {image.shape}, expected {shape}")
             block.append(image)

@@ -4,9 +4,12 @@ One trajectory per clip: the clip's seed fixes its initial latent noise and the 
 augments its conditioning frame. Every denoising step runs the conditional and the
 unconditional branch as two UNet calls of the same batch B (rather than one call of 2B). The
 UNet runs as a head (up to the last feature block, returning the block outputs) and a tail
-(``pipelines.svd.unet_split``): the first step's conditional call keeps the head's features, so
-they are bit-identical to :func:`one_step_features` at the same batch, which runs exactly that
-head; and one batch shape throughout keeps a compiled UNet to a single specialisation. As in
+(``pipelines.svd.unet_split``). The one-step features come, by default, from one more head call
+with the release extractor's conditioning (``SVDParams.onestep``: fps as is, no noise
+augmentation) from the same initial noise; with ``onestep=None`` the first step's conditional
+call keeps its head's features. Either way they are bit-identical to :func:`one_step_features`
+at the same batch, which runs exactly that head call; and one batch shape throughout keeps a
+compiled UNet to a single specialisation. As in
 diffusers' SVD pipeline, the unconditional branch sees zeroed text states and a zeroed image
 latent; latents and the scheduler arithmetic stay in float32, the networks run in the model dtype.
 """
@@ -138,13 +141,6 @@ def condition(model: SVDModel, params: SVDParams, inputs: BatchInputs, init_sigm
     )
 
 
-def prepare(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
-            seeds: np.ndarray, init_sigma: torch.Tensor | float) -> Conditioning:
-    """The generation's conditioning of a batch of clips (see :func:`condition`)."""
-    inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
-    return condition(model, params, inputs, init_sigma, params.fps_id, params.noise_aug_strength)
-
-
 def unet_sample(model: SVDModel, scaled_BTCHW: torch.Tensor, image_latents: torch.Tensor) -> torch.Tensor:
     """UNet input (B, T, 2C, h, w): scheduler-scaled latents and the image latents on channels."""
     return torch.cat([scaled_BTCHW.to(model.dtype), image_latents], dim=2)
@@ -171,12 +167,11 @@ def extractor_features(model: SVDModel, params: SVDParams, inputs: BatchInputs,
     return first_step_features(model, params, c, scheduler, dtype)
 
 
-def _unet(split: UNetSplit, dtype: torch.dtype, scaled_BTCHW: torch.Tensor, t: torch.Tensor,
+def _unet(model: SVDModel, split: UNetSplit, scaled_BTCHW: torch.Tensor, t: torch.Tensor,
           image_latents: torch.Tensor, text_states: torch.Tensor,
           time_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One UNet call on scheduler-scaled latents: (prediction in float32, up block outputs)."""
-    sample = torch.cat([scaled_BTCHW.to(dtype), image_latents], dim=2)
-    out, features = split(sample, t, text_states, time_ids)
+    out, features = split(unet_sample(model, scaled_BTCHW, image_latents), t, text_states, time_ids)
     return out.float(), features
 
 
@@ -194,11 +189,11 @@ def denoise(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: Eule
     latents = c.latents
     for t in scheduler.timesteps:
         scaled = scheduler.scale_model_input(latents, t)
-        pred_cond, captured = _unet(split, model.dtype, scaled, t, c.image_latents, c.text_states, c.time_ids)
+        pred_cond, captured = _unet(model, split, scaled, t, c.image_latents, c.text_states, c.time_ids)
         if features is None:
             features = merge_features(captured, params.feature_blocks, c.batch)
         del captured
-        pred_uncond, _ = _unet(split, model.dtype, scaled, t, null_image, null_text, c.time_ids)
+        pred_uncond, _ = _unet(model, split, scaled, t, null_image, null_text, c.time_ids)
         guided = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = scheduler.step(guided, t, latents, return_dict=False)[0]
     return latents, features
@@ -208,8 +203,8 @@ def denoise(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: Eule
 def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
                    seeds: np.ndarray, keep_latents: bool = False) -> GeneratedBatch:
     """Generate B clips of ``params.num_frames`` frames from their observed frames (B, H, W, 3)
-    uint8, CLIP text states (B, L, D) and seeds (B,), capturing the one-step features of the
-    first denoising step of the same trajectories. ``keep_latents`` also returns the final
+    uint8, CLIP text states (B, L, D) and seeds (B,), with the one-step features of the same
+    initial noise (see the module docstring). ``keep_latents`` also returns the final
     latents (for comparing the numbers of two settings)."""
     inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
     features = extractor_features(model, params, inputs) if params.onestep is not None else None
@@ -242,12 +237,25 @@ def decode_frames(model: SVDModel, latents_BTCHW: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def one_step_on_device(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
+                       seeds: np.ndarray) -> torch.Tensor:
+    """One-step features (B, T, h, w, C) float16 left on the model's device: one UNet head call at
+    the first timestep from the clips' seeds, with ``params.onestep``'s conditioning (or, when it
+    is None, that of the generation's first conditional call)."""
+    inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
+    if params.onestep is not None:
+        return extractor_features(model, params, inputs)
+    scheduler = model.new_scheduler()
+    scheduler.set_timesteps(params.steps, device=model.device)
+    c = condition(model, params, inputs, scheduler.init_noise_sigma, params.fps_id, params.noise_aug_strength)
+    return first_step_features(model, params, c, scheduler)
+
+
 def one_step_features(model: SVDModel, params: SVDParams, frame: np.ndarray, text: np.ndarray,
                       seed: np.ndarray | int) -> np.ndarray:
-    """Standalone one-step features (what inference uses): one UNet head call at the first
-    timestep from the clip's seed, with ``params.onestep``'s conditioning (or, when it is None,
-    the generation's first conditional call). Gives the same numbers as :func:`generate_clips`
-    stores for the same clips, batch, device and speed settings.
+    """Standalone one-step features on the host (what inference uses, see :func:`one_step_on_device`).
+    Gives the same numbers as :func:`generate_clips` stores for the same clips, batch, device and
+    speed settings.
 
     ``frame`` (H, W, 3) uint8 with ``text`` (L, D) and an int seed returns (T, h, w, C) float16;
     batched inputs (B, H, W, 3), (B, L, D), (B,) return (B, T, h, w, C)."""
@@ -255,13 +263,5 @@ def one_step_features(model: SVDModel, params: SVDParams, frame: np.ndarray, tex
     frames_BHWC = np.asarray(frame)[None] if single else np.asarray(frame)
     text_BLD = np.asarray(text)[None] if single else np.asarray(text)
     seeds = np.atleast_1d(np.asarray(seed, dtype=np.int64))
-    inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
-    if params.onestep is not None:
-        features = extractor_features(model, params, inputs)
-    else:
-        scheduler = model.new_scheduler()
-        scheduler.set_timesteps(params.steps, device=model.device)
-        c = condition(model, params, inputs, scheduler.init_noise_sigma, params.fps_id, params.noise_aug_strength)
-        features = first_step_features(model, params, c, scheduler)
-    features = to_host(features)
+    features = to_host(one_step_on_device(model, params, frames_BHWC, text_BLD, seeds))
     return features[0] if single else features

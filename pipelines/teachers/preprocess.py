@@ -34,6 +34,17 @@ class PreprocessSettings(StrictModel):
     std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="Per-channel std on [0,1].")
 
 
+TRAINING_TIME = PreprocessSettings()
+"""How the release made the decouplers' training targets: bicubic (antialiased) resize to 224,
+ImageNet normalisation (the teachers stage's default and the svam-* presets' setting)."""
+
+POLICY_TIME = PreprocessSettings(interpolation="bilinear", antialias=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+"""How the release's policy feeds its teachers at inference: the CALVIN-normalised [-1, 1] frame
+(mean = std = 0.5 on [0, 1] is exactly x / 127.5 - 1) resized bilinearly to 224 (align_corners
+False, no antialias), without ImageNet normalisation. A train/test mismatch of the release that a
+faithful reproduction of its inference needs (svam_tiny SPEC.md section 7)."""
+
+
 def settings_from_processor(processor: Any) -> PreprocessSettings:
     """Read size, resample kernel and mean/std from a transformers image processor.
 

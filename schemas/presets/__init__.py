@@ -86,3 +86,36 @@ def apply_preset(name: str | None, stage: str, explicit: dict[str, Any]) -> dict
     resolved.update(explicit)
     resolved["preset"] = name
     return resolved
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted setting paths -> nested dicts: ``{"onestep.fps_id": "fps"}`` -> ``{"onestep": {"fps_id": "fps"}}``."""
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s values on top, merging nested dicts key by key (``over`` wins)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_nested(name: str, stages: tuple[str, ...], explicit: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings: the dotted-path tables of ``stages`` under preset ``name`` (only the keys
+    starting with ``prefix``, which is stripped), with the user's ``explicit`` nested settings on top."""
+    flat: dict[str, Any] = {}
+    for stage in stages:
+        flat.update({key[len(prefix):]: value for key, value in preset_values(name, stage).items()
+                     if key.startswith(prefix)})
+    return deep_merge(nest(flat), explicit)

@@ -38,6 +38,8 @@ SHALLOW_PI: dict[str, Sourced] = {
     "lambda_attn": Sourced(1.0, f"ours: {SILENT}; the attention KL weighted as the other two terms"),
     "attn_layers": Sourced(None, "ours: the paper says 'middle' layers; foresight takes every student layer but "
                                  "the first and the last (6 layers -> 1..4, teacher 3, 7, 10, 14)"),
+    "attn_heads": Sourced("mean", f"ours: {SILENT} on the heads; averaged before the KL (one map per layer, what "
+                                  "the offline cache stores); 'all' takes the KL head by head (online only)"),
     # --- optimisation (a π0 fine-tune: openpi's recipe where the paper is silent)
     "optim.lr": Sourced(2.5e-5, f"ours: {SILENT}; {OPENPI_OPTIM} CosineDecaySchedule peak_lr"),
     "optim.warmup_steps": Sourced(1000, f"ours: {SILENT}; {OPENPI_OPTIM} CosineDecaySchedule warmup_steps"),
@@ -47,7 +49,8 @@ SHALLOW_PI: dict[str, Sourced] = {
     "optim.weight_decay": Sourced(1e-10, f"ours: {SILENT}; {OPENPI_OPTIM} AdamW weight_decay"),
     "optim.grad_clip": Sourced(1.0, f"ours: {SILENT}; {OPENPI_OPTIM} clip_gradient_norm"),
     "loop.steps": Sourced(30000, f"ours: {SILENT}; openpi TrainConfig num_train_steps (= its decay_steps)"),
-    "loop.batch_size": Sourced(32, f"ours: {SILENT}; openpi TrainConfig batch_size (global)"),
+    "loop.batch_size": Sourced(32, f"ours: {SILENT}; openpi TrainConfig batch_size 32 is global, foresight's is "
+                                   "per rank: under torchrun pass --batch-size 32/world"),
     # --- computed, not set (documented, never applied)
     "fixed.time_distribution": Sourced("t ~ Beta(1.5, 1) * 0.999 + 0.001",
                                        "π0 (transformers PI0Config time_sampling_*; openpi pi0.sample_time)"),
@@ -56,9 +59,8 @@ SHALLOW_PI: dict[str, Sourced] = {
     "fixed.student_init": Sourced("round(linspace(0, L_T - 1, L_S)) in both stacks",
                                   f"{PAPER}: uniform subsampling of the teacher's layers"),
     "fixed.losses": Sourced("L_task + lambda_kd L_kd + lambda_attn L_attn", f"{PAPER}: three terms"),
-    "fixed.attn_kl": Sourced("KL(teacher || student), action queries over VL keys, heads averaged",
-                             f"{PAPER}: direction and the action->VL restriction; ours: heads averaged before the "
-                             "KL (one map per layer, what the offline cache stores)"),
+    "fixed.attn_kl": Sourced("KL(teacher || student) of the action queries over the VL keys, renormalised",
+                             f"{PAPER}: the direction and the action->VL restriction (heads: attn_heads)"),
 }
 
 PRESETS: dict = {"shallow-pi": SHALLOW_PI}

@@ -1,0 +1,176 @@
+"""Verified reading against unverified reading, same data, same run (issue 23).
+
+Builds, in a temporary root, N full-size clips (frames 16x256x256x3 uint8, one-step features
+16x16x16x2560 float16, DINOv2-size teacher maps + reference; bench/bench_export.py's builder) and
+an f16 export of them. Then, on warm page cache, best of ``--epochs`` passes each, in alternating
+order so drift hits every variant alike:
+
+- export read:  what the export stage reads, ``ClipSource.read`` over every target field in
+                batches of 4 clips (storage.targets.TargetReader): unverified, verified with the
+                xxh3-128 recorded per shard object (the default), and verified with sha256 (what
+                reading would cost had only the audit hash been recorded)
+- ShardStream:  every sample of the export, every array touched once: unverified, verified with the
+                per-sample xxh3 (the default) on the first read of each sample in the process and in
+                later epochs (a sample of an unmodified, memory-mapped shard file is checked once per
+                process), and verified with the per-sample sha256 (first read)
+- raw:          a sequential read of the same files (the floor any reader pays)
+
+Printed: MB/s of each and the ratio verified / unverified. Goal: verified >= 0.9x unverified.
+
+    python bench/bench_verify.py [--samples 8] [--epochs 5] [--compression none] [--results bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_export import build_root, export, raw_read, touch, write_results  # noqa: E402
+from storage import exports  # noqa: E402
+from storage.exports import ClipSource, ExportStore  # noqa: E402
+from storage.targets import TargetStore, shard_object  # noqa: E402
+from trainers.data import ShardStream  # noqa: E402
+
+SECTION = "## Issue 23: verified reads (xxh3 per shard / per sample) vs unverified, same run"
+MODES = ("unverified", "xxh3 (default)", "sha256")
+STREAM_MODES = ("unverified", "xxh3 (default), first read", "xxh3 (default), later epochs", "sha256, first read")
+READ_BATCH = 4
+
+
+def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
+    """An epoch of the export stage's reads: every target field of every clip, 4 clips per read."""
+    index = ExportStore(world["root"]).index(world["export"])
+    sources = {f: s for f, s in index.recipe.sources.items() if not s.startswith("episode:")}
+
+    def epoch() -> Iterable:
+        source = ClipSource(world["root"], index.plan_id, sources, index.recipe.action_chunk,
+                            verify=mode != "unverified")
+        if mode == "sha256":
+            for reader in source.readers.values():
+                reader.manifest.shard_xxh3 = {}  # only the audit hash left: the reader falls back to it
+        clips = list(range(len(source.rows)))
+        for start in range(0, len(clips), READ_BATCH):
+            yield from source.read(clips[start:start + READ_BATCH])
+
+    return epoch
+
+
+def stream_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
+    index = ExportStore(world["root"]).index(world["export"])
+
+    def epoch() -> Iterable:
+        if "first read" in mode:
+            exports._VERIFIED._seen.clear()  # a fresh process: nothing checked yet
+        stream = ShardStream(world["root"], world["export"], index.version_ids, shuffle_shards=False,
+                             verify=mode != "unverified")
+        if mode.startswith("sha256"):
+            for shard in stream.index.shards:
+                shard.sample_xxh3 = []  # per-sample sha256 only
+        return iter(stream)
+
+    return epoch
+
+
+def raw_files(world: dict[str, str], what: str) -> list[str]:
+    root = ExportStore(world["root"]).root
+    if what == "export":
+        index = ExportStore(root).index(world["export"])
+        return [root.path(f"exports/{world['export']}/{s.name}") for s in index.shards]
+    paths = []
+    for version in (world["video"], world["teacher"]):
+        manifest = TargetStore(root).manifest(version)
+        for spec in manifest.arrays:
+            for shard in range(manifest.num_shards):
+                path = root.path(shard_object(manifest, spec.name, shard))
+                if os.path.exists(path):
+                    paths.append(path)
+    return paths
+
+
+def timed_bytes(make_iter: Callable[[], Iterable]) -> tuple[float, int]:
+    """Seconds of one pass and bytes of every array it produced (each array touched once)."""
+    start, total = time.perf_counter(), 0
+    for sample in make_iter():
+        touch(sample)
+        total += sum(v.nbytes for v in sample.values() if hasattr(v, "nbytes"))
+    return time.perf_counter() - start, total
+
+
+def measure(world: dict[str, str], epochs: int) -> dict[str, dict[str, float]]:
+    """MB/s (decoded bytes) of every reader and mode: best of ``epochs`` after a warm-up pass."""
+    readers = {"export read": (export_reader, MODES), "ShardStream": (stream_reader, STREAM_MODES)}
+    best: dict[str, dict[str, float]] = {name: {} for name in readers}
+    raw = {what: raw_files(world, what) for what in ("targets", "export")}
+    raw_best = {what: 0.0 for what in raw}
+    for name, (make, modes) in readers.items():
+        for mode in modes:
+            timed_bytes(make(world, mode))  # warm-up: page cache, imports
+    for epoch in range(epochs):
+        for name, (make, modes) in readers.items():
+            for mode in modes if epoch % 2 == 0 else tuple(reversed(modes)):
+                seconds, total = timed_bytes(make(world, mode))
+                best[name][mode] = max(best[name].get(mode, 0.0), total / seconds / 1e6)
+        for what, paths in raw.items():
+            start = time.perf_counter()
+            total = raw_read(paths)
+            raw_best[what] = max(raw_best[what], total / (time.perf_counter() - start) / 1e6)
+    best["raw read"] = {"targets' shard objects": raw_best["targets"], "export's tar shards": raw_best["export"]}
+    return best
+
+
+def report(best: dict[str, dict[str, float]], args: argparse.Namespace, seconds: float) -> str:
+    lines = [SECTION, "",
+             f"`python bench/bench_verify.py --samples {args.samples} --epochs {args.epochs} "
+             f"--compression {args.compression}` on {platform.node()} ({os.cpu_count()} CPUs), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s. MB/s of decoded arrays "
+             "(best of the epochs, warm page cache); ratio = verified / unverified, same run.", "",
+             "| reader | mode | MB/s | ratio to unverified |", "|---|---|---:|---:|"]
+    for reader in ("export read", "ShardStream"):
+        base = best[reader]["unverified"]
+        for mode in best[reader]:
+            lines.append(f"| {reader} | {mode} | {best[reader][mode]:.0f} | {best[reader][mode] / base:.2f}x |")
+    for what, rate in best["raw read"].items():
+        lines.append(f"| raw read | {what} | {rate:.0f} | - |")
+    lines.append("")
+    for reader, mode, sha in (("export read", "xxh3 (default)", "sha256"),
+                              ("ShardStream", "xxh3 (default), first read", "sha256, first read"),
+                              ("ShardStream", "xxh3 (default), later epochs", None)):
+        ratio = best[reader][mode] / best[reader]["unverified"]
+        lines.append(f"- {reader}, {mode}: {ratio:.2f}x unverified ({'meets' if ratio >= 0.9 else 'misses'} the "
+                     f"0.9x goal)" + (f"; sha256 would be {best[reader][sha] / best[reader]['unverified']:.2f}x."
+                                      if sha else "."))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=8, help="Full-size clips (~31 MB each as f16).")
+    parser.add_argument("--epochs", type=int, default=5, help="Timed passes per reader and mode.")
+    parser.add_argument("--compression", choices=["none", "zstd"], default="none",
+                        help="Target store chunk codec ('none' is the teachers' choice for float features).")
+    parser.add_argument("--results", default=None, help="Write the markdown section into this RESULTS.md.")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="bench-verify-")
+    try:
+        world = build_root(os.path.join(folder, "root"), args.samples, "noise", args.compression)
+        world["export"] = export(world, "f16")
+        text = report(measure(world, args.epochs), args, time.perf_counter() - started)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(text)
+    if args.results:
+        write_results(args.results, text)
+
+
+if __name__ == "__main__":
+    main()

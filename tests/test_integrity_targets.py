@@ -1,0 +1,248 @@
+"""Adversarial corpus, target versions (issue 23 rows D7, D9, D10, D11 and the fsync probe).
+
+Each test tampers with a copy of one pristine tiny root and checks that the damage is refused with
+one line naming the version, array and shard (or the file), and that nothing corrupt is copied on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import integrity_world as iw
+from storage import layout
+from storage.exports import ExportStore
+from storage.fs import DiskFullError, Root, temp_name
+from storage.process import machine_tag
+from storage.summary import root_summary
+from storage.targets import TargetStore
+from trainers.data import ZarrClips
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return iw.build(tmp_path_factory.mktemp("integrity") / "root")
+
+
+@pytest.fixture()
+def world(pristine, tmp_path):
+    return iw.copy_world(pristine, tmp_path / "root")
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text and "Traceback" not in text
+    return text
+
+
+# D7: a flipped byte in a complete version never reaches an export -------------------------------
+def test_d7_export_refuses_a_flipped_byte_in_a_teacher_shard(world):
+    iw.flip_byte(iw.shard_file(world, world["dinov2"], "target", 1), 200)
+    with pytest.raises(ValueError) as err:
+        iw.export(world, codec="bf16")  # a new export id: nothing cached
+    line = one_line(err.value)
+    assert f"target version '{world['dinov2']}', array 'target', shard 1: checksum mismatch" in line
+    assert ExportStore(world["root"]).ids() == [world["export"]]  # no second export was published
+    assert iw.stray_temporaries(world["root"]) == []
+
+
+@pytest.mark.parametrize("read", ["slice", "list", "int"])
+def test_d7_every_read_path_checks_the_shard(world, read):
+    iw.flip_byte(iw.shard_file(world, world["video"], "onestep", 0), 64)
+    reader = TargetStore(world["root"]).open(world["video"])
+    clips = {"slice": slice(0, 3), "list": [5, 1], "int": 2}[read]
+    with pytest.raises(ValueError, match=f"'{world['video']}', array 'onestep', shard 0: checksum mismatch"):
+        reader.read("onestep", clips)
+    assert reader.read("frames", clips).shape[-1] == 3  # other arrays of the version still read
+    unverified = TargetStore(world["root"]).open(world["video"], verify=False)
+    try:  # --no-verify: only zstd's own frame check can still notice, as one line naming the shard
+        unverified.read("onestep", clips)
+    except ValueError as err:
+        assert "array 'onestep', shard 0: chunk" in one_line(err)
+
+
+def test_d7_verified_reads_equal_unverified_reads(world):
+    verified = TargetStore(world["root"]).open(world["dinov2"])
+    plain = TargetStore(world["root"]).open(world["dinov2"], verify=False)
+    for clips in (slice(None), slice(3, 11), [9, 2, 2, 15], 7):
+        np.testing.assert_array_equal(verified.read("target", clips), plain.read("target", clips))
+
+
+def test_d7_zarr_clips_refuse_a_flipped_byte(world):
+    iw.flip_byte(iw.shard_file(world, world["dinov2"], "reference", 0), 10)
+    clips = ZarrClips(world["root"], world["plan"], [world["video"], world["dinov2"]])
+    with pytest.raises(ValueError, match="array 'reference', shard 0: checksum mismatch"):
+        clips[0]
+
+
+def test_missing_shard_object_is_refused(world):
+    os.unlink(iw.shard_file(world, world["video"], "frames", 1))
+    with pytest.raises(ValueError, match="array 'frames', shard 1: shard object is missing"):
+        TargetStore(world["root"]).open(world["video"]).read("frames", slice(8, 9))
+
+
+def test_flipped_bytes_are_caught_by_targets_verify(world):
+    """Probe that already held: the audit hash (sha256) names the corrupt shard."""
+    iw.flip_byte(iw.shard_file(world, world["text"], "embedding", 0), 5)
+    problems = TargetStore(world["root"]).open(world["text"]).verify()
+    assert problems == [f"{world['text']}: array 'embedding' shard 0 is corrupt (sha256 mismatch, "
+                        f"{iw.shard_file(world, world['text'], 'embedding', 0)})"]
+
+
+# D9: ids are proven ------------------------------------------------------------------------------
+def test_d9_an_edited_recipe_is_refused_on_open(world):
+    manifest = Root(world["root"]).path(layout.target_dir(world["dinov2"]), layout.MANIFEST)
+    iw.edit_json(Path(manifest), lambda m: m["recipe"]["params"].update(dtype="float32"))
+    with pytest.raises(ValueError) as err:
+        TargetStore(world["root"]).open(world["dinov2"])
+    line = one_line(err.value)
+    assert f"target version '{world['dinov2']}' does not match its stored recipe" in line and manifest in line
+    with pytest.raises(ValueError, match="does not match its stored recipe"):
+        iw.export(world, codec="bf16")
+
+
+def test_d9_targets_verify_reports_the_mismatch(world):
+    from flows.cli.targets import _verify_problems
+
+    path = Path(Root(world["root"]).path(layout.target_dir(world["text"]), layout.MANIFEST))
+    iw.edit_json(path, lambda m: m["recipe"].update(stage_version=7))
+    [problem] = _verify_problems(TargetStore(world["root"]), world["text"], skip_building=False)
+    assert "does not match its stored recipe" in problem
+
+
+def test_d9_a_manifest_copied_under_another_id_is_refused(world):
+    root = Path(world["root"])
+    (root / "targets" / "text-000000000000").mkdir()
+    (root / "targets" / "text-000000000000" / "manifest.json").write_bytes(
+        (root / "targets" / world["text"] / "manifest.json").read_bytes())
+    with pytest.raises(ValueError, match="'text-000000000000' does not match its stored recipe"):
+        TargetStore(world["root"]).manifest("text-000000000000")
+
+
+# D10: a truncated manifest names its file; info shows the rest of the root -----------------------
+def test_d10_truncated_manifest_names_the_file_and_info_survives(world):
+    path = Path(Root(world["root"]).path(layout.target_dir(world["video"]), layout.MANIFEST))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError) as err:
+        TargetStore(world["root"]).manifest(world["video"])
+    line = one_line(err.value)
+    assert str(path) in line and "malformed JSON at line" in line
+    summary = root_summary(Root(world["root"]))
+    status = {v["version"]: v["status"] for v in summary["targets"]}
+    assert status[world["video"]] == "unreadable" and status[world["dinov2"]] == "complete"
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[1, 2]", b""])
+def test_d10_non_utf8_list_or_empty_manifest(world, content):
+    path = Path(Root(world["root"]).path(layout.target_dir(world["text"]), layout.MANIFEST))
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        TargetStore(world["root"]).manifest(world["text"])
+    assert str(path) in one_line(err.value)
+
+
+# D11: failures leave nothing behind ------------------------------------------------------------
+def test_d11_atomic_write_removes_its_temporary_on_any_exception(tmp_path):
+    root = Root(tmp_path)
+
+    def parts():
+        yield b"first part"
+        raise KeyboardInterrupt  # not even an Exception: the temporary still goes
+
+    with pytest.raises(KeyboardInterrupt):
+        root.write_parts_atomic("a/b.bin", parts())
+    assert iw.stray_temporaries(tmp_path) == [] and not root.exists("a/b.bin")
+
+
+def test_d11_disk_full_is_one_line_with_path_and_bytes(tmp_path, monkeypatch):
+    root = Root(tmp_path)
+    real_open = open
+
+    class FullFile:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: FullFile(real_open(path, mode, *a, **k))
+                        if ".tmp-" in str(path) and "w" in mode else real_open(path, mode, *a, **k))
+    with pytest.raises(DiskFullError) as err:
+        root.write_parts_atomic("targets/v/x.zarr/c/0", [b"x" * 1000])
+    line = one_line(err.value)
+    assert line.startswith(f"disk full writing {tmp_path}/targets/v/x.zarr/c/0: ") and "bytes needed" in line
+    monkeypatch.undo()
+    assert iw.stray_temporaries(tmp_path) == []
+
+
+def test_d11_rerun_removes_a_dead_writers_temporary_never_a_live_one(world):
+    writer = TargetStore(world["root"]).writer(world["video"])
+    folder = iw.shard_file(world, world["video"], "frames", 0).parent
+    child = subprocess.Popen(["true"])  # a writer of this machine that has exited (kill -9 alike)
+    child.wait()
+    dead = f".tmp-{machine_tag()}-{child.pid}--0123abcd"
+    (folder / dead).write_bytes(b"half a shard")
+    live = folder / temp_name()  # this process: alive
+    live.write_bytes(b"being written")
+    writer._sweep_temporaries()
+    assert not (folder / dead).exists() and live.exists()
+    # Taking a shard's claim removes whatever is in its folders (only the claimer may write there).
+    assert writer.remove_stale_temporaries(0) == [live.name]
+
+
+def test_d11_data_is_fsynced_before_its_marker(tmp_path, monkeypatch):
+    """Probe: the shard objects' bytes (file and folder) reach the disk before the _done marker."""
+    import storage.fs as fs
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(fs.os, "fsync", lambda fd: (events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}"),
+                                                    real_fsync(fd))[1])
+    monkeypatch.setattr(fs.os, "replace", lambda a, b: (events.append(f"publish {b}"), real_replace(a, b))[1])
+    root = tmp_path / "root"
+    iw.tw.make_version(Root(root), "text", "text.clip", {"embedding": np.ones((4, 2), np.float16)}, {"plan": "p"}, {})
+    [version] = TargetStore(root).ids()
+    data = next(i for i, e in enumerate(events) if e.startswith("publish") and "/embedding.zarr/c/0/" in e)
+    marker = next(i for i, e in enumerate(events) if e.startswith("publish") and e.endswith("/_done/0"))
+    assert data < marker
+    assert any(e.startswith("fsync") and ".tmp-" in e for e in events[:data])  # the file, before its rename
+    folder = str(root / "targets" / version / "embedding.zarr" / "c" / "0")
+    assert f"fsync {folder}" in events[data:marker]  # its folder, after the rename
+
+
+# probes that already held ------------------------------------------------------------------------
+def test_path_traversal_in_ids_is_refused(world):
+    for bad in ("../../etc", "a/b", "v\x00"):
+        with pytest.raises(ValueError, match="only letters, digits"):
+            TargetStore(world["root"]).manifest(bad)
+        with pytest.raises(ValueError, match="only letters, digits"):
+            ExportStore(world["root"]).index(bad)
+
+
+def test_complete_versions_are_immutable(world):
+    from schemas.target import TargetRecipe
+
+    manifest = TargetStore(world["root"]).manifest(world["text"])
+    with pytest.raises(ValueError, match="complete and immutable"):
+        TargetStore(world["root"]).begin(TargetRecipe(**manifest.recipe.model_dump()), manifest.arrays,
+                                         manifest.num_clips, manifest.shard_size)
+
+
+def test_shard_checksums_recorded_twice(world):
+    """sha256 (audit) and xxh3 (read path) are both recorded for every shard of every array."""
+    manifest = TargetStore(world["root"]).manifest(world["video"])
+    assert set(manifest.shards) == set(manifest.shard_xxh3) == {"0", "1"}
+    assert all(set(m) == {"frames", "onestep", "seed"} for m in manifest.shard_xxh3.values())
+    assert json.loads(json.dumps(manifest.verified_inputs)) is True

@@ -199,7 +199,7 @@ def predict_stage(state: DemoState) -> None:
 
 
 DEMO_EVAL_TASKS = "reach,button-press"
-DEMO_EVAL_STEPS = 40
+DEMO_EVAL_STEPS = 30
 """Step cap of the demo's closed-loop eval (MetaWorld allows 500): rendering dominates its time on a
 CPU, and a tiny random-ish action expert is not expected to succeed anyway."""
 

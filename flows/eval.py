@@ -37,6 +37,7 @@ VIDEO_STRIDE = 2
 """MetaWorld steps at 80 Hz: videos keep every second step (rendering dominates a rollout's cost) and
 play at 40 fps, in real time."""
 BUILTIN_POLICIES = ("oracle", "random")
+REPORT_NAME = "report.html"
 
 
 class EvalConfig(StrictModel):
@@ -128,7 +129,8 @@ def load_policy(root_url: str, config: EvalConfig) -> tuple[Policy, list[dict[st
         return builtin_policy(config), []
     from flows.eval_runs import build_run_policy
 
-    extra = {"root": root_url, "versions": config.versions, "allow": config.allow_version_change}
+    extra = {"root": root_url, "versions": config.versions, "allow": config.allow_version_change,
+             "pi0_teacher": config.pi0_teacher}
     return cached_model("eval-policy", config.policy, config.device, "policy",
                         lambda: build_run_policy(open_root(root_url), config), extra=extra)
 
@@ -203,6 +205,8 @@ def eval_metaworld_flow(root_url: str, config: EvalConfig) -> EvalOutcome:
     record = store.begin(key, resolved.version_changes)
     missing = store.missing(key)
     skipped = len(key.tasks) * len(key.seeds) - len(missing)
+    if record.status == "complete" and not missing:  # a complete eval is never rewritten
+        return EvalOutcome(record=record, ran=0, skipped=skipped, report=store.url(record.eval_id, REPORT_NAME))
     video_seeds = {t: key.seeds[:config.video] for t in key.tasks}
     futures = [eval_episodes_task.submit(root_url, config, record.eval_id, group, video_seeds)
                for group in split_pairs(missing, config.workers)]

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.cli.common import user_error_message
+from flows.eval import EvalConfig, load_policy
 from flows.teachers_engine import teacher_recipe
+from pipelines import pi0
 from pipelines.svd import SVDParams
 from pipelines.svd.features import feature_shape
 from pipelines.svd.loading import describe_svd
@@ -189,3 +191,6 @@ def test_shallow_pi_student_and_its_teacher_roll_out_through_the_chunk_sampler(s
     assert record["key"]["policy"]["kind"] == kind and set(record["key"]["policy"]["versions"].values()) == {version}
     (episode,) = EvalStore(root).episodes(record["eval_id"])
     assert episode.policy_calls == 2 and set(episode.latency_ms) == components  # 50-action chunks, 4 executed
+    config = EvalConfig(policy="student", tasks=["reach"], pi0_teacher=bool(extra))
+    policy, _ = load_policy(root.url, config)  # the process's cached policy is the one evaluated
+    assert policy.identity().kind == kind and pi0.num_layers(policy.model) == (4 if extra else 2)

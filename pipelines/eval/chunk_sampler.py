@@ -18,7 +18,6 @@ from pipelines import pi0
 from pipelines.eval.policy import Observation, Policy, call_seed
 from schemas.eval import PolicyIdentity
 
-COMPONENTS = ("preprocess", "sampler")
 
 
 def denormalize_actions(actions_KD: np.ndarray, params: pi0.Pi0TargetParams, action_dim: int) -> np.ndarray:

@@ -31,7 +31,6 @@ from pipelines.text import TextModel, embed_instructions, load_text_model
 from schemas.eval import PolicyIdentity
 from schemas.model import ModelIdentity
 
-COMPONENTS = ("backbone", "references", "decouplers", "action_expert")
 
 
 @dataclass

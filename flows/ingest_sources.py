@@ -181,7 +181,7 @@ def ingest_lerobot_group(root_url: str, dataset: str, src: str, group: list[int]
     checksums, results, skip = {}, [], set()
     for ep in group:
         episode = lerobot.lerobot_episode(meta, ep, options)
-        checksums[ep] = _lerobot_checksum(meta, ep, episode, options, digests)
+        checksums[ep] = _lerobot_checksum(meta, ep, episode, options, layout, digests)
         if store.has_episode(episode.episode_id, checksums[ep]):
             skip.add(ep)
             results.append(EpisodeResult(episode_id=episode.episode_id, status="skipped"))
@@ -207,7 +207,7 @@ def _file_shares(meta: lerobot.LeRobotMeta, group: list[int], options: lerobot.L
 
 
 def _lerobot_checksum(meta: lerobot.LeRobotMeta, ep: int, episode: SourceEpisode, options: lerobot.LeRobotOptions,
-                      digests: dict[str, str]) -> str:
+                      layout: SourceLayout, digests: dict[str, str]) -> str:
     """Files (hashed once per group), the episode's metadata row and its tasks define the episode."""
     for path in episode.files:
         if path not in digests and Path(path).exists():
@@ -215,7 +215,7 @@ def _lerobot_checksum(meta: lerobot.LeRobotMeta, ep: int, episode: SourceEpisode
     present = [p for p in episode.files if p in digests]
     identity = {"options": options.model_dump(), "row": episode.extra["meta"], "tasks": meta.tasks,
                 "missing": [p for p in episode.files if p not in digests], "fps": meta.fps,
-                "frame_storage": _storage_identity(lerobot.source_layout(meta, options))}
+                "frame_storage": _storage_identity(layout)}
     return source_checksum(present, identity, known=digests)
 
 

@@ -514,6 +514,8 @@ def action_vl_attention(attentions: tuple[torch.Tensor, ...], layers: list[int],
     (B, len(layers), chunk, P) with ``heads="mean"``, (B, len(layers), H, chunk, P) with ``"all"``;
     padded text keys carry zero mass.
     """
+    if heads not in ATTN_HEADS:
+        raise ValueError(f"attention heads {heads!r}: expected one of {ATTN_HEADS}")
     maps = []
     for layer in layers:
         weights_BHQK = attentions[layer][:, :, -chunk:, :prefix_len].float()

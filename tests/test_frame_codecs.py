@@ -20,8 +20,8 @@ import pytest
 import zarr
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_lerobot, ingest_teleop
-from pipelines.ingest import lerobot, teleop
+from flows.ingest_sources import ingest_calvin, ingest_lerobot, ingest_teleop
+from pipelines.ingest import calvin, lerobot, teleop
 from storage import frame_codecs
 from storage.episodes import EpisodeStore
 
@@ -303,3 +303,32 @@ def test_a_recording_written_by_lerobot_keeps_its_av1_packets(tmp_path):
 def _mp4_of(src: Path) -> Path:
     [path] = sorted(src.glob("videos/*/chunk-*/file-*.mp4"))
     return path
+
+
+def test_calvin_frames_encoded_as_lossless_video_read_back_exactly(tmp_path):
+    src = tmp_path / "calvin"
+    fx.make_calvin_dataset(src, lengths=(42, 6))  # its first language window ends at frame 40
+    stores = {}
+    for codec in ("raw", "video"):
+        root = str(tmp_path / codec)
+        options = calvin.CalvinOptions(splits=["training"], cameras=["rgb_gripper"], depth=True, frame_codec=codec)
+        summary = ingest_calvin(root, "cal", str(src), options)
+        assert not summary.partial
+        stores[codec] = EpisodeStore(root, "cal")
+    raw, video = stores["raw"], stores["video"]
+    assert {c: s.codec for c, s in video.info().frame_storage.items()} == dict.fromkeys(raw.info().cameras, "video")
+    for episode in raw.episode_ids():
+        for camera in raw.info().cameras:  # colour and packed depth, both exact
+            np.testing.assert_array_equal(video.read_frames(episode, camera), raw.read_frames(episode, camera))
+
+
+def test_a_damaged_stored_chunk_reads_as_one_line_naming_episode_and_camera(tmp_path, jpeg_episode):
+    _, store = _ingest(tmp_path, tmp_path / "src")
+    [shard] = (tmp_path / "root/datasets/tel/episodes/episode_0").glob("frames.zarr/cam_low/c/1/0/0/0")
+    data = bytearray(shard.read_bytes())
+    data[:64] = b"\0" * 64  # the first JPEG of the shard (frame 64) loses its headers
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"dataset 'tel', episode 'episode_0', camera 'cam_low': corrupt JPEG"):
+        EpisodeStore(str(tmp_path / "root"), "tel").read_frames("episode_0", "cam_low", [64])
+    np.testing.assert_array_equal(store.read_frames("episode_0", "cam_low", [63]),
+                                  _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")[63:64]))

@@ -34,7 +34,6 @@ from pipelines.ingest.common import (
     pack_depth_uint24,
 )
 from pipelines.ingest.safe_pickle import load_npy, load_pickled_dict
-from schemas.base import StrictModel
 from schemas.dataset import FeatureSpec, LanguageSegment
 
 log = logging.getLogger(__name__)

@@ -244,8 +244,8 @@ def flow_log(root: Root | None, run_name: str) -> Iterator[str]:
         yield shown
     except BaseException as exc:
         logging.getLogger("foresight.flow").error("flow run %s failed", run_name, exc_info=exc)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename and root is not None:
-            exc.filename = root.url  # a write that did not name its file: at least name the root it was under
+        if root is not None:
+            _name_full_disk(exc, root)
         with contextlib.suppress(AttributeError, TypeError):
             exc.log_path = shown
         raise
@@ -258,6 +258,17 @@ def flow_log(root: Root | None, run_name: str) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 with open(path, "rb") as handle:
                     root.write_bytes_atomic(f"{LOGS_DIR}/{run_name}.log", handle.read())
+
+
+def _name_full_disk(exc: BaseException, root: Root) -> None:
+    """A full disk met by a write that did not name its file (anywhere in the exception's chain)
+    is given the data root it wrote under, so the one-line message can say where."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:
+            exc.filename = root.url
+        exc = exc.__cause__ or exc.__context__
 
 
 def _flow_root(root: Root | None, params: dict[str, Any]) -> Root | None:

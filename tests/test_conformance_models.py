@@ -59,13 +59,13 @@ def test_the_release_quirks_are_what_the_fixture_pins(fixture):
     c_in = objectives.scalings(sigma, 0.5)[2][:, None, None]
     errors = {}
     for option in ({"cross_attn_mask": "top-left-causal"}, {"cross_attn_mask": "none"},
-                   {"modulation": "one-plus-scale"}):
+                   {"modulation": "one-plus-scale"}, {"action_positions": "pos_emb"}):
         model = models.strict_load(GCDenoiser(base.model_copy(update=option)), weights, "fixture")
         with torch.no_grad():
             out = model.network(x * c_in, sigma, model.encode(state, goal)).numpy()
         errors[next(iter(option.values()))] = float(np.abs(out - ref).max())
     assert errors["top-left-causal"] < 1e-5
-    assert errors["none"] > 1e-3 and errors["one-plus-scale"] > 1e-3
+    assert errors["none"] > 1e-3 and errors["one-plus-scale"] > 1e-3 and errors["pos_emb"] > 1e-3
 
 
 def test_position_embeddings_variant_keeps_release_names_plus_its_own(fixture):

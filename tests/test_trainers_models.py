@@ -96,6 +96,8 @@ def test_action_expert_loss_and_sampler(arch, objective):
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert model.perceiver.latents.grad is not None
+    # Every trainable parameter gets a gradient (DDP without find_unused_parameters needs that).
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     model.eval()
     first = model.predict(tokens, text[:, 0], torch.Generator().manual_seed(3))
     again = model.predict(tokens, text[:, 0], torch.Generator().manual_seed(3))

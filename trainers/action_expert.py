@@ -31,7 +31,8 @@ from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, Op
                            TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything,
                            to_device)
 from trainers.models.decoupler import Decoupler, ModelSize
-from trainers.models.denoiser import CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation, Proprio
+from trainers.models.denoiser import (ActionPositions, CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation,
+                                      Proprio)
 from trainers.models.objectives import ObjectiveConfig, ObjectiveName
 from trainers.models.policy import ActionExpert, AggregatorConfig, DenoiserNetConfig, NormMode, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
@@ -93,6 +94,8 @@ class DenoiserArch(StrictModel):
     modulation: Modulation | None = Field(None, description="scale-shift (release) or one-plus-scale.")
     proprio: Proprio | None = Field(None, description="unused (release) or token (the export's 'state' field, "
                                                       "mean/std normalised, as a context token).")
+    action_positions: ActionPositions | None = Field(None, description="unused (release) or pos_emb (positions "
+                                                                       "of the action tokens).")
 
 
 class ObjectiveArch(StrictModel):

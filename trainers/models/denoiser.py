@@ -19,6 +19,9 @@ Three release quirks are named options (:class:`DenoiserConfig`): the cross-atte
 queries; ``none``: every action sees the whole context), the modulation form (``scale-shift``:
 x * scale + shift; ``one-plus-scale``: x * (1 + scale) + shift, the DiT form) and proprioception
 (``unused``; ``token``: the robot state embedded by ``proprio_emb`` joins the context after the goal).
+Without positional embeddings (``pos_emb`` is never read) the top-left causal cross-attention mask
+is what tells the chunk positions apart; ``action_positions = "pos_emb"`` adds positions to the
+action tokens, which a full cross-attention (``none``) needs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from trainers.models.objectives import c_noise
 CrossAttnMask = Literal["top-left-causal", "none"]
 Modulation = Literal["scale-shift", "one-plus-scale"]
 Proprio = Literal["unused", "token"]
+ActionPositions = Literal["unused", "pos_emb"]
 
 
 class DenoiserConfig(StrictModel):
@@ -64,6 +68,9 @@ class DenoiserConfig(StrictModel):
                                    "one-plus-scale: x*(1+scale)+shift).")
     proprio: Proprio = Field("unused", description="Proprioception (release: unused, the CALVIN batch has no "
                              "'state_obs'; token: proprio_emb(state) as a context token after the goal).")
+    action_positions: ActionPositions = Field(
+        "unused", description="Positions of the action tokens (release: none, pos_emb is never read, so only the "
+                              "causal masks tell chunk positions apart; pos_emb: add its last `chunk` rows).")
 
     @classmethod
     def preset(cls, size: ModelSize, **dims) -> "DenoiserConfig":
@@ -228,6 +235,7 @@ class DiffusionTransformer(nn.Module):
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
+        self.cfg = cfg
         dim = cfg.embed_dim
         self.tok_emb = nn.Linear(cfg.obs_dim, dim)
         self.lang_emb = _goal_mlp(cfg.goal_dim, dim)
@@ -242,6 +250,11 @@ class DiffusionTransformer(nn.Module):
         self.encoder = TransformerEncoder(cfg)
         self.decoder = TransformerFiLMDecoder(cfg)
         self.action_pred = nn.Linear(dim, cfg.action_dim)
+        # Never-read parameters get no gradient: frozen, so DDP does not wait for them and AdamW skips them.
+        unused = ([self.goal_emb] + ([] if cfg.action_positions == "pos_emb" else [self.pos_emb])
+                  + ([] if cfg.proprio == "token" else [self.proprio_emb]))
+        for item in unused:
+            item.requires_grad_(False)
 
     def embed_sigma(self, sigma_B: torch.Tensor) -> torch.Tensor:
         """(B, 1, E) embedding of the noise level, from c_noise = ln(sigma) / 4."""
@@ -258,7 +271,10 @@ class DiffusionTransformer(nn.Module):
 
     def decode(self, scaled_BKA: torch.Tensor, sigma_B: torch.Tensor, memory_BME: torch.Tensor) -> torch.Tensor:
         """Decoder output F for c_in-scaled actions at noise level ``sigma_B``."""
-        x = self.decoder(self.action_emb(scaled_BKA), memory_BME, self.embed_sigma(sigma_B))
+        actions_BKE = self.action_emb(scaled_BKA)
+        if self.cfg.action_positions == "pos_emb":
+            actions_BKE = actions_BKE + self.pos_emb[:, -actions_BKE.shape[1]:]
+        x = self.decoder(actions_BKE, memory_BME, self.embed_sigma(sigma_B))
         return self.action_pred(x)
 
 

@@ -332,3 +332,13 @@ def test_a_damaged_stored_chunk_reads_as_one_line_naming_episode_and_camera(tmp_
         EpisodeStore(str(tmp_path / "root"), "tel").read_frames("episode_0", "cam_low", [64])
     np.testing.assert_array_equal(store.read_frames("episode_0", "cam_low", [63]),
                                   _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")[63:64]))
+
+
+def test_pass_through_shards_on_an_fsspec_root(tmp_path, jpeg_episode, lerobot_v3):
+    root = f"memory://frame-codecs-{tmp_path.name}"
+    ingest_teleop(root, "tel", str(tmp_path / "src"), teleop.TeleopOptions())
+    np.testing.assert_array_equal(EpisodeStore(root, "tel").read_frames("episode_0", "cam_low", slice(60, 70)),
+                                  _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")[60:70]))
+    ingest_lerobot(root, "lr", str(lerobot_v3), lerobot.LeRobotOptions())
+    np.testing.assert_array_equal(EpisodeStore(root, "lr").read_frames("episode_000001", "top"),
+                                  _pyav_decode(_mp4(lerobot_v3))[12:])

@@ -342,3 +342,15 @@ def test_pass_through_shards_on_an_fsspec_root(tmp_path, jpeg_episode, lerobot_v
     ingest_lerobot(root, "lr", str(lerobot_v3), lerobot.LeRobotOptions())
     np.testing.assert_array_equal(EpisodeStore(root, "lr").read_frames("episode_000001", "top"),
                                   _pyav_decode(_mp4(lerobot_v3))[12:])
+
+
+@pytest.mark.parametrize("keyframes, count, length", [
+    (set(range(0, 12, 2)), 12, 2),  # LeRobot's g=2
+    ({0, 3, 6, 9}, 10, 3),
+    ({0, 5, 7}, 10, 5),  # a scene-cut keyframe at 7 is not needed
+    ({0, 4, 7}, 10, 7),  # segments 0-6 and 7-9
+    ({0, 4, 7}, 15, 15),  # no regular grid: one segment
+    ({1, 2}, 3, None),  # not starting on a keyframe
+])
+def test_segment_length_is_the_shortest_keyframe_grid(keyframes, count, length):
+    assert lerobot.segment_length(keyframes, count) == length

@@ -12,7 +12,10 @@ order so drift hits every variant alike:
 - ShardStream:  every sample of the export, every array touched once: unverified, verified with the
                 per-sample xxh3 (the default) on the first read of each sample in the process and in
                 later epochs (a sample of an unmodified, memory-mapped shard file is checked once per
-                process), and verified with the per-sample sha256 (first read)
+                process), and verified with the per-sample sha256 (first read); then the same through
+                a DataLoader of ``--workers`` processes (``collate_zero_copy``, workers started afresh
+                each epoch, so every epoch is a first read: the check runs in the workers, beside
+                the consumer)
 - raw:          a sequential read of the same files (the floor any reader pays)
 
 Printed: MB/s of each and the ratio verified / unverified. Goal: verified >= 0.9x unverified.
@@ -38,11 +41,14 @@ from bench_export import build_root, export, raw_read, touch, write_results  # n
 from storage import exports  # noqa: E402
 from storage.exports import ClipSource, ExportStore  # noqa: E402
 from storage.targets import TargetStore, shard_object  # noqa: E402
-from trainers.data import ShardStream  # noqa: E402
+import torch  # noqa: E402
+
+from trainers.data import ShardStream, collate_zero_copy  # noqa: E402
 
 SECTION = "## Issue 23: verified reads (xxh3 per shard / per sample) vs unverified, same run"
 MODES = ("unverified", "xxh3 (default)", "sha256")
 STREAM_MODES = ("unverified", "xxh3 (default), first read", "xxh3 (default), later epochs", "sha256, first read")
+LOADER_MODES = ("unverified", "xxh3 (default), first read")
 READ_BATCH = 4
 
 
@@ -80,6 +86,18 @@ def stream_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
     return epoch
 
 
+def loader_reader(world: dict[str, str], mode: str, workers: int) -> Callable[[], Iterable]:
+    index = ExportStore(world["root"]).index(world["export"])
+
+    def epoch() -> Iterable:
+        stream = ShardStream(world["root"], world["export"], index.version_ids, shuffle_shards=False,
+                             verify=mode != "unverified")
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                           collate_fn=collate_zero_copy, prefetch_factor=2)
+
+    return epoch
+
+
 def raw_files(world: dict[str, str], what: str) -> list[str]:
     root = ExportStore(world["root"]).root
     if what == "export":
@@ -105,9 +123,12 @@ def timed_bytes(make_iter: Callable[[], Iterable]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
-def measure(world: dict[str, str], epochs: int) -> dict[str, dict[str, float]]:
+def measure(world: dict[str, str], epochs: int, workers: int) -> dict[str, dict[str, float]]:
     """MB/s (decoded bytes) of every reader and mode: best of ``epochs`` after a warm-up pass."""
     readers = {"export read": (export_reader, MODES), "ShardStream": (stream_reader, STREAM_MODES)}
+    if workers:
+        readers[f"ShardStream, {workers} DataLoader workers"] = (
+            lambda w, mode: loader_reader(w, mode, workers), LOADER_MODES)
     best: dict[str, dict[str, float]] = {name: {} for name in readers}
     raw = {what: raw_files(world, what) for what in ("targets", "export")}
     raw_best = {what: 0.0 for what in raw}
@@ -130,11 +151,11 @@ def measure(world: dict[str, str], epochs: int) -> dict[str, dict[str, float]]:
 def report(best: dict[str, dict[str, float]], args: argparse.Namespace, seconds: float) -> str:
     lines = [SECTION, "",
              f"`python bench/bench_verify.py --samples {args.samples} --epochs {args.epochs} "
-             f"--compression {args.compression}` on {platform.node()} ({os.cpu_count()} CPUs), "
+             f"--compression {args.compression} --workers {args.workers}` on {platform.node()} ({os.cpu_count()} CPUs), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s. MB/s of decoded arrays "
              "(best of the epochs, warm page cache); ratio = verified / unverified, same run.", "",
              "| reader | mode | MB/s | ratio to unverified |", "|---|---|---:|---:|"]
-    for reader in ("export read", "ShardStream"):
+    for reader in [r for r in best if r != "raw read"]:
         base = best[reader]["unverified"]
         for mode in best[reader]:
             lines.append(f"| {reader} | {mode} | {best[reader][mode]:.0f} | {best[reader][mode] / base:.2f}x |")
@@ -143,7 +164,8 @@ def report(best: dict[str, dict[str, float]], args: argparse.Namespace, seconds:
     lines.append("")
     for reader, mode, sha in (("export read", "xxh3 (default)", "sha256"),
                               ("ShardStream", "xxh3 (default), first read", "sha256, first read"),
-                              ("ShardStream", "xxh3 (default), later epochs", None)):
+                              ("ShardStream", "xxh3 (default), later epochs", None),
+                              *[(r, "xxh3 (default), first read", None) for r in best if "DataLoader" in r]):
         ratio = best[reader][mode] / best[reader]["unverified"]
         lines.append(f"- {reader}, {mode}: {ratio:.2f}x unverified ({'meets' if ratio >= 0.9 else 'misses'} the "
                      f"0.9x goal)" + (f"; sha256 would be {best[reader][sha] / best[reader]['unverified']:.2f}x."
@@ -157,6 +179,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="Timed passes per reader and mode.")
     parser.add_argument("--compression", choices=["none", "zstd"], default="none",
                         help="Target store chunk codec ('none' is the teachers' choice for float features).")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the last reader (0: skip it).")
     parser.add_argument("--results", default=None, help="Write the markdown section into this RESULTS.md.")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -164,7 +187,7 @@ def main() -> None:
     try:
         world = build_root(os.path.join(folder, "root"), args.samples, "noise", args.compression)
         world["export"] = export(world, "f16")
-        text = report(measure(world, args.epochs), args, time.perf_counter() - started)
+        text = report(measure(world, args.epochs, args.workers), args, time.perf_counter() - started)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(text)

@@ -1,4 +1,4 @@
-"""Fault campaign (issue 10): kill a tiny chain with SIGKILL at random moments, resume, compare.
+"""Fault campaign (issues 10 and 23): kill, fill the disk, flip a byte; resume and compare.
 
 Each run builds the whole chain (teleop ingest -> plan -> text -> generate -> dinov2 teacher ->
 export, tiny models) into a fresh root with ``foresight run``; at a random moment the run is
@@ -13,7 +13,21 @@ and the resume time against an uninterrupted run of the same mode measured just 
 machine is shared, so each run gets its own baseline). The kill moment is drawn uniformly from the
 span in which the baseline was writing its root: after its start-up, before it exited.
 
-    python bench/fault_campaign.py --runs 20 --seed 0
+    python bench/fault_campaign.py --runs 20 --seed 0 [--faults kill,disk-full,flip]
+
+Issue 23 adds two faults (``--faults kill,disk-full,flip``, ``--runs`` of each, local threads):
+
+- ``disk-full``: the root is a tmpfs of a random size (10-95% of what the finished chain needs); the
+  run must fail with one ``error:`` line (no traceback) naming what it could not write, leave no
+  temporary anywhere, and then, with the tmpfs grown, resume to a result byte-identical to the
+  reference;
+- ``flip``: at a random moment of the run one byte of a random *complete* shard (a target shard
+  object behind a ``_done`` marker, or a shard of a complete export) is flipped; a stage that reads
+  it must refuse with one line, and no other complete version or export may differ from the
+  reference (nothing corrupt copied on); the flipped shard itself must be caught by the audit.
+
+Printed for both: runs with one-line errors, stray temporaries (goal 0), complete outputs with
+corrupt values (goal 0) and, for disk-full, resumes identical to the reference.
 
 All processes run with one BLAS/OpenMP thread: on a CPU, torch's reductions depend on the thread
 count, and Dask's nanny pins workers to one thread, so this makes local and Dask runs comparable.
@@ -42,6 +56,7 @@ from cluster_servers import DaskCluster, child_env, start_prefect_server  # noqa
 from fixtures_sources import make_teleop_episode  # noqa: E402
 from storage import layout  # noqa: E402
 from storage.episodes import EpisodeStore  # noqa: E402
+from storage.exports import ExportStore  # noqa: E402
 from storage.fs import Root  # noqa: E402
 from storage.targets import EMPTY_SHARD, TargetStore, shard_object  # noqa: E402
 
@@ -184,6 +199,123 @@ class VisibilityReader(threading.Thread):
                 self._check(key, None if complete else f"episode {episode}: marked complete with files missing")
 
 
+@dataclass
+class FaultRecord:
+    """One disk-full or flip run."""
+
+    index: int
+    fault: str
+    detail: str  # tmpfs size, or what was flipped
+    exit_code: int
+    one_line: bool  # a failure printed exactly one `error:` line and no traceback
+    message: str
+    stray_temporaries: list[str]
+    corrupt_outputs: list[str]  # complete versions/exports (other than a flipped shard's own) that differ
+    checked: int  # complete versions and exports compared with the reference
+    detected: bool  # flip: the audit (targets verify / export-check) names the flipped shard
+    resumed_identical: bool | None  # disk-full: the resume with room again equals the reference
+
+
+def stray_temporaries(root: Path) -> list[str]:
+    """Writer temporaries anywhere under a root."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".tmp-*")) if root.exists() else []
+
+
+def complete_outputs(root: Root) -> dict[str, object]:
+    """Every complete target version (manifest) and export (index) under a root."""
+    store, exports, found = TargetStore(root), ExportStore(root), {}
+    for version in store.ids():
+        try:
+            manifest = store.manifest(version)
+        except ValueError:
+            continue
+        if manifest.status == "complete":
+            found[version] = manifest
+    for export in exports.ids():
+        found[export] = exports.index(export)
+    return found
+
+
+def corrupt_outputs(root: Root, reference: dict, skip: set[str]) -> tuple[list[str], int]:
+    """Complete outputs whose stored bytes fail their own checksums, or whose checksums differ from
+    the reference run's (corrupt values copied in with fresh checksums); ``skip``: a flipped one."""
+    bad, outputs = [], complete_outputs(root)
+    for output, record in outputs.items():
+        if output in skip:
+            continue
+        if output.startswith("export-"):
+            problems = ExportStore(root).verify(output)
+            prints = [s.sha256 for s in record.shards]
+        else:
+            problems = TargetStore(root).open(output).verify()
+            prints = record.shards
+        if problems or (output in reference and reference[output] != prints):
+            bad.append(output)
+    return bad, len(outputs)
+
+
+def error_summary(err_path: Path, code: int) -> tuple[bool, str]:
+    """(exactly one `error:` line and no traceback, that line) of a finished command's stderr."""
+    text = err_path.read_text(errors="replace") if err_path.exists() else ""
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    if code == 0:
+        return True, ""
+    return len(errors) == 1 and "Traceback" not in text, (errors[0] if errors else text.strip()[-300:])
+
+
+class Flipper(threading.Thread):
+    """At ``at_s`` after start, flips one byte of a random complete shard of a root (waiting for one
+    to exist); records what it flipped."""
+
+    def __init__(self, root: Root, rng: random.Random, at_s: float):
+        super().__init__(daemon=True)
+        self.root, self.rng, self.at_s = root, rng, at_s
+        self.flipped: tuple[str, str] | None = None  # (version or export id, description)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        if self._stop_event.wait(self.at_s):
+            return
+        while not self._stop_event.is_set() and self.flipped is None:
+            candidates = self._candidates()
+            if candidates:
+                owner, path, what = self.rng.choice(candidates)
+                data = bytearray(Path(path).read_bytes())
+                offset = self.rng.randrange(len(data))
+                data[offset] ^= 1 << self.rng.randrange(8)
+                with open(path, "r+b") as handle:  # in place, like bit rot
+                    handle.write(data)
+                self.flipped = (owner, f"{what}, byte {offset}")
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def _candidates(self) -> list[tuple[str, str, str]]:
+        found = []
+        try:
+            for version in self.root.ls("targets"):
+                if not self.root.exists(layout.target_dir(version), layout.MANIFEST):
+                    continue
+                manifest = TargetStore(self.root).manifest(version)
+                for name in self.root.ls(layout.target_dir(version), layout.DONE_DIR):
+                    if not name.isdigit():
+                        continue
+                    for spec in manifest.arrays:
+                        rel = shard_object(manifest, spec.name, int(name))
+                        if self.root.exists(rel):
+                            found.append((version, self.root.path(rel), f"{version} array {spec.name} shard {name}"))
+            for export in ExportStore(self.root).ids():
+                for shard in ExportStore(self.root).index(export).shards:
+                    found.append((export, self.root.path(layout.export_dir(export), shard.name),
+                                  f"{export} {shard.name}"))
+        except (ValueError, OSError):
+            return []  # a store mid-write: look again
+        return found
+
+
 def fingerprint(root: Root, summary: dict) -> dict:
     """What 'byte-identical' compares: every target shard checksum and every export tar sha256."""
     store, prints = TargetStore(root), {}
@@ -273,6 +405,54 @@ class Campaign:
             os.kill(self.cluster.workers[victim].pid, signal.SIGKILL)
             self.cluster.restart_worker(victim)
 
+    def disk_full_once(self, index: int) -> FaultRecord:
+        """The chain on a tmpfs too small for it, then resumed with room."""
+        size = max(int(self.rng.uniform(0.10, 0.95) * self.reference["bytes"]), 256 << 10)
+        mount = self.work / f"diskfull-{index:02d}"
+        mount.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+        try:
+            root = mount / "root"
+            name = f"diskfull-{index:02d}"
+            code = self.start(root, "local", name).wait()
+            one_line, message = error_summary(self.work / f"{name}.err", code)
+            strays = stray_temporaries(root)
+            bad, checked = corrupt_outputs(Root(str(root)), self.reference["fingerprint"], set())
+            room = 4 * self.reference["bytes"] + (64 << 20)
+            subprocess.run(["mount", "-o", f"remount,size={room}", str(mount)], check=True)
+            summary = self.finish(self.start(root, "local", f"{name}-resume"), f"{name}-resume")
+            identical = fingerprint(Root(str(root)), summary) == self.reference["fingerprint"]
+            strays += [f"after resume: {s}" for s in stray_temporaries(root)]
+            more, _ = corrupt_outputs(Root(str(root)), self.reference["fingerprint"], set())
+        finally:
+            subprocess.run(["umount", str(mount)], check=False)
+        return FaultRecord(index=index, fault="disk-full", detail=f"tmpfs {size / 1e6:.1f} MB", exit_code=code,
+                           one_line=one_line, message=message, stray_temporaries=strays,
+                           corrupt_outputs=sorted(set(bad + more)), checked=checked, detected=True,
+                           resumed_identical=identical)
+
+    def flip_once(self, index: int) -> FaultRecord:
+        """The chain with one byte of a random complete shard flipped at a random moment."""
+        root = Root(str(self.work / f"flip-{index:02d}"))
+        name = f"flip-{index:02d}"
+        flipper = Flipper(root, self.rng, self.rng.uniform(self.reference["writing_at"], self.reference["seconds"]))
+        proc = self.start(Path(root.url), "local", name)
+        flipper.start()
+        code = proc.wait()
+        flipper.stop()
+        one_line, message = error_summary(self.work / f"{name}.err", code)
+        owner, what = flipper.flipped or ("", "nothing (the run ended first)")
+        bad, checked = corrupt_outputs(root, self.reference["fingerprint"], {owner})
+        if not owner:
+            detected = True
+        elif owner.startswith("export-"):
+            detected = bool(ExportStore(root).verify(owner))
+        else:
+            detected = bool(TargetStore(root).open(owner).verify())
+        return FaultRecord(index=index, fault="flip", detail=what, exit_code=code, one_line=one_line,
+                           message=message, stray_temporaries=stray_temporaries(Path(root.url)),
+                           corrupt_outputs=bad, checked=checked, detected=detected, resumed_identical=None)
+
     def run_once(self, index: int, mode: str) -> RunRecord:
         """An uninterrupted run (the same-run baseline), then a run killed at a random moment of
         that duration and resumed; both compared with the reference run."""
@@ -319,22 +499,64 @@ def report(records: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+def fault_report(records: list[FaultRecord]) -> str:
+    lines = ["| run | fault | detail | exit | one line | message | stray temporaries | corrupt complete outputs "
+             "| detected | resumed identical |", "|---:|---|---|---:|:---:|---|---:|---:|:---:|:---:|"]
+    for r in records:
+        resumed = "-" if r.resumed_identical is None else ("yes" if r.resumed_identical else "NO")
+        lines.append(f"| {r.index} | {r.fault} | {r.detail} | {r.exit_code} | {'yes' if r.one_line else 'NO'} | "
+                     f"{r.message[:110].replace('|', '/')} | {len(r.stray_temporaries)} | "
+                     f"{len(r.corrupt_outputs)} / {r.checked} | {'yes' if r.detected else 'NO'} | {resumed} |")
+    lines.append("")
+    for fault in ("disk-full", "flip"):
+        rows = [r for r in records if r.fault == fault]
+        if not rows:
+            continue
+        failed = [r for r in rows if r.exit_code != 0]
+        text = (f"- {fault}: {len(rows)} runs, {len(failed)} failed, of which {sum(r.one_line for r in failed)} with "
+                f"one `error:` line; stray temporaries **{sum(len(r.stray_temporaries) for r in rows)}**; corrupt "
+                f"values in complete versions/exports **{sum(len(r.corrupt_outputs) for r in rows)}** "
+                f"(of {sum(r.checked for r in rows)} checked)")
+        if fault == "disk-full":
+            text += f"; resumes identical to the reference **{sum(bool(r.resumed_identical) for r in rows)}/{len(rows)}**"
+        else:
+            text += f"; flipped shards caught by the audit **{sum(r.detected for r in rows)}/{len(rows)}**"
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=20, help="Killed-and-resumed runs (half local, half Dask).")
+    parser.add_argument("--runs", type=int, default=20, help="Runs of each fault (kill: half local, half Dask).")
+    parser.add_argument("--faults", default="kill", help="Comma list of kill, disk-full, flip.")
     parser.add_argument("--clips", type=int, default=16, help="Clips of the tiny chain (2 per shard).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments and killed workers.")
     parser.add_argument("--work", default=None, help="Work folder (default: a temporary one).")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="foresight-faults-"))
     work.mkdir(parents=True, exist_ok=True)
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    unknown = sorted(set(faults) - {"kill", "disk-full", "flip"})
+    if unknown:
+        parser.error(f"--faults: unknown {unknown}")
     campaign = Campaign(work, args.clips, args.seed)
     records: list[RunRecord] = []
+    fault_records: list[FaultRecord] = []
     try:
-        seconds, _, summary, prints = campaign.uninterrupted("local", "reference")
-        campaign.reference = {"summary": summary, "fingerprint": prints}
-        print(f"reference (local, uninterrupted): {seconds:.1f} s", flush=True)
-        for index in range(args.runs):
+        seconds, writing_at, summary, prints = campaign.uninterrupted("local", "reference")
+        campaign.reference = {"summary": summary, "fingerprint": prints, "seconds": seconds, "writing_at": writing_at,
+                              "bytes": Root(str(work / "reference")).du("")}
+        print(f"reference (local, uninterrupted): {seconds:.1f} s, {campaign.reference['bytes'] / 1e6:.1f} MB",
+              flush=True)
+        for fault in ("disk-full", "flip"):
+            for index in range(args.runs if fault in faults else 0):
+                record = campaign.disk_full_once(index) if fault == "disk-full" else campaign.flip_once(index)
+                fault_records.append(record)
+                print(f"{fault} {index:2d}: {record.detail}: exit {record.exit_code}, one line {record.one_line}, "
+                      f"strays {len(record.stray_temporaries)}, corrupt {len(record.corrupt_outputs)}/{record.checked}, "
+                      f"detected {record.detected}, resumed identical {record.resumed_identical} | "
+                      f"{record.message[:160]}", flush=True)
+        for index in range(args.runs if "kill" in faults else 0):
             mode = "local" if index % 2 == 0 else "dask"
             record = campaign.run_once(index, mode)
             records.append(record)
@@ -343,8 +565,11 @@ def main() -> None:
                   f"identical={record.identical} partial={record.partial_visible}/{record.checked}", flush=True)
     finally:
         campaign.stop()
-    print(report(records))
-    (work / "fault_campaign.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
+    if records:
+        print(report(records))
+    if fault_records:
+        print(fault_report(fault_records))
+    (work / "fault_campaign.json").write_text(json.dumps([asdict(r) for r in records + fault_records], indent=2))
     print(f"records: {work / 'fault_campaign.json'}")
 
 

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from flows.models_cache import cached_model
 from pipelines.eval import rollout as ro
 from pipelines.eval.policy import OraclePolicy, Policy, RandomPolicy
-from pipelines.eval.stats import mean_latency, summarize_tasks
+from pipelines.eval.stats import mean_latency, summarize_groups, summarize_tasks
 from pipelines.ingest import metaworld as mw
 from schemas.base import StrictModel
 from schemas.eval import EpisodeResult, EvalKey, EvalRecord, PolicyIdentity
@@ -239,7 +239,8 @@ def finalize(store: EvalStore, record: EvalRecord) -> tuple[EvalRecord, str | No
         raise ValueError(f"eval {record.eval_id}: {len(episodes)} of {expected} episodes finished; "
                          "rerun the same command to run the missing ones")
     per_task, overall = summarize_tasks(episodes, record.key.tasks)
-    record = record.model_copy(update={"summary": per_task, "overall": overall, "latency_ms": mean_latency(episodes)})
+    record = record.model_copy(update={"summary": per_task, "groups": summarize_groups(episodes, record.key.tasks),
+                                       "overall": overall, "latency_ms": mean_latency(episodes)})
     record = store.finish(record)
     return record, write_report(store, record, episodes)
 
@@ -248,7 +249,7 @@ def format_table(record: EvalRecord) -> str:
     """The per-task table the CLI prints."""
     lines = [f"eval {record.eval_id}: {record.key.policy.label()}, {len(record.key.seeds)} episode(s) per task",
              f"{'task':<28} {'level':<9} {'success':>8} {'rate':>6} {'95% CI':>13} {'steps':>6}"]
-    rows = [*record.summary, *([record.overall] if record.overall else [])]
+    rows = [*record.summary, *record.groups, *([record.overall] if record.overall else [])]
     for row in rows:
         ci = f"[{row.ci_low:.0%}, {row.ci_high:.0%}]"
         lines.append(f"{row.task:<28} {row.difficulty:<9} {f'{row.successes}/{row.episodes}':>8} {row.rate:>6.0%} "

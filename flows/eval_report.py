@@ -40,6 +40,6 @@ def write_report(store: EvalStore, record: EvalRecord, episodes: list[EpisodeRes
                  "seeds": record.key.seeds, "step_limits": record.key.step_limits, "camera": record.key.camera,
                  "size": record.key.size, "device": record.key.device, "checkpoint": record.key.policy.checkpoint_sha256,
                  "version_changes": record.version_changes},
-        tasks=rows, latency_ms=record.latency_ms, versions=record.key.policy.versions,
+        tasks=rows + [g.model_dump() for g in record.groups], latency_ms=record.latency_ms, versions=record.key.policy.versions,
         episodes=[r.model_dump() for r in episodes], images=images, videos=videos)
     return store.write_file(eval_id, REPORT, render_eval_html(page).encode())

@@ -9,6 +9,7 @@ at a time per GPU (:mod:`flows.dask_runner`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -243,6 +244,8 @@ def flow_log(root: Root | None, run_name: str) -> Iterator[str]:
         yield shown
     except BaseException as exc:
         logging.getLogger("foresight.flow").error("flow run %s failed", run_name, exc_info=exc)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename and root is not None:
+            exc.filename = root.url  # a write that did not name its file: at least name the root it was under
         with contextlib.suppress(AttributeError, TypeError):
             exc.log_path = shown
         raise

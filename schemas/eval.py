@@ -98,7 +98,8 @@ class EvalRecord(StrictModel):
                                                   description="Accepted differences from the run's versions.")
     created: str = ""
     finished: str = ""
-    summary: list[TaskSummary] = Field(default_factory=list)
+    summary: list[TaskSummary] = Field(default_factory=list, description="Per task.")
+    groups: list[TaskSummary] = Field(default_factory=list, description="Per difficulty group present.")
     overall: TaskSummary | None = None
     latency_ms: dict[str, float] = Field(default_factory=dict, description="Mean per policy call, all episodes.")
     git_commit: str | None = None

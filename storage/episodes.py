@@ -322,12 +322,10 @@ class EpisodeWriter:
         storage = self._storage(camera)
         self._array_storage[camera] = storage
         serializer, compressors = frame_codecs.serializer_and_compressors(storage, extradata, self.fps)
-        array = self._group.create_array(
+        return self._group.create_array(
             camera, shape=(length, *frame_shape), dtype="uint8", chunks=(storage.segment_frames, *frame_shape),
             shards=(self._shard_frames(camera), *frame_shape), serializer=serializer, compressors=compressors,
-            fill_value=0)
-        array.attrs["frame_storage"] = storage.model_dump(mode="json")
-        return array
+            fill_value=0, attributes={"frame_storage": storage.model_dump(mode="json")})
 
     def set_lowdim(self, columns: dict[str, np.ndarray], timestamps: np.ndarray | None = None,
                    absent: list[str] | None = None) -> None:

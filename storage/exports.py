@@ -215,15 +215,15 @@ class ShardTarWriter:
         data_end = self.position
         trailer = bytes(2 * TAR_BLOCK + (-(self.position + 2 * TAR_BLOCK) % TAR_RECORD))
         self._write(trailer, ())
-        if self.root.is_local:
-            self.handle.flush()
-            try:
+        try:
+            if self.root.is_local:
+                self.handle.flush()  # buffered writes reach the device here (and may find it full)
                 os.fsync(self.handle.fileno())
-            except OSError as err:
-                if err.errno == errno.ENOSPC:
-                    self._raise_disk_full(0)
-                raise
-        self.handle.close()
+            self.handle.close()
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                self._raise_disk_full(0)
+            raise
         self.root.rename(self.tmp_rel, f"{self.dir}/{self.name}")
         if self.root.is_local:
             fsync_dir(self.root.path(self.dir))

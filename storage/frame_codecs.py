@@ -25,19 +25,20 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-import av
-import cv2
 import google_crc32c
 import numpy as np
 import zarr
-from av.video.reformatter import VideoReformatter
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 from zarr.registry import register_codec
 
 from schemas.dataset import FrameStorage
 
+# PyAV and OpenCV are imported where they are used: a store of raw frames, and every stage that
+# only reads one (the GPU stages among them), needs neither.
+
 if TYPE_CHECKING:
+    import av
     from zarr.core.array_spec import ArraySpec
     from zarr.core.buffer import Buffer, NDBuffer
 
@@ -60,6 +61,7 @@ class FrameDecodeError(ValueError):
 # JPEG --------------------------------------------------------------------------------------------
 def decode_jpeg(data: bytes | np.ndarray, swap_rb: bool = False) -> np.ndarray | None:
     """(H, W, 3) uint8 from JPEG bytes with OpenCV (None when undecodable)."""
+    import cv2
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is not None and swap_rb:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -123,6 +125,8 @@ class SourceJpegCodec(ArrayBytesCodec):
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(image.reshape(chunk_spec.shape))
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        import cv2
+
         image = np.ascontiguousarray(chunk_array.as_numpy_array().reshape(chunk_spec.shape[1:]))
         if self.swap_rb:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -153,6 +157,7 @@ def unpack_packets(payload: bytes | memoryview) -> list[bytes]:
 
 def decoder_name(stream_codec: str) -> str:
     """The PyAV decoder for a stream codec (dav1d for AV1: the fastest, and in PyAV's wheels)."""
+    import av
     if stream_codec == "av1":
         try:
             av.codec.Codec("libdav1d", "r")
@@ -171,6 +176,7 @@ def frame_rgb(frame: av.VideoFrame) -> np.ndarray:
     Equal to ``frame.to_ndarray(format="rgb24")``, which builds a new scaler for every frame
     (most of the cost of small frames).
     """
+    from av.video.reformatter import VideoReformatter
     reformatter = getattr(_decoders, "reformatter", None)
     if reformatter is None:
         reformatter = _decoders.reformatter = VideoReformatter()
@@ -179,6 +185,7 @@ def frame_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 def _decoder(stream_codec: str, extradata: bytes | None) -> av.CodecContext:
     """A decoder for this thread, reused across segments (flushed between them)."""
+    import av
     cache = getattr(_decoders, "cache", None)
     if cache is None:
         cache = _decoders.cache = {}
@@ -202,6 +209,7 @@ def decode_segment(packets: list[bytes], stream_codec: str, extradata: bytes | N
     ``to_rgb`` gives (H, W, 3) uint8 RGB arrays; False gives the decoded ``av.VideoFrame`` objects
     (cheaper: enough to check that a segment decodes). Raises ``FrameDecodeError`` on bad data.
     """
+    import av
     context = _decoder(stream_codec, extradata)
     frames: list[Any] = []
     try:
@@ -219,6 +227,7 @@ def decode_segment(packets: list[bytes], stream_codec: str, extradata: bytes | N
 
 def encode_segment(frames_THWC: np.ndarray, crf: int | None, fps: float = 30.0) -> list[bytes]:
     """Encode frames as one closed GOP: lossless libx264rgb (crf None) or libx264 yuv420p at ``crf``."""
+    import av
     name = LOSSLESS_ENCODER if crf is None else LOSSY_ENCODER
     context = av.CodecContext.create(name, "w")
     context.height, context.width = frames_THWC.shape[1:3]

@@ -82,7 +82,8 @@ class TargetStore:
         else:
             manifest = TargetVersion(
                 id=version_id, recipe=recipe, arrays=list(arrays), num_clips=num_clips, shard_size=shard_size,
-                created=now_iso(), git_commit=git_commit(), host=host(), packages=package_versions())
+                created=now_iso(), git_commit=git_commit(), host=host(), packages=package_versions(),
+                verified_inputs=verify_by_default())
             self._create_arrays(manifest)
             self.write_manifest(manifest)
         return TargetWriter(self, manifest)

@@ -14,7 +14,7 @@ from pipelines.conformance import extract as extract_group
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 SVAM, DA3 = REFERENCE / "svam_tiny", REFERENCE / "da3_tiny"
-EXTRACT_ARRAYS = set(extract_group.TOLERANCES)
+EXTRACT_ARRAYS = set(extract_group.TOLERANCES) - {"text_hidden"}  # an input: the text encoder is not shipped
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,27 @@ def test_a_group_without_a_module_fails_as_not_implemented(tmp_path, monkeypatch
     (tmp_path / "config.json").write_text("{}")
     (result,) = conformance.check_fixture(tmp_path)
     assert (result.group, result.passed) == ("nosuch", False) and "not implemented" in result.detail
+
+
+def test_shipped_text_encoder_weights_are_run_through_foresights_text_path(tmp_path):
+    """A fixture generated with the text encoder's weights: ``text_hidden`` is recomputed by
+    foresight's tokeniser call and ``embed_texts`` and compared (here against transformers' own
+    CLIPTextModelWithProjection on the recorded ids and mask)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    io, config = load_fixture(SVAM)
+    settings = config["extract"]
+    torch.manual_seed(0)
+    release = CLIPTextModelWithProjection(CLIPTextConfig(**settings["text_encoder_config"])).eval()
+    save_file({k: v.contiguous() for k, v in release.state_dict().items()}, str(tmp_path / "model_text_encoder.safetensors"))
+    with torch.no_grad():
+        reference = release(input_ids=torch.from_numpy(io["extract.token_ids"]),
+                            attention_mask=torch.from_numpy(io["extract.attention_mask"])).last_hidden_state.numpy()
+    got = extract_group.text_hidden(tmp_path / "model_text_encoder.safetensors", settings)
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-5)
+    shipped = {**config, "extract": {**settings, "text_encoder_weights_shipped": True},
+               "weights_files": {**config["weights_files"], "model_text_encoder.safetensors": {}}}
+    assert extract_group.text_encoder_weights(tmp_path, shipped) == tmp_path / "model_text_encoder.safetensors"
+    assert extract_group.text_encoder_weights(tmp_path, config) is None

@@ -76,6 +76,7 @@ def test_oracle_reaches_the_experts_success(oracle_eval):
     low, high = wilson_interval(2, 2)
     assert record["summary"][0]["ci_low"] == pytest.approx(low) and record["summary"][0]["ci_high"] == 1.0
     assert record["key"]["step_limits"] == {"reach": LIMIT, "button-press": LIMIT}
+    assert [(g["task"], g["successes"], g["episodes"]) for g in record["groups"]] == [("easy", 4, 4)]
 
 
 def test_random_policy_fails_and_reruns_identically(tmp_path):
@@ -161,3 +162,17 @@ def test_run_whose_versions_are_missing_is_refused_in_one_line(tmp_path):
     message = user_error_message(result.exception)  # what `foresight` prints, as one line, on stderr
     assert result.exit_code != 0 and message is not None and "\n" not in message
     assert "video-000000000000" in message and "text-000000000000" in message and "not (completely) in" in message
+
+
+def test_difficulty_groups_pool_their_tasks_episodes():
+    from pipelines.eval.stats import summarize_groups
+    from schemas.eval import EpisodeResult
+
+    def result(task: str, seed: int, success: bool) -> EpisodeResult:
+        return EpisodeResult(task=task, seed=seed, success=success, steps=10, policy_calls=1, wall_s=0.1)
+
+    results = [result("reach", 0, True), result("door-open", 0, False), result("pick-place", 0, True),
+               result("pick-place", 1, True)]
+    groups = summarize_groups(results, ["reach", "pick-place", "door-open"])
+    assert [(g.task, g.successes, g.episodes) for g in groups] == [("easy", 1, 2), ("hard", 2, 2)]
+    assert groups[0].ci_low == pytest.approx(wilson_interval(1, 2)[0])

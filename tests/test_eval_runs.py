@@ -194,3 +194,22 @@ def test_shallow_pi_student_and_its_teacher_roll_out_through_the_chunk_sampler(s
     config = EvalConfig(policy="student", tasks=["reach"], pi0_teacher=bool(extra))
     policy, _ = load_policy(root.url, config)  # the process's cached policy is the one evaluated
     assert policy.identity().kind == kind and pi0.num_layers(policy.model) == (4 if extra else 2)
+
+
+def test_the_stack_is_a_function_of_the_episode_seed(world):
+    from pipelines.eval.policy import Observation
+
+    root, _, _ = world
+    policy, _ = load_policy(root.url, EvalConfig(policy="expert", tasks=["reach"]))
+    rng = np.random.default_rng(3)
+    obs = Observation("reach", "reach the goal position", rng.normal(size=39),
+                      rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), 0)
+
+    def chunks(seed: int) -> list[np.ndarray]:
+        policy.reset(obs.task, obs.instruction, seed)
+        return [policy.act(obs) for _ in range(2)]
+
+    first, again, other = chunks(7), chunks(7), chunks(8)
+    assert first[0].shape == (CHUNK, 4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # same seed: same noise, same chunks
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[0], other[0])

@@ -332,3 +332,25 @@ def test_a_damaged_stored_chunk_reads_as_one_line_naming_episode_and_camera(tmp_
         EpisodeStore(str(tmp_path / "root"), "tel").read_frames("episode_0", "cam_low", [64])
     np.testing.assert_array_equal(store.read_frames("episode_0", "cam_low", [63]),
                                   _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")[63:64]))
+
+
+def test_pass_through_shards_on_an_fsspec_root(tmp_path, jpeg_episode, lerobot_v3):
+    root = f"memory://frame-codecs-{tmp_path.name}"
+    ingest_teleop(root, "tel", str(tmp_path / "src"), teleop.TeleopOptions())
+    np.testing.assert_array_equal(EpisodeStore(root, "tel").read_frames("episode_0", "cam_low", slice(60, 70)),
+                                  _cv2_decode(_source_jpegs(jpeg_episode, "cam_low")[60:70]))
+    ingest_lerobot(root, "lr", str(lerobot_v3), lerobot.LeRobotOptions())
+    np.testing.assert_array_equal(EpisodeStore(root, "lr").read_frames("episode_000001", "top"),
+                                  _pyav_decode(_mp4(lerobot_v3))[12:])
+
+
+@pytest.mark.parametrize("keyframes, count, length", [
+    (set(range(0, 12, 2)), 12, 2),  # LeRobot's g=2
+    ({0, 3, 6, 9}, 10, 3),
+    ({0, 5, 7}, 10, 5),  # a scene-cut keyframe at 7 is not needed
+    ({0, 4, 7}, 10, 7),  # segments 0-6 and 7-9
+    ({0, 4, 7}, 15, 15),  # no regular grid: one segment
+    ({1, 2}, 3, None),  # not starting on a keyframe
+])
+def test_segment_length_is_the_shortest_keyframe_grid(keyframes, count, length):
+    assert lerobot.segment_length(keyframes, count) == length

@@ -148,3 +148,15 @@ def test_a_video_key_with_dotdot_is_refused(tmp_path):
     meta = lerobot.load_meta(fx.make_lerobot_v21(tmp_path / "v21"))
     with pytest.raises(ValueError, match="outside the dataset folder"):
         meta.video_file(0, "../../../../etc/passwd")
+
+
+def test_d11_a_full_disk_without_a_file_name_still_names_where(tmp_path):
+    import errno
+
+    from flows.cli.common import user_error_message
+
+    assert user_error_message(OSError(errno.ENOSPC, "No space left on device")) == \
+        "disk full writing a file (the writer did not name it)"
+    named = OSError(errno.ENOSPC, "No space left on device")
+    named.filename = str(tmp_path)  # what flow_log sets: the data root the flow wrote under
+    assert user_error_message(named).startswith(f"disk full writing under {tmp_path} (")

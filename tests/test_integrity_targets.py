@@ -246,3 +246,36 @@ def test_shard_checksums_recorded_twice(world):
     assert set(manifest.shards) == set(manifest.shard_xxh3) == {"0", "1"}
     assert all(set(m) == {"frames", "onestep", "seed"} for m in manifest.shard_xxh3.values())
     assert json.loads(json.dumps(manifest.verified_inputs)) is True
+
+
+def test_no_verify_is_recorded_in_the_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORESIGHT_NO_VERIFY", "1")
+    version = iw.tw.make_version(Root(tmp_path), "text", "text.clip", {"embedding": np.ones((4, 2), np.float16)},
+                                 {"plan": "p"}, {})
+    assert TargetStore(tmp_path).manifest(version).verified_inputs is False
+
+
+def test_malicious_pickles_are_refused():
+    """Probe that already held: the restricted unpickler admits no callables."""
+    import pickle
+
+    from pipelines.ingest.safe_pickle import restricted_loads
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    with pytest.raises(Exception, match="not allowed|refus|forbidden|global"):
+        restricted_loads(pickle.dumps(Evil()), "evil.npy")
+
+
+def test_tar_members_that_are_links_are_refused():
+    """Probe that already held: export shards are parsed from headers, links are never followed."""
+    import tarfile
+
+    from storage.exports import parse_ustar_header
+
+    info = tarfile.TarInfo("sample.npy")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(ValueError, match="not a regular file"):
+        parse_ustar_header(info.tobuf(format=tarfile.USTAR_FORMAT), "shard-000000.tar")

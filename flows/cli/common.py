@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import typer
 from pydantic import ValidationError
@@ -47,15 +48,25 @@ def user_error_message(exc: BaseException) -> str | None:
         # click's (or typer's vendored click's) usage errors: bad option, unknown command.
         return exc.format_message()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
-        path = exc.filename or "?"
-        free = free_bytes(str(path)) if exc.filename else None
-        return f"disk full writing {path}" + (f" ({free} bytes free)" if free is not None else "")
+        path = str(exc.filename or "")
+        where = f"under {path}" if os.path.isdir(path) else path or "a file (the writer did not name it)"
+        free = free_bytes(os.path.join(path, ".") if os.path.isdir(path) else path) if path else None
+        return f"disk full writing {where}" + (f" ({free} bytes free)" if free is not None else "")
     if isinstance(exc, (ValueError, FileNotFoundError, PermissionError, KeyError, OSError)):
-        return " ".join(str(exc).split()) or exc.__class__.__name__
+        return " ".join(_original_message(str(exc)).split()) or exc.__class__.__name__
     cause = exc.__cause__ or exc.__context__
     if cause is not None and cause is not exc:
         return user_error_message(cause)
     return None
+
+
+def _original_message(text: str) -> str:
+    """The error line of an exception re-raised from a DataLoader worker (whose message carries
+    the worker's whole traceback), else ``text``."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> None:

@@ -22,7 +22,7 @@ from pipelines.svd.loading import SVDModel, svd_from_state_dicts
 from pipelines.svd.sampler import (BatchInputs, OneStepParams, SVDParams, condition, extractor_features,
                                    unet_sample)
 from pipelines.svd.unet_split import UNetHead, check_feature_blocks
-from pipelines.text import tokenize
+from pipelines.text import TextModel, embed_texts, tokenize
 from schemas.model import ModelIdentity
 
 GROUP = "extract"
@@ -31,6 +31,7 @@ REQUIRED = ("text_hidden", "pixel_values", "latents_randn", "features")
 # (atol, rtol) per array, SPEC.md section 1; (0, 0) means exact.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "token_ids": (0.0, 0.0), "attention_mask": (0.0, 0.0), "added_time_ids": (0.0, 0.0),
+    "text_hidden": (1e-5, 1e-5),  # not in SPEC.md (weights not shipped there): the time-embedding tolerance
     "sched_sigmas": (0.0, 1e-6), "sched_timesteps": (0.0, 1e-6), "t0": (0.0, 1e-6), "sigma0": (0.0, 1e-6),
     "init_noise_sigma": (0.0, 1e-6),
     "text_pe_table": (1e-6, 0.0), "text_enc_pe_on": (1e-6, 0.0),
@@ -110,6 +111,39 @@ def tokens(settings: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"token_ids": encoded["input_ids"].numpy(), "attention_mask": encoded["attention_mask"].numpy()}
 
 
+def text_encoder_weights(fixture_dir: Path, config: dict) -> Path | None:
+    """The fixture's text-encoder weights when it ships them (``extract.text_encoder_weights_shipped``:
+    the generator's ``--with-text-encoder-weights``), else None (``text_hidden`` is then an input)."""
+    if not config[GROUP].get("text_encoder_weights_shipped"):
+        return None
+    names = [name for name in config.get("weights_files", {}) if "text" in name]
+    if not names:
+        raise ValueError(f"{fixture_dir / 'config.json'}: extract.text_encoder_weights_shipped is true but "
+                         "weights_files names no text-encoder file")
+    return fixture_dir / names[0]
+
+
+def text_hidden(weights: Path, settings: dict[str, Any]) -> np.ndarray:
+    """``last_hidden_state`` of the fixture's prompts through foresight's text path (tokeniser call
+    and ``embed_texts``) with the fixture's CLIPTextModelWithProjection weights; the projection,
+    which ``last_hidden_state`` does not use, is dropped."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = CLIPTextModel(CLIPTextConfig(**settings["text_encoder_config"]))
+    state = {key: value for key, value in load_file(str(weights)).items() if not key.startswith("text_projection.")}
+    if not any(key.startswith("text_model.") for key in encoder.state_dict()):
+        # transformers 5 names CLIPTextModel's tensors without the prefix WithProjection keeps
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
+    identity = ModelIdentity(spec=f"dir:{weights.parent}", family="clip-text", source="dir", ref=str(weights.parent))
+    model = TextModel(tokenizer=fixture_tokenizer(settings["text_encoder_config"], settings["prompts"]),
+                      encoder=encoder.float().eval(), identity=identity, device=torch.device("cpu"))
+    return embed_texts(model, [prompt["text"] for prompt in settings["prompts"]], int(settings["max_length"]))
+
+
 def fixture_inputs(arrays: dict[str, np.ndarray]) -> BatchInputs:
     """The release's recorded draws and inputs as foresight's batch inputs (no image noise drawn:
     the release adds none, and with strength 0 foresight's draw would be multiplied by 0)."""
@@ -162,5 +196,8 @@ def check(fixture_dir: Path, io: dict[str, np.ndarray], config: dict) -> list[Ar
     settings = config[GROUP]
     params = release_params(settings)
     got = {**tokens(settings), **recompute(load_fixture_svd(fixture_dir, settings), params, fixture_inputs(arrays))}
+    weights = text_encoder_weights(fixture_dir, config)
+    if weights is not None:
+        got["text_hidden"] = text_hidden(weights, settings)
     return [compare(GROUP, name, got[name], arrays[name], *TOLERANCES[name])
-            for name in TOLERANCES if name in arrays]
+            for name in TOLERANCES if name in arrays and (name in got or name != "text_hidden")]

@@ -53,6 +53,17 @@ def summarize_tasks(results: list[EpisodeResult], tasks: list[str]) -> tuple[lis
     return per_task, summarize("all", results, difficulty="all")
 
 
+def summarize_groups(results: list[EpisodeResult], tasks: list[str]) -> list[TaskSummary]:
+    """Pooled summaries per MetaWorld difficulty group present among ``tasks`` (the paper's Easy /
+    Middle / Hard columns; with the same episodes per task, pooled rate = mean of the task rates)."""
+    groups = []
+    for group in ("easy", "medium", "hard", "very-hard"):
+        members = {task for task in tasks if difficulty_of(task) == group}
+        if members:
+            groups.append(summarize(group, [r for r in results if r.task in members], difficulty=group))
+    return groups
+
+
 def mean_latency(results: list[EpisodeResult]) -> dict[str, float]:
     """Mean milliseconds per policy call by component, weighted by each episode's call count."""
     totals: dict[str, float] = {}

@@ -15,6 +15,7 @@ files form one group, read in file order, so nothing is ever sought.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import string
 from collections.abc import Iterator
@@ -45,7 +46,11 @@ from pipelines.ingest.common import (
 from schemas.dataset import FeatureSpec, FrameStorage, LanguageSegment
 from storage.frame_codecs import FrameDecodeError, decode_segment, frame_rgb, pack_packets
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
+LONG_SEGMENT = 64
+"""Segments longer than this (sparse or irregular keyframes) make every frame read decode many frames."""
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 CAMERA_PREFIX = "observation.images."
 STORED_NAMES = {"observation.state": "state"}
@@ -688,6 +693,10 @@ class PacketCursor:
         if size is None:
             raise IngestError(self.path, episode, key, "the episode does not start on a keyframe, so its "
                               "packets cannot be kept; ingest with --frame-codec raw")
+        if size > LONG_SEGMENT:
+            log.warning("%s: episode '%s', camera '%s': keyframes every %d frames, so a frame read decodes up "
+                        "to as many (--frame-codec raw-lz4 stores decoded frames instead)", self.path, episode, key,
+                        size)
         segments: list[list[bytes]] = [[] for _ in range((count + size - 1) // size)]
         for i, packet in enumerate(packets):
             segments[int(rank[i]) // size].append(packet.data)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-import cv2
 import h5py
 import numpy as np
 from pydantic import Field
@@ -36,7 +35,7 @@ from pipelines.ingest.common import (
     resolve_frame_storage,
 )
 from schemas.dataset import FeatureSpec, FrameStorage
-from storage.frame_codecs import jpeg_size
+from storage.frame_codecs import decode_jpeg, jpeg_size
 
 EPISODE_FILE = re.compile(r"^episode_(\d+)\.hdf5$")
 LOWDIM_PATHS: dict[str, str] = {
@@ -283,7 +282,7 @@ def check_compress_row(table: np.ndarray, order: int, lengths_T: np.ndarray, pat
 
 
 def _decode_jpeg(buffer: np.ndarray, path: Path, episode: str, cam: str, frame: int) -> np.ndarray:
-    image = cv2.imdecode(np.ascontiguousarray(buffer), cv2.IMREAD_COLOR)
+    image = decode_jpeg(np.ascontiguousarray(buffer))
     if image is None:
         raise IngestError(path, episode, f"{IMAGES}/{cam}", f"frame {frame}: corrupt JPEG")
     return image

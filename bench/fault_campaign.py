@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -416,6 +417,8 @@ class Campaign:
             name = f"diskfull-{index:02d}"
             code = self.start(root, "local", name).wait()
             one_line, message = error_summary(self.work / f"{name}.err", code)
+            if (root / "logs").exists():  # the run's log (its traceback) outlives the tmpfs
+                shutil.copytree(root / "logs", self.work / f"{name}-logs", dirs_exist_ok=True)
             strays = stray_temporaries(root)
             bad, checked = corrupt_outputs(Root(str(root)), self.reference["fingerprint"], set())
             room = 4 * self.reference["bytes"] + (64 << 20)

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -207,8 +208,10 @@ class _RunLogHandler(logging.FileHandler):
     """The run's log file; a write that fails (a full disk) drops the record instead of printing
     logging's own traceback to the terminal."""
 
+    failed = False
+
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        pass
+        self.failed = True
 
 
 def flow_run_name(flow_name: str) -> str:
@@ -244,20 +247,52 @@ def flow_log(root: Root | None, run_name: str) -> Iterator[str]:
         yield shown
     except BaseException as exc:
         logging.getLogger("foresight.flow").error("flow run %s failed", run_name, exc_info=exc)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename and root is not None:
-            exc.filename = root.url  # a write that did not name its file: at least name the root it was under
+        if root is not None:
+            _name_full_disk(exc, root)
+        with contextlib.suppress(OSError):
+            handler.flush()
+        if handler.failed:  # the root's disk is full: keep the traceback where it can be written
+            shown = _fallback_log(run_name, exc) or shown
         with contextlib.suppress(AttributeError, TypeError):
             exc.log_path = shown
         raise
     finally:
         logging.getLogger().removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk fails the last flush: the run's own error matters
+            handler.close()
+        if handler.failed and local:
+            with contextlib.suppress(OSError):
+                if os.path.getsize(path) == 0:
+                    os.unlink(path)  # nothing reached it (the traceback went to the temp folder)
         for terminal in terminals:
             terminal.removeFilter(quiet)
         if root is not None and not local and os.path.exists(path):
             with contextlib.suppress(OSError):
                 with open(path, "rb") as handle:
                     root.write_bytes_atomic(f"{LOGS_DIR}/{run_name}.log", handle.read())
+
+
+def _fallback_log(run_name: str, exc: BaseException) -> str | None:
+    """The traceback of a run whose own log could not be written, in the temp folder; its path."""
+    path = os.path.join(tempfile.gettempdir(), "foresight-logs", f"{run_name}.log")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            traceback.print_exception(exc, file=handle)
+    except OSError:
+        return None
+    return path
+
+
+def _name_full_disk(exc: BaseException, root: Root) -> None:
+    """A full disk met by a write that did not name its file (anywhere in the exception's chain)
+    is given the data root it wrote under, so the one-line message can say where."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:
+            exc.filename = root.url
+        exc = exc.__cause__ or exc.__context__
 
 
 def _flow_root(root: Root | None, params: dict[str, Any]) -> Root | None:

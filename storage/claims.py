@@ -21,6 +21,7 @@ Use it through :func:`claim_shard` (or ``TargetWriter.claim``) inside a shard ta
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from pydantic import Field
 
 from schemas.base import StrictModel
 from storage import layout
-from storage.fs import Root, open_root, temp_name
+from storage.fs import DiskFullError, Root, free_bytes, open_root, temp_name
 from storage.process import machine_id, process_alive, process_start
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ def create_exclusive(root: Root, rel: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise DiskFullError(path, len(data), free_bytes(path)) from None
+            raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

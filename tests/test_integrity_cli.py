@@ -160,3 +160,21 @@ def test_d11_a_full_disk_without_a_file_name_still_names_where(tmp_path):
     named = OSError(errno.ENOSPC, "No space left on device")
     named.filename = str(tmp_path)  # what flow_log sets: the data root the flow wrote under
     assert user_error_message(named).startswith(f"disk full writing under {tmp_path} (")
+
+
+def test_d11_flow_log_names_the_root_for_a_full_disk_deep_in_the_chain(tmp_path):
+    import errno
+
+    from flows.runtime import flow_log
+    from storage.fs import Root
+
+    root = Root(tmp_path)
+    with pytest.raises(RuntimeError) as raised:
+        with flow_log(root, "probe-run"):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as err:
+                raise RuntimeError("task failed") from err
+    assert raised.value.__cause__.filename == root.url
+    assert raised.value.log_path == root.url_of("logs", "probe-run.log")
+    assert "Traceback" in (tmp_path / "logs" / "probe-run.log").read_text()

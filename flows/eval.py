@@ -140,7 +140,6 @@ class EpisodesResult(StrictModel):
     """What one episode task did."""
 
     ran: list[EpisodeResult] = Field(default_factory=list)
-    skipped: int = 0
     version_changes: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -155,8 +154,7 @@ def run_episodes(root_url: str, config: EvalConfig, eval_id: str, pairs: list[tu
     policy, changes = load_policy(root_url, config)
     out = EpisodesResult(version_changes=changes)
     for task_name, seed in pairs:
-        if store.has_episode(eval_id, task_name, seed):
-            out.skipped += 1
+        if store.has_episode(eval_id, task_name, seed):  # finished by another worker meanwhile
             continue
         keep = seed in video_seeds.get(task_name, [])
         rollout = ro.run_episode(policy, task_name, seed, key.step_limits[task_name], key.camera, key.size,

@@ -185,11 +185,12 @@ def build_run_policy(root: Root, config: EvalConfig):
     identity = resolved.identity
     expert, _ = load_action_expert(root, identity.run_id, identity.step)
     models, changed = load_stack(resolved.stack, config.device)
-    return SVAMPolicy(resolved.stack, models, expert, identity, config.device), _weight_changes(changed, config,
+    return SVAMPolicy(resolved.stack, models, expert, identity, config.device), check_weight_changes(changed, config,
                                                                                                identity)
 
 
-def _weight_changes(changed: list[str], config: EvalConfig, identity: PolicyIdentity) -> list[dict[str, Any]]:
+def check_weight_changes(changed: list[str], config: EvalConfig, identity: PolicyIdentity) -> list[dict[str, Any]]:
+    """The weight changes to record; ValueError unless ``--allow-version-change`` when there are any."""
     if changed and not config.allow_version_change:
         raise ValueError(f"run {identity.run_id} step {identity.step}: the weights loaded for {changed} are not the "
                          "ones its versions recorded (same spec, other files); pass --allow-version-change to "
@@ -213,4 +214,4 @@ def _sampler_policy(root: Root, config: EvalConfig, resolved: ResolvedPolicy):
         changed = ["pi0-teacher"] if loaded.identity.key() != spec.teacher.key() else []
     model = loaded.model if spec.use_teacher else load_student(root, identity.run_id, identity.step)[0]
     policy = ChunkSamplerPolicy(model, spec.params, tokenizer, identity, config.device)
-    return policy, _weight_changes(changed, config, identity)
+    return policy, check_weight_changes(changed, config, identity)

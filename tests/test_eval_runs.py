@@ -213,3 +213,21 @@ def test_the_stack_is_a_function_of_the_episode_seed(world):
     assert first[0].shape == (CHUNK, 4)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))  # same seed: same noise, same chunks
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[0], other[0])
+
+
+def test_weights_other_than_the_recorded_ones_are_refused_unless_allowed(world):
+    from flows.eval_runs import check_weight_changes, resolve_run
+    from pipelines.eval.svam import load_stack
+
+    root, _, _ = world
+    resolved = resolve_run(root, EvalConfig(policy="expert", tasks=["reach"]))
+    stack = resolved.stack
+    # The same spec resolving to other weights (here: a recorded config the tiny model no longer has).
+    stack.text = stack.text.model_copy(update={"config": {**stack.text.config, "edited": True}})
+    _, changed = load_stack(stack, "cpu")
+    assert changed == ["text"]
+    with pytest.raises(ValueError, match="not the ones its versions recorded"):
+        check_weight_changes(changed, EvalConfig(policy="expert", tasks=["reach"]), resolved.identity)
+    allowed = check_weight_changes(changed, EvalConfig(policy="expert", tasks=["reach"], allow_version_change=True),
+                              resolved.identity)
+    assert allowed == [{"field": "text", "reason": "weights differ from the recorded identity"}]

@@ -299,13 +299,14 @@ def run_config_record(cfg: ActionExpertRunConfig, perceiver: AggregatorConfig, p
 
 def model_from_record(config: dict[str, Any], where: str) -> ActionExpert:
     """An (untrained) action expert of the architecture a checkpoint's config records."""
-    arch = config.get("arch", "foresight")  # records before the release architecture existed
-    perceiver_model, policy_model = ((VideoFormerConfig, DenoiserConfig) if arch == "release"
+    if "arch" not in config or "objective" not in config:
+        raise ValueError(f"{where}: the checkpoint predates the arch/objective options (its parameter names "
+                         f"differ too); retrain it")
+    perceiver_model, policy_model = ((VideoFormerConfig, DenoiserConfig) if config["arch"] == "release"
                                      else (UniPerceiverConfig, PolicyConfig))
     perceiver = validate(perceiver_model, config["perceiver"], f"{where}: perceiver")
     policy = validate(policy_model, config["policy"], f"{where}: policy")
-    objective = validate(ObjectiveConfig, config.get("objective", {"kind": "edm", "sample_sigma_min": 0.002}),
-                         f"{where}: objective")
+    objective = validate(ObjectiveConfig, config["objective"], f"{where}: objective")
     return ActionExpert(perceiver, policy, objective)
 
 

@@ -48,6 +48,9 @@ implementation behind these settings against arrays computed by the release.
 | compute dtype | fp32 on CPU, fp16 on CUDA (`--dtype`) | float16 | keyed; conformance is pinned in float32, as the fixture |
 | UNet attention | PyTorch SDPA | diffusers' plain `AttnProcessor` | same maths; the conformance tolerances cover the difference |
 | teacher preprocessing | training time: bicubic + antialias to 224, ImageNet mean/std | decoupler training: the same; policy time: [-1, 1] frames, bilinear, no ImageNet normalisation | teacher versions are training targets; the release's policy-time quirk is `pipelines.teachers.preprocess.POLICY_TIME`, for reproducing its inference |
+| action normalisation (`action_norm`, action expert) | quantile (q01/q99 of the export's actions) | none (CALVIN relative actions as loaded) | foresight's exports span datasets whose actions are not in [-1, 1] (teleop joints); the `svam-*` presets set `none` |
+| goal of the release action expert | mean of the exported CLIP token states | CLIP `text_embeds` (pooled, projected) | text versions hold `last_hidden_state` only; pooling over the tokens is ours until a text version also stores `text_embeds` |
+| decoupler / action-expert architecture (`arch`) | release | release | foresight's earlier modules (decoupler position embeddings; Uni-Perceiver + DiffusionPolicy; `objective = "edm"`) stay selectable by name; `bench/RESULTS.md` (issue 15, part 2) measures them and the release quirks (`denoiser.cross_attn_mask`, `modulation`, `proprio`, `action_positions`) |
 """
 
 

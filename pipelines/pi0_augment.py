@@ -60,7 +60,7 @@ def affine_theta(draws_M4: torch.Tensor, geometric_M: torch.Tensor, cfg: Augment
     shift_y = (2 * draws_M4[:, 1] - 1) * (1 - scale)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift_x], -1), torch.stack([sin, cos, shift_y], -1)], 1)
-    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand_as(theta)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=theta.device).expand_as(theta)
     return torch.where(geometric_M[:, None, None], theta, identity)
 
 
@@ -83,7 +83,7 @@ def augment_images(images_BNHWC: torch.Tensor, cfg: AugmentConfig, geometric_N: 
     draws = torch.rand(count, 7, generator=generator).to(images_BNHWC.device)
     x = images_BNHWC.reshape(count, height, width, 3).permute(0, 3, 1, 2).float() / 255.0
     geometric = torch.tensor(geometric_N, device=x.device).repeat(batch)
-    theta = affine_theta(draws[:, :4], geometric, cfg).to(x.device)
+    theta = affine_theta(draws[:, :4], geometric, cfg)
     grid = F.affine_grid(theta, [count, 3, height, width], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     spreads = torch.tensor([cfg.brightness, cfg.contrast, cfg.saturation], device=x.device)

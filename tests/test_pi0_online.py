@@ -9,7 +9,7 @@ import torch
 
 from flows import pi0 as pi0_flow
 from pipelines import pi0
-from pipelines.pi0_augment import AugmentConfig, augment_images
+from pipelines.pi0_augment import AugmentConfig, affine_theta, augment_images
 from schemas.presets import preset_table
 from storage.fs import open_root
 from storage.targets import TargetStore
@@ -192,3 +192,10 @@ def test_per_head_attention_kl_online_only(inputs_only):
     with pytest.raises(ValueError, match="--attn-heads all needs --mode online"):
         shallow_pi.train_shallow_pi(open_root(inputs_only["root"]), inputs_only["export"],
                                     online_config(mode="offline", attn_heads="all"))
+
+
+def test_augmentation_matrices_stay_on_the_draws_device():
+    """The identity of wrist cameras is built where the draws are (CUDA training mixed devices before)."""
+    draws_M4 = torch.rand(4, 4, device="meta")
+    geometric_M = torch.tensor([True, False, True, False], device="meta")
+    assert affine_theta(draws_M4, geometric_M, AugmentConfig()).device.type == "meta"

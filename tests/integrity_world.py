@@ -36,6 +36,13 @@ def export(world: dict[str, str], **overrides):
     return build_export(world["root"], export_config(world, **overrides), serial_shards(world["root"], 4))
 
 
+def one_line(err: BaseException) -> str:
+    """The message of ``err``, asserting it is the one line the README promises."""
+    text = str(err)
+    assert "\n" not in text and "Traceback" not in text
+    return text
+
+
 def copy_world(world: dict[str, str], dest: Path) -> dict[str, str]:
     shutil.copytree(world["root"], dest)
     return {**world, "root": str(dest)}

@@ -35,18 +35,12 @@ def world(pristine, tmp_path):
     return iw.copy_world(pristine, tmp_path / "root")
 
 
-def one_line(err: BaseException) -> str:
-    text = str(err)
-    assert "\n" not in text and "Traceback" not in text
-    return text
-
-
 # D7: a flipped byte in a complete version never reaches an export -------------------------------
 def test_d7_export_refuses_a_flipped_byte_in_a_teacher_shard(world):
     iw.flip_byte(iw.shard_file(world, world["dinov2"], "target", 1), 200)
     with pytest.raises(ValueError) as err:
         iw.export(world, codec="bf16")  # a new export id: nothing cached
-    line = one_line(err.value)
+    line = iw.one_line(err.value)
     assert f"target version '{world['dinov2']}', array 'target', shard 1: checksum mismatch" in line
     assert ExportStore(world["root"]).ids() == [world["export"]]  # no second export was published
     assert iw.stray_temporaries(world["root"]) == []
@@ -64,7 +58,7 @@ def test_d7_every_read_path_checks_the_shard(world, read):
     try:  # --no-verify: only zstd's own frame check can still notice, as one line naming the shard
         unverified.read("onestep", clips)
     except ValueError as err:
-        assert "array 'onestep', shard 0: chunk" in one_line(err)
+        assert "array 'onestep', shard 0: chunk" in iw.one_line(err)
 
 
 def test_d7_verified_reads_equal_unverified_reads(world):
@@ -101,7 +95,7 @@ def test_d9_an_edited_recipe_is_refused_on_open(world):
     iw.edit_json(Path(manifest), lambda m: m["recipe"]["params"].update(dtype="float32"))
     with pytest.raises(ValueError) as err:
         TargetStore(world["root"]).open(world["dinov2"])
-    line = one_line(err.value)
+    line = iw.one_line(err.value)
     assert f"target version '{world['dinov2']}' does not match its stored recipe" in line and manifest in line
     with pytest.raises(ValueError, match="does not match its stored recipe"):
         iw.export(world, codec="bf16")
@@ -131,7 +125,7 @@ def test_d10_truncated_manifest_names_the_file_and_info_survives(world):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ValueError) as err:
         TargetStore(world["root"]).manifest(world["video"])
-    line = one_line(err.value)
+    line = iw.one_line(err.value)
     assert str(path) in line and "malformed JSON at line" in line
     summary = root_summary(Root(world["root"]))
     status = {v["version"]: v["status"] for v in summary["targets"]}
@@ -144,7 +138,7 @@ def test_d10_non_utf8_list_or_empty_manifest(world, content):
     path.write_bytes(content)
     with pytest.raises(ValueError) as err:
         TargetStore(world["root"]).manifest(world["text"])
-    assert str(path) in one_line(err.value)
+    assert str(path) in iw.one_line(err.value)
 
 
 # D11: failures leave nothing behind ------------------------------------------------------------
@@ -181,7 +175,7 @@ def test_d11_disk_full_is_one_line_with_path_and_bytes(tmp_path, monkeypatch):
                         if ".tmp-" in str(path) and "w" in mode else real_open(path, mode, *a, **k))
     with pytest.raises(DiskFullError) as err:
         root.write_parts_atomic("targets/v/x.zarr/c/0", [b"x" * 1000])
-    line = one_line(err.value)
+    line = iw.one_line(err.value)
     assert line.startswith(f"disk full writing {tmp_path}/targets/v/x.zarr/c/0: ") and "bytes needed" in line
     monkeypatch.undo()
     assert iw.stray_temporaries(tmp_path) == []

@@ -288,18 +288,25 @@ def _decode_jpeg(buffer: np.ndarray, path: Path, episode: str, cam: str, frame: 
     return image
 
 
-def _jpeg_blocks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: str, cam: str,
-                 lengths_T: np.ndarray) -> Iterator[FrameBlock]:
-    """Decode JPEG frames block by block from each frame's own bytes (not the zero padding).
-
-    Fills ``lengths_T`` with every frame's JPEG length, for the ``/compress_len`` check.
-    """
+def _jpeg_buffers(dataset: h5py.Dataset, path: Path, episode: str, cam: str,
+                  lengths_T: np.ndarray) -> Iterator[tuple[range, np.ndarray]]:
+    """The padded JPEG buffers block by block; fills ``lengths_T`` with every frame's JPEG length."""
     if dataset.dtype != np.uint8 or dataset.ndim != 2:
         raise IngestError(path, episode, f"{IMAGES}/{cam}", f"expected uint8 (T, padded_len) JPEG bytes, "
                           f"found {dataset.dtype} {dataset.shape}")
     for block in blocks_of(range(len(dataset))):
         buffers = dataset[block.start:block.stop]
         lengths_T[block.start:block.stop] = jpeg_lengths(buffers)
+        yield block, buffers
+
+
+def _jpeg_blocks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: str, cam: str,
+                 lengths_T: np.ndarray) -> Iterator[FrameBlock]:
+    """Decode JPEG frames block by block from each frame's own bytes (not the zero padding).
+
+    Fills ``lengths_T`` with every frame's JPEG length, for the ``/compress_len`` check.
+    """
+    for block, buffers in _jpeg_buffers(dataset, path, episode, cam, lengths_T):
         frames = np.empty((len(block), *shape), dtype=np.uint8)
         for i, t in enumerate(block):
             image = _decode_jpeg(buffers[i, :lengths_T[t]], path, episode, cam, t)
@@ -317,12 +324,7 @@ def _jpeg_chunks(dataset: h5py.Dataset, shape: list[int], path: Path, episode: s
     A frame whose bytes are not a whole JPEG (no start or end marker, no frame header) or whose
     header gives another size or fewer than 3 components is corrupt. Fills ``lengths_T``.
     """
-    if dataset.dtype != np.uint8 or dataset.ndim != 2:
-        raise IngestError(path, episode, f"{IMAGES}/{cam}", f"expected uint8 (T, padded_len) JPEG bytes, "
-                          f"found {dataset.dtype} {dataset.shape}")
-    for block in blocks_of(range(len(dataset))):
-        buffers = dataset[block.start:block.stop]
-        lengths_T[block.start:block.stop] = jpeg_lengths(buffers)
+    for block, buffers in _jpeg_buffers(dataset, path, episode, cam, lengths_T):
         payloads = []
         for i, t in enumerate(block):
             data = buffers[i, :lengths_T[t]]

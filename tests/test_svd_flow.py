@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from flows.generate import GenerateConfig, PlanConfig, TextConfig, begin_video, generate_flow, make_plan, text_flow, \
     video_recipe
@@ -159,6 +160,8 @@ def test_plan_frames_must_match_or_are_adopted(built):
 
 WORKER = """
 import sys
+import torch
+torch.set_num_threads(int(sys.argv[5]))
 from flows.generate import GenerateConfig, generate_shards
 config = GenerateConfig.model_validate_json(sys.argv[3])
 generate_shards(sys.argv[1], sys.argv[2], config, list(range(int(sys.argv[4]))))
@@ -171,9 +174,14 @@ def copy_inputs(src: str, dst: str, text_id: str) -> None:
 
 
 def kill_after_first_shard(root: str, version_id: str, config: GenerateConfig, shards: int) -> None:
-    """Run the shard worker in a subprocess; SIGKILL it as soon as shard 0 is marked done."""
+    """Run the shard worker in a subprocess; SIGKILL it as soon as shard 0 is marked done.
+
+    The worker uses this process's torch thread count: CPU reductions round by thread count, and
+    its shard is compared byte for byte with shards computed here.
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, root, version_id, config.model_dump_json(), str(shards)],
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, root, version_id, config.model_dump_json(), str(shards),
+                             str(torch.get_num_threads())],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done0 = Path(root) / layout.target_dir(version_id) / layout.DONE_DIR / "0"
     deadline = time.monotonic() + 240

@@ -61,3 +61,15 @@ def validate(model: type[BaseModel], data: Any, where: str) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         raise ValueError(describe_validation_error(err, where)) from None
+
+
+def validate_stored(model: type[BaseModel], data: Any, where: str) -> Any:
+    """Validate a stored JSON record (manifest, index, dataset.json, ...) read from ``where``.
+
+    One ValueError naming ``where`` when it is not a JSON object, was written by another format
+    version, or does not match ``model``.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    check_format_version(data.get("format_version"), where)
+    return validate(model, data, where)

@@ -16,7 +16,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from schemas.base import check_format_version, validate
+from schemas.base import validate_stored
 from schemas.dataset import (
     SEGMENTS_SCHEMA,
     ColumnStats,
@@ -57,9 +57,7 @@ class EpisodeStore:
         where = self.root.url_of(self.dir, layout.DATASET_INFO)
         if not self.root.exists(self.dir, layout.DATASET_INFO):
             raise ValueError(f"dataset '{self.dataset}': no {layout.DATASET_INFO} under {self.root.url}")
-        data = self.root.read_json(self.dir, layout.DATASET_INFO)
-        check_format_version(data.get("format_version"), where)
-        return validate(DatasetInfo, data, where)
+        return validate_stored(DatasetInfo, self.root.read_json(self.dir, layout.DATASET_INFO), where)
 
     def write_stats(self, stats: dict[str, ColumnStats]) -> None:
         """Store normalisation statistics with the dataset."""
@@ -81,10 +79,8 @@ class EpisodeStore:
         edir = layout.episode_dir(self.dataset, episode_id)
         if not self._complete(episode_id):
             raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}': not in the store")
-        data = self.root.read_json(edir, layout.EPISODE_RECORD)
         where = self.root.url_of(edir, layout.EPISODE_RECORD)
-        check_format_version(data.get("format_version"), where)
-        return validate(EpisodeRecord, data, where)
+        return validate_stored(EpisodeRecord, self.root.read_json(edir, layout.EPISODE_RECORD), where)
 
     def records(self) -> Iterator[EpisodeRecord]:
         for episode_id in self.episode_ids():

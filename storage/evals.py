@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from schemas.base import check_format_version, validate
+from schemas.base import validate, validate_stored
 from schemas.eval import EpisodeResult, EvalKey, EvalRecord
 from storage import layout
 from storage.fs import Root, open_root
@@ -33,9 +33,7 @@ class EvalStore:
         rel = f"{layout.eval_dir(eval_id)}/{layout.EVAL_RECORD}"
         if not self.root.exists(rel):
             raise ValueError(f"eval '{eval_id}': no {self.root.url_of(rel)}")
-        data = self.root.read_json(rel)
-        check_format_version(data.get("format_version"), self.root.url_of(rel))
-        return validate(EvalRecord, data, self.root.url_of(rel))
+        return validate_stored(EvalRecord, self.root.read_json(rel), self.root.url_of(rel))
 
     def begin(self, key: EvalKey, version_changes: list[dict]) -> EvalRecord:
         """The record of ``key``'s eval: the stored one when it exists, else a new ``running`` one."""

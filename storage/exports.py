@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
-from schemas.base import FORMAT_VERSION, StrictModel, check_format_version, validate
+from schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
 from schemas.dataset import ColumnStats
 from schemas.plan import ClipRow
 from schemas.target import TargetVersion, content_id
@@ -304,11 +304,7 @@ class ExportStore:
             raise ValueError(f"export '{export_id}': no {layout.EXPORT_INDEX} under {self.root.url} "
                              "(not exported, or still building)")
         where = self.root.url_of(rel)
-        data = self.root.read_json(rel)
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object, found {type(data).__name__}")
-        check_format_version(data.get("format_version"), where)
-        index = validate(ExportIndex, data, where)
+        index = validate_stored(ExportIndex, self.root.read_json(rel), where)
         proven = index.recipe.export_id()
         if index.export_id != export_id or proven != export_id:
             raise ValueError(f"{where}: export '{export_id}' does not match its stored recipe (the recipe hashes "

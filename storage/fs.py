@@ -95,10 +95,7 @@ def fsync_dir(path: str) -> None:
 
 
 def _discard(tmp: str) -> None:
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
+    Path(tmp).unlink(missing_ok=True)
 
 
 def default_root() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.base import check_format_version, validate
+from schemas.base import validate_stored
 from schemas.plan import CLIPS_SCHEMA, ClipRow, PlanInfo
 from storage import layout
 from storage.fs import Root, open_root, parquet_bytes, read_parquet, sha256_bytes
@@ -38,9 +38,7 @@ class PlanStore:
         rel = f"{layout.plan_dir(plan_id)}/{layout.PLAN_INFO}"
         if not self.root.exists(rel):
             raise ValueError(f"plan '{plan_id}': not found under {self.root.url}")
-        data = self.root.read_json(rel)
-        check_format_version(data.get("format_version"), self.root.url_of(rel))
-        return validate(PlanInfo, data, self.root.url_of(rel))
+        return validate_stored(PlanInfo, self.root.read_json(rel), self.root.url_of(rel))
 
     def rows(self, plan_id: str) -> list[ClipRow]:
         """Clip rows in plan order (the order of every target array built over this plan)."""

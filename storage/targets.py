@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
-from schemas.base import check_format_version, validate
+from schemas.base import validate_stored
 from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
 from storage.claims import claim_shard
@@ -57,10 +57,7 @@ class TargetStore:
             raise ValueError(f"target version '{version_id}': not found under {self.root.url}")
         data = self.root.read_json(rel)
         where = self.root.url_of(rel)
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object, found {type(data).__name__}")
-        check_format_version(data.get("format_version"), where)
-        manifest = validate(TargetVersion, data, where)
+        manifest = validate_stored(TargetVersion, data, where)
         check_version_id(manifest, version_id, where)
         return manifest
 

@@ -115,7 +115,7 @@ class FixedChunk(Policy):
         return PolicyIdentity(kind="random", settings={"test": "fixed"})
 
     def reset(self, task: str, instruction: str, seed: int) -> None:
-        pass
+        """Stateless: every episode gets the same zero chunks."""
 
     def act(self, obs: Observation) -> np.ndarray:
         assert obs.frame is None and obs.state.shape == (39,)

@@ -150,11 +150,11 @@ def run_build(a: argparse.Namespace, work: Path, base: Path, plan: str, text: st
     video, t_gen = foresight(root, *generate_args(a, plan, text), *dask)
     watch.stop.set()
     row = {"workers": workers, "generate_s": t_gen, "first_shard_s": watch.seen_at, "video": video,
-           "prints": {video: shard_prints(root, video)}}
+           "prints": {"generate": shard_prints(root, video)}}
     for teacher in a.teachers:
         version, wall = foresight(root, *teacher_args(a, video, teacher), *dask)
         row[f"{teacher}_s"] = wall
-        row["prints"][f"{teacher}"] = shard_prints(root, version)
+        row["prints"][teacher] = shard_prints(root, version)
     return row
 
 
@@ -198,15 +198,13 @@ def report(a: argparse.Namespace, rows: list[dict], gpus: int, kill: dict | None
             wall = row[f"{stage}_s"]
             rate = clips * 3600 / wall
             eff = (base[f"{stage}_s"] / wall) / used
-            key = row["video"] if stage == "generate" else stage
-            same = row["prints"][key if stage != "generate" else row["video"]] == \
-                base["prints"][base["video"] if stage == "generate" else stage]
+            same = row["prints"][stage] == base["prints"][stage]
             first = f"{row['first_shard_s']:.1f}" if stage == "generate" and row["first_shard_s"] else ""
             print(f"| {row['workers']} | {used} | {stage} | {wall:.1f} | {rate:,.0f} | {eff:.3f} | {first} | {same} |")
             figures[f"{stage}_w{row['workers']}_efficiency"] = round(eff, 4)
             figures[f"{stage}_w{row['workers']}_identical"] = same
     if kill is not None:
-        same = kill["prints"] == base["prints"][base["video"]]
+        same = kill["prints"] == base["prints"]["generate"]
         shard_s = base["generate_s"] / max(1, -(-clips // a.batch))
         extra = kill["wall_s"] - next(r["generate_s"] for r in rows if r["workers"] == kill["workers"])
         print(f"\nkilled worker: {kill['killed']}, wall {kill['wall_s']:.1f} s, extra {extra:.1f} s "

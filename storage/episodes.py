@@ -363,8 +363,12 @@ class EpisodeWriter:
         if self._lowdim is None and self.features:
             raise ValueError(f"{self._where('lowdim')}: low-dim columns were never set")
         if self._lowdim is not None:
-            self.root.write_bytes_atomic(f"{self.staging}/{layout.LOWDIM}", parquet_bytes(self._lowdim))
-        self.root.write_json_atomic(f"{self.staging}/{layout.EPISODE_RECORD}", self.record.model_dump(mode="json"))
+            self.root.write_bytes_atomic(f"{self.staging}/{layout.LOWDIM}", parquet_bytes(self._lowdim), durable=False)
+        self.root.write_json_atomic(f"{self.staging}/{layout.EPISODE_RECORD}", self.record.model_dump(mode="json"),
+                                    durable=False)
+        # One concurrent sync of everything staged (frame chunks included, which zarr writes unsynced)
+        # before the rename and the marker publish it: a marker never names bytes a power loss takes back.
+        self.root.fsync_tree(self.staging)
         self._publish()
 
     def _publish(self) -> None:

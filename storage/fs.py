@@ -11,6 +11,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_path(path: str) -> None:
+    if os.path.isdir(path):
+        fsync_dir(path)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _discard(tmp: str) -> None:
     Path(tmp).unlink(missing_ok=True)
 
@@ -159,12 +171,13 @@ class Root:
         """Parsed JSON of a stored file; a truncated or non-UTF-8 file is a ValueError naming it."""
         return parse_json(self.read_bytes(*parts), self.url_of(*parts))
 
-    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        """Publish ``data`` at ``rel`` so a reader sees either nothing or all of it (fsynced)."""
-        self.write_parts_atomic(rel, [data])
+    def write_bytes_atomic(self, rel: str, data: bytes, durable: bool = True) -> None:
+        """Publish ``data`` at ``rel`` so a reader sees either nothing or all of it (fsynced unless
+        ``durable`` is False: the caller then makes the folder durable at once, :meth:`fsync_tree`)."""
+        self.write_parts_atomic(rel, [data], durable=durable)
 
     def write_parts_atomic(self, rel: str, parts: Iterable[bytes | memoryview],
-                           digests: Iterable[Any] = ()) -> str:
+                           digests: Iterable[Any] = (), durable: bool = True) -> str:
         """Publish the concatenation of ``parts`` at ``rel``; returns its sha256, hashed while writing.
 
         Every hasher in ``digests`` (e.g. :func:`fast_digest`) is updated with the same bytes. On a
@@ -193,7 +206,8 @@ class Root:
                     handle.write(part)
                     written += memoryview(part).nbytes
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except OSError as err:
             _discard(tmp)
@@ -203,12 +217,31 @@ class Root:
         except BaseException:
             _discard(tmp)
             raise
-        fsync_dir(parent)
+        if durable:
+            fsync_dir(parent)
         return digest.hexdigest()
 
-    def write_json_atomic(self, rel: str, obj: Any, canonical: bool = False) -> None:
+    def fsync_tree(self, rel: str) -> int:
+        """Make every file and folder below ``rel`` durable; returns how many were synced.
+
+        For a folder written file by file without syncs (an episode's staging folder: zarr chunks,
+        parquet, JSON) before one marker publishes it. The fsyncs run concurrently, so the
+        filesystem's journal commits them together instead of one commit per file. A no-op on
+        object stores, where every PUT is durable once it returns.
+        """
+        if not self.is_local:
+            return 0
+        paths = []
+        for folder, _, files in os.walk(self.path(rel)):
+            paths.extend(os.path.join(folder, name) for name in files)
+            paths.append(folder)
+        with ThreadPoolExecutor(max_workers=min(16, len(paths) or 1)) as pool:
+            list(pool.map(_fsync_path, paths))
+        return len(paths)
+
+    def write_json_atomic(self, rel: str, obj: Any, canonical: bool = False, durable: bool = True) -> None:
         text = canonical_json(obj) if canonical else json.dumps(obj, indent=2, sort_keys=True, default=str)
-        self.write_bytes_atomic(rel, text.encode())
+        self.write_bytes_atomic(rel, text.encode(), durable=durable)
 
     def rename(self, src_rel: str, dst_rel: str) -> None:
         """Move a file or folder (a real rename on local disks; copy + delete on object stores)."""

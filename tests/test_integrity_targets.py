@@ -273,3 +273,31 @@ def test_tar_members_that_are_links_are_refused():
     info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with pytest.raises(ValueError, match="not a regular file"):
         parse_ustar_header(info.tobuf(format=tarfile.USTAR_FORMAT), "shard-000000.tar")
+
+
+def test_episode_files_are_fsynced_before_its_marker(tmp_path, monkeypatch):
+    """Probe: every staged file of an episode (frame chunks, lowdim, record) reaches the disk before
+    the staging folder is renamed into place and its _COMPLETE marker written."""
+    import storage.fs as fs
+    from factories import make_dataset, write_episode
+
+    synced: set[str] = set()
+    events: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fs.os, "fsync", lambda fd: (synced.add(os.readlink(f"/proc/self/fd/{fd}")),
+                                                    real_fsync(fd))[1])
+    store = make_dataset(tmp_path, name="toy")
+    staged: list[str] = []
+
+    def record_rename(self, src_rel, dst_rel, _real=fs.Root.rename):
+        if ".staging" in src_rel:
+            folder = self.path(src_rel)
+            staged.extend(os.path.join(d, f) for d, _, fs_ in os.walk(folder) for f in fs_)
+            events.append(f"unsynced {sorted(p for p in staged if p not in synced)}")
+        return _real(self, src_rel, dst_rel)
+
+    monkeypatch.setattr(fs.Root, "rename", record_rename)
+    write_episode(store, "ep0", length=9)
+    assert any(p.endswith("lowdim.parquet") for p in staged) and any("/frames.zarr/" in p for p in staged)
+    assert events == ["unsynced []"]
+    assert store.episode_ids() == ["ep0"]

@@ -35,8 +35,12 @@ from storage.exports import ExportBuild, ExportField, ExportRecipe, ExportStore 
 from storage.fs import Root  # noqa: E402
 from trainers.action_expert import ActionExpertTask, FrozenDecouplers  # noqa: E402
 from trainers.decoupler import DecouplerTask  # noqa: E402
-from trainers.loop import (DataConfig, DistInfo, DevicePrefetcher, LoopConfig, OptimConfig, Trainer,  # noqa: E402
-                           batch_iterator, open_export)
+from trainers.batching import batch_iterator  # noqa: E402
+from trainers.config import DataConfig, LoopConfig, OptimConfig  # noqa: E402
+from trainers.distributed import DistInfo  # noqa: E402
+from trainers.exports import open_export  # noqa: E402
+from trainers.loop import Trainer  # noqa: E402
+from trainers.prefetch import DevicePrefetcher  # noqa: E402
 from trainers.models.decoupler import Decoupler, DecouplerConfig  # noqa: E402
 from trainers.models.denoiser import DenoiserConfig  # noqa: E402
 from trainers.models.objectives import ObjectiveConfig  # noqa: E402
@@ -166,7 +170,7 @@ def bench_one(name: str, task, root: Root, export_id: str, fields: list[str], ar
         # the sustained rate and not batches read before the clock started.
         warmup = max(args.warmup, workers * args.prefetch + 3)
         stream, _ = open_export(root, export_id, fields, data, seed=1)
-        host = batch_iterator(task, stream, loop, pin, None, reuse=reuse, pin_buffers=device.type == "cuda")
+        host = batch_iterator(task.collate_fn(), stream, loop, pin, None, reuse=reuse, pin_buffers=device.type == "cuda")
         for _ in range(warmup):
             next(host)
         start = time.perf_counter()
@@ -176,7 +180,7 @@ def bench_one(name: str, task, root: Root, export_id: str, fields: list[str], ar
         host.close()
         # The trainer fed by the stream, exactly as trainers.loop.fit feeds it.
         stream, _ = open_export(root, export_id, fields, data, seed=2)
-        fed = DevicePrefetcher(batch_iterator(task, stream, loop, pin, None, reuse=reuse,
+        fed = DevicePrefetcher(batch_iterator(task.collate_fn(), stream, loop, pin, None, reuse=reuse,
                                               pin_buffers=device.type == "cuda"), device)
         stream_sps = time_steps(trainer, lambda: next(fed)[0], args.steps, warmup)
         fed.close()

@@ -41,7 +41,7 @@ class SamplerSpec:
 
 def resolve_run(root: Root, config: EvalConfig) -> ResolvedPolicy:
     """Identity, observation settings and training demo seeds of the run named by ``config.policy``."""
-    from trainers.loop import RunDir
+    from storage.runs import RunDir
 
     run_id, step = parse_policy(config.policy)
     runs = RunDir(root, run_id)

@@ -62,8 +62,44 @@ def export_dir(export_id: str) -> str:
     return f"exports/{check_id('export', export_id)}"
 
 
+RUNS = "runs"
+RUN_RECORD = "run.json"
+RUN_METRICS = "metrics.jsonl"
+STEP_PREFIX = "step-"
+CHECKPOINT_RECORD = "checkpoint.json"
+CHECKPOINT_MODEL = "model.safetensors"
+CHECKPOINT_TRAINER = "trainer.pt"
+PARTIAL_STEP_PREFIX = ".tmp-"
+"""Prefix of a checkpoint folder still being written (renamed to ``step-<N>`` once complete)."""
+
+
 def run_dir(run_id: str) -> str:
-    return f"runs/{check_id('run', run_id)}"
+    return f"{RUNS}/{check_id('run', run_id)}"
+
+
+def run_file(run_id: str, name: str) -> str:
+    """A file directly in a run's folder (run.json, metrics.jsonl)."""
+    return f"{run_dir(run_id)}/{name}"
+
+
+def step_name(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps."""
+    return f"{STEP_PREFIX}{int(step)}"
+
+
+def step_dir(run_id: str, step: int) -> str:
+    return f"{run_dir(run_id)}/{step_name(step)}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint folder name ``step-<N>``; None for any other name."""
+    digits = name[len(STEP_PREFIX):] if name.startswith(STEP_PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def partial_step_dir(run_id: str, step: int, token: str) -> str:
+    """Where a checkpoint is written before it is complete (``token`` keeps concurrent writers apart)."""
+    return f"{run_dir(run_id)}/{PARTIAL_STEP_PREFIX}{step_name(step)}-{token}"
 
 
 EVAL_RECORD = "eval.json"

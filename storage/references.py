@@ -5,7 +5,7 @@ References are read from what the stores already hold, never from a separate reg
 - an export's ``exports/<id>/index.json`` names every version it packed (``_build.json`` while it
   is being built);
 - a run's JSON files (``runs/<id>/run.json`` and ``runs/<id>/step-*/checkpoint.json`` written by
-  trainers/loop.py, and any other JSON there) name its export and every version it trained on;
+  storage/runs.py, and any other JSON there) name its export and every version it trained on;
 - lineage events whose outputs are an existing export or run name their input versions.
 
 Every string anywhere in those files that looks like a target version id counts, so a format change in
@@ -88,11 +88,12 @@ def export_references(root: Root) -> list[Reference]:
 
 
 def _run_json_files(root: Root, run_id: str) -> list[str]:
-    base = f"runs/{run_id}"
-    files = [f"{base}/{n}" for n in root.ls(base) if n.endswith(".json")]
-    for step in root.ls(base):
-        if step.startswith("step-"):
-            files.extend(f"{base}/{step}/{n}" for n in root.ls(base, step) if n.endswith(".json"))
+    # Every step-* folder counts, complete or not (storage/runs.py): keeping more is the safe side.
+    files = [layout.run_file(run_id, n) for n in root.ls(layout.run_dir(run_id)) if n.endswith(".json")]
+    for step in root.ls(layout.run_dir(run_id)):
+        if step.startswith(layout.STEP_PREFIX):
+            base = f"{layout.run_dir(run_id)}/{step}"
+            files.extend(f"{base}/{n}" for n in root.ls(base) if n.endswith(".json"))
     return files
 
 
@@ -100,7 +101,7 @@ def run_references(root: Root, export_ids: Iterable[str]) -> list[Reference]:
     """Every run folder and the version and export ids its JSON files name."""
     known_exports = set(export_ids)
     refs = []
-    for run_id in root.ls("runs"):
+    for run_id in root.ls(layout.RUNS):
         if run_id.startswith("."):
             continue
         files = _run_json_files(root, run_id)

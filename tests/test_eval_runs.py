@@ -99,7 +99,7 @@ def make_versions(root: Root, plan_id: str, text_seed: int = 0) -> dict[str, str
 def train(root: Root, export_id: str) -> None:
     from trainers.action_expert import ActionExpertRunConfig, train_action_expert
     from trainers.decoupler import DecouplerRunConfig, train_decoupler
-    from trainers.loop import LoopConfig
+    from trainers.config import LoopConfig
 
     loop = LoopConfig(steps=1, batch_size=2, num_workers=0, device="cpu", progress=False)
     train_decoupler(root, export_id, DecouplerRunConfig(teacher="dinov2", size="tiny", loop=loop), run_id="dec")

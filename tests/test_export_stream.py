@@ -32,6 +32,8 @@ from trainers.data import (
     shuffle_buffer_order,
     worker_context,
 )
+from trainers.batching import ResumableLoader
+from trainers.config import LoopConfig
 
 NUM_CLIPS = 23
 
@@ -88,15 +90,13 @@ def test_persistent_workers_move_to_the_next_epoch(world):
     stream = ShardStream(world["root"], world["export"], pins(world), seed=4)
     loader = DataLoader(stream, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=collate_samples,
                         multiprocessing_context=worker_context())
-    epochs = []
+    epochs, numbers = [], []
     for _ in range(2):
-        clips = []
-        for batch in loader:
-            clips += [m["clip_index"] for m in batch["meta"]]
-            stream.note_consumed(batch)
-        epochs.append(clips)
+        metas = [meta for batch in loader for meta in batch["meta"]]
+        epochs.append([m["clip_index"] for m in metas])
+        numbers.append({m["stream"]["epoch"] for m in metas})
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(NUM_CLIPS)) and epochs[0] != epochs[1]
-    assert stream.state_dict()["epoch"] == 1
+    assert numbers == [{0}, {1}]
 
 
 def test_shuffle_buffer_order_is_a_permutation_that_respects_reads():
@@ -128,28 +128,28 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(world, buffer):
 
 
 def test_resume_with_dataloader_workers_after_prefetch(world):
-    def loader_of(stream: ShardStream) -> DataLoader:
-        return DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_samples, prefetch_factor=4,
-                          multiprocessing_context=worker_context())
+    """Through ResumableLoader (the one resume protocol): the loader's state after 4 batches, while
+    the workers prefetched well past them, continues with exactly the batches an uninterrupted run reads."""
+    loop = LoopConfig(batch_size=2, num_workers=2, prefetch_factor=4, device="cpu")
 
-    def stream() -> ShardStream:
-        return ShardStream(world["root"], world["export"], pins(world), seed=11, shuffle_buffer=3)
+    def batches(state: dict | None, count: int) -> tuple[list[list[dict]], dict]:
+        stream = ShardStream(world["root"], world["export"], pins(world), seed=11, shuffle_buffer=3)
+        loader = ResumableLoader(collate_samples, stream, loop, torch.device("cpu"))
+        if state is not None:
+            loader.load_state_dict(state)
+        taken = [next(iter(loader))["meta"] for _ in range(count)]
+        loader.close()
+        return taken, loader.state_dict()
 
-    full = [m["clip_index"] for b in loader_of(stream()) for m in b["meta"]]
-    first = stream()
-    consumed = []
-    for step, batch in enumerate(loader_of(first)):  # workers prefetch well past the consumed batches
-        consumed += [m["clip_index"] for m in batch["meta"]]
-        first.note_consumed(batch)
-        if step == 3:
-            break
-    resumed = stream()
-    resumed.load_state_dict(first.state_dict())
-    rest = [m["clip_index"] for b in loader_of(resumed) for m in b["meta"]]
-    assert sorted(consumed + rest) == list(range(NUM_CLIPS))
-    assert Counter(consumed + rest) == Counter(full)
-    # Per worker the resumed sequence continues the uninterrupted one exactly.
-    assert rest == [c for c in full if c not in set(consumed)]
+    full, _ = batches(None, 12)  # 24 samples: the first epoch (23) and one of the next
+    consumed, state = batches(None, 4)
+    rest, _ = batches(state, 8)
+    assert [[m["clip_index"] for m in b] for b in consumed + rest] == [[m["clip_index"] for m in b] for b in full]
+    first_epoch = [m["clip_index"] for b in full for m in b if m["stream"]["epoch"] == 0]
+    assert sorted(first_epoch) == list(range(NUM_CLIPS))
+    with pytest.raises(ValueError, match="num_workers=2"):
+        ResumableLoader(collate_samples, ShardStream(world["root"], world["export"], pins(world)),
+                        loop.model_copy(update={"num_workers": 1}), torch.device("cpu")).load_state_dict(state)
 
 
 def test_resume_refuses_another_stream_configuration(world):
@@ -287,20 +287,20 @@ def test_zero_copy_workers_yield_every_sample_once_with_the_in_process_bytes(wor
     stream = ShardStream(world["root"], world["export"], pins(world), seed=5, shuffle_buffer=3)
     loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=collate_zero_copy,
                         multiprocessing_context=worker_context())
-    seen, workers = [], set()
+    seen, workers, positions = [], set(), {}
     for sample in loader:
         clip = sample["meta"]["clip_index"]
         seen.append(clip)
         workers.add(sample["meta"]["stream"]["worker"])
+        positions.setdefault(sample["meta"]["stream"]["worker"], []).append(sample["meta"]["stream"]["position"])
         assert sample["__key__"] == expected[clip]["__key__"]
         for field in ("onestep", "frames", "dinov2.target", "seed", "actions", "actions_mask", "state"):
             assert isinstance(sample[field], torch.Tensor)
             np.testing.assert_array_equal(sample[field].numpy(), expected[clip][field])
             assert sample[field].numpy().dtype == expected[clip][field].dtype
-        stream.note_consumed(sample)
     assert sorted(seen) == list(range(NUM_CLIPS)) and len(seen) == len(set(seen))
     assert workers == {0, 1}
-    assert sum(stream.state_dict()["consumed"].values()) == NUM_CLIPS
+    assert all(sorted(p) == list(range(len(p))) for p in positions.values())  # each worker's positions, once
 
 
 def test_zero_copy_arrays_in_the_main_process_are_private_views_of_the_shard(world):

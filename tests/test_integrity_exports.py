@@ -17,7 +17,7 @@ from storage.exports import ExportStore, ShardTarWriter
 from storage.fs import DiskFullError
 from storage.process import machine_tag
 from trainers.data import ShardStream
-from trainers.loop import DataConfig
+from trainers.config import DataConfig
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from storage.targets import TargetStore
 from tests.test_pi0_train import PLAN, export_version, train_losses, write_dataset
 from trainers import shallow_pi
 from trainers.data import ShardStream
-from trainers.loop import LoopConfig, RunDir, load_config
+from storage.runs import RunDir
+from trainers.config import LoopConfig, load_config
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from storage.fs import open_root  # noqa: E402
 from storage.targets import TargetStore  # noqa: E402
 from tests.test_pi0_train import PLAN, export_version, write_dataset  # noqa: E402
 from trainers import shallow_pi  # noqa: E402
-from trainers.loop import LoopConfig  # noqa: E402
+from trainers.config import LoopConfig  # noqa: E402
 
 PARAMS = dict(cameras=["front"], tokenizer="bytes", image_size=28, pairs=2, attn_layers=[1, 2],
               attn_dtype="float32", max_text_tokens=96)

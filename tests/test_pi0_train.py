@@ -19,7 +19,8 @@ from storage.episodes import EpisodeStore
 from storage.exports import ExportStore
 from storage.fs import open_root
 from trainers import shallow_pi
-from trainers.loop import LoopConfig, read_metrics
+from storage.runs import read_metrics
+from trainers.config import LoopConfig
 from trainers.data import ShardStream
 
 PLAN = "plan-pi0train001"

@@ -16,7 +16,8 @@ from flows.cli import app
 from storage.fs import Root
 from trainers.action_expert import ActionExpertRunConfig, load_action_expert, train_action_expert
 from trainers.decoupler import DecouplerRunConfig, train_decoupler
-from trainers.loop import LoopConfig, OptimConfig, RunDir
+from storage.runs import RunDir
+from trainers.config import LoopConfig, OptimConfig
 from trainers.models import objectives
 from trainers.models.decoupler import Decoupler, DecouplerConfig
 from trainers.models.denoiser import DenoiserConfig

@@ -14,7 +14,8 @@ from storage.exports import ExportStore
 from storage.fs import Root
 from trainers.action_expert import load_action_expert
 from trainers.decoupler import DecouplerRunConfig, train_decoupler
-from trainers.loop import LoopConfig, OptimConfig, RunDir, read_metrics
+from storage.runs import RunDir, read_metrics
+from trainers.config import LoopConfig, OptimConfig
 from trainers_world import export, make_targets, make_world
 
 runner = CliRunner()
@@ -146,7 +147,8 @@ def test_action_expert_refuses_decouplers_trained_on_other_features(world, confi
 
 def test_fp8_export_is_decoded_on_the_device_side(world):
     from trainers.decoupler import DecouplerTask
-    from trainers.loop import DataConfig, open_export
+    from trainers.config import DataConfig
+    from trainers.exports import open_export
     from trainers.models.decoupler import Decoupler, DecouplerConfig
     from trainers_world import export as make_export
 

@@ -13,20 +13,13 @@ import torch
 from storage.fs import Root
 from trainers.action_expert import ActionExpertTask, FrozenDecouplers
 from trainers.decoupler import DecouplerRunConfig, DecouplerTask, build_decoupler_config
-from trainers.loop import (
-    DevicePrefetcher,
-    LoopConfig,
-    MemoryStream,
-    OptimConfig,
-    RunDir,
-    RunSpec,
-    WarmupSchedule,
-    batch_iterator,
-    fit,
-    load_config,
-    read_metrics,
-    seed_everything,
-)
+from storage.runs import RunDir, RunSpec, read_metrics
+from trainers.batching import MemoryStream, ResumableLoader
+from trainers.config import LoopConfig, OptimConfig, load_config
+from trainers.distributed import seed_everything
+from trainers.loop import fit
+from trainers.prefetch import DevicePrefetcher
+from trainers.schedule import WarmupSchedule
 from trainers.models.decoupler import Decoupler, DecouplerConfig
 from trainers.models.objectives import ObjectiveConfig
 from trainers.models.policy import ActionExpert, PolicyConfig
@@ -92,29 +85,30 @@ def test_exact_resume_gives_the_same_losses(tmp_path, workers, reuse):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reused_batch_buffers_hold_the_same_batches_as_fresh_ones(tmp_path, workers):
     """A tight ring (prefetch 1: two buffers per worker) under a slow consumer: no batch is
-    overwritten before it was taken out of its buffer, and the stream tags are unchanged."""
+    overwritten before it was taken out of its buffer, and the loader states are unchanged."""
     import time
 
     task, _, _, _ = decoupler_run(tmp_path, "ring", 1)
-    loop = LoopConfig(batch_size=4, num_workers=workers, prefetch_factor=1, device="cpu")
 
-    def batches(reuse: bool) -> list:
-        source = batch_iterator(task, MemoryStream(decoupler_samples(22), seed=1), loop, False, None, reuse=reuse)
-        fed = DevicePrefetcher(source, torch.device("cpu"), threaded=True)
-        taken = []
+    def batches(reuse: bool) -> tuple[bool, list, list]:
+        loop = LoopConfig(batch_size=4, num_workers=workers, prefetch_factor=1, device="cpu", reuse_buffers=reuse)
+        fed = ResumableLoader(task.collate_fn(), MemoryStream(decoupler_samples(22), seed=1), loop,
+                              torch.device("cpu"), threaded=True)
+        taken, states = [], []
         for _ in range(12):  # more than two epochs
-            taken.append(next(fed))
+            taken.append(next(iter(fed)))
+            states.append(fed.state_dict())
             time.sleep(0.02)  # let the workers run ahead into their rings
         fed.close()
-        return taken
+        return fed.reuses_buffers, taken, states
 
-    fresh, reused = batches(False), batches(True)
-    assert all(tag["slot"] for _, tag in reused) and not any(tag["slot"] for _, tag in fresh)
-    for (a, tag_a), (b, tag_b) in zip(fresh, reused):
-        assert {k: v for k, v in tag_a.items() if k != "slot"} == {k: v for k, v in tag_b.items() if k != "slot"}
+    (fresh_reused, fresh, fresh_states), (reused_reused, reused, reused_states) = batches(False), batches(True)
+    assert reused_reused and not fresh_reused
+    assert fresh_states == reused_states
+    for a, b in zip(fresh, reused):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Each batch owns its memory once it left the prefetcher: later batches do not change it.
-    assert len({batch["onestep"].data_ptr() for batch, _ in reused}) == len(reused)
+    assert len({batch["onestep"].data_ptr() for batch in reused}) == len(reused)
 
 
 def test_decoupler_overfits_a_tiny_set(tmp_path):

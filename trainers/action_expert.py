@@ -27,9 +27,11 @@ from torch import nn
 from schemas.base import StrictModel, validate
 from storage.fs import Root
 from trainers.decoupler import ONESTEP, load_decoupler, teacher_of
-from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
-                           TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything,
-                           to_device)
+from storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
+from trainers.config import DataConfig, LoopConfig, OptimConfig
+from trainers.distributed import seed_everything
+from trainers.exports import collate_fields, open_export
+from trainers.loop import FitResult, fit
 from trainers.models.decoupler import Decoupler, ModelSize
 from trainers.models.denoiser import (ActionPositions, CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation,
                                       Proprio)
@@ -37,7 +39,9 @@ from trainers.models.objectives import ObjectiveConfig, ObjectiveName
 from trainers.models.policy import ActionExpert, AggregatorConfig, DenoiserNetConfig, NormMode, PolicyConfig
 from trainers.models.uniperceiver import UniPerceiverConfig
 from trainers.models.video_former import VideoFormerConfig
+from trainers.prefetch import to_device
 from trainers.release_checkpoints import load_strict, policy_parts, read_state_dict
+from trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 KIND = "action-expert"

@@ -15,8 +15,7 @@ Both yield the same **sample dict** (one clip), so a trainer can switch between 
           "versions": {field: version_id}   the target version every array field came from
           "codecs": {field: "raw" | "f16" | "bf16" | "fp8"}   how the field was stored
           "stream": {"epoch", "rank", "world_size", "worker", "num_workers", "position"}
-                                         where ShardStream produced it (absent for ZarrClips);
-                                         `ShardStream.note_consumed(batch)` reads it for resuming
+                                         where ShardStream produced it (absent for ZarrClips)
       },
       # array fields (numpy arrays; the DataLoader's collate turns them into torch tensors):
       "frames":              uint8   (T, H, W, 3)   generated video (kind "video")
@@ -51,12 +50,14 @@ tensors and keep "meta" / "__key__" as lists. For per-sample loading through Dat
 (``batch_size=None``) use `collate_zero_copy`: arrays that are views of the memory-mapped shard reach the
 main process as views of the same file, without a copy.
 
-Resuming: iterate `ShardStream` directly or through a DataLoader; call `stream.note_consumed(batch)` after
-each processed batch (needed with DataLoader workers, which prefetch), save `stream.state_dict()` with
-the checkpoint, and after `load_state_dict` the next iteration yields exactly the samples not yet
-consumed in that epoch (same world size and worker count). Call `stream.set_epoch(e)` at each epoch
-(like DistributedSampler); a copy that finished an epoch by itself (in-process, persistent workers)
-moves on to the next one.
+Resuming (one protocol, ``state_dict()`` / ``load_state_dict()``): iterated in-process, save
+`stream.state_dict()` with the checkpoint, and after `load_state_dict` the next iteration yields exactly
+the samples not yet consumed in that epoch. Inside a DataLoader worker the state describes that
+worker's position; read through workers with `trainers.batching.ResumableLoader`, whose own
+`state_dict()` combines the workers' states of the batches it handed out (prefetched ones excluded), and
+resume with the same world size and worker count. Call `stream.set_epoch(e)` at each epoch (like
+DistributedSampler); a copy that finished an epoch by itself (in-process, persistent workers) moves on
+to the next one.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class ShardStream(IterableDataset):
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, max(0, int(shuffle_buffer))
         self.rank, self.world_size, self.decode_fp8 = rank, world_size, decode_fp8
         self.epoch = 0
-        self._consumed: dict[int, int] = {}  # worker -> samples of this epoch the trainer has had
+        self._consumed: dict[int, int] = {}  # worker -> samples of this epoch this copy has yielded
         self._start: dict[int, int] = {}  # worker -> where the next iteration starts (load_state_dict)
         self._resume_layout: tuple[int, int] | None = None
         self._finished = False  # this copy iterated its whole epoch; the next iteration moves on
@@ -347,22 +348,6 @@ class ShardStream(IterableDataset):
         return sample
 
     # resuming ----------------------------------------------------------------------------------
-    def note_consumed(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
-        """Record that the trainer finished with ``batch`` (collated dict, list of samples or one sample)."""
-        if isinstance(batch, Mapping):
-            metas = batch["meta"] if isinstance(batch["meta"], list) else [batch["meta"]]
-        else:
-            metas = [sample["meta"] for sample in batch]
-        for meta in metas:
-            stream = meta["stream"]
-            if stream["epoch"] > self.epoch:  # persistent workers moved on to the next epoch
-                self.epoch, self._consumed, self._start = int(stream["epoch"]), {}, {}
-            if stream["epoch"] != self.epoch:
-                continue
-            worker = int(stream["worker"])
-            self._consumed[worker] = max(self._consumed.get(worker, 0), int(stream["position"]) + 1)
-            self._resume_layout = (int(stream["world_size"]), int(stream["num_workers"]))
-
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands in the current epoch (JSON-serialisable)."""
         rank, world = self._rank_world()
@@ -476,7 +461,7 @@ class ZeroCopyCollate:
 
     When to use it: per-sample loading through workers (a consumer that takes one sample at a time,
     or batches and pins on its own in the main process). Batched training goes through
-    trainers/loop.py's StatefulBatches, which collates inside the workers into reusable page-locked
+    trainers/batching.py's StatefulBatches, which collates inside the workers into reusable page-locked
     buffers; ``collate_samples`` stacks batches into fresh shared memory.
     """
 

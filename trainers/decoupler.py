@@ -24,10 +24,14 @@ from torch import nn
 
 from schemas.base import StrictModel, validate
 from storage.fs import Root
-from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
-                           TrainTask, collate_fields, default_run_id, fit, open_export, seed_everything)
+from storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
+from trainers.config import DataConfig, LoopConfig, OptimConfig
+from trainers.distributed import seed_everything
+from trainers.exports import collate_fields, open_export
+from trainers.loop import FitResult, fit
 from trainers.models.decoupler import Decoupler, DecouplerArchName, DecouplerConfig, ModelSize
 from trainers.release_checkpoints import load_strict, read_state_dict
+from trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,12 @@ from pipelines.pi0_augment import AugmentConfig, augment_images
 from schemas.base import StrictModel
 from schemas.presets import preset_table
 from storage.fs import Root
-from trainers.loop import (CheckpointInfo, DataConfig, FitResult, LoopConfig, OptimConfig, RunDir, RunSpec,
-                           TrainTask, default_run_id, fit, open_export, seed_everything)
+from storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
+from trainers.config import DataConfig, LoopConfig, OptimConfig
+from trainers.distributed import seed_everything
+from trainers.exports import open_export
+from trainers.loop import FitResult, fit
+from trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ page-locks each shared buffer once (``cudaHostRegister``) the first time it sees
 the GPU is a direct DMA with no host copy. torch's shared-storage cache hands the main process the
 same storage for the same segment, so a buffer that comes back is recognised and not mapped again.
 
-Reuse is safe because the consumer (``trainers.loop.DevicePrefetcher``) waits for a buffer's GPU
+Reuse is safe because the consumer (``trainers.prefetch.DevicePrefetcher``) waits for a buffer's GPU
 copy to finish before it asks for the next batch, and a worker writes batch ``r`` only after the
 main process took batch ``r - prefetch_factor`` of that worker: buffers ``r - prefetch_factor``
 (possibly still being copied) to ``r`` are distinct with ``prefetch_factor + 1`` of them.

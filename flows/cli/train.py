@@ -153,7 +153,7 @@ def cmd_decoupler(export: str = typer.Option(..., "--export", help="Export id to
                   root: str | None = ROOT_OPTION) -> None:
     """Train the S-VAM decoupler of one teacher: one-step features -> teacher maps (MSE)."""
     from trainers.decoupler import DecouplerRunConfig, train_decoupler
-    from trainers.loop import load_config
+    from trainers.config import load_config
 
     overrides = loop_overrides(steps, batch_size, device, workers) | {"teacher": teacher, "size": size,
                                                                       "arch": arch, "init": init}
@@ -176,7 +176,7 @@ def cmd_action_expert(export: str = typer.Option(..., "--export", help="Export i
                       root: str | None = ROOT_OPTION) -> None:
     """Train the action expert (aggregator + diffusion policy) over frozen decoupler runs."""
     from trainers.action_expert import ActionExpertRunConfig, train_action_expert
-    from trainers.loop import load_config
+    from trainers.config import load_config
 
     runs = [r.strip() for r in decouplers.split(",") if r.strip()] if decouplers else None
     overrides = loop_overrides(steps, batch_size, device, workers) | {
@@ -200,7 +200,7 @@ def cmd_predict(run: str = typer.Option(..., "--run", help="Run id (decoupler or
     import numpy as np
     import torch
 
-    from trainers.loop import RunDir
+    from storage.runs import RunDir
 
     data_root = get_root(root)
     run_dir = RunDir(data_root, run)
@@ -234,7 +234,7 @@ def _latest(run_dir: Any) -> int:
 def _predict_maps(root: Any, run: str, info: Any, export_id: str, clip: int | None, device: Any,
                   allow_change: bool, sheet: Path | None) -> dict[str, Any]:
     from trainers.decoupler import load_decoupler, predict_maps, sample_map_metrics, teacher_of
-    from trainers.loop import check_sample_versions, export_sample
+    from trainers.exports import check_sample_versions, export_sample
 
     model, info = load_decoupler(root, run, info.step)
     teacher = teacher_of(info)
@@ -271,7 +271,7 @@ def _predict_actions(root: Any, run: str, info: Any, export_id: str, clip: int |
     import numpy as np
 
     from trainers.action_expert import load_action_expert, predict_actions
-    from trainers.loop import check_sample_versions, export_sample
+    from trainers.exports import check_sample_versions, export_sample
 
     task, info = load_action_expert(root, run, info.step)
     teachers = task.decouplers.teachers

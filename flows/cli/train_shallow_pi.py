@@ -43,7 +43,7 @@ def cmd_shallow_pi(
     root: str | None = ROOT_OPTION,
 ) -> None:
     """Train a Shallow-π student: L_task + lambda_kd L_kd + lambda_attn L_attn, online (default) or offline."""
-    from trainers.loop import load_config
+    from trainers.config import load_config
     from trainers.shallow_pi import ShallowPiRunConfig, train_shallow_pi
 
     overrides = loop_overrides(steps, batch_size, device, workers) | {

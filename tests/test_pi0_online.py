@@ -134,7 +134,7 @@ def test_preset_sets_defaults_explicit_settings_win_and_the_run_records_it(input
     assert info.config["run"]["preset"] == "shallow-pi" and info.config["run"]["optim"]["lr"] == 2.5e-5
     settings = info.config["preset"]["settings"]
     assert settings["layers"]["value"] == 6 and "2601.20262" in settings["layers"]["source"]
-    assert settings["lambda_kd"]["source"].startswith("ours:")
+    assert "release" in settings["lambda_kd"]["source"] and settings["lambda_attn"]["source"].startswith("ours:")
     assert set(settings) == set(preset_table("shallow-pi", "shallow_pi"))
 
 

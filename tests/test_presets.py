@@ -143,6 +143,23 @@ def test_every_preset_setting_is_sourced_and_applies():
     assert preset_values("svam-calvin", "extract")["onestep.fps_id"] == "fps"
 
 
+def test_shallow_pi_preset_is_the_releases_training_recipe_and_resolves_as_a_run_config():
+    from trainers.shallow_pi import ShallowPiRunConfig
+
+    table = preset_table("shallow-pi", "shallow_pi")
+    run = ShallowPiRunConfig.model_validate({"preset": "shallow-pi"})
+    # pi0_libero_l06 of the authors' release: 30k steps, global batch 64, float32, openpi's AdamW + schedule.
+    assert (run.loop.steps, run.loop.batch_size, run.loop.bf16) == (30000, 64, False)
+    assert (run.optim.lr, run.optim.warmup_steps, run.optim.min_lr_ratio) == (2.5e-5, 1000, 0.1)
+    assert (run.optim.betas, run.optim.eps, run.optim.weight_decay) == ((0.9, 0.95), 1e-8, 1e-10)
+    assert run.layers == 6 and run.lambda_kd == 1.0 and run.mode == "online"
+    for key in ("loop.steps", "loop.batch_size", "loop.bf16", "optim.lr", "lambda_kd", "mode"):
+        assert "release" in table[key].source, key
+    # What neither the release nor the poster fixes stays ours, with the reason.
+    for key in ("lambda_attn", "attn_layers", "attn_heads"):
+        assert table[key].source.startswith("ours:"), key
+
+
 def test_policy_time_preprocessing_is_the_releases_minus_one_to_one_bilinear():
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 20, 20, 3), dtype=np.uint8))
     got = preprocess_frames(frames, POLICY_TIME)

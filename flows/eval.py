@@ -27,7 +27,7 @@ from pipelines.eval.stats import mean_latency, summarize_groups, summarize_tasks
 from pipelines.ingest import metaworld as mw
 from schemas.base import StrictModel
 from schemas.eval import EpisodeResult, EvalKey, EvalRecord, PolicyIdentity
-from storage import lineage
+from storage import layout, lineage
 from storage.evals import EvalStore
 from storage.fs import Root, open_root
 
@@ -77,9 +77,10 @@ def parse_policy(text: str) -> tuple[str, int | None]:
     run_id, sep, step = text.partition("/")
     if not sep:
         return run_id, None
-    if not step.startswith("step-") or not step[5:].isdigit():
+    number = layout.step_of(step)
+    if number is None:
         raise ValueError(f"--run {text!r}: expected RUN or RUN/step-N")
-    return run_id, int(step[5:])
+    return run_id, number
 
 
 # ---------------------------------------------------------------- resolving the policy

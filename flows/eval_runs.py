@@ -21,6 +21,7 @@ from schemas.base import validate
 from schemas.eval import PolicyIdentity
 from schemas.model import ModelIdentity
 from schemas.target import TargetVersion
+from storage import layout
 from storage.fs import Root
 from storage.targets import TargetStore
 
@@ -47,7 +48,7 @@ def resolve_run(root: Root, config: EvalConfig) -> ResolvedPolicy:
     runs = RunDir(root, run_id)
     step = runs.latest() if step is None else step
     if step is None:
-        raise ValueError(f"run {run_id}: no complete checkpoint under {root.url_of('runs', run_id)}")
+        raise ValueError(f"run {run_id}: no complete checkpoint under {root.url_of(layout.run_dir(run_id))}")
     info = runs.info(step)
     if info.kind not in POLICY_KINDS:
         raise ValueError(f"run {run_id}: a '{info.kind}' run is not a policy; evaluate one of {list(POLICY_KINDS)}")

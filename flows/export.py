@@ -12,11 +12,11 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 from prefect import flow, task
 from pydantic import Field
 
+from flows.configs import ExportConfig
 from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
 from schemas.base import StrictModel
 from flows.runtime import RunnerChoice, gather, run_flow
@@ -31,22 +31,6 @@ RAW_FIELDS = ("actions", "actions_mask", "state")
 """Episode fields stay float32/bool whatever the codec: they are tiny and trainers normalise them."""
 JSON_SLACK = 1024
 """Bytes reserved per sample for metadata that varies between clips (instruction length)."""
-
-
-class ExportConfig(StrictModel):
-    """One export: which versions of which plan, which fields, how they are stored."""
-
-    plan: str = Field(description="Plan id whose clips become samples (plan order).")
-    targets: list[str] = Field(description="Target version ids to export, each optionally 'alias=version'.")
-    fields: list[str] | None = Field(default=None, description="Fields to export; None = every field.")
-    shard_size: str = Field(default="1GB", description="Target tar shard size, e.g. 1GB, 256MiB.")
-    codec: Literal["f16", "bf16", "fp8"] = Field(default="f16", description="Codec of float target fields.")
-    split: str | None = Field(default=None, description="Only clips of episodes of this split.")
-    action_chunk: int = Field(default=10, ge=1, description="Action rows per sample (from the clip's first frame).")
-    action_column: str = Field(default="action", description="Episode low-dim column holding actions.")
-    state_column: str = Field(default="state", description="Episode low-dim column holding the state.")
-    read_batch: int = Field(default=4, ge=1, description="Clips read per zarr selection.")
-    workers: int = Field(default=1, ge=1, description="Shards written in parallel.")
 
 
 class ExportResult(StrictModel):

@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prefect import flow, task
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from flows.configs import GenerateConfig, PlanConfig, TextConfig
 from flows.models_cache import cached_model
 from flows.runtime import split_shards
 from pipelines import plan as planning
@@ -31,11 +32,10 @@ from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
 from pipelines.svd.features import feature_shape
 from pipelines.svd.loading import SVDDescription, SVDModel, describe_svd
 from pipelines.svd.speed import SpeedOptions, apply_speedups
-from pipelines.text import MAX_LENGTH, TextModel, embed_instructions, load_text_model
+from pipelines.text import TextModel, embed_instructions, load_text_model
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
 from schemas.plan import ClipRow, PlanInfo
-from schemas.presets import check_preset, preset_values, resolve_nested
 from schemas.target import ArraySpec, TargetRecipe
 from storage import lineage
 from storage.claims import claim_shard, wait_for_version_shards
@@ -52,21 +52,6 @@ TEXT_ARRAY = "embedding"
 
 
 # ---------------------------------------------------------------- plans
-class PlanConfig(StrictModel):
-    """``foresight plan`` parameters; unset source/camera are taken from the dataset."""
-
-    dataset: str = Field(description="Dataset name in the episode store.")
-    source: Literal["segments", "episodes"] | None = Field(
-        default=None, description="Clip starts from language segments or whole episodes (default: segments "
-                                  "when the dataset has any).")
-    camera: str | None = Field(default=None, description="Camera (default: the dataset's first camera).")
-    frames: int = Field(default=16, ge=1, description="Frames per clip.")
-    stride: int = Field(default=2, ge=1, description="Frames between clip frames.")
-    every: int = Field(default=8, ge=1, description="Frames between clip starts.")
-    limit: int | None = Field(default=None, ge=1, description="At most N clips, spread evenly.")
-    split: str | None = Field(default=None, description="Only episodes of this split.")
-
-
 class PlanSummary(StrictModel):
     """What ``make_plan`` did."""
 
@@ -183,36 +168,6 @@ def plan_rows(root_url: str, plan_id: str) -> list[ClipRow]:
 
 
 # ---------------------------------------------------------------- text targets
-class TextConfig(StrictModel):
-    """``foresight text`` parameters."""
-
-    plan: str = Field(description="Plan id.")
-    model: str | None = Field(default=None, description="CLIP text model spec: hf:<repo>[@rev] | dir:<path> | "
-                                                        "random | tiny (required unless the preset names one).")
-    max_length: int = Field(default=MAX_LENGTH, ge=1, description="Tokens per instruction (padded/truncated).")
-    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld, vpp) whose "
-                                                         "text settings are the defaults; explicit ones win.")
-    seed: int = Field(default=0, description="Initialisation seed of random/tiny models.")
-    device: str = Field(default="cpu", description="Torch device.")
-    shard_size: int = Field(default=256, ge=1, description="Clips per shard.")
-    workers: int = Field(default=1, ge=1, description="Parallel shard tasks.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        """The preset's text settings fill in the ones not given."""
-        if not isinstance(data, dict) or data.get("preset") is None:
-            return data
-        explicit = {key: value for key, value in data.items() if value is not None}
-        return {**preset_values(check_preset(data["preset"]), "text"), **explicit}
-
-    @model_validator(mode="after")
-    def _has_model(self) -> "TextConfig":
-        if self.model is None:
-            raise ValueError("text: no model spec (give one, or a preset that names one)")
-        return self
-
-
 def with_preset(params: dict[str, Any], preset: str | None) -> dict[str, Any]:
     """A recipe's keyed parameters plus the preset's name when one was applied (a version built
     without a preset keeps the id it always had)."""
@@ -284,46 +239,14 @@ def text_flow(root_url: str, config: TextConfig) -> BuildSummary:
 
 
 # ---------------------------------------------------------------- video generation
-class GenerateConfig(StrictModel):
-    """``foresight generate`` parameters: inputs, model, the SVD settings and how to run."""
-
-    plan: str = Field(description="Plan id.")
-    text: str = Field(description="Id of the complete `text` version of the same plan.")
-    model: str = Field(description="SVD model spec: hf:<repo>[@rev] | dir:<path> | random | tiny.")
-    seed: int = Field(default=0, description="Initialisation seed of random/tiny models.")
-    params: SVDParams = Field(default_factory=SVDParams, description="Generation settings (keyed).")
-    dtype: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
-        default="fp32", description="UNet/VAE compute dtype (keyed); fp8: e4m3 transformer Linear layers "
-                                    "around float16 (Hopper/Ada GPUs; H100: faster, changes the numbers).")
-    device: str = Field(default="cpu", description="Torch device.")
-    batch: int = Field(default=4, ge=1, description="Clips per UNet call (two calls per guided step).")
-    compile: Literal["none", "blocks", "unet"] = Field(
-        default="none", description="torch.compile the UNet/decoder per layer (blocks, GPU: 1.4x) or as whole "
-                                    "graphs (unet: +4%, longer first call); compiled kernels round differently, "
-                                    "so rerun a version with the setting that built it.")
-    shard_size: int = Field(default=16, ge=1, description="Clips per shard and per writer.")
-    workers: int = Field(default=1, ge=1, description="Parallel shard tasks (each holds a model).")
-    compression: Literal["zstd", "none"] = Field(
-        default="zstd", description="Codec of the stored one-step features (storage only, not in the version "
-                                    "id); 'none' makes random access (ZarrClips) read at page-cache speed.")
-    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld, vpp) whose "
-                                                         "generate and extract settings are the defaults of "
-                                                         "`params`; explicit params win (keyed).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        """The preset's generate + extract settings fill in the ``params`` not given."""
-        if not isinstance(data, dict) or data.get("preset") is None:
-            return data
-        params = data.get("params")
-        explicit = params.model_dump(exclude_unset=True) if isinstance(params, SVDParams) else dict(params or {})
-        return {**data, "params": resolve_nested(check_preset(data["preset"]), ("generate", "extract"), explicit)}
-
-
 def video_params(config: GenerateConfig) -> dict:
-    """The keyed parameters of a video version: every SVD setting, the compute dtype and the preset."""
-    return with_preset({**config.params.model_dump(mode="json"), "dtype": config.dtype}, config.preset)
+    """The keyed parameters of a video version: every SVD setting, the compute dtype, the compile
+    scope when there is one (compiled kernels round differently; ``none`` is not recorded, so
+    uncompiled versions keep the ids they always had) and the preset."""
+    params = {**config.params.model_dump(mode="json"), "dtype": config.dtype}
+    if config.compile != "none":
+        params["compile"] = config.compile
+    return with_preset(params, config.preset)
 
 
 def cached_svd(config: GenerateConfig) -> SVDModel:

@@ -14,12 +14,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prefect import flow, task
-from pydantic import Field
 
+from flows.configs import Pi0TargetsConfig
 from pipelines import pi0
 from schemas.base import StrictModel
 from schemas.dataset import DatasetInfo
@@ -34,36 +34,6 @@ from storage.plans import PlanStore
 from storage.targets import TargetStore
 
 log = logging.getLogger(__name__)
-
-
-class Pi0TargetsConfig(StrictModel):
-    """What ``foresight pi0-targets`` computes and how."""
-
-    plan: str = Field(description="Clip plan id: each clip's first frame is an observation, its actions the chunk.")
-    model: str = Field(default="tiny", description="π0 teacher spec: hf:<repo>[@rev], dir:<path>, random or tiny.")
-    family: Literal["pi0", "pi05"] = Field(default="pi0", description="Architecture of a random/tiny teacher: π0 "
-                                                                      "or π0.5 (a checkpoint's config decides).")
-    pairs: int = Field(default=4, ge=0, description="K fixed (t, noise-seed) pairs per sample (0: inputs only, "
-                                                    "all that online distillation reads).")
-    attn_layers: list[int] | None = Field(
-        default=None, description="Teacher layers whose attention is stored; default: the middle layers of "
-                                  "a uniform 6-layer student's map; [] stores none.")
-    attn_dtype: Literal["float16", "float32"] = Field(default="float16", description="Attention storage dtype.")
-    cameras: list[str] | None = Field(default=None, description="Cameras per observation; default: the plan's "
-                                                                "camera (the plan must use one).")
-    state_key: str = Field(default="state", description="Low-dim column with the robot state.")
-    action_key: str = Field(default="action", description="Low-dim column with the actions.")
-    state_indices: list[int] | None = Field(default=None, description="State elements kept (needed above 32).")
-    normalize: Literal["auto", "dataset", "none"] = Field(
-        default="auto", description="Mean/std normalisation of state and actions: 'dataset' requires the "
-                                    "dataset statistics, 'auto' uses them when present.")
-    max_text_tokens: int = Field(default=48, ge=2, description="Instruction tokens (padded).")
-    tiny_layers: int = Field(default=4, ge=1, description="Depth of the `tiny` teacher's two stacks.")
-    shard_size: int = Field(default=16, ge=1, description="Clips per shard (and per writer task).")
-    batch: int = Field(default=4, ge=1, description="Samples per teacher forward.")
-    device: str = Field(default="cpu", description="Torch device.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype.")
-    limit: int | None = Field(default=None, ge=1, description="Only the first N clips of the plan.")
 
 
 class Pi0ShardsResult(StrictModel):

@@ -13,11 +13,11 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Literal
 
 from prefect import flow, task
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from flows.configs import TeachersConfig
 from flows.models_cache import cached_model
 from flows.runtime import progress_disabled, split_shards
 from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, start_fork_server, teacher_arrays,
@@ -25,56 +25,11 @@ from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, sta
 from flows.teachers_io import ObservedFrames, open_video
 from pipelines.teachers import Teacher, load_teacher
 from schemas.base import StrictModel
-from schemas.presets import check_preset, deep_merge, resolve_nested
 from storage import lineage
 from storage.claims import wait_for_version_shards
 from storage.targets import TargetStore, TargetWriter
 
 log = logging.getLogger(__name__)
-
-
-class TeachersConfig(StrictModel):
-    """One teacher over one video version."""
-
-    video: str = Field(description="Id of the complete `video` target version to read.")
-    teacher: str = Field(description="Teacher name: dinov2, da3 or hf.")
-    model: str | None = Field(default=None, description="Model spec: hf:<repo>[@rev], dir:<path>, random or tiny "
-                                                        "(required unless the preset names one).")
-    settings: dict[str, Any] = Field(default_factory=dict, description="Teacher settings (see the teacher's "
-                                                                       "settings model); unknown keys are errors.")
-    batch: int = Field(default=4, ge=1, description="Clips per forward pass (each clip is T frames).")
-    device: str = Field(default="cpu", description="Torch device, e.g. cuda or cuda:1.")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Model compute dtype.")
-    io_processes: bool | None = Field(default=None, description="Store reads/writes in worker processes "
-                                                               "(None: yes on CUDA, where one process's zarr "
-                                                               "I/O cannot keep up with the GPU).")
-    readers: int | None = Field(default=None, ge=1, description="Reader threads/processes (None: from the cores).")
-    writers: int | None = Field(default=None, ge=1, description="Writer threads/processes (None: from the cores).")
-    workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
-    compression: Literal["zstd", "none"] = Field(default="zstd", description="Codec of the stored target and "
-                                                 "reference chunks (storage only, not part of the version id).")
-    preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld) whose "
-                                                         "settings and weights for this teacher are the defaults; "
-                                                         "explicit settings win (keyed).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        """The preset's ``<teacher>.*`` entries fill in the model and the settings not given."""
-        if not isinstance(data, dict) or data.get("preset") is None or "teacher" not in data:
-            return data
-        table = resolve_nested(check_preset(data["preset"]), ("teachers",), {}, prefix=f"{data['teacher']}.")
-        model = table.pop("model", None)
-        resolved = {**data, "settings": deep_merge(table, dict(data.get("settings") or {}))}
-        if model is not None and data.get("model") is None:
-            resolved["model"] = model
-        return resolved
-
-    @model_validator(mode="after")
-    def _has_model(self) -> "TeachersConfig":
-        if self.model is None:
-            raise ValueError(f"teacher {self.teacher}: no model spec (give one, or a preset that names one)")
-        return self
 
 
 def resolve_io(config: TeachersConfig) -> tuple[bool, int, int]:

@@ -20,11 +20,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pipelines.svd.loading import real_identity, resolve_folder
 from schemas.model import ModelIdentity, ModelSpec
+from schemas.svd import MAX_LENGTH  # the CLIP token count, kept where the configs read it
 
 log = logging.getLogger(__name__)
 
 FAMILY = "clip-text"
-MAX_LENGTH = 20
 DEFAULT_SEED = 0
 START, END = "<|startoftext|>", "<|endoftext|>"
 TINY_TEXT_CONFIG: dict[str, Any] = {

@@ -128,11 +128,12 @@ def test_changed_parameter_model_or_input_gives_a_new_version(built, tmp_path):
         config.model_copy(update={"dtype": "bf16"}),
         config.model_copy(update={"dtype": "fp8"}),
         config.model_copy(update={"seed": 1}),
+        config.model_copy(update={"compile": "unet"}),  # compiled kernels round differently (issue 17)
     ]
     ids = {video_recipe(root, c)[0].version_id() for c in changed}
     assert len(ids) == len(changed) and version not in ids
     # runtime choices are not part of the version
-    runtime = config.model_copy(update={"batch": 1, "device": "cpu", "compile": "unet"})
+    runtime = config.model_copy(update={"batch": 1, "device": "cpu", "compile": "none"})
     assert video_recipe(root, runtime)[0].version_id() == version
 
 

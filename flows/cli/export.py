@@ -5,39 +5,33 @@ from __future__ import annotations
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root
+from flows.cli.options import comma_list, config_command, config_option, given
 from flows.cli.runner import runner_options
+from flows.configs import ExportConfig
 from flows.runtime import RunnerChoice
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(runner_options(export))
+    app.command("export")(runner_options(config_command(export)))
     app.command("export-check")(export_check)
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    return items or None
-
-
 def export(
-    plan: str = typer.Option(..., help="Plan id whose clips become samples."),
-    targets: str = typer.Option(..., help="Comma list of target version ids (each optionally alias=id)."),
-    fields: str | None = typer.Option(None, help="Comma list of fields to export (default: every field)."),
-    shard_size: str = typer.Option("1GB", help="Target shard size, e.g. 1GB, 256MiB."),
-    codec: str = typer.Option("f16", help="Codec of float target fields: f16, bf16 or fp8 (e4m3 + per-channel scales)."),
-    split: str | None = typer.Option(None, help="Only clips of episodes of this split (train, val, ...)."),
-    action_chunk: int = typer.Option(10, help="Action rows per sample, from the clip's first frame."),
+    plan: str = config_option(ExportConfig, "plan"),
+    targets: str = config_option(ExportConfig, "targets", extra_help="Comma-separated."),
+    fields: str = config_option(ExportConfig, "fields", extra_help="Comma-separated."),
+    shard_size: str = config_option(ExportConfig, "shard_size"),
+    codec: str = config_option(ExportConfig, "codec"),
+    split: str = config_option(ExportConfig, "split"),
+    action_chunk: int = config_option(ExportConfig, "action_chunk"),
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
     """Export pinned target versions of PLAN as webdataset tar shards with a checksummed index.json."""
-    from flows.export import ExportConfig, run_export
+    from flows.export import run_export
 
-    config = ExportConfig(plan=plan, targets=_split_list(targets) or [], fields=_split_list(fields),
-                          shard_size=shard_size, codec=codec, split=split, action_chunk=action_chunk,
-                          workers=runner.tasks)
+    config = ExportConfig(plan=plan, targets=comma_list(targets) or [], workers=runner.tasks, **given(
+        fields=comma_list(fields), shard_size=shard_size, codec=codec, split=split, action_chunk=action_chunk))
     data_root = get_root(root, writable=True)
     result = run_export(data_root.url, config, runner)
     state = "already exported" if result.skipped else "exported"

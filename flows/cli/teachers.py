@@ -7,13 +7,15 @@ import json
 import typer
 
 from flows.cli.common import ROOT_OPTION, get_root
+from flows.cli.options import config_command, config_option, given
 from flows.cli.runner import runner_options
+from flows.configs import TeachersConfig
 from flows.runtime import RunnerChoice
 from schemas.presets import check_preset
 
 
 def register(app: typer.Typer) -> None:
-    app.command("teachers")(runner_options(teachers))
+    app.command("teachers")(runner_options(config_command(teachers)))
 
 
 def _settings(text: str | None) -> dict:
@@ -29,38 +31,34 @@ def _settings(text: str | None) -> dict:
 
 
 def teachers(
-    video: str = typer.Option(..., help="Id of a complete `video` target version."),
-    teacher: str = typer.Option(..., help="Teacher: dinov2 | da3 | hf."),
-    model: str = typer.Option(None, help="Weights: hf:<repo>[@rev] | dir:<path> | random | tiny (required unless "
-                                         "--preset names the teacher's)."),
-    preset: str = typer.Option(None, "--preset", help="Release recipe: svam-calvin | svam-metaworld (the teacher's "
-                                                      "weights and settings; --settings given here win)."),
-    batch: int = typer.Option(4, help="Clips per forward pass (each clip is T frames)."),
-    device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("fp32", help="Compute dtype: fp32 | bf16 | fp16 (outputs are stored as float16)."),
-    settings: str = typer.Option(None, help="Teacher settings as JSON, e.g. '{\"stage\": 1}' (da3) or "
-                                            "'{\"preprocess\": {\"height\": 448, \"width\": 448}}'."),
-    io_processes: bool = typer.Option(None, "--io-processes/--io-threads",
-                                      help="Store I/O in worker processes (default: on with CUDA)."),
-    readers: int = typer.Option(None, help="Reader threads/processes (default: from the cores)."),
-    writers: int = typer.Option(None, help="Writer threads/processes (default: from the cores)."),
-    compression: str = typer.Option("zstd", help="Stored chunk codec: zstd | none (none: faster writes, "
-                                                 "about 1.1-1.2x the disk space for float16 tokens)."),
+    video: str = config_option(TeachersConfig, "video"),
+    teacher: str = config_option(TeachersConfig, "teacher"),
+    model: str = config_option(TeachersConfig, "model"),
+    preset: str = config_option(TeachersConfig, "preset", "--preset"),
+    batch: int = config_option(TeachersConfig, "batch"),
+    device: str = config_option(TeachersConfig, "device"),
+    dtype: str = config_option(TeachersConfig, "dtype"),
+    settings: str = config_option(TeachersConfig, "settings", extra_help="As JSON, e.g. '{\"stage\": 1}' (da3) or "
+                                  "'{\"preprocess\": {\"height\": 448, \"width\": 448}}'."),
+    io_processes: bool = config_option(TeachersConfig, "io_processes", "--io-processes/--io-threads"),
+    readers: int = config_option(TeachersConfig, "readers"),
+    writers: int = config_option(TeachersConfig, "writers"),
+    compression: str = config_option(TeachersConfig, "compression"),
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
     """Write a `teacher` version: target (N, T, h, w, C) and reference (N, 1, h, w, C), float16."""
     from flows.runtime import run_flow
-    from flows.teachers import TeachersConfig, teachers_flow
+    from flows.teachers import teachers_flow
     from flows.teachers_io import open_video
     from pipelines.teachers import parse_settings
     from schemas.model import ModelSpec
 
     if preset is not None:
         check_preset(preset)
-    config = TeachersConfig(video=video, teacher=teacher, model=model, settings=_settings(settings), batch=batch,
-                            device=device, dtype=dtype, io_processes=io_processes, readers=readers, writers=writers,
-                            compression=compression, workers=runner.tasks, preset=preset)
+    config = TeachersConfig(settings=_settings(settings), workers=runner.tasks, **given(
+        video=video, teacher=teacher, model=model, batch=batch, device=device, dtype=dtype, io_processes=io_processes,
+        readers=readers, writers=writers, compression=compression, preset=preset))
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.
     parse_settings(config.teacher, config.settings)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipelines.svd.loading import SVDModel
+from schemas.svd import FpsId
 
 NOISE_THREADS = min(8, os.cpu_count() or 1)
 
@@ -97,11 +97,6 @@ def text_states(model: SVDModel, text_BLD: np.ndarray | torch.Tensor, position_e
     if position_encoding:
         states = states + sincos_positions(states.shape[1], states.shape[2])
     return torch.cat([states, states], dim=-1).to(model.device, model.dtype)
-
-
-FpsId = Literal["fps-1", "fps"]
-"""How the frame rate enters the time ids: ``fps-1`` as diffusers' SVD pipeline passes it (SVD was
-trained on fps - 1), ``fps`` as is (S-VAM's released extractor: ``_get_add_time_ids(4, 127, 0)``)."""
 
 
 def added_time_ids(model: SVDModel, fps: int, motion_bucket_id: int, noise_aug_strength: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from schemas.devices import CPU_DTYPE, GPU_DTYPES, PI0_CPU_DTYPE
 from schemas.presets import PRESET_NAMES, Sourced, preset_table
 
 MODELS: tuple[tuple[str, str, str], ...] = (
@@ -45,7 +46,7 @@ implementation behind these settings against arrays computed by the release.
 | generation time ids (`fps_id`, `noise_aug_strength`) | fps - 1, 0.02 | VPP generation: the same | the teacher videos follow VPP's stock SVD sampler; only the extractor passes fps as is |
 | `text_position_encoding` | on | CALVIN config: off | it must match how the SVD checkpoint was fine-tuned ("should be same with finetune settings"); on is the release code's own default, `svam-calvin` turns it off |
 | noise draws | per clip from sha256(version, clip) on CPU generators | torch's global RNG | any shard is reproducible alone; the distribution is the same |
-| compute dtype | fp32 on CPU, fp16 on CUDA (`--dtype`) | float16 | keyed; conformance is pinned in float32, as the fixture |
+| SVD compute dtype | `auto`: fp16 on CUDA, fp32 on CPU (`--dtype`, `dtype` in `[generate]`; table below) | float16 | keyed as resolved; conformance is pinned in float32, as the fixture |
 | UNet attention | PyTorch SDPA | diffusers' plain `AttnProcessor` | same maths; the conformance tolerances cover the difference |
 | teacher preprocessing | training time: bicubic + antialias to 224, ImageNet mean/std | decoupler training: the same; policy time: [-1, 1] frames, bilinear, no ImageNet normalisation | teacher versions are training targets; the release's policy-time quirk is `pipelines.teachers.preprocess.POLICY_TIME`, for reproducing its inference |
 | action normalisation (`action_norm`, action expert) | quantile (q01/q99 of the export's actions) | none (CALVIN relative actions as loaded) | foresight's exports span datasets whose actions are not in [-1, 1] (teleop joints); the `svam-*` presets set `none` |
@@ -94,7 +95,22 @@ def model_table(title: str, stage: str, prefix: str) -> str:
     return "\n".join(lines)
 
 
+def device_table() -> str:
+    """How ``device = "auto"`` and ``dtype = "auto"`` resolve per stage (from schemas/devices.py)."""
+    lines = ["## Device and compute dtype (`auto`)", "",
+             "Every stage's `device` and `dtype` default to `auto`, resolved where the command (or the "
+             "pipeline) runs: the device is `cuda` when torch sees one, else `cpu`; the dtype is the "
+             "stage's own on CUDA and fp32 on a CPU. The resolved dtype is keyed (a version built "
+             "with `auto` on a CPU has the id it had with `fp32`); the device is not (it says where, "
+             "not how). `compile` other than `none` is keyed too.", "",
+             "| stage | `auto` dtype on CUDA | on CPU | source |", "| --- | --- | --- | --- |"]
+    for stage, (dtype, why) in GPU_DTYPES.items():
+        cpu = PI0_CPU_DTYPE if stage == "pi0" else CPU_DTYPE
+        lines.append(f"| `{stage}` | `{dtype}` | `{cpu}` | ours: {_cell(why)} |")
+    return "\n".join(lines)
+
+
 def recipes_markdown() -> str:
     """The whole of ``docs/RECIPES.md``."""
-    sections = [HEADER.rstrip("\n")] + [model_table(*model) for model in MODELS]
+    sections = [HEADER.rstrip("\n"), device_table()] + [model_table(*model) for model in MODELS]
     return "\n\n".join(sections) + "\n"

@@ -27,6 +27,7 @@ from pipelines.eval.stats import mean_latency, summarize_groups, summarize_tasks
 from pipelines.ingest import metaworld as mw
 from schemas.base import StrictModel
 from schemas.eval import EpisodeResult, EvalKey, EvalRecord, PolicyIdentity
+from schemas import refs
 from storage import layout, lineage
 from storage.evals import EvalStore
 from storage.fs import Root, open_root
@@ -213,9 +214,9 @@ def eval_metaworld_flow(root_url: str, config: EvalConfig) -> EvalOutcome:
     changes = _new_changes(record.version_changes, [c for r in results for c in r.version_changes])
     record = record.model_copy(update={"version_changes": record.version_changes + changes})
     record, report = finalize(store, record)
-    lineage.emit(root_url, "eval.metaworld", str(uuid.uuid4()), inputs=record.versions +
-                 ([f"runs/{key.policy.run_id}"] if key.policy.run_id else []),
-                 outputs=[f"evals/{record.eval_id}"], facets={"config": config.model_dump(mode="json")})
+    lineage.emit(root_url, "eval.metaworld", str(uuid.uuid4()), inputs=[*map(refs.version, record.versions)] +
+                 ([refs.run(key.policy.run_id)] if key.policy.run_id else []),
+                 outputs=[refs.evaluation(record.eval_id)], facets={"config": config.model_dump(mode="json")})
     return EvalOutcome(record=record, ran=sum(len(r.ran) for r in results), skipped=skipped, report=report)
 
 

@@ -20,6 +20,7 @@ from flows.configs import ExportConfig
 from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
 from schemas.base import StrictModel
 from flows.runtime import RunnerChoice, gather, run_flow
+from schemas import refs
 from storage import lineage
 from storage.claims import active_claims, claim_shard, wait_for_shards
 from storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
@@ -177,8 +178,8 @@ def build_export(root_url: str, config: ExportConfig, write_shards: Callable[[st
                     lambda free: write_shards(export_id, free), what=f"export '{export_id}'")
     index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started},
                            verified_inputs=verify_by_default())
-    lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[config.plan, *index.version_ids],
-                 outputs=[export_id], facets={"codec": recipe.codec, "samples": index.num_samples})
+    lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[refs.plan(config.plan), *map(refs.version, index.version_ids)],
+                 outputs=[refs.export(export_id)], facets={"codec": recipe.codec, "samples": index.num_samples})
     return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
                         num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=False)
 

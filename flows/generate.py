@@ -37,6 +37,7 @@ from schemas.base import StrictModel
 from schemas.model import ModelIdentity
 from schemas.plan import ClipRow, PlanInfo
 from schemas.target import ArraySpec, TargetRecipe
+from schemas import refs
 from storage import lineage
 from storage.claims import claim_shard, wait_for_version_shards
 from storage.episodes import EpisodeStore
@@ -100,8 +101,8 @@ def make_plan(root_url: str, config: PlanConfig) -> PlanSummary:
     info = PlanInfo(plan_id=plan_id, dataset=config.dataset, dataset_fingerprint=fingerprint,
                     params=params.model_dump(mode="json"), num_clips=len(rows), created=now_iso())
     plans.write(info, rows)
-    lineage.emit(root_url, "plan", str(uuid.uuid4()), inputs=[f"datasets/{config.dataset}"],
-                 outputs=[f"plans/{plan_id}"], facets={"params": info.params})
+    lineage.emit(root_url, "plan", str(uuid.uuid4()), inputs=[refs.dataset(config.dataset)],
+                 outputs=[refs.plan(plan_id)], facets={"params": info.params})
     return PlanSummary(plan_id=plan_id, num_clips=len(rows), created=True, params=info.params)
 
 
@@ -233,8 +234,8 @@ def text_flow(root_url: str, config: TextConfig) -> BuildSummary:
     results = run_shard_tasks(root_url, writer, lambda group: text_shards_task.submit(root_url, version_id, config,
                                                                                       group), config.workers)
     summary = summarize(writer, results, time.perf_counter() - start)
-    lineage.emit(root_url, "text", str(uuid.uuid4()), inputs=[f"plans/{config.plan}"],
-                 outputs=[f"targets/{version_id}"], facets={"config": config.model_dump(mode="json")})
+    lineage.emit(root_url, "text", str(uuid.uuid4()), inputs=[refs.plan(config.plan)],
+                 outputs=[refs.version(version_id)], facets={"config": config.model_dump(mode="json")})
     return summary
 
 
@@ -265,7 +266,7 @@ def open_text(root_url: str, text_id: str, plan_id: str, num_clips: int) -> Targ
         raise ValueError(f"text version '{text_id}': not complete under {store.root.url} "
                          f"(status {store.status(text_id)!r}); run `foresight text` first")
     reader = store.open(text_id)
-    if reader.manifest.kind != "text" or reader.manifest.recipe.inputs.get("plan") != plan_id:
+    if reader.manifest.kind != "text" or reader.manifest.recipe.input_ids().get("plan") != plan_id:
         raise ValueError(f"version '{text_id}' is not a text version of plan '{plan_id}'")
     if reader.manifest.num_clips != num_clips:
         raise ValueError(f"text version '{text_id}': {reader.manifest.num_clips} clips, plan has {num_clips}")
@@ -386,6 +387,6 @@ def generate_flow(root_url: str, config: GenerateConfig) -> BuildSummary:
         root_url, version_id, config, group), config.workers)
     summary = summarize(writer, results, time.perf_counter() - start)
     lineage.emit(root_url, "generate", str(uuid.uuid4()),
-                 inputs=[f"plans/{config.plan}", f"targets/{config.text}"], outputs=[f"targets/{version_id}"],
+                 inputs=[refs.plan(config.plan), refs.version(config.text)], outputs=[refs.version(version_id)],
                  facets={"config": config.model_dump(mode="json")})
     return summary

@@ -18,6 +18,7 @@ from pipelines.ingest import metaworld as mw
 from pipelines.ingest.common import FrameCodecOptions, resolve_frame_storage
 from schemas.base import StrictModel, canonical_json
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage
+from schemas import refs
 from storage import lineage
 from storage.layout import check_id
 from storage.episodes import EpisodeStore
@@ -147,7 +148,7 @@ def ingest_metaworld_flow(root_url: str, config: MetaWorldIngestConfig) -> dict[
 
     store.write_stats(dataset_stats(store, FEATURES))
     lineage.emit(root_url, "ingest-metaworld", str(uuid.uuid4()), inputs=[],
-                 outputs=[f"datasets/{config.dataset}"], facets={"config": config.model_dump()})
+                 outputs=[refs.dataset(config.dataset)], facets={"config": config.model_dump()})
     return totals
 
 

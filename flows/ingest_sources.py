@@ -41,6 +41,7 @@ from pipelines.ingest.common import (
 )
 from schemas.base import StrictModel, canonical_json
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage, LanguageSegment, SourceKind
+from schemas import refs
 from storage import lineage
 from storage.episodes import EpisodeStore
 
@@ -323,8 +324,8 @@ def _summarise(dataset: str, kind: SourceKind, results: list[EpisodeResult], pro
 
 
 def _emit(root_url: str, kind: str, src: str, dataset: str, params: dict) -> None:
-    lineage.emit(root_url, f"ingest-{kind}", str(uuid.uuid4()), inputs=[str(src)],
-                 outputs=[f"datasets/{dataset}"], facets={"params": params})
+    lineage.emit(root_url, f"ingest-{kind}", str(uuid.uuid4()), inputs=[refs.source(src)],
+                 outputs=[refs.dataset(dataset)], facets={"params": params})
 
 
 # Runs: the same body as a Prefect flow (tasks submitted to its runner) or serially -------------------

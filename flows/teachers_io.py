@@ -53,7 +53,7 @@ class ObservedFrames:
         self.rows = None
         if OBSERVED_ARRAY in [a.name for a in video.manifest.arrays]:
             return
-        plan_id = video.manifest.recipe.inputs.get("plan")
+        plan_id = video.manifest.recipe.input_ids().get("plan")
         if plan_id is None:
             raise ValueError(f"video version '{video.version_id}': no '{OBSERVED_ARRAY}' array and no "
                              "'plan' input, so the observed frames cannot be found")

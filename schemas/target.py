@@ -9,8 +9,8 @@ from pydantic import Field
 
 from schemas.base import FORMAT_VERSION, StrictModel, canonical_json
 from schemas.model import ModelIdentity
+from schemas.refs import RecipeInputs, Ref, TargetKind
 
-TargetKind = Literal["video", "teacher", "text", "pi0"]
 TargetStatus = Literal["building", "complete"]
 
 
@@ -40,11 +40,20 @@ class TargetRecipe(StrictModel):
     stage_version: int = Field(description="Bumped by hand when the stage's algorithm changes.")
     model: ModelIdentity | None = Field(default=None, description="The model that made it, if any.")
     params: dict[str, Any] = Field(default_factory=dict, description="Every output-changing parameter.")
-    inputs: dict[str, str] = Field(default_factory=dict, description="Input ids: plan, upstream versions.")
+    inputs: RecipeInputs = Field(default_factory=dict, description="Input key -> typed reference (the plan, "
+                                 "upstream versions, a dataset fingerprint); stored and hashed as bare ids.")
 
     def version_id(self) -> str:
-        """Content address of this recipe (see DESIGN.md, Versions)."""
+        """Content address of this recipe (see docs/ARCHITECTURE.md, Version rules)."""
         return content_id(self.kind, self.key())
+
+    def input_ids(self) -> dict[str, str]:
+        """Input key -> bare id: the stored and hashed form of the inputs."""
+        return {key: ref.id for key, ref in self.inputs.items()}
+
+    def inputs_of(self, kind: str) -> list[Ref]:
+        """The inputs of one reference kind ('plan', 'version', ...), in key order."""
+        return [ref for _, ref in sorted(self.inputs.items()) if ref.kind == kind]
 
     def key(self) -> dict[str, Any]:
         """The hashed payload: the git commit and local paths are recorded but never keyed."""
@@ -54,7 +63,7 @@ class TargetRecipe(StrictModel):
             "stage_version": self.stage_version,
             "model": self.model.key() if self.model else None,
             "params": self.params,
-            "inputs": self.inputs,
+            "inputs": self.input_ids(),
         }
 
 

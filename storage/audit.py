@@ -17,12 +17,13 @@ from pydantic import Field
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
 from schemas.plan import ClipRow
+from schemas.refs import Ref
 from schemas.target import ArraySpec, TargetVersion
 from storage import layout, lineage
 from storage.episodes import EpisodeStore
 from storage.fs import Root, open_root
+from storage.graph import VersionGraph
 from storage.plans import PlanStore
-from storage.references import is_version_id
 from storage.targets import TargetReader, TargetStore
 
 # summaries ------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def summarize(store: TargetStore, version_id: str) -> VersionSummary:
     manifest = store.manifest(version_id)
     label, weights = model_label(manifest.recipe.model)
     return VersionSummary(id=version_id, kind=manifest.kind, stage=manifest.recipe.stage, model=label,
-                          weights=weights, inputs=dict(manifest.recipe.inputs), status=manifest.status,
+                          weights=weights, inputs=manifest.recipe.input_ids(), status=manifest.status,
                           clips=manifest.num_clips, bytes=store.root.du(layout.target_dir(version_id)),
                           created=manifest.created)
 
@@ -73,13 +74,13 @@ class LineageNode(StrictModel):
 def lineage_tree(root: Root | str | None, version_id: str) -> LineageNode:
     """The version and everything it was made from, down to the source datasets."""
     root = open_root(root)
-    return _version_node(TargetStore(root), PlanStore(root), version_id, "", set())
+    return _version_node(VersionGraph(TargetStore(root)), PlanStore(root), version_id, "", set())
 
 
-def _version_node(store: TargetStore, plans: PlanStore, version_id: str, role: str, seen: set[str]) -> LineageNode:
-    if store.status(version_id) is None:
+def _version_node(graph: VersionGraph, plans: PlanStore, version_id: str, role: str, seen: set[str]) -> LineageNode:
+    manifest = graph.manifest(version_id)
+    if manifest is None:
         return LineageNode(type="missing", id=version_id, role=role, details={"problem": "version not in the store"})
-    manifest = store.manifest(version_id)
     label, weights = model_label(manifest.recipe.model)
     details = {"kind": manifest.kind, "status": manifest.status, "stage": manifest.recipe.stage,
                "stage_version": manifest.recipe.stage_version, "model": label, "weights": weights}
@@ -89,19 +90,19 @@ def _version_node(store: TargetStore, plans: PlanStore, version_id: str, role: s
     if version_id in seen:
         node.details["cycle"] = True
         return node
-    for key, value in sorted(manifest.recipe.inputs.items()):
-        node.children.append(_input_node(store, plans, key, value, seen | {version_id}))
+    for key, ref in graph.inputs(version_id):
+        node.children.append(_input_node(graph, plans, key, ref, seen | {version_id}))
     return node
 
 
-def _input_node(store: TargetStore, plans: PlanStore, role: str, value: str, seen: set[str]) -> LineageNode:
-    if is_version_id(value):
-        return _version_node(store, plans, value, role, seen)
-    if plans.exists(value):
-        return _plan_node(plans, value, role)
-    if role == "plan":
-        return LineageNode(type="missing", id=value, role=role, details={"problem": "plan not in the store"})
-    return LineageNode(type="value", id=value, role=role)
+def _input_node(graph: VersionGraph, plans: PlanStore, role: str, ref: Ref, seen: set[str]) -> LineageNode:
+    if ref.kind == "version":
+        return _version_node(graph, plans, ref.id, role, seen)
+    if ref.kind == "plan" and plans.exists(ref.id):
+        return _plan_node(plans, ref.id, role)
+    if ref.kind == "plan":
+        return LineageNode(type="missing", id=ref.id, role=role, details={"problem": "plan not in the store"})
+    return LineageNode(type="value", id=ref.id, role=role)
 
 
 def _plan_node(plans: PlanStore, plan_id: str, role: str) -> LineageNode:
@@ -128,28 +129,10 @@ def _dataset_node(root: Root, dataset: str, recorded: str) -> LineageNode:
 
 def version_events(root: Root | str | None, version_id: str) -> list[dict[str, Any]]:
     """Lineage events that name the version as an input or an output, oldest first."""
-    def names(event: dict[str, Any], side: str) -> list[str]:
-        return [item.get("name", "").rstrip("/").rsplit("/", 1)[-1] for item in event.get(side, [])]
+    def names(event: dict[str, Any]) -> set[str]:
+        return {ref.id for side in ("inputs", "outputs") for ref in lineage.event_refs(event, side)}
 
-    return [e for e in lineage.events(root) if version_id in names(e, "inputs") + names(e, "outputs")]
-
-
-def resolve_plan(store: TargetStore, version_id: str) -> str | None:
-    """The plan a version is made over: its own 'plan' input, or the first upstream version's plan."""
-    plans = PlanStore(store.root)
-    seen: set[str] = set()
-    pending = [version_id]
-    while pending:
-        current = pending.pop(0)
-        if current in seen or store.status(current) is None:
-            continue
-        seen.add(current)
-        inputs = store.manifest(current).recipe.inputs
-        for key, value in sorted(inputs.items()):
-            if not is_version_id(value) and (key == "plan" or plans.exists(value)):
-                return value
-        pending.extend(v for _, v in sorted(inputs.items()) if is_version_id(v))
-    return None
+    return [e for e in lineage.events(root) if version_id in names(e)]
 
 
 # integrity ------------------------------------------------------------------------------------
@@ -215,23 +198,26 @@ class ClipMaterial:
     notes: list[str] = field(default_factory=list)
 
 
-def expand_with_upstream(store: TargetStore, version_ids: Sequence[str]) -> list[str]:
-    """The versions, each preceded by the upstream video versions it was made from (if not given)."""
+def resolve_plan(store: TargetStore, version_id: str) -> str | None:
+    """The plan a version is made over (its own plan input, or the nearest upstream version's)."""
+    return VersionGraph(store).plan_of(version_id)
+
+
+def expand_with_upstream(graph: VersionGraph, version_ids: Sequence[str]) -> list[str]:
+    """The versions, each preceded by the stored video versions it was made from directly (if not given)."""
     ordered: list[str] = []
     for version_id in version_ids:
-        manifest = store.manifest(version_id)
-        for value in sorted(manifest.recipe.inputs.values()):
-            if value.startswith("video-") and value not in ordered and value not in version_ids \
-                    and store.status(value) is not None:
-                ordered.append(value)
+        for upstream in sorted(graph.made_from(version_id)):
+            if graph.stored_kind(upstream) == "video" and upstream not in ordered and upstream not in version_ids:
+                ordered.append(upstream)
         if version_id not in ordered:
             ordered.append(version_id)
     return ordered
 
 
-def common_plan(store: TargetStore, version_ids: Sequence[str]) -> str:
+def common_plan(graph: VersionGraph, version_ids: Sequence[str]) -> str:
     """The plan all versions are made over; ValueError naming them when there is none or several."""
-    plans = {v: resolve_plan(store, v) for v in version_ids}
+    plans = {v: graph.plan_of(v) for v in version_ids}
     distinct = set(plans.values())
     if None in distinct:
         raise ValueError(f"versions {[v for v, p in plans.items() if p is None]}: no plan found in their lineage")
@@ -254,8 +240,9 @@ def clip_material(root: Root | str | None, version_ids: Sequence[str], clip_id: 
     """Read the observed frame and every spatial array of one clip from the given versions."""
     root = open_root(root)
     store = TargetStore(root)
-    versions = expand_with_upstream(store, version_ids)
-    plan_id = common_plan(store, versions)
+    graph = VersionGraph(store)
+    versions = expand_with_upstream(graph, version_ids)
+    plan_id = common_plan(graph, versions)
     rows = PlanStore(root).rows(plan_id)
     index = find_clip(rows, clip_id, plan_id) if clip_id is not None else int(clip_index or 0)
     if not 0 <= index < len(rows):

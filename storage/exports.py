@@ -39,6 +39,7 @@ from storage import layout
 from storage.episodes import EpisodeStore
 from storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
                         remove_temporaries, temp_name)
+from storage.graph import VersionGraph
 from storage.mapped import allow_files, map_file
 from storage.plans import PlanStore
 from storage.targets import TargetReader, TargetStore, verify_by_default
@@ -604,36 +605,27 @@ def complete_manifest(targets: TargetStore, version_id: str) -> TargetVersion:
     return targets.manifest(version_id)
 
 
-def plan_of(targets: TargetStore, plans: PlanStore, manifest: TargetVersion) -> str:
+def plan_of(graph: VersionGraph, manifest: TargetVersion) -> str:
     """The plan a version was computed over, following its inputs upstream (teacher -> video -> plan)."""
-    for value in manifest.recipe.inputs.values():
-        if _is_id(value) and plans.exists(value):
-            return value
-    for value in manifest.recipe.inputs.values():
-        if _is_id(value) and targets.status(value) is not None:
-            return plan_of(targets, plans, targets.manifest(value))
-    raise ValueError(f"target version '{manifest.id}': its inputs {manifest.recipe.inputs} name no plan")
+    found = graph.plan_of(manifest.id)
+    if found is None:
+        raise ValueError(f"target version '{manifest.id}': its inputs {manifest.recipe.input_ids()} name no plan")
+    return found
 
 
-def _is_id(value: str) -> bool:
-    try:
-        layout.check_id("input", value)
-    except ValueError:
-        return False
-    return True
-
-
-def check_no_mixing(manifests: dict[str, TargetVersion], targets: TargetStore) -> None:
+def check_no_mixing(manifests: dict[str, TargetVersion], graph: VersionGraph) -> None:
     """Refuse pinned versions computed from a different upstream version than one also pinned
     (e.g. teacher maps of video A read beside the one-step features of video B)."""
     pinned_by_kind: dict[str, set[str]] = {}
     for manifest in manifests.values():
         pinned_by_kind.setdefault(manifest.kind, set()).add(manifest.id)
     for manifest in manifests.values():
-        for name, upstream in manifest.recipe.inputs.items():
-            if not _is_id(upstream) or targets.status(upstream) is None:
+        for name, ref in graph.inputs(manifest.id):
+            upstream_kind = graph.stored_kind(ref.id) if ref.kind == "version" else None
+            if upstream_kind is None:
                 continue
-            others = pinned_by_kind.get(targets.manifest(upstream).kind, set()) - {upstream}
+            upstream = ref.id
+            others = pinned_by_kind.get(upstream_kind, set()) - {upstream}
             if others:
                 raise ValueError(f"target version '{manifest.id}' was computed from {name} '{upstream}', but "
                                  f"{sorted(others)} is pinned too; refusing to mix versions")
@@ -642,12 +634,12 @@ def check_no_mixing(manifests: dict[str, TargetVersion], targets: TargetStore) -
 def resolve_sources(root: Root | str, plan_id: str, targets_args: Sequence[str], fields: Sequence[str] | None,
                     action_column: str = "action", state_column: str = "state") -> dict[str, str]:
     """Field -> source ('<version>:<array>' or 'episode:<column>[:mask]') for an export or ZarrClips."""
-    targets, plans = TargetStore(root), PlanStore(root)
-    plan = plans.info(plan_id)
+    targets = TargetStore(root)
+    graph, plan = VersionGraph(targets), PlanStore(root).info(plan_id)
     manifests, sources = {}, {}
     for alias, version in map(parse_target_arg, targets_args):
         manifest = complete_manifest(targets, version)
-        found = plan_of(targets, plans, manifest)
+        found = plan_of(graph, manifest)
         if found != plan_id or manifest.num_clips != plan.num_clips:
             raise ValueError(f"target version '{version}' was computed over plan '{found}' "
                              f"({manifest.num_clips} clips), not plan '{plan_id}' ({plan.num_clips} clips)")
@@ -658,7 +650,7 @@ def resolve_sources(root: Root | str, plan_id: str, targets_args: Sequence[str],
                 raise ValueError(f"field '{field}' comes from both {sources[field]} and {version}:{array}; "
                                  "give one of them an alias (name=version)")
             sources[field] = f"{version}:{array}"
-    check_no_mixing(manifests, targets)
+    check_no_mixing(manifests, graph)
     sources.update(_episode_sources(EpisodeStore(root, plan.dataset), action_column, state_column))
     return _select(sources, fields)
 

@@ -1,8 +1,10 @@
-"""The on-disk tree of a data root, in one place (see DESIGN.md, Stores)."""
+"""The on-disk tree of a data root, in one place (see docs/ARCHITECTURE.md, Store layout)."""
 
 from __future__ import annotations
 
 import re
+
+from schemas.refs import Ref
 
 COMPLETE_MARKER = "_COMPLETE"
 DATASET_INFO = "dataset.json"
@@ -114,3 +116,30 @@ def eval_dir(eval_id: str) -> str:
 def eval_episode(eval_id: str, task: str, seed: int) -> str:
     """One finished episode's result: its presence is what makes an eval resumable."""
     return f"{eval_dir(eval_id)}/{EVAL_EPISODES}/{check_id('task', task)}/{int(seed)}.json"
+
+
+REF_FOLDERS = {"dataset": "datasets", "plan": "plans", "version": "targets", "export": "exports", "run": "runs",
+               "eval": "evals"}
+"""The top-level folder of each kind of stored thing a reference can name."""
+_REF_KINDS = {folder: kind for kind, folder in REF_FOLDERS.items()}
+
+
+def ref_path(ref: Ref) -> str:
+    """``<folder>/<id>`` of a stored thing ('plans/plan-...', 'targets/video-...'); a source as given."""
+    if ref.kind == "source":
+        return ref.id
+    if ref.kind not in REF_FOLDERS:
+        raise ValueError(f"{ref.kind} reference '{ref.id}' names nothing stored; it has no path")
+    return f"{REF_FOLDERS[ref.kind]}/{check_id(ref.kind, ref.id)}"
+
+
+def parse_ref_path(name: str) -> Ref:
+    """The reference a path names: '<folder>/<id>' by its folder, a bare id by its prefix (events written
+    before references were typed), anything else a source."""
+    folder, _, rest = name.rstrip("/").partition("/")
+    if rest and folder in _REF_KINDS and _SAFE_ID.match(rest):
+        return Ref(kind=_REF_KINDS[folder], id=rest)
+    if not rest and _SAFE_ID.match(folder):
+        inferred = Ref.infer(folder)
+        return inferred if inferred.kind != "value" else Ref(kind="source", id=folder)
+    return Ref(kind="source", id=name)

@@ -1,11 +1,19 @@
-"""OpenLineage-style run events appended to ``<root>/lineage.jsonl``."""
+"""OpenLineage-style run events appended to ``<root>/lineage.jsonl``.
+
+Every input and output of an event is a typed reference (schemas.refs.Ref) written as its store
+path (``plans/<id>``, ``targets/<id>``, ``exports/<id>``, ``runs/<id>``, ``datasets/<name>``,
+``evals/<id>``; a source outside the root as given): :func:`event_refs` reads them back, and also
+reads the bare ids that events written before references were typed hold.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
+from schemas.refs import Ref
 from storage import layout
 from storage.fs import Root, open_root
 from storage.provenance import now_iso
@@ -14,18 +22,21 @@ PRODUCER = "https://github.com/foresight/foresight"
 _LOCK = threading.Lock()
 
 
-def emit(root: Root | str | None, job: str, run_id: str, inputs: list[str], outputs: list[str],
+def emit(root: Root | str | None, job: str, run_id: str, inputs: Sequence[Ref], outputs: Sequence[Ref],
          facets: dict[str, Any] | None = None, event_type: str = "COMPLETE") -> dict[str, Any]:
-    """Append one run event naming its input and output ids (plans, versions, exports, runs)."""
+    """Append one run event naming what it read and what it made (datasets, plans, versions, exports, runs)."""
     root = open_root(root)
+    untyped = [item for item in [*inputs, *outputs] if not isinstance(item, Ref)]
+    if untyped:
+        raise TypeError(f"lineage event '{job}': inputs and outputs must be schemas.refs.Ref, got {untyped!r}")
     event = {
         "eventType": event_type,
         "eventTime": now_iso(),
         "producer": PRODUCER,
         "run": {"runId": run_id, "facets": facets or {}},
         "job": {"namespace": "foresight", "name": job},
-        "inputs": [{"namespace": root.url, "name": name} for name in inputs],
-        "outputs": [{"namespace": root.url, "name": name} for name in outputs],
+        "inputs": [{"namespace": root.url, "name": layout.ref_path(ref)} for ref in inputs],
+        "outputs": [{"namespace": root.url, "name": layout.ref_path(ref)} for ref in outputs],
     }
     line = (json.dumps(event, sort_keys=True, default=str) + "\n").encode()
     with _LOCK:
@@ -45,3 +56,8 @@ def events(root: Root | str | None) -> list[dict[str, Any]]:
     if not root.exists(layout.LINEAGE):
         return []
     return [json.loads(line) for line in root.read_bytes(layout.LINEAGE).decode().splitlines() if line.strip()]
+
+
+def event_refs(event: dict[str, Any], side: Literal["inputs", "outputs"]) -> list[Ref]:
+    """The references one side of an event names, typed from their paths (or bare ids)."""
+    return [layout.parse_ref_path(str(item.get("name", ""))) for item in event.get(side, [])]

@@ -16,30 +16,25 @@ A version also keeps its upstream versions (a teacher version keeps the video ve
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import Field
 
 from schemas.base import StrictModel
-from schemas.target import TargetKind
+from schemas import refs
+from schemas.refs import is_version_id
 from storage import layout, lineage
 from storage.exports import BUILD_INFO
 from storage.fs import Root, open_root
+from storage.graph import VersionGraph
 from storage.targets import TargetStore
 
 log = logging.getLogger(__name__)
 
-VERSION_ID = re.compile(rf"^({'|'.join(get_args(TargetKind))})-[0-9a-f]{{12}}$")
-"""A target version id: '<kind>-<12 hex>' (schemas.target.content_id)."""
 DEFAULT_MAX_AGE_S = 24 * 3600.0
 """A building version untouched for this long is abandoned (its builder died)."""
-
-
-def is_version_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(VERSION_ID.match(value))
 
 
 def strings_in(obj: Any) -> Iterator[str]:
@@ -113,19 +108,13 @@ def run_references(root: Root, export_ids: Iterable[str]) -> list[Reference]:
     return refs
 
 
-def _event_id(name: str) -> str:
-    """An event input/output name is an id or a relative path ending in one ('exports/<id>')."""
-    return name.rstrip("/").rsplit("/", 1)[-1]
-
-
 def lineage_references(root: Root, refs: dict[tuple[str, str], Reference]) -> None:
     """Add the input versions of lineage events whose outputs are a known export or run."""
     by_id = {ref.id: ref for ref in refs.values()}
     for event in lineage.events(root):
-        inputs = [_event_id(item.get("name", "")) for item in event.get("inputs", [])]
-        versions = {i for i in inputs if is_version_id(i)}
-        for item in event.get("outputs", []):
-            ref = by_id.get(_event_id(item.get("name", "")))
+        versions = {r.id for r in lineage.event_refs(event, "inputs") if r.kind == "version"}
+        for output in lineage.event_refs(event, "outputs"):
+            ref = by_id.get(output.id)
             if ref is None or not versions - set(ref.versions):
                 continue
             ref.versions = sorted(set(ref.versions) | versions)
@@ -147,21 +136,6 @@ def all_references(root: Root | str | None) -> list[Reference]:
     return list(refs.values())
 
 
-def upstream_closure(store: TargetStore, version_ids: Iterable[str]) -> set[str]:
-    """The given versions plus every version they were made from, recursively (missing ones included)."""
-    seen: set[str] = set()
-    pending = [v for v in version_ids if is_version_id(v)]
-    while pending:
-        version_id = pending.pop()
-        if version_id in seen:
-            continue
-        seen.add(version_id)
-        if store.status(version_id) is None:
-            continue
-        pending.extend(v for v in store.manifest(version_id).recipe.inputs.values() if is_version_id(v))
-    return seen
-
-
 class VersionUse(StrictModel):
     """An export or run that uses a version, directly or through a downstream version."""
 
@@ -173,11 +147,11 @@ class VersionUse(StrictModel):
 def users_of(store: TargetStore, version_id: str, refs: list[Reference] | None = None) -> list[VersionUse]:
     """Exports and runs that use ``version_id`` (directly or through versions made from it)."""
     refs = all_references(store.root) if refs is None else refs
-    uses = []
+    graph, uses = VersionGraph(store), []
     for ref in refs:
         if version_id in ref.versions:
             uses.append(VersionUse(kind=ref.kind, id=ref.id, direct=True))
-        elif version_id in upstream_closure(store, ref.versions):
+        elif version_id in graph.closure(ref.versions):
             uses.append(VersionUse(kind=ref.kind, id=ref.id, direct=False))
     return uses
 
@@ -237,8 +211,8 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
     """
     root = open_root(root)
     store, now = TargetStore(root), time.time() if now is None else now
-    refs = all_references(root)
-    referenced = upstream_closure(store, [v for r in refs for v in r.versions])
+    graph, refs = VersionGraph(store), all_references(root)
+    referenced = graph.closure(v for r in refs for v in r.versions)
     statuses = {name: store.status(name) or "orphan" for name in root.ls("targets") if not name.startswith(".")}
     active: set[str] = set()
     items: dict[str, GcItem] = {}
@@ -250,7 +224,7 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
                 active.add(version_id)
         items[version_id] = GcItem(version_id=version_id, status=status, age_s=age, reason="",
                                    bytes=root.du(layout.target_dir(version_id)))
-    needed_by_builds = upstream_closure(store, active) - active
+    needed_by_builds = graph.closure(active) - active
     exporting = exports_in_progress(root, max_age_s, now)
     return _decide(items, referenced, active, needed_by_builds, exporting, max_age_s)
 
@@ -308,6 +282,6 @@ def apply_gc(root: Root | str | None, plan: GcPlan, run_id: str) -> list[str]:
         removed.append(item.version_id)
         log.info("gc: removed %s (%s, %d bytes)", item.version_id, item.reason, item.bytes)
     if removed:
-        lineage.emit(root, "targets.gc", run_id, inputs=removed, outputs=[],
+        lineage.emit(root, "targets.gc", run_id, inputs=[*map(refs.version, removed)], outputs=[],
                      facets={"removed": [i.model_dump(mode="json") for i in plan.remove]})
     return removed

@@ -18,10 +18,12 @@ from pipelines.audit import DriftAccumulator, array_stats, flatten, record_diff,
 from schemas.dataset import DatasetInfo, EpisodeRecord
 from schemas.model import ModelIdentity
 from schemas.plan import ClipRow, PlanInfo
+from schemas import refs
 from schemas.target import ArraySpec, TargetRecipe, content_id
 from storage import audit, references
 from storage.episodes import EpisodeStore
 from storage.fs import Root
+from storage.graph import VersionGraph
 from storage.plans import PlanStore
 from storage.targets import TargetStore, shard_object
 
@@ -201,7 +203,7 @@ def test_lineage_notices_changed_dataset_and_events(world):
     add_episode(EpisodeStore(root, "demo"), "ep9", 6, np.random.default_rng(3))
     from storage.lineage import emit
 
-    emit(root, "teachers.dinov2", "run-1", inputs=[world["video"]], outputs=[world["teacher"]], facets={"x": 1})
+    emit(root, "teachers.dinov2", "run-1", inputs=[refs.version(world["video"])], outputs=[refs.version(world["teacher"])], facets={"x": 1})
     dataset = audit.lineage_tree(root, world["teacher"]).children[0].children[0].children[0]
     assert dataset.details["state"].startswith("changed since")
     events = audit.version_events(root, world["teacher"])
@@ -215,7 +217,7 @@ def test_references_are_transitive(world):
     store = TargetStore(root)
     uses = references.users_of(store, world["video"])
     assert [(u.kind, u.id, u.direct) for u in uses] == [("export", "export-aaaaaaaaaaaa", False)]
-    assert references.upstream_closure(store, [world["teacher"]]) == {world["teacher"], world["video"]}
+    assert VersionGraph(store).closure([world["teacher"]]) == {world["teacher"], world["video"]}
 
 
 def test_gc_keeps_referenced_and_removes_unreferenced(world):

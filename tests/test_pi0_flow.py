@@ -61,7 +61,7 @@ def test_flow_writes_a_complete_pi0_version(built):
     manifest = reader.manifest
     assert manifest.id.startswith("pi0-") and manifest.kind == "pi0" and manifest.num_shards == 3
     assert manifest.recipe.model.source == "tiny" and not manifest.recipe.model.is_real
-    assert manifest.recipe.params["attn_layers"] == [1, 2] and manifest.recipe.inputs["plan"] == PLAN
+    assert manifest.recipe.params["attn_layers"] == [1, 2] and manifest.recipe.input_ids()["plan"] == PLAN
     assert reader.verify() == []
     attn = reader.read("attn")
     assert attn.shape == (5, 2, 2, 50, pi0.prefix_length(pi0.tiny_config(), 1, 24))

@@ -65,7 +65,7 @@ def test_text_version(built):
     root, plan, text, _, _ = built
     reader = TargetStore(root).open(text.version)
     assert reader.manifest.status == "complete" and reader.verify() == []
-    assert reader.manifest.recipe.inputs == {"plan": plan.plan_id}
+    assert reader.manifest.recipe.input_ids() == {"plan": plan.plan_id}
     states = reader.read("embedding")
     assert states.shape == (4, 20, 16) and states.dtype == np.float32
     rows = PlanStore(root).rows(plan.plan_id)
@@ -83,7 +83,7 @@ def test_video_manifest_names_model_digest_and_every_parameter(built):
     assert model.config["unet"]["block_out_channels"] == [32, 32, 64, 64]
     assert set(manifest.recipe.params) == set(SVDParams.model_fields) | {"dtype"}
     assert manifest.recipe.params["steps"] == 1 and manifest.recipe.params["dtype"] == "fp32"
-    assert manifest.recipe.inputs == {"plan": plan.plan_id, "text": text.version}
+    assert manifest.recipe.input_ids() == {"plan": plan.plan_id, "text": text.version}
     assert manifest.num_shards == 2 and set(manifest.shards) == {"0", "1"}
     assert "clips_per_hour" in manifest.timings
     assert TargetStore(root).open(video.version).verify() == []

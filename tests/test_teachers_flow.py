@@ -99,7 +99,7 @@ def test_flow_writes_target_and_reference(world, dinov2_version):
     assert summary.status == "complete" and summary.clips == N and summary.frames == N * T
     reader = TargetStore(root).open(summary.version)
     manifest = reader.manifest
-    assert manifest.kind == "teacher" and manifest.recipe.inputs == {"video": video}
+    assert manifest.kind == "teacher" and manifest.recipe.input_ids() == {"video": video}
     assert manifest.recipe.model.source == "tiny" and manifest.recipe.params["teacher"] == "dinov2"
     assert manifest.num_shards == 3 and reader.verify() == []
     target, reference = reader.read("target"), reader.read("reference")

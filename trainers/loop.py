@@ -250,10 +250,12 @@ def _interval_metrics(trainer: Trainer, pending: list[tuple[torch.Tensor, torch.
 
 def _emit_lineage(spec: RunSpec, step: int, status: str, metrics: dict[str, Any]) -> None:
     """A lineage event: this run (output) was trained on this export and these versions (inputs)."""
+    from schemas import refs
     from storage import lineage
 
-    inputs = ([spec.export_id] if spec.export_id else []) + sorted(set(spec.target_versions.values()))
-    lineage.emit(spec.root, f"train.{spec.kind}", spec.run_id, inputs=inputs, outputs=[spec.run_id],
+    inputs = [refs.export(spec.export_id)] if spec.export_id else []
+    inputs += map(refs.version, sorted(set(spec.target_versions.values())))
+    lineage.emit(spec.root, f"train.{spec.kind}", spec.run_id, inputs=inputs, outputs=[refs.run(spec.run_id)],
                  facets={"step": step, "status": status, "metrics": metrics})
 
 

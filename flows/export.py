@@ -178,7 +178,8 @@ def build_export(root_url: str, config: ExportConfig, write_shards: Callable[[st
                     lambda free: write_shards(export_id, free), what=f"export '{export_id}'")
     index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started},
                            verified_inputs=verify_by_default())
-    lineage.emit(root_url, "export", str(uuid.uuid4()), inputs=[refs.plan(config.plan), *map(refs.version, index.version_ids)],
+    lineage.emit(root_url, "export", str(uuid.uuid4()),
+                 inputs=[refs.plan(config.plan), *map(refs.version, index.version_ids)],
                  outputs=[refs.export(export_id)], facets={"codec": recipe.codec, "samples": index.num_samples})
     return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
                         num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=False)

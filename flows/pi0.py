@@ -244,8 +244,8 @@ def build_version(root_url: str, config: Pi0TargetsConfig, run_shards: ShardRunn
     clips = sum(r.clips for r in results)
     manifest = writer.finalize(timings={"pi0_targets_s": seconds,
                                         "samples_per_s": clips / seconds if seconds > 0 else 0.0})
-    lineage.emit(root_url, "pi0-targets", str(uuid.uuid4()), inputs=[refs.plan(config.plan)], outputs=[refs.version(manifest.id)],
-                 facets={"model": config.model, "clips": clips})
+    lineage.emit(root_url, "pi0-targets", str(uuid.uuid4()), inputs=[refs.plan(config.plan)],
+                 outputs=[refs.version(manifest.id)], facets={"model": config.model, "clips": clips})
     return {"version": manifest.id, "status": manifest.status, "clips": clips, "seconds": seconds}
 
 

@@ -126,7 +126,8 @@ def teachers_flow(root_url: str, config: TeachersConfig) -> TeachersSummary:
     clips, frames = sum(r.clips for r in results), sum(r.frames for r in results)
     fps = frames / seconds if seconds > 0 else 0.0
     manifest = writer.finalize(timings={"seconds": round(seconds, 3), "frames_per_s": round(fps, 2)})
-    lineage.emit(root_url, "teachers", str(uuid.uuid4()), inputs=[refs.version(config.video)], outputs=[refs.version(version_id)],
+    lineage.emit(root_url, "teachers", str(uuid.uuid4()), inputs=[refs.version(config.video)],
+                 outputs=[refs.version(version_id)],
                  facets={"config": config.model_dump(mode="json"), "model": teacher.identity.model_dump(mode="json")})
     return TeachersSummary(version=version_id, status=manifest.status, skipped=False,
                            shards_written=sum(len(r.shards_written) for r in results), clips=clips, frames=frames,

@@ -25,15 +25,17 @@ import os
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BeforeValidator, Field, PlainSerializer
 
 from pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
 from schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
 from schemas.dataset import ColumnStats
 from schemas.plan import ClipRow
+from schemas.refs import is_version_id
 from schemas.target import TargetVersion, content_id
 from storage import layout
 from storage.episodes import EpisodeStore
@@ -52,6 +54,76 @@ BUILD_INFO = "_build.json"
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 ZERO_BLOCK = bytes(TAR_BLOCK)
+EPISODE_PREFIX = "episode:"
+MASK_SUFFIX = ":mask"
+
+
+@dataclass(frozen=True)
+class FieldSource:
+    """Where one field of every sample comes from: an array of a target version, or a low-dim column of
+    the episode store (``mask``: the column's validity mask over the action chunk).
+
+    Stored as '<target version>:<array>' or 'episode:<column>[:mask]' (the form export ids were hashed
+    with); :meth:`parse` is the one reader of that form.
+    """
+
+    version: str | None
+    name: str
+    mask: bool = False
+
+    @classmethod
+    def target(cls, version: str, array: str) -> FieldSource:
+        return cls(version=version, name=array)
+
+    @classmethod
+    def episode(cls, column: str, mask: bool = False) -> FieldSource:
+        return cls(version=None, name=column, mask=mask)
+
+    @classmethod
+    def parse(cls, text: Any) -> FieldSource:
+        """The source a stored string names; ValueError quoting it when it is neither form."""
+        if isinstance(text, FieldSource):
+            return text
+        if isinstance(text, str) and text.startswith(EPISODE_PREFIX):
+            column = text[len(EPISODE_PREFIX):]
+            mask = column.endswith(MASK_SUFFIX)
+            column = column[:-len(MASK_SUFFIX)] if mask else column
+            if column and ":" not in column:
+                return cls.episode(column, mask)
+        elif isinstance(text, str):
+            version, _, array = text.partition(":")
+            if is_version_id(version) and array and ":" not in array:
+                return cls.target(version, array)
+        raise ValueError(f"field source {text!r}: expected '<target version>:<array>' or 'episode:<column>[:mask]'")
+
+    @property
+    def is_episode(self) -> bool:
+        return self.version is None
+
+    def __str__(self) -> str:
+        if self.version is None:
+            return f"{EPISODE_PREFIX}{self.name}{MASK_SUFFIX if self.mask else ''}"
+        return f"{self.version}:{self.name}"
+
+
+def _parse_sources(value: Any) -> Any:
+    """Field -> FieldSource of a stored sources dict; the error names the field."""
+    if not isinstance(value, dict):
+        return value
+    parsed = {}
+    for field, text in value.items():
+        try:
+            parsed[field] = FieldSource.parse(text)
+        except ValueError as err:
+            raise ValueError(f"field '{field}': {err}") from None
+    return parsed
+
+
+FieldSources = Annotated[dict[str, FieldSource], BeforeValidator(_parse_sources),
+                         PlainSerializer(lambda sources: {f: str(s) for f, s in sources.items()},
+                                         return_type=dict[str, str])]
+"""Field -> source: typed in memory, stored and hashed as strings (see :class:`FieldSource`)."""
+StoredFieldSource = Annotated[FieldSource, BeforeValidator(FieldSource.parse), PlainSerializer(str, return_type=str)]
 
 
 class ExportRecipe(StrictModel):
@@ -59,7 +131,7 @@ class ExportRecipe(StrictModel):
 
     plan_id: str = Field(description="Clip plan the samples come from (plan order).")
     split: str | None = Field(description="Only clips of episodes of this split; None = every clip.")
-    sources: dict[str, str] = Field(description="Field -> '<target version>:<array>' or 'episode:<column>'.")
+    sources: FieldSources = Field(description="Field -> '<target version>:<array>' or 'episode:<column>[:mask]'.")
     codec: Literal["f16", "bf16", "fp8"] = Field(description="Codec of floating-point target fields.")
     shard_bytes: int = Field(description="Target size of one tar shard in bytes.")
     action_chunk: int = Field(description="Action rows per sample (frames start .. start+chunk-1).")
@@ -72,7 +144,7 @@ class ExportRecipe(StrictModel):
 class ExportField(StrictModel):
     """One field of every sample."""
 
-    source: str = Field(description="'<target version>:<array>' or 'episode:<column>'.")
+    source: StoredFieldSource = Field(description="'<target version>:<array>' or 'episode:<column>[:mask]'.")
     version: str | None = Field(description="Target version id the field comes from (None: episode store).")
     codec: str = Field(description="'raw', 'f16', 'bf16' or 'fp8' (see pipelines/export.py).")
     dtype: str = Field(description="dtype of the decoded array (before a reader's float_dtype).")
@@ -586,9 +658,6 @@ def _read_into(handle: Any, buffer: np.ndarray | bytearray) -> int:
 
 
 # sources: which field comes from which version ------------------------------------------------
-EPISODE_PREFIX = "episode:"
-
-
 def parse_target_arg(text: str) -> tuple[str | None, str]:
     """'version' or 'alias=version' -> (alias, version)."""
     alias, _, version = text.strip().rpartition("=")
@@ -632,8 +701,8 @@ def check_no_mixing(manifests: dict[str, TargetVersion], graph: VersionGraph) ->
 
 
 def resolve_sources(root: Root | str, plan_id: str, targets_args: Sequence[str], fields: Sequence[str] | None,
-                    action_column: str = "action", state_column: str = "state") -> dict[str, str]:
-    """Field -> source ('<version>:<array>' or 'episode:<column>[:mask]') for an export or ZarrClips."""
+                    action_column: str = "action", state_column: str = "state") -> dict[str, FieldSource]:
+    """Field -> source (an array of a pinned version, or an episode column) for an export or ZarrClips."""
     targets = TargetStore(root)
     graph, plan = VersionGraph(targets), PlanStore(root).info(plan_id)
     manifests, sources = {}, {}
@@ -646,27 +715,28 @@ def resolve_sources(root: Root | str, plan_id: str, targets_args: Sequence[str],
         manifests[version] = manifest
         names = target_field_names(manifest.kind, manifest.recipe.stage, [a.name for a in manifest.arrays], alias)
         for array, field in names.items():
+            source = FieldSource.target(version, array)
             if field in sources:
-                raise ValueError(f"field '{field}' comes from both {sources[field]} and {version}:{array}; "
+                raise ValueError(f"field '{field}' comes from both {sources[field]} and {source}; "
                                  "give one of them an alias (name=version)")
-            sources[field] = f"{version}:{array}"
+            sources[field] = source
     check_no_mixing(manifests, graph)
     sources.update(_episode_sources(EpisodeStore(root, plan.dataset), action_column, state_column))
     return _select(sources, fields)
 
 
-def _episode_sources(episodes: EpisodeStore, action_column: str, state_column: str) -> dict[str, str]:
+def _episode_sources(episodes: EpisodeStore, action_column: str, state_column: str) -> dict[str, FieldSource]:
     features = episodes.info().features
     sources = {}
     if action_column in features:
-        sources["actions"] = f"{EPISODE_PREFIX}{action_column}"
-        sources["actions_mask"] = f"{EPISODE_PREFIX}{action_column}:mask"
+        sources["actions"] = FieldSource.episode(action_column)
+        sources["actions_mask"] = FieldSource.episode(action_column, mask=True)
     if state_column in features:
-        sources["state"] = f"{EPISODE_PREFIX}{state_column}"
+        sources["state"] = FieldSource.episode(state_column)
     return sources
 
 
-def _select(sources: dict[str, str], fields: Sequence[str] | None) -> dict[str, str]:
+def _select(sources: dict[str, FieldSource], fields: Sequence[str] | None) -> dict[str, FieldSource]:
     if fields is None:
         return sources
     wanted = list(fields) + (["actions_mask"] if "actions" in fields and "actions_mask" not in fields else [])
@@ -693,7 +763,7 @@ class ClipSource:
     What the export stage writes into shards and what ZarrClips serves by random access.
     """
 
-    def __init__(self, root: Root | str, plan_id: str, sources: dict[str, str], action_chunk_len: int,
+    def __init__(self, root: Root | str, plan_id: str, sources: dict[str, FieldSource], action_chunk_len: int,
                  verify: bool | None = None):
         self.root = open_root(root)
         self.plan_id, self.sources, self.action_chunk_len = plan_id, dict(sources), action_chunk_len
@@ -701,20 +771,20 @@ class ClipSource:
         targets = TargetStore(self.root)
         self.readers: dict[str, TargetReader] = {}
         for source in self.target_sources().values():
-            version = source.split(":", 1)[0]
-            if version not in self.readers:
-                self.readers[version] = TargetReader(targets, complete_manifest(targets, version), verify)
+            if source.version not in self.readers:
+                self.readers[source.version] = TargetReader(targets, complete_manifest(targets, source.version),
+                                                            verify)
         self._episodes: dict[str, EpisodeStore] = {}
         self._columns: dict[tuple[str, str, str], np.ndarray] = {}
         self._splits: dict[tuple[str, str], str] = {}
 
-    def target_sources(self) -> dict[str, str]:
-        return {f: s for f, s in self.sources.items() if not s.startswith(EPISODE_PREFIX)}
+    def target_sources(self) -> dict[str, FieldSource]:
+        return {f: s for f, s in self.sources.items() if not s.is_episode}
 
     @property
     def versions(self) -> dict[str, str]:
         """Field -> target version id."""
-        return {f: s.split(":", 1)[0] for f, s in self.target_sources().items()}
+        return {f: s.version for f, s in self.target_sources().items()}
 
     def _store(self, dataset: str) -> EpisodeStore:
         if dataset not in self._episodes:
@@ -747,10 +817,9 @@ class ClipSource:
         """Field arrays of each clip in ``clips`` (target arrays read in one selection per array)."""
         samples: list[dict[str, np.ndarray]] = [{} for _ in clips]
         for field, source in self.target_sources().items():
-            version, array = source.split(":", 1)
             # Slices of consecutive clips: zarr's basic selection is ~20x faster than an index list.
             values = [row for begin, end in contiguous_runs(clips)
-                      for row in self.readers[version].read(array, slice(begin, end))]
+                      for row in self.readers[source.version].read(source.name, slice(begin, end))]
             for sample, value in zip(samples, values, strict=True):
                 sample[field] = np.asarray(value)
         for sample, clip in zip(samples, clips, strict=True):
@@ -760,10 +829,9 @@ class ClipSource:
     def _episode_fields(self, clip: int) -> dict[str, np.ndarray]:
         row, fields = self.rows[clip], {}
         for field, source in self.sources.items():
-            if not source.startswith(EPISODE_PREFIX) or field == "actions_mask":
+            if not source.is_episode or field == "actions_mask":
                 continue
-            column = source[len(EPISODE_PREFIX):].split(":")[0]
-            values = self.column(row.dataset, row.episode_id, column)
+            values = self.column(row.dataset, row.episode_id, source.name)
             if field == "actions":
                 fields["actions"], mask = action_chunk(values, row.start, self.action_chunk_len)
                 if "actions_mask" in self.sources:
@@ -776,20 +844,18 @@ class ClipSource:
         """ExportField of every field (decoded dtype and per-sample shape)."""
         specs = {}
         for field, source in self.sources.items():
-            if source.startswith(EPISODE_PREFIX):
+            if source.is_episode:
                 specs[field] = self._episode_spec(field, source)
                 continue
-            version, array = source.split(":", 1)
-            spec = self.readers[version].manifest.array_spec(array)
+            spec = self.readers[source.version].manifest.array_spec(source.name)
             field_codec = "raw" if field in raw_fields or np.dtype(spec.dtype).kind != "f" else codec
-            specs[field] = ExportField(source=source, version=version, codec=field_codec,
+            specs[field] = ExportField(source=source, version=source.version, codec=field_codec,
                                        dtype=decoded_dtype(spec.dtype, field_codec), shape=spec.shape[1:])
         return specs
 
-    def _episode_spec(self, field: str, source: str) -> ExportField:
+    def _episode_spec(self, field: str, source: FieldSource) -> ExportField:
         row = self.rows[0]
-        column = source[len(EPISODE_PREFIX):].split(":")[0]
-        width = int(np.prod(self.column(row.dataset, row.episode_id, column).shape[1:]))
+        width = int(np.prod(self.column(row.dataset, row.episode_id, source.name).shape[1:]))
         shape = {"actions": [self.action_chunk_len, width], "actions_mask": [self.action_chunk_len]}.get(field, [width])
         dtype = "bool" if field == "actions_mask" else "float32"
         return ExportField(source=source, version=None, codec="raw", dtype=dtype, shape=shape)
@@ -801,7 +867,7 @@ class ClipSource:
         for field in ("actions", "state"):
             if field not in self.sources:
                 continue
-            column = self.sources[field][len(EPISODE_PREFIX):].split(":")[0]
+            column = self.sources[field].name
             blocks = [self.column(dataset, episode, column) for dataset, episode in episodes]
             values = np.concatenate([block.reshape(len(block), -1) for block in blocks])
             stats[field] = ColumnStats(**column_stats(values))

@@ -203,7 +203,8 @@ def test_lineage_notices_changed_dataset_and_events(world):
     add_episode(EpisodeStore(root, "demo"), "ep9", 6, np.random.default_rng(3))
     from storage.lineage import emit
 
-    emit(root, "teachers.dinov2", "run-1", inputs=[refs.version(world["video"])], outputs=[refs.version(world["teacher"])], facets={"x": 1})
+    emit(root, "teachers.dinov2", "run-1", inputs=[refs.version(world["video"])],
+         outputs=[refs.version(world["teacher"])], facets={"x": 1})
     dataset = audit.lineage_tree(root, world["teacher"]).children[0].children[0].children[0]
     assert dataset.details["state"].startswith("changed since")
     events = audit.version_events(root, world["teacher"])

@@ -14,7 +14,7 @@ from schemas.base import canonical_json, validate_stored
 from schemas.refs import Ref
 from schemas.target import TargetRecipe, TargetVersion
 from storage import audit, layout, lineage, references
-from storage.exports import check_no_mixing, plan_of
+from storage.exports import ExportStore, FieldSource, check_no_mixing, plan_of
 from storage.fs import Root
 from storage.graph import VersionGraph
 from storage.targets import TargetStore
@@ -133,3 +133,27 @@ def test_pinning_two_videos_beside_a_teacher_of_one_is_refused(chain):
     video = tree.children[0]
     assert (video.type, video.role) == ("version", "video")
     assert sorted((c.type, c.role) for c in video.children) == [("plan", "plan"), ("version", "text")]
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("teacher-0123456789ab:target", FieldSource.target("teacher-0123456789ab", "target")),
+    ("episode:action", FieldSource.episode("action")),
+    ("episode:action:mask", FieldSource.episode("action", mask=True)),
+])
+def test_field_sources_parse_once_and_serialize_to_the_same_text(text, parsed):
+    assert FieldSource.parse(text) == parsed and str(parsed) == text
+
+
+@pytest.mark.parametrize("bad", ["teacher-0123456789ab", "episode:", "p:target", "video-0123456789ab:a:b", 7])
+def test_a_bad_field_source_is_one_line_naming_the_export_and_field(tmp_path: Path, bad):
+    root = Root(tmp_path)
+    recipe = {"plan_id": "plan-0123456789ab", "split": None, "sources": {"dino": bad}, "codec": "f16",
+              "shard_bytes": 1000, "action_chunk": 4}
+    root.write_json_atomic("exports/export-0123456789ab/index.json", {
+        "format_version": 1, "export_id": "export-0123456789ab", "recipe": recipe, "plan_id": recipe["plan_id"],
+        "dataset": "demo", "versions": {}, "fields": {}, "num_samples": 0, "total_bytes": 0, "shards": []})
+    with pytest.raises(ValueError) as caught:
+        ExportStore(root).index("export-0123456789ab")
+    message = str(caught.value)
+    assert "\n" not in message and "exports/export-0123456789ab/index.json" in message
+    assert f"field 'dino': field source {bad!r}: expected '<target version>:<array>'" in message

@@ -41,7 +41,8 @@ def test_report_links_existing_images_relatively(tmp_path):
     world = build_world(tmp_path)
     root = Root(world["root"])
     write_export(root, "export-eeeeeeeeeeee", {"dinov2.target": world["teacher"]})
-    emit(root, "teachers.dinov2", "run-7", inputs=[refs.version(world["video"])], outputs=[refs.version(world["teacher"])], facets={"model": "tiny"})
+    emit(root, "teachers.dinov2", "run-7", inputs=[refs.version(world["video"])],
+         outputs=[refs.version(world["teacher"])], facets={"model": "tiny"})
     out = tmp_path / "site" / "report.html"
     result = CliRunner().invoke(app, ["report", world["teacher"], "--out", str(out), "--clips", "2", "--verify",
                                       "--root", world["root"]])

@@ -45,7 +45,7 @@ from pipelines.ingest.calvin import CalvinOptions
 from pipelines.ingest.lerobot import LeRobotOptions
 from pipelines.ingest.teleop import TeleopOptions
 from schemas.base import StrictModel, validate
-from schemas.refs import Ref
+from schemas import refs
 from storage import lineage
 from storage.fs import default_root, open_root
 from storage.layout import check_id
@@ -298,7 +298,7 @@ def pipeline_flow(config: PipelineConfig, root_url: str | None = None) -> Pipeli
         run_chain(ChainRun(summary, make_runner), root_url, config)
     summary.seconds = round(time.perf_counter() - started, 3)
     lineage.emit(root_url, "pipeline", str(uuid.uuid4()), inputs=[refs.dataset(config.dataset)],
-                 outputs=[Ref.infer(row.output) for row in summary.stages if row.stage != "ingest"],
+                 outputs=[refs.Ref.infer(row.output) for row in summary.stages if row.stage != "ingest"],
                  facets={"pipeline": config.name, "stages": [row.model_dump() for row in summary.stages]})
     return summary
 

@@ -57,7 +57,7 @@ class EvalStore:
 
     def ids(self) -> list[str]:
         """Every eval id with an eval.json, sorted."""
-        return [name for name in self.root.ls("evals") if self.exists(name)]
+        return [name for name in self.root.ls(layout.EVALS) if layout.is_safe_id(name) and self.exists(name)]
 
     def records(self) -> Iterator[EvalRecord]:
         for eval_id in self.ids():

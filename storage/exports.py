@@ -50,7 +50,6 @@ from storage.provenance import git_commit, host, now_iso, package_versions
 log = logging.getLogger(__name__)
 EXPORT_STAGE_VERSION = 2
 """Bumped by hand when the tar layout or a codec changes what bytes an export holds."""
-BUILD_INFO = "_build.json"
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 ZERO_BLOCK = bytes(TAR_BLOCK)
@@ -361,10 +360,10 @@ class ExportStore:
 
     def ids(self) -> list[str]:
         """Ids of complete exports (those with an index.json)."""
-        return [n for n in self.root.ls("exports") if self.exists(n)]
+        return [n for n in self.root.ls(layout.EXPORTS) if layout.is_safe_id(n) and self.exists(n)]
 
     def exists(self, export_id: str) -> bool:
-        return self.root.exists(layout.export_dir(export_id), layout.EXPORT_INDEX)
+        return self.root.exists(layout.export_file(export_id, layout.EXPORT_INDEX))
 
     def url(self, export_id: str, name: str = "") -> str:
         """URL of the export folder or of one file in it (what stock webdataset opens)."""
@@ -372,7 +371,7 @@ class ExportStore:
 
     def index(self, export_id: str) -> ExportIndex:
         """index.json of a complete export, format-checked and validated."""
-        rel = f"{layout.export_dir(export_id)}/{layout.EXPORT_INDEX}"
+        rel = layout.export_file(export_id, layout.EXPORT_INDEX)
         if not self.root.exists(rel):
             raise ValueError(f"export '{export_id}': no {layout.EXPORT_INDEX} under {self.root.url} "
                              "(not exported, or still building)")
@@ -390,14 +389,14 @@ class ExportStore:
         """Record the build plan of a new export (or keep the one of an interrupted build)."""
         if self.exists(build.export_id):
             raise ValueError(f"export '{build.export_id}' is complete and immutable")
-        rel = f"{layout.export_dir(build.export_id)}/{BUILD_INFO}"
+        rel = layout.export_file(build.export_id, layout.EXPORT_BUILD)
         if self.root.exists(rel) and self.build_info(build.export_id) != build:
             raise ValueError(f"export '{build.export_id}': an interrupted build with another shard plan "
                              f"exists ({self.root.url_of(rel)}); delete the folder to start over")
         self.root.write_json_atomic(rel, build.model_dump(mode="json"))
 
     def build_info(self, export_id: str) -> ExportBuild:
-        rel = f"{layout.export_dir(export_id)}/{BUILD_INFO}"
+        rel = layout.export_file(export_id, layout.EXPORT_BUILD)
         if not self.root.exists(rel):
             raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}")
         return validate(ExportBuild, self.root.read_json(rel), self.root.url_of(rel))
@@ -419,13 +418,10 @@ class ExportStore:
 
     def record_shard(self, export_id: str, index: int, shard: ExportShard) -> None:
         """Mark a renamed shard finished (after the rename, so a marker implies a complete tar)."""
-        self.root.write_json_atomic(self._done_rel(export_id, index), shard.model_dump(mode="json"))
-
-    def _done_rel(self, export_id: str, index: int) -> str:
-        return f"{layout.export_dir(export_id)}/{layout.DONE_DIR}/{index}.json"
+        self.root.write_json_atomic(layout.export_done(export_id, index), shard.model_dump(mode="json"))
 
     def done_shard(self, export_id: str, index: int) -> ExportShard | None:
-        rel = self._done_rel(export_id, index)
+        rel = layout.export_done(export_id, index)
         return validate(ExportShard, self.root.read_json(rel), self.root.url_of(rel)) if self.root.exists(rel) else None
 
     def pending_shards(self, export_id: str) -> list[int]:
@@ -448,8 +444,8 @@ class ExportStore:
                 return self.index(export_id)
             raise
         folder = layout.export_dir(export_id)
-        self.root.write_json_atomic(f"{folder}/{layout.EXPORT_INDEX}", index.model_dump(mode="json"))
-        for leftover in (layout.DONE_DIR, BUILD_INFO, layout.CLAIMS_DIR):
+        self.root.write_json_atomic(layout.export_file(export_id, layout.EXPORT_INDEX), index.model_dump(mode="json"))
+        for leftover in (layout.DONE_DIR, layout.EXPORT_BUILD, layout.CLAIMS_DIR):
             with contextlib.suppress(FileNotFoundError, OSError):  # a concurrent finalizer removes them too
                 self.root.rm(folder, leftover)
         remove_temporaries(self.root, folder, only_dead=True)
@@ -466,7 +462,7 @@ class ExportStore:
         for planned, shard in zip(build.shard_clips, shards, strict=True):
             if shard is None:
                 raise FileNotFoundError(f"export '{export_id}': a shard record vanished while finalizing")
-            if shard.clips != planned or self.root.size(layout.export_dir(export_id), shard.name) != shard.bytes:
+            if shard.clips != planned or self.root.size(layout.export_file(export_id, shard.name)) != shard.bytes:
                 raise ValueError(f"export '{export_id}', {shard.name}: stored shard does not match its plan")
         return ExportIndex(
             export_id=export_id, recipe=build.recipe, plan_id=build.recipe.plan_id, dataset=build.dataset,
@@ -482,7 +478,7 @@ class ExportStore:
     # reading -----------------------------------------------------------------------------------
     def open_shard(self, export_id: str, name: str):
         """A binary file object over one shard (any fsspec filesystem)."""
-        return self.root.open(f"{layout.export_dir(export_id)}/{name}", "rb")
+        return self.root.open(layout.export_file(export_id, name), "rb")
 
     def read_samples(self, index: ExportIndex, shard_position: int, first: int, stop: int,
                      verify: bool | None = None,
@@ -563,7 +559,7 @@ class ExportStore:
         index = self.index(export_id)
         problems = []
         for shard in index.shards:
-            rel = f"{layout.export_dir(export_id)}/{shard.name}"
+            rel = layout.export_file(export_id, shard.name)
             if not self.root.exists(rel):
                 problems.append(f"export '{export_id}': {shard.name} is missing ({self.root.url_of(rel)})")
             elif self.root.sha256(rel) != shard.sha256:

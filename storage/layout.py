@@ -22,6 +22,15 @@ DONE_DIR = "_done"
 CLAIMS_DIR = "_claims"
 LINEAGE = "lineage.jsonl"
 EXPORT_INDEX = "index.json"
+EXPORT_BUILD = "_build.json"
+
+DATASETS = "datasets"
+PLANS = "plans"
+TARGETS = "targets"
+EXPORTS = "exports"
+RUNS = "runs"
+EVALS = "evals"
+"""The top-level folders of a root, one per kind of stored thing."""
 
 FRAME_SHARD = 64
 """Frames per zarr shard of an episode camera array: bounded memory while streaming long episodes."""
@@ -31,13 +40,18 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 def check_id(kind: str, value: str) -> str:
     """Ids become folder names and webdataset keys: letters, digits, '-' and '_' only."""
-    if not _SAFE_ID.match(value):
+    if not is_safe_id(value):
         raise ValueError(f"{kind} id {value!r}: only letters, digits, '-' and '_' are allowed")
     return value
 
 
+def is_safe_id(value: str) -> bool:
+    """True for a name foresight could have written as an id (not '.staging', not a temporary)."""
+    return bool(_SAFE_ID.match(value))
+
+
 def dataset_dir(name: str) -> str:
-    return f"datasets/{check_id('dataset', name)}"
+    return f"{DATASETS}/{check_id('dataset', name)}"
 
 
 def episodes_dir(dataset: str) -> str:
@@ -49,22 +63,45 @@ def episode_dir(dataset: str, episode_id: str) -> str:
 
 
 def plan_dir(plan_id: str) -> str:
-    return f"plans/{check_id('plan', plan_id)}"
+    return f"{PLANS}/{check_id('plan', plan_id)}"
+
+
+def plan_file(plan_id: str, name: str) -> str:
+    """A file of a plan: PLAN_INFO or PLAN_CLIPS."""
+    return f"{plan_dir(plan_id)}/{name}"
 
 
 def target_dir(version_id: str) -> str:
-    return f"targets/{check_id('target version', version_id)}"
+    return f"{TARGETS}/{check_id('target version', version_id)}"
+
+
+def target_manifest(version_id: str) -> str:
+    return f"{target_dir(version_id)}/{MANIFEST}"
 
 
 def target_array(version_id: str, array: str) -> str:
     return f"{target_dir(version_id)}/{array}.zarr"
 
 
+def target_done(version_id: str, shard_index: int) -> str:
+    """The marker of a finished shard of a building version."""
+    return f"{target_dir(version_id)}/{DONE_DIR}/{int(shard_index)}"
+
+
 def export_dir(export_id: str) -> str:
-    return f"exports/{check_id('export', export_id)}"
+    return f"{EXPORTS}/{check_id('export', export_id)}"
 
 
-RUNS = "runs"
+def export_file(export_id: str, name: str) -> str:
+    """A file of an export: EXPORT_INDEX, EXPORT_BUILD or a shard."""
+    return f"{export_dir(export_id)}/{name}"
+
+
+def export_done(export_id: str, shard_index: int) -> str:
+    """The record of a finished shard of a building export."""
+    return f"{export_dir(export_id)}/{DONE_DIR}/{int(shard_index)}.json"
+
+
 RUN_RECORD = "run.json"
 RUN_METRICS = "metrics.jsonl"
 STEP_PREFIX = "step-"
@@ -110,7 +147,7 @@ EVAL_VIDEOS = "videos"
 
 
 def eval_dir(eval_id: str) -> str:
-    return f"evals/{check_id('eval', eval_id)}"
+    return f"{EVALS}/{check_id('eval', eval_id)}"
 
 
 def eval_episode(eval_id: str, task: str, seed: int) -> str:
@@ -118,8 +155,7 @@ def eval_episode(eval_id: str, task: str, seed: int) -> str:
     return f"{eval_dir(eval_id)}/{EVAL_EPISODES}/{check_id('task', task)}/{int(seed)}.json"
 
 
-REF_FOLDERS = {"dataset": "datasets", "plan": "plans", "version": "targets", "export": "exports", "run": "runs",
-               "eval": "evals"}
+REF_FOLDERS = {"dataset": DATASETS, "plan": PLANS, "version": TARGETS, "export": EXPORTS, "run": RUNS, "eval": EVALS}
 """The top-level folder of each kind of stored thing a reference can name."""
 _REF_KINDS = {folder: kind for kind, folder in REF_FOLDERS.items()}
 
@@ -137,9 +173,9 @@ def parse_ref_path(name: str) -> Ref:
     """The reference a path names: '<folder>/<id>' by its folder, a bare id by its prefix (events written
     before references were typed), anything else a source."""
     folder, _, rest = name.rstrip("/").partition("/")
-    if rest and folder in _REF_KINDS and _SAFE_ID.match(rest):
+    if rest and folder in _REF_KINDS and is_safe_id(rest):
         return Ref(kind=_REF_KINDS[folder], id=rest)
-    if not rest and _SAFE_ID.match(folder):
+    if not rest and is_safe_id(folder):
         inferred = Ref.infer(folder)
         return inferred if inferred.kind != "value" else Ref(kind="source", id=folder)
     return Ref(kind="source", id=name)

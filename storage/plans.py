@@ -17,10 +17,10 @@ class PlanStore:
         self.root = open_root(root)
 
     def ids(self) -> list[str]:
-        return [n for n in self.root.ls("plans") if self.exists(n)]
+        return [n for n in self.root.ls(layout.PLANS) if layout.is_safe_id(n) and self.exists(n)]
 
     def exists(self, plan_id: str) -> bool:
-        return self.root.exists(layout.plan_dir(plan_id), layout.PLAN_INFO)
+        return self.root.exists(layout.plan_file(plan_id, layout.PLAN_INFO))
 
     def write(self, info: PlanInfo, rows: list[ClipRow]) -> PlanInfo:
         """Publish a plan: clips.parquet first, then plan.json (with the clips checksum)."""
@@ -28,14 +28,13 @@ class PlanStore:
             raise ValueError(f"plan '{info.plan_id}': {len(rows)} rows but num_clips={info.num_clips}")
         columns = {name: [getattr(r, name) for r in rows] for name in CLIPS_SCHEMA.names}
         data = parquet_bytes(pa.Table.from_pydict(columns, schema=CLIPS_SCHEMA))
-        pdir = layout.plan_dir(info.plan_id)
-        self.root.write_bytes_atomic(f"{pdir}/{layout.PLAN_CLIPS}", data)
+        self.root.write_bytes_atomic(layout.plan_file(info.plan_id, layout.PLAN_CLIPS), data)
         info = info.model_copy(update={"clips_sha256": sha256_bytes(data)})
-        self.root.write_json_atomic(f"{pdir}/{layout.PLAN_INFO}", info.model_dump(mode="json"))
+        self.root.write_json_atomic(layout.plan_file(info.plan_id, layout.PLAN_INFO), info.model_dump(mode="json"))
         return info
 
     def info(self, plan_id: str) -> PlanInfo:
-        rel = f"{layout.plan_dir(plan_id)}/{layout.PLAN_INFO}"
+        rel = layout.plan_file(plan_id, layout.PLAN_INFO)
         if not self.root.exists(rel):
             raise ValueError(f"plan '{plan_id}': not found under {self.root.url}")
         return validate_stored(PlanInfo, self.root.read_json(rel), self.root.url_of(rel))
@@ -43,11 +42,11 @@ class PlanStore:
     def rows(self, plan_id: str) -> list[ClipRow]:
         """Clip rows in plan order (the order of every target array built over this plan)."""
         self.info(plan_id)
-        table = read_parquet(self.root, f"{layout.plan_dir(plan_id)}/{layout.PLAN_CLIPS}")
+        table = read_parquet(self.root, layout.plan_file(plan_id, layout.PLAN_CLIPS))
         return [ClipRow(**row) for row in table.to_pylist()]
 
     def verify(self, plan_id: str) -> list[str]:
         """Compare clips.parquet with the checksum recorded in plan.json."""
         info = self.info(plan_id)
-        actual = self.root.sha256(layout.plan_dir(plan_id), layout.PLAN_CLIPS)
+        actual = self.root.sha256(layout.plan_file(plan_id, layout.PLAN_CLIPS))
         return [] if actual == info.clips_sha256 else [f"plan '{plan_id}': clips.parquet checksum mismatch"]

@@ -26,7 +26,6 @@ from schemas.base import StrictModel
 from schemas import refs
 from schemas.refs import is_version_id
 from storage import layout, lineage
-from storage.exports import BUILD_INFO
 from storage.fs import Root, open_root
 from storage.graph import VersionGraph
 from storage.targets import TargetStore
@@ -72,11 +71,11 @@ def _read_json(root: Root, rel: str) -> Any | None:
 def export_references(root: Root) -> list[Reference]:
     """Every export and the version ids it names: index.json when complete, _build.json while building."""
     refs = []
-    for export_id in root.ls("exports"):
-        names = [n for n in (layout.EXPORT_INDEX, BUILD_INFO) if root.exists("exports", export_id, n)]
-        if export_id.startswith(".") or not names:
+    for export_id in filter(layout.is_safe_id, root.ls(layout.EXPORTS)):
+        names = [n for n in (layout.EXPORT_INDEX, layout.EXPORT_BUILD) if root.exists(layout.export_file(export_id, n))]
+        if not names:
             continue
-        rel = f"exports/{export_id}/{names[0]}"
+        rel = layout.export_file(export_id, names[0])
         versions = sorted({s for s in strings_in(_read_json(root, rel)) if is_version_id(s)})
         refs.append(Reference(kind="export", id=export_id, versions=versions, sources=[rel]))
     return refs
@@ -213,7 +212,7 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
     store, now = TargetStore(root), time.time() if now is None else now
     graph, refs = VersionGraph(store), all_references(root)
     referenced = graph.closure(v for r in refs for v in r.versions)
-    statuses = {name: store.status(name) or "orphan" for name in root.ls("targets") if not name.startswith(".")}
+    statuses = {name: store.status(name) or "orphan" for name in root.ls(layout.TARGETS) if layout.is_safe_id(name)}
     active: set[str] = set()
     items: dict[str, GcItem] = {}
     for version_id, status in statuses.items():
@@ -233,9 +232,9 @@ def exports_in_progress(root: Root, max_age_s: float, now: float) -> list[str]:
     """Export folders with neither index.json nor _build.json touched within ``max_age_s``: which versions
     they pack is unknown until one lands, so while one exists no complete version is collected."""
     busy = []
-    for export_id in root.ls("exports"):
-        rel = f"exports/{export_id}"
-        if root.exists(rel, layout.EXPORT_INDEX) or root.exists(rel, BUILD_INFO):
+    for export_id in filter(layout.is_safe_id, root.ls(layout.EXPORTS)):
+        rel = layout.export_dir(export_id)
+        if root.exists(rel, layout.EXPORT_INDEX) or root.exists(rel, layout.EXPORT_BUILD):
             continue
         stamp = last_modified(root, rel)
         if stamp is None:  # an empty folder: its own time
@@ -277,7 +276,7 @@ def apply_gc(root: Root | str | None, plan: GcPlan, run_id: str) -> list[str]:
     removed = []
     for item in plan.remove:
         target = layout.target_dir(item.version_id)
-        root.rm(f"{target}/{layout.MANIFEST}")
+        root.rm(layout.target_manifest(item.version_id))
         root.rm(target)
         removed.append(item.version_id)
         log.info("gc: removed %s (%s, %d bytes)", item.version_id, item.reason, item.bytes)

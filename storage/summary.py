@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from storage import layout
 from storage.episodes import EpisodeStore
 from storage.fs import Root
 from storage.plans import PlanStore
@@ -37,7 +38,7 @@ def dataset_summary(root: Root, name: str) -> dict[str, Any]:
 
 def root_summary(root: Root) -> dict[str, Any]:
     """Datasets, plans and target versions under a root."""
-    datasets = [dataset_summary(root, name) for name in root.ls("datasets")
+    datasets = [dataset_summary(root, name) for name in root.ls(layout.DATASETS)
                 if EpisodeStore(root, name).exists()]
     plans = PlanStore(root)
     plan_rows = [{"plan": pid, "dataset": plans.info(pid).dataset, "clips": plans.info(pid).num_clips}
@@ -53,5 +54,5 @@ def root_summary(root: Root) -> dict[str, Any]:
         model = manifest.recipe.model
         versions.append({"version": vid, "status": manifest.status, "clips": manifest.num_clips,
                          "model": f"{model.family}:{model.spec}" if model else "-"})
-    exports = [name for name in root.ls("exports") if not name.startswith(".")]
+    exports = [name for name in root.ls(layout.EXPORTS) if layout.is_safe_id(name)]
     return {"root": root.url, "datasets": datasets, "plans": plan_rows, "targets": versions, "exports": exports}

@@ -12,6 +12,7 @@ import numpy as np
 import zarr
 
 from schemas.base import validate_stored
+from schemas.refs import Ref
 from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
 from storage.claims import claim_shard
@@ -42,17 +43,18 @@ class TargetStore:
 
     def ids(self, kind: str | None = None) -> list[str]:
         """Version ids that have a manifest (building or complete), optionally of one kind."""
-        names = [n for n in self.root.ls("targets") if self.root.exists(layout.target_dir(n), layout.MANIFEST)]
-        return [n for n in names if kind is None or n.startswith(f"{kind}-")]
+        names = [n for n in self.root.ls(layout.TARGETS)
+                 if layout.is_safe_id(n) and self.root.exists(layout.target_manifest(n))]
+        return [n for n in names if kind is None or Ref.infer(n).target_kind == kind]
 
     def status(self, version_id: str) -> str | None:
         """None when absent, else the manifest's status ('building' or 'complete')."""
-        if not self.root.exists(layout.target_dir(version_id), layout.MANIFEST):
+        if not self.root.exists(layout.target_manifest(version_id)):
             return None
         return self.manifest(version_id).status
 
     def manifest(self, version_id: str) -> TargetVersion:
-        rel = f"{layout.target_dir(version_id)}/{layout.MANIFEST}"
+        rel = layout.target_manifest(version_id)
         if not self.root.exists(rel):
             raise ValueError(f"target version '{version_id}': not found under {self.root.url}")
         data = self.root.read_json(rel)
@@ -62,7 +64,7 @@ class TargetStore:
         return manifest
 
     def write_manifest(self, manifest: TargetVersion) -> None:
-        self.root.write_json_atomic(f"{layout.target_dir(manifest.id)}/{layout.MANIFEST}",
+        self.root.write_json_atomic(layout.target_manifest(manifest.id),
                                     manifest.model_dump(mode="json"))
 
     def begin(self, recipe: TargetRecipe, arrays: Sequence[ArraySpec], num_clips: int,
@@ -187,7 +189,7 @@ class TargetWriter(_VersionHandle):
         return range(start, min(start + self.manifest.shard_size, self.manifest.num_clips))
 
     def done_path(self, shard_index: int) -> str:
-        return f"{layout.target_dir(self.version_id)}/{layout.DONE_DIR}/{shard_index}"
+        return layout.target_done(self.version_id, shard_index)
 
     def is_done(self, shard_index: int) -> bool:
         return self.root.exists(self.done_path(shard_index))

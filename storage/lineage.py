@@ -22,13 +22,14 @@ PRODUCER = "https://github.com/foresight/foresight"
 _LOCK = threading.Lock()
 
 
-def emit(root: Root | str | None, job: str, run_id: str, inputs: Sequence[Ref], outputs: Sequence[Ref],
+def emit(root: Root | str | None, job: str, run_id: str, inputs: Sequence[Ref | str], outputs: Sequence[Ref | str],
          facets: dict[str, Any] | None = None, event_type: str = "COMPLETE") -> dict[str, Any]:
-    """Append one run event naming what it read and what it made (datasets, plans, versions, exports, runs)."""
+    """Append one run event naming what it read and what it made (datasets, plans, versions, exports, runs).
+
+    Each is a typed reference, or the store path of one (``layout.target_dir(id)``); a bare id is refused.
+    """
     root = open_root(root)
-    untyped = [item for item in [*inputs, *outputs] if not isinstance(item, Ref)]
-    if untyped:
-        raise TypeError(f"lineage event '{job}': inputs and outputs must be schemas.refs.Ref, got {untyped!r}")
+    inputs, outputs = [_typed(job, item) for item in inputs], [_typed(job, item) for item in outputs]
     event = {
         "eventType": event_type,
         "eventTime": now_iso(),
@@ -48,6 +49,17 @@ def emit(root: Root | str | None, job: str, run_id: str, inputs: Sequence[Ref], 
             old = root.read_bytes(layout.LINEAGE) if root.exists(layout.LINEAGE) else b""
             root.write_bytes_atomic(layout.LINEAGE, old + line)
     return event
+
+
+def _typed(job: str, item: Ref | str) -> Ref:
+    """A reference, or a store path naming one ('targets/<id>', as storage.layout builds them)."""
+    if isinstance(item, Ref):
+        return item
+    parsed = layout.parse_ref_path(item) if isinstance(item, str) and "/" in item else None
+    if parsed is None or parsed.kind == "source":
+        raise TypeError(f"lineage event '{job}': {item!r} is neither a schemas.refs.Ref nor a store path "
+                        "('plans/<id>', 'targets/<id>', ...)")
+    return parsed
 
 
 def events(root: Root | str | None) -> list[dict[str, Any]]:

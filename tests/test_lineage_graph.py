@@ -75,15 +75,17 @@ def test_store_paths_round_trip_and_bare_ids_still_read():
         layout.ref_path(Ref(kind="value", id="x"))
 
 
-def test_events_name_typed_paths_and_refuse_bare_strings(tmp_path: Path):
+def test_events_name_typed_paths_and_refuse_bare_ids(tmp_path: Path):
     root = Root(tmp_path)
     lineage.emit(root, "teachers", "r1", inputs=[refs.version("video-0123456789ab")],
                  outputs=[refs.version("teacher-0123456789ab")])
     event = lineage.events(root)[0]
     assert [i["name"] for i in event["inputs"]] == ["targets/video-0123456789ab"]
     assert lineage.event_refs(event, "outputs") == [refs.version("teacher-0123456789ab")]
-    with pytest.raises(TypeError, match="lineage event 'text': inputs and outputs must be schemas.refs.Ref"):
-        lineage.emit(root, "text", "r2", inputs=["plans/plan-0123456789ab"], outputs=[])
+    lineage.emit(root, "text", "r2", inputs=["plans/plan-0123456789ab"], outputs=[layout.target_dir("text-0123456789ab")])
+    assert lineage.event_refs(lineage.events(root)[1], "inputs") == [refs.plan("plan-0123456789ab")]
+    with pytest.raises(TypeError, match="lineage event 'text': 'plan-0123456789ab' is neither a schemas.refs.Ref"):
+        lineage.emit(root, "text", "r3", inputs=["plan-0123456789ab"], outputs=[])
 
 
 @pytest.fixture()

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PAPER_MS = {"total": 307.6, "backbone": 231.0, "decouplers": 40.1, "action_expert": 36.5}
-"""S-VAM's real-robot forward on an RTX 3090 (REFERENCE.md)."""
+"""S-VAM's real-robot forward on an RTX 3090 (docs/REFERENCE.md, S-VAM / VPP model settings)."""
 
 
 def build_svam_policy(size: str, device: str, svd_dtype: str):

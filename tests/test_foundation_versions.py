@@ -1,4 +1,5 @@
-"""Version ids follow DESIGN.md: the same recipe gives the same id; any keyed change a new one."""
+"""Version ids follow docs/ARCHITECTURE.md, Version rules: the same recipe gives the same id; any keyed change
+a new one."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Train the S-VAM action expert: aggregator + diffusion policy over frozen decouplers' predictions.
 
 Per clip the perception input is concat[one-step features | prediction of decoupler 1 | ...] per
-token (REFERENCE.md: one-step 2560 | DINOv2 768 | DA3 2048 = 5376 channels), built on the fly by the
-frozen decoupler runs named in the config, each fed its teacher's reference map. The policy is
-conditioned on those tokens and the clip's text embedding and predicts the export's action chunk
-(normalised with the export's action statistics, which are stored with the model). The held-out
+token (docs/REFERENCE.md, S-VAM / VPP model settings: one-step 2560 | DINOv2 768 | DA3 2048 = 5376
+channels), built on the fly by the frozen decoupler runs named in the config, each fed its teacher's
+reference map. The policy is conditioned on those tokens and the clip's text embedding and predicts the
+export's action chunk (normalised with the export's action statistics, which are stored with the model). The held-out
 evaluation samples chunks with the policy's sampler and reports their MSE to the recorded actions.
 
 ``arch`` picks the release's ``Video_Former_3D`` + ``GCDenoiser`` (default; ``--init`` may start it

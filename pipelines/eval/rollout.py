@@ -1,6 +1,6 @@
 """The closed-loop rollout: one MetaWorld v3 env per episode, chunks executed open-loop, success flag.
 
-Settings (REFERENCE.md, MetaWorld v3): ``gym.make("Meta-World/MT1", env_name=..., seed=s)`` (goal
+Settings (docs/REFERENCE.md, MetaWorld v3): ``gym.make("Meta-World/MT1", env_name=..., seed=s)`` (goal
 observable, the scripted experts read the goal from obs[-3:]), action Box(-1, 1, (4,)) (chunks are
 clipped to it), success only in ``info["success"]`` (an episode succeeds at its first successful
 step and stops there), at most ``max_path_length`` = 500 steps (stepping past raises). Corner camera

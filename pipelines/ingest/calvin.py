@@ -1,6 +1,6 @@
 """CALVIN reader: per-frame ``episode_XXXXXXX.npz`` files grouped by ``ep_start_end_ids.npy``.
 
-Layout of one split folder (``training/`` or ``validation/``), see REFERENCE.md:
+Layout of one split folder (``training/`` or ``validation/``), see docs/REFERENCE.md, CALVIN:
 ``episode_{id:07d}.npz`` per frame with global ids (the debug set starts at 358482),
 ``ep_start_end_ids.npy`` (N, 2) inclusive, ``scene_info.npy`` and
 ``<lang_folder>/auto_lang_ann.npy`` (pickled dicts, read through the restricted unpickler),

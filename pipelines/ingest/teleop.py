@@ -1,6 +1,6 @@
 """Teleoperation HDF5 reader (ALOHA, Mobile ALOHA, AgileX Cobot Magic): one ``episode_{idx}.hdf5`` per episode.
 
-File layout (REFERENCE.md): attrs ``sim`` and ``compress`` (absent in the original ALOHA: False);
+File layout (docs/REFERENCE.md, Teleop HDF5): attrs ``sim`` and ``compress`` (absent in the original ALOHA: False);
 ``/observations/{qpos,qvel,effort}``, ``/action``, ``/base_action``; images under
 ``/observations/images/<cam>``, either raw (T, H, W, 3) uint8 or JPEG bytes (T, padded_len)
 zero-padded with ``/compress_len`` (n_cams, T); optional ``/observations/images_depth/<cam>`` uint16.

@@ -17,7 +17,8 @@ _DENOISER = "S-VAM-Code policy_models/edm_diffusion/score_wrappers.py GCDenoiser
 _DECODER = "S-VAM-Code policy_models/module/diffusion_decoder.py DiffusionTransformer"
 _TRAIN_YAML = "S-VAM-Code policy_conf/VPP_Calvinabc_train.yaml"
 _EVAL_YAML = "S-VAM-Code policy_conf/calvin_evaluate_all_our.yaml (written into the model by calvin_evaluate_our.py)"
-_PAPER = "S-VAM (arXiv 2603.16195) implementation details (REFERENCE.md, action expert)"
+_PAPER = ("S-VAM (arXiv 2603.16195) implementation details "
+          "(docs/REFERENCE.md, S-VAM / VPP model settings: action expert)")
 
 _ARCH: dict[str, Sourced] = {
     "arch": Sourced("release", f"{_FORMER}; {_DENOISER}"),

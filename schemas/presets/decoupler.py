@@ -14,7 +14,7 @@ _MODEL = "S-VAM-Code hidden2dino/model_spail_tem_attention.py (HiddenToDinoModel
 _DINO_RUN = ("S-VAM-Code hidden2dino/runs_calvin_new_st_model-hidden1024-layers4-head8/run_20260321_202023/"
              "model_config_resolved.yaml")
 _DPA_RUN = "S-VAM-Code hidden2dpa/runs_da3_calvin_st_ref_large/run_20260323_220858/model_config_resolved.yaml"
-_PAPER = "S-VAM (arXiv 2603.16195) implementation details (REFERENCE.md, decoupler)"
+_PAPER = "S-VAM (arXiv 2603.16195) implementation details (docs/REFERENCE.md, S-VAM / VPP model settings: decoupler)"
 
 _RECIPE: dict[str, Sourced] = {
     "arch": Sourced("release", f"{_MODEL}: no positional embeddings"),

@@ -15,7 +15,7 @@ from schemas.presets import Sourced
 EXTRACT_PY = "S-VAM-Code policy_models/module/diffusion_extract.py"
 CALVIN_YAML = "S-VAM-Code policy_conf/VPP_Calvinabc_train.yaml"
 FIXTURE = "tests/reference/svam_tiny/SPEC.md"
-VPP_GEN = "VPP sampler (shared/REFERENCE.md, S-VAM / VPP model settings)"
+VPP_GEN = "VPP sampler (docs/REFERENCE.md, S-VAM / VPP model settings)"
 
 
 def _generation(position_encoding: Sourced) -> dict[str, Sourced]:

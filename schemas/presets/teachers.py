@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from schemas.presets import Sourced
 
-REFERENCE = "shared/REFERENCE.md (teacher preprocessing)"
+REFERENCE = "docs/REFERENCE.md (S-VAM / VPP model settings: teacher preprocessing)"
 SVAM_SPEC = "tests/reference/svam_tiny/SPEC.md"
 DA3_SPEC = "tests/reference/da3_tiny/SPEC.md"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

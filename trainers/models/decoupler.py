@@ -1,4 +1,5 @@
-"""The S-VAM decoupler: one-step SVD features -> one teacher's feature maps (REFERENCE.md, S-VAM).
+"""The S-VAM decoupler: one-step SVD features -> one teacher's feature maps (docs/REFERENCE.md,
+S-VAM / VPP model settings).
 
 The release's spatio-temporal decoupler (S-VAM-Code ``hidden2dino/model_spail_tem_attention.py``,
 ``HiddenToDinoModelWithRef``; ``hidden2dpa/...`` ``HiddenToDA3ModelWithRef``) with its parameter

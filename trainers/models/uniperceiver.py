@@ -1,4 +1,5 @@
-"""Uni-Perceiver: aggregates per-frame token maps into a fixed set of latent tokens (REFERENCE.md, S-VAM).
+"""Uni-Perceiver: aggregates per-frame token maps into a fixed set of latent tokens (docs/REFERENCE.md,
+S-VAM / VPP model settings).
 
 Per-token input concat[one-step | semantic prediction | geometric prediction] -> MLP (C -> 768 -> 384)
 + a learned per-frame embedding. ``queries_per_frame`` learned latents per frame (14 x 16 = 224) pass

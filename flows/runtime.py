@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from schemas.base import StrictModel
+from storage import layout
 from storage.fs import Root, open_root
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ GPU_RESOURCE = "GPU"
 DASK_ADDRESS_ENV = "FORESIGHT_DASK_ADDRESS"
 DEBUG_ENV = "FORESIGHT_DEBUG"
 """Set by ``foresight --debug``: Prefect's and Dask's logs and tracebacks reach the terminal too."""
-LOGS_DIR = "logs"
+LOGS_DIR = layout.LOGS
 """Folder under the data root holding one ``<flow-run>.log`` per flow run that logged anything."""
 ENGINE_LOGGERS = ("prefect", "distributed", "dask")
 """Loggers whose records (Prefect's and Dask's engine chatter and tracebacks) go to the run's log only."""

@@ -31,6 +31,8 @@ EXPORTS = "exports"
 RUNS = "runs"
 EVALS = "evals"
 """The top-level folders of a root, one per kind of stored thing."""
+LOGS = "logs"
+"""``logs/<flow-run>.log``: the log and traceback of each flow run that logged."""
 
 FRAME_SHARD = 64
 """Frames per zarr shard of an episode camera array: bounded memory while streaming long episodes."""

@@ -23,8 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from schemas.base import StrictModel
-from schemas import refs
-from schemas.refs import is_version_id
+from schemas.refs import is_version_id, version as version_ref
 from storage import layout, lineage
 from storage.fs import Root, open_root
 from storage.graph import VersionGraph
@@ -281,6 +280,6 @@ def apply_gc(root: Root | str | None, plan: GcPlan, run_id: str) -> list[str]:
         removed.append(item.version_id)
         log.info("gc: removed %s (%s, %d bytes)", item.version_id, item.reason, item.bytes)
     if removed:
-        lineage.emit(root, "targets.gc", run_id, inputs=[*map(refs.version, removed)], outputs=[],
+        lineage.emit(root, "targets.gc", run_id, inputs=[*map(version_ref, removed)], outputs=[],
                      facets={"removed": [i.model_dump(mode="json") for i in plan.remove]})
     return removed

@@ -228,3 +228,5 @@ class ExportConfig(StrictModel):
     state_column: str = Field(default="state", description="Episode low-dim column holding the state.")
     read_batch: int = Field(default=4, ge=1, description="Clips read per zarr selection.")
     workers: int = Field(default=1, ge=1, description="Shards written in parallel.")
+    allow_null: bool = Field(default=False, description="Export versions made by the `null` model (simulation "
+                                                        "only: bench/bench_scale.py); refused otherwise.")

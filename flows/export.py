@@ -55,7 +55,7 @@ def export_recipe(root_url: str, config: ExportConfig) -> ExportRecipe:
     if not config.targets:
         raise ValueError("export: no target versions given (--targets is empty); name at least one version id")
     sources = resolve_sources(root_url, config.plan, config.targets, config.fields, config.action_column,
-                              config.state_column)
+                              config.state_column, allow_null=config.allow_null)
     return ExportRecipe(plan_id=config.plan, split=config.split, sources=sources, codec=config.codec,
                         shard_bytes=parse_size(config.shard_size), action_chunk=config.action_chunk)
 

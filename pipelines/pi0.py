@@ -139,6 +139,10 @@ def load_pi0(spec: str, device: str = "cpu", dtype: str = "float32", tiny_layers
     """
     parsed = ModelSpec.parse(spec)
     torch_dtype = _torch_dtype(dtype)
+    if parsed.source == "null":
+        from pipelines.null_models import null_pi0
+
+        return null_pi0(tiny_layers, family)
     if parsed.source in ("hf", "dir"):
         return _load_checkpoint(spec, parsed, device, torch_dtype)
     _, model_class = family_classes(family)
@@ -596,6 +600,8 @@ def compute_targets(model: Any, samples: dict[str, np.ndarray], sample_ids: list
     pairs = [fixed_pairs(version_id, sample_id, params.pairs) for sample_id in sample_ids]
     t_BK = np.stack([p[0] for p in pairs])
     seeds_BK = np.stack([p[1] for p in pairs])
+    if getattr(model, "is_null", False):
+        return null_targets(model, samples, t_BK, seeds_BK, params)
     dtype = next(model.parameters()).dtype
     batch = make_batch(samples, model.config, device, dtype)
     noise_BKAD = noise_from_seeds(seeds_BK.reshape(-1), params.chunk_size, params.max_dim)
@@ -607,6 +613,21 @@ def compute_targets(model: Any, samples: dict[str, np.ndarray], sample_ids: list
         arrays["attn"] = attn.cpu().numpy().astype(params.attn_dtype)
         # Per sample, so an export of this version says which teacher layers "attn" holds.
         arrays["attn_layers"] = np.tile(np.asarray(params.attn_layers, dtype=np.int16), (len(sample_ids), 1))
+    return arrays
+
+
+def null_targets(model: Any, samples: dict[str, np.ndarray], t_BK: np.ndarray, seeds_BK: np.ndarray,
+                 params: Pi0TargetParams) -> dict[str, np.ndarray]:
+    """What :func:`compute_targets` stores, from the null model (pipelines/null_models.py)."""
+    from pipelines.null_models import null_pi0_outputs
+
+    prefix_len = prefix_length(model.config, len(params.cameras), params.max_text_tokens)
+    velocity, attn = null_pi0_outputs(seeds_BK, params.chunk_size, params.max_dim, params.attn_layers, prefix_len,
+                                      params.attn_dtype)
+    arrays = {**samples, "t": t_BK, "noise_seed": seeds_BK, "velocity": velocity}
+    if attn is not None:
+        arrays["attn"] = attn
+        arrays["attn_layers"] = np.tile(np.asarray(params.attn_layers, dtype=np.int16), (len(seeds_BK), 1))
     return arrays
 
 

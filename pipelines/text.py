@@ -104,6 +104,10 @@ def _load_real(spec: ModelSpec) -> tuple[CLIPTokenizer, CLIPTextModel, ModelIden
 def load_text_model(spec: str | ModelSpec, device: str | torch.device = "cpu", seed: int = DEFAULT_SEED) -> TextModel:
     """Load the CLIP text encoder named by ``spec`` (float32, eval mode) onto ``device``."""
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.source == "null":
+        from pipelines.null_models import null_text_model
+
+        return null_text_model(device)
     if spec.source in ("random", "tiny"):
         tokenizer, encoder, identity = _build_random(spec.source, seed)
     else:
@@ -132,6 +136,10 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], max_length: int = MAX_L
 @torch.no_grad()
 def embed_texts(model: TextModel, texts: list[str], max_length: int = MAX_LENGTH, batch: int = 64) -> np.ndarray:
     """``last_hidden_state`` of each text, padded/truncated to ``max_length`` tokens: (N, L, D) float32."""
+    if model.identity.is_null:
+        from pipelines.null_models import null_text_states
+
+        return null_text_states(texts, max_length, model.width)
     out = []
     for first in range(0, len(texts), batch):
         tokens = {key: value.to(model.device)

@@ -203,6 +203,9 @@ class ExportIndex(StrictModel):
     timings: dict[str, float] = Field(default_factory=dict)
     verified_inputs: bool = Field(default=True, description="False when the target versions were read with "
                                                             "--no-verify while exporting.")
+    null_versions: list[str] = Field(default_factory=list, description="Versions made by the `null` model that "
+                                     "the export was made from (simulation only; trainers refuse them unless "
+                                     "allowed).")
 
     @property
     def version_ids(self) -> list[str]:
@@ -470,7 +473,7 @@ class ExportStore:
             fields=build.fields, num_samples=sum(s.samples for s in shards),
             total_bytes=sum(s.bytes for s in shards), shards=shards, stats=build.stats, created=now_iso(),
             git_commit=git_commit(), host=host(), packages=package_versions(), timings=timings or {},
-            verified_inputs=verified_inputs)
+            verified_inputs=verified_inputs, null_versions=null_made(self.root, build.fields))
 
     def delete(self, export_id: str) -> None:
         self.root.rm(layout.export_dir(export_id))
@@ -696,14 +699,46 @@ def check_no_mixing(manifests: dict[str, TargetVersion], graph: VersionGraph) ->
                                  f"{sorted(others)} is pinned too; refusing to mix versions")
 
 
+def null_source(targets: TargetStore, manifest: TargetVersion) -> str | None:
+    """The id of the ``null``-model version that ``manifest`` is or was computed from (following
+    its inputs upstream), None when none was."""
+    if manifest.recipe.model is not None and manifest.recipe.model.is_null:
+        return manifest.id
+    for value in manifest.recipe.inputs.values():
+        if isinstance(value, str) and is_version_id(value) and targets.status(value) is not None:
+            found = null_source(targets, targets.manifest(value))
+            if found is not None:
+                return found
+    return None
+
+
+def check_not_null(targets: TargetStore, manifest: TargetVersion, allow_null: bool) -> None:
+    """Refuse a version made by (or from the output of) the null model unless ``allow_null``."""
+    found = None if allow_null else null_source(targets, manifest)
+    if found is not None:
+        via = "" if found == manifest.id else f" (computed from '{found}')"
+        raise ValueError(f"target version '{manifest.id}'{via}: made by the null model, a simulation, not targets; "
+                         "pass --allow-null (allow_null=True) to read it anyway")
+
+
+def null_made(root: Root, fields: dict[str, "ExportField"]) -> list[str]:
+    """Sorted ids of the export's target versions that are or come from null-model versions."""
+    targets = TargetStore(root)
+    versions = sorted({spec.version for spec in fields.values() if spec.version})
+    return [v for v in versions if targets.status(v) is not None and null_source(targets, targets.manifest(v))]
+
+
 def resolve_sources(root: Root | str, plan_id: str, targets_args: Sequence[str], fields: Sequence[str] | None,
-                    action_column: str = "action", state_column: str = "state") -> dict[str, FieldSource]:
-    """Field -> source (an array of a pinned version, or an episode column) for an export or ZarrClips."""
+                    action_column: str = "action", state_column: str = "state",
+                    allow_null: bool = False) -> dict[str, FieldSource]:
+    """Field -> source (an array of a pinned version, or an episode column) for an export or ZarrClips;
+    versions made by the null model are refused unless ``allow_null``."""
     targets = TargetStore(root)
     graph, plan = VersionGraph(targets), PlanStore(root).info(plan_id)
     manifests, sources = {}, {}
     for alias, version in map(parse_target_arg, targets_args):
         manifest = complete_manifest(targets, version)
+        check_not_null(targets, manifest, allow_null)
         found = plan_of(graph, manifest)
         if found != plan_id or manifest.num_clips != plan.num_clips:
             raise ValueError(f"target version '{version}' was computed over plan '{found}' "

@@ -16,7 +16,8 @@ from schemas.refs import Ref
 from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
 from storage.claims import claim_shard
-from storage.fs import FAST_HASH, Root, fast_digest, open_root, remove_temporaries
+from storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse_json, read_many, remove_dead_temporaries_under,
+                        remove_temporaries)
 from storage.provenance import git_commit, host, now_iso, package_versions
 from storage.zarr_shards import ShardCodec, shard_codec
 
@@ -203,12 +204,9 @@ class TargetWriter(_VersionHandle):
 
     def _sweep_temporaries(self) -> None:
         """At completion, remove what writers that have exited left anywhere in the version (a
-        temporary of a live writer, or of another machine, is left alone: its claim handles it)."""
-        folders = {shard_object(self.manifest, spec.name, i).rsplit("/", 1)[0]
-                   for spec in self.manifest.arrays for i in range(self.num_shards)}
-        base = layout.target_dir(self.version_id)
-        for folder in sorted(folders | {base, f"{base}/{layout.DONE_DIR}"}):
-            remove_temporaries(self.root, folder, only_dead=True)
+        temporary of a live writer, or of another machine, is left alone: its claim handles it),
+        from one recursive listing of the version."""
+        remove_dead_temporaries_under(self.root, layout.target_dir(self.version_id))
 
     def pending_shards(self) -> list[int]:
         done = set(self.root.ls(layout.target_dir(self.version_id), layout.DONE_DIR))
@@ -260,10 +258,13 @@ class TargetWriter(_VersionHandle):
 
     def read_done(self, shard_index: int) -> tuple[dict[str, str], dict[str, str]]:
         """(sha256, xxh3) per array recorded in one shard's ``_done`` marker (xxh3 {} for old markers)."""
-        marker = self.root.read_json(self.done_path(shard_index))
-        if isinstance(marker, dict) and isinstance(marker.get("sha256"), dict):
-            return dict(marker["sha256"]), dict(marker.get(FAST_HASH) or {})
-        return dict(marker), {}  # written before xxh3 was recorded: {array: sha256}
+        return _done_sums(self.root.read_json(self.done_path(shard_index)))
+
+    def read_all_done(self) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+        """:meth:`read_done` of every shard, fetched together (concurrent GETs on an object store)."""
+        rels = {i: self.done_path(i) for i in range(self.num_shards)}
+        data = read_many(self.root, list(rels.values()))
+        return {str(i): _done_sums(parse_json(data[rel], self.root.url_of(rel))) for i, rel in rels.items()}
 
     def remove_stale_temporaries(self, shard_index: int) -> list[str]:
         """Delete temporaries a dead writer left in this shard's object folders (call while holding
@@ -286,7 +287,7 @@ class TargetWriter(_VersionHandle):
         pending = self.pending_shards()
         if pending:
             raise ValueError(f"target version '{self.version_id}': shards {pending} are not written yet")
-        done = {str(i): self.read_done(i) for i in range(self.num_shards)}
+        done = self.read_all_done()
         self._sweep_temporaries()
         current.shards = {i: sums for i, (sums, _) in done.items()}
         current.shard_xxh3 = {i: fast for i, (_, fast) in done.items() if fast}
@@ -296,6 +297,12 @@ class TargetWriter(_VersionHandle):
         self.manifest = current
         log.info("target version %s complete (%d clips, %d shards)", current.id, current.num_clips, len(done))
         return current
+
+
+def _done_sums(marker: object) -> tuple[dict[str, str], dict[str, str]]:
+    if isinstance(marker, dict) and isinstance(marker.get("sha256"), dict):
+        return dict(marker["sha256"]), dict(marker.get(FAST_HASH) or {})
+    return dict(marker), {}  # written before xxh3 was recorded: {array: sha256}
 
 
 class TargetReader(_VersionHandle):

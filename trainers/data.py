@@ -192,10 +192,14 @@ class ShardStream(IterableDataset):
     def __init__(self, root: Root | str | None, export_id: str, versions: Sequence[str] | Mapping[str, str],
                  fields: Sequence[str] | None = None, seed: int = 0, shuffle_shards: bool = True,
                  shuffle_buffer: int = 0, verify: bool | None = None, float_dtype: str | None = None,
-                 rank: int | None = None, world_size: int | None = None, decode_fp8: bool = True):
+                 rank: int | None = None, world_size: int | None = None, decode_fp8: bool = True,
+                 allow_null: bool = False):
         self.store = ExportStore(root)
         self.index: ExportIndex = self.store.index(export_id)
         self.export_id = export_id
+        if self.index.null_versions and not allow_null:
+            raise ValueError(f"export '{export_id}': made from null-model versions {self.index.null_versions} "
+                             "(a simulation, not targets); pass allow_null=True to read it anyway")
         self.fields = list(self.index.fields) if fields is None else list(fields)
         unknown = sorted(set(self.fields) - set(self.index.fields))
         if unknown:
@@ -525,13 +529,13 @@ class ZarrClips(Dataset):
     def __init__(self, root: Root | str | None, plan_id: str, versions: Sequence[str],
                  fields: Sequence[str] | None = None, split: str | None = None, verify: bool | None = None,
                  float_dtype: str | None = None, action_chunk: int = 10, action_column: str = "action",
-                 state_column: str = "state"):
+                 state_column: str = "state", allow_null: bool = False):
         if float_dtype not in FLOAT_DTYPES:
             raise ValueError(f"float_dtype {float_dtype!r}: expected one of {list(FLOAT_DTYPES)}")
         if isinstance(versions, str) or not versions:
             raise ValueError(f"plan '{plan_id}': pin the target versions to read as a non-empty list of ids")
         root = ExportStore(root).root
-        sources = resolve_sources(root, plan_id, list(versions), fields, action_column, state_column)
+        sources = resolve_sources(root, plan_id, list(versions), fields, action_column, state_column, allow_null)
         self.source = ClipSource(root, plan_id, sources, action_chunk, verify=verify)
         self.clips = [i for i in range(len(self.source.rows)) if split is None or self.source.split(i) == split]
         if not self.clips:

@@ -219,6 +219,11 @@ def describe_svd(spec: str | ModelSpec, seed: int = DEFAULT_SEED) -> SVDDescript
 
     Cheap next to loading: flows key a version with it before any worker loads the model."""
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.source == "null":  # the tiny architecture's shapes, nothing to load (pipelines/null_models.py)
+        from pipelines.null_models import null_identity
+
+        arch = _architecture("tiny")
+        return SVDDescription(null_identity(FAMILY, arch), arch["unet"], arch["vae"], arch["scheduler"])
     if spec.source in ("random", "tiny"):
         arch = _architecture(spec.source)
         identity = ModelIdentity(spec=str(spec), family=FAMILY, source=spec.source, seed=seed, config=arch)
@@ -259,6 +264,10 @@ def load_svd(spec: str | ModelSpec | SVDDescription, device: str | torch.device 
     desc = spec if isinstance(spec, SVDDescription) else describe_svd(spec, seed)
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype)
+    if desc.identity.is_null:
+        from pipelines.null_models import null_svd
+
+        return null_svd(desc, device, torch_dtype, dtype)
     if dtype == "fp8" and not fp8_supported(device):
         raise ValueError(f"SVD {desc.identity.spec}: dtype fp8 needs a GPU of compute capability >= 8.9 "
                          f"(or the CPU), not {device}")

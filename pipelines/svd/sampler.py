@@ -166,6 +166,11 @@ def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, 
     uint8, CLIP text states (B, L, D) and seeds (B,), with the one-step features of the same
     initial noise (see the module docstring). ``keep_latents`` also returns the final
     latents (for comparing the numbers of two settings)."""
+    if model.identity.is_null:
+        from pipelines.null_models import null_generated
+
+        frames, onestep = null_generated(model, params, seeds)
+        return GeneratedBatch(frames=frames, onestep=onestep)
     inputs = batch_inputs(model, params, frames_BHWC, text_BLD, seeds)
     features = extractor_features(model, params, inputs) if params.onestep is not None else None
     scheduler = model.new_scheduler()

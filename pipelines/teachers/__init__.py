@@ -63,4 +63,8 @@ def load_teacher(name: str, spec: str | ModelSpec, settings: dict[str, Any] | St
     entry = _entry(name)
     parsed_spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if parsed_spec.source == "null":
+        from pipelines.null_models import null_teacher
+
+        return null_teacher(name, parse_settings(name, settings), device, torch_dtype)
     return entry.load(parsed_spec, parse_settings(name, settings), device, torch_dtype)

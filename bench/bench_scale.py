@@ -457,6 +457,7 @@ def run_matrix(args: argparse.Namespace) -> None:
     servers: list[Any] = [prefect]
     try:
         for store in args.stores.split(","):
+            (work / "moto").mkdir(exist_ok=True)
             moto = MotoS3(work / "moto") if store == "s3" else None
             if moto:
                 servers.append(moto)

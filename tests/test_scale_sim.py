@@ -28,6 +28,7 @@ FIXED_REQUESTS = 400
 
 @pytest.fixture
 def s3(tmp_path):
+    (tmp_path / "moto").mkdir()
     server = MotoS3(tmp_path / "moto")
     saved = {key: os.environ.get(key) for key in server.env}
     os.environ.update(server.env)

@@ -147,6 +147,18 @@ class Root:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
+    def small_file_exists(self, *parts: str) -> bool:
+        """Whether a small file (a marker, a record) exists, in one request on an object store:
+        fsspec's ``exists`` there is a HEAD and, for a missing key, a LIST looking for a folder of
+        that name -- two requests per check of a shard marker that is not written yet."""
+        if self.is_local:
+            return self.exists(*parts)
+        try:
+            self.fs.cat_file(self.path(*parts))
+        except FileNotFoundError:
+            return False
+        return True
+
     def ls(self, *parts: str) -> list[str]:
         """Names (not paths) directly under a folder; [] when it does not exist."""
         path = self.path(*parts)
@@ -189,14 +201,14 @@ class Root:
         digest, extra = hashlib.sha256(), list(digests)
         path = self.path(rel)
         parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if not self.is_local:
+        if not self.is_local:  # no folders to make: s3fs's makedirs would ask whether the bucket exists
             pieces = list(parts)
             for part in pieces:
                 for hasher in (digest, *extra):
                     hasher.update(part)
             self.fs.pipe_file(path, b"".join(pieces))  # one PUT: one copy of the object, not two
             return digest.hexdigest()
+        self.fs.makedirs(parent, exist_ok=True)
         tmp, written = f"{parent}/{temp_name()}", 0
         try:
             with open(tmp, "wb") as handle:

@@ -193,7 +193,7 @@ class TargetWriter(_VersionHandle):
         return layout.target_done(self.version_id, shard_index)
 
     def is_done(self, shard_index: int) -> bool:
-        return self.root.exists(self.done_path(shard_index))
+        return self.root.small_file_exists(self.done_path(shard_index))
 
     def claim(self, shard_index: int, ttl_s: float | None = None):
         """``with writer.claim(i) as owned:`` -- owned is truthy when this process should write

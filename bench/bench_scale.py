@@ -119,15 +119,21 @@ class RequestLog:
     def mark(self) -> None:
         self.offset = self.path.stat().st_size if self.path else 0
 
-    def since_mark(self) -> dict[str, int]:
+    def requests_since_mark(self) -> list[tuple[str, str]]:
+        """(method, target) of every request since :meth:`mark`, in order."""
         if self.path is None:
-            return {}
+            return []
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
-            text = handle.read().decode(errors="replace")
+            return self.LINE.findall(handle.read().decode(errors="replace"))
+
+    def since_mark(self) -> dict[str, int]:
+        """Requests since :meth:`mark` by kind: PUT, GET, LIST (a GET with list-type), HEAD, ..."""
+        if self.path is None:
+            return {}
         counts = {"PUT": 0, "GET": 0, "LIST": 0, "HEAD": 0, "DELETE": 0, "POST": 0}
-        for method, target in self.LINE.findall(text):
-            listing = method == "GET" and ("list-type" in target or "prefix=" in target or target.count("/") <= 1)
+        for method, target in self.requests_since_mark():
+            listing = method == "GET" and "list-type" in target
             counts["LIST" if listing else method] += 1
         return counts
 

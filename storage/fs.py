@@ -159,14 +159,28 @@ class Root:
             return False
         return True
 
-    def ls(self, *parts: str) -> list[str]:
-        """Names (not paths) directly under a folder; [] when it does not exist."""
+    def ls(self, *parts: str, prefix: str = "") -> list[str]:
+        """Names (not paths) directly under a folder, only those starting with ``prefix`` when given
+        (on S3 the listing itself is narrowed to them); [] when the folder does not exist."""
         path = self.path(*parts)
         try:
-            entries = self.fs.ls(path, detail=False)
+            entries = self._list_folder(path, prefix)
         except FileNotFoundError:
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
+        return sorted(name for name in names if name.startswith(prefix))
+
+    def _list_folder(self, path: str, prefix: str = "") -> list[str]:
+        """Paths directly under ``path``. On S3 the folder alone is listed: s3fs's ``ls`` lists the
+        parent too when a folder is empty (to tell a file of that name), and the parent of a shard's
+        claim folder holds every shard's -- a listing per claim that grew with the version."""
+        lsdir = getattr(self.fs, "_lsdir", None)
+        if self.is_local or lsdir is None or getattr(self.fs, "asynchronous", False):
+            return self.fs.ls(path, detail=False)
+        from fsspec.asyn import sync
+
+        entries = sync(self.fs.loop, lsdir, self.fs._strip_protocol(path).rstrip("/"), prefix=prefix)
+        return [entry["name"] for entry in entries]
 
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
@@ -340,8 +354,9 @@ def remove_temporaries(root: Root, folder_rel: str, prefix: str = TMP_PREFIX,
     claim); with it, only temporaries whose writer (recorded in the name) has exited are removed.
     """
     removed = []
-    for name in root.ls(folder_rel):
-        if name.startswith(prefix) and (not only_dead or temp_writer_dead(name)):
+    # Only the temporaries are listed: a 1-d array keeps every shard's object in one folder.
+    for name in root.ls(folder_rel, prefix=prefix):
+        if not only_dead or temp_writer_dead(name):
             try:
                 root.fs.rm(root.path(folder_rel, name))
             except FileNotFoundError:

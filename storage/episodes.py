@@ -119,6 +119,21 @@ class EpisodeStore:
         except frame_codecs.FrameDecodeError as err:
             raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}', camera '{camera}': {err}") from None
 
+    def read_frame_of_each(self, picks: list[tuple[str, str, int]]) -> list[np.ndarray]:
+        """Frame (H, W, 3) at each (episode, camera, index) of ``picks``, in order, with one
+        selection per (episode, camera): on an object store one shard index and concurrent chunk
+        reads per episode, not a shard index and a chunk per frame (the observed frame of each clip
+        of a shard, which generate and the teachers read)."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for position, (episode_id, camera, _) in enumerate(picks):
+            groups.setdefault((episode_id, camera), []).append(position)
+        out: list[np.ndarray | None] = [None] * len(picks)
+        for (episode_id, camera), positions in groups.items():
+            frames = self.read_frames(episode_id, camera, [picks[p][2] for p in positions])
+            for position, frame in zip(positions, frames, strict=True):
+                out[position] = frame
+        return out
+
     def read_lowdim(self, episode_id: str, columns: list[str] | None = None) -> pa.Table:
         """The per-frame low-dim table (frame_index, timestamp, features...)."""
         return read_parquet(self.root, f"{layout.episode_dir(self.dataset, episode_id)}/{layout.LOWDIM}", columns)

@@ -71,19 +71,9 @@ class ObservedFrames:
         if self.rows is None:
             data = self.video.read(OBSERVED_ARRAY, slice(clips.start, clips.stop))
             return data[:, 0] if data.ndim == 5 else data
-        frames: list[np.ndarray] = [np.empty(0)] * len(clips)
-        by_dataset: dict[str, list[int]] = {}
-        for position, index in enumerate(clips):
-            by_dataset.setdefault(self.rows[index].dataset, []).append(position)
-        for dataset, positions in by_dataset.items():
-            if dataset not in self.episodes:
-                from storage.episodes import EpisodeStore
+        from storage.episodes import read_start_frames
 
-                self.episodes[dataset] = EpisodeStore(self.root_url, dataset)
-            rows = [self.rows[clips[p]] for p in positions]
-            picked = self.episodes[dataset].read_frame_of_each([(r.episode_id, r.camera, r.start) for r in rows])
-            for position, frame in zip(positions, picked, strict=True):
-                frames[position] = frame
+        frames = read_start_frames(self.root_url, [self.rows[index] for index in clips], self.episodes)
         if len({f.shape for f in frames}) > 1:
             raise ValueError(f"video version '{self.video.version_id}', clips {clips.start}..{clips.stop - 1}: "
                              f"observed frames differ in size {sorted({f.shape for f in frames})}")

@@ -398,3 +398,19 @@ class EpisodeWriter:
         self.store._arrays = {k: v for k, v in self.store._arrays.items() if k[0] != self.record.episode_id}
         log.info("dataset %s: stored episode %s (%d frames)", self.store.dataset, self.record.episode_id,
                  self.record.length)
+
+
+def read_start_frames(root: Root | str, rows: list[Any], stores: dict[str, EpisodeStore]) -> list[np.ndarray]:
+    """Frame ``row.start`` of camera ``row.camera`` of each plan row (each clip's observed frame),
+    in order, with one selection per episode (:meth:`EpisodeStore.read_frame_of_each`); ``stores``
+    caches the datasets' stores between calls."""
+    by_dataset: dict[str, list[int]] = {}
+    for position, row in enumerate(rows):
+        by_dataset.setdefault(row.dataset, []).append(position)
+    frames: list[np.ndarray] = [np.empty(0, np.uint8)] * len(rows)
+    for dataset, positions in by_dataset.items():
+        store = stores.setdefault(dataset, EpisodeStore(root, dataset))
+        picked = store.read_frame_of_each([(rows[p].episode_id, rows[p].camera, rows[p].start) for p in positions])
+        for position, frame in zip(positions, picked, strict=True):
+            frames[position] = frame
+    return frames

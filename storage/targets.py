@@ -457,9 +457,11 @@ class TargetReader(_VersionHandle):
                 return [f"{self.version_id}: array '{array}' shard {index} should hold only fill values "
                         f"but an object exists ({self.root.url_of(rel)})"]
             return []
-        if not self.root.exists(rel):
+        try:  # no exists() first: on an object store that was a HEAD (and a LIST) more per object
+            found = self.root.sha256(rel)
+        except FileNotFoundError:
             return [f"{self.version_id}: array '{array}' shard {index} is missing ({self.root.url_of(rel)})"]
-        if self.root.sha256(rel) != digest:
+        if found != digest:
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]
         return []

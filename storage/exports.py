@@ -704,9 +704,9 @@ def null_source(targets: TargetStore, manifest: TargetVersion) -> str | None:
     its inputs upstream), None when none was."""
     if manifest.recipe.model is not None and manifest.recipe.model.is_null:
         return manifest.id
-    for value in manifest.recipe.inputs.values():
-        if isinstance(value, str) and is_version_id(value) and targets.status(value) is not None:
-            found = null_source(targets, targets.manifest(value))
+    for ref in manifest.recipe.inputs_of("version"):
+        if targets.status(ref.id) is not None:
+            found = null_source(targets, targets.manifest(ref.id))
             if found is not None:
                 return found
     return None

@@ -8,6 +8,7 @@ machine, and without it each flow process would start its own embedded server.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -192,3 +193,26 @@ class MotoS3:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+@contextlib.contextmanager
+def moto_bucket(log_dir: Path, bucket: str):
+    """A moto S3 server with ``bucket`` made; this process (and its children) talk to it through the
+    AWS variables, which are restored afterwards."""
+    server = MotoS3(log_dir)
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(bucket)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

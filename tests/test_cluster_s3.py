@@ -5,7 +5,6 @@ same version at once, on S3 and on a local disk, write each shard once."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster_servers import TESTS, DaskCluster, MotoS3, child_env, shared_prefect_api
+from cluster_servers import TESTS, DaskCluster, moto_bucket, child_env, shared_prefect_api
 from fixtures_sources import make_teleop_episode
 from storage.claims import ShardClaim, create_exclusive, current_claim
 from storage.fs import Root
@@ -30,22 +29,8 @@ pytestmark = pytest.mark.slow  # starts real servers; still part of `make test`
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto in server mode; this process and its children talk to it through the AWS variables."""
-    log_dir = tmp_path_factory.mktemp("moto")
-    server = MotoS3(log_dir)
-    saved = {key: os.environ.get(key) for key in server.env}
-    os.environ.update(server.env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    with moto_bucket(tmp_path_factory.mktemp("moto"), BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ requests the server answered per shard stay within constant bounds (no listing p
 from __future__ import annotations
 
 import math
-import os
 from urllib.parse import unquote
 import sys
 from pathlib import Path
 
 import pytest
 
-from cluster_servers import DaskCluster, MotoS3, shared_prefect_api
+from cluster_servers import DaskCluster, moto_bucket, shared_prefect_api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_scale  # noqa: E402  (bench/ is not a package)
@@ -31,21 +30,8 @@ for the checks and manifests that do not grow (bench/RESULTS.md, Issue 24)."""
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = MotoS3(tmp_path_factory.mktemp("moto"))
-    saved = {key: os.environ.get(key) for key in server.env}
-    os.environ.update(server.env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    with moto_bucket(tmp_path_factory.mktemp("moto"), BUCKET) as server:
+        yield server
 
 
 def test_one_shard_costs_the_same_requests_whatever_the_number_of_shards(s3):

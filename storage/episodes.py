@@ -46,7 +46,7 @@ class EpisodeStore:
 
     # dataset-level metadata -------------------------------------------------------------
     def exists(self) -> bool:
-        return self.root.exists(self.dir, layout.DATASET_INFO)
+        return self.root.file_exists(self.dir, layout.DATASET_INFO)
 
     def write_info(self, info: DatasetInfo) -> None:
         """Write dataset.json (atomically)."""
@@ -55,7 +55,7 @@ class EpisodeStore:
     def info(self) -> DatasetInfo:
         """Read dataset.json, checking its format version."""
         where = self.root.url_of(self.dir, layout.DATASET_INFO)
-        if not self.root.exists(self.dir, layout.DATASET_INFO):
+        if not self.root.file_exists(self.dir, layout.DATASET_INFO):
             raise ValueError(f"dataset '{self.dataset}': no {layout.DATASET_INFO} under {self.root.url}")
         return validate_stored(DatasetInfo, self.root.read_json(self.dir, layout.DATASET_INFO), where)
 
@@ -72,7 +72,7 @@ class EpisodeStore:
         return [n for n in names if not n.startswith(".") and self._complete(n)]
 
     def _complete(self, episode_id: str) -> bool:
-        return self.root.exists(layout.episode_dir(self.dataset, episode_id), layout.COMPLETE_MARKER)
+        return self.root.file_exists(layout.episode_dir(self.dataset, episode_id), layout.COMPLETE_MARKER)
 
     def record(self, episode_id: str) -> EpisodeRecord:
         """The EpisodeRecord of a complete episode."""
@@ -95,7 +95,7 @@ class EpisodeStore:
         key = (episode_id, camera)
         if key not in self._arrays:
             rel = f"{layout.episode_dir(self.dataset, episode_id)}/{layout.FRAMES}"
-            group = zarr.open_group(self.root.zarr_store(rel, read_only=True), mode="r")
+            group = zarr.open_group(self.root.zarr_store(rel, read_only=True), mode="r", zarr_format=3)
             if camera not in group:
                 raise ValueError(f"dataset '{self.dataset}', episode '{episode_id}': no camera '{camera}' "
                                  f"(has {sorted(group.array_keys())})")
@@ -171,14 +171,14 @@ class EpisodeStore:
         self.root.write_bytes_atomic(f"{self.dir}/{layout.SEGMENTS}", parquet_bytes(table))
 
     def segments(self) -> list[LanguageSegment]:
-        if not self.root.exists(self.dir, layout.SEGMENTS):
+        if not self.root.file_exists(self.dir, layout.SEGMENTS):
             return []
         table = read_parquet(self.root, f"{self.dir}/{layout.SEGMENTS}", list(SEGMENTS_SCHEMA.names))
         return [LanguageSegment(**row) for row in table.to_pylist()]
 
     def segment_embeddings(self) -> np.ndarray | None:
         """The (N, D) float32 embeddings aligned with ``segments()``, or None when none are stored."""
-        if not self.root.exists(self.dir, layout.SEGMENTS):
+        if not self.root.file_exists(self.dir, layout.SEGMENTS):
             return None
         table = read_parquet(self.root, f"{self.dir}/{layout.SEGMENTS}")
         if "embedding" not in table.column_names or len(table) == 0:
@@ -196,12 +196,12 @@ class EpisodeStore:
             with open(self.root.path(rel), "a", encoding="utf-8") as handle:
                 handle.write(line)
             return
-        old = self.root.read_bytes(rel) if self.root.exists(rel) else b""
+        old = self.root.read_bytes(rel) if self.root.file_exists(rel) else b""
         self.root.write_bytes_atomic(rel, old + line.encode())
 
     def quarantined(self) -> list[dict[str, Any]]:
         rel = f"{self.dir}/{layout.QUARANTINE}"
-        if not self.root.exists(rel):
+        if not self.root.file_exists(rel):
             return []
         return [json.loads(line) for line in self.root.read_bytes(rel).decode().splitlines() if line.strip()]
 

@@ -26,12 +26,12 @@ class EvalStore:
 
     # ------------------------------------------------------------- records
     def exists(self, eval_id: str) -> bool:
-        return self.root.exists(layout.eval_dir(eval_id), layout.EVAL_RECORD)
+        return self.root.file_exists(layout.eval_dir(eval_id), layout.EVAL_RECORD)
 
     def record(self, eval_id: str) -> EvalRecord:
         """eval.json of ``eval_id``; ValueError naming the file when absent or malformed."""
         rel = f"{layout.eval_dir(eval_id)}/{layout.EVAL_RECORD}"
-        if not self.root.exists(rel):
+        if not self.root.file_exists(rel):
             raise ValueError(f"eval '{eval_id}': no {self.root.url_of(rel)}")
         return validate_stored(EvalRecord, self.root.read_json(rel), self.root.url_of(rel))
 
@@ -69,7 +69,7 @@ class EvalStore:
 
     # ------------------------------------------------------------- episodes
     def has_episode(self, eval_id: str, task: str, seed: int) -> bool:
-        return self.root.exists(layout.eval_episode(eval_id, task, seed))
+        return self.root.file_exists(layout.eval_episode(eval_id, task, seed))
 
     def write_episode(self, eval_id: str, result: EpisodeResult) -> None:
         self.root.write_bytes_atomic(layout.eval_episode(eval_id, result.task, result.seed),

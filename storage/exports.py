@@ -366,7 +366,7 @@ class ExportStore:
         return [n for n in self.root.ls(layout.EXPORTS) if layout.is_safe_id(n) and self.exists(n)]
 
     def exists(self, export_id: str) -> bool:
-        return self.root.exists(layout.export_file(export_id, layout.EXPORT_INDEX))
+        return self.root.file_exists(layout.export_file(export_id, layout.EXPORT_INDEX))
 
     def url(self, export_id: str, name: str = "") -> str:
         """URL of the export folder or of one file in it (what stock webdataset opens)."""
@@ -375,7 +375,7 @@ class ExportStore:
     def index(self, export_id: str) -> ExportIndex:
         """index.json of a complete export, format-checked and validated."""
         rel = layout.export_file(export_id, layout.EXPORT_INDEX)
-        if not self.root.exists(rel):
+        if not self.root.file_exists(rel):
             raise ValueError(f"export '{export_id}': no {layout.EXPORT_INDEX} under {self.root.url} "
                              "(not exported, or still building)")
         where = self.root.url_of(rel)
@@ -393,14 +393,14 @@ class ExportStore:
         if self.exists(build.export_id):
             raise ValueError(f"export '{build.export_id}' is complete and immutable")
         rel = layout.export_file(build.export_id, layout.EXPORT_BUILD)
-        if self.root.exists(rel) and self.build_info(build.export_id) != build:
+        if self.root.file_exists(rel) and self.build_info(build.export_id) != build:
             raise ValueError(f"export '{build.export_id}': an interrupted build with another shard plan "
                              f"exists ({self.root.url_of(rel)}); delete the folder to start over")
         self.root.write_json_atomic(rel, build.model_dump(mode="json"))
 
     def build_info(self, export_id: str) -> ExportBuild:
         rel = layout.export_file(export_id, layout.EXPORT_BUILD)
-        if not self.root.exists(rel):
+        if not self.root.file_exists(rel):
             raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}")
         return validate(ExportBuild, self.root.read_json(rel), self.root.url_of(rel))
 
@@ -425,7 +425,7 @@ class ExportStore:
 
     def done_shard(self, export_id: str, index: int) -> ExportShard | None:
         rel = layout.export_done(export_id, index)
-        return validate(ExportShard, self.root.read_json(rel), self.root.url_of(rel)) if self.root.exists(rel) else None
+        return validate(ExportShard, self.root.read_json(rel), self.root.url_of(rel)) if self.root.file_exists(rel) else None
 
     def pending_shards(self, export_id: str) -> list[int]:
         build = self.build_info(export_id)
@@ -563,7 +563,7 @@ class ExportStore:
         problems = []
         for shard in index.shards:
             rel = layout.export_file(export_id, shard.name)
-            if not self.root.exists(rel):
+            if not self.root.file_exists(rel):
                 problems.append(f"export '{export_id}': {shard.name} is missing ({self.root.url_of(rel)})")
             elif self.root.sha256(rel) != shard.sha256:
                 problems.append(f"export '{export_id}': {shard.name} is corrupt (sha256 mismatch, "

@@ -147,14 +147,16 @@ class Root:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
-    def small_file_exists(self, *parts: str) -> bool:
-        """Whether a small file (a marker, a record) exists, in one request on an object store:
-        fsspec's ``exists`` there is a HEAD and, for a missing key, a LIST looking for a folder of
-        that name -- two requests per check of a shard marker that is not written yet."""
-        if self.is_local:
+    def file_exists(self, *parts: str) -> bool:
+        """Whether a file exists, in one request on S3: fsspec's ``exists`` there is a HEAD and, for a
+        missing key, a LIST looking for a folder of that name -- two requests per check of a shard
+        marker or an index.json that is not written yet."""
+        head_object = getattr(self.fs, "call_s3", None) if "s3" in _protocols(self.fs) else None
+        if head_object is None:
             return self.exists(*parts)
+        bucket, key, _ = self.fs.split_path(self.path(*parts))
         try:
-            self.fs.cat_file(self.path(*parts))
+            head_object("head_object", Bucket=bucket, Key=key)
         except FileNotFoundError:
             return False
         return True

@@ -101,7 +101,7 @@ class RunDir:
         steps = []
         for name in self.root.ls(self.rel):
             step = layout.step_of(name)
-            if step is not None and self.root.exists(self.rel, name, layout.COMPLETE_MARKER):
+            if step is not None and self.root.file_exists(self.rel, name, layout.COMPLETE_MARKER):
                 steps.append(step)
         return sorted(steps)
 
@@ -136,7 +136,7 @@ class RunDir:
 
     def info(self, step: int) -> CheckpointInfo:
         name = layout.step_name(step)
-        if not self.root.exists(self.step_rel(step), layout.COMPLETE_MARKER):
+        if not self.root.file_exists(self.step_rel(step), layout.COMPLETE_MARKER):
             raise ValueError(f"run {self.run_id}: no complete checkpoint {name} under {self.root.url}")
         where = f"run {self.run_id} {name}/{layout.CHECKPOINT_RECORD}"
         return validate(CheckpointInfo, self.root.read_json(self.step_rel(step), layout.CHECKPOINT_RECORD), where)
@@ -177,7 +177,7 @@ class RunDir:
         })
 
     def read_run_json(self) -> dict[str, Any]:
-        if not self.root.exists(self.rel, layout.RUN_RECORD):
+        if not self.root.file_exists(self.rel, layout.RUN_RECORD):
             raise ValueError(f"run {self.run_id}: no {layout.RUN_RECORD} under {self.root.url_of(self.rel)}")
         return self.root.read_json(self.rel, layout.RUN_RECORD)
 
@@ -210,6 +210,6 @@ class MetricsLog:
 def read_metrics(root: Root, run_id: str) -> list[dict[str, Any]]:
     """Every record of a run's metrics.jsonl."""
     rel = layout.run_file(run_id, layout.RUN_METRICS)
-    if not root.exists(rel):
+    if not root.file_exists(rel):
         return []
     return [json.loads(line) for line in root.read_bytes(rel).decode().splitlines() if line.strip()]

@@ -24,16 +24,16 @@ def export(
     codec: str = config_option(ExportConfig, "codec"),
     split: str = config_option(ExportConfig, "split"),
     action_chunk: int = config_option(ExportConfig, "action_chunk"),
-    allow_null: bool = typer.Option(False, "--allow-null", help="Export versions made by the null model "
-                                                                "(simulation only)."),
+    allow_null: bool = config_option(ExportConfig, "allow_null", "--allow-null/--refuse-null"),
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
     """Export pinned target versions of PLAN as webdataset tar shards with a checksummed index.json."""
     from flows.export import run_export
 
-    config = ExportConfig(plan=plan, targets=comma_list(targets) or [], workers=runner.tasks, allow_null=allow_null, **given(
-        fields=comma_list(fields), shard_size=shard_size, codec=codec, split=split, action_chunk=action_chunk))
+    config = ExportConfig(plan=plan, targets=comma_list(targets) or [], workers=runner.tasks, **given(
+        fields=comma_list(fields), shard_size=shard_size, codec=codec, split=split, action_chunk=action_chunk,
+        allow_null=allow_null))
     data_root = get_root(root, writable=True)
     result = run_export(data_root.url, config, runner)
     state = "already exported" if result.skipped else "exported"

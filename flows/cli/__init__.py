@@ -5,6 +5,8 @@ its own CLI module. Every error prints one line (``error: ...``) and exits non-z
 can fix (bad data, bad config, missing inputs) as they are, anything else with its type; the
 traceback goes to the flow run's log (``<root>/logs/<flow-run>.log``) or, outside a flow, to a
 log file in the temp folder, whose path the line names. ``--debug`` prints the traceback too.
+Exit codes follow click: 2 for a usage error (unknown option, bad choice, missing argument),
+1 for a failed command (see ``flows.cli.common`` for the others).
 """
 
 from __future__ import annotations
@@ -17,22 +19,43 @@ import sys
 import tempfile
 import time
 import traceback
+from importlib import metadata
 
 import typer
 
-from flows.cli.common import EXIT_FAILED, user_error_message
+from flows.cli.common import EXIT_FAILED, EXIT_USAGE, user_error_message
 from flows.runtime import DEBUG_ENV, debug_enabled
 from storage.targets import NO_VERIFY_ENV
 
 PREFECT_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect._internal.concurrency",
                    "prefect.server", "prefect.events", "prefect.task_engine", "prefect.flow_engine")
 
+DISTRIBUTION = "foresight"
+"""The installed distribution whose version ``--version`` prints."""
+
 app = typer.Typer(help="foresight: versioned teacher-target caches for robot learning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+def installed_version() -> str:
+    """The version of the installed distribution (``pip install -e .`` included)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"distribution {DISTRIBUTION!r} is not installed: run `pip install -e .` in the "
+                         "checkout to get a version") from None
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"{DISTRIBUTION} {installed_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       expose_value=False, help="Print the installed version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
           debug: bool = typer.Option(False, "--debug", help="Print tracebacks and Prefect's/Dask's logs."),
           no_verify: bool = typer.Option(False, "--no-verify",
@@ -77,8 +100,19 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become messages
         typer.echo(f"error: {error_line(exc)}", err=True)
-        sys.exit(EXIT_FAILED)
+        sys.exit(exit_code(exc))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for click's usage errors (its own convention, ``UsageError.exit_code``), else 1.
+
+    typer ships its own copy of click, so the error is recognised by its click attributes
+    rather than by class; data and config errors keep exit code 1.
+    """
+    if callable(getattr(exc, "format_message", None)) and getattr(exc, "exit_code", None) == EXIT_USAGE:
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def error_line(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Literal
 
 import typer
 
@@ -48,7 +49,8 @@ def parse_versions(text: str | None) -> dict[str, str]:
 
 def eval_metaworld(
     run: str = typer.Option(None, "--run", help="Trainer run to evaluate: RUN or RUN/step-N (default: newest)."),
-    policy: str = typer.Option(None, "--policy", help="A reference policy instead of a run: oracle | random."),
+    policy: Literal["oracle", "random"] | None = typer.Option(None, "--policy",
+                                                              help="A reference policy instead of a run."),
     tasks: str = typer.Option("easy", help="Comma list of tasks, or easy|medium|hard|very-hard|all."),
     episodes: int = typer.Option(25, min=1, help="Episodes per task."),
     seeds: str = typer.Option(None, help="Episode seeds, e.g. 100000-100024 (default: from 100000)."),
@@ -78,8 +80,6 @@ def eval_metaworld(
 
     if (run is None) == (policy is None):
         raise ValueError("name exactly one policy: --run RUN[/step-N] or --policy oracle|random")
-    if policy is not None and policy not in ("oracle", "random"):
-        raise ValueError(f"--policy {policy!r}: expected oracle or random")
     config = EvalConfig(policy=run or policy, tasks=resolve_tasks(tasks), episodes=episodes, seeds=parse_seeds(seeds),
                         camera=camera, size=size, device=device, max_steps=max_steps,
                         video=video_episodes if video else 0, versions=parse_versions(versions),

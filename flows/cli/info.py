@@ -6,19 +6,24 @@ import json
 
 import typer
 
-from flows.cli.common import get_root
+from flows.cli.common import ROOT_OPTION, get_root
 
 
 def register(app: typer.Typer) -> None:
     app.command("info")(info)
 
 
-def info(root: str = typer.Argument(None, envvar="FORESIGHT_ROOT", help="Data root (default ./foresight-data)."),
-         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def info(ctx: typer.Context,
+         positional_root: str = typer.Argument(None, metavar="ROOT", show_default=False,
+                                               help="Deprecated: use --root (as every other command)."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+         root: str = ROOT_OPTION) -> None:
     """Datasets (episodes, frames, cameras, bytes, quarantined inputs), plans and target versions."""
     from storage.summary import root_summary
 
-    data_root = get_root(root)
+    source = ctx.get_parameter_source("root")
+    given_root = None if source is None or source.name == "ENVIRONMENT" else root
+    data_root = get_root(_root_url(positional_root, given_root) or root)
     if not data_root.exists(""):
         raise ValueError(f"data root {data_root.url} does not exist")
     summary = root_summary(data_root)
@@ -49,3 +54,19 @@ def info(root: str = typer.Argument(None, envvar="FORESIGHT_ROOT", help="Data ro
                    f"model {version['model']}")
     for export in summary["exports"]:
         typer.echo(f"export {export}")
+
+
+def _root_url(positional: str | None, option: str | None) -> str | None:
+    """The root named by ``--root``, or by the deprecated positional argument (None: neither).
+
+    The positional form still works, with a warning on stderr, and wins over ``$FORESIGHT_ROOT`` as
+    it always did; naming two different roots on the command line is a usage error (exit 2).
+    """
+    if positional is None:
+        return option
+    if option is not None and option != positional:
+        raise typer.BadParameter(f"names root {positional!r} but --root names "
+                                 f"{option!r}: give one", param_hint="ROOT")
+    typer.echo(f"warning: `foresight info {positional}` is deprecated: use `foresight info --root {positional}`",
+               err=True)
+    return positional

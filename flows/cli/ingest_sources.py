@@ -20,10 +20,11 @@ import typer
 from flows.cli.common import EXIT_PARTIAL, EXIT_USAGE, ROOT_OPTION, fail, get_root, sub_app
 from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice
+from schemas.dataset import FrameCodecName
 
 STRICT_OPTION = typer.Option(False, "--strict", help="Fail on the first bad item instead of quarantining it.")
-FRAME_CODEC_OPTION = typer.Option(None, "--frame-codec", help="raw | raw-lz4 | source-jpeg | video. Default: keep "
-                                  "the source's JPEG or video bytes, raw under zstd for decoded frames.")
+FRAME_CODEC_OPTION = typer.Option(None, "--frame-codec", help="How frames are stored. Default: keep the source's "
+                                  "JPEG or video bytes, raw under zstd for decoded frames.")
 CRF_OPTION = typer.Option(None, "--crf", help="With --frame-codec video on decoded frames: x264 CRF (lossy); "
                           "default lossless.")
 ZSTD_OPTION = typer.Option(3, "--zstd-level", help="zstd level of raw frames.")
@@ -67,7 +68,7 @@ def ingest_calvin(
     cameras: str = typer.Option("rgb_static,rgb_gripper", help="Comma list of rgb_* keys to store."),
     depth: bool = typer.Option(False, "--depth", help="Also store depth_* of each camera (24-bit packed, 10 um)."),
     lang_folder: str = typer.Option("lang_annotations", help="Annotation folder inside each split."),
-    frame_codec: str = FRAME_CODEC_OPTION,
+    frame_codec: FrameCodecName | None = FRAME_CODEC_OPTION,
     crf: int = CRF_OPTION,
     zstd_level: int = ZSTD_OPTION,
     strict: bool = STRICT_OPTION,
@@ -90,7 +91,7 @@ def ingest_teleop(
     fps: float = typer.Option(50.0, help="Recording rate (ALOHA 50, AgileX 30)."),
     instruction: str = typer.Option(None, help="Instruction shared by every episode."),
     task: str = typer.Option(None, help="Task name (default: the folder name)."),
-    frame_codec: str = FRAME_CODEC_OPTION,
+    frame_codec: FrameCodecName | None = FRAME_CODEC_OPTION,
     crf: int = CRF_OPTION,
     zstd_level: int = ZSTD_OPTION,
     strict: bool = STRICT_OPTION,
@@ -110,7 +111,7 @@ def ingest_lerobot(
     src: Path = typer.Argument(..., help="Local LeRobot dataset folder (codebase v3.0 or v2.x)."),
     dataset: str = typer.Option(..., help="Dataset name in the store."),
     cameras: str = typer.Option(None, help="Comma list of video/image feature keys (default all)."),
-    frame_codec: str = FRAME_CODEC_OPTION,
+    frame_codec: FrameCodecName | None = FRAME_CODEC_OPTION,
     crf: int = CRF_OPTION,
     zstd_level: int = ZSTD_OPTION,
     strict: bool = STRICT_OPTION,

@@ -20,6 +20,7 @@ from pipelines.audit import (
 )
 from schemas.base import StrictModel
 from schemas.eval import EvalRecord
+from schemas.refs import TargetKind
 from storage import audit, layout, references
 from storage.evals import EvalStore
 from storage.targets import TargetReader, TargetStore
@@ -128,7 +129,7 @@ def _store(root: str | None) -> TargetStore:
     return TargetStore(get_root(root))
 
 
-def cmd_list(kind: str | None = typer.Option(None, "--kind", help="Only versions of this kind (video, teacher, text, pi0)."),
+def cmd_list(kind: TargetKind | None = typer.Option(None, "--kind", help="Only versions of this kind."),
              as_json: bool = typer.Option(False, "--json", help="One JSON list instead of a table."),
              root: str | None = ROOT_OPTION) -> None:
     """List target versions: id, kind, model (real/random/tiny weights), inputs, status, clips, bytes, created."""

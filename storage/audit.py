@@ -1,7 +1,7 @@
 """Read-side audit of target versions: summaries, lineage trees, integrity, and the arrays of one clip.
 
 Everything here answers "what exactly is this version, what was it made from, and is it intact"
-from the stores alone (manifests, plans, dataset records and ``lineage.jsonl``).
+from the stores alone (manifests, plans, dataset records and the lineage events, storage.lineage).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def lineage_references(root: Root, refs: dict[tuple[str, str], Reference]) -> No
             if ref is None or not versions - set(ref.versions):
                 continue
             ref.versions = sorted(set(ref.versions) | versions)
-            ref.sources = [*ref.sources, f"{layout.LINEAGE}:{event.get('job', {}).get('name', '?')}"]
+            ref.sources = [*ref.sources, f"{layout.LINEAGE_EVENTS}:{event.get('job', {}).get('name', '?')}"]
 
 
 def all_references(root: Root | str | None) -> list[Reference]:

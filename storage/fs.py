@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,14 @@ TMP_PREFIX = ".tmp-"
 FAST_HASH = "xxh3_128"
 """The per-shard / per-sample hash readers check while reading (sha256 costs more than the read)."""
 
+UNSAFE_CLAIMS_ENV = "FORESIGHT_UNSAFE_CLAIMS"
+"""Set to 1 to use an object store that ignores conditional create anyway (one builder per version
+at a time, docs/DEPLOY.md): the start-up probe then warns instead of refusing the root."""
+
 zarr.config.set({"codec_pipeline.batch_size": ZARR_CODEC_BATCH})
+
+_PROBED: dict[tuple[str, str, str], bool] = {}
+_PROBE_LOCK = threading.Lock()
 
 
 class DiskFullError(OSError):
@@ -315,13 +323,75 @@ class Root:
                                                 read_only=read_only)
 
     def check_writable(self) -> None:
-        """Fail early with a one-line message when the root cannot be written."""
+        """Fail early with a one-line message when the root cannot be written, or when it is on an
+        object store whose conditional create (which shard claims rely on) is not honoured."""
         probe = f".probe-{uuid.uuid4().hex}"
         try:
             self.write_bytes_atomic(probe, b"")
             self.rm(probe)
         except (OSError, PermissionError) as err:
             raise ValueError(f"data root {self.url}: not writable ({err.__class__.__name__}: {err})") from None
+        self.require_conditional_create()
+
+    def endpoint(self) -> str:
+        """Where this root's objects live, as an error names it: the S3 endpoint URL, else the URL."""
+        if self.is_local:
+            return self.url
+        configured = getattr(self.fs, "endpoint_url", None) or \
+            (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        if "s3" in _protocols(self.fs):
+            return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") \
+                or "AWS S3 (no endpoint URL set)"
+        return configured or self.url
+
+    def require_conditional_create(self) -> None:
+        """Check once per process and bucket that "create unless it exists" is honoured (shard claims
+        are exclusive only then); one-line ValueError naming the endpoint where it is not.
+
+        Local disks use ``os.link`` (always exclusive) and are not probed. On an object store two
+        creates of one probe object are made: the second must fail with FileExistsError (S3:
+        ``PUT If-None-Match: *`` answered 412) and leave the first's bytes. s3fs documents this as
+        known to work on AWS S3 only; current MinIO honours it, older releases ignore the header (docs/DEPLOY.md).
+        With ``$FORESIGHT_UNSAFE_CLAIMS=1`` a failed probe is a warning instead.
+        """
+        if self.is_local:
+            return
+        key = (_protocols(self.fs)[0], self.endpoint(), self.base.split("/", 1)[0])
+        with _PROBE_LOCK:
+            if key not in _PROBED:
+                _PROBED[key] = self._probe_conditional_create()
+        if _PROBED[key] is True:
+            return
+        message = (f"data root {self.url}: the object store at {self.endpoint()} does not honour conditional "
+                   f"create ({_PROBED[key]}), so shard claims would not be exclusive; use a store that does "
+                   f"(AWS S3, a current MinIO) or set {UNSAFE_CLAIMS_ENV}=1 and run one builder "
+                   "per version at a time")
+        if os.environ.get(UNSAFE_CLAIMS_ENV) == "1":
+            import logging
+
+            logging.getLogger(__name__).warning("%s (%s=1: going on)", message, UNSAFE_CLAIMS_ENV)
+            return
+        raise ValueError(message)
+
+    def _probe_conditional_create(self) -> bool | str:
+        """True when a second exclusive create of one object fails and keeps the first's bytes, else
+        what happened instead."""
+        path = self.path(f".probe-create-{uuid.uuid4().hex}")
+        try:
+            self.fs.pipe_file(path, b"first", mode="create")
+            try:
+                self.fs.pipe_file(path, b"second", mode="create")
+            except FileExistsError:
+                kept = self.fs.cat_file(path)
+                return True if kept == b"first" else f"the refused create still replaced the object: {kept!r}"
+            return "a second create of one object succeeded and replaced it"
+        except (OSError, ValueError, NotImplementedError, TypeError) as err:
+            return f"{err.__class__.__name__}: {' '.join(str(err).split())}"
+        finally:
+            try:
+                self.fs.rm_file(path)
+            except (OSError, NotImplementedError):
+                pass  # nothing was created, or the store refuses deletes: a probe object is left
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

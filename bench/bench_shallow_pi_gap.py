@@ -22,7 +22,9 @@ printed beside it.
     python bench/bench_shallow_pi_gap.py                                  # tiny π0, CPU (~2 min)
     python bench/bench_shallow_pi_gap.py --size real --device cuda        # random full-size π0 (H100)
 
-Prints a JSON record (and writes it to --out).
+Prints a JSON record (and writes it to --out after every phase, so a run cut short by a time limit
+keeps what it measured; each phase also prints a timestamped line to stderr). ``--modes offline,online``
+trains only those regimes.
 """
 
 from __future__ import annotations
@@ -145,10 +147,24 @@ def measure_gap(student, teacher, samples: list[dict], device: torch.device, bat
     return {name: total / count for name, total in totals.items()}
 
 
+class Progress:
+    """Timestamped phase lines on stderr, and the record so far written to ``out`` after each phase."""
+
+    def __init__(self, out: Path | None):
+        self.out, self.start = out, time.perf_counter()
+
+    def __call__(self, phase: str, record: dict | None = None) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {phase}", file=sys.stderr, flush=True)
+        if record is not None and self.out is not None:
+            self.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def run(args: argparse.Namespace) -> dict:
     size = dict(SIZES[args.size])
     size.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
     device = torch.device(args.device)
+    progress = Progress(args.out)
+    progress(f"loading the {size['teacher']} teacher on {device}")
     loaded = pi0.load_pi0(size["teacher"], device.type, "float32")
     teacher = loaded.model.requires_grad_(False).eval()
     pi0.use_eager_expert(teacher)
@@ -157,7 +173,9 @@ def run(args: argparse.Namespace) -> dict:
     params = pi0.Pi0TargetParams(pairs=size["pairs"], attn_layers=[layer_map[i] for i in student_attn],
                                  cameras=["front"], tokenizer="bytes", image_size=pi0.image_size(teacher.config))
     keys = [f"obs{i}" for i in range(size["train"] + size["eval"])]
+    progress(f"labelling {len(keys)} observations with the teacher's chunks")
     arrays = teacher_labelled(teacher, observations(len(keys), params, args.seed), keys, device, size["batch"])
+    progress(f"caching {size['pairs']} (t, noise) pairs per observation (the offline targets)")
     started = time.perf_counter()
     samples = with_targets(teacher, arrays, keys, params, device, size["batch"])
     cache_s = time.perf_counter() - started
@@ -169,11 +187,14 @@ def run(args: argparse.Namespace) -> dict:
               "eval_pairs": EVAL_PAIRS, "cache_seconds": cache_s, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = open_root(tmp)
+        progress("the untrained cut's gap", record)
         cut, _ = shallow_pi.build_student(teacher, size["layers"])
         record["untrained"] = {"train_obs": measure_gap(cut, teacher, train, device, size["batch"]),
                                "held_out_obs": measure_gap(cut, teacher, held_out, device, size["batch"])}
         del cut
-        for name, (mode, augment) in MODES.items():
+        for name in args.modes:
+            mode, augment = MODES[name]
+            progress(f"training the {name} student, {size['steps']} steps", record)
             student, step_s = train_student(teacher, train, mode, augment, size, root, device, args.seed)
             record["modes"][name] = {"seconds_per_step": step_s,
                                      "train_obs": measure_gap(student, teacher, train, device, size["batch"]),
@@ -183,13 +204,14 @@ def run(args: argparse.Namespace) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     record["ratios"] = ratios(record["modes"])
+    progress("done", record)
     return record
 
 
 def ratios(modes: dict) -> dict:
     """offline / online error per observation set and metric, and the step-time ratio."""
     out = {}
-    for online in ("online", "online+aug"):
+    for online in [name for name in ("online", "online+aug") if name in modes and "offline" in modes]:
         for split in ("train_obs", "held_out_obs"):
             for metric in ("velocity_mse", "chunk_mse"):
                 offline, other = modes["offline"][split][metric], modes[online][split][metric]
@@ -207,13 +229,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every run (default per size).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated regimes (of {', '.join(MODES)}).")
     args = parser.parse_args()
+    args.modes = [name.strip() for name in args.modes.split(",") if name.strip()]
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})")
     torch.manual_seed(args.seed)
-    record = run(args)
-    text = json.dumps(record, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    print(json.dumps(run(args), indent=2))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from schemas.base import StrictModel, canonical_json
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage, LanguageSegment, SourceKind
 from schemas import refs
 from storage import lineage
-from storage.episodes import EpisodeStore
+from storage.episodes import EpisodePublisher, EpisodeStore
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str
 
 def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, features: dict[str, FeatureSpec],
                    blocks: Iterable[FrameBlock | ChunkBlock | LowdimBlock], frame_storage: dict[str, FrameStorage],
-                   fps: float) -> list[LanguageSegment]:
-    """Stream one episode's blocks into the store; published only when all of it is written.
+                   fps: float, publisher: EpisodePublisher | None = None) -> list[LanguageSegment]:
+    """Stream one episode's blocks into the store; published only when all of it is written (by
+    ``publisher``'s thread when given, while the caller goes on to the next episode).
 
     Blocks are read one step ahead in a thread, so decoding overlaps the store's compression.
     """
@@ -101,7 +102,8 @@ def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, f
         length=episode.length, success=episode.success, source_path=episode.source_path,
         source_checksum=checksum, extra=episode.extra, source_bytes=_source_bytes(episode))
     segments: list[LanguageSegment] = []
-    with store.writer(record, features, frame_storage, fps) as writer, closing(prefetch(blocks)) as stream:
+    with store.writer(record, features, frame_storage, fps, publisher) as writer, \
+            closing(prefetch(blocks)) as stream:
         for block in stream:
             if isinstance(block, FrameBlock):
                 writer.append_frames(block.camera, block.frames_THWC)
@@ -121,11 +123,13 @@ def _source_bytes(episode: SourceEpisode) -> int:
 
 
 def _ingest_one(store: EpisodeStore, kind: str, episode: SourceEpisode, checksum: str, layout: SourceLayout,
-                blocks: Iterable[FrameBlock | ChunkBlock | LowdimBlock], strict: bool) -> EpisodeResult:
+                blocks: Iterable[FrameBlock | ChunkBlock | LowdimBlock], strict: bool,
+                publisher: EpisodePublisher | None = None) -> EpisodeResult:
     if store.has_episode(episode.episode_id, checksum):
         return EpisodeResult(episode_id=episode.episode_id, status="skipped")
     try:
-        segments = _write_episode(store, episode, checksum, layout.features, blocks, layout.frame_storage, layout.fps)
+        segments = _write_episode(store, episode, checksum, layout.features, blocks, layout.frame_storage, layout.fps,
+                                  publisher)
     except ValueError as err:
         message = _quarantine(store, kind, err, episode.episode_id, strict, file=episode.source_path)
         return EpisodeResult(episode_id=episode.episode_id, status="quarantined", message=message)
@@ -173,11 +177,16 @@ def ingest_teleop_episode(root_url: str, dataset: str, path: str, options: teleo
 
 @task(name="ingest-lerobot-group", cache_policy=NO_CACHE)
 def ingest_lerobot_group(root_url: str, dataset: str, src: str, group: list[int], options: lerobot.LeRobotOptions,
-                         strict: bool) -> list[EpisodeResult]:
-    """Episodes sharing data/video files, read in file order so each video is decoded once."""
+                         strict: bool, meta: lerobot.LeRobotMeta | None = None,
+                         layout: SourceLayout | None = None) -> list[EpisodeResult]:
+    """Episodes sharing data/video files, read in file order so each video is decoded once.
+
+    ``meta`` and ``layout``: the folder's metadata and layout when the caller has read them (else
+    read here). Each episode is synced and published in the background while the next is read.
+    """
     store = EpisodeStore(root_url, dataset)
-    meta = lerobot.load_meta(src)
-    layout = lerobot.source_layout(meta, options)
+    meta = meta or lerobot.load_meta(src)
+    layout = layout or lerobot.source_layout(meta, options)
     digests: dict[str, str] = {}
     checksums, results, skip = {}, [], set()
     for ep in group:
@@ -187,10 +196,11 @@ def ingest_lerobot_group(root_url: str, dataset: str, src: str, group: list[int]
             skip.add(ep)
             results.append(EpisodeResult(episode_id=episode.episode_id, status="skipped"))
     shares = _file_shares(meta, group, options)
-    for episode, blocks in lerobot.read_lerobot_group(meta, group, options, skip=skip):
-        ep = episode.extra["episode_index"]
-        episode.source_bytes = shares[ep]
-        results.append(_ingest_one(store, "lerobot", episode, checksums[ep], layout, blocks, strict))
+    with EpisodePublisher() as publisher:
+        for episode, blocks in lerobot.read_lerobot_group(meta, group, options, skip=skip):
+            ep = episode.extra["episode_index"]
+            episode.source_bytes = shares[ep]
+            results.append(_ingest_one(store, "lerobot", episode, checksums[ep], layout, blocks, strict, publisher))
     return results
 
 
@@ -250,18 +260,20 @@ def merge_segments(store: EpisodeStore, fresh: dict[str, list[tuple[LanguageSegm
     return segments, None
 
 
-def dataset_stats(store: EpisodeStore, features: dict[str, FeatureSpec]) -> dict:
-    """Normalisation statistics of every float column: per episode, then aggregated."""
+def dataset_stats(store: EpisodeStore, features: dict[str, FeatureSpec],
+                  records: list[EpisodeRecord] | None = None) -> dict:
+    """Normalisation statistics of every float column: per episode, then aggregated (``records``:
+    the stored episodes' records when the caller has them, else listed)."""
     per_column: dict[str, list[stats_lib.EpisodeStats]] = {
         name: [] for name, spec in features.items() if np.dtype(spec.dtype).kind == "f"}
-    for record in store.records():
+    for record in store.records() if records is None else records:
         absent = set(record.extra.get("absent_fields", []))
         table = store.read_lowdim(record.episode_id, [c for c in per_column if c not in absent])
         for name, spec in features.items():
             if name in per_column and name not in absent and len(table):
                 values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
                 per_column[name].append(stats_lib.episode_stats(values.reshape(len(table), *spec.shape)))
-    return {name: stats_lib.aggregate(parts) for name, parts in per_column.items() if parts}
+    return stats_lib.aggregate_columns({name: parts for name, parts in per_column.items() if parts})
 
 
 def _finish(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayout,
@@ -286,7 +298,7 @@ def _finish(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayou
                        fps=layout.fps, cameras=cameras, features=features, extra=layout.extra,
                        frame_storage=frame_storage, absent_fields=_absent_fields(stored),
                        source_bytes=_dataset_source_bytes(stored, layout))
-    info.stats = dataset_stats(store, features) if records else None
+    info.stats = dataset_stats(store, features, stored) if records else None
     if old is None or old.model_dump(mode="json") != info.model_dump(mode="json"):
         store.write_info(info)
 
@@ -389,8 +401,8 @@ def ingest_lerobot(root_url: str, dataset: str, src: str, options: lerobot.LeRob
     store = EpisodeStore(root_url, dataset)
     _check_kind(store, "lerobot")
     layout = lerobot.source_layout(meta, options)
-    calls = [dict(root_url=root_url, dataset=dataset, src=str(src), group=group, options=options, strict=strict)
-             for group in lerobot.episode_groups(meta, options)]
+    calls = [dict(root_url=root_url, dataset=dataset, src=str(src), group=group, options=options, strict=strict,
+                  meta=meta, layout=layout) for group in lerobot.episode_groups(meta, options)]
     results = [r for group_results in map_tasks(ingest_lerobot_group, calls) for r in group_results]
     fresh = {r.episode_id: [(s, None) for s in r.segments] for r in results if r.segments is not None}
     _finish(store, "lerobot", src, layout, fresh)

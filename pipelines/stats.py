@@ -10,6 +10,7 @@ within the grid's resolution otherwise).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -54,28 +55,71 @@ def aggregate(parts: list[EpisodeStats]) -> ColumnStats:
     """Dataset statistics of one column from its per-episode statistics."""
     if not parts:
         raise ValueError("cannot aggregate statistics of zero episodes")
+    return aggregate_columns({"": parts})[""]
+
+
+def aggregate_columns(parts_by_column: dict[str, list[EpisodeStats]]) -> dict[str, ColumnStats]:
+    """Dataset statistics of every column from its per-episode statistics, the same bit for bit as
+    :func:`aggregate` of each, with the q01/q99 bisections of all columns run as one.
+
+    Each bisection step evaluates one mixture CDF for every (column, quantile) at once instead of
+    one per column and quantile (240 small numpy passes for two columns: most of the statistics'
+    cost, which does not grow with the data).
+    """
+    for name, parts in parts_by_column.items():
+        if not parts:
+            raise ValueError(f"cannot aggregate statistics of zero episodes (column '{name}')")
+    quantiles = _mixture_quantiles({(name, p): parts for name, parts in parts_by_column.items()
+                                    for p in (LOW_Q, HIGH_Q)})
+    return {name: _column_stats(parts, quantiles[name, LOW_Q], quantiles[name, HIGH_Q])
+            for name, parts in parts_by_column.items()}
+
+
+def _column_stats(parts: list[EpisodeStats], q01_D: np.ndarray, q99_D: np.ndarray) -> ColumnStats:
     counts_E = np.array([p.count for p in parts], dtype=np.float64)
     means_ED = np.stack([p.mean for p in parts])
     total = counts_E.sum()
     mean_D = (counts_E[:, None] * means_ED).sum(axis=0) / total
     m2_D = sum(p.m2 for p in parts) + (counts_E[:, None] * (means_ED - mean_D) ** 2).sum(axis=0)
-    quantiles_EKD = np.stack([p.quantiles_KD for p in parts])
-    weights_E = counts_E / total
     return ColumnStats(
         mean=mean_D.tolist(), std=np.sqrt(m2_D / total).tolist(),
         min=np.min([p.min for p in parts], axis=0).tolist(), max=np.max([p.max for p in parts], axis=0).tolist(),
-        q01=mixture_quantile(quantiles_EKD, weights_E, LOW_Q).tolist(),
-        q99=mixture_quantile(quantiles_EKD, weights_E, HIGH_Q).tolist(),
-        count=int(total),
+        q01=q01_D.tolist(), q99=q99_D.tolist(), count=int(total),
     )
+
+
+def _mixture_quantiles(jobs: dict[tuple[str, float], list[EpisodeStats]]) -> dict[tuple[str, float], np.ndarray]:
+    """The ``p`` quantile of each (column, p) job's mixture; jobs with the same episode weights are
+    bisected together, their elements side by side along D.
+
+    Side by side is exact because every step is elementwise in D except the weighted sum over
+    episodes, which numpy adds in episode order whatever D is -- except for one element (D == 1)
+    and 8 or more episodes, where it sums pairwise: such a job is bisected alone, as before.
+    """
+    batches: dict[Any, list[tuple[str, float]]] = {}
+    for job, parts in jobs.items():
+        weights_E = np.array([p.count for p in parts], dtype=np.float64)
+        alone = parts[0].quantiles_KD.shape[1] == 1 and len(parts) >= 8
+        batches.setdefault(job if alone else (len(parts), (weights_E / weights_E.sum()).tobytes()), []).append(job)
+    out: dict[tuple[str, float], np.ndarray] = {}
+    for members in batches.values():
+        parts_by_job = [jobs[job] for job in members]
+        counts_E = np.array([p.count for p in parts_by_job[0]], dtype=np.float64)
+        quantiles_EKD = np.concatenate([np.stack([p.quantiles_KD for p in parts]) for parts in parts_by_job], axis=2)
+        p_D = np.concatenate([np.full(parts[0].quantiles_KD.shape[1], job[1]) for job, parts in
+                              zip(members, parts_by_job)])
+        values_D = mixture_quantile(quantiles_EKD, counts_E / counts_E.sum(), p_D)
+        bounds = np.cumsum([0, *(parts[0].quantiles_KD.shape[1] for parts in parts_by_job)])
+        out.update({job: values_D[lo:hi] for job, lo, hi in zip(members, bounds[:-1], bounds[1:])})
+    return out
 
 
 def mixture_cdf(quantiles_EKD: np.ndarray, weights_E: np.ndarray, x_D: np.ndarray) -> np.ndarray:
     """CDF at ``x_D`` of the weighted mixture of piecewise-linear per-episode quantile functions."""
     below_ED = (quantiles_EKD <= x_D).sum(axis=1)
     k_hi = np.clip(below_ED, 1, len(QUANTILE_GRID) - 1)
-    q_lo = np.take_along_axis(quantiles_EKD, (k_hi - 1)[:, None, :], axis=1)[:, 0, :]
-    q_hi = np.take_along_axis(quantiles_EKD, k_hi[:, None, :], axis=1)[:, 0, :]
+    e_E1, d_1D = np.arange(len(quantiles_EKD))[:, None], np.arange(quantiles_EKD.shape[2])[None, :]
+    q_lo, q_hi = quantiles_EKD[e_E1, k_hi - 1, d_1D], quantiles_EKD[e_E1, k_hi, d_1D]
     p_lo, p_hi = QUANTILE_GRID[k_hi - 1], QUANTILE_GRID[k_hi]
     span = np.where(q_hi > q_lo, q_hi - q_lo, 1.0)
     within = np.clip((x_D - q_lo) / span, 0.0, 1.0)
@@ -84,10 +128,12 @@ def mixture_cdf(quantiles_EKD: np.ndarray, weights_E: np.ndarray, x_D: np.ndarra
     return (weights_E[:, None] * cdf_ED).sum(axis=0)
 
 
-def mixture_quantile(quantiles_EKD: np.ndarray, weights_E: np.ndarray, p: float) -> np.ndarray:
-    """The ``p`` quantile (D,) of the mixture, by bisection between the global min and max."""
+def mixture_quantile(quantiles_EKD: np.ndarray, weights_E: np.ndarray, p: float | np.ndarray) -> np.ndarray:
+    """The ``p`` quantile (D,) of the mixture (``p`` one probability, or one per element (D,)), by
+    bisection between the global min and max."""
     if len(quantiles_EKD) == 1:
-        return np.array([np.interp(p, QUANTILE_GRID, q) for q in quantiles_EKD[0].T])
+        p_D = np.broadcast_to(p, quantiles_EKD.shape[2:])
+        return np.array([np.interp(p_d, QUANTILE_GRID, q) for p_d, q in zip(p_D, quantiles_EKD[0].T)])
     lo, hi = quantiles_EKD[:, 0, :].min(axis=0), quantiles_EKD[:, -1, :].max(axis=0)
     for _ in range(_BISECTION_STEPS):
         mid = 0.5 * (lo + hi)

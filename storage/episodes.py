@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +32,8 @@ from storage import frame_codecs, layout
 from storage.fs import Root, open_root, parquet_bytes, read_parquet
 
 log = logging.getLogger(__name__)
+ZARR_JSON = "zarr.json"
+"""A zarr v3 node's metadata document (group or array)."""
 RAW = FrameStorage(codec="raw", zstd_level=3)
 """Frames of a camera given no frame storage: raw uint8 under zstd level 3 (the store's original format)."""
 
@@ -152,13 +155,15 @@ class EpisodeStore:
         return flat.reshape((len(table), *shape))
 
     def writer(self, record: EpisodeRecord, features: dict[str, FeatureSpec],
-               frame_storage: dict[str, FrameStorage] | None = None, fps: float = 30.0) -> "EpisodeWriter":
+               frame_storage: dict[str, FrameStorage] | None = None, fps: float = 30.0,
+               publisher: "EpisodePublisher | None" = None) -> "EpisodeWriter":
         """A writer that stages the episode and publishes it on successful exit of its ``with``.
 
         ``frame_storage`` gives each camera's codec (cameras not named: raw under zstd 3); ``fps``
-        is the frame rate recorded in encoded video segments.
+        is the frame rate recorded in encoded video segments. With a ``publisher`` the staged
+        episode is synced and published on its thread (the writer's exit returns once staged).
         """
-        return EpisodeWriter(self, record, features, frame_storage or {}, fps)
+        return EpisodeWriter(self, record, features, frame_storage or {}, fps, publisher)
 
     # segments, quarantine, fingerprint --------------------------------------------------
     def write_segments(self, segments: list[LanguageSegment], embeddings: np.ndarray | None = None) -> None:
@@ -226,13 +231,18 @@ class EpisodeWriter:
     """
 
     def __init__(self, store: EpisodeStore, record: EpisodeRecord, features: dict[str, FeatureSpec],
-                 frame_storage: dict[str, FrameStorage], fps: float):
+                 frame_storage: dict[str, FrameStorage], fps: float, publisher: "EpisodePublisher | None" = None):
         self.store, self.record, self.features = store, record, features
-        self.frame_storage, self.fps = frame_storage, fps
+        self.frame_storage, self.fps, self.publisher = frame_storage, fps, publisher
         self.root = store.root
         self.final = layout.episode_dir(store.dataset, record.episode_id)
         self.staging = f"{layout.episodes_dir(store.dataset)}/{layout.STAGING}/{record.episode_id}-{uuid.uuid4().hex[:8]}"
         self._group: zarr.Group | None = None
+        """The frames group on the root, for cameras whose frames zarr encodes (raw, video encode)."""
+        self._metadata_group: zarr.Group | None = None
+        """The frames group in memory, for pass-through cameras: zarr builds their metadata there and
+        the writer stores its documents and the shards itself (no store round trips per file)."""
+        self._arrays: dict[str, zarr.Array] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._chunks: dict[str, list[bytes]] = {}
         self._shards: dict[str, int] = {}
@@ -319,24 +329,49 @@ class EpisodeWriter:
     def _write_shard(self, camera: str, payloads: list[bytes]) -> None:
         per_shard = self._shard_frames(camera) // self._storage(camera).segment_frames
         index = self._shards.get(camera, 0)
-        key = self._group[camera].metadata.encode_chunk_key((index, 0, 0, 0))
+        key = self._arrays[camera].metadata.encode_chunk_key((index, 0, 0, 0))
         data = frame_codecs.shard_bytes(payloads, per_shard)
-        sync(self._group.store.set(f"{camera}/{key}", default_buffer_prototype().buffer.from_bytes(data)))
+        # Unsynced: commit syncs the whole staging folder before the marker.
+        self.root.write_bytes_atomic(f"{self.staging}/{layout.FRAMES}/{camera}/{key}", data, durable=False)
         self._shards[camera] = index + 1
 
     def _array(self, camera: str, frame_shape: tuple[int, ...], extradata: bytes | None = None,
                length: int = 0) -> zarr.Array:
-        if self._group is None:
-            self._group = zarr.open_group(self.root.zarr_store(f"{self.staging}/{layout.FRAMES}"), mode="w")
-        if camera in self._group:
-            return self._group[camera]
+        if camera in self._arrays:
+            return self._arrays[camera]
         storage = self._storage(camera)
         self._array_storage[camera] = storage
+        group = self._pass_through_group() if storage.pass_through else self._encoded_group()
         serializer, compressors = frame_codecs.serializer_and_compressors(storage, extradata, self.fps)
-        return self._group.create_array(
+        self._arrays[camera] = group.create_array(
             camera, shape=(length, *frame_shape), dtype="uint8", chunks=(storage.segment_frames, *frame_shape),
             shards=(self._shard_frames(camera), *frame_shape), serializer=serializer, compressors=compressors,
             fill_value=0, attributes={"frame_storage": storage.model_dump(mode="json")})
+        if storage.pass_through:
+            self._store_metadata(f"{camera}/{ZARR_JSON}")
+        return self._arrays[camera]
+
+    def _encoded_group(self) -> zarr.Group:
+        """The frames group on the root (made at first use; opened as it is when pass-through
+        cameras already stored its document)."""
+        if self._group is None:
+            mode = "w" if self._metadata_group is None else "a"
+            self._group = zarr.open_group(self.root.zarr_store(f"{self.staging}/{layout.FRAMES}"), mode=mode)
+        return self._group
+
+    def _pass_through_group(self) -> zarr.Group:
+        """The in-memory frames group whose documents the writer stores (the group's own at once,
+        unless zarr already wrote it on the root)."""
+        if self._metadata_group is None:
+            self._metadata_group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+            if self._group is None:
+                self._store_metadata(ZARR_JSON)
+        return self._metadata_group
+
+    def _store_metadata(self, key: str) -> None:
+        """Copy one zarr document of the in-memory group into the staging folder, byte for byte."""
+        document = sync(self._metadata_group.store.get(key, default_buffer_prototype()))
+        self.root.write_bytes_atomic(f"{self.staging}/{layout.FRAMES}/{key}", document.to_bytes(), durable=False)
 
     def set_lowdim(self, columns: dict[str, np.ndarray], timestamps: np.ndarray | None = None,
                    absent: list[str] | None = None) -> None:
@@ -365,7 +400,8 @@ class EpisodeWriter:
             self.record.extra["absent_fields"] = absent
 
     def commit(self) -> None:
-        """Flush the last partial shards, check lengths, then publish (marker last)."""
+        """Flush the last partial shards, check lengths, then publish (marker last; on the
+        publisher's thread when the writer has one)."""
         for camera in list(self._buffers):
             if self._buffers[camera]:
                 self._flush(camera, sum(len(b) for b in self._buffers[camera]))
@@ -381,8 +417,14 @@ class EpisodeWriter:
             self.root.write_bytes_atomic(f"{self.staging}/{layout.LOWDIM}", parquet_bytes(self._lowdim), durable=False)
         self.root.write_json_atomic(f"{self.staging}/{layout.EPISODE_RECORD}", self.record.model_dump(mode="json"),
                                     durable=False)
-        # One concurrent sync of everything staged (frame chunks included, which zarr writes unsynced)
-        # before the rename and the marker publish it: a marker never names bytes a power loss takes back.
+        if self.publisher is None:
+            self._sync_and_publish()
+        else:
+            self.publisher.submit(self._sync_and_publish)
+
+    def _sync_and_publish(self) -> None:
+        # One concurrent sync of everything staged (frame chunks included, written unsynced) before
+        # the rename and the marker publish it: a marker never names bytes a power loss takes back.
         self.root.fsync_tree(self.staging)
         self._publish()
 
@@ -398,6 +440,48 @@ class EpisodeWriter:
         self.store._arrays = {k: v for k, v in self.store._arrays.items() if k[0] != self.record.episode_id}
         log.info("dataset %s: stored episode %s (%d frames)", self.store.dataset, self.record.episode_id,
                  self.record.length)
+
+
+class EpisodePublisher:
+    """Syncs and publishes staged episodes on one background thread, in the order committed.
+
+    An episode's publication is mostly waiting on the disk (its files' fsyncs, the marker's); with a
+    publisher, a writer's commit hands that over and the caller reads and stages the next episode
+    meanwhile. Each episode is still synced whole before its rename and marker. Leaving the ``with``
+    waits for every submitted episode and raises the first failure (after all have finished).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="episode-publish")
+        self._pending: list[Future] = []
+
+    def submit(self, publish: Callable[[], None]) -> None:
+        """Queue one staged episode's publication; raises a failure of an earlier one at once."""
+        for future in self._pending:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+        self._pending.append(self._pool.submit(publish))
+
+    def wait(self) -> None:
+        """Block until every queued publication has finished; raise the first failure."""
+        pending, self._pending = self._pending, []
+        errors = [err for err in (future.exception() for future in pending) if err is not None]
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "EpisodePublisher":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:  # the caller's error wins; the episodes it staged before it are still published
+                for future in self._pending:
+                    if future.exception() is not None:
+                        log.error("publishing a staged episode failed too: %s", future.exception())
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def read_start_frames(root: Root | str, rows: list[Any], stores: dict[str, EpisodeStore]) -> list[np.ndarray]:

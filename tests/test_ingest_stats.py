@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.stats import aggregate, episode_stats, format_stats, mixture_cdf
+from pipelines.stats import (
+    aggregate,
+    aggregate_columns,
+    episode_stats,
+    format_stats,
+    mixture_cdf,
+    mixture_quantile,
+)
 
 
 def test_single_episode_matches_numpy_exactly():
@@ -48,6 +55,30 @@ def test_empty_inputs_are_errors():
         episode_stats(np.zeros((0, 3)))
     with pytest.raises(ValueError):
         aggregate([])
+
+
+def test_columns_aggregated_together_equal_each_aggregated_alone():
+    """The joint bisection of every column's q01/q99 gives each column's statistics bit for bit,
+    including one-element columns over 8+ episodes (numpy sums those pairwise) and columns with
+    other episode counts (an optional field absent from some episodes)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=10)
+    columns = {
+        "state": [episode_stats(rng.normal(size=(n, 6))) for n in lengths],
+        "action": [episode_stats(rng.normal(size=(n, 14)) * 3) for n in lengths],
+        "gripper": [episode_stats(np.round(rng.normal(size=(n, 1)) * 4)) for n in lengths],
+        "effort": [episode_stats(rng.normal(size=(n, 2))) for n in lengths[:3]],
+        "base": [episode_stats(rng.normal(size=(n, 1))) for n in lengths[:2]],
+        "single": [episode_stats(rng.normal(size=(7, 3)))],
+    }
+    joint = aggregate_columns(columns)
+    for name, parts in columns.items():
+        counts = np.array([p.count for p in parts], dtype=np.float64)
+        quantiles = np.stack([p.quantiles_KD for p in parts])
+        for stat, p in (("q01", 0.01), ("q99", 0.99)):  # one bisection per column and quantile
+            alone = mixture_quantile(quantiles, counts / counts.sum(), p)
+            assert getattr(joint[name], stat) == alone.tolist(), (name, stat)
+        assert joint[name].mean == aggregate(parts).mean
 
 
 def test_format_stats_shows_every_statistic():

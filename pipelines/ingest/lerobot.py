@@ -263,14 +263,15 @@ def _episodes_v3(root: Path) -> dict[int, dict[str, Any]]:
         raise IngestError(root / "meta/episodes", None, None, "no episode metadata parquet files")
     episodes: dict[int, dict[str, Any]] = {}
     for path in files:
-        try:
-            table = pq.read_table(path)
+        try:  # without the per-episode stats/ columns (most of the file), which ingest recomputes
+            parquet = pq.ParquetFile(path)
+            keep = [c for c in parquet.schema_arrow.names if not c.startswith("stats/")]
+            table = parquet.read(columns=keep)
         except (OSError, pa.ArrowException) as err:
             raise IngestError(path, None, None, f"unreadable parquet ({err})") from None
         if "episode_index" not in table.column_names:
             raise IngestError(path, None, "episode_index", "column missing")
-        keep = [c for c in table.column_names if not c.startswith("stats/")]
-        for row in table.select(keep).to_pylist():
+        for row in table.to_pylist():
             episodes[int(row["episode_index"])] = row
     return episodes
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from schemas.base import FORMAT_VERSION
-from tests.factories import FEATURES, make_dataset, write_episode
+from tests.factories import FEATURES, episode_arrays, make_dataset, write_episode
 
 
 @pytest.mark.parametrize("url_kind", ["path", "file", "memory"])
@@ -55,6 +55,78 @@ def test_failed_write_leaves_nothing(tmp_path):
             writer.append_frames("cam", record_arrays["frames"][:5])
             writer.set_lowdim({"action": np.full((5, 4), np.nan), "state": np.zeros((5, 6))})
     assert store.episode_ids() == ["keep"]
+
+
+def _jpeg_episode(store, publisher, episode_id: str, length: int, seed: int) -> np.ndarray:
+    """One episode of a pass-through JPEG camera 'cam' (chunks as a source hands them) and a raw
+    'depth' camera, through ``publisher``; returns the decoded JPEG frames."""
+    import cv2
+
+    from schemas.dataset import EpisodeRecord, FrameStorage
+
+    arrays = episode_arrays(length, 16, seed)
+    jpegs = [cv2.imencode(".jpg", frame)[1].tobytes() for frame in arrays["frames"]]
+    storage = {"cam": FrameStorage(codec="source-jpeg", pass_through=True), "depth": FrameStorage(codec="raw")}
+    record = EpisodeRecord(episode_id=episode_id, task="t", length=length, source_path="x", source_checksum=f"c{seed}")
+    with store.writer(record, FEATURES, storage, publisher=publisher) as writer:
+        for start in range(0, length, 5):
+            writer.append_chunks("cam", jpegs[start:start + 5], len(jpegs[start:start + 5]), (16, 16, 3))
+            writer.append_frames("depth", arrays["frames"][start:start + 5])
+        writer.set_lowdim({"action": arrays["action"], "state": arrays["state"]})
+    return np.stack([cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs])
+
+
+def test_background_publisher_syncs_each_episode_before_its_marker(tmp_path, monkeypatch):
+    """With an EpisodePublisher each episode is synced whole (pass-through chunks and the metadata
+    the writer stores itself included) before its rename and marker, and all are complete once
+    the publisher's ``with`` is left."""
+    import storage.fs as fs
+    from storage.episodes import EpisodePublisher
+
+    synced: set[str] = set()
+    unsynced_at_rename: list[list[str]] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fs.os, "fsync", lambda fd: (synced.add(os.readlink(f"/proc/self/fd/{fd}")),
+                                                    real_fsync(fd))[1])
+
+    def record_rename(self, src_rel, dst_rel, _real=fs.Root.rename):
+        if ".staging" in src_rel:
+            folder = self.path(src_rel)
+            staged = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files] + [folder]
+            unsynced_at_rename.append(sorted(p for p in staged if p not in synced))
+        return _real(self, src_rel, dst_rel)
+
+    monkeypatch.setattr(fs.Root, "rename", record_rename)
+    store = make_dataset(tmp_path)
+    with EpisodePublisher() as publisher:
+        decoded = {f"ep{i}": _jpeg_episode(store, publisher, f"ep{i}", 12, i) for i in range(3)}
+    assert unsynced_at_rename == [[], [], []]
+    assert store.episode_ids() == ["ep0", "ep1", "ep2"]
+    for episode_id, frames in decoded.items():
+        assert np.array_equal(store.read_frames(episode_id, "cam"), frames)
+        assert np.array_equal(store.read_frames(episode_id, "depth"), episode_arrays(12, 16, int(episode_id[2:]))["frames"])
+
+
+def test_background_publisher_raises_a_failed_publication(tmp_path, monkeypatch):
+    """A publication that fails (here its sync) is raised when the publisher's ``with`` is left;
+    that episode gets no marker, the others are published."""
+    import storage.fs as fs
+    from storage.episodes import EpisodePublisher
+
+    real_sync = fs.Root.fsync_tree
+
+    def failing_sync(self, rel):
+        if "/ep1-" in rel:
+            raise OSError(5, "Input/output error")
+        return real_sync(self, rel)
+
+    monkeypatch.setattr(fs.Root, "fsync_tree", failing_sync)
+    store = make_dataset(tmp_path)
+    with pytest.raises(OSError, match="Input/output error"):
+        with EpisodePublisher() as publisher:
+            for i in range(3):
+                _jpeg_episode(store, publisher, f"ep{i}", 6, i)
+    assert "ep1" not in store.episode_ids() and "ep0" in store.episode_ids()
 
 
 def test_format_version_mismatch_is_a_clear_error(tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from schemas.base import validate_stored
@@ -29,7 +33,7 @@ from schemas.dataset import (
     lowdim_schema,
 )
 from storage import frame_codecs, layout
-from storage.fs import Root, open_root, parquet_bytes, read_parquet
+from storage.fs import DiskFullError, Root, free_bytes, open_root, parquet_bytes, read_parquet
 
 log = logging.getLogger(__name__)
 ZARR_JSON = "zarr.json"
@@ -239,10 +243,11 @@ class EpisodeWriter:
         self.staging = f"{layout.episodes_dir(store.dataset)}/{layout.STAGING}/{record.episode_id}-{uuid.uuid4().hex[:8]}"
         self._group: zarr.Group | None = None
         """The frames group on the root, for cameras whose frames zarr encodes (raw, video encode)."""
-        self._metadata_group: zarr.Group | None = None
-        """The frames group in memory, for pass-through cameras: zarr builds their metadata there and
-        the writer stores its documents and the shards itself (no store round trips per file)."""
         self._arrays: dict[str, zarr.Array] = {}
+        self._pass_through: dict[str, ArrayV3Metadata] = {}
+        """Pass-through cameras' array metadata: the writer stores its document and the shards
+        itself (no zarr store round trips per file)."""
+        self._group_document_stored = False
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._chunks: dict[str, list[bytes]] = {}
         self._shards: dict[str, int] = {}
@@ -315,9 +320,9 @@ class EpisodeWriter:
         elif self._array_storage[camera].segment_frames != segment_frames:
             raise ValueError(f"{self._where(camera)}: segments of {segment_frames} frames after segments of "
                              f"{self._array_storage[camera].segment_frames}")
-        array = self._array(camera, tuple(frame_shape), extradata, length=self.record.length)
-        if array.shape[1:] != tuple(frame_shape):
-            raise ValueError(f"{self._where(camera)}: frame size changed from {array.shape[1:]} to {frame_shape}")
+        metadata = self._pass_through_array(camera, tuple(frame_shape), extradata)
+        if metadata.shape[1:] != tuple(frame_shape):
+            raise ValueError(f"{self._where(camera)}: frame size changed from {metadata.shape[1:]} to {frame_shape}")
         pending = self._chunks.setdefault(camera, [])
         pending.extend(payloads)
         self._written[camera] = self._written.get(camera, 0) + frames
@@ -329,11 +334,25 @@ class EpisodeWriter:
     def _write_shard(self, camera: str, payloads: list[bytes]) -> None:
         per_shard = self._shard_frames(camera) // self._storage(camera).segment_frames
         index = self._shards.get(camera, 0)
-        key = self._arrays[camera].metadata.encode_chunk_key((index, 0, 0, 0))
-        data = frame_codecs.shard_bytes(payloads, per_shard)
-        # Unsynced: commit syncs the whole staging folder before the marker.
-        self.root.write_bytes_atomic(f"{self.staging}/{layout.FRAMES}/{camera}/{key}", data, durable=False)
+        key = self._pass_through[camera].encode_chunk_key((index, 0, 0, 0))
+        self._write_staged(f"{layout.FRAMES}/{camera}/{key}", frame_codecs.shard_bytes(payloads, per_shard))
         self._shards[camera] = index + 1
+
+    def _write_staged(self, rel: str, data: bytes) -> None:
+        """Write one file of the staging folder, unsynced and in place: nobody reads the folder
+        before commit syncs all of it and renames it into place (on an object store: one PUT)."""
+        path = self.root.path(self.staging, rel)
+        if not self.root.is_local:
+            self.root.fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise DiskFullError(path, len(data), free_bytes(path)) from None
+            raise
 
     def _array(self, camera: str, frame_shape: tuple[int, ...], extradata: bytes | None = None,
                length: int = 0) -> zarr.Array:
@@ -341,37 +360,32 @@ class EpisodeWriter:
             return self._arrays[camera]
         storage = self._storage(camera)
         self._array_storage[camera] = storage
-        group = self._pass_through_group() if storage.pass_through else self._encoded_group()
+        if self._group is None:  # opened as it is when pass-through cameras already stored its document
+            mode = "a" if self._group_document_stored else "w"
+            self._group = zarr.open_group(self.root.zarr_store(f"{self.staging}/{layout.FRAMES}"), mode=mode)
         serializer, compressors = frame_codecs.serializer_and_compressors(storage, extradata, self.fps)
-        self._arrays[camera] = group.create_array(
+        self._arrays[camera] = self._group.create_array(
             camera, shape=(length, *frame_shape), dtype="uint8", chunks=(storage.segment_frames, *frame_shape),
             shards=(self._shard_frames(camera), *frame_shape), serializer=serializer, compressors=compressors,
             fill_value=0, attributes={"frame_storage": storage.model_dump(mode="json")})
-        if storage.pass_through:
-            self._store_metadata(f"{camera}/{ZARR_JSON}")
         return self._arrays[camera]
 
-    def _encoded_group(self) -> zarr.Group:
-        """The frames group on the root (made at first use; opened as it is when pass-through
-        cameras already stored its document)."""
-        if self._group is None:
-            mode = "w" if self._metadata_group is None else "a"
-            self._group = zarr.open_group(self.root.zarr_store(f"{self.staging}/{layout.FRAMES}"), mode=mode)
-        return self._group
-
-    def _pass_through_group(self) -> zarr.Group:
-        """The in-memory frames group whose documents the writer stores (the group's own at once,
-        unless zarr already wrote it on the root)."""
-        if self._metadata_group is None:
-            self._metadata_group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-            if self._group is None:
-                self._store_metadata(ZARR_JSON)
-        return self._metadata_group
-
-    def _store_metadata(self, key: str) -> None:
-        """Copy one zarr document of the in-memory group into the staging folder, byte for byte."""
-        document = sync(self._metadata_group.store.get(key, default_buffer_prototype()))
-        self.root.write_bytes_atomic(f"{self.staging}/{layout.FRAMES}/{key}", document.to_bytes(), durable=False)
+    def _pass_through_array(self, camera: str, frame_shape: tuple[int, ...], extradata: bytes | None) -> ArrayV3Metadata:
+        """The metadata of a pass-through camera's array, its document (and the group's, unless zarr
+        wrote that) stored at first use: the bytes zarr itself writes for the same array."""
+        if camera in self._pass_through:
+            return self._pass_through[camera]
+        storage = self._storage(camera)
+        self._array_storage[camera] = storage
+        template = _pass_through_template(frame_shape, self._shard_frames(camera), storage.model_dump_json(),
+                                          extradata, self.fps)
+        metadata = self._pass_through[camera] = template.update_shape((self.record.length, *frame_shape))
+        if self._group is None and not self._group_document_stored:
+            self._write_staged(f"{layout.FRAMES}/{ZARR_JSON}", _group_document())
+            self._group_document_stored = True
+        document = metadata.to_buffer_dict(default_buffer_prototype())[ZARR_JSON].to_bytes()
+        self._write_staged(f"{layout.FRAMES}/{camera}/{ZARR_JSON}", document)
+        return metadata
 
     def set_lowdim(self, columns: dict[str, np.ndarray], timestamps: np.ndarray | None = None,
                    absent: list[str] | None = None) -> None:
@@ -414,9 +428,10 @@ class EpisodeWriter:
         if self._lowdim is None and self.features:
             raise ValueError(f"{self._where('lowdim')}: low-dim columns were never set")
         if self._lowdim is not None:
-            self.root.write_bytes_atomic(f"{self.staging}/{layout.LOWDIM}", parquet_bytes(self._lowdim), durable=False)
-        self.root.write_json_atomic(f"{self.staging}/{layout.EPISODE_RECORD}", self.record.model_dump(mode="json"),
-                                    durable=False)
+            self._write_staged(layout.LOWDIM, parquet_bytes(self._lowdim))
+        # The text Root.write_json_atomic writes (record files read back by every stage).
+        record = json.dumps(self.record.model_dump(mode="json"), indent=2, sort_keys=True, default=str)
+        self._write_staged(layout.EPISODE_RECORD, record.encode())
         if self.publisher is None:
             self._sync_and_publish()
         else:
@@ -440,6 +455,29 @@ class EpisodeWriter:
         self.store._arrays = {k: v for k, v in self.store._arrays.items() if k[0] != self.record.episode_id}
         log.info("dataset %s: stored episode %s (%d frames)", self.store.dataset, self.record.episode_id,
                  self.record.length)
+
+
+@functools.lru_cache(maxsize=1)
+def _group_document() -> bytes:
+    """The frames group's zarr.json, as zarr writes it for a new group."""
+    store = zarr.storage.MemoryStore()
+    zarr.open_group(store, mode="w")
+    return sync(store.get(ZARR_JSON, default_buffer_prototype())).to_bytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _pass_through_template(frame_shape: tuple[int, ...], shard_frames: int, storage_json: str,
+                           extradata: bytes | None, fps: float) -> ArrayV3Metadata:
+    """Metadata zarr builds for a pass-through camera array (of length 0: writers set theirs with
+    ``update_shape``, as zarr's own resize does), made once per camera format, not per episode."""
+    storage = FrameStorage.model_validate_json(storage_json)
+    serializer, compressors = frame_codecs.serializer_and_compressors(storage, extradata, fps)
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    array = group.create_array(
+        "camera", shape=(0, *frame_shape), dtype="uint8", chunks=(storage.segment_frames, *frame_shape),
+        shards=(shard_frames, *frame_shape), serializer=serializer, compressors=compressors, fill_value=0,
+        attributes={"frame_storage": storage.model_dump(mode="json")})
+    return array.metadata
 
 
 class EpisodePublisher:

@@ -107,6 +107,30 @@ def test_background_publisher_syncs_each_episode_before_its_marker(tmp_path, mon
         assert np.array_equal(store.read_frames(episode_id, "depth"), episode_arrays(12, 16, int(episode_id[2:]))["frames"])
 
 
+@pytest.mark.parametrize("length", [1, 37, 150])
+def test_pass_through_metadata_is_what_zarr_writes(tmp_path, length):
+    """The writer stores pass-through cameras' zarr documents itself (made once per camera format,
+    the length set as zarr's resize does): the bytes equal zarr's own for the same array."""
+    import zarr
+
+    from storage import frame_codecs
+    from storage.episodes import EpisodePublisher
+
+    store = make_dataset(tmp_path)
+    with EpisodePublisher() as publisher:
+        _jpeg_episode(store, publisher, "ep0", length, 0)
+    frames = tmp_path / "datasets/toy/episodes/ep0/frames.zarr"
+    stored = store.frame_storage("ep0", "cam")
+    expected = zarr.storage.MemoryStore()
+    serializer, compressors = frame_codecs.serializer_and_compressors(stored, None, 30.0)
+    zarr.open_group(expected, mode="w").create_array(
+        "cam", shape=(length, 16, 16, 3), dtype="uint8", chunks=(1, 16, 16, 3), shards=(64, 16, 16, 3),
+        serializer=serializer, compressors=compressors, fill_value=0,
+        attributes={"frame_storage": stored.model_dump(mode="json")})
+    for key in ("zarr.json", "cam/zarr.json"):
+        assert (frames / key).read_bytes() == expected._store_dict[key].to_bytes(), key
+
+
 def test_background_publisher_raises_a_failed_publication(tmp_path, monkeypatch):
     """A publication that fails (here its sync) is raised when the publisher's ``with`` is left;
     that episode gets no marker, the others are published."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,11 +117,28 @@ def confined_path(root: Path, template_name: str, template: str, keys: dict[str,
         raise IngestError(where, _episode_id(ep), template_name, f"resolves to {relative!r}, outside the dataset "
                           "folder (absolute paths and '..' are refused)")
     path = root / relative
+    if not _has_link_below(root, Path(relative).parts):
+        return path  # plain folders and files below the root: inside it (no '..', checked above)
     real, base = os.path.realpath(path), os.path.realpath(root)
     if os.path.commonpath([real, base]) != base:
         raise IngestError(path, _episode_id(ep), template_name, f"is a link to {real}, outside the dataset folder "
                           f"{base}; refusing to read it")
     return path
+
+
+def _has_link_below(root: Path, parts: tuple[str, ...]) -> bool:
+    """Whether any of ``root/parts[0]``, ``root/parts[0]/parts[1]``, ... is a symbolic link: a few
+    lstat calls, where a full ``realpath`` of both paths costs one per component of each (and an
+    ingest resolves every episode's files a dozen times)."""
+    current = root
+    for part in parts:
+        current = current / part
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return True
+        except FileNotFoundError:
+            return False  # nothing further exists, so nothing further links anywhere
+    return False
 
 
 def _episode_id(ep: int) -> str:

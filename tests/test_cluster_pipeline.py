@@ -98,7 +98,8 @@ def test_summary_table_lists_each_stage():
 
 def test_shipped_pipeline_configs_are_valid():
     assert load_pipeline(REPO / "docs" / "pipeline-tiny.toml").teachers[1].teacher == "da3"
-    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    deployments = [deployment for path in (REPO / "prefect.yaml", REPO / "docs" / "prefect-svam-calvin.yaml")
+                   for deployment in yaml.safe_load(path.read_text())["deployments"]]
     for deployment in deployments:
         assert deployment["entrypoint"] == "flows.pipeline.pipeline_flow"
         config = PipelineConfig.model_validate(deployment["parameters"]["config"])

@@ -20,9 +20,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch==2.13.0 first: it is the small CPU wheel here; an open range would pull CUDA packages.
+# torch first, as a CPU build: `pip install -e .` then keeps it (torch>=2.4 is met) instead of
+# pulling PyPI's Linux wheel, a CUDA build with ~3 GB of nvidia packages. TORCH_SPEC names the CPU
+# build by its local version label (+cpu), so pip can only take a CPU wheel: one its indexes or
+# wheel folders already hold (this machine: /opt/wheels), else one from PyTorch's CPU index
+# (TORCH_CPU_INDEX, tried second). Where no +cpu build exists (macOS, whose PyPI wheels are CPU
+# only) or on a GPU machine (PyPI's Linux wheel is the CUDA build it wants), name it without the label:
+#   make install TORCH_SPEC=torch==2.13.0
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC) 2>/dev/null || \
+	  $(BIN)/python -m pip install -q $(TORCH_SPEC) --extra-index-url $(TORCH_CPU_INDEX)
 	$(BIN)/python -m pip install -q -e ".[metaworld,s3,dev]"
 	touch $(STAMP)
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -48,6 +49,10 @@ from storage.episodes import EpisodePublisher, EpisodeStore
 log = logging.getLogger(__name__)
 
 
+FreshStats = tuple[str, dict[str, Any]]
+"""(source checksum, column -> stats.EpisodeStats) of an episode written by this run."""
+
+
 class EpisodeResult(StrictModel):
     """What one task did with one source episode."""
 
@@ -57,6 +62,9 @@ class EpisodeResult(StrictModel):
     message: str | None = None
     segments: list[LanguageSegment] | None = Field(default=None, description="Segments the source defines, "
                                                    "when the episode was read (None: keep the stored ones).")
+    stats: FreshStats | None = Field(default=None, exclude=True, description="Statistics of the episode as "
+                                     "written, so the dataset's need not read it back.")
+
 
 
 class IngestSummary(StrictModel):
@@ -91,9 +99,11 @@ def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str
 
 def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, features: dict[str, FeatureSpec],
                    blocks: Iterable[FrameBlock | ChunkBlock | LowdimBlock], frame_storage: dict[str, FrameStorage],
-                   fps: float, publisher: EpisodePublisher | None = None) -> list[LanguageSegment]:
+                   fps: float, publisher: EpisodePublisher | None = None
+                   ) -> tuple[list[LanguageSegment], dict[str, stats_lib.EpisodeStats]]:
     """Stream one episode's blocks into the store; published only when all of it is written (by
-    ``publisher``'s thread when given, while the caller goes on to the next episode).
+    ``publisher``'s thread when given, while the caller goes on to the next episode). Returns the
+    source's language segments and the statistics of the episode's float columns.
 
     Blocks are read one step ahead in a thread, so decoding overlaps the store's compression.
     """
@@ -102,6 +112,7 @@ def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, f
         length=episode.length, success=episode.success, source_path=episode.source_path,
         source_checksum=checksum, extra=episode.extra, source_bytes=_source_bytes(episode))
     segments: list[LanguageSegment] = []
+    stats: dict[str, stats_lib.EpisodeStats] = {}
     with store.writer(record, features, frame_storage, fps, publisher) as writer, \
             closing(prefetch(blocks)) as stream:
         for block in stream:
@@ -113,7 +124,18 @@ def _write_episode(store: EpisodeStore, episode: SourceEpisode, checksum: str, f
             else:
                 writer.set_lowdim(block.columns, timestamps=block.timestamps_T, absent=block.absent)
                 segments = block.segments
-    return segments
+                stats = _episode_stats(features, block.columns, block.absent, episode.length)
+    return segments, stats
+
+
+def _episode_stats(features: dict[str, FeatureSpec], columns: dict[str, np.ndarray], absent: list[str],
+                   length: int) -> dict[str, stats_lib.EpisodeStats]:
+    """Statistics of an episode's float columns from the values as stored (in the feature's dtype,
+    which the parquet keeps: equal to those of the table read back)."""
+    if not length:
+        return {}
+    return {name: stats_lib.episode_stats(np.asarray(columns[name], dtype=spec.dtype).reshape(length, *spec.shape))
+            for name, spec in features.items() if np.dtype(spec.dtype).kind == "f" and name not in absent}
 
 
 def _source_bytes(episode: SourceEpisode) -> int:
@@ -128,12 +150,13 @@ def _ingest_one(store: EpisodeStore, kind: str, episode: SourceEpisode, checksum
     if store.has_episode(episode.episode_id, checksum):
         return EpisodeResult(episode_id=episode.episode_id, status="skipped")
     try:
-        segments = _write_episode(store, episode, checksum, layout.features, blocks, layout.frame_storage, layout.fps,
-                                  publisher)
+        segments, stats = _write_episode(store, episode, checksum, layout.features, blocks, layout.frame_storage,
+                                         layout.fps, publisher)
     except ValueError as err:
         message = _quarantine(store, kind, err, episode.episode_id, strict, file=episode.source_path)
         return EpisodeResult(episode_id=episode.episode_id, status="quarantined", message=message)
-    return EpisodeResult(episode_id=episode.episode_id, status="written", frames=episode.length, segments=segments)
+    return EpisodeResult(episode_id=episode.episode_id, status="written", frames=episode.length, segments=segments,
+                         stats=(checksum, stats))
 
 
 def _storage_identity(layout: SourceLayout) -> dict[str, Any]:
@@ -261,13 +284,20 @@ def merge_segments(store: EpisodeStore, fresh: dict[str, list[tuple[LanguageSegm
 
 
 def dataset_stats(store: EpisodeStore, features: dict[str, FeatureSpec],
-                  records: list[EpisodeRecord] | None = None) -> dict:
+                  records: list[EpisodeRecord] | None = None, fresh: dict[str, FreshStats] | None = None) -> dict:
     """Normalisation statistics of every float column: per episode, then aggregated (``records``:
-    the stored episodes' records when the caller has them, else listed)."""
+    the stored episodes' records when the caller has them, else listed; ``fresh``: statistics of
+    episodes this run wrote, used while the stored record is still theirs, else read back)."""
     per_column: dict[str, list[stats_lib.EpisodeStats]] = {
         name: [] for name, spec in features.items() if np.dtype(spec.dtype).kind == "f"}
     for record in store.records() if records is None else records:
         absent = set(record.extra.get("absent_fields", []))
+        checksum, known = (fresh or {}).get(record.episode_id, (None, {}))
+        if checksum == record.source_checksum and set(known) == set(per_column) - absent:
+            for name in per_column:
+                if name in known:
+                    per_column[name].append(known[name])
+            continue
         table = store.read_lowdim(record.episode_id, [c for c in per_column if c not in absent])
         for name, spec in features.items():
             if name in per_column and name not in absent and len(table):
@@ -277,14 +307,28 @@ def dataset_stats(store: EpisodeStore, features: dict[str, FeatureSpec],
 
 
 def _finish(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayout,
-            fresh_segments: dict[str, list[tuple[LanguageSegment, np.ndarray | None]]]) -> None:
-    """Write segments, dataset.json and statistics, each only when its content changed."""
+            fresh_segments: dict[str, list[tuple[LanguageSegment, np.ndarray | None]]],
+            results: list[EpisodeResult] = ()) -> None:
+    """Write segments, dataset.json and statistics, each only when its content changed (the
+    segments, a durable write, on a thread while the statistics are computed; before dataset.json)."""
     segments, embeddings = merge_segments(store, fresh_segments)
     old_embeddings = store.segment_embeddings()
     same_embeddings = (embeddings is None and old_embeddings is None) or (
         embeddings is not None and old_embeddings is not None and np.array_equal(embeddings, old_embeddings))
-    if segments != store.segments() or not same_embeddings:
-        store.write_segments(segments, embeddings)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-segments") as pool:
+        written = pool.submit(store.write_segments, segments, embeddings) \
+            if segments != store.segments() or not same_embeddings else None
+        fresh_stats = {r.episode_id: r.stats for r in results if r.stats is not None}
+        info, old = _dataset_info(store, kind, src, layout, fresh_stats)
+        if written is not None:
+            written.result()
+    if old is None or old.model_dump(mode="json") != info.model_dump(mode="json"):
+        store.write_info(info)
+
+
+def _dataset_info(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayout,
+                  fresh_stats: dict[str, FreshStats]) -> tuple[DatasetInfo, DatasetInfo | None]:
+    """The dataset.json the stored episodes make (statistics included), and the one stored now."""
     old = store.info() if store.exists() else None
     cameras = {**(old.cameras if old else {}), **layout.cameras}
     features = {**(old.features if old else {}), **layout.features}
@@ -298,9 +342,8 @@ def _finish(store: EpisodeStore, kind: SourceKind, src: str, layout: SourceLayou
                        fps=layout.fps, cameras=cameras, features=features, extra=layout.extra,
                        frame_storage=frame_storage, absent_fields=_absent_fields(stored),
                        source_bytes=_dataset_source_bytes(stored, layout))
-    info.stats = dataset_stats(store, features, stored) if records else None
-    if old is None or old.model_dump(mode="json") != info.model_dump(mode="json"):
-        store.write_info(info)
+    info.stats = dataset_stats(store, features, stored, fresh_stats) if records else None
+    return info, old
 
 
 def _dataset_source_bytes(records: list[EpisodeRecord], layout: SourceLayout) -> int | None:
@@ -372,7 +415,7 @@ def ingest_calvin(root_url: str, dataset: str, src: str, options: calvin.CalvinO
     for segment, embedding in scan.segments:
         if segment.episode_id in fresh:
             fresh[segment.episode_id].append((segment, embedding))
-    _finish(store, "calvin", src, scan.layout, fresh)
+    _finish(store, "calvin", src, scan.layout, fresh, results)
     _emit(root_url, "calvin", src, dataset, options.model_dump())
     return _summarise(dataset, "calvin", results, problems, started)
 
@@ -388,7 +431,7 @@ def ingest_teleop(root_url: str, dataset: str, src: str, options: teleop.TeleopO
     calls = [dict(root_url=root_url, dataset=dataset, path=str(path), options=options, layout=layout,
                   strict=strict) for path in files]
     results = map_tasks(ingest_teleop_episode, calls)
-    _finish(store, "teleop", src, layout, {})
+    _finish(store, "teleop", src, layout, {}, results)
     _emit(root_url, "teleop", src, dataset, options.model_dump())
     return _summarise(dataset, "teleop", results, [], started)
 
@@ -405,7 +448,7 @@ def ingest_lerobot(root_url: str, dataset: str, src: str, options: lerobot.LeRob
                   meta=meta, layout=layout) for group in lerobot.episode_groups(meta, options)]
     results = [r for group_results in map_tasks(ingest_lerobot_group, calls) for r in group_results]
     fresh = {r.episode_id: [(s, None) for s in r.segments] for r in results if r.segments is not None}
-    _finish(store, "lerobot", src, layout, fresh)
+    _finish(store, "lerobot", src, layout, fresh, results)
     _emit(root_url, "lerobot", src, dataset, options.model_dump())
     return _summarise(dataset, "lerobot", results, [], started)
 

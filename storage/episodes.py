@@ -414,30 +414,32 @@ class EpisodeWriter:
             self.record.extra["absent_fields"] = absent
 
     def commit(self) -> None:
-        """Flush the last partial shards, check lengths, then publish (marker last; on the
-        publisher's thread when the writer has one)."""
+        """Encode the last partial shards, check lengths, then write the rest and publish (marker
+        last): on the publisher's thread when the writer has one, so the caller reads the next
+        episode meanwhile. Whatever makes the episode bad is raised here, before any hand-over."""
         for camera in list(self._buffers):
             if self._buffers[camera]:
                 self._flush(camera, sum(len(b) for b in self._buffers[camera]))
-        for camera in self._chunks:
-            if self._chunks[camera]:
-                self._write_shard(camera, self._chunks[camera])
         for camera, count in self._written.items():
             if count != self.record.length:
                 raise ValueError(f"{self._where(camera)}: {count} frames but the episode has {self.record.length}")
         if self._lowdim is None and self.features:
             raise ValueError(f"{self._where('lowdim')}: low-dim columns were never set")
+        if self.publisher is None:
+            self._stage_rest_and_publish()
+        else:
+            self.publisher.submit(self._stage_rest_and_publish)
+
+    def _stage_rest_and_publish(self) -> None:
+        """Write the pending pass-through shards, the low-dim table and the record; sync; publish."""
+        for camera in self._chunks:
+            if self._chunks[camera]:
+                self._write_shard(camera, self._chunks[camera])
         if self._lowdim is not None:
             self._write_staged(layout.LOWDIM, parquet_bytes(self._lowdim))
         # The text Root.write_json_atomic writes (record files read back by every stage).
         record = json.dumps(self.record.model_dump(mode="json"), indent=2, sort_keys=True, default=str)
         self._write_staged(layout.EPISODE_RECORD, record.encode())
-        if self.publisher is None:
-            self._sync_and_publish()
-        else:
-            self.publisher.submit(self._sync_and_publish)
-
-    def _sync_and_publish(self) -> None:
         # One concurrent sync of everything staged (frame chunks included, written unsynced) before
         # the rename and the marker publish it: a marker never names bytes a power loss takes back.
         self.root.fsync_tree(self.staging)

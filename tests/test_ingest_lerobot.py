@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_lerobot
+from flows.ingest_sources import dataset_stats, ingest_lerobot
 from pipelines.ingest import lerobot
 from storage.episodes import EpisodeStore
 
@@ -63,6 +63,22 @@ def test_frames_vectors_and_tasks_land_per_episode(sources, tmp_path, version, l
     info = store.info()
     assert info.fps == fx.LEROBOT_FPS and info.extra["codebase_version"] == version
     assert info.stats["state"].count == sum(lengths)
+
+
+def test_dataset_statistics_come_from_the_values_written(sources, tmp_path, monkeypatch):
+    """A fresh ingest computes the statistics from the values it wrote (no episode is read back),
+    and they equal those of the stored tables."""
+    reads = []
+    real_read = EpisodeStore.read_lowdim
+    monkeypatch.setattr(EpisodeStore, "read_lowdim",
+                        lambda self, episode_id, *args, **kwargs: (reads.append(episode_id),
+                                                                   real_read(self, episode_id, *args, **kwargs))[1])
+    _, store = _ingest(tmp_path, sources["v3.0"])
+    assert reads == []
+    monkeypatch.undo()
+    info = store.info()
+    read_back = dataset_stats(store, info.features)
+    assert {k: v.model_dump() for k, v in info.stats.items()} == {k: v.model_dump() for k, v in read_back.items()}
 
 
 def test_v3_episodes_sharing_files_form_one_group(sources):

@@ -145,11 +145,11 @@ def pi0_stage(state: DemoState) -> None:
     config = Pi0TargetsConfig(plan=plan.plan_id, model="tiny", tiny_layers=4, pairs=2, attn_layers=[1, 2, 3],
                               state_indices=list(range(18)) + [36, 37, 38], shard_size=4)
     result = run_flow(pi0_targets_flow, RunnerChoice(), root_url=state.root.url, config=config)
-    state.ids["pi0"] = result["version"]
-    export = run_export(state.root.url, ExportConfig(plan=plan.plan_id, targets=[result["version"]],
+    state.ids["pi0"] = result.version
+    export = run_export(state.root.url, ExportConfig(plan=plan.plan_id, targets=[result.version],
                                                      action_chunk=50))
     state.ids["pi0_export"] = export.export_id
-    state.report(f"  pi0 version {result['version']}, export {export.export_id} ({export.num_samples} samples)")
+    state.report(f"  pi0 version {result.version}, export {export.export_id} ({export.num_samples} samples)")
 
 
 TINY_TRAIN_TOML = """# Tiny architectures, a learning rate that shows learning within a few CPU steps.

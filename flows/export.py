@@ -1,30 +1,26 @@
 """Prefect flow: export pinned target versions of one plan as webdataset tar shards.
 
-The flow resolves fields and versions (refusing mixed versions), plans shards by size, records the
-plan in the export folder, writes each pending shard in a task (temporary name, renamed when
-complete, then a ``_done`` record) and writes index.json last. A rerun of a finished export returns
-at once; a killed run resumes at the first unfinished shard.
+The stage resolves fields and versions (refusing mixed versions), plans shards by size and records
+the plan in the export folder; flows/build.py then claims and writes each pending shard in a task
+(temporary name, renamed when complete, then a ``_done`` record), waits for shards a concurrent
+builder holds and writes index.json last. A rerun of a finished export returns at once; a killed
+run resumes at the first unfinished shard; two identical exports racing write each shard once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from prefect import flow, task
-from pydantic import Field
+from prefect import flow
 
+from flows.build import BuildSummary, Stage, build, prefect_tasks, run_build, run_worker
 from flows.configs import ExportConfig
+from flows.runtime import RunnerChoice
 from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
-from schemas.base import StrictModel
-from flows.runtime import RunnerChoice, gather, run_flow
-from schemas import refs
-from storage import lineage
-from storage.claims import active_claims, claim_shard, wait_for_shards
+from storage import layout
 from storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
-from storage.fs import open_root
 from storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
@@ -34,15 +30,6 @@ JSON_SLACK = 1024
 """Bytes reserved per sample for metadata that varies between clips (instruction length)."""
 
 
-class ExportResult(StrictModel):
-    """What the flow produced."""
-
-    export_id: str
-    url: str
-    num_samples: int
-    num_shards: int
-    total_bytes: int
-    skipped: bool = Field(description="True when the export already existed and nothing was written.")
 
 
 def batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
@@ -83,126 +70,155 @@ def plan_export(root_url: str, recipe: ExportRecipe) -> ExportBuild:
                        shard_clips=[[clips[i] for i in r] for r in ranges], stats=source.episode_stats(clips))
 
 
-def write_shard(root_url: str, export_id: str, shard_index: int, read_batch: int = 4) -> int:
-    """Write one planned shard unless it is done or another live builder holds its claim; returns the
-    samples this call wrote (0 when it wrote nothing)."""
-    store = ExportStore(root_url)
-    with claim_shard(store.root, export_id, shard_index, is_done=lambda: _shard_done(store, export_id, shard_index),
-                     on_acquire=lambda: store.remove_stale_temporaries(export_id, shard_index)) as owned:
-        if not owned:
-            return 0
-        return _write_claimed_shard(store, export_id, shard_index, read_batch)
+# ---------------------------------------------------------------- the stage
+class ExportOutput:
+    """A building export: shards are tar files, done when their ``_done/<i>.json`` record exists
+    (or the whole export is); the build plan is read once, when first needed."""
 
+    identity = None
 
-def _shard_done(store: ExportStore, export_id: str, shard_index: int) -> bool:
-    return store.exists(export_id) or store.done_shard(export_id, shard_index) is not None
+    def __init__(self, root_url: str, export_id: str):
+        self.store = ExportStore(root_url)
+        self.root, self.version_id = self.store.root, export_id
+        self._build: ExportBuild | None = None
 
+    @property
+    def build(self) -> ExportBuild:
+        if self._build is None:
+            self._build = self.store.build_info(self.version_id)
+        return self._build
 
-def _write_claimed_shard(store: ExportStore, export_id: str, shard_index: int, read_batch: int) -> int:
-    build = store.build_info(export_id)
-    recipe = build.recipe
-    source = ClipSource(store.root, recipe.plan_id, recipe.sources, recipe.action_chunk)
-    writer = store.shard_writer(export_id, shard_index, expected_bytes=recipe.shard_bytes)
-    try:
-        for clips in batches(build.shard_clips[shard_index], read_batch):
-            for clip, arrays in zip(clips, source.read(clips), strict=True):
-                members, _ = encode_sample(sample_key(clip), source.meta(clip, export_id), arrays, recipe.codec,
-                                           RAW_FIELDS)
-                writer.add_sample(clip, members)
-        shard = writer.publish()
-    except BaseException:
-        writer.abort()
-        raise
-    store.record_shard(export_id, shard_index, shard)
-    log.info("export %s: wrote %s (%d samples, %.1f MB)", export_id, shard.name, shard.samples, shard.bytes / 1e6)
-    return shard.samples
-
-
-def pending_shards(store: ExportStore, export_id: str) -> list[int]:
-    """Shards still to write ([] once the export is complete, also when a concurrent builder
-    completed it and removed the build files in between)."""
-    if store.exists(export_id):
-        return []
-    try:
-        return store.pending_shards(export_id)
-    except ValueError:
-        if store.exists(export_id):
+    def pending(self) -> list[int]:
+        """Shards still to write ([] once the export is complete, also when a concurrent builder
+        completed it and removed the build files in between)."""
+        if self.store.exists(self.version_id):
             return []
-        raise
+        try:
+            return self.store.pending_shards(self.version_id)
+        except ValueError:
+            if self.store.exists(self.version_id):
+                return []
+            raise
+
+    def is_done(self, shard: int) -> bool:
+        return self.store.exists(self.version_id) or self.store.done_shard(self.version_id, shard) is not None
+
+    def clips(self, shard: int) -> int:
+        return len(self.build.shard_clips[shard])
+
+    def prepare(self, shard: int) -> None:
+        self.store.remove_stale_temporaries(self.version_id, shard)
+
+    def write(self, shard: int, samples: Iterator[tuple[int, list]]) -> None:
+        """Stream the samples into the shard's tar (temporary name, renamed when complete), then
+        record it done."""
+        writer = self.store.shard_writer(self.version_id, shard, expected_bytes=self.build.recipe.shard_bytes)
+        try:
+            for clip, members in samples:
+                writer.add_sample(clip, members)
+            tar = writer.publish()
+        except BaseException:
+            writer.abort()
+            raise
+        self.store.record_shard(self.version_id, shard, tar)
+        log.info("export %s: wrote %s (%d samples, %.1f MB)", self.version_id, tar.name, tar.samples, tar.bytes / 1e6)
+
+    def finalize(self, timings: dict[str, float]) -> str:
+        self.store.finalize(self.version_id, timings=timings, verified_inputs=verify_by_default())
+        return "complete"
 
 
-@task(name="export-shard", retries=1, retry_delay_seconds=1)
-def write_shard_task(root_url: str, export_id: str, shard_index: int, read_batch: int) -> int:
-    return write_shard(root_url, export_id, shard_index, read_batch)
+class ExportWorker:
+    """Reads and encodes the samples of one shard, ``read_batch`` clips per zarr selection."""
+
+    identity = None
+
+    def __init__(self, root_url: str, output: ExportOutput, read_batch: int):
+        self.root_url, self.output, self.read_batch = root_url, output, read_batch
+        self._source: ClipSource | None = None
+
+    def compute(self, shard: int) -> Iterator[tuple[int, list]]:
+        """(clip, tar members) of the shard's samples, lazily: the tar is written as they come. The
+        sources open on first use, under the shard's claim (a concurrent builder may have finished
+        the export, and removed its build plan, before this task claimed anything)."""
+        recipe = self.output.build.recipe
+        if self._source is None:
+            self._source = ClipSource(self.root_url, recipe.plan_id, recipe.sources, recipe.action_chunk)
+        for clips in batches(self.output.build.shard_clips[shard], self.read_batch):
+            for clip, arrays in zip(clips, self._source.read(clips), strict=True):
+                members, _ = encode_sample(sample_key(clip), self._source.meta(clip, self.output.version_id), arrays,
+                                           recipe.codec, RAW_FIELDS)
+                yield clip, members
+
+
+class ExportStage(Stage[ExportConfig]):
+    """``export``: pinned target versions of one plan as webdataset tar shards."""
+
+    name, config_type = "export", ExportConfig
+
+    def recipe(self, root_url: str, config: ExportConfig) -> ExportRecipe:
+        return export_recipe(root_url, config)
+
+    def output_id(self, recipe: ExportRecipe) -> str:
+        return recipe.export_id()
+
+    def status(self, root_url: str, output_id: str) -> str | None:
+        store = ExportStore(root_url)
+        if store.exists(output_id):
+            return "complete"
+        return "building" if store.root.exists(layout.export_dir(output_id)) else None
+
+    def begin(self, root_url: str, config: ExportConfig, recipe: ExportRecipe) -> ExportOutput | None:
+        store = ExportStore(root_url)
+        try:
+            store.begin(plan_export(root_url, recipe))
+        except ValueError:
+            if store.exists(recipe.export_id()):  # a concurrent identical export finished first
+                return None
+            raise
+        return self.reopen(root_url, recipe.export_id())
+
+    def reopen(self, root_url: str, output_id: str) -> ExportOutput:
+        return ExportOutput(root_url, output_id)
+
+    def open_worker(self, root_url: str, config: ExportConfig, output: ExportOutput,
+                    shards: list[int]) -> ExportWorker:
+        return ExportWorker(root_url, output, config.read_batch)
+
+    def inputs(self, root_url: str, config: ExportConfig, recipe: ExportRecipe) -> list[str]:
+        versions = ExportStore(root_url).index(recipe.export_id()).version_ids
+        return [layout.plan_dir(config.plan), *(layout.target_dir(v) for v in versions)]
+
+    def output_name(self, output_id: str) -> str:
+        return layout.export_dir(output_id)
+
+    def describe(self, root_url: str, output_id: str) -> dict[str, Any]:
+        store = ExportStore(root_url)
+        index = store.index(output_id)
+        return {"url": store.url(output_id), "num_samples": index.num_samples, "num_shards": len(index.shards),
+                "total_bytes": index.total_bytes}
+
+
+EXPORT = ExportStage()
+
+
+def write_shard(root_url: str, export_id: str, shard_index: int, read_batch: int = 4) -> int:
+    """Write one planned shard unless it is done or another live builder holds its claim (through
+    the same claims as every build); returns the samples this call wrote (0 when none)."""
+    output = EXPORT.reopen(root_url, export_id)
+    if output.is_done(shard_index):
+        return 0
+    return run_worker(output, ExportWorker(root_url, output, read_batch), [shard_index]).clips
 
 
 @flow(name="export", log_prints=False)
-def export_flow(root_url: str, config: ExportConfig) -> ExportResult:
-    """Export ``config.targets`` over ``config.plan``; returns the (possibly existing) export."""
-
-    def submit(export_id: str, shards: list[int]) -> None:
-        gather([write_shard_task.submit(root_url, export_id, i, config.read_batch) for i in shards])
-
-    return build_export(root_url, config, submit)
+def export_flow(root_url: str, config: ExportConfig) -> BuildSummary:
+    """Export ``config.targets`` over ``config.plan``; returns the (possibly existing) export.
+    One task per shard: the task runner's workers (``config.workers``) bound how many run at once."""
+    return build(EXPORT, root_url, config, prefect_tasks(0))
 
 
-def serial_shards(root_url: str, read_batch: int) -> Callable[[str, list[int]], None]:
-    """A ``write_shards`` for :func:`build_export` that writes shards one after another in-process."""
-    def write(export_id: str, shards: list[int]) -> None:
-        for index in shards:
-            write_shard(root_url, export_id, index, read_batch)
-
-    return write
-
-
-def build_export(root_url: str, config: ExportConfig, write_shards: Callable[[str, list[int]], None]) -> ExportResult:
-    """The export stage: plan, write pending shards with ``write_shards(export_id, shards)``, wait for
-    shards a concurrent builder of the same export holds (never writing them twice), finalize.
-    Two identical exports racing both return the one export."""
-    started = time.perf_counter()
-    store = ExportStore(root_url)
-    recipe = export_recipe(root_url, config)
-    export_id = recipe.export_id()
-    done = existing_export(root_url, export_id)
-    if done is not None:
-        return done
-    build = plan_export(root_url, recipe)
-    try:
-        store.begin(build)
-    except ValueError:
-        if store.exists(export_id):  # a concurrent identical export finished first
-            return existing_export(root_url, export_id)
-        raise
-    write_shards(export_id, pending_shards(store, export_id))
-    wait_for_shards(lambda: pending_shards(store, export_id), lambda: set(active_claims(store.root, export_id)),
-                    lambda free: write_shards(export_id, free), what=f"export '{export_id}'")
-    index = store.finalize(export_id, timings={"export_s": time.perf_counter() - started},
-                           verified_inputs=verify_by_default())
-    lineage.emit(root_url, "export", str(uuid.uuid4()),
-                 inputs=[refs.plan(config.plan), *map(refs.version, index.version_ids)],
-                 outputs=[refs.export(export_id)], facets={"codec": recipe.codec, "samples": index.num_samples})
-    return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
-                        num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=False)
-
-
-def existing_export(root_url: str, export_id: str) -> ExportResult | None:
-    """The result for an export that is already complete, else None."""
-    store = ExportStore(root_url)
-    if not store.exists(export_id):
-        return None
-    index = store.index(export_id)
-    return ExportResult(export_id=export_id, url=store.url(export_id), num_samples=index.num_samples,
-                        num_shards=len(index.shards), total_bytes=index.total_bytes, skipped=True)
-
-
-def run_export(root: str | None, config: ExportConfig, runner: RunnerChoice | None = None) -> ExportResult:
+def run_export(root: str | None, config: ExportConfig, runner: RunnerChoice | None = None) -> BuildSummary:
     """Check the inputs, then run the export flow with ``config.workers`` threads on Prefect's
     embedded API; a finished export returns without starting Prefect."""
-
-    data_root = open_root(root)
-    # Resolving first gives bad inputs a one-line error and finished exports an instant answer.
-    done = existing_export(data_root.url, export_recipe(data_root.url, config).export_id())
-    if done is not None:
-        return done
-    choice = runner or RunnerChoice(workers=config.workers)
-    return run_flow(export_flow, choice, data_root, root_url=data_root.url, config=config)
+    return run_build(export_flow, EXPORT, root, config, runner or RunnerChoice(workers=config.workers))

@@ -7,26 +7,24 @@
   (N, T, h, w, C) float16 captured in the first denoising step of the same trajectory, and
   ``seed`` (N,) int64.
 
-Versions are written shard by shard: a task takes the root URL, the version id and shard
-indices, reopens the writer by id, claims each shard, skips shards whose ``_done`` marker exists,
-and writes whole shards only. A killed run therefore resumes where it stopped; a finished
-shard is never recomputed.
+Both are :class:`flows.build.Stage` s: flows/build.py begins the version, claims each shard, skips
+shards whose ``_done`` marker exists and writes whole shards only, so a killed run resumes where
+it stopped and a finished shard is never recomputed.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
 import numpy as np
-from prefect import flow, task
+from prefect import flow
 from pydantic import Field
 
+from flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_rows, prefect_tasks
 from flows.configs import GenerateConfig, PlanConfig, TextConfig
 from flows.models_cache import cached_model
-from flows.runtime import split_shards
 from pipelines import plan as planning
 from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
 from pipelines.svd.features import feature_shape
@@ -38,12 +36,11 @@ from schemas.model import ModelIdentity
 from schemas.plan import ClipRow, PlanInfo
 from schemas.target import ArraySpec, TargetRecipe
 from schemas import refs
-from storage import lineage
-from storage.claims import claim_shard, wait_for_version_shards
+from storage import layout, lineage
 from storage.episodes import EpisodeStore
 from storage.plans import PlanStore
 from storage.provenance import now_iso
-from storage.targets import TargetReader, TargetStore, TargetWriter
+from storage.targets import TargetReader, TargetStore
 
 log = logging.getLogger(__name__)
 
@@ -106,68 +103,6 @@ def make_plan(root_url: str, config: PlanConfig) -> PlanSummary:
     return PlanSummary(plan_id=plan_id, num_clips=len(rows), created=True, params=info.params)
 
 
-# ---------------------------------------------------------------- shared shard plumbing
-class ShardsResult(StrictModel):
-    """What one shard task wrote."""
-
-    shards: list[int] = Field(default_factory=list, description="Shards this task wrote.")
-    clips: int = 0
-    seconds: float = 0.0
-
-
-class BuildSummary(StrictModel):
-    """What a text or generate run did."""
-
-    version: str
-    status: str
-    skipped: bool = Field(description="True when the version was already complete (nothing computed).")
-    shards_written: int = 0
-    clips: int = 0
-    seconds: float = 0.0
-    clips_per_hour: float = 0.0
-
-
-def write_owned_shards(root_url: str, writer: TargetWriter, shards: list[int], compute) -> ShardsResult:
-    """For each shard not done and not held by another builder: claim it, ``compute(shard)`` the
-    arrays of its clips and write them (data, then the _done marker)."""
-    result, start = ShardsResult(), time.perf_counter()
-    for shard in shards:
-        with claim_shard(root_url, writer.version_id, shard, is_done=lambda s=shard: writer.is_done(s)) as owned:
-            if owned is None:
-                continue
-            writer.write_shard(shard, compute(shard))
-            result.shards.append(shard)
-            result.clips += len(writer.shard_clips(shard))
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def run_shard_tasks(root_url: str, writer: TargetWriter, submit, workers: int) -> list[ShardsResult]:
-    """Submit shard tasks over the pending shards, then pick up shards other builders abandoned
-    and wait for those they still hold."""
-    futures = [submit(group) for group in split_shards(writer.pending_shards(), workers)]
-    results = [future.result() for future in futures]
-    wait_for_version_shards(writer, lambda free: results.extend(f.result() for f in [submit(free)]))
-    return results
-
-
-def summarize(writer: TargetWriter, results: list[ShardsResult], seconds: float) -> BuildSummary:
-    """Finalize the version with its timings and report what this run computed."""
-    clips = sum(r.clips for r in results)
-    rate = clips * 3600.0 / seconds if seconds > 0 and clips else 0.0
-    manifest = writer.finalize(timings={"seconds": round(seconds, 3), "clips_per_hour": round(rate, 1)})
-    return BuildSummary(version=writer.version_id, status=manifest.status, skipped=False,
-                        shards_written=sum(len(r.shards) for r in results), clips=clips,
-                        seconds=round(seconds, 3), clips_per_hour=round(rate, 1))
-
-
-def plan_rows(root_url: str, plan_id: str) -> list[ClipRow]:
-    rows = PlanStore(root_url).rows(plan_id)
-    if not rows:
-        raise ValueError(f"plan '{plan_id}' has no clips")
-    return rows
-
-
 # ---------------------------------------------------------------- text targets
 def with_preset(params: dict[str, Any], preset: str | None) -> dict[str, Any]:
     """A recipe's keyed parameters plus the preset's name when one was applied (a version built
@@ -187,56 +122,49 @@ def cached_text_model(config: TextConfig) -> TextModel:
                         lambda: load_text_model(config.model, config.device, config.seed), extra={"seed": config.seed})
 
 
-def open_pending(root_url: str, version_id: str, shards: list[int]) -> tuple[TargetWriter, list[int]]:
-    """Reopen a building version by id and keep the given shards that are not written yet."""
-    writer = TargetStore(root_url).writer(version_id)
-    return writer, [shard for shard in shards if not writer.is_done(shard)]
+class TextWorker:
+    """Embeds the instructions of a task's shards, each distinct instruction once."""
+
+    def __init__(self, root_url: str, config: TextConfig, output: TargetOutput, shards: list[int]):
+        self.model = cached_text_model(config)
+        self.identity, self.writer = self.model.identity, output.writer
+        rows = plan_rows(root_url, config.plan)
+        clips = [i for shard in shards for i in self.writer.shard_clips(shard)]
+        self.states = embed_instructions(self.model, [rows[i].instruction for i in clips], config.max_length)
+        self.row_of = {clip: n for n, clip in enumerate(clips)}
+
+    def compute(self, shard: int) -> dict[str, np.ndarray]:
+        return {TEXT_ARRAY: self.states[[self.row_of[i] for i in self.writer.shard_clips(shard)]]}
 
 
-def check_identity(loaded: ModelIdentity, recorded: ModelIdentity | None, version_id: str) -> None:
-    """Refuse to add shards made by other weights than the version records."""
-    if recorded is None or loaded.key() != recorded.key():
-        raise ValueError(f"target version '{version_id}': the loaded model {loaded.spec} is not the one the "
-                         "version was started with (weights or seed changed); start a new version")
+class TextStage(TargetStage[TextConfig]):
+    """``text``: embedding (N, max_length, D) float32 per plan clip."""
+
+    name, config_type = "text", TextConfig
+
+    def recipe(self, root_url: str, config: TextConfig) -> TargetRecipe:
+        plan_rows(root_url, config.plan)
+        return text_recipe(config, cached_text_model(config).identity)
+
+    def arrays(self, root_url: str, config: TextConfig, recipe: TargetRecipe) -> tuple[list[ArraySpec], int, int]:
+        num_clips, width = len(plan_rows(root_url, config.plan)), cached_text_model(config).width
+        return [ArraySpec(name=TEXT_ARRAY, shape=[num_clips, config.max_length, width], dtype="float32")], \
+            num_clips, config.shard_size
+
+    def open_worker(self, root_url: str, config: TextConfig, output: TargetOutput, shards: list[int]) -> TextWorker:
+        return TextWorker(root_url, config, output, shards)
+
+    def inputs(self, root_url: str, config: TextConfig, recipe: TargetRecipe) -> list[str]:
+        return [layout.plan_dir(config.plan)]
 
 
-@task(retries=1, retry_delay_seconds=1)
-def text_shards_task(root_url: str, version_id: str, config: TextConfig, shards: list[int]) -> ShardsResult:
-    """Embed the instructions of the given shards (each distinct instruction once) and write them."""
-    writer, todo = open_pending(root_url, version_id, shards)
-    if not todo:
-        return ShardsResult()
-    model = cached_text_model(config)
-    check_identity(model.identity, writer.manifest.recipe.model, version_id)
-    rows = plan_rows(root_url, config.plan)
-    clips = [i for s in todo for i in writer.shard_clips(s)]
-    states = embed_instructions(model, [rows[i].instruction for i in clips], config.max_length)
-    row_of = {clip: n for n, clip in enumerate(clips)}
-
-    def compute(shard: int) -> dict[str, np.ndarray]:
-        return {TEXT_ARRAY: states[[row_of[i] for i in writer.shard_clips(shard)]]}
-
-    return write_owned_shards(root_url, writer, todo, compute)
+TEXT = TextStage()
 
 
 @flow(name="text", log_prints=False)
 def text_flow(root_url: str, config: TextConfig) -> BuildSummary:
     """Write the ``text`` version of a plan (idempotent; resumes a building one)."""
-    rows = plan_rows(root_url, config.plan)
-    model = cached_text_model(config)
-    recipe = text_recipe(config, model.identity)
-    store, version_id = TargetStore(root_url), recipe.version_id()
-    if store.status(version_id) == "complete":
-        return BuildSummary(version=version_id, status="complete", skipped=True)
-    arrays = [ArraySpec(name=TEXT_ARRAY, shape=[len(rows), config.max_length, model.width], dtype="float32")]
-    writer = store.begin(recipe, arrays, len(rows), config.shard_size)
-    start = time.perf_counter()
-    results = run_shard_tasks(root_url, writer, lambda group: text_shards_task.submit(root_url, version_id, config,
-                                                                                      group), config.workers)
-    summary = summarize(writer, results, time.perf_counter() - start)
-    lineage.emit(root_url, "text", str(uuid.uuid4()), inputs=[refs.plan(config.plan)],
-                 outputs=[refs.version(version_id)], facets={"config": config.model_dump(mode="json")})
-    return summary
+    return build(TEXT, root_url, config, prefect_tasks(config.workers))
 
 
 # ---------------------------------------------------------------- video generation
@@ -307,28 +235,6 @@ def generate_shard(model: SVDModel, config: GenerateConfig, version_id: str, row
     return {"frames": np.concatenate(frames), "onestep": np.concatenate(onestep), "seed": seeds}
 
 
-def generate_shards(root_url: str, version_id: str, config: GenerateConfig, shards: list[int]) -> ShardsResult:
-    """Generate and write the given shards of a building video version (done shards are skipped).
-    The body of :func:`generate_shards_task`, callable without Prefect."""
-    config = with_plan_frames(root_url, config)
-    writer, todo = open_pending(root_url, version_id, shards)
-    if not todo:
-        return ShardsResult()
-    model = cached_svd(config)
-    check_identity(model.identity, writer.manifest.recipe.model, version_id)
-    rows = plan_rows(root_url, config.plan)
-    text = open_text(root_url, config.text, config.plan, len(rows))
-    observed = ObservedFrameReader(root_url, rows)
-    return write_owned_shards(root_url, writer, todo, lambda shard: generate_shard(
-        model, config, version_id, rows, text, observed, writer.shard_clips(shard)))
-
-
-@task(retries=1, retry_delay_seconds=1)
-def generate_shards_task(root_url: str, version_id: str, config: GenerateConfig, shards: list[int]) -> ShardsResult:
-    """Prefect task over :func:`generate_shards` (takes ids and URLs, returns a small record)."""
-    return generate_shards(root_url, version_id, config, shards)
-
-
 def with_plan_frames(root_url: str, config: GenerateConfig) -> GenerateConfig:
     """``config`` with ``params.num_frames`` taken from the plan when it was not given; an explicit
     value that differs from the plan's clip length is an error."""
@@ -364,29 +270,48 @@ def video_arrays(desc: SVDDescription, params: SVDParams, num_clips: int,
             ArraySpec(name="seed", shape=[n], dtype="int64")]
 
 
-def begin_video(root_url: str, config: GenerateConfig) -> tuple[TargetWriter | None, str]:
-    """Key the video version of ``config`` and open it for writing; (None, id) when complete."""
-    config = with_plan_frames(root_url, config)
-    recipe, desc, num_clips = video_recipe(root_url, config)
-    store, version_id = TargetStore(root_url), recipe.version_id()
-    if store.status(version_id) == "complete":
-        return None, version_id
-    arrays = video_arrays(desc, config.params, num_clips, config.compression)
-    return store.begin(recipe, arrays, num_clips, config.shard_size), version_id
+class GenerateWorker:
+    """Generates the clips of a task's shards with the cached SVD model."""
+
+    def __init__(self, root_url: str, config: GenerateConfig, output: TargetOutput):
+        self.config = with_plan_frames(root_url, config)
+        self.model = cached_svd(self.config)
+        self.identity, self.writer = self.model.identity, output.writer
+        self.rows = plan_rows(root_url, config.plan)
+        self.text = open_text(root_url, config.text, config.plan, len(self.rows))
+        self.observed = ObservedFrameReader(root_url, self.rows)
+
+    def compute(self, shard: int) -> dict[str, np.ndarray]:
+        return generate_shard(self.model, self.config, self.writer.version_id, self.rows, self.text, self.observed,
+                              self.writer.shard_clips(shard))
+
+
+class GenerateStage(TargetStage[GenerateConfig]):
+    """``video``: frames, one-step features and seeds of every plan clip."""
+
+    name, config_type = "generate", GenerateConfig
+
+    def recipe(self, root_url: str, config: GenerateConfig) -> TargetRecipe:
+        return video_recipe(root_url, config)[0]
+
+    def arrays(self, root_url: str, config: GenerateConfig,
+               recipe: TargetRecipe) -> tuple[list[ArraySpec], int, int]:
+        config = with_plan_frames(root_url, config)
+        _, desc, num_clips = video_recipe(root_url, config)
+        return video_arrays(desc, config.params, num_clips, config.compression), num_clips, config.shard_size
+
+    def open_worker(self, root_url: str, config: GenerateConfig, output: TargetOutput,
+                    shards: list[int]) -> GenerateWorker:
+        return GenerateWorker(root_url, config, output)
+
+    def inputs(self, root_url: str, config: GenerateConfig, recipe: TargetRecipe) -> list[str]:
+        return [layout.plan_dir(config.plan), layout.target_dir(config.text)]
+
+
+GENERATE = GenerateStage()
 
 
 @flow(name="generate", log_prints=False)
 def generate_flow(root_url: str, config: GenerateConfig) -> BuildSummary:
     """Write the ``video`` version of (plan, text, model, settings); idempotent and resumable."""
-    config = with_plan_frames(root_url, config)
-    writer, version_id = begin_video(root_url, config)
-    if writer is None:
-        return BuildSummary(version=version_id, status="complete", skipped=True)
-    start = time.perf_counter()
-    results = run_shard_tasks(root_url, writer, lambda group: generate_shards_task.submit(
-        root_url, version_id, config, group), config.workers)
-    summary = summarize(writer, results, time.perf_counter() - start)
-    lineage.emit(root_url, "generate", str(uuid.uuid4()),
-                 inputs=[refs.plan(config.plan), refs.version(config.text)], outputs=[refs.version(version_id)],
-                 facets={"config": config.model_dump(mode="json")})
-    return summary
+    return build(GENERATE, root_url, config, prefect_tasks(config.workers))

@@ -1,4 +1,4 @@
-"""The whole chain from one typed config: ingest -> plan -> text -> generate -> teachers -> export.
+"""The whole chain from one typed config: ingest -> plan -> text -> generate -> teachers -> pi0 -> export.
 
 A pipeline file (TOML) names the dataset once and gives each stage its own section; the ids that
 link stages (plan id, text version, video version, teacher versions) are filled in as the chain
@@ -29,16 +29,19 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow
 from pydantic import Field, create_model, model_validator
 
+from flows.build import BuildSummary
 from flows.export import ExportConfig, export_flow
 from flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow
 from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
 from flows.ingest_sources import ingest_calvin_flow, ingest_lerobot_flow, ingest_teleop_flow
+from flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
 from flows.runtime import RunnerChoice, stage_runners
 from flows.teachers import TeachersConfig, teachers_flow
 from pipelines.ingest.calvin import CalvinOptions
@@ -64,11 +67,51 @@ def config_section(config: type[StrictModel], linked: set[str], name: str) -> ty
     return section
 
 
+def target_detail(summary: BuildSummary) -> str:
+    return "already complete" if summary.skipped else f"{summary.shards_written} shard(s), {summary.clips} clips"
+
+
+def export_detail(summary: BuildSummary) -> str:
+    return f"{summary.num_samples} samples in {summary.num_shards} shard(s)"
+
+
+@dataclass(frozen=True)
+class ChainStage:
+    """One sharded stage of the chain: its pipeline.toml section, flow and config, and which of the
+    chain's ids its config takes (config field -> the stage, or 'plan'/'targets', that provides it)."""
+
+    key: str
+    flow: Any
+    config: type[StrictModel]
+    links: dict[str, str]
+    exported: bool = True
+    """Its output is one of [export]'s targets."""
+    detail: Callable[[BuildSummary], str] = target_detail
+
+
+STAGES = (
+    ChainStage("text", text_flow, TextConfig, {"plan": "plan"}),
+    ChainStage("generate", generate_flow, GenerateConfig, {"plan": "plan", "text": "text"}),
+    ChainStage("teachers", teachers_flow, TeachersConfig, {"video": "generate"}),
+    ChainStage("pi0", pi0_targets_flow, Pi0TargetsConfig, {"plan": "plan"}),
+    ChainStage("export", export_flow, ExportConfig, {"plan": "plan", "targets": "targets"}, exported=False,
+               detail=export_detail),
+)
+"""The chain after the plan, in order: each configured section runs, fed the ids before it."""
+STAGE_BY_KEY = {stage.key: stage for stage in STAGES}
+
+
+def stage_section(key: str, name: str) -> type[StrictModel]:
+    stage = STAGE_BY_KEY[key]
+    return config_section(stage.config, set(stage.links), name)
+
+
 PlanSection = config_section(PlanConfig, {"dataset"}, "PlanSection")
-TextSection = config_section(TextConfig, {"plan"}, "TextSection")
-GenerateSection = config_section(GenerateConfig, {"plan", "text"}, "GenerateSection")
-ExportSection = config_section(ExportConfig, {"plan", "targets"}, "ExportSection")
-_TeacherFields = config_section(TeachersConfig, {"video"}, "_TeacherFields")
+TextSection = stage_section("text", "TextSection")
+GenerateSection = stage_section("generate", "GenerateSection")
+Pi0Section = stage_section("pi0", "Pi0Section")
+ExportSection = stage_section("export", "ExportSection")
+_TeacherFields = stage_section("teachers", "_TeacherFields")
 
 
 class TeacherSection(_TeacherFields):
@@ -133,6 +176,8 @@ class PipelineConfig(StrictModel):
     text: TextSection | None = Field(default=None, description="CLIP text targets.")
     generate: GenerateSection | None = Field(default=None, description="SVD video generation + one-step features.")
     teachers: list[TeacherSection] = Field(default_factory=list, description="Teacher maps over the video.")
+    pi0: Pi0Section | None = Field(default=None, description="π0 teacher targets over the plan's clips (exported "
+                                                             "with the rest: leave its `limit` unset then).")
     export: ExportSection | None = Field(default=None, description="Webdataset export of every produced target.")
 
     @model_validator(mode="after")
@@ -143,8 +188,8 @@ class PipelineConfig(StrictModel):
             raise ValueError("[generate] needs a [text] section (its text version conditions the video)")
         if self.teachers and self.generate is None:
             raise ValueError("[[teachers]] need a [generate] section (teachers read the generated video)")
-        if self.export is not None and self.text is None:
-            raise ValueError("[export] needs at least a [text] section (something to export)")
+        if self.export is not None and self.text is None and self.pi0 is None:
+            raise ValueError("[export] needs at least a [text] or [pi0] section (something to export)")
         if isinstance(self.ingest, MetaWorldIngest):
             self.metaworld_config()
         self.stage_configs(PLACEHOLDER_ID, PLACEHOLDER_ID, PLACEHOLDER_ID)  # every stage's own checks, now
@@ -156,23 +201,31 @@ class PipelineConfig(StrictModel):
         return MetaWorldIngestConfig(dataset=self.dataset, **self.ingest.model_dump(exclude={"kind"}))
 
     def stage_configs(self, plan: str, text: str, video: str) -> dict[str, Any]:
-        """The stage configs with the chain's ids filled in (validated by each stage's model)."""
+        """The stage configs with the chain's ids filled in (validated by each stage's model);
+        teachers as a list, export left out (its targets are known once the chain ran)."""
+        ids = {"plan": plan, "text": text, "generate": video}
         configs: dict[str, Any] = {"plan": PlanConfig(dataset=self.dataset, **self.plan.model_dump())}
-        # Only the keys a section sets, so that a preset fills in the rest.
-        if self.text is not None:
-            configs["text"] = TextConfig(plan=plan, **self._with_preset(self.text))
-        if self.generate is not None:
-            configs["generate"] = GenerateConfig(plan=plan, text=text, **self._with_preset(self.generate))
-        configs["teachers"] = [TeachersConfig(video=video, **self._with_preset(t, exclude={"alias"}))
-                               for t in self.teachers]
+        for stage in STAGES:
+            if stage.key != "export":
+                built = [self.stage_config(stage, section, ids) for section in self.sections(stage)]
+                if stage.key == "teachers":
+                    configs["teachers"] = built
+                elif built:
+                    configs[stage.key] = built[0]
         return configs
 
-    def _with_preset(self, section: StrictModel, exclude: set[str] | None = None) -> dict[str, Any]:
-        """A section's explicit keys, with the pipeline's preset when the section names none."""
-        values = section.model_dump(exclude_unset=True, exclude=exclude)
-        if values.get("preset") is None and self.preset is not None:
+    def sections(self, stage: ChainStage) -> list[StrictModel]:
+        """The sections of a stage in this file: none, one, or every [[teachers]] entry."""
+        value = getattr(self, stage.key)
+        return list(value) if isinstance(value, list) else [] if value is None else [value]
+
+    def stage_config(self, stage: ChainStage, section: StrictModel, ids: dict[str, Any]) -> StrictModel:
+        """A section's config with the chain's ids linked in. Only the keys the section sets are
+        passed, so that a preset (the section's, else the pipeline's) fills in the rest."""
+        values = section.model_dump(exclude_unset=True, exclude={"alias"})
+        if "preset" in stage.config.model_fields and values.get("preset") is None and self.preset is not None:
             values["preset"] = self.preset
-        return values
+        return stage.config(**{field: ids[source] for field, source in stage.links.items()}, **values)
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -243,23 +296,15 @@ def ingest_stage(chain: ChainRun, root_url: str, config: PipelineConfig) -> tupl
                                                  f"{len(summary.quarantined)} quarantined episodes")
 
 
-def build_stage(chain: ChainRun, stage_flow: Any, root_url: str, config: Any) -> tuple[str, bool, str]:
-    """A target-version stage (text, generate, teachers): its summary says whether it was complete."""
-    summary = chain.subflow(stage_flow, root_url=root_url, config=config)
-    detail = "already complete" if summary.skipped else f"{summary.shards_written} shard(s), {summary.clips} clips"
-    return summary.version, summary.skipped, detail
-
-
-def export_stage(chain: ChainRun, root_url: str, config: PipelineConfig, plan_id: str,
-                 targets: list[str]) -> tuple[str, bool, str]:
-    """Export every target version the chain produced, over the chain's plan."""
-    export_config = ExportConfig(plan=plan_id, targets=targets, **config.export.model_dump())
-    result = chain.subflow(export_flow, root_url=root_url, config=export_config)
-    return result.export_id, result.skipped, f"{result.num_samples} samples in {result.num_shards} shard(s)"
+def build_stage(chain: ChainRun, stage: ChainStage, root_url: str, config: StrictModel) -> tuple[str, bool, str]:
+    """One sharded stage as a subflow; its summary says whether it was complete."""
+    summary = chain.subflow(stage.flow, root_url=root_url, config=config)
+    return summary.version, summary.skipped, stage.detail(summary)
 
 
 def run_chain(chain: ChainRun, root_url: str, config: PipelineConfig) -> None:
-    """Every configured stage in order, each fed the ids of the ones before it."""
+    """Ingest and plan, then every configured stage of :data:`STAGES` in order, each fed the ids of
+    the ones before it; [export] gets every target the chain produced."""
     if config.ingest is not None:
         chain.stage("ingest", lambda: ingest_stage(chain, root_url, config))
     plan_config = config.stage_configs(PLACEHOLDER_ID, PLACEHOLDER_ID, PLACEHOLDER_ID)["plan"]
@@ -268,24 +313,16 @@ def run_chain(chain: ChainRun, root_url: str, config: PipelineConfig) -> None:
         plan = make_plan(root_url, plan_config)
         return plan.plan_id, not plan.created, f"{plan.num_clips} clips"
 
-    plan_id = chain.stage("plan", plan_stage)
-    if config.text is None:
-        return
-    configs = config.stage_configs(plan_id, PLACEHOLDER_ID, PLACEHOLDER_ID)
-    text_id = chain.stage("text", lambda: build_stage(chain, text_flow, root_url, configs["text"]))
-    targets = [text_id]
-    if config.generate is not None:
-        configs = config.stage_configs(plan_id, text_id, PLACEHOLDER_ID)
-        video_id = chain.stage("generate", lambda: build_stage(chain, generate_flow, root_url, configs["generate"]))
-        targets.append(video_id)
-        configs = config.stage_configs(plan_id, text_id, video_id)
-        for section, teacher_config in zip(config.teachers, configs["teachers"], strict=True):
-            name = section.alias or teacher_config.teacher
-            teacher_id = chain.stage(f"teachers:{name}",
-                                     lambda c=teacher_config: build_stage(chain, teachers_flow, root_url, c))
-            targets.append(f"{section.alias}={teacher_id}" if section.alias else teacher_id)
-    if config.export is not None:
-        chain.stage("export", lambda: export_stage(chain, root_url, config, plan_id, targets))
+    ids: dict[str, Any] = {"plan": chain.stage("plan", plan_stage), "targets": []}
+    for stage in STAGES:
+        for section in config.sections(stage):
+            stage_config = config.stage_config(stage, section, ids)
+            alias = getattr(section, "alias", None)
+            name = f"teachers:{alias or stage_config.teacher}" if stage.key == "teachers" else stage.key
+            output = chain.stage(name, lambda s=stage, c=stage_config: build_stage(chain, s, root_url, c))
+            ids[stage.key] = output
+            if stage.exported:
+                ids["targets"].append(f"{alias}={output}" if alias else output)
 
 
 @flow(name="foresight-pipeline", log_prints=False)

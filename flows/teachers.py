@@ -1,34 +1,30 @@
 """Prefect flow: one frozen teacher over the generated clips of a ``video`` version.
 
 Writes a ``teacher`` version with ``target`` (N, T, h, w, C) float16 (the generated frames) and
-``reference`` (N, 1, h, w, C) float16 (the observed frame alone), shard by shard; shards with a
-``_done`` marker are skipped and claimed shards are left to their builder, so a killed run
-resumes where it stopped and two builders never write the same shard. The overlapped shard loop
-itself lives in flows/teachers_engine.py (no Prefect there, so benchmarks run it bare).
+``reference`` (N, 1, h, w, C) float16 (the observed frame alone) through flows/build.py: shards
+with a ``_done`` marker are skipped and claimed shards are left to their builder, so a killed run
+resumes where it stopped and two builders never write the same shard. The worker's shard loop is
+the overlapped engine of flows/teachers_engine.py (no Prefect there, so benchmarks run it bare).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-import uuid
+from typing import Any
 
-from prefect import flow, task
-from pydantic import Field
+from prefect import flow
 
+from flows.build import BuildSummary, ShardsResult, TargetOutput, TargetStage, build, prefect_tasks
 from flows.configs import TeachersConfig
 from flows.models_cache import cached_model
-from flows.runtime import progress_disabled, split_shards
-from flows.teachers_engine import (ShardClaims, ShardsResult, encode_shards, start_fork_server, teacher_arrays,
-                                   teacher_recipe)
+from flows.runtime import progress_disabled
+from flows.teachers_engine import encode_shards, start_fork_server, teacher_arrays, teacher_recipe
 from flows.teachers_io import ObservedFrames, open_video
 from pipelines.teachers import Teacher, load_teacher
-from schemas.base import StrictModel
-from schemas import refs
-from storage import lineage
-from storage.claims import wait_for_version_shards
-from storage.targets import TargetStore, TargetWriter
+from schemas.target import ArraySpec, TargetRecipe
+from storage import layout
+from storage.claims import ClaimSet
 
 log = logging.getLogger(__name__)
 
@@ -60,75 +56,61 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="clip", disable=progress_disabled())
 
 
-@task(retries=1, retry_delay_seconds=1)
-def encode_shards_task(root_url: str, version_id: str, config: TeachersConfig, shards: list[int]) -> ShardsResult:
-    """Encode the given shards of a building teacher version (done or claimed shards are skipped)."""
-    processes, readers, writers = resolve_io(config)
-    if processes:
-        start_fork_server()  # boots while the teacher loads
-    teacher = cached_teacher(config)
-    writer = TargetStore(root_url).writer(version_id)
-    recorded = writer.manifest.recipe.model
-    if recorded is None or teacher.identity.key() != recorded.key():
-        raise ValueError(f"teacher version '{version_id}' was begun with other weights than {config.model!r}")
-    video = open_video(root_url, config.video)
-    todo = [s for s in shards if not writer.is_done(s)]
-    with _progress_bar(sum(len(writer.shard_clips(s)) for s in todo), f"{config.teacher} {version_id}") as bar:
-        return encode_shards(teacher, video, ObservedFrames(root_url, video), writer, todo, config.batch, writers,
-                             readers, claims=ShardClaims(root_url, writer), progress=bar.update,
-                             io_processes=processes)
+class TeachersWorker:
+    """The teacher of a task, with the overlapped engine as its shard loop (flows/teachers_engine.py)."""
+
+    def __init__(self, root_url: str, config: TeachersConfig, output: TargetOutput):
+        self.config, self.writer = config, output.writer
+        self.processes, self.readers, self.writers = resolve_io(config)
+        if self.processes:
+            start_fork_server()  # boots while the teacher loads
+        self.teacher = cached_teacher(config)
+        self.identity = self.teacher.identity
+        self.video = open_video(root_url, config.video)
+        self.observed = ObservedFrames(root_url, self.video)
+
+    def write_shards(self, shards: list[int], claims: ClaimSet) -> ShardsResult:
+        """Encode the shards this task can claim (the engine takes each through ``claims``)."""
+        total = sum(len(self.writer.shard_clips(s)) for s in shards)
+        with _progress_bar(total, f"{self.config.teacher} {self.writer.version_id}") as bar:
+            stats = encode_shards(self.teacher, self.video, self.observed, self.writer, shards, self.config.batch,
+                                  self.writers, self.readers, claims=claims, progress=bar.update,
+                                  io_processes=self.processes)
+        return ShardsResult(shards=stats.shards_written, clips=stats.clips, frames=stats.frames, seconds=stats.seconds)
 
 
-class TeachersSummary(StrictModel):
-    """What a teachers run did."""
+class TeachersStage(TargetStage[TeachersConfig]):
+    """``teacher``: one frozen teacher's maps of the generated and the observed frames."""
 
-    version: str
-    status: str
-    skipped: bool = Field(description="True when the version was already complete (nothing computed).")
-    shards_written: int = 0
-    clips: int = 0
-    frames: int = 0
-    seconds: float = 0.0
-    frames_per_s: float = 0.0
+    name, config_type = "teachers", TeachersConfig
+
+    def recipe(self, root_url: str, config: TeachersConfig) -> TargetRecipe:
+        open_video(root_url, config.video)
+        return teacher_recipe(cached_teacher(config), config.video, config.preset)
+
+    def arrays(self, root_url: str, config: TeachersConfig,
+               recipe: TargetRecipe) -> tuple[list[ArraySpec], int, int]:
+        video = open_video(root_url, config.video).manifest
+        arrays = teacher_arrays(video.num_clips, video.array_spec("frames").shape[1], cached_teacher(config),
+                                config.compression)
+        return arrays, video.num_clips, video.shard_size
+
+    def open_worker(self, root_url: str, config: TeachersConfig, output: TargetOutput,
+                    shards: list[int]) -> TeachersWorker:
+        return TeachersWorker(root_url, config, output)
+
+    def inputs(self, root_url: str, config: TeachersConfig, recipe: TargetRecipe) -> list[str]:
+        return [layout.target_dir(config.video)]
+
+    def facets(self, config: TeachersConfig) -> dict[str, Any]:
+        identity = cached_teacher(config).identity
+        return {**super().facets(config), "model": identity.model_dump(mode="json")}
 
 
-def begin_version(root_url: str, config: TeachersConfig) -> tuple[str, TargetWriter | None, Teacher]:
-    """(version id, writer or None when already complete, teacher) for ``config``."""
-    video = open_video(root_url, config.video)
-    teacher = cached_teacher(config)
-    recipe = teacher_recipe(teacher, config.video, config.preset)
-    store, version_id = TargetStore(root_url), recipe.version_id()
-    if store.status(version_id) == "complete":
-        return version_id, None, teacher
-    frames = video.manifest.array_spec("frames")
-    writer = store.begin(recipe, teacher_arrays(video.manifest.num_clips, frames.shape[1], teacher, config.compression),
-                         video.manifest.num_clips, video.manifest.shard_size)
-    return version_id, writer, teacher
+TEACHERS = TeachersStage()
 
 
 @flow(name="teachers", log_prints=False)
-def teachers_flow(root_url: str, config: TeachersConfig) -> TeachersSummary:
+def teachers_flow(root_url: str, config: TeachersConfig) -> BuildSummary:
     """Run one teacher over a video version and publish the ``teacher`` version (idempotent)."""
-    version_id, writer, teacher = begin_version(root_url, config)
-    if writer is None:
-        log.info("teacher version %s is already complete", version_id)
-        return TeachersSummary(version=version_id, status="complete", skipped=True)
-    start, results = time.perf_counter(), []
-
-    def run(shards: list[int]) -> None:
-        futures = [encode_shards_task.submit(root_url, version_id, config, group)
-                   for group in split_shards(shards, config.workers)]
-        results.extend(future.result() for future in futures)
-
-    run(writer.pending_shards())
-    wait_for_version_shards(writer, run)
-    seconds = time.perf_counter() - start
-    clips, frames = sum(r.clips for r in results), sum(r.frames for r in results)
-    fps = frames / seconds if seconds > 0 else 0.0
-    manifest = writer.finalize(timings={"seconds": round(seconds, 3), "frames_per_s": round(fps, 2)})
-    lineage.emit(root_url, "teachers", str(uuid.uuid4()), inputs=[refs.version(config.video)],
-                 outputs=[refs.version(version_id)],
-                 facets={"config": config.model_dump(mode="json"), "model": teacher.identity.model_dump(mode="json")})
-    return TeachersSummary(version=version_id, status=manifest.status, skipped=False,
-                           shards_written=sum(len(r.shards_written) for r in results), clips=clips, frames=frames,
-                           seconds=round(seconds, 3), frames_per_s=round(fps, 2))
+    return build(TEACHERS, root_url, config, prefect_tasks(config.workers))

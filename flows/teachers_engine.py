@@ -1,4 +1,4 @@
-"""The teachers stage's shard loop, without Prefect (flows/teachers.py wraps it in tasks).
+"""The teachers stage's shard loop, without Prefect (flows/teachers.py plugs it into flows/build.py).
 
 Reader threads (or worker processes, see flows/teachers_io.py) read and pin the next batches; the
 forward loop uploads each batch on a side CUDA stream, resizes/normalises uint8 frames and runs the
@@ -31,7 +31,7 @@ from pipelines.teachers import OUTPUT_DTYPE, Teacher
 from schemas.base import StrictModel
 from schemas.target import ArraySpec, TargetRecipe
 from flows.teachers_io import ObservedFrames
-from storage.claims import ShardClaim
+from storage.claims import ClaimSet
 from storage.targets import TargetReader, TargetWriter
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ STAGE_VERSION = 1
 CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
 
-class ShardsResult(StrictModel):
-    """What one task wrote."""
+class EngineStats(StrictModel):
+    """What one run of the shard loop wrote, and where its time went."""
 
     shards: list[int] = Field(description="Shards the task was given.")
     shards_written: list[int] = Field(default_factory=list, description="Shards it computed and stored.")
@@ -148,40 +148,6 @@ class ReadAhead:
         item = window.popleft().result()
         self.waited_s += time.perf_counter() - start
         return item
-
-
-class ShardClaims:
-    """Claims this task holds, so every one is released: after its shard is stored, or on error."""
-
-    def __init__(self, root_url: str, writer: TargetWriter):
-        self.root_url, self.writer = root_url, writer
-        self._held: dict[int, ShardClaim] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, shard: int) -> ShardClaim | None:
-        """Claim ``shard``; None when it is done or a live builder holds it."""
-        if self.writer.is_done(shard):
-            return None
-        claim = ShardClaim(self.root_url, self.writer.version_id, shard)
-        if not claim.acquire():
-            log.info("%s shard %d: held by another builder, skipped", self.writer.version_id, shard)
-            return None
-        if self.writer.is_done(shard):  # finished by its previous holder in between
-            claim.release()
-            return None
-        with self._lock:
-            self._held[shard] = claim
-        return claim
-
-    def release(self, shard: int) -> None:
-        with self._lock:
-            claim = self._held.pop(shard, None)
-        if claim is not None:
-            claim.release()
-
-    def release_all(self) -> None:
-        for shard in list(self._held):
-            self.release(shard)
 
 
 # ---------------------------------------------------------------- CUDA streams and events
@@ -542,7 +508,7 @@ class OpenShard:
     claim: Any = None
 
 
-def store_shard(io: ThreadIO | ProcessIO, shard: OpenShard, claims: ShardClaims | None = None) -> None:
+def store_shard(io: ThreadIO | ProcessIO, shard: OpenShard, claims: ClaimSet | None = None) -> None:
     """Wait for the shard's device copies, store it (data, then its _done marker), recycle its
     host buffer (also on error, so the forward loop never waits for it), release its claim."""
     try:
@@ -561,7 +527,7 @@ class ShardLoop:
     every full shard to the writer threads."""
 
     def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO,
-                 executor: ThreadPoolExecutor, claims: ShardClaims | None, result: ShardsResult):
+                 executor: ThreadPoolExecutor, claims: ClaimSet | None, result: EngineStats):
         self.teacher, self.writer, self.io, self.executor = teacher, writer, io, executor
         self.claims, self.result = claims, result
         self.upload, self.download = HostToDevice(teacher.device), DeviceToHost(teacher.device)
@@ -616,8 +582,8 @@ class ShardLoop:
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
-                  claims: ShardClaims | None = None, progress: Callable[[int], None] | None = None,
-                  io_processes: bool = False) -> ShardsResult:
+                  claims: ClaimSet | None = None, progress: Callable[[int], None] | None = None,
+                  io_processes: bool = False) -> EngineStats:
     """Encode and store whole shards: read ahead, upload, forward, copy back and write, overlapped.
 
     ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by
@@ -631,8 +597,9 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     shard_size = min(writer.manifest.shard_size, writer.manifest.num_clips)
     out_shapes = {"target": (shard_size, T, *shape), "reference": (shard_size, 1, *shape)}
     io = open_io(video, observed, writer, batch, out_shapes, readers, writers, teacher.device, io_processes)
-    result = ShardsResult(shards=list(shards))
-    read = ReadAhead(io.load, batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1, claim=claims)
+    result = EngineStats(shards=list(shards))
+    read = ReadAhead(io.load, batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1,
+                     claim=None if claims is None else claims.take)
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
             loop = ShardLoop(teacher, writer, io, executor, claims, result)

@@ -14,7 +14,7 @@ A holder renews its record from a heartbeat thread. A claim is free when it was 
 its expiry has passed (a claimer on another host died), or at once when its claimer ran on this
 host (same host, boot and pid namespace) and that process no longer exists.
 
-Use it through :func:`claim_shard` (or ``TargetWriter.claim``) inside a shard task, and
+Builders take claims through a :class:`ClaimSet` (flows/build.py does, for every stage), and
 :func:`wait_for_shards` in the flow, after its tasks, for shards another builder still holds.
 """
 
@@ -248,38 +248,79 @@ class ShardClaim:
         self.generation = None
 
 
-@contextmanager
+class ClaimSet:
+    """The claims one shard task holds on the shards of one version (or export): the only way a
+    builder takes a shard. :meth:`take` skips a shard that is done or held by a live builder
+    (checking ``is_done`` again once held, since a holder may have finished in between) and runs
+    ``on_acquire`` (e.g. removing a dead writer's temporaries) before handing it out; every claim
+    taken is released by :meth:`release` or :meth:`release_all`, also on error, so a retry
+    elsewhere can take it without waiting for the expiry."""
+
+    def __init__(self, root: Root | str, version_id: str, *, is_done: Callable[[int], bool] | None = None,
+                 on_acquire: Callable[[int], Any] | None = None, ttl_s: float | None = None):
+        self.root, self.version_id = open_root(root), version_id
+        self.is_done, self.on_acquire, self.ttl_s = is_done, on_acquire, ttl_s
+        self._held: dict[int, ShardClaim] = {}
+        self._lock = threading.Lock()
+
+    def _done(self, shard_index: int) -> bool:
+        return self.is_done is not None and self.is_done(shard_index)
+
+    def take(self, shard_index: int) -> ShardClaim | None:
+        """Claim a shard; None when it is done or a live builder holds it."""
+        if self._done(shard_index):
+            return None
+        claim = ShardClaim(self.root, self.version_id, shard_index, self.ttl_s)
+        if not claim.acquire():
+            log.info("%s shard %d: held by another builder, skipped", self.version_id, shard_index)
+            return None
+        try:
+            if self._done(shard_index):
+                claim.release()
+                return None
+            if self.on_acquire is not None:
+                self.on_acquire(shard_index)
+        except BaseException:
+            claim.release()
+            raise
+        with self._lock:
+            self._held[shard_index] = claim
+        return claim
+
+    def release(self, shard_index: int) -> None:
+        with self._lock:
+            claim = self._held.pop(shard_index, None)
+        if claim is not None:
+            claim.release()
+
+    def release_all(self) -> None:
+        for shard_index in list(self._held):
+            self.release(shard_index)
+
+    @contextmanager
+    def hold(self, shard_index: int) -> Iterator[ShardClaim | None]:
+        """:meth:`take` for the body of a ``with`` block, released on exit::
+
+            with claims.hold(3) as owned:
+                if owned:
+                    writer.write_shard(3, compute(3))
+        """
+        claim = self.take(shard_index)
+        try:
+            yield claim
+        finally:
+            if claim is not None:
+                self.release(shard_index)
+
+
 def claim_shard(root: Root | str, version_id: str, shard_index: int, *,
                 is_done: Callable[[], bool] | None = None, ttl_s: float | None = None,
-                on_acquire: Callable[[], Any] | None = None) -> Iterator[ShardClaim | None]:
-    """Hold shard ``shard_index`` of ``version_id`` for the body of a ``with`` block.
-
-    Yields the claim when this process owns the shard and should write it, or ``None`` when a
-    live builder holds it or ``is_done()`` says it is already written (checked again after
-    acquiring, since a holder may have finished in between). Released on exit, also on error,
-    so a retry elsewhere can take it without waiting for the expiry. ``on_acquire`` runs once the
-    claim is held and the shard is still to write (e.g. to remove a dead writer's temporaries)::
-
-        with claim_shard(root, version_id, 3, is_done=lambda: writer.is_done(3)) as owned:
-            if owned:
-                writer.write_shard(3, compute(3))
-    """
-    if is_done is not None and is_done():
-        yield None
-        return
-    claim = ShardClaim(root, version_id, shard_index, ttl_s)
-    if not claim.acquire():
-        yield None
-        return
-    try:
-        if is_done is not None and is_done():
-            yield None
-            return
-        if on_acquire is not None:
-            on_acquire()
-        yield claim
-    finally:
-        claim.release()
+                on_acquire: Callable[[], Any] | None = None):
+    """Hold one shard for the body of a ``with`` block: :meth:`ClaimSet.hold` of a one-shard set
+    (yields the claim, or None when the shard is done or a live builder holds it)."""
+    claims = ClaimSet(root, version_id, ttl_s=ttl_s, is_done=None if is_done is None else lambda _: is_done(),
+                      on_acquire=None if on_acquire is None else lambda _: on_acquire())
+    return claims.hold(shard_index)
 
 
 def wait_for_shards(pending: Callable[[], list[int]], held: Callable[[], set[int]],

@@ -15,7 +15,6 @@ from schemas.base import validate_stored
 from schemas.refs import Ref
 from schemas.target import ArraySpec, TargetRecipe, TargetVersion
 from storage import layout
-from storage.claims import claim_shard
 from storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse_json, read_many, remove_dead_temporaries_under,
                         remove_temporaries)
 from storage.provenance import git_commit, host, now_iso, package_versions
@@ -195,13 +194,6 @@ class TargetWriter(_VersionHandle):
 
     def is_done(self, shard_index: int) -> bool:
         return self.root.file_exists(self.done_path(shard_index))
-
-    def claim(self, shard_index: int, ttl_s: float | None = None):
-        """``with writer.claim(i) as owned:`` -- owned is truthy when this process should write
-        shard ``i`` (None when it is done or a live builder holds it); see storage.claims. Taking
-        the claim removes the temporaries a dead writer of the shard left behind."""
-        return claim_shard(self.root, self.version_id, shard_index, is_done=lambda: self.is_done(shard_index),
-                           ttl_s=ttl_s, on_acquire=lambda: self.remove_stale_temporaries(shard_index))
 
     def _sweep_temporaries(self) -> None:
         """At completion, remove what writers that have exited left anywhere in the version (a

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 import trainers_world as tw
-from flows.export import ExportConfig, build_export, serial_shards
+from flows.build import build as build_stage, in_process
+from flows.export import EXPORT, ExportConfig
 from storage.exports import ExportStore
 from storage.fs import Root
 from storage.targets import TargetStore, shard_object
@@ -32,8 +33,8 @@ def export_config(world: dict[str, str], **overrides) -> ExportConfig:
 
 
 def export(world: dict[str, str], **overrides):
-    """Run the export stage in-process (shards written serially); returns its ExportResult."""
-    return build_export(world["root"], export_config(world, **overrides), serial_shards(world["root"], 4))
+    """Run the export stage in-process (shards written serially); returns its BuildSummary."""
+    return build_stage(EXPORT, world["root"], export_config(world, **overrides), in_process)
 
 
 def one_line(err: BaseException) -> str:

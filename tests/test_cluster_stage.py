@@ -1,8 +1,7 @@
 """A deterministic numpy stage used by the cluster tests, and its own single-process tests.
 
-The stage writes a target version shard by shard through TargetStore exactly like the real
-stages do (one claiming task per shard, then wait for shards other builders hold, then
-finalize), but with arithmetic instead of models, so the runner, claim and fault tests are fast
+The stage is a flows.build Stage like the real ones (one claiming task per shard, then wait for
+shards other builders hold, then finalize), but with arithmetic instead of models, so the runner, claim and fault tests are fast
 and do not depend on any model code. Each write is logged (shard, pid) to a local file so tests
 can count writes. Run as a command (what the Dask test submits)::
 
@@ -21,11 +20,14 @@ import pytest
 import typer
 from prefect import flow, task
 
+from flows.build import TargetOutput, TargetStage, prefect_tasks, write_shards
+from flows.build import build as build_output
 from flows.cli.runner import runner_options
 from flows.runtime import RunnerChoice, gather, run_flow
+from schemas.base import StrictModel
 from schemas.target import ArraySpec, TargetRecipe
 from storage import layout
-from storage.claims import current_claim, wait_for_version_shards
+from storage.claims import ClaimSet, current_claim
 from storage.fs import open_root
 from storage.targets import TargetStore
 
@@ -52,41 +54,75 @@ def _log_write(write_log: str | None, shard: int) -> None:
             handle.write(f"{shard} {os.getpid()}\n")
 
 
-@task(retries=1, retry_delay_seconds=0.2)
-def synthetic_shard(root: str, version_id: str, shard: int, seed: int, delay_s: float,
-                    write_log: str | None) -> str:
-    """Compute and write one shard when this process can claim it."""
-    writer = TargetStore(root).writer(version_id)
-    with writer.claim(shard) as owned:
-        if not owned:
-            return "held-or-done"
-        arrays = synthetic_clips(seed, writer.shard_clips(shard))
-        time.sleep(delay_s)  # stands in for model time: a window in which a test can kill us
-        writer.write_shard(shard, arrays)
-        _log_write(write_log, shard)
-        return "written"
+class SyntheticConfig(StrictModel):
+    """The synthetic stage's config."""
+
+    num_clips: int
+    shard_size: int
+    seed: int = 0
+
+
+class LoggedOutput(TargetOutput):
+    """A target version that logs each shard write (shard, pid) once it is stored."""
+
+    def __init__(self, writer, write_log: str | None):
+        super().__init__(writer)
+        self.write_log = write_log
+
+    def write(self, shard: int, payload: dict) -> None:
+        super().write(shard, payload)
+        _log_write(self.write_log, shard)
+
+
+class SyntheticWorker:
+    """Arithmetic instead of a model: each shard's values from seeded generators."""
+
+    identity = None
+
+    def __init__(self, output: TargetOutput, seed: int, delay_s: float):
+        self.writer, self.seed, self.delay_s = output.writer, seed, delay_s
+
+    def compute(self, shard: int) -> dict[str, np.ndarray]:
+        arrays = synthetic_clips(self.seed, self.writer.shard_clips(shard))
+        time.sleep(self.delay_s)  # stands in for model time: a window in which a test can kill us
+        return arrays
+
+
+class SyntheticStage(TargetStage[SyntheticConfig]):
+    """A stage through flows.build like the real ones (pickled to Dask workers with its settings)."""
+
+    name, config_type = "synthetic", SyntheticConfig
+
+    def __init__(self, delay_s: float = 0.0, write_log: str | None = None):
+        self.delay_s, self.write_log = delay_s, write_log
+
+    def recipe(self, root_url: str, config: SyntheticConfig) -> TargetRecipe:
+        return synthetic_recipe(config.num_clips, config.shard_size, config.seed)
+
+    def arrays(self, root_url: str, config: SyntheticConfig, recipe: TargetRecipe):
+        n = config.num_clips
+        return [ArraySpec(name="value", shape=[n, *FEATURES], dtype="float32"),
+                ArraySpec(name="clip", shape=[n], dtype="int64")], n, config.shard_size
+
+    def begin(self, root_url: str, config: SyntheticConfig, recipe: TargetRecipe) -> TargetOutput:
+        return LoggedOutput(super().begin(root_url, config, recipe).writer, self.write_log)
+
+    def reopen(self, root_url: str, output_id: str) -> TargetOutput:
+        return LoggedOutput(TargetStore(root_url).writer(output_id), self.write_log)
+
+    def open_worker(self, root_url: str, config: SyntheticConfig, output: TargetOutput, shards: list[int]):
+        return SyntheticWorker(output, config.seed, self.delay_s)
+
+    def inputs(self, root_url: str, config: SyntheticConfig, recipe: TargetRecipe) -> list[str]:
+        return []
 
 
 @flow(name="synthetic-stage")
 def synthetic_flow(root: str, num_clips: int, shard_size: int, seed: int = 0, delay_s: float = 0.0,
                    write_log: str | None = None) -> str:
-    """Build (or finish) the synthetic version; returns its id."""
-    store = TargetStore(root)
-    recipe = synthetic_recipe(num_clips, shard_size, seed)
-    if store.status(recipe.version_id()) == "complete":
-        return recipe.version_id()
-    arrays = [ArraySpec(name="value", shape=[num_clips, *FEATURES], dtype="float32"),
-              ArraySpec(name="clip", shape=[num_clips], dtype="int64")]
-    writer = store.begin(recipe, arrays, num_clips, shard_size)
-
-    def run(shards: list[int]) -> list[str]:
-        return gather([synthetic_shard.submit(root, writer.version_id, i, seed, delay_s, write_log)
-                       for i in shards])
-
-    run(writer.pending_shards())
-    wait_for_version_shards(writer, run, poll_s=0.2)
-    writer.finalize()
-    return writer.version_id
+    """Build (or finish) the synthetic version with one claiming task per shard; returns its id."""
+    config = SyntheticConfig(num_clips=num_clips, shard_size=shard_size, seed=seed)
+    return build_output(SyntheticStage(delay_s, write_log), root, config, prefect_tasks(0), poll_s=0.2).version
 
 
 @task
@@ -171,14 +207,15 @@ def test_claimed_shard_is_skipped_and_finished_after_release(tmp_path, prefect_e
     recipe = synthetic_recipe(6, 3, 0)
     writer = store.begin(recipe, [ArraySpec(name="value", shape=[6, *FEATURES], dtype="float32"),
                                   ArraySpec(name="clip", shape=[6], dtype="int64")], 6, 3)
-    with writer.claim(1) as held:
+    stage, config = SyntheticStage(), SyntheticConfig(num_clips=6, shard_size=3)
+    with ClaimSet(root, writer.version_id, is_done=writer.is_done).hold(1) as held:
         assert held
-        assert synthetic_shard.fn(root, writer.version_id, 1, 0, 0.0, None) == "held-or-done"
+        assert write_shards(stage, root, writer.version_id, config, [1]).shards == []  # held: skipped
         generation, record = current_claim(root, writer.version_id, 1)
         assert record.state == "held" and record.pid == os.getpid() and generation == 0
     assert current_claim(root, writer.version_id, 1)[1].state == "released"
-    assert synthetic_shard.fn(root, writer.version_id, 1, 0, 0.0, None) == "written"
-    assert synthetic_shard.fn(root, writer.version_id, 1, 0, 0.0, None) == "held-or-done"
+    assert write_shards(stage, root, writer.version_id, config, [1]).shards == [1]
+    assert write_shards(stage, root, writer.version_id, config, [1]).shards == []  # done: skipped
 
 
 if __name__ == "__main__":

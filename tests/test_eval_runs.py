@@ -170,7 +170,7 @@ def shallow_pi_run(world):
     root, _, plan_id = world
     config = Pi0TargetsConfig(plan=plan_id, model="tiny", tiny_layers=4, pairs=1, attn_layers=[1, 2],
                               state_indices=list(range(18)) + [36, 37, 38], shard_size=4)
-    version = run_flow(pi0_targets_flow, RunnerChoice(), root_url=root.url, config=config)["version"]
+    version = run_flow(pi0_targets_flow, RunnerChoice(), root_url=root.url, config=config).version
     export = run_export(root.url, ExportConfig(plan=plan_id, targets=[version], action_chunk=50))
     result = runner.invoke(app, ["train", "shallow-pi", "--export", export.export_id, "--layers", "2",
                                  "--attn-layers", "1", "--steps", "1", "--batch-size", "2", "--workers", "0",

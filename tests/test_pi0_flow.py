@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows import pi0 as pi0_flow
+from flows.build import build, in_process, write_shards
 from flows.cli import app
 from pipelines import pi0
 from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
@@ -46,6 +47,11 @@ def config(**overrides) -> pi0_flow.Pi0TargetsConfig:
     return pi0_flow.Pi0TargetsConfig(**values)
 
 
+def begin(root: str, cfg: pi0_flow.Pi0TargetsConfig):
+    """Begin the pi0 version of ``cfg`` (no shard written); its writer."""
+    return pi0_flow.PI0.begin(root, cfg, pi0_flow.PI0.recipe(root, cfg)).writer
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pi0root"))
@@ -56,8 +62,8 @@ def built(tmp_path_factory):
 
 def test_flow_writes_a_complete_pi0_version(built):
     root, rows, result = built
-    assert result["status"] == "complete" and result["clips"] == 5
-    reader = TargetStore(root).open(result["version"])
+    assert result.status == "complete" and result.clips == 5 and not result.skipped
+    reader = TargetStore(root).open(result.version)
     manifest = reader.manifest
     assert manifest.id.startswith("pi0-") and manifest.kind == "pi0" and manifest.num_shards == 3
     assert manifest.recipe.model.source == "tiny" and not manifest.recipe.model.is_real
@@ -73,38 +79,39 @@ def test_flow_writes_a_complete_pi0_version(built):
 
 def test_stored_targets_equal_a_direct_teacher_pass(built):
     root, rows, result = built
-    reader = TargetStore(root).open(result["version"])
+    reader = TargetStore(root).open(result.version)
     params = pi0.Pi0TargetParams(**{k: v for k, v in reader.manifest.recipe.params.items() if k != "num_clips"})
     loaded = pi0.load_pi0("tiny")
     sample_reader = pi0_flow.SampleReader(root, params, None)
     samples = pi0.stack_samples([sample_reader.sample(rows[i]) for i in (2, 3)])
-    direct = pi0.compute_targets(loaded.model, samples, ["clip2", "clip3"], result["version"], params)
+    direct = pi0.compute_targets(loaded.model, samples, ["clip2", "clip3"], result.version, params)
     for name, values in direct.items():
         np.testing.assert_array_equal(reader.read(name, [2, 3]), values, err_msg=name)
 
 
 def test_rerun_of_a_complete_version_does_nothing(built):
     root, _, result = built
-    again = pi0_flow.build_version(root, config(), pi0_flow.run_here(root, config()))
-    assert again == {"version": result["version"], "status": "complete", "clips": 0, "seconds": 0.0}
+    again = build(pi0_flow.PI0, root, config(), in_process)
+    assert (again.version, again.status, again.skipped, again.clips, again.seconds) == (result.version, "complete",
+                                                                                        True, 0, 0.0)
     cli = CliRunner().invoke(app, ["pi0-targets", "--plan", PLAN, "--pairs", "2", "--attn-dtype", "float32",
                                    "--state-indices", "0-17", "--shard-size", "2", "--batch", "2",
                                    "--max-text-tokens", "24", "--root", root])
     assert cli.exit_code == 0, cli.output
-    assert cli.output.strip() == f"{result['version']} already complete (nothing to do)"
+    assert cli.output.strip() == f"{result.version} already complete (nothing to do)"
 
 
 def test_interrupted_build_resumes_without_rewriting_done_shards(tmp_path, built):
     _, _, complete = built
     root = str(tmp_path)
     write_dataset(root)
-    writer, done = pi0_flow.begin_version(root, config())
-    assert not done and writer.version_id == complete["version"]
-    first = pi0_flow.write_shards.fn(root, writer.version_id, [1], config())
+    writer = begin(root, config())
+    assert writer.version_id == complete.version
+    first = write_shards(pi0_flow.PI0, root, writer.version_id, config(), [1])
     assert first.shards == [1] and writer.pending_shards() == [0, 2]
     marker = TargetStore(root).root.read_json(writer.done_path(1))
-    result = pi0_flow.build_version(root, config(), pi0_flow.run_here(root, config()))
-    assert result["status"] == "complete" and result["clips"] == 3
+    result = build(pi0_flow.PI0, root, config(), in_process)
+    assert result.status == "complete" and result.clips == 3
     assert TargetStore(root).root.read_json(writer.done_path(1)) == marker
     assert TargetStore(root).manifest(writer.version_id).shards == TargetStore(built[0]).manifest(writer.version_id).shards
 
@@ -113,11 +120,11 @@ def test_bad_inputs_name_what_is_wrong(tmp_path):
     root = str(tmp_path)
     write_dataset(root)
     with pytest.raises(ValueError, match=r"clip 'clip0'.*state: 39 elements, more than π0's 32"):
-        writer, _ = pi0_flow.begin_version(root, config(state_indices=None))
-        pi0_flow.write_shards.fn(root, writer.version_id, [0], config(state_indices=None))
+        writer = begin(root, config(state_indices=None))
+        write_shards(pi0_flow.PI0, root, writer.version_id, config(state_indices=None), [0])
     with pytest.raises(ValueError, match="no low-dim column 'joints'"):
-        pi0_flow.begin_version(root, config(state_key="joints"))
+        begin(root, config(state_key="joints"))
     with pytest.raises(ValueError, match="attn layers"):
-        pi0_flow.begin_version(root, config(attn_layers=[7]))
+        begin(root, config(attn_layers=[7]))
     with pytest.raises(ValueError, match="no statistics"):
-        pi0_flow.begin_version(root, config(normalize="dataset"))
+        begin(root, config(normalize="dataset"))

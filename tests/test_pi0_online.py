@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flows import pi0 as pi0_flow
+from flows.build import build, in_process
 from pipelines import pi0
 from pipelines.pi0_augment import AugmentConfig, affine_theta, augment_images
 from schemas.presets import preset_table
@@ -27,8 +28,8 @@ def inputs_only(tmp_path_factory):
     write_dataset(root)
     config = pi0_flow.Pi0TargetsConfig(plan=PLAN, model="tiny", pairs=0, attn_layers=[], shard_size=3, batch=3,
                                        max_text_tokens=24)
-    result = pi0_flow.build_version(root, config, pi0_flow.run_here(root, config))
-    return {"root": root, "version": result["version"], "export": export_version(root, result["version"])}
+    result = build(pi0_flow.PI0, root, config, in_process)
+    return {"root": root, "version": result.version, "export": export_version(root, result.version)}
 
 
 def online_config(steps: int = 3, **overrides) -> shallow_pi.ShallowPiRunConfig:

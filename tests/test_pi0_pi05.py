@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("transformers.models.pi05")
 
-from flows import pi0 as pi0_flow  # noqa: E402
+from flows import pi0 as pi0_flow
+from flows.build import build, in_process  # noqa: E402
 from pipelines import pi0  # noqa: E402
 from storage.fs import open_root  # noqa: E402
 from storage.targets import TargetStore  # noqa: E402
@@ -77,9 +78,9 @@ def test_pi05_flow_version_and_online_training(tmp_path):
     write_dataset(root)
     config = pi0_flow.Pi0TargetsConfig(plan=PLAN, model="tiny", family="pi05", pairs=0, attn_layers=[],
                                        shard_size=3, batch=3, max_text_tokens=96)
-    result = pi0_flow.build_version(root, config, pi0_flow.run_here(root, config))
-    assert TargetStore(root).manifest(result["version"]).recipe.model.family == "pi05"
-    export = export_version(root, result["version"])
+    result = build(pi0_flow.PI0, root, config, in_process)
+    assert TargetStore(root).manifest(result.version).recipe.model.family == "pi05"
+    export = export_version(root, result.version)
     loop = LoopConfig(steps=2, batch_size=2, num_workers=0, device="cpu", log_every=1, progress=False)
     cfg = shallow_pi.ShallowPiRunConfig(layers=2, attn_layers=[1], loop=loop)  # family read from the version
     fit = shallow_pi.train_shallow_pi(open_root(root), export, cfg, run_id="spi-pi05", eval_export=export)

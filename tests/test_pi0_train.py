@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from flows import pi0 as pi0_flow
+from flows.build import build, in_process
 from flows.cli import app
 from flows.cli.common import user_error_message
 from flows.export import ExportConfig, export_recipe, plan_export, write_shard
@@ -66,8 +67,8 @@ def world(tmp_path_factory):
     write_dataset(root)
     config = pi0_flow.Pi0TargetsConfig(plan=PLAN, model="tiny", pairs=2, attn_layers=[1, 2, 3], shard_size=3,
                                        batch=3, max_text_tokens=24)
-    result = pi0_flow.build_version(root, config, pi0_flow.run_here(root, config))
-    return {"root": root, "version": result["version"], "export": export_version(root, result["version"])}
+    result = build(pi0_flow.PI0, root, config, in_process)
+    return {"root": root, "version": result.version, "export": export_version(root, result.version)}
 
 
 def run_config(**overrides) -> shallow_pi.ShallowPiRunConfig:

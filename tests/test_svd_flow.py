@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows.generate import GenerateConfig, PlanConfig, TextConfig, begin_video, generate_flow, make_plan, text_flow, \
+from flows.generate import GENERATE, GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow, \
     video_recipe
 from flows.runtime import RunnerChoice, run_flow
 from pipelines.svd import SVDParams, clip_seed, load_svd, one_step_features, save_svd
@@ -163,9 +163,10 @@ WORKER = """
 import sys
 import torch
 torch.set_num_threads(int(sys.argv[5]))
-from flows.generate import GenerateConfig, generate_shards
+from flows.build import write_shards
+from flows.generate import GENERATE, GenerateConfig
 config = GenerateConfig.model_validate_json(sys.argv[3])
-generate_shards(sys.argv[1], sys.argv[2], config, list(range(int(sys.argv[4]))))
+write_shards(GENERATE, sys.argv[1], sys.argv[2], config, list(range(int(sys.argv[4]))))
 """
 
 
@@ -201,7 +202,8 @@ def kill_after_first_shard(root: str, version_id: str, config: GenerateConfig, s
 def test_resume_after_sigkill_part_way(built, tmp_path):
     root, _, text, config, video = built
     copy_inputs(root, str(tmp_path), text.version)
-    writer, version_id = begin_video(str(tmp_path), config)
+    writer = GENERATE.begin(str(tmp_path), config, GENERATE.recipe(str(tmp_path), config)).writer
+    version_id = writer.version_id
     assert version_id == video.version  # content addressed: the same version in another root
     kill_after_first_shard(str(tmp_path), version_id, config, writer.num_shards)
     pending = writer.pending_shards()

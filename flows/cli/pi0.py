@@ -54,9 +54,8 @@ def pi0_targets(
     ModelSpec.parse(config.model)  # a malformed spec fails here, before Prefect starts
     data_root = get_root(root, writable=True)
     result = run_pi0_targets(data_root, config, runner)
-    if result["clips"] == 0 and result["status"] == "complete":
-        typer.echo(f"{result['version']} already complete (nothing to do)")
+    if result.skipped:
+        typer.echo(f"{result.version} already complete (nothing to do)")
         return
-    rate = result["clips"] / result["seconds"] if result["seconds"] > 0 else 0.0
-    typer.echo(f"{result['version']} {result['status']}: {result['clips']} samples in {result['seconds']:.1f}s "
-               f"({rate:.2f} samples/s)")
+    rate = result.clips / result.seconds if result.seconds > 0 else 0.0
+    typer.echo(f"{result.version} {result.status}: {result.clips} samples in {result.seconds:.1f}s ({rate:.2f} samples/s)")

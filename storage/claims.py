@@ -313,16 +313,6 @@ class ClaimSet:
                 self.release(shard_index)
 
 
-def claim_shard(root: Root | str, version_id: str, shard_index: int, *,
-                is_done: Callable[[], bool] | None = None, ttl_s: float | None = None,
-                on_acquire: Callable[[], Any] | None = None):
-    """Hold one shard for the body of a ``with`` block: :meth:`ClaimSet.hold` of a one-shard set
-    (yields the claim, or None when the shard is done or a live builder holds it)."""
-    claims = ClaimSet(root, version_id, ttl_s=ttl_s, is_done=None if is_done is None else lambda _: is_done(),
-                      on_acquire=None if on_acquire is None else lambda _: on_acquire())
-    return claims.hold(shard_index)
-
-
 def wait_for_shards(pending: Callable[[], list[int]], held: Callable[[], set[int]],
                     run_missing: Callable[[list[int]], Any], *, poll_s: float = 1.0,
                     timeout_s: float | None = None, what: str = "version") -> None:
@@ -346,17 +336,3 @@ def wait_for_shards(pending: Callable[[], list[int]], held: Callable[[], set[int
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"{what}: shards {todo} still held by other builders after {timeout_s:.0f} s")
         time.sleep(poll_s)
-
-
-def wait_for_version_shards(writer: Any, run_missing: Callable[[list[int]], Any], *, poll_s: float = 1.0,
-                            timeout_s: float | None = None) -> None:
-    """:func:`wait_for_shards` for a ``TargetWriter`` (pending from its ``_done`` markers)."""
-    done_dir = writer.root.path(layout.target_dir(writer.version_id), layout.DONE_DIR)
-
-    def pending() -> list[int]:
-        writer.root.fs.invalidate_cache(done_dir)  # other builders add markers: no stale listing
-        return writer.pending_shards()
-
-    wait_for_shards(pending, lambda: set(active_claims(writer.root, writer.version_id)),
-                    run_missing, poll_s=poll_s, timeout_s=timeout_s, what=f"target version '{writer.version_id}'")
-

@@ -211,3 +211,27 @@ def test_two_concurrent_cli_exports_write_each_shard_once_and_both_succeed(tmp_p
     assert len(index.shards) > 2  # enough shards for the two builders to share them
     assert sorted(line.split()[1] for line in lines) == sorted(s.name for s in index.shards)  # each once
     assert ExportStore(root).verify(export_id) == []
+
+
+# ---------------------------------------------------------------- pipeline.toml through the registry
+def test_pipeline_with_pi0_builds_the_ids_the_cli_builds(tmp_path, prefect_env):
+    """[text] and [pi0] of a pipeline file give the ids tests/test_pinned_ids.py pins for the same
+    settings given to `foresight text` / `foresight pi0-targets`."""
+    from factories import make_dataset, write_episode
+    from flows.pipeline import load_pipeline, run_pipeline
+    from test_pinned_ids import PINNED
+
+    root = str(tmp_path / "root")
+    store = make_dataset(root, name="pins", camera="cam", size=32)
+    for index in range(2):
+        write_episode(store, f"ep{index}", length=20, seed=index, camera="cam")
+    path = tmp_path / "pipeline.toml"
+    path.write_text('dataset = "pins"\n[plan]\nframes = 4\nstride = 1\nevery = 6\nlimit = 4\n'
+                    '[text]\nmodel = "tiny"\nshard_size = 2\n'
+                    '[pi0]\nmodel = "tiny"\npairs = 1\nstate_indices = [0, 1, 2, 3, 4, 5]\nshard_size = 2\n'
+                    'batch = 2\nmax_text_tokens = 24\n')
+    summary = run_pipeline(load_pipeline(path), root)
+    outputs = {row.stage: row.output for row in summary.stages}
+    assert outputs == {"plan": PINNED["plan"], "text": PINNED["text"], "pi0": PINNED["pi0"]}
+    again = run_pipeline(load_pipeline(path), root)
+    assert [row.status for row in again.stages] == ["skipped"] * 3

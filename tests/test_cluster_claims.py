@@ -18,7 +18,7 @@ from cluster_servers import child_env
 from flows.cli.runner import runner_options
 from flows.models_cache import ModelCache, model_key
 from flows.runtime import RunnerChoice
-from storage.claims import (ClaimRecord, ShardClaim, active_claims, claim_shard, claimer_alive, create_exclusive,
+from storage.claims import (ClaimRecord, ClaimSet, ShardClaim, active_claims, claimer_alive, create_exclusive,
                             current_claim, machine_id, wait_for_shards)
 from storage.fs import Root
 
@@ -81,10 +81,10 @@ def _foreign_record(expires_in: float) -> ClaimRecord:
 def test_claim_of_another_machine_expires(root):
     rel = f"targets/{VERSION}/_claims/3/00000000"
     root.write_bytes_atomic(rel, _foreign_record(30).model_dump_json().encode())
-    with claim_shard(root, VERSION, 3, ttl_s=5) as owned:
+    with ClaimSet(root, VERSION, ttl_s=5).hold(3) as owned:
         assert owned is None  # alive on another machine: only its expiry frees it
     root.write_bytes_atomic(rel, _foreign_record(-1).model_dump_json().encode())
-    with claim_shard(root, VERSION, 3, ttl_s=5) as owned:
+    with ClaimSet(root, VERSION, ttl_s=5).hold(3) as owned:
         assert owned is not None and owned.generation == 1
 
 
@@ -126,11 +126,11 @@ def test_claim_of_a_killed_process_is_taken_over_at_once(tmp_path):
 
 def test_claim_skips_done_shard_and_releases_on_error(tmp_path):
     root = Root(str(tmp_path / "root"))
-    with claim_shard(root, VERSION, 0, is_done=lambda: True) as owned:
+    with ClaimSet(root, VERSION, is_done=lambda shard: True).hold(0) as owned:
         assert owned is None
     assert current_claim(root, VERSION, 0) == (-1, None)
     with pytest.raises(RuntimeError):
-        with claim_shard(root, VERSION, 0) as owned:
+        with ClaimSet(root, VERSION).hold(0) as owned:
             assert owned is not None
             raise RuntimeError("shard failed")
     assert current_claim(root, VERSION, 0)[1].state == "released"

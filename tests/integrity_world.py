@@ -4,13 +4,17 @@ tampering helpers the corpus applies to copies of it."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trainers_world as tw
 from flows.build import build as build_stage, in_process
 from flows.export import EXPORT, ExportConfig
-from storage.exports import ExportStore
+from storage.exports import ExportStore, ShardTarWriter
 from storage.fs import Root
 from storage.targets import TargetStore, shard_object
 
@@ -74,3 +78,38 @@ def edit_json(path: Path, change) -> None:
 def stray_temporaries(root: str | Path) -> list[str]:
     """Every writer temporary anywhere under a root (the corpus expects none after a run)."""
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob(".tmp-*"))
+
+
+def _race_child(log_path: str, barrier: Any, run: Callable[[], Any]) -> None:
+    """Body of one racing child: log every tar it publishes (pid, name), start with the others at
+    the barrier, run; exit 0, or 1 with the error logged."""
+    real_publish = ShardTarWriter.publish
+
+    def publish(self):
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()} {self.name}\n")
+        return real_publish(self)
+
+    ShardTarWriter.publish = publish
+    barrier.wait()
+    try:
+        run()
+    except BaseException as err:  # noqa: BLE001 - reported to the parent through the log and exit code
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()} failed {err!r}\n")
+        os._exit(1)
+    os._exit(0)
+
+
+def race(runs: list[Callable[[], Any]], log_path: Path, timeout_s: float = 300) -> tuple[list[int | None], list[str]]:
+    """Run each (picklable) callable in its own process, all released at once; their exit codes
+    and the log lines '<pid> <tar name>' of every shard they published."""
+    context = multiprocessing.get_context("spawn")  # a forked child inherits event-loop threads mid-state
+    barrier = context.Barrier(len(runs))
+    children = [context.Process(target=_race_child, args=(str(log_path), barrier, run)) for run in runs]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=timeout_s)
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    return [child.exitcode for child in children], lines

@@ -4,7 +4,7 @@ build() alone. Shown on a fake stage (arithmetic, no model, in-process), by the 
 
 from __future__ import annotations
 
-import multiprocessing
+import functools
 import os
 import signal
 import subprocess
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import integrity_world as iw
 import trainers_world as tw
 from flows import build as seam
 from flows.build import BuildSummary, TargetOutput, TargetStage, build, in_process, write_shards
@@ -28,7 +29,7 @@ from schemas.base import StrictModel
 from schemas.model import ModelIdentity
 from schemas.target import ArraySpec, TargetRecipe
 from storage.claims import ClaimSet, current_claim
-from storage.exports import ExportStore, ShardTarWriter
+from storage.exports import ExportStore
 from storage.fs import Root
 from storage.targets import TargetStore
 
@@ -163,25 +164,10 @@ def test_every_sharded_stage_of_the_chain_is_a_build_stage():
 
 
 # ---------------------------------------------------------------- two `foresight export` at once
-def _cli_export_in_child(args: list[str], log_path: str, barrier) -> None:
-    real_publish = ShardTarWriter.publish
-
-    def publish(self):
-        with open(log_path, "a") as log:
-            log.write(f"{os.getpid()} {self.name}\n")
-        return real_publish(self)
-
-    ShardTarWriter.publish = publish
+def cli_export(args: list[str]) -> None:
     from flows.cli import app
 
-    barrier.wait()
-    try:
-        app(args, standalone_mode=False)
-    except BaseException as err:  # noqa: BLE001 - reported to the parent through the log and exit code
-        with open(log_path, "a") as log:
-            log.write(f"{os.getpid()} failed {err!r}\n")
-        os._exit(1)
-    os._exit(0)
+    app(args, standalone_mode=False)
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +183,8 @@ def test_two_concurrent_cli_exports_write_each_shard_once_and_both_succeed(tmp_p
     ids = tw.make_targets(root, plan, 16)
     args = ["export", "--plan", plan, "--targets", f"{ids['video']},{ids['dinov2']}", "--shard-size", "20KB",
             "--codec", "bf16", "--action-chunk", "5", "--root", root.url]
-    context = multiprocessing.get_context("spawn")  # a forked child inherits event-loop threads mid-state
-    barrier, log_path = context.Barrier(2), tmp_path / "publish.log"
-    children = [context.Process(target=_cli_export_in_child, args=(args, str(log_path), barrier)) for _ in range(2)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(timeout=300)
-    lines = log_path.read_text().splitlines() if log_path.exists() else []
-    assert [child.exitcode for child in children] == [0, 0], lines
+    codes, lines = iw.race([functools.partial(cli_export, args)] * 2, tmp_path / "publish.log")
+    assert codes == [0, 0], lines
     [export_id] = ExportStore(root).ids()
     index = ExportStore(root).index(export_id)
     assert len(index.shards) > 2  # enough shards for the two builders to share them

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
-import multiprocessing
-import os
 import subprocess
 from pathlib import Path
 
@@ -154,37 +153,10 @@ def test_d11_killed_export_writer_leftovers_are_removed_by_the_rerun(world):
 
 
 # D12: concurrent identical exports -------------------------------------------------------------------
-def _export_in_child(world, log_path, barrier):
-    real_publish = ShardTarWriter.publish
-
-    def publish(self):
-        with open(log_path, "a") as log:
-            log.write(f"{os.getpid()} {self.name}\n")
-        return real_publish(self)
-
-    ShardTarWriter.publish = publish
-    barrier.wait()
-    try:
-        iw.export(world, codec="bf16", shard_size="20KB")
-    except BaseException as err:  # noqa: BLE001 - reported to the parent through the exit code
-        with open(log_path, "a") as log:
-            log.write(f"{os.getpid()} failed {err!r}\n")
-        os._exit(1)
-    os._exit(0)
-
-
 def test_d12_two_identical_exports_at_once_both_succeed_writing_each_shard_once(world, tmp_path):
-    # spawn, not fork: a forked child inherits zarr's and fsspec's event-loop threads mid-state.
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(2)
-    log_path = tmp_path / "publish.log"
-    children = [context.Process(target=_export_in_child, args=(world, log_path, barrier)) for _ in range(2)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(timeout=300)
-    lines = log_path.read_text().splitlines() if log_path.exists() else []
-    assert [child.exitcode for child in children] == [0, 0], lines
+    codes, lines = iw.race([functools.partial(iw.export, world, codec="bf16", shard_size="20KB")] * 2,
+                           tmp_path / "publish.log")
+    assert codes == [0, 0], lines
     names = [line.split()[1] for line in lines]
     result = iw.export(world, codec="bf16", shard_size="20KB")
     assert result.skipped

@@ -135,14 +135,14 @@ def test_cli_runs_da3_and_reports_the_version(world):
     assert again.exit_code == 0 and "already complete" in again.output
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--video", "video-000000000000"], "video version 'video-000000000000': not found"),
-    (["--settings", "{\"bogus\": 1}"], "unknown key 'bogus'"),
-    (["--settings", "[1]"], "--settings: expected a JSON object"),
-    (["--model", "weights.pt"], "model spec 'weights.pt'"),
-    (["--dtype", "int8"], "dtype"),
+@pytest.mark.parametrize("argv, expected, code", [
+    (["--video", "video-000000000000"], "video version 'video-000000000000': not found", 1),
+    (["--settings", "{\"bogus\": 1}"], "unknown key 'bogus'", 1),
+    (["--settings", "[1]"], "--settings: expected a JSON object", 1),
+    (["--model", "weights.pt"], "model spec 'weights.pt'", 1),
+    (["--dtype", "int8"], "dtype", 2),  # not one of the choices: a usage error
 ])
-def test_cli_errors_are_one_line(world, monkeypatch, capsys, argv, expected):
+def test_cli_errors_are_one_line(world, monkeypatch, capsys, argv, expected, code):
     from flows.cli import main
 
     root, video, _, _ = world
@@ -152,7 +152,7 @@ def test_cli_errors_are_one_line(world, monkeypatch, capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_info:
         main()
     stderr = capsys.readouterr().err
-    assert exit_info.value.code == 1 and expected in stderr and "Traceback" not in stderr, stderr
+    assert exit_info.value.code == code and expected in stderr and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
 
 

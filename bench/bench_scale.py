@@ -286,7 +286,7 @@ def run_cell(root_url: str, clips: int, shard_size: int, runner_name: str, dask_
     result = run_pi0_targets(root_url, Pi0TargetsConfig(plan=ids["plan"], model="null", pairs=2,
                                                         attn_layers=[1, 2], shard_size=shard_size, batch=shard_size),
                              runner)
-    ids["pi0"] = result["version"]
+    ids["pi0"] = result.version
     seconds = time.perf_counter() - started
     cell["stages"]["pi0"] = stage_figures(seconds, "ran", clips, shard_size, requests.since_mark(),
                                           finalize_targets.take(), seconds)

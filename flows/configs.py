@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.devices import auto_dtype, resolve_device_field
 from schemas.base import StrictModel
-from schemas.devices import AUTO, DEVICE_HELP
+from schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
 from schemas.presets import check_preset, deep_merge, preset_values, resolve_nested
 from schemas.svd import MAX_LENGTH, SVDParams
 
@@ -198,9 +198,9 @@ class Pi0TargetsConfig(StrictModel):
     shard_size: int = Field(default=16, ge=1, description="Clips per shard (and per writer task).")
     batch: int = Field(default=4, ge=1, description="Samples per teacher forward.")
     device: str = Field(default=AUTO, validate_default=True, description=DEVICE_HELP)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default=AUTO, validate_default=True, description="Teacher compute dtype (keyed as resolved; auto: float32 "
-                                                         "on CUDA and CPU).")
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = Field(
+        default=AUTO, validate_default=True, description="Teacher compute dtype (keyed as resolved, by torch's name: "
+                                                         "fp32 and float32 are one; auto: fp32 on CUDA and CPU).")
     limit: int | None = Field(default=None, ge=1, description="Only the first N clips of the plan.")
 
     _resolve_device = field_validator("device")(resolve_device_field)
@@ -208,7 +208,9 @@ class Pi0TargetsConfig(StrictModel):
     @field_validator("dtype")
     @classmethod
     def _resolve_dtype(cls, dtype: str, info: ValidationInfo) -> str:
-        return auto_dtype("pi0", dtype, info.data.get("device", "cpu"))
+        """Every stage's names (fp32, bf16, fp16) and torch's (what pi0 took first) -> torch's, keyed."""
+        dtype = auto_dtype("pi0", dtype, info.data.get("device", "cpu"))
+        return TORCH_DTYPE_NAMES.get(dtype, dtype)
 
 
 # ---------------------------------------------------------------- exports

@@ -23,12 +23,13 @@ GPU_DTYPES: dict[str, tuple[str, str]] = {
     "text": ("fp32", "CLIP text runs in fp32 everywhere (one forward per instruction; no dtype setting)"),
     "generate": ("fp16", "the release's SVD dtype; what `foresight generate` picked on CUDA before `auto`"),
     "teachers": ("fp32", "what every teacher version was built with so far; bf16/fp16 are opt-in (keyed)"),
-    "pi0": ("float32", "pi0 targets are distillation labels; bfloat16/float16 are opt-in (keyed)"),
+    "pi0": ("fp32", "pi0 targets are distillation labels; bf16/fp16 are opt-in (keyed)"),
 }
-"""Per stage: (dtype of ``auto`` on CUDA, why). The stage's own spelling (pi0 names torch dtypes)."""
+"""Per stage: (dtype of ``auto`` on CUDA, why)."""
 
-PI0_CPU_DTYPE = "float32"
-"""pi0's spelling of :data:`CPU_DTYPE`."""
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Every stage's dtype names -> torch's names. pi0 versions key the torch name (what they were
+built with before the stages shared one spelling), so its ids did not change."""
 
 
 def resolve_device(device: str, cuda_available: bool) -> str:
@@ -46,4 +47,4 @@ def resolve_dtype(stage: str, dtype: str, device: str) -> str:
         return dtype
     if device.startswith("cuda"):
         return GPU_DTYPES[stage][0]
-    return PI0_CPU_DTYPE if stage == "pi0" else CPU_DTYPE
+    return CPU_DTYPE

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from schemas.base import StrictModel
+from schemas.refs import Ref
 from storage import layout
 from storage.fs import DiskFullError, Root, free_bytes, open_root, temp_name
 from storage.process import machine_id, process_alive, process_start
@@ -83,8 +84,8 @@ def claimer_alive(record: ClaimRecord, now: float | None = None) -> bool:
 
 
 def owner_dir(version_id: str) -> str:
-    """Folder of the version (or export: ids ``export-*``) whose shards are claimed."""
-    if version_id.startswith("export-"):
+    """Folder of the target version or export whose shards are claimed."""
+    if Ref.infer(version_id).kind == "export":
         return layout.export_dir(version_id)
     return layout.target_dir(version_id)
 

@@ -115,7 +115,8 @@ def _text_version(root, plan: str, model: ModelIdentity) -> str:
 
 
 def test_exports_refuse_null_versions_unless_allowed(tmp_path):
-    from flows.export import ExportConfig, build_export, serial_shards
+    from flows.build import build, in_process
+    from flows.export import EXPORT, ExportConfig
     from trainers.data import ShardStream, ZarrClips
 
     root = str(tmp_path)
@@ -130,16 +131,16 @@ def test_exports_refuse_null_versions_unless_allowed(tmp_path):
 
     config = ExportConfig(plan=plan, targets=[null], shard_size="1MB")
     with pytest.raises(ValueError, match="allow-null"):
-        build_export(root, config, serial_shards(root, 4))
+        build(EXPORT, root, config, in_process)
     allowed = config.model_copy(update={"allow_null": True})
-    result = build_export(root, allowed, serial_shards(root, 4))
+    result = build(EXPORT, root, allowed, in_process)
     assert ExportStore(root).index(result.export_id).null_versions == [null]
     with pytest.raises(ValueError) as err:
         ShardStream(root, result.export_id, [null])
     assert result.export_id in str(err.value) and null in str(err.value)
     assert len(list(ShardStream(root, result.export_id, [null], allow_null=True))) == CLIPS
 
-    real = build_export(root, ExportConfig(plan=plan, targets=[tiny], shard_size="1MB"), serial_shards(root, 4))
+    real = build(EXPORT, root, ExportConfig(plan=plan, targets=[tiny], shard_size="1MB"), in_process)
     assert ExportStore(root).index(real.export_id).null_versions == []
 
 

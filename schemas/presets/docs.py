@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from schemas.devices import CPU_DTYPE, GPU_DTYPES, PI0_CPU_DTYPE
+from schemas.devices import CPU_DTYPE, GPU_DTYPES
 from schemas.presets import PRESET_NAMES, Sourced, preset_table
 
 MODELS: tuple[tuple[str, str, str], ...] = (
@@ -105,8 +105,7 @@ def device_table() -> str:
              "not how). `compile` other than `none` is keyed too.", "",
              "| stage | `auto` dtype on CUDA | on CPU | source |", "| --- | --- | --- | --- |"]
     for stage, (dtype, why) in GPU_DTYPES.items():
-        cpu = PI0_CPU_DTYPE if stage == "pi0" else CPU_DTYPE
-        lines.append(f"| `{stage}` | `{dtype}` | `{cpu}` | ours: {_cell(why)} |")
+        lines.append(f"| `{stage}` | `{dtype}` | `{CPU_DTYPE}` | ours: {_cell(why)} |")
     return "\n".join(lines)
 
 

@@ -370,7 +370,8 @@ class EpisodeWriter:
             fill_value=0, attributes={"frame_storage": storage.model_dump(mode="json")})
         return self._arrays[camera]
 
-    def _pass_through_array(self, camera: str, frame_shape: tuple[int, ...], extradata: bytes | None) -> ArrayV3Metadata:
+    def _pass_through_array(self, camera: str, frame_shape: tuple[int, ...],
+                            extradata: bytes | None) -> ArrayV3Metadata:
         """The metadata of a pass-through camera's array, its document (and the group's, unless zarr
         wrote that) stored at first use: the bytes zarr itself writes for the same array."""
         if camera in self._pass_through:

@@ -104,7 +104,8 @@ def test_background_publisher_syncs_each_episode_before_its_marker(tmp_path, mon
     assert store.episode_ids() == ["ep0", "ep1", "ep2"]
     for episode_id, frames in decoded.items():
         assert np.array_equal(store.read_frames(episode_id, "cam"), frames)
-        assert np.array_equal(store.read_frames(episode_id, "depth"), episode_arrays(12, 16, int(episode_id[2:]))["frames"])
+        depth = episode_arrays(12, 16, int(episode_id[2:]))["frames"]
+        assert np.array_equal(store.read_frames(episode_id, "depth"), depth)
 
 
 @pytest.mark.parametrize("length", [1, 37, 150])

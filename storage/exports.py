@@ -42,6 +42,7 @@ from storage.episodes import EpisodeStore
 from storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
                         remove_temporaries, temp_name)
 from storage.graph import VersionGraph
+from storage.lookahead import prepared_lazily
 from storage.mapped import allow_files, map_file
 from storage.plans import PlanStore
 from storage.targets import TargetReader, TargetStore, verify_by_default
@@ -55,6 +56,8 @@ TAR_RECORD = 20 * TAR_BLOCK
 ZERO_BLOCK = bytes(TAR_BLOCK)
 EPISODE_PREFIX = "episode:"
 MASK_SUFFIX = ":mask"
+LOOKAHEAD = 4
+"""Samples a verified sequential read (ShardStream's) checks ahead of its consumer in a background thread."""
 
 
 @dataclass(frozen=True)
@@ -486,32 +489,64 @@ class ExportStore:
     def read_samples(self, index: ExportIndex, shard_position: int, first: int, stop: int,
                      verify: bool | None = None,
                      pool: "BufferPool | None" = None,
-                     mmap: bool = True) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
-        """(clip, members) of samples ``first`` .. ``stop - 1`` of one shard, read sequentially.
+                     mmap: bool = True,
+                     lookahead: int = 0) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
+        """(clip, members) of samples ``first`` .. ``stop - 1`` of one shard, read sequentially
+        (``read_pieces`` of that one piece; no look-ahead thread unless ``lookahead`` asks for one)."""
+        return self.read_pieces(index, [(shard_position, first, stop)], verify, pool, mmap, lookahead)
 
-        On a local root the shard is memory-mapped (copy-on-write) and payloads are views of the page
+    def read_pieces(self, index: ExportIndex, pieces: Sequence[tuple[int, int, int]],
+                    verify: bool | None = None,
+                    pool: "BufferPool | None" = None,
+                    mmap: bool = True,
+                    lookahead: int = LOOKAHEAD) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
+        """(clip, members) of the samples of ``pieces`` ((shard position, first, stop) each), in order.
+
+        On a local root each shard is memory-mapped (copy-on-write) and payloads are views of the page
         cache: no copy at all. Elsewhere (or with ``mmap=False``) each sample is read into one buffer
         (from ``pool`` when given). With ``verify`` (default: on unless ``--no-verify``) each sample's
         bytes are checked against index.json (xxh3, else sha256) before they are parsed, so a tampered
-        sample is never returned.
+        sample is never returned. With ``lookahead`` > 0 the reading and checking run in a background
+        thread up to that many samples ahead of the consumer, across shard boundaries (storage/
+        lookahead.py: the hash of the next sample overlaps the consumer's pass over this one); samples
+        this process already checked (see _VerifiedSamples) start no thread.
         """
         verify = verify_by_default() if verify is None else verify
-        shard = index.shards[shard_position]
-        if not 0 <= first <= stop <= shard.samples:
-            raise ValueError(f"export '{index.export_id}', {shard.name}: samples [{first}, {stop}) out of "
-                             f"range (has {shard.samples})")
-        if first == stop:
-            return
-        read = self._mapped_reader(index, shard) if mmap and self.root.is_local else \
-            self._buffered_reader(index, shard, first, pool)
+        for shard_position, first, stop in pieces:
+            shard = index.shards[shard_position]
+            if not 0 <= first <= stop <= shard.samples:
+                raise ValueError(f"export '{index.export_id}', {shard.name}: samples [{first}, {stop}) out of "
+                                 f"range (has {shard.samples})")
+        return self._parsed(index, self._raw_samples(index, pieces, pool, mmap), verify, lookahead)
+
+    def _parsed(self, index: ExportIndex, raw: Iterator["_RawSample"], verify: bool,
+                lookahead: int) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
+        if verify and lookahead > 0:
+            # check, then parse, in a background thread ahead of the consumer
+            samples = prepared_lazily(raw, _RawSample.unchecked, _RawSample.checked_members, lookahead,
+                                      name=f"verify-{index.export_id}")
+        else:
+            samples = (sample.checked_members() if verify else sample.members() for sample in raw)
         try:
-            for position in range(first, stop):
-                checked = verify and not _VERIFIED.seen(read.identity, position)
-                yield shard.clips[position], self._check_and_parse(index, shard, position, read(position), checked)
-                if checked:
-                    _VERIFIED.add(read.identity, position)
+            yield from samples
         finally:
-            read.close()
+            samples.close()
+
+    def _raw_samples(self, index: ExportIndex, pieces: Sequence[tuple[int, int, int]],
+                     pool: "BufferPool | None", mmap: bool) -> Iterator["_RawSample"]:
+        """Unchecked bytes of each sample of ``pieces``, one open shard at a time."""
+        for shard_position, first, stop in pieces:
+            if first == stop:
+                continue
+            shard = index.shards[shard_position]
+            read = self._mapped_reader(index, shard) if mmap and self.root.is_local else \
+                self._buffered_reader(index, shard, first, pool)
+            url = self.root.url_of(layout.export_file(index.export_id, shard.name))
+            try:
+                for position in range(first, stop):
+                    yield _RawSample(index.export_id, shard, position, read(position), read.identity, url)
+            finally:
+                read.close()
 
     def read_sample(self, index: ExportIndex, shard_position: int, position: int, verify: bool | None = None,
                     pool: "BufferPool | None" = None) -> tuple[int, list[tuple[str, memoryview]]]:
@@ -549,13 +584,6 @@ class ExportStore:
             return buffer
 
         return _SampleReader(read, handle.close)
-
-    def _check_and_parse(self, index: ExportIndex, shard: ExportShard, position: int, buffer: np.ndarray,
-                         verify: bool) -> list[tuple[str, memoryview]]:
-        where = f"export '{index.export_id}', {shard.name}, sample {position} (clip {shard.clips[position]})"
-        if verify and not _sample_intact(shard, position, buffer):
-            raise ValueError(f"{where}: checksum mismatch, the shard was modified or corrupted")
-        return parse_members(buffer, where)
 
     def verify(self, export_id: str) -> list[str]:
         """Re-hash every shard against index.json; one message per missing or corrupt shard ([] = intact)."""
@@ -595,6 +623,47 @@ class _VerifiedSamples:
 
 
 _VERIFIED = _VerifiedSamples()
+
+
+@dataclass(frozen=True)
+class _RawSample:
+    """The bytes of one sample as read from its shard, not yet checked."""
+
+    export_id: str
+    shard: ExportShard
+    position: int
+    buffer: np.ndarray
+    identity: Any  # of the memory-mapped file (None for buffered reads, which are checked every time)
+    url: str
+
+    @property
+    def clip(self) -> int:
+        return self.shard.clips[self.position]
+
+    @property
+    def where(self) -> str:
+        return f"export '{self.export_id}', {self.shard.name}, sample {self.position} (clip {self.clip})"
+
+    def unchecked(self) -> bool:
+        """Whether this process has not checked these exact bytes yet."""
+        return not _VERIFIED.seen(self.identity, self.position)
+
+    def check(self) -> None:
+        """Refuse bytes that do not hash to index.json's record (one line: export, shard, sample, URL)."""
+        if not self.unchecked():
+            return
+        if not _sample_intact(self.shard, self.position, self.buffer):
+            raise ValueError(f"{self.where}: checksum mismatch, the shard was modified or corrupted ({self.url})")
+        _VERIFIED.add(self.identity, self.position)
+
+    def members(self) -> tuple[int, list[tuple[str, memoryview]]]:
+        """(clip, members) parsed from the bytes, unchecked (``--no-verify``)."""
+        return self.clip, parse_members(self.buffer, self.where)
+
+    def checked_members(self) -> tuple[int, list[tuple[str, memoryview]]]:
+        """(clip, members) parsed from the bytes once they are checked."""
+        self.check()
+        return self.members()
 
 
 def _sample_intact(shard: ExportShard, position: int, buffer: np.ndarray) -> bool:

@@ -73,7 +73,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from pipelines.export import E8M0_TABLE, FP8_POWER, decode_sample, fp8_table, sample_key
-from storage.exports import BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
+from storage.exports import LOOKAHEAD, BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
 from storage.fs import Root
 from storage.mapped import describe_views
 from storage.targets import verify_by_default
@@ -187,13 +187,23 @@ class ShardStream(IterableDataset):
     cuts that sequence into one contiguous near-equal range per rank and then per worker (every sample
     exactly once, rank sizes differ by at most one), and passes each worker's range through a seeded
     shuffle buffer. Ranges are read sequentially by byte offset; nothing is ever unpickled.
+
+    With ``verify`` (default on) every sample's bytes are checked against index.json before they are
+    parsed; a mismatch is a one-line ValueError naming the export, shard, sample and shard URL. The
+    first read of a sample in a process is checked in a background thread up to ``verify_ahead``
+    samples ahead of the consumer (default storage.exports.LOOKAHEAD in-process, none inside DataLoader
+    workers, whose checks already run beside the consumer; 0: in the consumer's thread), so the hash
+    of the next sample overlaps the consumer's pass over this one; no sample is handed out before its
+    check passed, and a stream left mid-epoch (its iterator closed or dropped) stops the thread.
+    Samples of an unmodified memory-mapped shard file that this process already checked are not
+    checked again (later epochs).
     """
 
     def __init__(self, root: Root | str | None, export_id: str, versions: Sequence[str] | Mapping[str, str],
                  fields: Sequence[str] | None = None, seed: int = 0, shuffle_shards: bool = True,
                  shuffle_buffer: int = 0, verify: bool | None = None, float_dtype: str | None = None,
                  rank: int | None = None, world_size: int | None = None, decode_fp8: bool = True,
-                 allow_null: bool = False):
+                 allow_null: bool = False, verify_ahead: int | None = None):
         self.store = ExportStore(root)
         self.index: ExportIndex = self.store.index(export_id)
         self.export_id = export_id
@@ -210,6 +220,9 @@ class ShardStream(IterableDataset):
             raise ValueError(f"float_dtype {float_dtype!r}: expected one of {list(FLOAT_DTYPES)}")
         # Each sample's checksum is checked while reading unless --no-verify (or verify=False) says not to.
         self.verify = verify_by_default() if verify is None else bool(verify)
+        if verify_ahead is not None and verify_ahead < 0:
+            raise ValueError(f"export '{export_id}': verify_ahead {verify_ahead} must be >= 0")
+        self.verify_ahead = verify_ahead
         self.float_dtype, self.seed = float_dtype, seed
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, max(0, int(shuffle_buffer))
         self.rank, self.world_size, self.decode_fp8 = rank, world_size, decode_fp8
@@ -289,18 +302,21 @@ class ShardStream(IterableDataset):
         # by random access), and sequential reading continues after it.
         read = reads_before(start - 1, total, self.shuffle_buffer) if 0 < start < total else 0
         if self._pool is None:
-            self._pool = BufferPool(self.shuffle_buffer + 4)
+            # buffers in flight: the shuffle buffer, the consumer's, and those checked ahead (read_pieces)
+            self._pool = BufferPool(self.shuffle_buffer + 4 + LOOKAHEAD + 1)
         buffered = self._resume_buffer(pieces, order, start, read)
         reader = self._sequential(pieces, read)
-        for emission in range(start, total):
-            while read < reads_before(emission, total, self.shuffle_buffer):
-                position, item = next(reader)
-                assert position == read, "sequential reader out of step with the buffer plan"
-                buffered[position], item = item, None  # no stray reference: keeps the buffer poolable
-                read += 1
-            self._consumed[consumer.worker] = emission + 1
-            yield self._decode(*buffered.pop(int(order[emission])), consumer, emission)
-        reader.close()
+        try:
+            for emission in range(start, total):
+                while read < reads_before(emission, total, self.shuffle_buffer):
+                    position, item = next(reader)
+                    assert position == read, "sequential reader out of step with the buffer plan"
+                    buffered[position], item = item, None  # no stray reference: keeps the buffer poolable
+                    read += 1
+                self._consumed[consumer.worker] = emission + 1
+                yield self._decode(*buffered.pop(int(order[emission])), consumer, emission)
+        finally:
+            reader.close()  # stops the verifying thread of a stream left mid-epoch
         self._finished = True
 
     def _locate(self, pieces: list[tuple[int, int, int]], position: int) -> tuple[int, int, int]:
@@ -313,17 +329,26 @@ class ShardStream(IterableDataset):
         raise IndexError(f"read position {position} is past this worker's {offset} samples")
 
     def _sequential(self, pieces: list[tuple[int, int, int]], start: int) -> Iterator[tuple[int, Any]]:
-        """(position, (clip, members)) from worker-local read position ``start`` on, one open shard at a time."""
+        """(position, (clip, members)) from worker-local read position ``start`` on, one open shard at a
+        time; verified samples are checked ahead of the consumer in a background thread (read_pieces)."""
         total = sum(stop - first for _, first, stop in pieces)
         if start >= total:
             return
         number, _, sample = self._locate(pieces, start)
-        position = start
-        for index, (shard, first, stop) in enumerate(pieces[number:]):
-            begin = sample if index == 0 else first
-            for item in self.store.read_samples(self.index, shard, begin, stop, verify=self.verify, pool=self._pool):
-                yield position, item
-                position += 1
+        rest = [(pieces[number][0], sample, pieces[number][2]), *pieces[number + 1:]]
+        samples = self.store.read_pieces(self.index, rest, verify=self.verify, pool=self._pool,
+                                         lookahead=self._lookahead())
+        try:
+            yield from enumerate(samples, start)
+        finally:
+            samples.close()
+
+    def _lookahead(self) -> int:
+        """Samples checked ahead in a background thread: ``verify_ahead``, else LOOKAHEAD in-process and
+        none inside a DataLoader worker (the workers' checks already run beside the consumer)."""
+        if self.verify_ahead is not None:
+            return self.verify_ahead
+        return LOOKAHEAD if get_worker_info() is None else 0
 
     def _resume_buffer(self, pieces: list[tuple[int, int, int]], order: np.ndarray, start: int,
                        read: int) -> dict[int, Any]:

@@ -1,9 +1,10 @@
-"""Preparing the items of a sequential read (check, then parse) ahead of their consumer, in one thread.
+"""Preparing the items of a sequential read (check, then parse) ahead of their consumer, in a helper thread.
 
 A verified read of memory-mapped samples costs one extra pass over the bytes (the hash) on top of
 the consumer's own pass. Done in the consumer's thread the two passes add up; xxhash releases the
-GIL while it hashes (as numpy does in its loops), so a background thread can check sample ``p + 1``
-while the consumer works on sample ``p`` and the passes overlap on two cores.
+GIL while it hashes (as numpy does in its loops), so a helper thread can check sample ``p + 1``
+while the consumer works on sample ``p`` and the passes overlap on two cores. Without a free core
+the consumer does the checks itself (work it would otherwise wait for), as it did before.
 
 The guarantee stays the one of a check in the consumer's thread: an item reaches the consumer only
 as what ``prepare`` returned for it (``prepare`` checks before it parses), items arrive in their
@@ -13,87 +14,132 @@ position it happened, after every item before it.
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Prepared = TypeVar("Prepared")
-_END = object()
-_POLL_S = 0.05  # how often a producer blocked on a full queue looks whether its consumer left
+
+
+class _Job:
+    """One item to prepare: pending, claimed (by the helper or the consumer), then done."""
+
+    __slots__ = ("item", "claimed", "result", "error", "done")
+
+    def __init__(self, item: Any, error: BaseException | None = None):
+        self.item, self.claimed, self.result, self.error = item, error is not None, None, error
+        self.done = threading.Event()
+        if error is not None:
+            self.done.set()
 
 
 class PreparedAhead(Generic[Item, Prepared]):
-    """Iterator over ``prepare(item)`` of each of ``items``, computed in a background thread, in order.
+    """Iterator over ``prepare(item)`` of each of ``items``, in order, prepared by a helper thread that
+    works ahead of the consumer, and by the consumer itself when it would otherwise wait.
 
-    At most ``depth`` prepared items wait for the consumer (the thread may be preparing one more), so
-    a consumer that stops early wastes at most ``depth + 1`` preparations. ``close()`` (also called at the end,
-    on an error, and by the reading generator's ``finally``) stops and joins the thread and then
-    closes ``items`` from the consumer's thread: no thread outlives the iteration.
+    The consumer's thread alone iterates ``items`` (cheap: a slice of a memory map, or a read into a
+    buffer) and keeps ``depth`` items queued ahead of the one it asks for; the helper prepares queued
+    items in order. Asking for an item nobody claimed yet, the consumer prepares it itself: with a free
+    second core the helper is ahead and the consumer never waits; without one, the work falls back to
+    the consumer's thread as if there were no helper. A consumer that stops early wastes at most
+    ``depth`` preparations. ``close()`` (also called at the end, on an error, and by the reading
+    generator's ``finally``) stops and joins the helper and then closes ``items``: no thread outlives
+    the iteration.
     """
 
     def __init__(self, items: Iterator[Item], prepare: Callable[[Item], Prepared], depth: int,
                  name: str = "prepared-ahead"):
         if depth < 1:
             raise ValueError(f"PreparedAhead {name}: depth {depth} must be at least 1")
-        self._items, self._prepare = items, prepare
-        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
+        self._items, self._prepare, self._depth = items, prepare, depth
+        self._jobs: deque[_Job] = deque()
+        self._changed = threading.Condition()
+        self._stopped = self._exhausted = False
+        self._thread = threading.Thread(target=self._help, name=name, daemon=True)
         self._thread.start()
 
-    def _produce(self) -> None:
-        try:
-            for item in self._items:
-                if self._stop.is_set():
+    def _help(self) -> None:
+        while True:
+            with self._changed:
+                job = self._claim_next()
+                while job is None and not self._stopped:
+                    self._changed.wait()
+                    job = self._claim_next()
+                if self._stopped:
                     return
-                if not self._put((self._prepare(item), None)):
-                    return
-            self._put((_END, None))
-        except BaseException as error:  # handed to the consumer, raised there in order
-            self._put((None, error))
+            self._run(job)
 
-    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
-        """Queue ``entry``; False when the consumer closed the iteration meanwhile."""
-        while not self._stop.is_set():
+    def _claim_next(self) -> _Job | None:
+        """The first queued job nobody claimed, now claimed (call holding ``_changed``)."""
+        for job in self._jobs:
+            if not job.claimed:
+                job.claimed = True
+                return job
+        return None
+
+    def _run(self, job: _Job) -> None:
+        try:
+            job.result = self._prepare(job.item)
+        except BaseException as error:  # raised in the consumer, in order
+            job.error = error
+        job.item = None
+        job.done.set()
+
+    def _queue_ahead(self) -> None:
+        """Consumer's thread: keep ``depth`` jobs queued (after the one the consumer holds)."""
+        while not self._exhausted and len(self._jobs) < self._depth:
             try:
-                self._queue.put(entry, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+                job = _Job(next(self._items))
+            except StopIteration:
+                self._exhausted = True
+                break
+            except Exception as error:  # producing the item failed: raised at its position
+                self._exhausted, job = True, _Job(None, error)
+            with self._changed:
+                self._jobs.append(job)
+                self._changed.notify()
 
     def __iter__(self) -> "PreparedAhead[Item, Prepared]":
         return self
 
     def __next__(self) -> Prepared:
-        if self._stop.is_set():
+        if self._stopped:
             raise StopIteration
-        item, error = self._queue.get()
-        if error is not None:
-            self.close()
-            raise error
-        if item is _END:
+        self._queue_ahead()
+        if not self._jobs:
             self.close()
             raise StopIteration
-        return item
+        job = self._jobs[0]
+        with self._changed:
+            mine = not job.claimed
+            job.claimed = True
+        if mine:
+            self._run(job)
+        job.done.wait()
+        with self._changed:
+            self._jobs.popleft()
+        self._queue_ahead()  # the helper works on the next items while the consumer uses this one
+        if job.error is not None:
+            self.close()
+            raise job.error
+        return job.result
 
     def close(self) -> None:
-        """Stop the thread, wait for it, and close the underlying items (idempotent)."""
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get_nowait()  # frees a producer blocked on a full queue
-            self._thread.join(_POLL_S)
+        """Stop the helper, wait for it, and close the underlying items (idempotent)."""
+        with self._changed:
+            self._stopped = True
+            self._jobs.clear()
+            self._changed.notify_all()
+        self._thread.join()
         close = getattr(self._items, "close", None)
         if close is not None:
             close()
 
     @property
     def running(self) -> bool:
-        """Whether the background thread is still alive."""
+        """Whether the helper thread is still alive."""
         return self._thread.is_alive()
 
 
@@ -101,7 +147,7 @@ def prepared_lazily(items: Iterator[Item], needs_thread: Callable[[Item], bool],
                     prepare: Callable[[Item], Prepared], depth: int,
                     name: str = "prepared-ahead") -> Iterator[Prepared]:
     """``prepare(item)`` of each of ``items``, in order; prepared in the consumer's thread until the first
-    item that ``needs_thread`` (one not checked yet), from which on a ``PreparedAhead`` thread prepares
+    item that ``needs_thread`` (one not checked yet), from which on a ``PreparedAhead`` helper prepares
     ahead (later epochs over already checked samples start no thread at all)."""
     items = iter(items)
     ahead: PreparedAhead[Item, Prepared] | None = None

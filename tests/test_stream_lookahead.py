@@ -142,7 +142,7 @@ def test_later_epochs_over_checked_samples_start_no_thread(world):
     assert started and not any(started)
 
 
-def test_prepared_ahead_raises_in_order_and_wastes_at_most_depth_plus_one():
+def test_prepared_ahead_raises_in_order_and_wastes_at_most_depth():
     prepared = []
 
     def prepare(item: int) -> int:
@@ -155,14 +155,13 @@ def test_prepared_ahead_raises_in_order_and_wastes_at_most_depth_plus_one():
     with pytest.raises(ValueError, match="item 3: refused"):
         for value in prepared_lazily(iter(range(6)), lambda item: True, prepare, depth=2, name="unit"):
             out.append(value)
-    assert out == [0, 10, 20] and prepared == [0, 1, 2]
+    assert out == [0, 10, 20] and {0, 1, 2} <= set(prepared) <= {0, 1, 2, 4}  # 4: queued, maybe prepared
 
     items = iter(range(100))
     ahead = PreparedAhead(items, lambda item: item, depth=2, name="unit-bounded")
     assert next(ahead) == 0
-    time.sleep(0.2)  # let the thread run ahead as far as it may (the bound holds however far it got)
+    time.sleep(0.2)  # let the helper run ahead as far as it may (the bound holds however far it got)
     ahead.close()
-    # taken: 1 consumed, 2 queued, 1 waiting to be queued, 1 taken before the thread saw the close
-    assert not ahead.running and next(items) <= 5
+    assert not ahead.running and next(items) == 3  # only the consumer takes items: 1 consumed + 2 queued
     with pytest.raises(ValueError, match="depth 0"):
         PreparedAhead(iter(()), lambda item: item, depth=0)

@@ -10,15 +10,19 @@ order so drift hits every variant alike:
                 xxh3-128 recorded per shard object (the default), and verified with sha256 (what
                 reading would cost had only the audit hash been recorded)
 - ShardStream:  every sample of the export, every array touched once: unverified, verified with the
-                per-sample xxh3 (the default) on the first read of each sample in the process and in
-                later epochs (a sample of an unmodified, memory-mapped shard file is checked once per
-                process), and verified with the per-sample sha256 (first read); then the same through
-                a DataLoader of ``--workers`` processes (``collate_zero_copy``, workers started afresh
-                each epoch, so every epoch is a first read: the check runs in the workers, beside
-                the consumer)
+                per-sample xxh3 (the default) on the first read of each sample in the process (checked
+                ahead of the consumer by a helper thread), the same checked in the consumer's thread
+                (``verify_ahead=0``, the behaviour before the look-ahead), in later epochs (a sample of
+                an unmodified, memory-mapped shard file is checked once per process), and verified
+                with the per-sample sha256 (first read); then the same through a DataLoader of
+                ``--workers`` processes (``collate_zero_copy``, workers started afresh each epoch with
+                the parent's set of checked samples cleared, so every epoch is a first read: the check
+                runs in the workers, beside the consumer), without and with a helper in each worker
 - raw:          a sequential read of the same files (the floor any reader pays)
 
-Printed: MB/s of each and the ratio verified / unverified. Goal: verified >= 0.9x unverified.
+Printed: MB/s of each and the ratio verified / unverified (goal: verified >= 0.9x unverified), and a
+parallel hashing probe per epoch (two threads hashing at once vs one: how much of a second core the
+run got, which decides what a helper thread can overlap on a shared machine).
 
     python bench/bench_verify.py [--samples 8] [--epochs 5] [--compression none] [--results bench/RESULTS.md]
 """
@@ -98,8 +102,9 @@ def loader_reader(world: dict[str, str], mode: str, workers: int) -> Callable[[]
 
     def epoch() -> Iterable:
         exports._VERIFIED._seen.clear()  # forked workers inherit what this process checked: start with nothing
+        ahead = exports.LOOKAHEAD if mode == WORKERS_AHEAD else None
         stream = ShardStream(world["root"], world["export"], index.version_ids, shuffle_shards=False,
-                             verify=mode != "unverified", verify_ahead=exports.LOOKAHEAD if mode == WORKERS_AHEAD else None)
+                             verify=mode != "unverified", verify_ahead=ahead)
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                            collate_fn=collate_zero_copy, prefetch_factor=2)
 

@@ -506,9 +506,10 @@ class ExportStore:
         cache: no copy at all. Elsewhere (or with ``mmap=False``) each sample is read into one buffer
         (from ``pool`` when given). With ``verify`` (default: on unless ``--no-verify``) each sample's
         bytes are checked against index.json (xxh3, else sha256) before they are parsed, so a tampered
-        sample is never returned. With ``lookahead`` > 0 the reading and checking run in a background
-        thread up to that many samples ahead of the consumer, across shard boundaries (storage/
-        lookahead.py: the hash of the next sample overlaps the consumer's pass over this one); samples
+        sample is never returned. With ``lookahead`` > 0 up to that many samples are read ahead of
+        the consumer, across shard boundaries, and a helper thread checks and parses them in order
+        (storage/lookahead.py: the hash of the next sample overlaps the consumer's pass over this
+        one; a sample the helper has not reached yet is checked by the consumer's thread); samples
         this process already checked (see _VerifiedSamples) start no thread.
         """
         verify = verify_by_default() if verify is None else verify

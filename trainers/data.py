@@ -190,7 +190,7 @@ class ShardStream(IterableDataset):
 
     With ``verify`` (default on) every sample's bytes are checked against index.json before they are
     parsed; a mismatch is a one-line ValueError naming the export, shard, sample and shard URL. The
-    first read of a sample in a process is checked in a background thread up to ``verify_ahead``
+    first read of a sample in a process is checked by a helper thread up to ``verify_ahead``
     samples ahead of the consumer (default storage.exports.LOOKAHEAD in-process, none inside DataLoader
     workers, whose checks already run beside the consumer; 0: in the consumer's thread), so the hash
     of the next sample overlaps the consumer's pass over this one; no sample is handed out before its

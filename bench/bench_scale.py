@@ -322,10 +322,10 @@ def metadata_figures(root: Any, ids: dict[str, str], requests: RequestLog) -> di
         out["manifest_bytes"][stage] = root.size(layout.target_dir(version), "manifest.json")
     out["plan_bytes"] = folder_bytes(root, f"plans/{ids['plan']}")
     out["export_index_bytes"] = root.size(layout.export_dir(ids["export"]), layout.EXPORT_INDEX)
-    out["lineage_bytes"] = root.size(layout.LINEAGE) if root.exists(layout.LINEAGE) else 0
+    out["lineage_bytes"] = root.du(layout.LINEAGE_EVENTS)  # one OpenLineage event object per stage run
     commands = {"targets verify --all": ["targets", "verify", "--all", "--root", root.url],
                 "targets gc --dry-run": ["targets", "gc", "--dry-run", "--root", root.url],
-                "foresight info": ["info", root.url]}
+                "foresight info": ["info", "--root", root.url]}
     for name, args in commands.items():
         requests.mark()
         seconds, code, tail = cli_seconds(args)

@@ -10,7 +10,8 @@ every stage:
 - claims (:class:`storage.claims.ClaimSet`): each shard is computed by one builder, a done one never;
 - the model-identity check, once per task: weights other than the recorded ones are refused;
 - writes, then waiting for shards other builders hold and picking up those they abandoned;
-- finalize with timings, and the lineage event.
+- finalize with timings, and the lineage event;
+- progress on a terminal and as a Prefect artifact (flows/progress.py), counted from the store.
 
 Shard tasks take (stage, root URL, output id, config, shards) and reopen everything by id, so they
 run in threads, in processes or on Dask workers alike; a killed build resumes where it stopped.
@@ -29,6 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.progress import BuildProgress
 from flows.runtime import RunnerChoice, run_flow, split_shards
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
@@ -324,10 +326,11 @@ def build(stage: Stage, root_url: str, config: StrictModel, runner: ShardRunner,
     output = stage.begin(root_url, config, recipe)
     if output is None:
         return skipped_summary(stage, root_url, output_id)
-    results = runner(stage, root_url, output_id, config, output.pending())
-    wait_for_shards(output.pending, lambda: set(active_claims(output.root, output_id)),
-                    lambda free: results.extend(runner(stage, root_url, output_id, config, free)),
-                    poll_s=poll_s, what=f"{stage.name} '{output_id}'")
+    with BuildProgress(f"{stage.name} {output_id}", output.pending, output.clips):
+        results = runner(stage, root_url, output_id, config, output.pending())
+        wait_for_shards(output.pending, lambda: set(active_claims(output.root, output_id)),
+                        lambda free: results.extend(runner(stage, root_url, output_id, config, free)),
+                        poll_s=poll_s, what=f"{stage.name} '{output_id}'")
     summary = finish(stage, root_url, output, results, time.perf_counter() - start)
     lineage.emit(root_url, stage.name, str(uuid.uuid4()), inputs=stage.inputs(root_url, config, recipe),
                  outputs=[stage.output_name(output_id)], facets=stage.facets(config))

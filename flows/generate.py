@@ -37,7 +37,7 @@ from schemas.plan import ClipRow, PlanInfo
 from schemas.target import ArraySpec, TargetRecipe
 from schemas import refs
 from storage import layout, lineage
-from storage.episodes import EpisodeStore
+from storage.episodes import EpisodeStore, read_start_frames
 from storage.plans import PlanStore
 from storage.provenance import now_iso
 from storage.targets import TargetReader, TargetStore
@@ -209,12 +209,8 @@ class ObservedFrameReader:
         self.stores: dict[str, EpisodeStore] = {}
 
     def read(self, clips: list[int]) -> np.ndarray:
-        """uint8 (B, H, W, 3) observed frames of the given clip indices."""
-        frames = []
-        for index in clips:
-            row = self.rows[index]
-            store = self.stores.setdefault(row.dataset, EpisodeStore(self.root_url, row.dataset))
-            frames.append(store.read_frames(row.episode_id, row.camera, [row.start])[0])
+        """uint8 (B, H, W, 3) observed frames of the given clip indices (one read per episode)."""
+        frames = read_start_frames(self.root_url, [self.rows[index] for index in clips], self.stores)
         if len({f.shape for f in frames}) > 1:
             raise ValueError(f"clips {clips[0]}..{clips[-1]}: observed frames differ in size "
                              f"{sorted({f.shape for f in frames})}")

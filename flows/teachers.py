@@ -18,7 +18,6 @@ from prefect import flow
 from flows.build import BuildSummary, ShardsResult, TargetOutput, TargetStage, build, prefect_tasks
 from flows.configs import TeachersConfig
 from flows.models_cache import cached_model
-from flows.runtime import progress_disabled
 from flows.teachers_engine import encode_shards, start_fork_server, teacher_arrays, teacher_recipe
 from flows.teachers_io import ObservedFrames, open_video
 from pipelines.teachers import Teacher, load_teacher
@@ -50,12 +49,6 @@ def cached_teacher(config: TeachersConfig) -> Teacher:
 
 
 # ---------------------------------------------------------------- task and flow
-def _progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="clip", disable=progress_disabled())
-
-
 class TeachersWorker:
     """The teacher of a task, with the overlapped engine as its shard loop (flows/teachers_engine.py)."""
 
@@ -71,11 +64,8 @@ class TeachersWorker:
 
     def write_shards(self, shards: list[int], claims: ClaimSet) -> ShardsResult:
         """Encode the shards this task can claim (the engine takes each through ``claims``)."""
-        total = sum(len(self.writer.shard_clips(s)) for s in shards)
-        with _progress_bar(total, f"{self.config.teacher} {self.writer.version_id}") as bar:
-            stats = encode_shards(self.teacher, self.video, self.observed, self.writer, shards, self.config.batch,
-                                  self.writers, self.readers, claims=claims, progress=bar.update,
-                                  io_processes=self.processes)
+        stats = encode_shards(self.teacher, self.video, self.observed, self.writer, shards, self.config.batch,
+                              self.writers, self.readers, claims=claims, io_processes=self.processes)
         return ShardsResult(shards=stats.shards_written, clips=stats.clips, frames=stats.frames, seconds=stats.seconds)
 
 

@@ -582,8 +582,7 @@ class ShardLoop:
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
-                  claims: ClaimSet | None = None, progress: Callable[[int], None] | None = None,
-                  io_processes: bool = False) -> EngineStats:
+                  claims: ClaimSet | None = None, io_processes: bool = False) -> EngineStats:
     """Encode and store whole shards: read ahead, upload, forward, copy back and write, overlapped.
 
     ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by
@@ -603,7 +602,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
             loop = ShardLoop(teacher, writer, io, executor, claims, result)
-            last = _feed(loop, read, progress, start)
+            last = _feed(loop, read, start)
             loop.drain()
     finally:
         io.close()
@@ -615,12 +614,10 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     return result
 
 
-def _feed(loop: ShardLoop, read: ReadAhead, progress: Callable[[int], None] | None, start: float) -> float:
+def _feed(loop: ShardLoop, read: ReadAhead, start: float) -> float:
     """Run every read batch through the loop; returns when the last one was queued."""
     for item in read:
         if not loop.result.startup_s:
             loop.result.startup_s = time.perf_counter() - start
         loop.step(item)
-        if progress is not None:
-            progress(len(item.clips))
     return time.perf_counter()

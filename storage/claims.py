@@ -122,6 +122,7 @@ def create_exclusive(root: Root, rel: str, data: bytes) -> bool:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+    root.require_conditional_create()  # probed once per process and bucket: a claim here must be exclusive
     try:
         root.fs.pipe_file(path, data, mode="create")
     except FileExistsError:

@@ -195,15 +195,21 @@ def test_two_concurrent_cli_exports_write_each_shard_once_and_both_succeed(tmp_p
 # ---------------------------------------------------------------- pipeline.toml through the registry
 def test_pipeline_with_pi0_builds_the_ids_the_cli_builds(tmp_path, prefect_env):
     """[text] and [pi0] of a pipeline file give the ids tests/test_pinned_ids.py pins for the same
-    settings given to `foresight text` / `foresight pi0-targets`."""
+    settings given to `foresight text` / `foresight pi0-targets`, and the same stored bytes."""
+    from typer.testing import CliRunner
+
     from factories import make_dataset, write_episode
+    from flows.cli import app
     from flows.pipeline import load_pipeline, run_pipeline
+    from storage.targets import TargetStore
     from test_pinned_ids import PINNED
 
-    root = str(tmp_path / "root")
-    store = make_dataset(root, name="pins", camera="cam", size=32)
-    for index in range(2):
-        write_episode(store, f"ep{index}", length=20, seed=index, camera="cam")
+    roots = {way: str(tmp_path / way) for way in ("root", "cli")}
+    for each in roots.values():
+        store = make_dataset(each, name="pins", camera="cam", size=32)
+        for index in range(2):
+            write_episode(store, f"ep{index}", length=20, seed=index, camera="cam")
+    root = roots["root"]
     path = tmp_path / "pipeline.toml"
     path.write_text('dataset = "pins"\n[plan]\nframes = 4\nstride = 1\nevery = 6\nlimit = 4\n'
                     '[text]\nmodel = "tiny"\nshard_size = 2\n'
@@ -212,5 +218,12 @@ def test_pipeline_with_pi0_builds_the_ids_the_cli_builds(tmp_path, prefect_env):
     summary = run_pipeline(load_pipeline(path), root)
     outputs = {row.stage: row.output for row in summary.stages}
     assert outputs == {"plan": PINNED["plan"], "text": PINNED["text"], "pi0": PINNED["pi0"]}
+    at = ["--root", roots["cli"]]
+    for args in (["plan", "--dataset", "pins", "--frames", "4", "--stride", "1", "--every", "6", "--limit", "4"],
+                 ["pi0-targets", "--plan", PINNED["plan"], "--model", "tiny", "--pairs", "1", "--state-indices",
+                  "0-5", "--shard-size", "2", "--batch", "2", "--max-text-tokens", "24"]):
+        assert CliRunner().invoke(app, [*args, *at]).exit_code == 0, args
+    by_pipeline, by_cli = (TargetStore(each).manifest(PINNED["pi0"]).shards for each in (root, roots["cli"]))
+    assert by_pipeline == by_cli and by_cli  # shard checksums: the same bytes
     again = run_pipeline(load_pipeline(path), root)
     assert [row.status for row in again.stages] == ["skipped"] * 3

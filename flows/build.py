@@ -34,7 +34,7 @@ from flows.progress import BuildProgress
 from flows.runtime import RunnerChoice, run_flow, split_shards
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
-from schemas.plan import ClipRow
+from schemas.plan import ClipRows
 from schemas.target import ArraySpec, TargetRecipe
 from storage import layout, lineage
 from storage.claims import ClaimSet, active_claims, wait_for_shards
@@ -241,7 +241,7 @@ def check_identity(loaded: ModelIdentity | None, recorded: ModelIdentity | None,
                          "version was started with (weights or seed changed); start a new version")
 
 
-def plan_rows(root_url: str, plan_id: str) -> list[ClipRow]:
+def plan_rows(root_url: str, plan_id: str) -> ClipRows:
     """The clips of a plan; ValueError when it has none."""
     rows = PlanStore(root_url).rows(plan_id)
     if not rows:

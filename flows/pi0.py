@@ -11,6 +11,7 @@ where it stopped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -42,13 +43,13 @@ def cached_pi0(config: Pi0TargetsConfig) -> pi0.LoadedPi0:
 
 
 # ---------------------------------------------------------------- version layout
-def limited_rows(root_url: str, config: Pi0TargetsConfig) -> list[ClipRow]:
+def limited_rows(root_url: str, config: Pi0TargetsConfig) -> Sequence[ClipRow]:
     """The plan's clips, only the first ``config.limit`` when set."""
     rows = plan_rows(root_url, config.plan)
     return rows[: config.limit] if config.limit else rows
 
 
-def resolve_params(config: Pi0TargetsConfig, rows: list[ClipRow], info: DatasetInfo,
+def resolve_params(config: Pi0TargetsConfig, rows: Sequence[ClipRow], info: DatasetInfo,
                    loaded: pi0.LoadedPi0) -> pi0.Pi0TargetParams:
     """The version parameters: explicit settings plus what the plan, dataset and model imply."""
     cameras = config.cameras or sorted({row.camera for row in rows})

@@ -34,7 +34,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer
 from pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
 from schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
 from schemas.dataset import ColumnStats
-from schemas.plan import ClipRow
+from schemas.plan import ClipRows
 from schemas.refs import is_version_id
 from schemas.target import TargetVersion, content_id
 from storage import layout
@@ -868,7 +868,7 @@ class ClipSource:
                  verify: bool | None = None):
         self.root = open_root(root)
         self.plan_id, self.sources, self.action_chunk_len = plan_id, dict(sources), action_chunk_len
-        self.rows: list[ClipRow] = PlanStore(self.root).rows(plan_id)
+        self.rows: ClipRows = PlanStore(self.root).rows(plan_id)
         targets = TargetStore(self.root)
         self.readers: dict[str, TargetReader] = {}
         for source in self.target_sources().values():

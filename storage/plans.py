@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from schemas.base import validate_stored
-from schemas.plan import CLIPS_SCHEMA, ClipRow, PlanInfo
+from schemas.plan import CLIPS_SCHEMA, ClipRow, ClipRows, PlanInfo
 from storage import layout
 from storage.fs import Root, open_root, parquet_bytes, read_parquet, sha256_bytes
 
@@ -39,11 +39,10 @@ class PlanStore:
             raise ValueError(f"plan '{plan_id}': not found under {self.root.url}")
         return validate_stored(PlanInfo, self.root.read_json(rel), self.root.url_of(rel))
 
-    def rows(self, plan_id: str) -> list[ClipRow]:
-        """Clip rows in plan order (the order of every target array built over this plan)."""
+    def rows(self, plan_id: str) -> ClipRows:
+        """Clip rows in plan order (the order of every target array built over this plan), as columns."""
         self.info(plan_id)
-        table = read_parquet(self.root, layout.plan_file(plan_id, layout.PLAN_CLIPS))
-        return [ClipRow(**row) for row in table.to_pylist()]
+        return ClipRows(read_parquet(self.root, layout.plan_file(plan_id, layout.PLAN_CLIPS)))
 
     def verify(self, plan_id: str) -> list[str]:
         """Compare clips.parquet with the checksum recorded in plan.json."""

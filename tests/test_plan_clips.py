@@ -105,3 +105,29 @@ def test_make_plan_names_a_missing_camera(tmp_path):
     write_store(root)
     with pytest.raises(ValueError, match="no camera 'side'"):
         make_plan(root, PlanConfig(dataset="toy", camera="side"))
+
+
+def test_plan_rows_read_back_as_columns_equal_the_rows_written(tmp_path):
+    """PlanStore.rows keeps clips.parquet's columns and builds ClipRow objects on access."""
+    import tracemalloc
+
+    from schemas.plan import ClipRow, ClipRows, PlanInfo
+
+    count = 3 * ClipRows.BLOCK + 5  # rows from several blocks
+    written = [ClipRow(clip_id=f"ep{i // 50}-{i}", dataset="toy", episode_id=f"ep{i // 50}", camera="front",
+                       start=i % 50, num_frames=4, stride=2, instruction=f"task {i % 7}") for i in range(count)]
+    info = PlanInfo(plan_id="plan-000000000001", dataset="toy", dataset_fingerprint="f" * 64, params={},
+                    num_clips=count)
+    PlanStore(str(tmp_path)).write(info, written)
+    tracemalloc.start()
+    rows = PlanStore(str(tmp_path)).rows(info.plan_id)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert isinstance(rows, ClipRows) and len(rows) == count
+    assert held < 400 * count  # columns, not objects (a list of ClipRow: about 1.4 KB a clip)
+    assert rows == written and list(rows) == written
+    assert rows[0] == written[0] and rows[-1] == written[-1] and rows[ClipRows.BLOCK + 1] == written[ClipRows.BLOCK + 1]
+    assert rows[5:9] == written[5:9] and rows[3] == written[3]  # back to an earlier block
+    assert rows.column("start") == [row.start for row in written]
+    with pytest.raises(IndexError, match=f"the plan has {count} clips"):
+        rows[count]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -20,7 +21,7 @@ from flows.pi0 import Pi0TargetsConfig
 from flows.pipeline import PipelineConfig, pipeline_flow
 from flows.runtime import RunnerChoice, run_flow
 from flows.teachers import TeachersConfig
-from pipelines.svd import SVDParams
+
 from storage.exports import ExportStore
 from storage.fs import open_root
 from storage.targets import TargetStore

@@ -11,7 +11,6 @@ import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest

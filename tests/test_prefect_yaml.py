@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_servers import BIN, REPO, child_env, shared_prefect_api, wait_until
+from cluster_servers import BIN, REPO, child_env, shared_prefect_api
 from storage.exports import ExportStore
 from storage.targets import TargetStore
 

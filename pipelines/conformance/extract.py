@@ -19,11 +19,11 @@ import torch
 from pipelines.conformance import ArrayCheck, compare, group_arrays
 from pipelines.svd import conditioning as cond
 from pipelines.svd.loading import SVDModel, svd_from_state_dicts
-from pipelines.svd.sampler import (BatchInputs, OneStepParams, SVDParams, condition, extractor_features,
-                                   unet_sample)
+from pipelines.svd.sampler import BatchInputs, condition, extractor_features, unet_sample
 from pipelines.svd.unet_split import UNetHead, check_feature_blocks
 from pipelines.text import TextModel, embed_texts, tokenize
 from schemas.model import ModelIdentity
+from schemas.svd import OneStepParams, SVDParams
 
 GROUP = "extract"
 REQUIRED = ("text_hidden", "pixel_values", "latents_randn", "features")

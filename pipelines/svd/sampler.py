@@ -26,7 +26,7 @@ from pipelines.svd import conditioning as cond
 from pipelines.svd.features import merge_features, to_host
 from pipelines.svd.loading import SVDModel
 from pipelines.svd.unet_split import UNetSplit
-from schemas.svd import OneStepParams, SVDParams
+from schemas.svd import FpsId, SVDParams
 
 
 @dataclass

@@ -284,7 +284,8 @@ def run_cell(root_url: str, clips: int, shard_size: int, runner_name: str, dask_
     requests.mark()
     started = time.perf_counter()
     result = run_pi0_targets(root_url, Pi0TargetsConfig(plan=ids["plan"], model="null", pairs=2,
-                                                        attn_layers=[1, 2], shard_size=shard_size, batch=shard_size),
+                                                        attn_layers=[1, 2], shard_size=shard_size, batch=shard_size,
+                                                        workers=workers),
                              runner)
     ids["pi0"] = result.version
     seconds = time.perf_counter() - started

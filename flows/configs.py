@@ -202,6 +202,8 @@ class Pi0TargetsConfig(StrictModel):
         default=AUTO, validate_default=True, description="Teacher compute dtype (keyed as resolved, by torch's name: "
                                                          "fp32 and float32 are one; auto: fp32 on CUDA and CPU).")
     limit: int | None = Field(default=None, ge=1, description="Only the first N clips of the plan.")
+    workers: int = Field(default=1, ge=1, description="Parallel shard tasks (each holds the teacher once per "
+                                                      "process).")
 
     _resolve_device = field_validator("device")(resolve_device_field)
 

@@ -207,18 +207,12 @@ PI0 = Pi0Stage()
 
 
 @flow(name="pi0-targets")
-def pi0_targets_flow(root_url: str, config: Pi0TargetsConfig, workers: int = 1) -> BuildSummary:
-    """Build (or finish) the pi0 target version of ``config``.
-
-    ``workers``: shard tasks in flight (each holds the teacher once per process); 0 = one task per shard.
-    """
-    return build(PI0, root_url, config, prefect_tasks(workers))
+def pi0_targets_flow(root_url: str, config: Pi0TargetsConfig) -> BuildSummary:
+    """Build (or finish) the pi0 target version of ``config`` in ``config.workers`` shard tasks."""
+    return build(PI0, root_url, config, prefect_tasks(config.workers))
 
 
 def run_pi0_targets(root: Any, config: Pi0TargetsConfig, runner: RunnerChoice | None = None) -> BuildSummary:
     """Run the flow on the chosen task runner (local threads by default); a version that is
     already complete returns at once, without starting Prefect."""
-    choice = runner or RunnerChoice()
-    # An existing cluster spreads one task per shard over its workers; locally, one per worker.
-    workers = 0 if choice.dask_address is not None else (choice.dask_local or choice.workers)
-    return run_build(pi0_targets_flow, PI0, root, config, choice, workers=workers)
+    return run_build(pi0_targets_flow, PI0, root, config, runner or RunnerChoice(workers=config.workers))

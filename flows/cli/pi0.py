@@ -45,7 +45,7 @@ def pi0_targets(
     from flows.pi0 import run_pi0_targets
     from schemas.model import ModelSpec
 
-    config = Pi0TargetsConfig(**given(
+    config = Pi0TargetsConfig(workers=runner.tasks, **given(
         plan=plan, model=model, family=family, pairs=pairs, attn_layers=int_list(attn_layers, "--attn-layers"),
         attn_dtype=attn_dtype, cameras=comma_list(cameras), state_key=state_key, action_key=action_key,
         state_indices=int_list(state_indices, "--state-indices"), normalize=normalize,

@@ -109,8 +109,6 @@ def test_make_plan_names_a_missing_camera(tmp_path):
 
 def test_plan_rows_read_back_as_columns_equal_the_rows_written(tmp_path):
     """PlanStore.rows keeps clips.parquet's columns and builds ClipRow objects on access."""
-    import tracemalloc
-
     from schemas.plan import ClipRow, ClipRows, PlanInfo
 
     count = 3 * ClipRows.BLOCK + 5  # rows from several blocks
@@ -119,12 +117,11 @@ def test_plan_rows_read_back_as_columns_equal_the_rows_written(tmp_path):
     info = PlanInfo(plan_id="plan-000000000001", dataset="toy", dataset_fingerprint="f" * 64, params={},
                     num_clips=count)
     PlanStore(str(tmp_path)).write(info, written)
-    tracemalloc.start()
     rows = PlanStore(str(tmp_path)).rows(info.plan_id)
-    held, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
     assert isinstance(rows, ClipRows) and len(rows) == count
-    assert held < 400 * count  # columns, not objects (a list of ClipRow: about 1.4 KB a clip)
+    # Columns, not objects (a list of ClipRow takes about 1.4 KB a clip), and no row built yet.
+    # (Not measured with tracemalloc: stopping it while other threads allocate crashes CPython 3.11.)
+    assert rows.table.nbytes < 200 * count and rows._block[0] == -1
     assert rows == written and list(rows) == written
     assert rows[0] == written[0] and rows[-1] == written[-1] and rows[ClipRows.BLOCK + 1] == written[ClipRows.BLOCK + 1]
     assert rows[5:9] == written[5:9] and rows[3] == written[3]  # back to an earlier block

@@ -34,7 +34,7 @@ from flows.progress import BuildProgress
 from flows.runtime import RunnerChoice, run_flow, split_shards
 from schemas.base import StrictModel
 from schemas.model import ModelIdentity
-from schemas.plan import ClipRows
+from schemas.plan import ClipRows, PlanInfo
 from schemas.target import ArraySpec, TargetRecipe
 from storage import layout, lineage
 from storage.claims import ClaimSet, active_claims, wait_for_shards
@@ -241,12 +241,19 @@ def check_identity(loaded: ModelIdentity | None, recorded: ModelIdentity | None,
                          "version was started with (weights or seed changed); start a new version")
 
 
+def plan_info(root_url: str, plan_id: str) -> PlanInfo:
+    """plan.json of a plan (its clip count and parameters, without reading the clips); ValueError
+    when the plan has no clips."""
+    info = PlanStore(root_url).info(plan_id)
+    if info.num_clips == 0:
+        raise ValueError(f"plan '{plan_id}' has no clips")
+    return info
+
+
 def plan_rows(root_url: str, plan_id: str) -> ClipRows:
     """The clips of a plan; ValueError when it has none."""
-    rows = PlanStore(root_url).rows(plan_id)
-    if not rows:
-        raise ValueError(f"plan '{plan_id}' has no clips")
-    return rows
+    plan_info(root_url, plan_id)
+    return PlanStore(root_url).rows(plan_id)
 
 
 # ---------------------------------------------------------------- one shard task

@@ -22,7 +22,7 @@ import numpy as np
 from prefect import flow
 from pydantic import Field
 
-from flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_rows, prefect_tasks
+from flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_info, plan_rows, prefect_tasks
 from flows.configs import GenerateConfig, PlanConfig, TextConfig
 from flows.models_cache import cached_model
 from pipelines import plan as planning
@@ -143,11 +143,11 @@ class TextStage(TargetStage[TextConfig]):
     name, config_type = "text", TextConfig
 
     def recipe(self, root_url: str, config: TextConfig) -> TargetRecipe:
-        plan_rows(root_url, config.plan)
+        plan_info(root_url, config.plan)
         return text_recipe(config, cached_text_model(config).identity)
 
     def arrays(self, root_url: str, config: TextConfig, recipe: TargetRecipe) -> tuple[list[ArraySpec], int, int]:
-        num_clips, width = len(plan_rows(root_url, config.plan)), cached_text_model(config).width
+        num_clips, width = plan_info(root_url, config.plan).num_clips, cached_text_model(config).width
         return [ArraySpec(name=TEXT_ARRAY, shape=[num_clips, config.max_length, width], dtype="float32")], \
             num_clips, config.shard_size
 
@@ -234,8 +234,8 @@ def generate_shard(model: SVDModel, config: GenerateConfig, version_id: str, row
 def with_plan_frames(root_url: str, config: GenerateConfig) -> GenerateConfig:
     """``config`` with ``params.num_frames`` taken from the plan when it was not given; an explicit
     value that differs from the plan's clip length is an error."""
-    rows = plan_rows(root_url, config.plan)
-    frames = int(PlanStore(root_url).info(config.plan).params.get("frames", rows[0].num_frames))
+    frames = plan_info(root_url, config.plan).params.get("frames")
+    frames = int(plan_rows(root_url, config.plan)[0].num_frames if frames is None else frames)
     if "num_frames" not in config.params.model_fields_set:
         return config.model_copy(update={"params": config.params.model_copy(update={"num_frames": frames})})
     if config.params.num_frames != frames:
@@ -248,7 +248,7 @@ def video_recipe(root_url: str, config: GenerateConfig) -> tuple[TargetRecipe, S
     """The recipe (hence the version id) of ``config``, the model description and the clip count.
     Checks the inputs: the plan exists, its clip length matches, the text version belongs to it."""
     config = with_plan_frames(root_url, config)
-    num_clips = len(plan_rows(root_url, config.plan))
+    num_clips = plan_info(root_url, config.plan).num_clips
     open_text(root_url, config.text, config.plan, num_clips)
     desc = describe_svd(config.model, config.seed)
     recipe = TargetRecipe(kind="video", stage=VIDEO_STAGE, stage_version=VIDEO_STAGE_VERSION, model=desc.identity,

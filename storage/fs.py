@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -388,10 +389,9 @@ class Root:
         except (OSError, ValueError, NotImplementedError, TypeError) as err:
             return f"{err.__class__.__name__}: {' '.join(str(err).split())}"
         finally:
-            try:
+            # Nothing was created, or the store refuses deletes: then a probe object is left.
+            with contextlib.suppress(OSError, NotImplementedError):
                 self.fs.rm_file(path)
-            except (OSError, NotImplementedError):
-                pass  # nothing was created, or the store refuses deletes: a probe object is left
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

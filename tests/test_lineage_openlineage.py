@@ -100,7 +100,7 @@ class LineageEndpoint(BaseHTTPRequestHandler):
         self.end_headers()
 
     def log_message(self, *args):
-        pass
+        """No request lines on stderr."""
 
 
 @pytest.fixture()

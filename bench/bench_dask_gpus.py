@@ -42,9 +42,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from storage import layout  # noqa: E402
-from storage.fs import Root  # noqa: E402
-from storage.targets import TargetStore  # noqa: E402
+from foresight.storage import layout  # noqa: E402
+from foresight.storage.fs import Root  # noqa: E402
+from foresight.storage.targets import TargetStore  # noqa: E402
 
 CLI = "import sys; from flows.cli import main; sys.argv[0] = 'foresight'; main()"
 ID = re.compile(r"\b((?:plan|text|video|teacher)-[0-9a-f]{6,})\b")

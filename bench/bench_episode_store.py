@@ -21,14 +21,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec  # noqa: E402
-from storage.episodes import EpisodeStore  # noqa: E402
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec  # noqa: E402
+from foresight.storage.episodes import EpisodeStore  # noqa: E402
 
 FEATURES = {"action": FeatureSpec(dtype="float32", shape=[4])}
 
 
 def rendered_frames(count: int, size: int) -> np.ndarray:
-    from pipelines.ingest.metaworld import collect_demonstration
+    from foresight.pipelines.ingest.metaworld import collect_demonstration
 
     demo = collect_demonstration("drawer-open", seed=0, size=size)
     reps = -(-count // demo.length)

@@ -36,17 +36,17 @@ PAPER_MS = {"total": 307.6, "backbone": 231.0, "decouplers": 40.1, "action_exper
 
 def build_svam_policy(size: str, device: str, svd_dtype: str):
     """The S-VAM stack at ``size`` ('tiny' | 'real') with random weights, behind the eval's policy class."""
-    from pipelines.eval.svam import SVAMPolicy, StackSpec, TeacherSpec, load_stack
-    from pipelines.svd import SVDParams
-    from pipelines.svd.features import feature_shape
-    from pipelines.svd.loading import describe_svd
-    from pipelines.teachers import load_teacher
-    from pipelines.text import MAX_LENGTH, load_text_model
-    from schemas.eval import PolicyIdentity
-    from trainers.action_expert import (ActionExpertRunConfig, ActionExpertTask, FrozenDecouplers,
+    from foresight.pipelines.eval.svam import SVAMPolicy, StackSpec, TeacherSpec, load_stack
+    from foresight.pipelines.svd import SVDParams
+    from foresight.pipelines.svd.features import feature_shape
+    from foresight.pipelines.svd.loading import describe_svd
+    from foresight.pipelines.teachers import load_teacher
+    from foresight.pipelines.text import MAX_LENGTH, load_text_model
+    from foresight.schemas.eval import PolicyIdentity
+    from foresight.trainers.action_expert import (ActionExpertRunConfig, ActionExpertTask, FrozenDecouplers,
                                         build_architecture, build_objective)
-    from trainers.models.decoupler import Decoupler, DecouplerConfig
-    from trainers.models.policy import ActionExpert
+    from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
+    from foresight.trainers.models.policy import ActionExpert
 
     spec_name = "tiny" if size == "tiny" else "random"
     model_size = "tiny" if size == "tiny" else "full"
@@ -71,7 +71,7 @@ def build_svam_policy(size: str, device: str, svd_dtype: str):
 
 
 def observation(size: int, seed: int = 0):
-    from pipelines.eval.policy import Observation
+    from foresight.pipelines.eval.policy import Observation
 
     rng = np.random.default_rng(seed)
     frame = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -114,10 +114,10 @@ def latency_mode(args) -> dict:
 
 
 def pi0_latency(args) -> dict:
-    from pipelines import pi0
-    from pipelines.eval.chunk_sampler import ChunkSamplerPolicy
-    from schemas.eval import PolicyIdentity
-    from trainers.shallow_pi import build_student
+    from foresight.pipelines import pi0
+    from foresight.pipelines.eval.chunk_sampler import ChunkSamplerPolicy
+    from foresight.schemas.eval import PolicyIdentity
+    from foresight.trainers.shallow_pi import build_student
 
     spec = "tiny" if args.size == "tiny" else "random"
     dtype = "float32" if args.size == "tiny" else "bfloat16"
@@ -136,8 +136,8 @@ def pi0_latency(args) -> dict:
 
 def rollout_mode(args) -> dict:
     """Steps/s: bare env, env + a frame per re-plan (what the policy forces), tiny S-VAM rollouts."""
-    from pipelines.eval.policy import OraclePolicy
-    from pipelines.eval.rollout import EVAL_SEED_BASE, make_env, run_episode
+    from foresight.pipelines.eval.policy import OraclePolicy
+    from foresight.pipelines.eval.rollout import EVAL_SEED_BASE, make_env, run_episode
 
     chunk, side = 10, args.frame
     env = make_env("reach", EVAL_SEED_BASE, "corner2", side, render=True)

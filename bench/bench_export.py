@@ -38,18 +38,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flows.export import RAW_FIELDS, ExportConfig, export_recipe, plan_export, write_shard  # noqa: E402
-from pipelines.export import FP8_POWER, decode_fp8, encode_fp8, encode_sample, relative_l2, sample_key  # noqa: E402
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec  # noqa: E402
-from schemas.model import ModelIdentity  # noqa: E402
-from schemas.plan import ClipRow, PlanInfo  # noqa: E402
-from schemas.target import ArraySpec, TargetRecipe, content_id  # noqa: E402
-from storage.episodes import EpisodeStore  # noqa: E402
-from storage.exports import ClipSource, ExportStore  # noqa: E402
-from storage.fs import Root  # noqa: E402
-from storage.plans import PlanStore  # noqa: E402
-from storage.targets import TargetStore  # noqa: E402
-from trainers.data import ShardStream, ZarrClips, collate_samples, collate_zero_copy  # noqa: E402
+from foresight.flows.export import RAW_FIELDS, ExportConfig, export_recipe, plan_export, write_shard  # noqa: E402
+from foresight.pipelines.export import FP8_POWER, decode_fp8, encode_fp8, encode_sample, relative_l2, sample_key  # noqa: E402
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec  # noqa: E402
+from foresight.schemas.model import ModelIdentity  # noqa: E402
+from foresight.schemas.plan import ClipRow, PlanInfo  # noqa: E402
+from foresight.schemas.target import ArraySpec, TargetRecipe, content_id  # noqa: E402
+from foresight.storage.episodes import EpisodeStore  # noqa: E402
+from foresight.storage.exports import ClipSource, ExportStore  # noqa: E402
+from foresight.storage.fs import Root  # noqa: E402
+from foresight.storage.plans import PlanStore  # noqa: E402
+from foresight.storage.targets import TargetStore  # noqa: E402
+from foresight.trainers.data import ShardStream, ZarrClips, collate_samples, collate_zero_copy  # noqa: E402
 
 T, SIZE, GRID, ONESTEP_C, TEACHER_C = 16, 256, 16, 2560, 768
 POWERS = (1.0, 1.25, FP8_POWER, 1.75, 2.0)
@@ -65,7 +65,7 @@ SECTION = "## Issue 7: export and streaming (ShardStream, ZarrClips) vs a raw re
 def rendered_clips(samples: int) -> np.ndarray:
     """(samples, T, 256, 256, 3) uint8 windows (stride 8) of MetaWorld drawer-open expert rollouts,
     one more seed per 10 windows: real renders, so lossless compression means something."""
-    from pipelines.ingest.metaworld import collect_demonstration
+    from foresight.pipelines.ingest.metaworld import collect_demonstration
 
     windows, seed = [], 0
     while len(windows) < samples:
@@ -231,9 +231,9 @@ def fp8_feature_sets(world: dict[str, str]) -> dict[str, np.ndarray]:
     """float16 features the fp8 error is measured on: real-size random ones (Gaussian, as exported here;
     heavy-tailed Student-t(3) and t(2); Gaussian with 8 of the 4096 token rows 100x larger, like the
     massive activations of ViTs) and tiny-model features (SVD one-step, DINOv2 maps of the clip's frames)."""
-    from pipelines.svd.loading import load_svd
-    from pipelines.svd.sampler import SVDParams, one_step_features
-    from pipelines.teachers import load_teacher
+    from foresight.pipelines.svd.loading import load_svd
+    from foresight.pipelines.svd.sampler import SVDParams, one_step_features
+    from foresight.pipelines.teachers import load_teacher
 
     rng = np.random.default_rng(5)
     video = TargetStore(world["root"]).open(world["video"])
@@ -299,7 +299,7 @@ def member_bytes(store: ExportStore, export_id: str, field: str) -> int:
 
 def measure(world: dict[str, str], folders: list[str], exports: dict[str, str], epochs: int) -> list[tuple]:
     """(name, seconds per epoch, samples, bytes read per epoch) of every reader."""
-    from pipelines.teachers import load_teacher
+    from foresight.pipelines.teachers import load_teacher
 
     store = ExportStore(world["root"])
     pins = [world["video"], world["teacher"]]

@@ -38,9 +38,9 @@ import av  # noqa: E402
 import cv2  # noqa: E402
 import h5py  # noqa: E402
 
-from flows.ingest_sources import ingest_lerobot, ingest_teleop  # noqa: E402
-from pipelines.ingest import lerobot, teleop  # noqa: E402
-from storage.episodes import EpisodeStore  # noqa: E402
+from foresight.flows.ingest_sources import ingest_lerobot, ingest_teleop  # noqa: E402
+from foresight.pipelines.ingest import lerobot, teleop  # noqa: E402
+from foresight.storage.episodes import EpisodeStore  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CLIP = 16

@@ -34,8 +34,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import fixtures_sources as fx  # noqa: E402
-from flows import ingest_sources as flows_ingest  # noqa: E402
-from pipelines.ingest import calvin, teleop  # noqa: E402
+from foresight.flows import ingest_sources as flows_ingest  # noqa: E402
+from foresight.pipelines.ingest import calvin, teleop  # noqa: E402
 
 
 def _call_task(task_name: str, kwargs: dict):
@@ -44,7 +44,7 @@ def _call_task(task_name: str, kwargs: dict):
 
 def _warm() -> None:
     """Worker initializer: import the ingest stack once (prefect, zarr, ...), as a long-lived worker has."""
-    import flows.ingest_sources  # noqa: F401
+    import foresight.flows.ingest_sources  # noqa: F401
 
 
 def process_map(pool: ProcessPoolExecutor):
@@ -148,7 +148,7 @@ def bench_calvin(work: Path, args, pool: ProcessPoolExecutor) -> dict[str, float
 
 
 def prefect_calvin(work: Path, src: Path, options: calvin.CalvinOptions, total: int, workers: int) -> float:
-    from flows.runtime import RunnerChoice, run_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
 
     summary = run_flow(flows_ingest.ingest_calvin_flow, RunnerChoice(dask_local=workers),
                        root_url=str(work / "root-prefect"), dataset="cal", src=str(src), options=options)

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
+from foresight.pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
 
 
 def timed(model, params: SVDParams, data, repeats: int) -> tuple[float, np.ndarray]:

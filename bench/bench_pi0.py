@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import pi0, pi0_static  # noqa: E402
-from trainers.shallow_pi import build_student  # noqa: E402
+from foresight.pipelines import pi0, pi0_static  # noqa: E402
+from foresight.trainers.shallow_pi import build_student  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -119,8 +119,8 @@ def profile_chunk(model, inputs: dict, device: torch.device, rows: int = 14) -> 
 
 def caching_throughput(teacher, params: pi0.Pi0TargetParams, device: torch.device, args) -> dict:
     """samples/s of compute_targets, alone and with the shard writes of a TargetStore (local zarr)."""
-    from schemas.target import ArraySpec, TargetRecipe
-    from storage.targets import TargetStore
+    from foresight.schemas.target import ArraySpec, TargetRecipe
+    from foresight.storage.targets import TargetStore
 
     samples = example_samples(params, args.targets_batch, 1)
     ids = [f"clip{i}" for i in range(args.targets_batch)]

@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainers.models.decoupler import Decoupler, DecouplerConfig  # noqa: E402
-from trainers.models.denoiser import DenoiserConfig  # noqa: E402
-from trainers.models.objectives import ObjectiveConfig  # noqa: E402
-from trainers.models.policy import ActionExpert, PolicyConfig  # noqa: E402
-from trainers.models.uniperceiver import UniPerceiverConfig  # noqa: E402
-from trainers.models.video_former import VideoFormerConfig  # noqa: E402
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig  # noqa: E402
+from foresight.trainers.models.denoiser import DenoiserConfig  # noqa: E402
+from foresight.trainers.models.objectives import ObjectiveConfig  # noqa: E402
+from foresight.trainers.models.policy import ActionExpert, PolicyConfig  # noqa: E402
+from foresight.trainers.models.uniperceiver import UniPerceiverConfig  # noqa: E402
+from foresight.trainers.models.video_former import VideoFormerConfig  # noqa: E402
 
 T, N, C, GOAL, STATE, CHUNK, ACT, LATENT = 4, 9, 24, 8, 3, 6, 3, 4
 

@@ -58,8 +58,8 @@ STAGES = ("text", "generate", "teachers:dinov2", "teachers:da3", "export", "pi0"
 def make_world(root_url: str, clips: int) -> str:
     """A dataset of ceil(clips / 1000) episodes (8x8 frames, action 4, state 6); returns nothing
     but leaves the dataset ``sim`` under ``root_url``."""
-    from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-    from storage.episodes import EpisodeStore
+    from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+    from foresight.storage.episodes import EpisodeStore
 
     features = {"action": FeatureSpec(dtype="float32", shape=[4]), "state": FeatureSpec(dtype="float32", shape=[6])}
     store = EpisodeStore(root_url, DATASET)
@@ -93,7 +93,7 @@ def chain_sections(clips: int, shard_size: int, workers: int) -> dict[str, Any]:
 
 def pipeline_upto(stage: str, sections: dict[str, Any]) -> Any:
     """The pipeline config running the chain up to ``stage`` (the earlier stages are skipped once done)."""
-    from flows.pipeline import PipelineConfig
+    from foresight.flows.pipeline import PipelineConfig
 
     order = ["text", "generate", "teachers:dinov2", "teachers:da3", "export"]
     upto = order[: order.index(stage) + 1]
@@ -175,10 +175,10 @@ def null_compute_per_shard(shard_size: int) -> dict[str, float]:
     orchestration is compared with)."""
     import torch
 
-    from pipelines import null_models, pi0
-    from pipelines.svd.sampler import SVDParams
-    from pipelines.teachers import load_teacher
-    from pipelines.svd import load_svd, generate_clips
+    from foresight.pipelines import null_models, pi0
+    from foresight.pipelines.svd.sampler import SVDParams
+    from foresight.pipelines.teachers import load_teacher
+    from foresight.pipelines.svd import load_svd, generate_clips
 
     def best(call, repeats: int = 5) -> float:
         times = []
@@ -211,7 +211,7 @@ def prefect_task_overhead(runner: Any, tasks: int = 200) -> float:
     the stages use): the per-task cost that shard grouping amortises."""
     from prefect import flow, task
 
-    from flows.runtime import gather, shared_api, stage_runners
+    from foresight.flows.runtime import gather, shared_api, stage_runners
 
     @task
     def noop(index: int) -> int:
@@ -240,7 +240,7 @@ def cli_seconds(args: list[str]) -> tuple[float, int, str]:
     """Wall time, exit code and last output line of a foresight command run in this process."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from foresight.flows.cli import app
 
     start = time.perf_counter()
     result = CliRunner().invoke(app, args)
@@ -252,12 +252,12 @@ def cli_seconds(args: list[str]) -> tuple[float, int, str]:
 def run_cell(root_url: str, clips: int, shard_size: int, runner_name: str, dask_address: str | None,
              moto_log: Path | None) -> dict[str, Any]:
     """The chain at ``clips`` clips on one store and runner; every figure of that cell."""
-    from flows.pi0 import Pi0TargetsConfig, run_pi0_targets
-    from flows.pipeline import run_pipeline
-    from flows.runtime import RunnerChoice
-    from storage.exports import ExportStore
-    from storage.fs import open_root
-    from storage.targets import TargetWriter
+    from foresight.flows.pi0 import Pi0TargetsConfig, run_pi0_targets
+    from foresight.flows.pipeline import run_pipeline
+    from foresight.flows.runtime import RunnerChoice
+    from foresight.storage.exports import ExportStore
+    from foresight.storage.fs import open_root
+    from foresight.storage.targets import TargetWriter
 
     runner = {"threads": RunnerChoice(workers=2), "dask-local": RunnerChoice(dask_local=2),
               "dask": RunnerChoice(dask_address=dask_address)}[runner_name]
@@ -312,9 +312,9 @@ def stage_figures(seconds: float, status: str, clips: int, shard_size: int, requ
 def metadata_figures(root: Any, ids: dict[str, str], requests: RequestLog) -> dict[str, Any]:
     """Sizes of manifests, plan, export index and lineage; times of the maintenance commands,
     export indexing and ShardStream start-up."""
-    from storage import layout
-    from storage.exports import ExportStore
-    from trainers.data import ShardStream
+    from foresight.storage import layout
+    from foresight.storage.exports import ExportStore
+    from foresight.trainers.data import ShardStream
 
     out: dict[str, Any] = {"manifest_bytes": {}, "timings_s": {}}
     for stage, version in ids.items():

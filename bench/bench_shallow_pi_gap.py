@@ -42,14 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import pi0  # noqa: E402
-from storage.fs import open_root  # noqa: E402
-from trainers import shallow_pi  # noqa: E402
-from storage.runs import RunSpec, read_metrics  # noqa: E402
-from trainers.batching import MemoryStream  # noqa: E402
-from trainers.config import LoopConfig, OptimConfig  # noqa: E402
-from trainers.distributed import seed_everything  # noqa: E402
-from trainers.loop import fit  # noqa: E402
+from foresight.pipelines import pi0  # noqa: E402
+from foresight.storage.fs import open_root  # noqa: E402
+from foresight.trainers import shallow_pi  # noqa: E402
+from foresight.storage.runs import RunSpec, read_metrics  # noqa: E402
+from foresight.trainers.batching import MemoryStream  # noqa: E402
+from foresight.trainers.config import LoopConfig, OptimConfig  # noqa: E402
+from foresight.trainers.distributed import seed_everything  # noqa: E402
+from foresight.trainers.loop import fit  # noqa: E402
 
 SIZES = {
     # teacher spec, student layers, student attn layers, train / eval observations, K, batch, steps, lr

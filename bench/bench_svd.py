@@ -38,8 +38,8 @@ H100_DENSE_BF16_TFLOPS = 989.4  # H100 SXM dense fp16/bf16 tensor-core peak
 def setup(spec: dict):
     import torch
 
-    from pipelines.svd import SVDParams, load_svd
-    from pipelines.svd.speed import SpeedOptions, apply_speedups
+    from foresight.pipelines.svd import SVDParams, load_svd
+    from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
 
     torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark", False))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -160,7 +160,7 @@ def matmul_tflops(device: str) -> float:
 
 
 def time_onestep(model, params, batch: int, iters: int) -> dict:
-    from pipelines.svd import one_step_features
+    from foresight.pipelines.svd import one_step_features
 
     data = inputs(model, params, batch)
     one_step_features(model, params, *data)
@@ -179,8 +179,8 @@ def onestep_breakdown(model, params, batch: int) -> dict:
     each, second of two passes): where the time beyond the bare head call goes."""
     import torch
 
-    from pipelines.svd import conditioning as cond
-    from pipelines.svd.features import merge_features, to_host
+    from foresight.pipelines.svd import conditioning as cond
+    from foresight.pipelines.svd.features import merge_features, to_host
 
     frames, text, seeds = inputs(model, params, batch)
     device = str(model.device)
@@ -219,7 +219,7 @@ def onestep_breakdown(model, params, batch: int) -> dict:
 def time_generate(model, params, batch: int, repeats: int, spec: dict) -> dict:
     """Seconds of 30-step generation (best of ``repeats``); with ``check`` in the measures, whether
     its features equal the standalone extraction; keeps the last output for ``save_ref``/``drift``."""
-    from pipelines.svd import generate_clips, one_step_features
+    from foresight.pipelines.svd import generate_clips, one_step_features
 
     data = inputs(model, params, batch)
     start = time.perf_counter()
@@ -257,7 +257,7 @@ def save_reference(model, params, batch: int, scratch: Path) -> dict:
     import numpy as np
     import torch
 
-    from pipelines.svd.unet_split import UNetSplit
+    from foresight.pipelines.svd.unet_split import UNetSplit
 
     arrays = reference_arrays(model, params, batch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -295,7 +295,7 @@ def drift(model, params, batch: int, scratch: Path) -> dict:
 def time_decode(model, params, batch: int) -> dict:
     import torch
 
-    from pipelines.svd.sampler import decode_frames
+    from foresight.pipelines.svd.sampler import decode_frames
 
     side = params.size // model.vae_scale_factor
     latents = torch.randn(batch, params.num_frames, 4, side, side, device=model.device)
@@ -357,8 +357,8 @@ def apply_setting(model, setting: dict, stack) -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pipelines.svd.loading import parse_dtype
-    from pipelines.svd.speed import set_channels_last
+    from foresight.pipelines.svd.loading import parse_dtype
+    from foresight.pipelines.svd.speed import set_channels_last
 
     stack.close()
     dtype = parse_dtype(setting.get("dtype", "fp16"))

@@ -60,8 +60,8 @@ def synthetic_clips(count: int, seed: int) -> np.ndarray:
 
 def write_video_version(root: str, clips: int, shard: int) -> str:
     """A complete `video` version with `frames` and `observed` (the conditioning frame)."""
-    from schemas.target import ArraySpec, TargetRecipe
-    from storage.targets import TargetStore
+    from foresight.schemas.target import ArraySpec, TargetRecipe
+    from foresight.storage.targets import TargetStore
 
     arrays = [ArraySpec(name="frames", shape=[clips, T, SIZE, SIZE, 3], dtype="uint8"),
               ArraySpec(name="observed", shape=[clips, SIZE, SIZE, 3], dtype="uint8")]
@@ -122,9 +122,9 @@ def _seconds_per_call(teacher, fns, repeats: int) -> float:
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
                processes: bool, compression: str, tag: str) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
-    from flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
-    from flows.teachers_io import ObservedFrames, open_video
-    from storage.targets import TargetStore
+    from foresight.flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
+    from foresight.flows.teachers_io import ObservedFrames, open_video
+    from foresight.storage.targets import TargetStore
 
     video = open_video(root, video_id)
     recipe = teacher_recipe(teacher, video_id)
@@ -169,8 +169,8 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     lower than one timed for one second), end-to-end runs, ratios against the faster bare figure."""
     import torch
 
-    from flows.teachers_io import open_video
-    from pipelines.teachers import load_teacher
+    from foresight.flows.teachers_io import open_video
+    from foresight.pipelines.teachers import load_teacher
 
     started = time.perf_counter()
     teacher = load_teacher(name, args.model, None, args.device, args.dtype)
@@ -253,7 +253,7 @@ def main() -> None:
     args.compression = args.compression.split(",")
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
     if args.io == "processes":
-        from flows.teachers_engine import start_fork_server
+        from foresight.flows.teachers_engine import start_fork_server
 
         start_fork_server()  # as the teachers flow does: it boots while the data and teacher load
     try:

@@ -30,23 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.export import column_stats, encode_sample, sample_key  # noqa: E402
-from storage.exports import ExportBuild, ExportField, ExportRecipe, ExportStore  # noqa: E402
-from storage.fs import Root  # noqa: E402
-from trainers.action_expert import ActionExpertTask, FrozenDecouplers  # noqa: E402
-from trainers.decoupler import DecouplerTask  # noqa: E402
-from trainers.batching import batch_iterator  # noqa: E402
-from trainers.config import DataConfig, LoopConfig, OptimConfig  # noqa: E402
-from trainers.distributed import DistInfo  # noqa: E402
-from trainers.exports import open_export  # noqa: E402
-from trainers.loop import Trainer  # noqa: E402
-from trainers.prefetch import DevicePrefetcher  # noqa: E402
-from trainers.models.decoupler import Decoupler, DecouplerConfig  # noqa: E402
-from trainers.models.denoiser import DenoiserConfig  # noqa: E402
-from trainers.models.objectives import ObjectiveConfig  # noqa: E402
-from trainers.models.video_former import VideoFormerConfig  # noqa: E402
-from trainers.models.policy import ActionExpert, PolicyConfig  # noqa: E402
-from trainers.models.uniperceiver import UniPerceiverConfig  # noqa: E402
+from foresight.pipelines.export import column_stats, encode_sample, sample_key  # noqa: E402
+from foresight.storage.exports import ExportBuild, ExportField, ExportRecipe, ExportStore  # noqa: E402
+from foresight.storage.fs import Root  # noqa: E402
+from foresight.trainers.action_expert import ActionExpertTask, FrozenDecouplers  # noqa: E402
+from foresight.trainers.decoupler import DecouplerTask  # noqa: E402
+from foresight.trainers.batching import batch_iterator  # noqa: E402
+from foresight.trainers.config import DataConfig, LoopConfig, OptimConfig  # noqa: E402
+from foresight.trainers.distributed import DistInfo  # noqa: E402
+from foresight.trainers.exports import open_export  # noqa: E402
+from foresight.trainers.loop import Trainer  # noqa: E402
+from foresight.trainers.prefetch import DevicePrefetcher  # noqa: E402
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig  # noqa: E402
+from foresight.trainers.models.denoiser import DenoiserConfig  # noqa: E402
+from foresight.trainers.models.objectives import ObjectiveConfig  # noqa: E402
+from foresight.trainers.models.video_former import VideoFormerConfig  # noqa: E402
+from foresight.trainers.models.policy import ActionExpert, PolicyConfig  # noqa: E402
+from foresight.trainers.models.uniperceiver import UniPerceiverConfig  # noqa: E402
 
 RAW = ("actions", "actions_mask")
 

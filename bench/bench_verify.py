@@ -45,13 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_export import build_root, export, raw_read, touch, write_results  # noqa: E402
 import numpy as np  # noqa: E402
 
-from storage import exports  # noqa: E402
-from storage.fs import fast_digest  # noqa: E402
-from storage.exports import ClipSource, ExportStore  # noqa: E402
-from storage.targets import TargetStore, shard_object  # noqa: E402
+from foresight.storage import exports  # noqa: E402
+from foresight.storage.fs import fast_digest  # noqa: E402
+from foresight.storage.exports import ClipSource, ExportStore  # noqa: E402
+from foresight.storage.targets import TargetStore, shard_object  # noqa: E402
 import torch  # noqa: E402
 
-from trainers.data import ShardStream, collate_zero_copy  # noqa: E402
+from foresight.trainers.data import ShardStream, collate_zero_copy  # noqa: E402
 
 SECTION = "## Issue 23: verified reads (xxh3 per shard / per sample) vs unverified, same run"
 MODES = ("unverified", "xxh3 (default)", "sha256")

@@ -55,11 +55,11 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from cluster_servers import DaskCluster, child_env, start_prefect_server  # noqa: E402 - test servers, reused
 from fixtures_sources import make_teleop_episode  # noqa: E402
-from storage import layout  # noqa: E402
-from storage.episodes import EpisodeStore  # noqa: E402
-from storage.exports import ExportStore  # noqa: E402
-from storage.fs import Root  # noqa: E402
-from storage.targets import EMPTY_SHARD, TargetStore, shard_object  # noqa: E402
+from foresight.storage import layout  # noqa: E402
+from foresight.storage.episodes import EpisodeStore  # noqa: E402
+from foresight.storage.exports import ExportStore  # noqa: E402
+from foresight.storage.fs import Root  # noqa: E402
+from foresight.storage.targets import EMPTY_SHARD, TargetStore, shard_object  # noqa: E402
 
 PIPELINE = """
 name = "fault-campaign"

@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flows.ingest_sources as ingest_sources  # noqa: E402
-import storage.episodes as episodes  # noqa: E402
-import storage.fs as fs  # noqa: E402
+import foresight.flows.ingest_sources as ingest_sources  # noqa: E402
+import foresight.storage.episodes as episodes  # noqa: E402
+import foresight.storage.fs as fs  # noqa: E402
 from bench.bench_frame_store import lerobot_mp4, pyav_decode_all  # noqa: E402
-from pipelines.ingest import lerobot  # noqa: E402
+from foresight.pipelines.ingest import lerobot  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PARTS = [  # (owner, function, label)

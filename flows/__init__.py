@@ -4,6 +4,6 @@ Prefect reads its settings when it is imported, so the embedded-API defaults (ho
 user's home directory, no telemetry, quiet logs) are applied before any flow module loads.
 """
 
-from flows.runtime import configure_prefect
+from foresight.flows.runtime import configure_prefect
 
 configure_prefect()

@@ -30,17 +30,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.progress import BuildProgress
-from flows.runtime import RunnerChoice, run_flow, split_shards
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity
-from schemas.plan import ClipRows, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe
-from storage import layout, lineage
-from storage.claims import ClaimSet, active_claims, wait_for_shards
-from storage.fs import Root, open_root
-from storage.plans import PlanStore
-from storage.targets import TargetStore, TargetWriter
+from foresight.flows.progress import BuildProgress
+from foresight.flows.runtime import RunnerChoice, run_flow, split_shards
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.plan import ClipRows, PlanInfo
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage import layout, lineage
+from foresight.storage.claims import ClaimSet, active_claims, wait_for_shards
+from foresight.storage.fs import Root, open_root
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore, TargetWriter
 
 log = logging.getLogger(__name__)
 

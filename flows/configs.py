@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipelines.devices import auto_dtype, resolve_device_field
-from schemas.base import StrictModel
-from schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
-from schemas.presets import check_preset, deep_merge, preset_values, resolve_nested
-from schemas.svd import MAX_LENGTH, SVDParams
+from foresight.pipelines.devices import auto_dtype, resolve_device_field
+from foresight.schemas.base import StrictModel
+from foresight.schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
+from foresight.schemas.presets import check_preset, deep_merge, preset_values, resolve_nested
+from foresight.schemas.svd import MAX_LENGTH, SVDParams
 
 
 # ---------------------------------------------------------------- plans

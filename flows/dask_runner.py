@@ -16,7 +16,7 @@ from typing import Any
 import dask
 from prefect_dask import DaskTaskRunner
 
-from flows.runtime import GPU_RESOURCE
+from foresight.flows.runtime import GPU_RESOURCE
 
 
 def wants_gpu(parameters: dict[str, Any]) -> bool:

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipelines.viz import SheetRow, contact_sheet, png_bytes
-from storage.episodes import EpisodeStore
-from storage.fs import Root
+from foresight.pipelines.viz import SheetRow, contact_sheet, png_bytes
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.fs import Root
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class DemoState:
 
 def ingest_stage(state: DemoState) -> None:
     """Collect 3 easy tasks x 2 episodes at 128x128 with the scripted experts."""
-    from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from foresight.flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
 
     config = MetaWorldIngestConfig(dataset=DEMO_DATASET, tasks=DEMO_TASKS, episodes_per_task=2, size=128)
     results = run_flow(ingest_metaworld_flow, RunnerChoice(), root_url=state.root.url, config=config)
@@ -61,7 +61,7 @@ def episode_sheet_stage(state: DemoState) -> None:
 
 
 def info_stage(state: DemoState) -> None:
-    from storage.summary import root_summary
+    from foresight.storage.summary import root_summary
 
     summary = root_summary(state.root)
     for ds in summary["datasets"]:
@@ -71,7 +71,7 @@ def info_stage(state: DemoState) -> None:
 
 def plan_stage(state: DemoState) -> None:
     """Clips of 8 frames (stride 2) from the demo episodes, at most 6."""
-    from flows.generate import PlanConfig, make_plan
+    from foresight.flows.generate import PlanConfig, make_plan
 
     summary = make_plan(state.root.url, PlanConfig(dataset=DEMO_DATASET, frames=8, stride=2, every=24, limit=6))
     state.ids["plan"] = summary.plan_id
@@ -80,8 +80,8 @@ def plan_stage(state: DemoState) -> None:
 
 def text_stage(state: DemoState) -> None:
     """CLIP text embeddings of each distinct instruction (tiny CLIP text model)."""
-    from flows.generate import TextConfig, text_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from foresight.flows.generate import TextConfig, text_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
 
     summary = run_flow(text_flow, RunnerChoice(), root_url=state.root.url,
                        config=TextConfig(plan=state.ids["plan"], model="tiny", shard_size=4))
@@ -91,9 +91,9 @@ def text_stage(state: DemoState) -> None:
 
 def generate_stage(state: DemoState) -> None:
     """Multi-step SVD generation + one-step features with tiny models (4 Euler steps, 64 px)."""
-    from flows.generate import GenerateConfig, generate_flow
-    from flows.runtime import RunnerChoice, run_flow
-    from pipelines.svd.sampler import SVDParams
+    from foresight.flows.generate import GenerateConfig, generate_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
+    from foresight.pipelines.svd.sampler import SVDParams
 
     config = GenerateConfig(plan=state.ids["plan"], text=state.ids["text"], model="tiny",
                             params=SVDParams(num_frames=8, size=64, steps=4), batch=2, shard_size=4)
@@ -104,8 +104,8 @@ def generate_stage(state: DemoState) -> None:
 
 def teachers_stage(state: DemoState) -> None:
     """Tiny DINOv2 and Depth Anything 3 teachers over the generated clips and observed frames."""
-    from flows.runtime import RunnerChoice, run_flow
-    from flows.teachers import TeachersConfig, teachers_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
+    from foresight.flows.teachers import TeachersConfig, teachers_flow
 
     for name in ("dinov2", "da3"):
         config = TeachersConfig(video=state.ids["video"], teacher=name, model="tiny", batch=2)
@@ -118,8 +118,8 @@ def export_stage(state: DemoState) -> None:
     """Webdataset shards of every target (fp8 features), then one batch read back through ShardStream."""
     from torch.utils.data import DataLoader
 
-    from flows.export import ExportConfig, run_export
-    from trainers.data import ShardStream, collate_samples
+    from foresight.flows.export import ExportConfig, run_export
+    from foresight.trainers.data import ShardStream, collate_samples
 
     targets = [state.ids["video"], f"dinov2={state.ids['dinov2']}", f"da3={state.ids['da3']}", state.ids["text"]]
     result = run_export(state.root.url, ExportConfig(plan=state.ids["plan"], targets=targets, codec="fp8",
@@ -136,10 +136,10 @@ def export_stage(state: DemoState) -> None:
 
 def pi0_stage(state: DemoState) -> None:
     """Tiny 4-layer pi0 teacher targets on 6 observations (2 (t, noise) pairs, attention at layers 1-3)."""
-    from flows.export import ExportConfig, run_export
-    from flows.generate import PlanConfig, make_plan
-    from flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from foresight.flows.export import ExportConfig, run_export
+    from foresight.flows.generate import PlanConfig, make_plan
+    from foresight.flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
 
     plan = make_plan(state.root.url, PlanConfig(dataset=DEMO_DATASET, frames=4, stride=1, every=20, limit=6))
     config = Pi0TargetsConfig(plan=plan.plan_id, model="tiny", tiny_layers=4, pairs=2, attn_layers=[1, 2, 3],
@@ -163,7 +163,7 @@ warmup_steps = 2
 
 def cli(*args: str) -> None:
     """Run one foresight command in this process, exactly as a user would type it."""
-    from flows.cli import app
+    from foresight.flows.cli import app
 
     code = app(list(args), standalone_mode=False)
     if isinstance(code, int) and code != 0:

@@ -20,17 +20,17 @@ from typing import Any
 from prefect import flow, task
 from pydantic import Field, field_validator
 
-from flows.models_cache import cached_model
-from pipelines.eval import rollout as ro
-from pipelines.eval.policy import OraclePolicy, Policy, RandomPolicy
-from pipelines.eval.stats import mean_latency, summarize_groups, summarize_tasks
-from pipelines.ingest import metaworld as mw
-from schemas.base import StrictModel
-from schemas.eval import EpisodeResult, EvalKey, EvalRecord, PolicyIdentity
-from schemas import refs
-from storage import layout, lineage
-from storage.evals import EvalStore
-from storage.fs import Root, open_root
+from foresight.flows.models_cache import cached_model
+from foresight.pipelines.eval import rollout as ro
+from foresight.pipelines.eval.policy import OraclePolicy, Policy, RandomPolicy
+from foresight.pipelines.eval.stats import mean_latency, summarize_groups, summarize_tasks
+from foresight.pipelines.ingest import metaworld as mw
+from foresight.schemas.base import StrictModel
+from foresight.schemas.eval import EpisodeResult, EvalKey, EvalRecord, PolicyIdentity
+from foresight.schemas import refs
+from foresight.storage import layout, lineage
+from foresight.storage.evals import EvalStore
+from foresight.storage.fs import Root, open_root
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def resolve_policy(root: Root, config: EvalConfig) -> ResolvedPolicy:
         if config.execute is not None:
             identity.settings["execute"] = config.execute
         return ResolvedPolicy(identity, config.camera or "corner2", config.size or 128)
-    from flows.eval_runs import resolve_run
+    from foresight.flows.eval_runs import resolve_run
 
     return resolve_run(root, config)
 
@@ -129,7 +129,7 @@ def load_policy(root_url: str, config: EvalConfig) -> tuple[Policy, list[dict[st
     """The policy of ``config``, loaded once per process; also the weight changes it was loaded with."""
     if config.policy in BUILTIN_POLICIES:
         return builtin_policy(config), []
-    from flows.eval_runs import build_run_policy
+    from foresight.flows.eval_runs import build_run_policy
 
     extra = {"root": root_url, "versions": config.versions, "allow": config.allow_version_change,
              "pi0_teacher": config.pi0_teacher}
@@ -149,7 +149,7 @@ def run_episodes(root_url: str, config: EvalConfig, eval_id: str, pairs: list[tu
                  video_seeds: dict[str, list[int]]) -> EpisodesResult:
     """Roll out the given (task, seed) episodes not yet finished; publish each result and video.
     The body of :func:`eval_episodes_task`, callable without Prefect."""
-    from pipelines.viz import mp4_bytes
+    from foresight.pipelines.viz import mp4_bytes
 
     store = EvalStore(root_url)
     key = store.record(eval_id).key
@@ -230,7 +230,7 @@ def _new_changes(known: list[dict[str, Any]], found: list[dict[str, Any]]) -> li
 
 def finalize(store: EvalStore, record: EvalRecord) -> tuple[EvalRecord, str | None]:
     """Summarise the finished episodes, publish the complete record and write the pictures and report."""
-    from flows.eval_report import write_report
+    from foresight.flows.eval_report import write_report
 
     episodes = [r for r in store.episodes(record.eval_id)
                 if r.task in record.key.tasks and r.seed in record.key.seeds]

@@ -6,12 +6,12 @@ of the recorded rollouts, read back from their MP4s) and ``report.html`` linking
 
 from __future__ import annotations
 
-from flows.eval import REPORT_NAME as REPORT, VIDEO_STRIDE
-from pipelines.viz import (EvalReportPage, ReportImage, SheetLayout, contact_sheet, mp4_frames, png_bytes,
+from foresight.flows.eval import REPORT_NAME as REPORT, VIDEO_STRIDE
+from foresight.pipelines.viz import (EvalReportPage, ReportImage, SheetLayout, contact_sheet, mp4_frames, png_bytes,
                            render_eval_html, rollout_row, success_bar_chart)
-from schemas.eval import EpisodeResult, EvalRecord
-from storage.evals import EvalStore
-from storage.provenance import now_iso
+from foresight.schemas.eval import EpisodeResult, EvalRecord
+from foresight.storage.evals import EvalStore
+from foresight.storage.provenance import now_iso
 
 BAR_CHART, ROLLOUT_SHEET = "success.png", "rollouts.png"
 

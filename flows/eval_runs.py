@@ -15,15 +15,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flows.eval import EvalConfig, ResolvedPolicy, parse_policy
-from pipelines.svd import SVDParams
-from schemas.base import validate
-from schemas.eval import PolicyIdentity
-from schemas.model import ModelIdentity
-from schemas.target import TargetVersion
-from storage import layout
-from storage.fs import Root
-from storage.targets import TargetStore
+from foresight.flows.eval import EvalConfig, ResolvedPolicy, parse_policy
+from foresight.pipelines.svd import SVDParams
+from foresight.schemas.base import validate
+from foresight.schemas.eval import PolicyIdentity
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.target import TargetVersion
+from foresight.storage import layout
+from foresight.storage.fs import Root
+from foresight.storage.targets import TargetStore
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SamplerSpec:
 
 def resolve_run(root: Root, config: EvalConfig) -> ResolvedPolicy:
     """Identity, observation settings and training demo seeds of the run named by ``config.policy``."""
-    from storage.runs import RunDir
+    from foresight.storage.runs import RunDir
 
     run_id, step = parse_policy(config.policy)
     runs = RunDir(root, run_id)
@@ -79,7 +79,7 @@ def resolve_run(root: Root, config: EvalConfig) -> ResolvedPolicy:
 def sampler_spec(run_config: dict[str, Any], manifests: dict[str, TargetVersion], use_teacher: bool,
                  where: str) -> SamplerSpec:
     """The pi0 version's sample parameters and the teacher a Shallow-π run was distilled from."""
-    from pipelines.pi0 import Pi0TargetParams
+    from foresight.pipelines.pi0 import Pi0TargetParams
 
     pi0_versions = {m.id: m for m in manifests.values() if m.kind == "pi0"}
     if len(pi0_versions) != 1:
@@ -129,7 +129,7 @@ def _model(manifest: TargetVersion, field: str, where: str) -> ModelIdentity:
 def stack_spec(run_config: dict[str, Any], versions: dict[str, str], manifests: dict[str, TargetVersion],
                where: str):
     """The S-VAM stack of an action-expert run, from its versions' manifests."""
-    from pipelines.eval.svam import StackSpec, TeacherSpec
+    from foresight.pipelines.eval.svam import StackSpec, TeacherSpec
 
     text_field = run_config["run"]["text_field"]
     needed = ["onestep", text_field, *(f"{d['teacher']}.reference" for d in run_config["decouplers"])]
@@ -155,9 +155,9 @@ def stack_spec(run_config: dict[str, Any], versions: dict[str, str], manifests: 
 
 def training_observations(root: Root, export_id: str | None, where: str) -> tuple[str, int, dict[str, set[int]]]:
     """(camera, frame side, task -> demonstration seeds) of the run's training dataset."""
-    from storage.episodes import EpisodeStore
-    from storage.exports import ExportStore
-    from storage.plans import PlanStore
+    from foresight.storage.episodes import EpisodeStore
+    from foresight.storage.exports import ExportStore
+    from foresight.storage.plans import PlanStore
 
     if export_id is None:
         return "corner2", 128, {}
@@ -180,8 +180,8 @@ def build_run_policy(root: Root, config: EvalConfig):
     resolved = resolve_run(root, config)
     if isinstance(resolved.stack, SamplerSpec):
         return _sampler_policy(root, config, resolved)
-    from pipelines.eval.svam import SVAMPolicy, load_stack
-    from trainers.action_expert import load_action_expert
+    from foresight.pipelines.eval.svam import SVAMPolicy, load_stack
+    from foresight.trainers.action_expert import load_action_expert
 
     identity = resolved.identity
     expert, _ = load_action_expert(root, identity.run_id, identity.step)
@@ -201,9 +201,9 @@ def check_weight_changes(changed: list[str], config: EvalConfig, identity: Polic
 
 def _sampler_policy(root: Root, config: EvalConfig, resolved: ResolvedPolicy):
     """A Shallow-π student, or the π0 teacher it was cut from, behind the chunk-sampler policy."""
-    from pipelines import pi0
-    from pipelines.eval.chunk_sampler import ChunkSamplerPolicy
-    from trainers.shallow_pi import load_student
+    from foresight.pipelines import pi0
+    from foresight.pipelines.eval.chunk_sampler import ChunkSamplerPolicy
+    from foresight.trainers.shallow_pi import load_student
 
     spec, identity = resolved.stack, resolved.identity
     changed: list[str] = []

@@ -15,13 +15,13 @@ from typing import Any
 
 from prefect import flow
 
-from flows.build import BuildSummary, Stage, build, prefect_tasks, run_build, run_worker
-from flows.configs import ExportConfig
-from flows.runtime import RunnerChoice
-from pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
-from storage import layout
-from storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
-from storage.targets import verify_by_default
+from foresight.flows.build import BuildSummary, Stage, build, prefect_tasks, run_build, run_worker
+from foresight.flows.configs import ExportConfig
+from foresight.flows.runtime import RunnerChoice
+from foresight.pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
+from foresight.storage import layout
+from foresight.storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
+from foresight.storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
 RAW_FIELDS = ("actions", "actions_mask", "state")

@@ -22,25 +22,25 @@ import numpy as np
 from prefect import flow
 from pydantic import Field
 
-from flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_info, plan_rows, prefect_tasks
-from flows.configs import GenerateConfig, PlanConfig, TextConfig
-from flows.models_cache import cached_model
-from pipelines import plan as planning
-from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
-from pipelines.svd.features import feature_shape
-from pipelines.svd.loading import SVDDescription, SVDModel, describe_svd
-from pipelines.svd.speed import SpeedOptions, apply_speedups
-from pipelines.text import TextModel, embed_instructions, load_text_model
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe
-from schemas import refs
-from storage import layout, lineage
-from storage.episodes import EpisodeStore, read_start_frames
-from storage.plans import PlanStore
-from storage.provenance import now_iso
-from storage.targets import TargetReader, TargetStore
+from foresight.flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_info, plan_rows, prefect_tasks
+from foresight.flows.configs import GenerateConfig, PlanConfig, TextConfig
+from foresight.flows.models_cache import cached_model
+from foresight.pipelines import plan as planning
+from foresight.pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd
+from foresight.pipelines.svd.features import feature_shape
+from foresight.pipelines.svd.loading import SVDDescription, SVDModel, describe_svd
+from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
+from foresight.pipelines.text import TextModel, embed_instructions, load_text_model
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.schemas import refs
+from foresight.storage import layout, lineage
+from foresight.storage.episodes import EpisodeStore, read_start_frames
+from foresight.storage.plans import PlanStore
+from foresight.storage.provenance import now_iso
+from foresight.storage.targets import TargetReader, TargetStore
 
 log = logging.getLogger(__name__)
 

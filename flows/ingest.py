@@ -14,14 +14,14 @@ from importlib.metadata import version
 from prefect import flow, task
 from pydantic import Field, field_validator
 
-from pipelines.ingest import metaworld as mw
-from pipelines.ingest.common import FrameCodecOptions, resolve_frame_storage
-from schemas.base import StrictModel, canonical_json
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage
-from schemas import refs
-from storage import lineage
-from storage.layout import check_id
-from storage.episodes import EpisodeStore
+from foresight.pipelines.ingest import metaworld as mw
+from foresight.pipelines.ingest.common import FrameCodecOptions, resolve_frame_storage
+from foresight.schemas.base import StrictModel, canonical_json
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage
+from foresight.schemas import refs
+from foresight.storage import lineage
+from foresight.storage.layout import check_id
+from foresight.storage.episodes import EpisodeStore
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def ingest_metaworld_flow(root_url: str, config: MetaWorldIngestConfig) -> dict[
             break
         for future in futures:
             _accumulate(totals, future.result())
-    from flows.ingest_sources import dataset_stats
+    from foresight.flows.ingest_sources import dataset_stats
 
     store.write_stats(dataset_stats(store, FEATURES))
     lineage.emit(root_url, "ingest-metaworld", str(uuid.uuid4()), inputs=[],

@@ -26,10 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 from tqdm import tqdm
 
-from flows.runtime import progress_disabled
-from pipelines import stats as stats_lib
-from pipelines.ingest import calvin, lerobot, teleop
-from pipelines.ingest.common import (
+from foresight.flows.runtime import progress_disabled
+from foresight.pipelines import stats as stats_lib
+from foresight.pipelines.ingest import calvin, lerobot, teleop
+from foresight.pipelines.ingest.common import (
     ChunkBlock,
     FrameBlock,
     IngestError,
@@ -40,11 +40,11 @@ from pipelines.ingest.common import (
     prefetch,
     source_checksum,
 )
-from schemas.base import StrictModel, canonical_json
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage, LanguageSegment, SourceKind
-from schemas import refs
-from storage import lineage
-from storage.episodes import EpisodePublisher, EpisodeStore
+from foresight.schemas.base import StrictModel, canonical_json
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, FrameStorage, LanguageSegment, SourceKind
+from foresight.schemas import refs
+from foresight.storage import lineage
+from foresight.storage.episodes import EpisodePublisher, EpisodeStore
 
 log = logging.getLogger(__name__)
 

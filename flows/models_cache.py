@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from schemas.base import canonical_json
+from foresight.schemas.base import canonical_json
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
-from flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_rows, prefect_tasks, run_build
-from flows.configs import Pi0TargetsConfig
-from flows.models_cache import cached_model
-from flows.runtime import RunnerChoice
-from pipelines import pi0
-from schemas.dataset import DatasetInfo
-from schemas.plan import ClipRow
-from schemas.target import ArraySpec, TargetRecipe
-from storage import layout
-from storage.episodes import EpisodeStore
+from foresight.flows.build import BuildSummary, TargetOutput, TargetStage, build, plan_rows, prefect_tasks, run_build
+from foresight.flows.configs import Pi0TargetsConfig
+from foresight.flows.models_cache import cached_model
+from foresight.flows.runtime import RunnerChoice
+from foresight.pipelines import pi0
+from foresight.schemas.dataset import DatasetInfo
+from foresight.schemas.plan import ClipRow
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage import layout
+from foresight.storage.episodes import EpisodeStore
 
 log = logging.getLogger(__name__)
 

@@ -36,22 +36,22 @@ from typing import Annotated, Any, Literal
 from prefect import flow
 from pydantic import Field, create_model, model_validator
 
-from flows.build import BuildSummary
-from flows.export import ExportConfig, export_flow
-from flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow
-from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
-from flows.ingest_sources import ingest_calvin_flow, ingest_lerobot_flow, ingest_teleop_flow
-from flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
-from flows.runtime import RunnerChoice, stage_runners
-from flows.teachers import TeachersConfig, teachers_flow
-from pipelines.ingest.calvin import CalvinOptions
-from pipelines.ingest.lerobot import LeRobotOptions
-from pipelines.ingest.teleop import TeleopOptions
-from schemas.base import StrictModel, validate
-from schemas import refs
-from storage import lineage
-from storage.fs import default_root, open_root
-from storage.layout import check_id
+from foresight.flows.build import BuildSummary
+from foresight.flows.export import ExportConfig, export_flow
+from foresight.flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow
+from foresight.flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
+from foresight.flows.ingest_sources import ingest_calvin_flow, ingest_lerobot_flow, ingest_teleop_flow
+from foresight.flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
+from foresight.flows.runtime import RunnerChoice, stage_runners
+from foresight.flows.teachers import TeachersConfig, teachers_flow
+from foresight.pipelines.ingest.calvin import CalvinOptions
+from foresight.pipelines.ingest.lerobot import LeRobotOptions
+from foresight.pipelines.ingest.teleop import TeleopOptions
+from foresight.schemas.base import StrictModel, validate
+from foresight.schemas import refs
+from foresight.storage import lineage
+from foresight.storage.fs import default_root, open_root
+from foresight.storage.layout import check_id
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def run_pipeline(config: PipelineConfig, root: str | None = None,
                  runner: RunnerChoice | None = None) -> PipelineSummary:
     """Run a pipeline from this process (what ``foresight run`` does); ``root`` and ``runner``
     override the config's."""
-    from flows.runtime import check_workers_see_root, run_flow, shared_api
+    from foresight.flows.runtime import check_workers_see_root, run_flow, shared_api
 
     if runner is not None:
         config = config.model_copy(update={"runner": runner})

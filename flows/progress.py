@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from flows.runtime import progress_disabled
+from foresight.flows.runtime import progress_disabled
 
 log = logging.getLogger(__name__)
 

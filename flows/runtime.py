@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from schemas.base import StrictModel
-from storage import layout
-from storage.fs import Root, open_root
+from foresight.schemas.base import StrictModel
+from foresight.storage import layout
+from foresight.storage.fs import Root, open_root
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,11 @@ def local_dask_cluster(n_workers: int, gpus: int | None = None, host: str = "127
 def make_task_runner(choice: RunnerChoice):
     """The Prefect task runner for ``choice``."""
     if choice.dask_address is not None:
-        from flows.dask_runner import GPUAwareDaskTaskRunner
+        from foresight.flows.dask_runner import GPUAwareDaskTaskRunner
 
         return GPUAwareDaskTaskRunner(address=choice.dask_address)
     if choice.dask_local is not None:
-        from flows.dask_runner import GPUAwareDaskTaskRunner
+        from foresight.flows.dask_runner import GPUAwareDaskTaskRunner
 
         return GPUAwareDaskTaskRunner(cluster_class=local_dask_cluster,
                                       cluster_kwargs={"n_workers": choice.dask_local})

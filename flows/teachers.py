@@ -15,15 +15,15 @@ from typing import Any
 
 from prefect import flow
 
-from flows.build import BuildSummary, ShardsResult, TargetOutput, TargetStage, build, prefect_tasks
-from flows.configs import TeachersConfig
-from flows.models_cache import cached_model
-from flows.teachers_engine import encode_shards, start_fork_server, teacher_arrays, teacher_recipe
-from flows.teachers_io import ObservedFrames, open_video
-from pipelines.teachers import Teacher, load_teacher
-from schemas.target import ArraySpec, TargetRecipe
-from storage import layout
-from storage.claims import ClaimSet
+from foresight.flows.build import BuildSummary, ShardsResult, TargetOutput, TargetStage, build, prefect_tasks
+from foresight.flows.configs import TeachersConfig
+from foresight.flows.models_cache import cached_model
+from foresight.flows.teachers_engine import encode_shards, start_fork_server, teacher_arrays, teacher_recipe
+from foresight.flows.teachers_io import ObservedFrames, open_video
+from foresight.pipelines.teachers import Teacher, load_teacher
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage import layout
+from foresight.storage.claims import ClaimSet
 
 log = logging.getLogger(__name__)
 

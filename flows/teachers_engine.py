@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipelines.teachers import OUTPUT_DTYPE, Teacher
-from schemas.base import StrictModel
-from schemas.target import ArraySpec, TargetRecipe
-from flows.teachers_io import ObservedFrames
-from storage.claims import ClaimSet
-from storage.targets import TargetReader, TargetWriter
+from foresight.pipelines.teachers import OUTPUT_DTYPE, Teacher
+from foresight.schemas.base import StrictModel
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.flows.teachers_io import ObservedFrames
+from foresight.storage.claims import ClaimSet
+from foresight.storage.targets import TargetReader, TargetWriter
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class ProcessIO:
 
     def __init__(self, video: TargetReader, writer: TargetWriter, batch: int, out_shapes: dict[str, tuple[int, ...]],
                  readers: int, writers: int, device: torch.device):
-        from flows import teachers_io
+        from foresight.flows import teachers_io
 
         self.device, self.pin = device, device.type == "cuda"
         frames = tuple(video.manifest.array_spec("frames").shape[1:])
@@ -415,10 +415,10 @@ class ProcessIO:
         per submitted job otherwise, the writers in the middle of the run)."""
         import multiprocessing
 
-        from flows import teachers_io
+        from foresight.flows import teachers_io
 
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["flows.teachers_io"])
+        context.set_forkserver_preload(["foresight.flows.teachers_io"])
         root_url = writer.root.url
         read_pool = ProcessPoolExecutor(readers, mp_context=context, initializer=teachers_io.init_reader,
                                         initargs=(root_url, video.version_id, self.in_blocks.describe()))
@@ -430,7 +430,7 @@ class ProcessIO:
         return read_pool, write_pool
 
     def load(self, shard: int, clips: range, claim: Any) -> InputBatch:
-        from flows import teachers_io
+        from foresight.flows import teachers_io
 
         block = self.free_in.get()
         try:
@@ -445,7 +445,7 @@ class ProcessIO:
 
     def store(self, shard: int, clips: int, buffer: ShardBuffer) -> None:
         """Have a writer process store the shard from the block its outputs were copied into."""
-        from flows import teachers_io
+        from foresight.flows import teachers_io
 
         self.write_pool.submit(teachers_io.write_shard_job, buffer.block, shard, clips).result()
 
@@ -474,7 +474,7 @@ def start_fork_server() -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["flows.teachers_io"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["foresight.flows.teachers_io"])
     forkserver.ensure_running()
 
 

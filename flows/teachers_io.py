@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.targets import TargetReader, TargetStore
+from foresight.storage.targets import TargetReader, TargetStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ObservedFrames:
         if plan_id is None:
             raise ValueError(f"video version '{video.version_id}': no '{OBSERVED_ARRAY}' array and no "
                              "'plan' input, so the observed frames cannot be found")
-        from storage.plans import PlanStore  # pyarrow only when the plan is needed
+        from foresight.storage.plans import PlanStore  # pyarrow only when the plan is needed
 
         self.rows = PlanStore(root_url).rows(plan_id)
         if len(self.rows) != video.manifest.num_clips:
@@ -71,7 +71,7 @@ class ObservedFrames:
         if self.rows is None:
             data = self.video.read(OBSERVED_ARRAY, slice(clips.start, clips.stop))
             return data[:, 0] if data.ndim == 5 else data
-        from storage.episodes import read_start_frames
+        from foresight.storage.episodes import read_start_frames
 
         frames = read_start_frames(self.root_url, [self.rows[index] for index in clips], self.episodes)
         if len({f.shape for f in frames}) > 1:

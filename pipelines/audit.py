@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 COSINE_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 """Quantiles of the per-clip cosine similarity that a drift report lists (0 = min, 1 = max)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.devices import resolve_device, resolve_dtype
+from foresight.schemas.devices import resolve_device, resolve_dtype
 
 
 def cuda_available() -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from schemas.model import ModelIdentity
+from foresight.schemas.model import ModelIdentity
 
 SPEC = "null"
 PATTERN_PERIOD = 251
@@ -53,7 +53,7 @@ def text_salt(texts: list[str]) -> np.ndarray:
 # ---------------------------------------------------------------- text (CLIP)
 def null_text_model(device: str | torch.device = "cpu"):
     """A :class:`pipelines.text.TextModel` whose ``embed_texts`` is a pattern of the tiny width."""
-    from pipelines.text import FAMILY, TINY_TEXT_CONFIG, TextModel
+    from foresight.pipelines.text import FAMILY, TINY_TEXT_CONFIG, TextModel
 
     @dataclass
     class NullTextModel(TextModel):
@@ -76,7 +76,7 @@ def null_text_states(texts: list[str], max_length: int, width: int) -> np.ndarra
 def null_svd(desc: Any, device: str | torch.device, dtype: torch.dtype, precision: str):
     """An :class:`pipelines.svd.loading.SVDModel` without UNet or VAE (``generate_clips`` dispatches
     on the identity before touching them); it keeps the tiny configs the feature shape comes from."""
-    from pipelines.svd.loading import SVDModel
+    from foresight.pipelines.svd.loading import SVDModel
 
     @dataclass
     class NullSVD(SVDModel):
@@ -91,7 +91,7 @@ def null_svd(desc: Any, device: str | torch.device, dtype: torch.dtype, precisio
 def null_generated(model: Any, params: Any, seeds_B: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """frames (B, T, S, S, 3) uint8 and one-step features (B, T, h, w, C) float16 (None without
     ``params.onestep``) of B clips of a :func:`null_svd` model, shifted by each clip's seed."""
-    from pipelines.svd.features import feature_shape
+    from foresight.pipelines.svd.features import feature_shape
 
     size, frames = params.size, params.num_frames
     video = pattern(seeds_B, (frames, size, size, 3), np.uint8)
@@ -105,15 +105,15 @@ def null_generated(model: Any, params: Any, seeds_B: np.ndarray) -> tuple[np.nda
 def null_teacher_layout(name: str, settings: Any) -> tuple[int, int, dict[str, Any]]:
     """(patch, channels, architecture) of teacher ``name``'s tiny configuration under ``settings``."""
     if name == "dinov2":
-        from pipelines.teachers.dinov2 import TINY
+        from foresight.pipelines.teachers.dinov2 import TINY
 
         return TINY["patch_size"], TINY["hidden_size"], dict(TINY)
     if name == "da3":
-        from pipelines.teachers.da3 import PRESETS
+        from foresight.pipelines.teachers.da3 import PRESETS
 
         arch = PRESETS["tiny"]
         return arch.patch_size, arch.embed_dim * (2 if settings.cat_token else 1), arch.model_dump(mode="json")
-    from pipelines.teachers.hf import TINY_SIGLIP
+    from foresight.pipelines.teachers.hf import TINY_SIGLIP
 
     return TINY_SIGLIP["patch_size"], TINY_SIGLIP["hidden_size"], {"model_type": "siglip_vision_model", **TINY_SIGLIP}
 
@@ -121,8 +121,8 @@ def null_teacher_layout(name: str, settings: Any) -> tuple[int, int, dict[str, A
 def null_teacher(name: str, settings: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A :class:`pipelines.teachers.base.Teacher` of family ``name`` that skips preprocessing and
     the forward: tokens (B, T, h, w, C) are a pattern shifted by each clip's first pixel."""
-    from pipelines.teachers.base import OUTPUT_DTYPE, Teacher
-    from pipelines.teachers.preprocess import PreprocessSettings
+    from foresight.pipelines.teachers.base import OUTPUT_DTYPE, Teacher
+    from foresight.pipelines.teachers.preprocess import PreprocessSettings
 
     patch, channels, arch = null_teacher_layout(name, settings)
     preprocess = getattr(settings, "preprocess", None) or PreprocessSettings()
@@ -159,7 +159,7 @@ class NullPi0:
 
 def null_pi0(tiny_layers: int, family: str):
     """A :class:`pipelines.pi0.LoadedPi0` over a :class:`NullPi0` with the tiny config of ``family``."""
-    from pipelines import pi0
+    from foresight.pipelines import pi0
 
     config = pi0.tiny_config(tiny_layers, family=family)
     architecture = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}

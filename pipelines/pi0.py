@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity, ModelSpec
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def load_pi0(spec: str, device: str = "cpu", dtype: str = "float32", tiny_layers
     parsed = ModelSpec.parse(spec)
     torch_dtype = _torch_dtype(dtype)
     if parsed.source == "null":
-        from pipelines.null_models import null_pi0
+        from foresight.pipelines.null_models import null_pi0
 
         return null_pi0(tiny_layers, family)
     if parsed.source in ("hf", "dir"):
@@ -181,7 +181,7 @@ def randomize_adaptive_norms(model: Any) -> None:
 def _load_checkpoint(spec: str, parsed: ModelSpec, device: str, torch_dtype: torch.dtype) -> LoadedPi0:
     import json
 
-    from storage.fs import sha256_local_files
+    from foresight.storage.fs import sha256_local_files
 
     folder = _checkpoint_folder(parsed)
     if not (folder / "config.json").is_file():
@@ -619,7 +619,7 @@ def compute_targets(model: Any, samples: dict[str, np.ndarray], sample_ids: list
 def null_targets(model: Any, samples: dict[str, np.ndarray], t_BK: np.ndarray, seeds_BK: np.ndarray,
                  params: Pi0TargetParams) -> dict[str, np.ndarray]:
     """What :func:`compute_targets` stores, from the null model (pipelines/null_models.py)."""
-    from pipelines.null_models import null_pi0_outputs
+    from foresight.pipelines.null_models import null_pi0_outputs
 
     prefix_len = prefix_length(model.config, len(params.cameras), params.max_text_tokens)
     velocity, attn = null_pi0_outputs(seeds_BK, params.chunk_size, params.max_dim, params.attn_layers, prefix_len,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R 601 luma weights, as torchvision's rgb_to_grayscale."""

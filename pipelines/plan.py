@@ -14,10 +14,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from schemas.base import StrictModel
-from schemas.dataset import EpisodeRecord, LanguageSegment
-from schemas.plan import ClipRow
-from schemas.target import content_id
+from foresight.schemas.base import StrictModel
+from foresight.schemas.dataset import EpisodeRecord, LanguageSegment
+from foresight.schemas.plan import ClipRow
+from foresight.schemas.target import content_id
 
 PLAN_STAGE_VERSION = 1
 """Bumped by hand when the clip selection algorithm changes (it is part of the plan id)."""

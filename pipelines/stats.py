@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.dataset import ColumnStats
+from foresight.schemas.dataset import ColumnStats
 
 QUANTILE_GRID = np.unique(np.round(np.concatenate(
     [np.linspace(0.0, 1.0, 101), np.linspace(0.0, 0.02, 21), np.linspace(0.98, 1.0, 21)]), 12))

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pipelines.svd.loading import real_identity, resolve_folder
-from schemas.model import ModelIdentity, ModelSpec
-from schemas.svd import MAX_LENGTH  # the CLIP token count, kept where the configs read it
+from foresight.pipelines.svd.loading import real_identity, resolve_folder
+from foresight.schemas.model import ModelIdentity, ModelSpec
+from foresight.schemas.svd import MAX_LENGTH  # the CLIP token count, kept where the configs read it
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load_text_model(spec: str | ModelSpec, device: str | torch.device = "cpu", s
     """Load the CLIP text encoder named by ``spec`` (float32, eval mode) onto ``device``."""
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     if spec.source == "null":
-        from pipelines.null_models import null_text_model
+        from foresight.pipelines.null_models import null_text_model
 
         return null_text_model(device)
     if spec.source in ("random", "tiny"):
@@ -137,7 +137,7 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], max_length: int = MAX_L
 def embed_texts(model: TextModel, texts: list[str], max_length: int = MAX_LENGTH, batch: int = 64) -> np.ndarray:
     """``last_hidden_state`` of each text, padded/truncated to ``max_length`` tokens: (N, L, D) float32."""
     if model.identity.is_null:
-        from pipelines.null_models import null_text_states
+        from foresight.pipelines.null_models import null_text_states
 
         return null_text_states(texts, max_length, model.width)
     out = []

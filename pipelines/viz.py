@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
-from pipelines.audit import spread_indices
-from schemas.base import StrictModel
+from foresight.pipelines.audit import spread_indices
+from foresight.schemas.base import StrictModel
 
 if TYPE_CHECKING:  # only the type: pipelines never read stores
-    from storage.audit import ClipMaterial
+    from foresight.storage.audit import ClipMaterial
 
 BACKGROUND = (24, 24, 24)
 TEXT = (230, 230, 230)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from schemas.base import FORMAT_VERSION, StrictModel
+from foresight.schemas.base import FORMAT_VERSION, StrictModel
 
 SourceKind = Literal["metaworld", "calvin", "teleop", "lerobot", "synthetic"]
 

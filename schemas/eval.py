@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import FORMAT_VERSION, StrictModel, canonical_json
+from foresight.schemas.base import FORMAT_VERSION, StrictModel, canonical_json
 
 EVAL_STAGE_VERSION = 1
 """Bumped by hand when the rollout loop changes what an episode does (enters the eval id)."""

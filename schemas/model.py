@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 ModelSource = Literal["hf", "dir", "random", "tiny", "null"]
 GENERATED_SOURCES = ("random", "tiny", "null")

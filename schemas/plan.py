@@ -9,7 +9,7 @@ from typing import Any, overload
 import pyarrow as pa
 from pydantic import Field
 
-from schemas.base import FORMAT_VERSION, StrictModel
+from foresight.schemas.base import FORMAT_VERSION, StrictModel
 
 
 class ClipRow(StrictModel):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, ConfigDict, PlainSerializer
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 TargetKind = Literal["video", "teacher", "text", "pi0"]
 RefKind = Literal["dataset", "plan", "version", "export", "run", "eval", "source", "value"]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 MAX_LENGTH = 20
 """CLIP tokens per instruction (padded/truncated): the text states that condition the SVD UNet."""

@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import FORMAT_VERSION, StrictModel, canonical_json
-from schemas.model import ModelIdentity
-from schemas.refs import RecipeInputs, Ref, TargetKind
+from foresight.schemas.base import FORMAT_VERSION, StrictModel, canonical_json
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.refs import RecipeInputs, Ref, TargetKind
 
 TargetStatus = Literal["building", "complete"]
 

@@ -14,17 +14,17 @@ import numpy as np
 import zarr
 from pydantic import Field
 
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity
-from schemas.plan import ClipRow
-from schemas.refs import Ref
-from schemas.target import ArraySpec, TargetVersion
-from storage import layout, lineage
-from storage.episodes import EpisodeStore
-from storage.fs import Root, open_root
-from storage.graph import VersionGraph
-from storage.plans import PlanStore
-from storage.targets import TargetReader, TargetStore
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.plan import ClipRow
+from foresight.schemas.refs import Ref
+from foresight.schemas.target import ArraySpec, TargetVersion
+from foresight.storage import layout, lineage
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.fs import Root, open_root
+from foresight.storage.graph import VersionGraph
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetReader, TargetStore
 
 # summaries ------------------------------------------------------------------------------------
 class VersionSummary(StrictModel):

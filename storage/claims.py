@@ -35,11 +35,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import StrictModel
-from schemas.refs import Ref
-from storage import layout
-from storage.fs import DiskFullError, Root, free_bytes, open_root, temp_name
-from storage.process import machine_id, process_alive, process_start
+from foresight.schemas.base import StrictModel
+from foresight.schemas.refs import Ref
+from foresight.storage import layout
+from foresight.storage.fs import DiskFullError, Root, free_bytes, open_root, temp_name
+from foresight.storage.process import machine_id, process_alive, process_start
 
 log = logging.getLogger(__name__)
 

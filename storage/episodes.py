@@ -21,8 +21,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
-from schemas.base import validate_stored
-from schemas.dataset import (
+from foresight.schemas.base import validate_stored
+from foresight.schemas.dataset import (
     SEGMENTS_SCHEMA,
     ColumnStats,
     DatasetInfo,
@@ -32,8 +32,8 @@ from schemas.dataset import (
     LanguageSegment,
     lowdim_schema,
 )
-from storage import frame_codecs, layout
-from storage.fs import DiskFullError, Root, free_bytes, open_root, parquet_bytes, read_parquet
+from foresight.storage import frame_codecs, layout
+from foresight.storage.fs import DiskFullError, Root, free_bytes, open_root, parquet_bytes, read_parquet
 
 log = logging.getLogger(__name__)
 ZARR_JSON = "zarr.json"

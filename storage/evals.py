@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from schemas.base import validate, validate_stored
-from schemas.eval import EpisodeResult, EvalKey, EvalRecord
-from storage import layout
-from storage.fs import Root, open_root
-from storage.provenance import git_commit, host, now_iso, package_versions
+from foresight.schemas.base import validate, validate_stored
+from foresight.schemas.eval import EpisodeResult, EvalKey, EvalRecord
+from foresight.storage import layout
+from foresight.storage.fs import Root, open_root
+from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 
 
 class EvalStore:

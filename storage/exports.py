@@ -31,22 +31,22 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BeforeValidator, Field, PlainSerializer
 
-from pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
-from schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
-from schemas.dataset import ColumnStats
-from schemas.plan import ClipRows
-from schemas.refs import is_version_id
-from schemas.target import TargetVersion, content_id
-from storage import layout
-from storage.episodes import EpisodeStore
-from storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
+from foresight.pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
+from foresight.schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
+from foresight.schemas.dataset import ColumnStats
+from foresight.schemas.plan import ClipRows
+from foresight.schemas.refs import is_version_id
+from foresight.schemas.target import TargetVersion, content_id
+from foresight.storage import layout
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
                         remove_temporaries, temp_name)
-from storage.graph import VersionGraph
-from storage.lookahead import prepared_lazily
-from storage.mapped import allow_files, map_file
-from storage.plans import PlanStore
-from storage.targets import TargetReader, TargetStore, verify_by_default
-from storage.provenance import git_commit, host, now_iso, package_versions
+from foresight.storage.graph import VersionGraph
+from foresight.storage.lookahead import prepared_lazily
+from foresight.storage.mapped import allow_files, map_file
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetReader, TargetStore, verify_by_default
+from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 
 log = logging.getLogger(__name__)
 EXPORT_STAGE_VERSION = 2

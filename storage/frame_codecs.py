@@ -32,7 +32,7 @@ from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 from zarr.registry import register_codec
 
-from schemas.dataset import FrameStorage
+from foresight.schemas.dataset import FrameStorage
 
 # PyAV and OpenCV are imported where they are used: a store of raw frames, and every stage that
 # only reads one (the GPU stages among them), needs neither.

@@ -21,8 +21,8 @@ import fsspec
 import xxhash
 import zarr
 
-from schemas.base import canonical_json
-from storage.process import machine_tag, process_alive, process_start
+from foresight.schemas.base import canonical_json
+from foresight.storage.process import machine_tag, process_alive, process_start
 
 ROOT_ENV = "FORESIGHT_ROOT"
 DEFAULT_ROOT = "./foresight-data"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from schemas.refs import Ref, is_version_id
-from schemas.target import TargetVersion
-from storage.targets import TargetStore
+from foresight.schemas.refs import Ref, is_version_id
+from foresight.schemas.target import TargetVersion
+from foresight.storage.targets import TargetStore
 
 
 class VersionGraph:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from schemas.refs import Ref
+from foresight.schemas.refs import Ref
 
 COMPLETE_MARKER = "_COMPLETE"
 DATASET_INFO = "dataset.json"

@@ -39,9 +39,9 @@ from openlineage.client.serde import Serde
 from openlineage.client.transport.file import FileConfig, FileHandler, FileTransport
 from openlineage.client.transport.http import HttpConfig, HttpTransport
 
-from schemas.refs import Ref
-from storage import layout
-from storage.fs import TMP_PREFIX, Root, open_root, parse_json, read_many
+from foresight.schemas.refs import Ref
+from foresight.storage import layout
+from foresight.storage.fs import TMP_PREFIX, Root, open_root, parse_json, read_many
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.base import validate_stored
-from schemas.plan import CLIPS_SCHEMA, ClipRow, ClipRows, PlanInfo
-from storage import layout
-from storage.fs import Root, open_root, parquet_bytes, read_parquet, sha256_bytes
+from foresight.schemas.base import validate_stored
+from foresight.schemas.plan import CLIPS_SCHEMA, ClipRow, ClipRows, PlanInfo
+from foresight.storage import layout
+from foresight.storage.fs import Root, open_root, parquet_bytes, read_parquet, sha256_bytes
 
 
 class PlanStore:

@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from foresight import DISTRIBUTION
+
 PACKAGES = ("foresight", "torch", "diffusers", "transformers", "zarr", "numpy", "prefect", "webdataset")
 
 
@@ -19,7 +21,8 @@ def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
         try:
-            versions[name] = metadata.version(name)
+            # foresight's own version under its import name, whatever the index calls the distribution
+            versions[name] = metadata.version(DISTRIBUTION if name == "foresight" else name)
         except metadata.PackageNotFoundError:
             continue
     return versions

@@ -22,12 +22,12 @@ from typing import Any
 
 from pydantic import Field
 
-from schemas.base import StrictModel
-from schemas.refs import is_version_id, version as version_ref
-from storage import layout, lineage
-from storage.fs import Root, open_root
-from storage.graph import VersionGraph
-from storage.targets import TargetStore
+from foresight.schemas.base import StrictModel
+from foresight.schemas.refs import is_version_id, version as version_ref
+from foresight.storage import layout, lineage
+from foresight.storage.fs import Root, open_root
+from foresight.storage.graph import VersionGraph
+from foresight.storage.targets import TargetStore
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import safetensors.torch
 import torch
 from pydantic import Field
 
-from schemas.base import StrictModel, validate
-from storage import layout
-from storage.fs import Root
+from foresight.schemas.base import StrictModel, validate
+from foresight.storage import layout
+from foresight.storage.fs import Root
 
 
 class CheckpointInfo(StrictModel):
@@ -66,7 +66,7 @@ class RunSpec:
 
 def default_run_id(kind: str, identity: dict[str, Any]) -> str:
     """``<kind>-<12 hex>`` of what defines a run (not its length): rerunning the same command resumes it."""
-    from schemas.target import content_id
+    from foresight.schemas.target import content_id
 
     return content_id(kind, identity)
 

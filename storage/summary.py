@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage import layout
-from storage.episodes import EpisodeStore
-from storage.fs import Root
-from storage.plans import PlanStore
-from storage.targets import TargetStore
+from foresight.storage import layout
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.fs import Root
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore
 
 
 def dataset_summary(root: Root, name: str) -> dict[str, Any]:

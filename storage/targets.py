@@ -11,14 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
-from schemas.base import validate_stored
-from schemas.refs import Ref
-from schemas.target import ArraySpec, TargetRecipe, TargetVersion
-from storage import layout
-from storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse_json, read_many, remove_dead_temporaries_under,
+from foresight.schemas.base import validate_stored
+from foresight.schemas.refs import Ref
+from foresight.schemas.target import ArraySpec, TargetRecipe, TargetVersion
+from foresight.storage import layout
+from foresight.storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse_json, read_many, remove_dead_temporaries_under,
                         remove_temporaries)
-from storage.provenance import git_commit, host, now_iso, package_versions
-from storage.zarr_shards import ShardCodec, shard_codec
+from foresight.storage.provenance import git_commit, host, now_iso, package_versions
+from foresight.storage.zarr_shards import ShardCodec, shard_codec
 
 log = logging.getLogger(__name__)
 ZSTD = zarr.codecs.ZstdCodec(level=3)
@@ -169,7 +169,7 @@ class _VersionHandle:
         return self._arrays[name]
 
     def _codec(self, name: str) -> ShardCodec | None:
-        """storage.zarr_shards' encoder/decoder of the array's shards (None: zarr does the work)."""
+        """foresight.storage.zarr_shards' encoder/decoder of the array's shards (None: zarr does the work)."""
         if name not in self._codecs:
             self._codecs[name] = shard_codec(self.array(name))
         return self._codecs[name]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.model import ModelIdentity
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe, content_id
-from storage.episodes import EpisodeStore
-from storage.plans import PlanStore
-from storage.targets import TargetStore
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.schemas.target import ArraySpec, TargetRecipe, content_id
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore
 
 FEATURES = {"action": FeatureSpec(dtype="float32", shape=[4]), "state": FeatureSpec(dtype="float32", shape=[6])}
 

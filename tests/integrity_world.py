@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import trainers_world as tw
-from flows.build import build as build_stage, in_process
-from flows.export import EXPORT, ExportConfig
-from storage.exports import ExportStore, ShardTarWriter
-from storage.fs import Root
-from storage.targets import TargetStore, shard_object
+from foresight.flows.build import build as build_stage, in_process
+from foresight.flows.export import EXPORT, ExportConfig
+from foresight.storage.exports import ExportStore, ShardTarWriter
+from foresight.storage.fs import Root
+from foresight.storage.targets import TargetStore, shard_object
 
 NUM_CLIPS = 16
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.cli.targets import version_diff
-from storage import lineage
-from storage.fs import Root
-from storage.targets import TargetStore, shard_object
+from foresight.flows.cli import app
+from foresight.flows.cli.targets import version_diff
+from foresight.storage import lineage
+from foresight.storage.fs import Root
+from foresight.storage.targets import TargetStore, shard_object
 from test_audit_store import build_world, flip_byte, make_teacher, make_version, make_video, teacher_arrays, write_export
 
 runner = CliRunner()

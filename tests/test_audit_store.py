@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.audit import DriftAccumulator, array_stats, flatten, record_diff, sample_clip_indices, spread_indices
-from schemas.dataset import DatasetInfo, EpisodeRecord
-from schemas.model import ModelIdentity
-from schemas.plan import ClipRow, PlanInfo
-from schemas import refs
-from schemas.target import ArraySpec, TargetRecipe, content_id
-from storage import audit, references
-from storage.episodes import EpisodeStore
-from storage.fs import Root
-from storage.graph import VersionGraph
-from storage.plans import PlanStore
-from storage.targets import TargetStore, shard_object
+from foresight.pipelines.audit import DriftAccumulator, array_stats, flatten, record_diff, sample_clip_indices, spread_indices
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.schemas import refs
+from foresight.schemas.target import ArraySpec, TargetRecipe, content_id
+from foresight.storage import audit, references
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.fs import Root
+from foresight.storage.graph import VersionGraph
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore, shard_object
 
 N_CLIPS, T, SHARD = 6, 4, 4
 FRAME_HW, GRID, VIDEO_C, TEACHER_C = (16, 16), (4, 4), 8, 6
@@ -201,7 +201,7 @@ def test_lineage_tree_reaches_the_dataset(world):
 def test_lineage_notices_changed_dataset_and_events(world):
     root = Root(world["root"])
     add_episode(EpisodeStore(root, "demo"), "ep9", 6, np.random.default_rng(3))
-    from storage.lineage import emit
+    from foresight.storage.lineage import emit
 
     emit(root, "teachers.dinov2", "run-1", inputs=[refs.version(world["video"])],
          outputs=[refs.version(world["teacher"])], facets={"x": 1})

@@ -7,7 +7,7 @@ import threading
 
 from prefect import flow
 
-from flows.progress import BuildProgress
+from foresight.flows.progress import BuildProgress
 
 CLIPS_PER_SHARD = {0: 4, 1: 4, 2: 3}
 

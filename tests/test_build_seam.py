@@ -18,20 +18,20 @@ import pytest
 
 import integrity_world as iw
 import trainers_world as tw
-from flows import build as seam
-from flows.build import BuildSummary, TargetOutput, TargetStage, build, in_process, write_shards
-from flows.export import EXPORT
-from flows.generate import GENERATE, TEXT
-from flows.pi0 import PI0
-from flows.pipeline import STAGES
-from flows.teachers import TEACHERS
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity
-from schemas.target import ArraySpec, TargetRecipe
-from storage.claims import ClaimSet, current_claim
-from storage.exports import ExportStore
-from storage.fs import Root
-from storage.targets import TargetStore
+from foresight.flows import build as seam
+from foresight.flows.build import BuildSummary, TargetOutput, TargetStage, build, in_process, write_shards
+from foresight.flows.export import EXPORT
+from foresight.flows.generate import GENERATE, TEXT
+from foresight.flows.pi0 import PI0
+from foresight.flows.pipeline import STAGES
+from foresight.flows.teachers import TEACHERS
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage.claims import ClaimSet, current_claim
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import Root
+from foresight.storage.targets import TargetStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_every_sharded_stage_of_the_chain_is_a_build_stage():
 
 # ---------------------------------------------------------------- two `foresight export` at once
 def cli_export(args: list[str]) -> None:
-    from flows.cli import app
+    from foresight.flows.cli import app
 
     app(args, standalone_mode=False)
 
@@ -199,9 +199,9 @@ def test_pipeline_with_pi0_builds_the_ids_the_cli_builds(tmp_path, prefect_env):
     from typer.testing import CliRunner
 
     from factories import make_dataset, write_episode
-    from flows.cli import app
-    from flows.pipeline import load_pipeline, run_pipeline
-    from storage.targets import TargetStore
+    from foresight.flows.cli import app
+    from foresight.flows.pipeline import load_pipeline, run_pipeline
+    from foresight.storage.targets import TargetStore
     from test_pinned_ids import PINNED
 
     roots = {way: str(tmp_path / way) for way in ("root", "cli")}

@@ -12,19 +12,19 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import pipelines.devices
-from flows.cli import app
-from flows.cli.options import CHOICES, CONFIG_FIELD, field_default, literal_choices, shown_default
-from flows.export import ExportConfig
-from flows.generate import GenerateConfig, PlanConfig, TextConfig, video_params
-from flows.pi0 import Pi0TargetsConfig
-from flows.pipeline import PipelineConfig, pipeline_flow
-from flows.runtime import RunnerChoice, run_flow
-from flows.teachers import TeachersConfig
+import foresight.pipelines.devices
+from foresight.flows.cli import app
+from foresight.flows.cli.options import CHOICES, CONFIG_FIELD, field_default, literal_choices, shown_default
+from foresight.flows.export import ExportConfig
+from foresight.flows.generate import GenerateConfig, PlanConfig, TextConfig, video_params
+from foresight.flows.pi0 import Pi0TargetsConfig
+from foresight.flows.pipeline import PipelineConfig, pipeline_flow
+from foresight.flows.runtime import RunnerChoice, run_flow
+from foresight.flows.teachers import TeachersConfig
 
-from storage.exports import ExportStore
-from storage.fs import open_root
-from storage.targets import TargetStore
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import open_root
+from foresight.storage.targets import TargetStore
 from factories import make_dataset, write_episode
 
 STAGE_COMMANDS = ("plan", "text", "generate", "teachers", "pi0-targets", "export")
@@ -89,11 +89,11 @@ def capture_configs(monkeypatch) -> None:
     def stop(*args, config=None, **kwargs):
         raise Captured(config if config is not None else args[1])
 
-    monkeypatch.setattr("flows.runtime.run_flow", stop)
-    monkeypatch.setattr("flows.export.run_export", lambda root, config, runner=None: stop(config=config))
-    monkeypatch.setattr("flows.pi0.run_pi0_targets", lambda root, config, runner=None: stop(config=config))
-    monkeypatch.setattr("flows.generate.make_plan", lambda root, config: stop(config=config))
-    monkeypatch.setattr("flows.teachers_io.open_video", lambda root, video: None)
+    monkeypatch.setattr("foresight.flows.runtime.run_flow", stop)
+    monkeypatch.setattr("foresight.flows.export.run_export", lambda root, config, runner=None: stop(config=config))
+    monkeypatch.setattr("foresight.flows.pi0.run_pi0_targets", lambda root, config, runner=None: stop(config=config))
+    monkeypatch.setattr("foresight.flows.generate.make_plan", lambda root, config: stop(config=config))
+    monkeypatch.setattr("foresight.flows.teachers_io.open_video", lambda root, video: None)
 
 
 def cli_config(name: str, root: Path, *extra: str):
@@ -115,7 +115,7 @@ def test_a_value_outside_the_fields_choices_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_auto_resolves_the_same_from_the_cli_the_config_and_the_pipeline_file(monkeypatch, tmp_path, cuda):
-    monkeypatch.setattr(pipelines.devices, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(foresight.pipelines.devices, "cuda_available", lambda: cuda)
     capture_configs(monkeypatch)
     device = "cuda" if cuda else "cpu"
     expected = {"text": (device, None), "generate": (device, "fp16" if cuda else "fp32"),
@@ -136,7 +136,7 @@ def test_auto_resolves_the_same_from_the_cli_the_config_and_the_pipeline_file(mo
 
 
 def test_an_explicit_device_or_dtype_is_kept(monkeypatch):
-    monkeypatch.setattr(pipelines.devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(foresight.pipelines.devices, "cuda_available", lambda: True)
     config = GenerateConfig(plan="p", text="t", model="tiny", device="cpu")
     assert (config.device, config.dtype) == ("cpu", "fp32")
     config = GenerateConfig(plan="p", text="t", model="tiny", device="cuda:1", dtype="bf16")

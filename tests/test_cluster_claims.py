@@ -15,12 +15,12 @@ import typer
 from typer.testing import CliRunner
 
 from cluster_servers import child_env
-from flows.cli.runner import runner_options
-from flows.models_cache import ModelCache, model_key
-from flows.runtime import RunnerChoice
-from storage.claims import (ClaimRecord, ClaimSet, ShardClaim, active_claims, claimer_alive, create_exclusive,
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.models_cache import ModelCache, model_key
+from foresight.flows.runtime import RunnerChoice
+from foresight.storage.claims import (ClaimRecord, ClaimSet, ShardClaim, active_claims, claimer_alive, create_exclusive,
                             current_claim, machine_id, wait_for_shards)
-from storage.fs import Root
+from foresight.storage.fs import Root
 
 VERSION = "text-0123456789ab"
 
@@ -205,8 +205,8 @@ def test_runner_options_parse_and_validate():
 
 
 def test_gpu_tasks_are_recognised_by_their_device_parameters():
-    from flows.dask_runner import wants_gpu
-    from flows.generate import TextConfig
+    from foresight.flows.dask_runner import wants_gpu
+    from foresight.flows.generate import TextConfig
 
     assert wants_gpu({"device": "cuda:1", "shard": 3})
     assert wants_gpu({"root_url": "x", "config": TextConfig(plan="p", model="tiny", device="cuda")})

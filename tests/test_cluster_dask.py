@@ -17,10 +17,10 @@ import time
 import pytest
 
 from cluster_servers import TESTS, DaskCluster, child_env, shared_prefect_api
-from flows.runtime import RunnerChoice
-from storage import layout
-from storage.claims import current_claim
-from storage.fs import open_root
+from foresight.flows.runtime import RunnerChoice
+from foresight.storage import layout
+from foresight.storage.claims import current_claim
+from foresight.storage.fs import open_root
 from test_cluster_stage import build, held_generations, placement_flow, shard_checksums, synthetic_recipe, \
     written_shards
 
@@ -89,7 +89,7 @@ def test_worker_killed_mid_shard_task_retried_elsewhere(tmp_path, api, cluster):
     reader = open_root(root)
     assert reader.exists(layout.target_dir(version), layout.MANIFEST)
     assert shard_checksums(root, version) == shard_checksums(reference_root, version)
-    from storage.targets import TargetStore
+    from foresight.storage.targets import TargetStore
 
     assert TargetStore(root).open(version).verify() == []
     # The killed shard was taken over (two acquisitions) and written once, by the survivor.
@@ -100,7 +100,7 @@ def test_worker_killed_mid_shard_task_retried_elsewhere(tmp_path, api, cluster):
 
 
 def test_gpu_tasks_run_only_on_workers_declaring_a_gpu(tmp_path, api, cluster):
-    from flows.runtime import run_flow
+    from foresight.flows.runtime import run_flow
 
     gpu_cluster = DaskCluster(tmp_path / "gpu", n_workers=2, resources=[None, "GPU=1"])
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.generate import GenerateConfig, TextConfig
-from flows.pipeline import PipelineConfig, PipelineSummary, StageResult, format_summary, load_pipeline
-from flows.teachers import TeachersConfig
+from foresight.flows.generate import GenerateConfig, TextConfig
+from foresight.flows.pipeline import PipelineConfig, PipelineSummary, StageResult, format_summary, load_pipeline
+from foresight.flows.teachers import TeachersConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,6 +101,6 @@ def test_shipped_pipeline_configs_are_valid():
     deployments = [deployment for path in (REPO / "prefect.yaml", REPO / "docs" / "prefect-svam-calvin.yaml")
                    for deployment in yaml.safe_load(path.read_text())["deployments"]]
     for deployment in deployments:
-        assert deployment["entrypoint"] == "flows.pipeline.pipeline_flow"
+        assert deployment["entrypoint"] == "foresight.flows.pipeline.pipeline_flow"
         config = PipelineConfig.model_validate(deployment["parameters"]["config"])
         assert config.name == deployment["name"]

@@ -17,7 +17,7 @@ import pytest
 
 from cluster_servers import child_env, shared_prefect_api, wait_until
 from fixtures_sources import make_teleop_episode
-from storage.targets import TargetStore
+from foresight.storage.targets import TargetStore
 
 RUN_TIMEOUT_S = 400
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -92,7 +92,7 @@ def test_served_deployment_runs_when_triggered_through_the_api(tmp_path, api):
     try:
         wait_until(lambda: deployment(api, "served") is not None, "served deployment", timeout_s=240)
         found = deployment(api, "served")
-        assert found["entrypoint"] == "flows.pipeline.pipeline_flow"
+        assert found["entrypoint"] == "foresight.flows.pipeline.pipeline_flow"
         assert found["parameters"]["config"]["dataset"] == "toy"
         run = call(api, "POST", f"/deployments/{found['id']}/create_flow_run", {})
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -119,7 +119,7 @@ def test_deploy_registers_the_pipeline_on_a_process_pool(tmp_path, api):
     assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log_path.read_text(errors="replace")[-4000:]
     found = deployment(api, "nightly")
     assert found["work_pool_name"] == "foresight-test"
-    assert found["entrypoint"] == "flows.pipeline.pipeline_flow"
+    assert found["entrypoint"] == "foresight.flows.pipeline.pipeline_flow"
     assert found["parameters"]["root_url"] == "s3://bucket/prefix"
     assert found["parameters"]["config"]["text"] == {"model": "tiny"}  # the file's own keys, as written
     assert [s["schedule"]["cron"] for s in found["schedules"]] == ["0 2 * * *"]

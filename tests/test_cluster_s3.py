@@ -15,9 +15,9 @@ import pytest
 
 from cluster_servers import TESTS, DaskCluster, moto_bucket, child_env, shared_prefect_api
 from fixtures_sources import make_teleop_episode
-from storage.claims import ShardClaim, create_exclusive, current_claim
-from storage.fs import Root
-from storage.targets import TargetStore
+from foresight.storage.claims import ShardClaim, create_exclusive, current_claim
+from foresight.storage.fs import Root
+from foresight.storage.targets import TargetStore
 from test_cluster_stage import held_generations, synthetic_clips, synthetic_recipe, written_shards
 
 BUCKET = "foresight-test"

@@ -20,16 +20,16 @@ import pytest
 import typer
 from prefect import flow, task
 
-from flows.build import TargetOutput, TargetStage, prefect_tasks, write_shards
-from flows.build import build as build_output
-from flows.cli.runner import runner_options
-from flows.runtime import RunnerChoice, gather, run_flow
-from schemas.base import StrictModel
-from schemas.target import ArraySpec, TargetRecipe
-from storage import layout
-from storage.claims import ClaimSet, current_claim
-from storage.fs import open_root
-from storage.targets import TargetStore
+from foresight.flows.build import TargetOutput, TargetStage, prefect_tasks, write_shards
+from foresight.flows.build import build as build_output
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.runtime import RunnerChoice, gather, run_flow
+from foresight.schemas.base import StrictModel
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage import layout
+from foresight.storage.claims import ClaimSet, current_claim
+from foresight.storage.fs import open_root
+from foresight.storage.targets import TargetStore
 
 STAGE = "tests.synthetic"
 FEATURES = (4, 8)

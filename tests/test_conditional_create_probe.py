@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-import storage.fs
+import foresight.storage.fs
 from cluster_servers import moto_bucket
-from flows.cli.common import user_error_message
-from storage.fs import UNSAFE_CLAIMS_ENV, Root
+from foresight.flows.cli.common import user_error_message
+from foresight.storage.fs import UNSAFE_CLAIMS_ENV, Root
 
 BUCKET = "probe-bucket"
 
@@ -43,7 +43,7 @@ def ignore_conditional_create(monkeypatch, root: Root) -> list[str]:
 def test_moto_honours_conditional_create_and_the_probe_leaves_nothing(moto):
     root = Root(f"s3://{BUCKET}/honoured")
     root.check_writable()
-    assert storage.fs._PROBED == {("s3", moto.endpoint, BUCKET): True}
+    assert foresight.storage.fs._PROBED == {("s3", moto.endpoint, BUCKET): True}
     assert root.fs.find(f"{BUCKET}/honoured") == []
 
 
@@ -71,11 +71,11 @@ def test_the_documented_fallback_turns_the_refusal_into_a_warning(moto, monkeypa
     root = Root(f"s3://{BUCKET}/unsafe")
     ignore_conditional_create(monkeypatch, root)
     monkeypatch.setenv(UNSAFE_CLAIMS_ENV, "1")
-    with caplog.at_level(logging.WARNING, logger="storage.fs"):
+    with caplog.at_level(logging.WARNING, logger="foresight.storage.fs"):
         root.check_writable()
     assert "does not honour conditional create" in caplog.text and f"{UNSAFE_CLAIMS_ENV}=1: going on" in caplog.text
 
 
 def test_local_roots_are_not_probed(tmp_path):
     Root(tmp_path).check_writable()  # os.link is exclusive on every local filesystem
-    assert storage.fs._PROBED == {}
+    assert foresight.storage.fs._PROBED == {}

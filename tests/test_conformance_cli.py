@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from flows.cli import app
+from foresight.flows.cli import app
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 runner = CliRunner()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.conformance import check_fixture, group_arrays, load_fixture
-from pipelines.conformance import extract as extract_group
+from foresight.pipelines.conformance import check_fixture, group_arrays, load_fixture
+from foresight.pipelines.conformance import extract as extract_group
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 SVAM, DA3 = REFERENCE / "svam_tiny", REFERENCE / "da3_tiny"
@@ -90,7 +90,7 @@ def test_every_da3_array_matches_the_official_code():
 
 
 def test_a_group_without_a_module_fails_as_not_implemented(tmp_path, monkeypatch):
-    import pipelines.conformance as conformance
+    import foresight.pipelines.conformance as conformance
 
     monkeypatch.setattr(conformance, "GROUP_MODULES", ("nosuch", "da3"))
     np.savez(tmp_path / "io.npz", **{"nosuch.array": np.zeros(2, np.float32)})

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.conformance import group_arrays, load_fixture
-from pipelines.conformance import _models as models
-from trainers.models import objectives
-from trainers.models.decoupler import Decoupler
-from trainers.models.denoiser import GCDenoiser
+from foresight.pipelines.conformance import group_arrays, load_fixture
+from foresight.pipelines.conformance import _models as models
+from foresight.trainers.models import objectives
+from foresight.trainers.models.decoupler import Decoupler
+from foresight.trainers.models.denoiser import GCDenoiser
 
 FIXTURE = Path(__file__).parent / "reference" / "svam_tiny"
 INPUTS = {
@@ -38,7 +38,7 @@ def fixture():
 @pytest.mark.parametrize("group", ["decoupler", "glue", "denoiser"])
 def test_every_array_of_the_group_matches_the_release(fixture, group):
     io, config = fixture
-    module = importlib.import_module(f"pipelines.conformance.{group}")
+    module = importlib.import_module(f"foresight.pipelines.conformance.{group}")
     assert module.GROUP == group and module.applies(io)
     checks = module.check(FIXTURE, io, config)
     failed = [c for c in checks if not c.passed]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.cli.common import user_error_message
-from pipelines.eval.calvin import chain_statistics, missing_calvin_modules
+from foresight.flows.cli import app
+from foresight.flows.cli.common import user_error_message
+from foresight.pipelines.eval.calvin import chain_statistics, missing_calvin_modules
 
 
 def test_average_length_and_success_at_k():

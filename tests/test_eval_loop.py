@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.cli.common import user_error_message
-from pipelines.eval.policy import Observation, Policy
-from pipelines.eval.rollout import EVAL_SEED_BASE, check_disjoint_seeds, make_env, run_episode
-from pipelines.eval.stats import wilson_interval
-from pipelines.viz import mp4_frames
-from schemas.eval import PolicyIdentity
-from storage.evals import EvalStore
+from foresight.flows.cli import app
+from foresight.flows.cli.common import user_error_message
+from foresight.pipelines.eval.policy import Observation, Policy
+from foresight.pipelines.eval.rollout import EVAL_SEED_BASE, check_disjoint_seeds, make_env, run_episode
+from foresight.pipelines.eval.stats import wilson_interval
+from foresight.pipelines.viz import mp4_frames
+from foresight.schemas.eval import PolicyIdentity
+from foresight.storage.evals import EvalStore
 
 TASKS = ["reach", "button-press"]
 SEEDS = [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
@@ -165,8 +165,8 @@ def test_run_whose_versions_are_missing_is_refused_in_one_line(tmp_path):
 
 
 def test_difficulty_groups_pool_their_tasks_episodes():
-    from pipelines.eval.stats import summarize_groups
-    from schemas.eval import EpisodeResult
+    from foresight.pipelines.eval.stats import summarize_groups
+    from foresight.schemas.eval import EpisodeResult
 
     def result(task: str, seed: int, success: bool) -> EpisodeResult:
         return EpisodeResult(task=task, seed=seed, success=success, steps=10, policy_calls=1, wall_s=0.1)

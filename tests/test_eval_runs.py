@@ -15,24 +15,24 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.cli.common import user_error_message
-from flows.eval import EvalConfig, load_policy
-from flows.teachers_engine import teacher_recipe
-from pipelines import pi0
-from pipelines.svd import SVDParams
-from pipelines.svd.features import feature_shape
-from pipelines.svd.loading import describe_svd
-from pipelines.teachers import load_teacher
-from pipelines.text import MAX_LENGTH, load_text_model
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe, content_id
-from storage.episodes import EpisodeStore
-from storage.evals import EvalStore
-from storage.fs import Root
-from storage.plans import PlanStore
-from storage.targets import TargetStore
+from foresight.flows.cli import app
+from foresight.flows.cli.common import user_error_message
+from foresight.flows.eval import EvalConfig, load_policy
+from foresight.flows.teachers_engine import teacher_recipe
+from foresight.pipelines import pi0
+from foresight.pipelines.svd import SVDParams
+from foresight.pipelines.svd.features import feature_shape
+from foresight.pipelines.svd.loading import describe_svd
+from foresight.pipelines.teachers import load_teacher
+from foresight.pipelines.text import MAX_LENGTH, load_text_model
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.schemas.target import ArraySpec, TargetRecipe, content_id
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.evals import EvalStore
+from foresight.storage.fs import Root
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore
 
 import trainers_world
 
@@ -97,9 +97,9 @@ def make_versions(root: Root, plan_id: str, text_seed: int = 0) -> dict[str, str
 
 
 def train(root: Root, export_id: str) -> None:
-    from trainers.action_expert import ActionExpertRunConfig, train_action_expert
-    from trainers.decoupler import DecouplerRunConfig, train_decoupler
-    from trainers.config import LoopConfig
+    from foresight.trainers.action_expert import ActionExpertRunConfig, train_action_expert
+    from foresight.trainers.decoupler import DecouplerRunConfig, train_decoupler
+    from foresight.trainers.config import LoopConfig
 
     loop = LoopConfig(steps=1, batch_size=2, num_workers=0, device="cpu", progress=False)
     train_decoupler(root, export_id, DecouplerRunConfig(teacher="dinov2", size="tiny", loop=loop), run_id="dec")
@@ -163,9 +163,9 @@ def test_eval_seeds_that_were_demo_seeds_are_refused(world):
 @pytest.fixture(scope="module")
 def shallow_pi_run(world):
     """A 2-layer student distilled one step from tiny pi0 teacher targets on the same dataset."""
-    from flows.export import ExportConfig, run_export
-    from flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
-    from flows.runtime import RunnerChoice, run_flow
+    from foresight.flows.export import ExportConfig, run_export
+    from foresight.flows.pi0 import Pi0TargetsConfig, pi0_targets_flow
+    from foresight.flows.runtime import RunnerChoice, run_flow
 
     root, _, plan_id = world
     config = Pi0TargetsConfig(plan=plan_id, model="tiny", tiny_layers=4, pairs=1, attn_layers=[1, 2],
@@ -197,7 +197,7 @@ def test_shallow_pi_student_and_its_teacher_roll_out_through_the_chunk_sampler(s
 
 
 def test_the_stack_is_a_function_of_the_episode_seed(world):
-    from pipelines.eval.policy import Observation
+    from foresight.pipelines.eval.policy import Observation
 
     root, _, _ = world
     policy, _ = load_policy(root.url, EvalConfig(policy="expert", tasks=["reach"]))
@@ -216,8 +216,8 @@ def test_the_stack_is_a_function_of_the_episode_seed(world):
 
 
 def test_weights_other_than_the_recorded_ones_are_refused_unless_allowed(world):
-    from flows.eval_runs import check_weight_changes, resolve_run
-    from pipelines.eval.svam import load_stack
+    from foresight.flows.eval_runs import check_weight_changes, resolve_run
+    from foresight.pipelines.eval.svam import load_stack
 
     root, _, _ = world
     resolved = resolve_run(root, EvalConfig(policy="expert", tasks=["reach"]))

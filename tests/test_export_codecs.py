@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.export import (
+from foresight.pipelines.export import (
     E8M0_BIAS,
     E8M0_TABLE,
     FP8_MAX,
@@ -273,7 +273,7 @@ def test_parse_size_and_plan_shards():
 
 @pytest.mark.gpu
 def test_fp8_to_float_on_the_gpu_matches_the_cpu():
-    from trainers.data import fp8_to_float
+    from foresight.trainers.data import fp8_to_float
 
     values = np.random.default_rng(3).standard_normal((2, 4, 4, 64)).astype(np.float32)
     coded = [encode_fp8(v) for v in values]

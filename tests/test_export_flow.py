@@ -7,9 +7,9 @@ import json
 from typer.testing import CliRunner
 from test_export_store import make_world
 
-from flows.cli import app
-from storage.exports import ExportStore
-from storage.lineage import events
+from foresight.flows.cli import app
+from foresight.storage.exports import ExportStore
+from foresight.storage.lineage import events
 
 
 def test_export_command_runs_the_flow_then_skips_and_reads_back(tmp_path, monkeypatch):

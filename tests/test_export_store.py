@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipelines.export
-from flows.export import ExportConfig, export_recipe, plan_export, write_shard
-from pipelines.export import decode_fp8, relative_l2
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from storage.episodes import EpisodeStore
-from storage.exports import ExportStore, parse_members
-from storage.fs import Root
-from storage.targets import TargetStore
+import foresight.pipelines.export
+from foresight.flows.export import ExportConfig, export_recipe, plan_export, write_shard
+from foresight.pipelines.export import decode_fp8, relative_l2
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.exports import ExportStore, parse_members
+from foresight.storage.fs import Root
+from foresight.storage.targets import TargetStore
 
 import factories
 
@@ -99,7 +99,7 @@ def make_gzip_world(tmp_path: Path, num_clips: int = 12, **options) -> dict[str,
     need nothing special (the member name says .npy.gz).
     """
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipelines.export, "GZIP_MIN_BYTES", 256)
+        patch.setattr(foresight.pipelines.export, "GZIP_MIN_BYTES", 256)
         world = make_world(tmp_path, num_clips, rendered=True)
         world["export"] = export_world(world, codec="fp8", **options)
     return world
@@ -222,7 +222,7 @@ def test_stock_webdataset_decodes_gzipped_frames(tmp_path):
 
 
 def test_gzipped_frames_stream_back_and_tampering_is_caught(tmp_path):
-    from trainers.data import ShardStream
+    from foresight.trainers.data import ShardStream
 
     world = make_gzip_world(tmp_path, num_clips=6, shard_size="40KB")
     store, pins = ExportStore(world["root"]), [world["video"], world["teacher"]]
@@ -312,7 +312,7 @@ def test_index_json_is_plain_json(world):
 
 
 def test_buffered_and_memory_mapped_reads_agree(world):
-    from storage.exports import BufferPool
+    from foresight.storage.exports import BufferPool
 
     export_id = export_world(world, shard_size="30KB")
     store = ExportStore(world["root"])
@@ -339,7 +339,7 @@ def test_corrupt_tar_header_is_refused(world):
 
 
 def test_contiguous_runs():
-    from storage.exports import contiguous_runs
+    from foresight.storage.exports import contiguous_runs
 
     assert contiguous_runs([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
     assert contiguous_runs([]) == []

@@ -16,12 +16,12 @@ import torch
 from torch.utils.data import DataLoader
 from test_export_store import export_world, make_video, make_world
 
-from pipelines.export import relative_l2
-from storage.exports import ExportStore
-from storage.fs import Root
-from storage.mapped import describe_views
-from storage.targets import TargetStore
-from trainers.data import (
+from foresight.pipelines.export import relative_l2
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import Root
+from foresight.storage.mapped import describe_views
+from foresight.storage.targets import TargetStore
+from foresight.trainers.data import (
     ShardStream,
     ZarrClips,
     ZeroCopyCollate,
@@ -32,8 +32,8 @@ from trainers.data import (
     shuffle_buffer_order,
     worker_context,
 )
-from trainers.batching import ResumableLoader
-from trainers.config import LoopConfig
+from foresight.trainers.batching import ResumableLoader
+from foresight.trainers.config import LoopConfig
 
 NUM_CLIPS = 23
 

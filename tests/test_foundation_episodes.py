@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from schemas.base import FORMAT_VERSION
+from foresight.schemas.base import FORMAT_VERSION
 from tests.factories import FEATURES, episode_arrays, make_dataset, write_episode
 
 
@@ -48,7 +48,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     store = make_dataset(tmp_path)
     record_arrays = write_episode(store, "keep")
     with pytest.raises(ValueError, match="episode 'bad'.*'action'.*NaN"):
-        from schemas.dataset import EpisodeRecord
+        from foresight.schemas.dataset import EpisodeRecord
 
         record = EpisodeRecord(episode_id="bad", task="t", length=5, source_path="x", source_checksum="c")
         with store.writer(record, FEATURES) as writer:
@@ -62,7 +62,7 @@ def _jpeg_episode(store, publisher, episode_id: str, length: int, seed: int) -> 
     'depth' camera, through ``publisher``; returns the decoded JPEG frames."""
     import cv2
 
-    from schemas.dataset import EpisodeRecord, FrameStorage
+    from foresight.schemas.dataset import EpisodeRecord, FrameStorage
 
     arrays = episode_arrays(length, 16, seed)
     jpegs = [cv2.imencode(".jpg", frame)[1].tobytes() for frame in arrays["frames"]]
@@ -80,8 +80,8 @@ def test_background_publisher_syncs_each_episode_before_its_marker(tmp_path, mon
     """With an EpisodePublisher each episode is synced whole (pass-through chunks and the metadata
     the writer stores itself included) before its rename and marker, and all are complete once
     the publisher's ``with`` is left."""
-    import storage.fs as fs
-    from storage.episodes import EpisodePublisher
+    import foresight.storage.fs as fs
+    from foresight.storage.episodes import EpisodePublisher
 
     synced: set[str] = set()
     unsynced_at_rename: list[list[str]] = []
@@ -114,8 +114,8 @@ def test_pass_through_metadata_is_what_zarr_writes(tmp_path, length):
     the length set as zarr's resize does): the bytes equal zarr's own for the same array."""
     import zarr
 
-    from storage import frame_codecs
-    from storage.episodes import EpisodePublisher
+    from foresight.storage import frame_codecs
+    from foresight.storage.episodes import EpisodePublisher
 
     store = make_dataset(tmp_path)
     with EpisodePublisher() as publisher:
@@ -135,8 +135,8 @@ def test_pass_through_metadata_is_what_zarr_writes(tmp_path, length):
 def test_background_publisher_raises_a_failed_publication(tmp_path, monkeypatch):
     """A publication that fails (here its sync) is raised when the publisher's ``with`` is left;
     that episode gets no marker, the others are published."""
-    import storage.fs as fs
-    from storage.episodes import EpisodePublisher
+    import foresight.storage.fs as fs
+    from foresight.storage.episodes import EpisodePublisher
 
     real_sync = fs.Root.fsync_tree
 
@@ -166,9 +166,9 @@ def test_format_version_mismatch_is_a_clear_error(tmp_path):
 WRITER_SCRIPT = textwrap.dedent("""
     import sys, time, numpy as np
     sys.path.insert(0, {repo!r})
-    from schemas.dataset import EpisodeRecord
+    from foresight.schemas.dataset import EpisodeRecord
     from tests.factories import FEATURES
-    from storage.episodes import EpisodeStore
+    from foresight.storage.episodes import EpisodeStore
     store = EpisodeStore({root!r}, "toy")
     record = EpisodeRecord(episode_id="big", task="t", length=400, source_path="x", source_checksum="c1")
     with store.writer(record, FEATURES) as writer:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
-from flows.runtime import RunnerChoice, run_flow
-from pipelines.ingest.metaworld import upright
-from storage.episodes import EpisodeStore
+from foresight.flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
+from foresight.flows.runtime import RunnerChoice, run_flow
+from foresight.pipelines.ingest.metaworld import upright
+from foresight.storage.episodes import EpisodeStore
 
 
 def test_two_tasks_one_episode_through_the_flow(tmp_path):

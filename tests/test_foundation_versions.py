@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.base import validate
-from schemas.model import ModelIdentity, ModelSpec
-from schemas.target import ArraySpec, TargetRecipe
-from storage.targets import TargetStore
+from foresight.schemas.base import validate
+from foresight.schemas.model import ModelIdentity, ModelSpec
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage.targets import TargetStore
 
 
 def _recipe(**changes) -> TargetRecipe:

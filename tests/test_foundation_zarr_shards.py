@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from schemas.target import ArraySpec, TargetRecipe
-from storage.targets import TargetStore, shard_object
-from storage.zarr_shards import shard_codec
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage.targets import TargetStore, shard_object
+from foresight.storage.zarr_shards import shard_codec
 
 
 def _recipe() -> TargetRecipe:

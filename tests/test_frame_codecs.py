@@ -20,10 +20,10 @@ import pytest
 import zarr
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_calvin, ingest_lerobot, ingest_teleop
-from pipelines.ingest import calvin, lerobot, teleop
-from storage import frame_codecs
-from storage.episodes import EpisodeStore
+from foresight.flows.ingest_sources import ingest_calvin, ingest_lerobot, ingest_teleop
+from foresight.pipelines.ingest import calvin, lerobot, teleop
+from foresight.storage import frame_codecs
+from foresight.storage.episodes import EpisodeStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,7 +276,7 @@ def test_a_corrupt_video_segment_quarantines_its_episode_only(tmp_path, lerobot_
 def test_info_shows_store_bytes_against_source_bytes(tmp_path, jpeg_episode):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from foresight.flows.cli import app
 
     _, store = _ingest(tmp_path, tmp_path / "src")
     result = CliRunner().invoke(app, ["info", str(tmp_path / "root")])

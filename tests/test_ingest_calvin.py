@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_calvin
-from pipelines.ingest import calvin
-from pipelines.ingest.common import READ_BLOCK, FrameBlock, LowdimBlock, unpack_depth_uint24
-from storage.episodes import EpisodeStore
+from foresight.flows.ingest_sources import ingest_calvin
+from foresight.pipelines.ingest import calvin
+from foresight.pipelines.ingest.common import READ_BLOCK, FrameBlock, LowdimBlock, unpack_depth_uint24
+from foresight.storage.episodes import EpisodeStore
 
 
 @pytest.fixture(scope="module")

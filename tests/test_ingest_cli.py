@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import fixtures_sources as fx
-from storage.episodes import EpisodeStore
+from foresight.storage.episodes import EpisodeStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

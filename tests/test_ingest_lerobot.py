@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import fixtures_sources as fx
-from flows.ingest_sources import dataset_stats, ingest_lerobot
-from pipelines.ingest import lerobot
-from storage.episodes import EpisodeStore
+from foresight.flows.ingest_sources import dataset_stats, ingest_lerobot
+from foresight.pipelines.ingest import lerobot
+from foresight.storage.episodes import EpisodeStore
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipelines.ingest.safe_pickle import load_npy, load_pickled_dict, restricted_loads
+from foresight.pipelines.ingest.safe_pickle import load_npy, load_pickled_dict, restricted_loads
 
 
 def test_calvin_style_annotation_dict_round_trips(tmp_path):

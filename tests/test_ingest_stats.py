@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.stats import (
+from foresight.pipelines.stats import (
     aggregate,
     aggregate_columns,
     episode_stats,

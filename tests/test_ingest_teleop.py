@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import fixtures_sources as fx
-from flows.ingest_sources import ingest_teleop
-from pipelines.ingest import teleop
-from pipelines.ingest.common import unpack_depth_uint24
-from storage.episodes import EpisodeStore
+from foresight.flows.ingest_sources import ingest_teleop
+from foresight.pipelines.ingest import teleop
+from foresight.pipelines.ingest.common import unpack_depth_uint24
+from foresight.storage.episodes import EpisodeStore
 
 
 def _ingest(tmp_path, src, **options):

@@ -16,12 +16,12 @@ import pytest
 
 import fixtures_sources as fx
 import integrity_world as iw
-from pipelines.ingest import lerobot
+from foresight.pipelines.ingest import lerobot
 
 
 def foresight(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``foresight ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    from flows import cli
+    from foresight.flows import cli
 
     monkeypatch.setattr(sys, "argv", ["foresight", *args])
     for name in ("FORESIGHT_DEBUG", "FORESIGHT_NO_VERIFY"):
@@ -56,7 +56,7 @@ def test_d1_flow_failure_is_one_line_naming_the_log(corrupt_world, monkeypatch, 
 
 
 def test_d1_a_bug_is_one_line_too_and_debug_shows_its_traceback(monkeypatch, capsys):
-    from flows import cli
+    from foresight.flows import cli
 
     @cli.app.command("integrity-bug", hidden=True)
     def bug() -> None:
@@ -153,7 +153,7 @@ def test_a_video_key_with_dotdot_is_refused(tmp_path):
 def test_d11_a_full_disk_without_a_file_name_still_names_where(tmp_path):
     import errno
 
-    from flows.cli.common import user_error_message
+    from foresight.flows.cli.common import user_error_message
 
     assert user_error_message(OSError(errno.ENOSPC, "No space left on device")) == \
         "disk full writing a file (the writer did not name it)"
@@ -165,8 +165,8 @@ def test_d11_a_full_disk_without_a_file_name_still_names_where(tmp_path):
 def test_d11_flow_log_names_the_root_for_a_full_disk_deep_in_the_chain(tmp_path):
     import errno
 
-    from flows.runtime import flow_log
-    from storage.fs import Root
+    from foresight.flows.runtime import flow_log
+    from foresight.storage.fs import Root
 
     root = Root(tmp_path)
     with pytest.raises(RuntimeError) as raised:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 import integrity_world as iw
-from flows.generate import PlanConfig, make_plan
-from storage.exports import ExportStore, ShardTarWriter
-from storage.fs import DiskFullError
-from storage.process import machine_tag
-from trainers.data import ShardStream
-from trainers.config import DataConfig
+from foresight.flows.generate import PlanConfig, make_plan
+from foresight.storage.exports import ExportStore, ShardTarWriter
+from foresight.storage.fs import DiskFullError
+from foresight.storage.process import machine_tag
+from foresight.trainers.data import ShardStream
+from foresight.trainers.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_d11_disk_full_during_export_is_one_line_and_leaves_no_temporary(world, 
 
 def test_d11_killed_export_writer_leftovers_are_removed_by_the_rerun(world):
     config = iw.export_config(world, codec="bf16")
-    from flows.export import export_recipe, plan_export, write_shard
+    from foresight.flows.export import export_recipe, plan_export, write_shard
 
     recipe = export_recipe(world["root"], config)
     store = ExportStore(world["root"])

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import integrity_world as iw
-from storage import layout
-from storage.exports import ExportStore
-from storage.fs import DiskFullError, Root, temp_name
-from storage.process import machine_tag
-from storage.summary import root_summary
-from storage.targets import TargetStore
-from trainers.data import ZarrClips
+from foresight.storage import layout
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import DiskFullError, Root, temp_name
+from foresight.storage.process import machine_tag
+from foresight.storage.summary import root_summary
+from foresight.storage.targets import TargetStore
+from foresight.trainers.data import ZarrClips
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_d9_an_edited_recipe_is_refused_on_open(world):
 
 
 def test_d9_targets_verify_reports_the_mismatch(world):
-    from flows.cli.targets import _verify_problems
+    from foresight.flows.cli.targets import _verify_problems
 
     path = Path(Root(world["root"]).path(layout.target_dir(world["text"]), layout.MANIFEST))
     iw.edit_json(path, lambda m: m["recipe"].update(stage_version=7))
@@ -198,7 +198,7 @@ def test_d11_rerun_removes_a_dead_writers_temporary_never_a_live_one(world):
 
 def test_d11_data_is_fsynced_before_its_marker(tmp_path, monkeypatch):
     """Probe: the shard objects' bytes (file and folder) reach the disk before the _done marker."""
-    import storage.fs as fs
+    import foresight.storage.fs as fs
 
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -226,7 +226,7 @@ def test_path_traversal_in_ids_is_refused(world):
 
 
 def test_complete_versions_are_immutable(world):
-    from schemas.target import TargetRecipe
+    from foresight.schemas.target import TargetRecipe
 
     manifest = TargetStore(world["root"]).manifest(world["text"])
     with pytest.raises(ValueError, match="complete and immutable"):
@@ -253,7 +253,7 @@ def test_malicious_pickles_are_refused():
     """Probe that already held: the restricted unpickler admits no callables."""
     import pickle
 
-    from pipelines.ingest.safe_pickle import restricted_loads
+    from foresight.pipelines.ingest.safe_pickle import restricted_loads
 
     class Evil:
         def __reduce__(self):
@@ -267,7 +267,7 @@ def test_tar_members_that_are_links_are_refused():
     """Probe that already held: export shards are parsed from headers, links are never followed."""
     import tarfile
 
-    from storage.exports import parse_ustar_header
+    from foresight.storage.exports import parse_ustar_header
 
     info = tarfile.TarInfo("sample.npy")
     info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -278,7 +278,7 @@ def test_tar_members_that_are_links_are_refused():
 def test_episode_files_are_fsynced_before_its_marker(tmp_path, monkeypatch):
     """Probe: every staged file of an episode (frame chunks, lowdim, record) reaches the disk before
     the staging folder is renamed into place and its _COMPLETE marker written."""
-    import storage.fs as fs
+    import foresight.storage.fs as fs
     from factories import make_dataset, write_episode
 
     synced: set[str] = set()

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas import refs
-from schemas.base import canonical_json, validate_stored
-from schemas.refs import Ref
-from schemas.target import TargetRecipe, TargetVersion
-from storage import audit, layout, lineage, references
-from storage.exports import ExportStore, FieldSource, check_no_mixing, plan_of
-from storage.fs import Root
-from storage.graph import VersionGraph
-from storage.targets import TargetStore
+from foresight.schemas import refs
+from foresight.schemas.base import canonical_json, validate_stored
+from foresight.schemas.refs import Ref
+from foresight.schemas.target import TargetRecipe, TargetVersion
+from foresight.storage import audit, layout, lineage, references
+from foresight.storage.exports import ExportStore, FieldSource, check_no_mixing, plan_of
+from foresight.storage.fs import Root
+from foresight.storage.graph import VersionGraph
+from foresight.storage.targets import TargetStore
 from test_audit_store import (make_dataset, make_plan, make_version, teacher_arrays, tiny_model, video_arrays,
                               write_export, write_run)
 

@@ -18,9 +18,9 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from cluster_servers import REPO, TESTS, child_env, moto_bucket
-from schemas import refs
-from storage import layout, lineage
-from storage.fs import Root
+from foresight.schemas import refs
+from foresight.storage import layout, lineage
+from foresight.storage.fs import Root
 
 SPEC = json.loads((TESTS / "openlineage" / "OpenLineage.json").read_text())
 FACET_SPEC = json.loads((REPO / "docs" / "lineage" / "ForesightRunFacet.json").read_text())
@@ -130,8 +130,8 @@ def test_an_endpoint_that_refuses_is_a_warning_and_the_root_keeps_the_event(tmp_
 
 WRITER = """
 import sys
-from schemas import refs
-from storage import lineage
+from foresight.schemas import refs
+from foresight.storage import lineage
 for i in range(int(sys.argv[3])):
     lineage.emit(sys.argv[1], "writer", f"{sys.argv[2]}-{i}", inputs=[refs.plan("plan-0123456789ab")],
                  outputs=[refs.version("video-0123456789ab")], facets={"writer": sys.argv[2], "i": i})

@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from flows.generate import TextConfig, text_recipe, video_arrays
-from pipelines import pi0
-from pipelines.null_models import pattern
-from pipelines.svd import generate_clips, load_svd
-from pipelines.svd.loading import describe_svd
-from pipelines.svd.sampler import SVDParams
-from pipelines.teachers import load_teacher
-from pipelines.text import embed_instructions, load_text_model
-from schemas.model import ModelIdentity, ModelSpec
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe
-from storage.exports import ExportStore, resolve_sources
-from storage.plans import PlanStore
-from storage.targets import TargetStore
+from foresight.flows.generate import TextConfig, text_recipe, video_arrays
+from foresight.pipelines import pi0
+from foresight.pipelines.null_models import pattern
+from foresight.pipelines.svd import generate_clips, load_svd
+from foresight.pipelines.svd.loading import describe_svd
+from foresight.pipelines.svd.sampler import SVDParams
+from foresight.pipelines.teachers import load_teacher
+from foresight.pipelines.text import embed_instructions, load_text_model
+from foresight.schemas.model import ModelIdentity, ModelSpec
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage.exports import ExportStore, resolve_sources
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore
 from factories import make_dataset, write_episode
 
 CLIPS = 6
@@ -115,9 +115,9 @@ def _text_version(root, plan: str, model: ModelIdentity) -> str:
 
 
 def test_exports_refuse_null_versions_unless_allowed(tmp_path):
-    from flows.build import build, in_process
-    from flows.export import EXPORT, ExportConfig
-    from trainers.data import ShardStream, ZarrClips
+    from foresight.flows.build import build, in_process
+    from foresight.flows.export import EXPORT, ExportConfig
+    from foresight.trainers.data import ShardStream, ZarrClips
 
     root = str(tmp_path)
     plan, null, tiny = _null_world(root)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import pi0, pi0_static
-from trainers import shallow_pi
+from foresight.pipelines import pi0, pi0_static
+from foresight.trainers import shallow_pi
 
 VERSION = "pi0-000000000000"
 

@@ -7,15 +7,15 @@ import pytest
 
 from typer.testing import CliRunner
 
-from flows import pi0 as pi0_flow
-from flows.build import build, in_process, write_shards
-from flows.cli import app
-from pipelines import pi0
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.plan import ClipRow, PlanInfo
-from storage.episodes import EpisodeStore
-from storage.plans import PlanStore
-from storage.targets import TargetStore
+from foresight.flows import pi0 as pi0_flow
+from foresight.flows.build import build, in_process, write_shards
+from foresight.flows.cli import app
+from foresight.pipelines import pi0
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore
 
 PLAN = "plan-pi0test0001"
 FEATURES = {"state": FeatureSpec(dtype="float32", shape=[39]), "action": FeatureSpec(dtype="float32", shape=[4])}

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from flows import pi0 as pi0_flow
-from flows.build import build, in_process
-from pipelines import pi0
-from pipelines.pi0_augment import AugmentConfig, affine_theta, augment_images
-from schemas.presets import preset_table
-from storage.fs import open_root
-from storage.targets import TargetStore
+from foresight.flows import pi0 as pi0_flow
+from foresight.flows.build import build, in_process
+from foresight.pipelines import pi0
+from foresight.pipelines.pi0_augment import AugmentConfig, affine_theta, augment_images
+from foresight.schemas.presets import preset_table
+from foresight.storage.fs import open_root
+from foresight.storage.targets import TargetStore
 from tests.test_pi0_train import PLAN, export_version, train_losses, write_dataset
-from trainers import shallow_pi
-from trainers.data import ShardStream
-from storage.runs import RunDir
-from trainers.config import LoopConfig, load_config
+from foresight.trainers import shallow_pi
+from foresight.trainers.data import ShardStream
+from foresight.storage.runs import RunDir
+from foresight.trainers.config import LoopConfig, load_config
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_augmentation_is_seeded_and_spares_wrist_cameras():
 def test_cli_preset_and_mode(inputs_only):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from foresight.flows.cli import app
 
     base = ["train", "shallow-pi", "--export", inputs_only["export"], "--layers", "2", "--attn-layers", "1",
             "--steps", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--root", inputs_only["root"]]

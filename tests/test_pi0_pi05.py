@@ -9,14 +9,14 @@ import torch
 
 pytest.importorskip("transformers.models.pi05")
 
-from flows import pi0 as pi0_flow
-from flows.build import build, in_process  # noqa: E402
-from pipelines import pi0  # noqa: E402
-from storage.fs import open_root  # noqa: E402
-from storage.targets import TargetStore  # noqa: E402
+from foresight.flows import pi0 as pi0_flow
+from foresight.flows.build import build, in_process  # noqa: E402
+from foresight.pipelines import pi0  # noqa: E402
+from foresight.storage.fs import open_root  # noqa: E402
+from foresight.storage.targets import TargetStore  # noqa: E402
 from tests.test_pi0_train import PLAN, export_version, write_dataset  # noqa: E402
-from trainers import shallow_pi  # noqa: E402
-from trainers.config import LoopConfig  # noqa: E402
+from foresight.trainers import shallow_pi  # noqa: E402
+from foresight.trainers.config import LoopConfig  # noqa: E402
 
 PARAMS = dict(cameras=["front"], tokenizer="bytes", image_size=28, pairs=2, attn_layers=[1, 2],
               attn_dtype="float32", max_text_tokens=96)

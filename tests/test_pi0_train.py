@@ -8,21 +8,21 @@ import torch
 
 from typer.testing import CliRunner
 
-from flows import pi0 as pi0_flow
-from flows.build import build, in_process
-from flows.cli import app
-from flows.cli.common import user_error_message
-from flows.export import ExportConfig, export_recipe, plan_export, write_shard
-from pipelines import pi0
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.plan import ClipRow, PlanInfo
-from storage.episodes import EpisodeStore
-from storage.exports import ExportStore
-from storage.fs import open_root
-from trainers import shallow_pi
-from storage.runs import read_metrics
-from trainers.config import LoopConfig
-from trainers.data import ShardStream
+from foresight.flows import pi0 as pi0_flow
+from foresight.flows.build import build, in_process
+from foresight.flows.cli import app
+from foresight.flows.cli.common import user_error_message
+from foresight.flows.export import ExportConfig, export_recipe, plan_export, write_shard
+from foresight.pipelines import pi0
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import open_root
+from foresight.trainers import shallow_pi
+from foresight.storage.runs import read_metrics
+from foresight.trainers.config import LoopConfig
+from foresight.trainers.data import ShardStream
 
 PLAN = "plan-pi0train001"
 FEATURES = {"state": FeatureSpec(dtype="float32", shape=[6]), "action": FeatureSpec(dtype="float32", shape=[4])}
@@ -44,7 +44,7 @@ def write_dataset(root: str) -> None:
 
 
 def PlanStore_write(root: str, store: EpisodeStore, rows: list[ClipRow]) -> None:
-    from storage.plans import PlanStore
+    from foresight.storage.plans import PlanStore
 
     PlanStore(root).write(PlanInfo(plan_id=PLAN, dataset="toy", dataset_fingerprint=store.fingerprint(),
                                    params={}, num_clips=len(rows)), rows)

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from factories import make_dataset, write_episode
-from flows.cli import app
+from foresight.flows.cli import app
 
 ID = re.compile(r"\b(plan|text|video|teacher|pi0|export)-[0-9a-f]{12}\b")
 

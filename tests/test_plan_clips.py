@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.generate import PlanConfig, make_plan
-from pipelines.plan import PlanParams, make_clips, plan_id
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, LanguageSegment
-from storage.episodes import EpisodeStore
-from storage.plans import PlanStore
+from foresight.flows.generate import PlanConfig, make_plan
+from foresight.pipelines.plan import PlanParams, make_clips, plan_id
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, LanguageSegment
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.plans import PlanStore
 
 FEATURES = {"action": FeatureSpec(dtype="float32", shape=[2])}
 
@@ -109,7 +109,7 @@ def test_make_plan_names_a_missing_camera(tmp_path):
 
 def test_plan_rows_read_back_as_columns_equal_the_rows_written(tmp_path):
     """PlanStore.rows keeps clips.parquet's columns and builds ClipRow objects on access."""
-    from schemas.plan import ClipRow, ClipRows, PlanInfo
+    from foresight.schemas.plan import ClipRow, ClipRows, PlanInfo
 
     count = 3 * ClipRows.BLOCK + 5  # rows from several blocks
     written = [ClipRow(clip_id=f"ep{i // 50}-{i}", dataset="toy", episode_id=f"ep{i // 50}", camera="front",

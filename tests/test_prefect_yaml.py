@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from cluster_servers import BIN, REPO, child_env, shared_prefect_api
-from storage.exports import ExportStore
-from storage.targets import TargetStore
+from foresight.storage.exports import ExportStore
+from foresight.storage.targets import TargetStore
 
 PREFECT_FILE = REPO / "prefect.yaml"
 EXAMPLE_FILE = REPO / "docs" / "prefect-svam-calvin.yaml"
@@ -113,7 +113,7 @@ def test_tiny_demo_deployed_from_the_file_runs_on_a_process_worker(tmp_path):
     pool = "foresight-yaml-test"
     workdir = deploy_tiny_demo(tmp_path, api, pool)
     found = api_get(api, "/deployments/name/foresight-pipeline/tiny-demo")
-    assert found["entrypoint"] == "flows.pipeline.pipeline_flow" and found["work_pool_name"] == pool
+    assert found["entrypoint"] == "foresight.flows.pipeline.pipeline_flow" and found["work_pool_name"] == pool
     assert found["pull_steps"] == [{PULL_STEP: {"directory": str(workdir)}}] and not found["schedules"]
     assert found["parameters"]["config"] == yaml.safe_load(PREFECT_FILE.read_text())["deployments"][0]["parameters"]["config"]
     run_with_worker(tmp_path, api, pool, found)

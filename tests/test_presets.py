@@ -12,17 +12,17 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from factories import make_dataset, make_version, write_episode
-from flows.cli import app
-from flows.generate import GenerateConfig, PlanConfig, TextConfig, make_plan, text_recipe, video_recipe
-from flows.pipeline import PipelineConfig
-from flows.teachers import TeachersConfig
-from flows.teachers_engine import teacher_recipe
-from pipelines.svd import SVDParams
-from pipelines.teachers import load_teacher, parse_settings
-from pipelines.teachers.preprocess import POLICY_TIME, preprocess_frames
-from pipelines.text import load_text_model
-from schemas.presets import PRESET_NAMES, STAGE_MODULES, preset_table, preset_values
-from schemas.presets.docs import recipes_markdown
+from foresight.flows.cli import app
+from foresight.flows.generate import GenerateConfig, PlanConfig, TextConfig, make_plan, text_recipe, video_recipe
+from foresight.flows.pipeline import PipelineConfig
+from foresight.flows.teachers import TeachersConfig
+from foresight.flows.teachers_engine import teacher_recipe
+from foresight.pipelines.svd import SVDParams
+from foresight.pipelines.teachers import load_teacher, parse_settings
+from foresight.pipelines.teachers.preprocess import POLICY_TIME, preprocess_frames
+from foresight.pipelines.text import load_text_model
+from foresight.schemas.presets import PRESET_NAMES, STAGE_MODULES, preset_table, preset_values
+from foresight.schemas.presets.docs import recipes_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -144,7 +144,7 @@ def test_every_preset_setting_is_sourced_and_applies():
 
 
 def test_shallow_pi_preset_is_the_releases_training_recipe_and_resolves_as_a_run_config():
-    from trainers.shallow_pi import ShallowPiRunConfig
+    from foresight.trainers.shallow_pi import ShallowPiRunConfig
 
     table = preset_table("shallow-pi", "shallow_pi")
     run = ShallowPiRunConfig.model_validate({"preset": "shallow-pi"})

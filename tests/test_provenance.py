@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.provenance import BUILD_COMMIT_FILE, checkout_commit, git_commit
+from foresight.storage.provenance import BUILD_COMMIT_FILE, checkout_commit, git_commit
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -31,8 +31,8 @@ def _user_repository(folder: Path) -> str:
 
 
 def _commit_seen_from(site: Path) -> str:
-    """What git_commit() says when foresight's storage/ is imported from ``site``."""
-    code = "from storage.provenance import git_commit; print(git_commit())"
+    """What git_commit() says when foresight is imported from ``site``."""
+    code = "from foresight.storage.provenance import git_commit; print(git_commit())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=site,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)})
     return out.stdout.strip()
@@ -50,7 +50,9 @@ def test_a_copy_inside_another_repository_does_not_record_that_repositorys_commi
     user = tmp_path / "user"
     theirs = _user_repository(user)
     site = user / ".venv" / "site-packages"
-    shutil.copytree(CHECKOUT / "storage", site / "storage", ignore=shutil.ignore_patterns("__pycache__", BUILD_COMMIT_FILE))
+    ignore = shutil.ignore_patterns("__pycache__", BUILD_COMMIT_FILE)
+    shutil.copytree(CHECKOUT / "foresight", site / "foresight", ignore=ignore)
+    shutil.copytree(CHECKOUT / "storage", site / "foresight" / "storage", ignore=ignore)
     assert checkout_commit(site) is None
     assert _commit_seen_from(site) == "None" != theirs
 
@@ -66,6 +68,6 @@ def test_a_wheel_records_the_commit_it_was_built_from_wherever_it_is_installed(t
     site = tmp_path / "user" / ".venv" / "site-packages"
     _user_repository(tmp_path / "user")
     with zipfile.ZipFile(wheel) as archive:
-        assert archive.read(f"storage/{BUILD_COMMIT_FILE}").decode().strip() == built_from
+        assert archive.read(f"foresight/storage/{BUILD_COMMIT_FILE}").decode().strip() == built_from
         archive.extractall(site)
     assert _commit_seen_from(site) == built_from

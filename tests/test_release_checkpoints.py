@@ -12,18 +12,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from flows.cli import app
-from storage.fs import Root
-from trainers.action_expert import ActionExpertRunConfig, load_action_expert, train_action_expert
-from trainers.decoupler import DecouplerRunConfig, train_decoupler
-from storage.runs import RunDir
-from trainers.config import LoopConfig, OptimConfig
-from trainers.models import objectives
-from trainers.models.decoupler import Decoupler, DecouplerConfig
-from trainers.models.denoiser import DenoiserConfig
-from trainers.models.policy import ActionExpert
-from trainers.models.video_former import VideoFormerConfig
-from trainers.release_checkpoints import load_release_decoupler, load_release_policy
+from foresight.flows.cli import app
+from foresight.storage.fs import Root
+from foresight.trainers.action_expert import ActionExpertRunConfig, load_action_expert, train_action_expert
+from foresight.trainers.decoupler import DecouplerRunConfig, train_decoupler
+from foresight.storage.runs import RunDir
+from foresight.trainers.config import LoopConfig, OptimConfig
+from foresight.trainers.models import objectives
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
+from foresight.trainers.models.denoiser import DenoiserConfig
+from foresight.trainers.models.policy import ActionExpert
+from foresight.trainers.models.video_former import VideoFormerConfig
+from foresight.trainers.release_checkpoints import load_release_decoupler, load_release_policy
 from trainers_world import C_IN, GRID, T, TEACHERS, TEXT_D, make_world
 
 FIXTURE = Path(__file__).parent / "reference" / "svam_tiny"

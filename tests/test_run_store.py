@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from storage import layout
-from storage.fs import Root
-from storage.runs import CheckpointInfo, MetricsLog, RunDir, RunSpec, read_metrics
+from foresight.storage import layout
+from foresight.storage.fs import Root
+from foresight.storage.runs import CheckpointInfo, MetricsLog, RunDir, RunSpec, read_metrics
 
 
 def spec_of(root: Root) -> RunSpec:

@@ -39,9 +39,9 @@ def test_one_shard_costs_the_same_requests_whatever_the_number_of_shards(s3):
     or marker (s3fs's ls of an empty folder lists its parent; exists is a HEAD then a LIST)."""
     import numpy as np
 
-    from schemas.target import ArraySpec, TargetRecipe
-    from storage.claims import ClaimSet
-    from storage.targets import TargetStore
+    from foresight.schemas.target import ArraySpec, TargetRecipe
+    from foresight.storage.claims import ClaimSet
+    from foresight.storage.targets import TargetStore
 
     root_url = f"s3://{BUCKET}/requests"
     requests = bench_scale.RequestLog(s3.server.log_path)
@@ -79,10 +79,10 @@ def test_one_shard_costs_the_same_requests_whatever_the_number_of_shards(s3):
 
 
 def test_ten_thousand_clips_on_s3_through_a_dask_scheduler(tmp_path, s3):
-    from flows.pipeline import run_pipeline
-    from flows.runtime import RunnerChoice
-    from storage.exports import ExportStore
-    from storage.fs import Root
+    from foresight.flows.pipeline import run_pipeline
+    from foresight.flows.runtime import RunnerChoice
+    from foresight.storage.exports import ExportStore
+    from foresight.storage.fs import Root
 
     shared_prefect_api(tmp_path)
     root_url = f"s3://{BUCKET}/sim"

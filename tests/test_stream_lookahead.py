@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from test_export_store import export_world, make_world
 
-from storage import exports, lookahead
-from storage.exports import BufferPool, ExportStore
-from storage.fs import Root
-from storage.lookahead import PreparedAhead, prepared_lazily
-from trainers.data import ShardStream
+from foresight.storage import exports, lookahead
+from foresight.storage.exports import BufferPool, ExportStore
+from foresight.storage.fs import Root
+from foresight.storage.lookahead import PreparedAhead, prepared_lazily
+from foresight.trainers.data import ShardStream
 
 NUM_CLIPS = 8
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd, one_step_features, save_svd
-from pipelines.svd.conditioning import clip_noise, text_states
-from pipelines.svd.features import feature_shape
-from pipelines.svd.loading import describe_svd
+from foresight.pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd, one_step_features, save_svd
+from foresight.pipelines.svd.conditioning import clip_noise, text_states
+from foresight.pipelines.svd.features import feature_shape
+from foresight.pipelines.svd.loading import describe_svd
 
 PARAMS = SVDParams(num_frames=4, size=32, steps=2)
 
@@ -146,7 +146,7 @@ def test_hf_spec_resolves_through_the_offline_hub_cache(model, inputs, generated
 @pytest.mark.gpu
 @pytest.mark.parametrize("scope,dtype", [("blocks", "fp16"), ("unet", "fp16"), ("unet", "fp8")])
 def test_compiled_keeps_capture_equal_to_standalone_on_gpu(inputs, scope, dtype):
-    from pipelines.svd.speed import SpeedOptions, apply_speedups
+    from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
 
     compiled = apply_speedups(load_svd("tiny", "cuda", dtype), SpeedOptions(compile=scope))
     out = generate_clips(compiled, PARAMS, *inputs)

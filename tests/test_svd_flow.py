@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from flows.generate import GENERATE, GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow, \
+from foresight.flows.generate import GENERATE, GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow, \
     video_recipe
-from flows.runtime import RunnerChoice, run_flow
-from pipelines.svd import SVDParams, clip_seed, load_svd, one_step_features, save_svd
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from storage import layout
-from storage.episodes import EpisodeStore
-from storage.plans import PlanStore
-from storage.targets import TargetStore, shard_object
+from foresight.flows.runtime import RunnerChoice, run_flow
+from foresight.pipelines.svd import SVDParams, clip_seed, load_svd, one_step_features, save_svd
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.storage import layout
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore, shard_object
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES = {"action": FeatureSpec(dtype="float32", shape=[2])}
@@ -163,8 +163,8 @@ WORKER = """
 import sys
 import torch
 torch.set_num_threads(int(sys.argv[5]))
-from flows.build import write_shards
-from flows.generate import GENERATE, GenerateConfig
+from foresight.flows.build import write_shards
+from foresight.flows.generate import GENERATE, GenerateConfig
 config = GenerateConfig.model_validate_json(sys.argv[3])
 write_shards(GENERATE, sys.argv[1], sys.argv[2], config, list(range(int(sys.argv[4]))))
 """

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
-from pipelines.svd.conditioning import clip_noise
-from pipelines.svd.fp8 import Fp8Linear, quantize_transformer_linears
-from pipelines.svd.speed import SpeedOptions, apply_speedups
-from pipelines.svd.unet_split import UNetSplit
+from foresight.pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
+from foresight.pipelines.svd.conditioning import clip_noise
+from foresight.pipelines.svd.fp8 import Fp8Linear, quantize_transformer_linears
+from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
+from foresight.pipelines.svd.unet_split import UNetSplit
 
 PARAMS = SVDParams(num_frames=4, size=32, steps=1)
 

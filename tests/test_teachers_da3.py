@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.teachers import load_teacher
-from pipelines.teachers.da3 import PRESETS, infer_arch, load_backbone_state, save_checkpoint
-from pipelines.teachers.da3_model import DA3Backbone
-from pipelines.teachers.preprocess import preprocess_frames
+from foresight.pipelines.teachers import load_teacher
+from foresight.pipelines.teachers.da3 import PRESETS, infer_arch, load_backbone_state, save_checkpoint
+from foresight.pipelines.teachers.da3_model import DA3Backbone
+from foresight.pipelines.teachers.preprocess import preprocess_frames
 
 FIXTURE = Path(__file__).resolve().parent / "reference" / "da3_tiny"
 TOL = 1e-4

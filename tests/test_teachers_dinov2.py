@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.teachers import load_teacher, parse_settings
-from pipelines.teachers.dinov2 import TINY
-from pipelines.teachers.preprocess import PreprocessSettings, preprocess_frames, settings_from_processor
+from foresight.pipelines.teachers import load_teacher, parse_settings
+from foresight.pipelines.teachers.dinov2 import TINY
+from foresight.pipelines.teachers.preprocess import PreprocessSettings, preprocess_frames, settings_from_processor
 
 
 def clips(seed: int, shape=(2, 3, 64, 64, 3)) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_other_model_types_are_refused(tmp_path):
 
 
 def test_random_spec_is_full_size_vit_b14_with_registers():
-    from pipelines.teachers.dinov2 import VIT_B14_REG
+    from foresight.pipelines.teachers.dinov2 import VIT_B14_REG
 
     assert (VIT_B14_REG["hidden_size"], VIT_B14_REG["num_hidden_layers"], VIT_B14_REG["patch_size"],
             VIT_B14_REG["num_register_tokens"]) == (768, 12, 14, 4)

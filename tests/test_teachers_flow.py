@@ -13,18 +13,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows import teachers as tflow
-from flows import teachers_engine as engine
-from flows import teachers_io
-from flows.cli import app
-from flows.runtime import run_flow
-from pipelines.teachers import load_teacher
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from schemas.plan import ClipRow, PlanInfo
-from schemas.target import ArraySpec, TargetRecipe
-from storage.episodes import EpisodeStore
-from storage.plans import PlanStore
-from storage.targets import TargetStore
+from foresight.flows import teachers as tflow
+from foresight.flows import teachers_engine as engine
+from foresight.flows import teachers_io
+from foresight.flows.cli import app
+from foresight.flows.runtime import run_flow
+from foresight.pipelines.teachers import load_teacher
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.schemas.plan import ClipRow, PlanInfo
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.plans import PlanStore
+from foresight.storage.targets import TargetStore
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN = "plan-teachertest01"
@@ -143,7 +143,7 @@ def test_cli_runs_da3_and_reports_the_version(world):
     (["--dtype", "int8"], "dtype", 2),  # not one of the choices: a usage error
 ])
 def test_cli_errors_are_one_line(world, monkeypatch, capsys, argv, expected, code):
-    from flows.cli import main
+    from foresight.flows.cli import main
 
     root, video, _, _ = world
     base = {"--video": video, "--teacher": "dinov2", "--model": "tiny", "--root": root}
@@ -160,7 +160,7 @@ def test_new_version_when_teacher_weights_or_settings_change(world, tmp_path):
     root, video, _, _ = world
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from pipelines.teachers.dinov2 import TINY
+    from foresight.pipelines.teachers.dinov2 import TINY
 
     def version(teacher: str, model: str, settings=None, dtype="fp32") -> str:
         return engine.teacher_recipe(load_teacher(teacher, model, settings, dtype=dtype), video).version_id()
@@ -192,7 +192,7 @@ def running_prefect_api() -> dict[str, str]:
 
 CRASH = """
 import os, signal, sys
-from storage.targets import TargetWriter
+from foresight.storage.targets import TargetWriter
 original = TargetWriter.write_shard
 def crash(self, index, arrays):
     if index == 1:  # die half way through shard 1: data partly written, no _done marker
@@ -200,7 +200,7 @@ def crash(self, index, arrays):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, index, arrays)
 TargetWriter.write_shard = crash
-from flows.cli import main
+from foresight.flows.cli import main
 main()
 """
 
@@ -260,8 +260,8 @@ def test_video_version_problems_are_named(world, tmp_path):
 
 def test_teachers_over_a_video_version_made_by_the_generate_flow(tmp_path, dinov2_version):
     """The real `video` layout (frames, onestep, seed; observed frames through the plan)."""
-    from flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow
-    from pipelines.svd import SVDParams
+    from foresight.flows.generate import GenerateConfig, PlanConfig, TextConfig, generate_flow, make_plan, text_flow
+    from foresight.pipelines.svd import SVDParams
 
     root = str(tmp_path)
     write_episodes_and_plan(root)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.teachers import load_teacher
-from pipelines.teachers.preprocess import preprocess_frames
+from foresight.pipelines.teachers import load_teacher
+from foresight.pipelines.teachers.preprocess import preprocess_frames
 
 
 def clips(seed: int, shape=(1, 2, 64, 64, 3)) -> torch.Tensor:

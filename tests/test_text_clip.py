@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.text import MAX_LENGTH, byte_level_tokenizer, embed_instructions, embed_texts, load_text_model, \
+from foresight.pipelines.text import MAX_LENGTH, byte_level_tokenizer, embed_instructions, embed_texts, load_text_model, \
     save_text_model
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
-from storage.exports import ExportStore
-from storage.fs import Root
-from trainers.action_expert import load_action_expert
-from trainers.decoupler import DecouplerRunConfig, train_decoupler
-from storage.runs import RunDir, read_metrics
-from trainers.config import LoopConfig, OptimConfig
+from foresight.flows.cli import app
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import Root
+from foresight.trainers.action_expert import load_action_expert
+from foresight.trainers.decoupler import DecouplerRunConfig, train_decoupler
+from foresight.storage.runs import RunDir, read_metrics
+from foresight.trainers.config import LoopConfig, OptimConfig
 from trainers_world import export, make_targets, make_world
 
 runner = CliRunner()
@@ -146,10 +146,10 @@ def test_action_expert_refuses_decouplers_trained_on_other_features(world, confi
 
 
 def test_fp8_export_is_decoded_on_the_device_side(world):
-    from trainers.decoupler import DecouplerTask
-    from trainers.config import DataConfig
-    from trainers.exports import open_export
-    from trainers.models.decoupler import Decoupler, DecouplerConfig
+    from foresight.trainers.decoupler import DecouplerTask
+    from foresight.trainers.config import DataConfig
+    from foresight.trainers.exports import open_export
+    from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
     from trainers_world import export as make_export
 
     root = Root(world["root"])

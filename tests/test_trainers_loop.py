@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from storage.fs import Root
-from trainers.action_expert import ActionExpertTask, FrozenDecouplers
-from trainers.decoupler import DecouplerRunConfig, DecouplerTask, build_decoupler_config
-from storage.runs import RunDir, RunSpec, read_metrics
-from trainers.batching import MemoryStream, ResumableLoader
-from trainers.config import LoopConfig, OptimConfig, load_config
-from trainers.distributed import seed_everything
-from trainers.loop import fit
-from trainers.prefetch import DevicePrefetcher
-from trainers.schedule import WarmupSchedule
-from trainers.models.decoupler import Decoupler, DecouplerConfig
-from trainers.models.objectives import ObjectiveConfig
-from trainers.models.policy import ActionExpert, PolicyConfig
-from trainers.models.uniperceiver import UniPerceiverConfig
+from foresight.storage.fs import Root
+from foresight.trainers.action_expert import ActionExpertTask, FrozenDecouplers
+from foresight.trainers.decoupler import DecouplerRunConfig, DecouplerTask, build_decoupler_config
+from foresight.storage.runs import RunDir, RunSpec, read_metrics
+from foresight.trainers.batching import MemoryStream, ResumableLoader
+from foresight.trainers.config import LoopConfig, OptimConfig, load_config
+from foresight.trainers.distributed import seed_everything
+from foresight.trainers.loop import fit
+from foresight.trainers.prefetch import DevicePrefetcher
+from foresight.trainers.schedule import WarmupSchedule
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
+from foresight.trainers.models.objectives import ObjectiveConfig
+from foresight.trainers.models.policy import ActionExpert, PolicyConfig
+from foresight.trainers.models.uniperceiver import UniPerceiverConfig
 
 T, H, W, C_IN, C_T = 4, 2, 4, 16, 8
 

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from trainers.models import objectives
-from trainers.models.decoupler import Decoupler, DecouplerConfig
-from trainers.models.denoiser import DenoiserConfig
-from trainers.models.layers import count_parameters
-from trainers.models.objectives import ObjectiveConfig
-from trainers.models.policy import ActionExpert, ActionNormalizer, PolicyConfig
-from trainers.models.uniperceiver import UniPerceiverConfig
-from trainers.models.video_former import VideoFormerConfig
+from foresight.trainers.models import objectives
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
+from foresight.trainers.models.denoiser import DenoiserConfig
+from foresight.trainers.models.layers import count_parameters
+from foresight.trainers.models.objectives import ObjectiveConfig
+from foresight.trainers.models.policy import ActionExpert, ActionNormalizer, PolicyConfig
+from foresight.trainers.models.uniperceiver import UniPerceiverConfig
+from foresight.trainers.models.video_former import VideoFormerConfig
 
 
 @pytest.fixture(autouse=True)

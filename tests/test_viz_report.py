@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipelines.viz import ReportImage, ReportPage, check_relative_link, render_report_html
-from schemas import refs
-from storage.fs import Root
-from storage.lineage import emit
+from foresight.flows.cli import app
+from foresight.pipelines.viz import ReportImage, ReportPage, check_relative_link, render_report_html
+from foresight.schemas import refs
+from foresight.storage.fs import Root
+from foresight.storage.lineage import emit
 from test_audit_store import build_world, make_version, write_export
 
 

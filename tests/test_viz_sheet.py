@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.cli.viz import clip_sheet
-from pipelines.viz import (
+from foresight.flows.cli import app
+from foresight.flows.cli.viz import clip_sheet
+from foresight.pipelines.viz import (
     ExtraMap,
     SheetLayout,
     SheetRow,
@@ -22,7 +22,7 @@ from pipelines.viz import (
     pca_rgb,
     png_bytes,
 )
-from storage.fs import Root
+from foresight.storage.fs import Root
 from test_audit_store import FRAME_HW, GRID, T, TEACHER_C, build_world
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flows.export import ExportConfig, export_recipe, plan_export, write_shard
-from schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
-from storage.episodes import EpisodeStore
-from storage.exports import ExportStore
-from storage.fs import Root
+from foresight.flows.export import ExportConfig, export_recipe, plan_export, write_shard
+from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec
+from foresight.storage.episodes import EpisodeStore
+from foresight.storage.exports import ExportStore
+from foresight.storage.fs import Root
 
 import factories
 

@@ -24,24 +24,24 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel, validate
-from storage.fs import Root
-from trainers.decoupler import ONESTEP, load_decoupler, teacher_of
-from storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
-from trainers.config import DataConfig, LoopConfig, OptimConfig
-from trainers.distributed import seed_everything
-from trainers.exports import collate_fields, open_export
-from trainers.loop import FitResult, fit
-from trainers.models.decoupler import Decoupler, ModelSize
-from trainers.models.denoiser import (ActionPositions, CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation,
+from foresight.schemas.base import StrictModel, validate
+from foresight.storage.fs import Root
+from foresight.trainers.decoupler import ONESTEP, load_decoupler, teacher_of
+from foresight.storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
+from foresight.trainers.config import DataConfig, LoopConfig, OptimConfig
+from foresight.trainers.distributed import seed_everything
+from foresight.trainers.exports import collate_fields, open_export
+from foresight.trainers.loop import FitResult, fit
+from foresight.trainers.models.decoupler import Decoupler, ModelSize
+from foresight.trainers.models.denoiser import (ActionPositions, CrossAttnMask, DenoiserConfig, GCDenoiser, Modulation,
                                       Proprio)
-from trainers.models.objectives import ObjectiveConfig, ObjectiveName
-from trainers.models.policy import ActionExpert, AggregatorConfig, DenoiserNetConfig, NormMode, PolicyConfig
-from trainers.models.uniperceiver import UniPerceiverConfig
-from trainers.models.video_former import VideoFormerConfig
-from trainers.prefetch import to_device
-from trainers.release_checkpoints import load_strict, policy_parts, read_state_dict
-from trainers.task import TrainTask
+from foresight.trainers.models.objectives import ObjectiveConfig, ObjectiveName
+from foresight.trainers.models.policy import ActionExpert, AggregatorConfig, DenoiserNetConfig, NormMode, PolicyConfig
+from foresight.trainers.models.uniperceiver import UniPerceiverConfig
+from foresight.trainers.models.video_former import VideoFormerConfig
+from foresight.trainers.prefetch import to_device
+from foresight.trainers.release_checkpoints import load_strict, policy_parts, read_state_dict
+from foresight.trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 KIND = "action-expert"

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainers.config import LoopConfig
-from trainers.prefetch import DevicePrefetcher
+from foresight.trainers.config import LoopConfig
+from foresight.trainers.prefetch import DevicePrefetcher
 
 
 class MemoryStream(IterableDataset):
@@ -90,7 +90,7 @@ class StatefulBatches(IterableDataset):
         yield from self._batches(worker)
 
     def _batches(self, worker: int) -> Iterator[dict[str, Any]]:
-        from trainers.slots import BatchSlots
+        from foresight.trainers.slots import BatchSlots
 
         in_worker = get_worker_info() is not None
         ring = BatchSlots(self.slots, shared=in_worker, pinned=self.pinned and not in_worker) if self.slots else None
@@ -178,7 +178,7 @@ class ResumableLoader:
 
 def buffer_slots(collate: Callable[..., Any], cfg: LoopConfig, reuse: bool) -> int:
     """Reusable buffers per producer: none unless ``reuse`` is asked for and ``collate`` takes ``slots=``."""
-    from trainers.slots import slots_needed
+    from foresight.trainers.slots import slots_needed
 
     return slots_needed(cfg.prefetch_factor, cfg.num_workers) if reuse and _takes_slots(collate) else 0
 
@@ -193,7 +193,7 @@ def batch_iterator(collate: Callable[..., Any], stream: IterableDataset, cfg: Lo
     ``pin_buffers``); a tag's ``slot`` then says the batch lives in one, to be consumed through
     ``DevicePrefetcher``.
     """
-    from trainers.data import worker_context
+    from foresight.trainers.data import worker_context
 
     slots = buffer_slots(collate, cfg, reuse)
     batches = StatefulBatches(stream, cfg.batch_size, collate, resume, slots=slots, pinned=pin_buffers)

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import StrictModel, validate
-from storage.targets import verify_by_default
+from foresight.schemas.base import StrictModel, validate
+from foresight.storage.targets import verify_by_default
 
 
 class OptimConfig(StrictModel):

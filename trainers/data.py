@@ -72,11 +72,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pipelines.export import E8M0_TABLE, FP8_POWER, decode_sample, fp8_table, sample_key
-from storage.exports import LOOKAHEAD, BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
-from storage.fs import Root
-from storage.mapped import describe_views
-from storage.targets import verify_by_default
+from foresight.pipelines.export import E8M0_TABLE, FP8_POWER, decode_sample, fp8_table, sample_key
+from foresight.storage.exports import LOOKAHEAD, BufferPool, ClipSource, ExportIndex, ExportStore, resolve_sources
+from foresight.storage.fs import Root
+from foresight.storage.mapped import describe_views
+from foresight.storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
 FLOAT_DTYPES = {None: None, "float16": np.float16, "float32": np.float32}

@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel, validate
-from storage.fs import Root
-from storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
-from trainers.config import DataConfig, LoopConfig, OptimConfig
-from trainers.distributed import seed_everything
-from trainers.exports import collate_fields, open_export
-from trainers.loop import FitResult, fit
-from trainers.models.decoupler import Decoupler, DecouplerArchName, DecouplerConfig, ModelSize
-from trainers.release_checkpoints import load_strict, read_state_dict
-from trainers.task import TrainTask
+from foresight.schemas.base import StrictModel, validate
+from foresight.storage.fs import Root
+from foresight.storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
+from foresight.trainers.config import DataConfig, LoopConfig, OptimConfig
+from foresight.trainers.distributed import seed_everything
+from foresight.trainers.exports import collate_fields, open_export
+from foresight.trainers.loop import FitResult, fit
+from foresight.trainers.models.decoupler import Decoupler, DecouplerArchName, DecouplerConfig, ModelSize
+from foresight.trainers.release_checkpoints import load_strict, read_state_dict
+from foresight.trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from trainers.task import TrainTask
+    from foresight.trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 

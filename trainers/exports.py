@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from storage.fs import Root
-from trainers.config import DataConfig
+from foresight.storage.fs import Root
+from foresight.trainers.config import DataConfig
 
 FP8_SCALE = ".fp8scale"
 """Suffix of the per-channel scales that ShardStream(decode_fp8=False) puts beside an fp8-coded field."""
@@ -22,8 +22,8 @@ def collate_fields(samples: list[dict[str, Any]], fields: dict[str, str], slots:
     it; otherwise uses trainers.data.collate_samples (numpy copies straight into shared memory inside
     workers).
     """
-    from trainers.data import collate_samples
-    from trainers.slots import batch_layout, fill
+    from foresight.trainers.data import collate_samples
+    from foresight.trainers.slots import batch_layout, fill
 
     picked = []
     for sample in samples:
@@ -41,7 +41,7 @@ def decode_coded(batch: dict[str, Any]) -> dict[str, Any]:
     """A batch with every fp8-coded field (codes + ``.fp8scale``) decoded to float32 where it lies."""
     if not any(key.endswith(FP8_SCALE) for key in batch):
         return batch
-    from trainers.data import fp8_to_float
+    from foresight.trainers.data import fp8_to_float
 
     decoded = {}
     for key, value in batch.items():
@@ -58,8 +58,8 @@ def open_export(root: Root, export_id: str, fields: list[str], cfg: DataConfig, 
 
     Returns (stream, {field: version id} of the fields read that come from target versions).
     """
-    from storage.exports import ExportStore
-    from trainers.data import ShardStream
+    from foresight.storage.exports import ExportStore
+    from foresight.trainers.data import ShardStream
 
     index = ExportStore(root).index(export_id)
     missing = [f for f in fields if f not in index.fields]
@@ -76,8 +76,8 @@ def open_export(root: Root, export_id: str, fields: list[str], cfg: DataConfig, 
 def export_sample(root: Root, export_id: str, fields: list[str], clip: int | None = None,
                   verify: bool = True) -> dict[str, Any]:
     """One decoded sample of an export by plan row ``clip`` (default: the export's first sample)."""
-    from pipelines.export import decode_sample
-    from storage.exports import ExportStore
+    from foresight.pipelines.export import decode_sample
+    from foresight.storage.exports import ExportStore
 
     store = ExportStore(root)
     index = store.index(export_id)

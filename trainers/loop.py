@@ -32,15 +32,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from storage import layout
-from storage.runs import CheckpointInfo, MetricsLog, RunDir, RunSpec, utc_now
-from trainers.batching import ResumableLoader
-from trainers.config import LoopConfig, OptimConfig
-from trainers.distributed import (DistInfo, gather_objects, init_distributed, resolve_device, rng_state,
+from foresight.storage import layout
+from foresight.storage.runs import CheckpointInfo, MetricsLog, RunDir, RunSpec, utc_now
+from foresight.trainers.batching import ResumableLoader
+from foresight.trainers.config import LoopConfig, OptimConfig
+from foresight.trainers.distributed import (DistInfo, gather_objects, init_distributed, resolve_device, rng_state,
                                   seed_everything, seed_task_generators, set_rng_state)
-from trainers.prefetch import to_device
-from trainers.schedule import WarmupSchedule, build_optimizer
-from trainers.task import TrainTask
+from foresight.trainers.prefetch import to_device
+from foresight.trainers.schedule import WarmupSchedule, build_optimizer
+from foresight.trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,8 @@ def _interval_metrics(trainer: Trainer, pending: list[tuple[torch.Tensor, torch.
 
 def _emit_lineage(spec: RunSpec, step: int, status: str, metrics: dict[str, Any]) -> None:
     """A lineage event: this run (output) was trained on this export and these versions (inputs)."""
-    from schemas import refs
-    from storage import lineage
+    from foresight.schemas import refs
+    from foresight.storage import lineage
 
     inputs = [refs.export(spec.export_id)] if spec.export_id else []
     inputs += map(refs.version, sorted(set(spec.target_versions.values())))

@@ -45,7 +45,7 @@ class DevicePrefetcher:
         self.batches, self.device = batches, device
         self.stopping = threading.Event()
         self.thread = None
-        from trainers.slots import HostRegistry
+        from foresight.trainers.slots import HostRegistry
 
         self.registry = HostRegistry()
         if not (self.cuda if threaded is None else threaded):

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from pipelines.svd.loading import resolve_folder
-from schemas.model import ModelSpec
-from trainers.models.decoupler import Decoupler, DecouplerConfig
-from trainers.models.denoiser import DenoiserConfig, GCDenoiser
-from trainers.models.video_former import VideoFormer3D, VideoFormerConfig
+from foresight.pipelines.svd.loading import resolve_folder
+from foresight.schemas.model import ModelSpec
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
+from foresight.trainers.models.denoiser import DenoiserConfig, GCDenoiser
+from foresight.trainers.models.video_former import VideoFormer3D, VideoFormerConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trainers.config import OptimConfig
+from foresight.trainers.config import OptimConfig
 
 
 class WarmupSchedule:

@@ -38,17 +38,17 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import default_collate
 
-from pipelines import pi0
-from pipelines.pi0_augment import AugmentConfig, augment_images
-from schemas.base import StrictModel
-from schemas.presets import preset_table
-from storage.fs import Root
-from storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
-from trainers.config import DataConfig, LoopConfig, OptimConfig
-from trainers.distributed import seed_everything
-from trainers.exports import open_export
-from trainers.loop import FitResult, fit
-from trainers.task import TrainTask
+from foresight.pipelines import pi0
+from foresight.pipelines.pi0_augment import AugmentConfig, augment_images
+from foresight.schemas.base import StrictModel
+from foresight.schemas.presets import preset_table
+from foresight.storage.fs import Root
+from foresight.storage.runs import CheckpointInfo, RunDir, RunSpec, default_run_id
+from foresight.trainers.config import DataConfig, LoopConfig, OptimConfig
+from foresight.trainers.distributed import seed_everything
+from foresight.trainers.exports import open_export
+from foresight.trainers.loop import FitResult, fit
+from foresight.trainers.task import TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class ShallowPiRunConfig(StrictModel):
 
 def preset_defaults(data: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:
     """``data`` with every applicable preset setting (dotted key) filled in where ``data`` leaves it unset."""
-    from schemas.presets.shallow_pi import FIXED_PREFIX
+    from foresight.schemas.presets.shallow_pi import FIXED_PREFIX
 
     out = copy.deepcopy(data)
     for dotted, item in table.items():
@@ -433,7 +433,7 @@ def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity
     """Refuse cached targets made by another teacher than the one the student is cut from."""
     if online:
         return
-    from storage.targets import TargetStore
+    from foresight.storage.targets import TargetStore
 
     store = TargetStore(root)
     for version in sorted(set(versions.values())):
@@ -451,14 +451,14 @@ def check_teacher_matches_targets(root: Root, versions: dict[str, str], identity
 def teacher_label(identity: Any) -> str:
     """'<spec> [model-<12 hex>]': the spec and a digest of the identifying fields, so two `tiny`
     teachers of different depth read differently in an error."""
-    from schemas.target import content_id
+    from foresight.schemas.target import content_id
 
     return f"'{identity.spec}' [{content_id('model', identity.key())}]"
 
 
 def recorded_inputs(root: Root, versions: dict[str, str]) -> tuple[Any | None, list[str] | None]:
     """(teacher identity, camera names) recorded by the export's pi0 version, or None where it is not here."""
-    from storage.targets import TargetStore
+    from foresight.storage.targets import TargetStore
 
     store = TargetStore(root)
     for version in sorted(set(versions.values())):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from trainers.exports import decode_coded
+from foresight.trainers.exports import decode_coded
 
 
 class TrainTask(ABC):

@@ -8,8 +8,8 @@ import os
 import typer
 from pydantic import ValidationError
 
-from schemas.base import describe_validation_error
-from storage.fs import DiskFullError, Root, default_root, free_bytes, open_root
+from foresight.schemas.base import describe_validation_error
+from foresight.storage.fs import DiskFullError, Root, default_root, free_bytes, open_root
 
 EXIT_FAILED = 1
 """The command failed: nothing (more) was written."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import EXIT_FAILED, fail
+from foresight.flows.cli.common import EXIT_FAILED, fail
 
 EXIT_NOT_A_FIXTURE = 2
 """The folder is not a conformance fixture (no io.npz/config.json, or none of the known groups)."""
@@ -25,7 +25,7 @@ def conformance(
     """Recompute every array of the fixture with foresight's code; one line per array (group, name,
     max abs error, atol, rtol, ok/FAIL). Exit 1 when any array is out of tolerance, 2 for a folder
     that is not a fixture."""
-    from pipelines.conformance import GROUP_MODULES, check_fixture, load_fixture
+    from foresight.pipelines.conformance import GROUP_MODULES, check_fixture, load_fixture
 
     unknown = sorted(set(group or []) - set(GROUP_MODULES))
     if unknown:

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root
+from foresight.flows.cli.common import ROOT_OPTION, get_root
 
 
 def register(app: typer.Typer) -> None:
@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 def demo(root: str = ROOT_OPTION,
          out: str = typer.Option(None, help="Folder for pictures (default <root>/demo).")) -> None:
     """Ingest a few MetaWorld episodes and run every stage of the chain on tiny models."""
-    from flows.demo import run_demo
+    from foresight.flows.demo import run_demo
 
     data_root = get_root(root, writable=True)
     if not data_root.is_local:

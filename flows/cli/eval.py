@@ -8,9 +8,9 @@ from typing import Literal
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root, sub_app
-from flows.cli.runner import runner_options
-from flows.runtime import RunnerChoice
+from foresight.flows.cli.common import ROOT_OPTION, get_root, sub_app
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.runtime import RunnerChoice
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def eval_metaworld(
 
     ``--workers N`` runs episodes in N local processes (one rendering env each); ``--dask-local N`` or
     ``--dask-address`` spreads them over a Dask cluster."""
-    from flows.eval import EvalConfig, eval_key, eval_metaworld_flow, format_table, resolve_policy
-    from flows.runtime import run_flow
-    from pipelines.ingest.metaworld import resolve_tasks
+    from foresight.flows.eval import EvalConfig, eval_key, eval_metaworld_flow, format_table, resolve_policy
+    from foresight.flows.runtime import run_flow
+    from foresight.pipelines.ingest.metaworld import resolve_tasks
 
     if (run is None) == (policy is None):
         raise ValueError("name exactly one policy: --run RUN[/step-N] or --policy oracle|random")
@@ -102,7 +102,7 @@ def eval_metaworld(
 def calvin_check() -> None:
     """Check that CALVIN's simulator and evaluation packages are importable (README: CALVIN evaluation);
     prints the protocol foresight follows, or one line naming what to install."""
-    from pipelines.eval.calvin import CHAIN_LENGTH, NUM_CHAINS, SUBTASK_STEPS, require_calvin_env
+    from foresight.pipelines.eval.calvin import CHAIN_LENGTH, NUM_CHAINS, SUBTASK_STEPS, require_calvin_env
 
     require_calvin_env()
     typer.echo(f"calvin_env and calvin_agent are importable: protocol {NUM_CHAINS} chains x {CHAIN_LENGTH} "

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root
-from flows.cli.options import comma_list, config_command, config_option, given
-from flows.cli.runner import runner_options
-from flows.configs import ExportConfig
-from flows.runtime import RunnerChoice
+from foresight.flows.cli.common import ROOT_OPTION, get_root
+from foresight.flows.cli.options import comma_list, config_command, config_option, given
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.configs import ExportConfig
+from foresight.flows.runtime import RunnerChoice
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +29,7 @@ def export(
     runner: RunnerChoice = None,
 ) -> None:
     """Export pinned target versions of PLAN as webdataset tar shards with a checksummed index.json."""
-    from flows.export import run_export
+    from foresight.flows.export import run_export
 
     config = ExportConfig(plan=plan, targets=comma_list(targets) or [], workers=runner.tasks, **given(
         fields=comma_list(fields), shard_size=shard_size, codec=codec, split=split, action_chunk=action_chunk,
@@ -51,8 +51,8 @@ def export_check(
     """Verify an export's shards and read one batch back through ShardStream (pinned to its versions)."""
     from torch.utils.data import DataLoader
 
-    from storage.exports import ExportStore
-    from trainers.data import ShardStream, collate_samples
+    from foresight.storage.exports import ExportStore
+    from foresight.trainers.data import ShardStream, collate_samples
 
     data_root = get_root(root)
     store = ExportStore(data_root)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root
-from flows.cli.options import config_command, config_option, given, int_list
-from flows.cli.runner import runner_options
-from flows.configs import GenerateConfig, PlanConfig, TextConfig
-from flows.runtime import RunnerChoice
-from schemas.svd import SVDParams
-from schemas.presets import check_preset
+from foresight.flows.cli.common import ROOT_OPTION, get_root
+from foresight.flows.cli.options import config_command, config_option, given, int_list
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.configs import GenerateConfig, PlanConfig, TextConfig
+from foresight.flows.runtime import RunnerChoice
+from foresight.schemas.svd import SVDParams
+from foresight.schemas.presets import check_preset
 
 ONESTEP_CHOICES = ["extractor", "generation"]
 """--onestep: ``params.onestep`` as the release extractor's head call (the field's default) or None."""
@@ -34,7 +34,7 @@ def plan(
     root: str = ROOT_OPTION,
 ) -> None:
     """Write a content-addressed clip plan under plans/ and print its id."""
-    from flows.generate import make_plan
+    from foresight.flows.generate import make_plan
 
     config = PlanConfig(**given(dataset=dataset, source=source, frames=frames, stride=stride, camera=camera,
                                 every=every, limit=limit, split=split))
@@ -58,8 +58,8 @@ def text(
     runner: RunnerChoice = None,
 ) -> None:
     """Write a `text` version: CLIP last_hidden_state (N, 20, D) of each clip's instruction."""
-    from flows.generate import text_flow
-    from flows.runtime import run_flow
+    from foresight.flows.generate import text_flow
+    from foresight.flows.runtime import run_flow
 
     if preset is not None:
         check_preset(preset)
@@ -101,8 +101,8 @@ def generate(
 ) -> None:
     """Write a `video` version: frames (N, T, S, S, 3) uint8, onestep (N, T, h, w, C) float16, seed (N,).
     T is the plan's clip length."""
-    from flows.generate import generate_flow
-    from flows.runtime import run_flow
+    from foresight.flows.generate import generate_flow
+    from foresight.flows.runtime import run_flow
 
     data_root = get_root(root, writable=True)
     if preset is not None:

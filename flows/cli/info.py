@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root
+from foresight.flows.cli.common import ROOT_OPTION, get_root
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,7 @@ def info(ctx: typer.Context,
          as_json: bool = typer.Option(False, "--json", help="Print JSON."),
          root: str = ROOT_OPTION) -> None:
     """Datasets (episodes, frames, cameras, bytes, quarantined inputs), plans and target versions."""
-    from storage.summary import root_summary
+    from foresight.storage.summary import root_summary
 
     source = ctx.get_parameter_source("root")
     given_root = None if source is None or source.name == "ENVIRONMENT" else root

@@ -6,10 +6,10 @@ import logging
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root, sub_app
-from flows.cli.ingest_sources import CRF_OPTION, FRAME_CODEC_OPTION, ZSTD_OPTION, frame_codec_options
-from flows.cli.runner import runner_options
-from flows.runtime import RunnerChoice
+from foresight.flows.cli.common import ROOT_OPTION, get_root, sub_app
+from foresight.flows.cli.ingest_sources import CRF_OPTION, FRAME_CODEC_OPTION, ZSTD_OPTION, frame_codec_options
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.runtime import RunnerChoice
 
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ def ingest_metaworld(
 
     Local runs collect one rollout at a time (one rendering env per process); ``--dask-local N``
     spreads the (task, seed batch) tasks over N worker processes."""
-    from flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
-    from flows.runtime import run_flow
-    from pipelines.ingest.metaworld import resolve_tasks
+    from foresight.flows.ingest import MetaWorldIngestConfig, ingest_metaworld_flow
+    from foresight.flows.runtime import run_flow
+    from foresight.pipelines.ingest.metaworld import resolve_tasks
 
     config = MetaWorldIngestConfig(dataset=dataset, tasks=resolve_tasks(tasks), episodes_per_task=episodes_per_task,
                                    camera=camera, size=size, seed=seed,

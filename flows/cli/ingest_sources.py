@@ -17,10 +17,10 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import EXIT_PARTIAL, EXIT_USAGE, ROOT_OPTION, fail, get_root, sub_app
-from flows.cli.runner import runner_options
-from flows.runtime import RunnerChoice
-from schemas.dataset import FrameCodecName
+from foresight.flows.cli.common import EXIT_PARTIAL, EXIT_USAGE, ROOT_OPTION, fail, get_root, sub_app
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.runtime import RunnerChoice
+from foresight.schemas.dataset import FrameCodecName
 
 STRICT_OPTION = typer.Option(False, "--strict", help="Fail on the first bad item instead of quarantining it.")
 FRAME_CODEC_OPTION = typer.Option(None, "--frame-codec", help="How frames are stored. Default: keep the source's "
@@ -48,7 +48,7 @@ def frame_codec_options(frame_codec: str | None, crf: int | None, zstd_level: in
 
 def _run(flow, runner: RunnerChoice, root: str | None, **params) -> None:
     """Run an ingest flow, print its summary, and exit 3 when items were quarantined."""
-    from flows.runtime import run_flow
+    from foresight.flows.runtime import run_flow
 
     data_root = get_root(root, writable=True)
     summary = run_flow(flow, runner, data_root, root_url=data_root.url, **params)
@@ -76,8 +76,8 @@ def ingest_calvin(
     runner: RunnerChoice = None,
 ) -> None:
     """Ingest CALVIN splits: one stored episode per row of ep_start_end_ids.npy, language segments."""
-    from flows.ingest_sources import ingest_calvin_flow
-    from pipelines.ingest.calvin import CalvinOptions
+    from foresight.flows.ingest_sources import ingest_calvin_flow
+    from foresight.pipelines.ingest.calvin import CalvinOptions
 
     options = CalvinOptions(splits=_csv(splits), cameras=_csv(cameras), depth=depth, lang_folder=lang_folder,
                             **frame_codec_options(frame_codec, crf, zstd_level))
@@ -99,8 +99,8 @@ def ingest_teleop(
     runner: RunnerChoice = None,
 ) -> None:
     """Ingest teleoperation HDF5 episodes, raw or JPEG-compressed, every camera found (JPEG kept as recorded)."""
-    from flows.ingest_sources import ingest_teleop_flow
-    from pipelines.ingest.teleop import TeleopOptions
+    from foresight.flows.ingest_sources import ingest_teleop_flow
+    from foresight.pipelines.ingest.teleop import TeleopOptions
 
     options = TeleopOptions(fps=fps, instruction=instruction, task=task, **frame_codec_options(frame_codec, crf, zstd_level))
     _run(ingest_teleop_flow, runner, root, dataset=dataset, src=str(src), options=options,
@@ -119,8 +119,8 @@ def ingest_lerobot(
     runner: RunnerChoice = None,
 ) -> None:
     """Ingest a LeRobot dataset: video kept as its packets (keyframe-aligned segments), tasks as instructions."""
-    from flows.ingest_sources import ingest_lerobot_flow
-    from pipelines.ingest.lerobot import LeRobotOptions, LeRobotUsageError, load_meta
+    from foresight.flows.ingest_sources import ingest_lerobot_flow
+    from foresight.pipelines.ingest.lerobot import LeRobotOptions, LeRobotUsageError, load_meta
 
     options = LeRobotOptions(cameras=_csv(cameras) if cameras else None, **frame_codec_options(frame_codec, crf, zstd_level))
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root
-from flows.cli.options import comma_list, config_command, config_option, given, int_list
-from flows.cli.runner import runner_options
-from flows.configs import Pi0TargetsConfig
-from flows.runtime import RunnerChoice
+from foresight.flows.cli.common import ROOT_OPTION, get_root
+from foresight.flows.cli.options import comma_list, config_command, config_option, given, int_list
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.configs import Pi0TargetsConfig
+from foresight.flows.runtime import RunnerChoice
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +42,8 @@ def pi0_targets(
     runner: RunnerChoice = None,
 ) -> None:
     """Write a `pi0` target version: inputs, velocity (N, K, 50, 32) and attention (N, K, L, 50, P)."""
-    from flows.pi0 import run_pi0_targets
-    from schemas.model import ModelSpec
+    from foresight.flows.pi0 import run_pi0_targets
+    from foresight.schemas.model import ModelSpec
 
     config = Pi0TargetsConfig(workers=runner.tasks, **given(
         plan=plan, model=model, family=family, pairs=pairs, attn_layers=int_list(attn_layers, "--attn-layers"),

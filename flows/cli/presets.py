@@ -11,8 +11,8 @@ def register(app: typer.Typer) -> None:
 
 def presets(markdown: bool = typer.Option(False, "--markdown", help="Print docs/RECIPES.md (all tables).")) -> None:
     """List the presets (svam-calvin, svam-metaworld, vpp) with the settings each fixes per stage."""
-    from schemas.presets import PRESET_NAMES, STAGE_MODULES, preset_table
-    from schemas.presets.docs import recipes_markdown
+    from foresight.schemas.presets import PRESET_NAMES, STAGE_MODULES, preset_table
+    from foresight.schemas.presets.docs import recipes_markdown
 
     if markdown:
         typer.echo(recipes_markdown(), nl=False)

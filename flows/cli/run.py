@@ -16,12 +16,12 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, fail
-from flows.cli.runner import runner_options
-from flows.runtime import RunnerChoice
+from foresight.flows.cli.common import ROOT_OPTION, fail
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.runtime import RunnerChoice
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRYPOINT = "flows.pipeline.pipeline_flow"
+ENTRYPOINT = "foresight.flows.pipeline.pipeline_flow"
 """A module path, not a file path: the flow is imported as flows.pipeline, so its pydantic parameter
 models are pickled by reference into the run's process (by value they fail to rebuild)."""
 PIPELINE_ARGUMENT = typer.Argument(..., help="Pipeline file (TOML), see docs/DEPLOY.md.")
@@ -41,7 +41,7 @@ def run(pipeline: Path = PIPELINE_ARGUMENT, root: str = ROOT_OPTION,
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         runner: RunnerChoice = None) -> None:
     """Run ingest -> plan -> text -> generate -> teachers -> export; finished stages are skipped."""
-    from flows.pipeline import format_summary, load_pipeline, run_pipeline
+    from foresight.flows.pipeline import format_summary, load_pipeline, run_pipeline
 
     config = load_pipeline(pipeline)
     override = runner if runner != RunnerChoice() else None  # options given: they win over the file
@@ -50,7 +50,7 @@ def run(pipeline: Path = PIPELINE_ARGUMENT, root: str = ROOT_OPTION,
 
 
 def _deployment_parameters(pipeline: Path, root: str | None) -> tuple[dict, str]:
-    from flows.pipeline import load_pipeline
+    from foresight.flows.pipeline import load_pipeline
 
     config = load_pipeline(pipeline)
     return {"config": config.model_dump(mode="json", exclude_unset=True), "root_url": root}, config.name
@@ -71,7 +71,7 @@ def serve(pipeline: Path = PIPELINE_ARGUMENT, root: str = ROOT_OPTION, name: str
     """Serve the chain as a deployment on the Prefect server at PREFECT_API_URL (blocks)."""
     from prefect.deployments.runner import EntrypointType
 
-    from flows.pipeline import pipeline_flow
+    from foresight.flows.pipeline import pipeline_flow
 
     url = _require_server()
     parameters, default_name = _deployment_parameters(pipeline, root)
@@ -86,7 +86,7 @@ def deploy(pipeline: Path = PIPELINE_ARGUMENT, pool: str = typer.Option(..., "--
            root: str = ROOT_OPTION, name: str = NAME_OPTION, cron: str = CRON_OPTION,
            interval: int = INTERVAL_OPTION) -> None:
     """Register the chain as a deployment for a work pool (created as a process pool if missing)."""
-    from flows.deployments import deploy_pipeline
+    from foresight.flows.deployments import deploy_pipeline
 
     url = _require_server()
     parameters, default_name = _deployment_parameters(pipeline, root)

@@ -22,7 +22,7 @@ from typing import Any
 
 import typer
 
-from flows.runtime import DASK_ADDRESS_ENV, RunnerChoice
+from foresight.flows.runtime import DASK_ADDRESS_ENV, RunnerChoice
 
 RUNNER_PARAMETER = "runner"
 

@@ -9,8 +9,8 @@ from typing import Any
 import typer
 from pydantic import Field
 
-from flows.cli.common import EXIT_FAILED, ROOT_OPTION, fail, get_root, sub_app
-from pipelines.audit import (
+from foresight.flows.cli.common import EXIT_FAILED, ROOT_OPTION, fail, get_root, sub_app
+from foresight.pipelines.audit import (
     DriftAccumulator,
     DriftStats,
     FieldChange,
@@ -18,12 +18,12 @@ from pipelines.audit import (
     record_diff,
     sample_clip_indices,
 )
-from schemas.base import StrictModel
-from schemas.eval import EvalRecord
-from schemas.refs import TargetKind
-from storage import audit, layout, references
-from storage.evals import EvalStore
-from storage.targets import TargetReader, TargetStore
+from foresight.schemas.base import StrictModel
+from foresight.schemas.eval import EvalRecord
+from foresight.schemas.refs import TargetKind
+from foresight.storage import audit, layout, references
+from foresight.storage.evals import EvalStore
+from foresight.storage.targets import TargetReader, TargetStore
 
 DEFAULT_STATS_SAMPLE = 16
 """Clips the array statistics of `show`/`report` are computed over (all clips when fewer)."""

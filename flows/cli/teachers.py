@@ -6,12 +6,12 @@ import json
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root
-from flows.cli.options import config_command, config_option, given
-from flows.cli.runner import runner_options
-from flows.configs import TeachersConfig
-from flows.runtime import RunnerChoice
-from schemas.presets import check_preset
+from foresight.flows.cli.common import ROOT_OPTION, get_root
+from foresight.flows.cli.options import config_command, config_option, given
+from foresight.flows.cli.runner import runner_options
+from foresight.flows.configs import TeachersConfig
+from foresight.flows.runtime import RunnerChoice
+from foresight.schemas.presets import check_preset
 
 
 def register(app: typer.Typer) -> None:
@@ -48,11 +48,11 @@ def teachers(
     runner: RunnerChoice = None,
 ) -> None:
     """Write a `teacher` version: target (N, T, h, w, C) and reference (N, 1, h, w, C), float16."""
-    from flows.runtime import run_flow
-    from flows.teachers import teachers_flow
-    from flows.teachers_io import open_video
-    from pipelines.teachers import parse_settings
-    from schemas.model import ModelSpec
+    from foresight.flows.runtime import run_flow
+    from foresight.flows.teachers import teachers_flow
+    from foresight.flows.teachers_io import open_video
+    from foresight.pipelines.teachers import parse_settings
+    from foresight.schemas.model import ModelSpec
 
     if preset is not None:
         check_preset(preset)

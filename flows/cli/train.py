@@ -3,8 +3,8 @@
 Another trainer adds its own ``train <name>`` command from its own module, e.g.
 ``flows/cli/train_shallow_pi.py``::
 
-    from flows.cli.common import sub_app
-    from flows.cli.train import TRAIN_HELP, CONFIG_OPTION, ..., loop_overrides, echo_result
+    from foresight.flows.cli.common import sub_app
+    from foresight.flows.cli.train import TRAIN_HELP, CONFIG_OPTION, ..., loop_overrides, echo_result
 
     def register(app):
         sub_app(app, "train", TRAIN_HELP).command("shallow-pi")(cmd_shallow_pi)
@@ -23,7 +23,7 @@ from typing import Any
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, fail, get_root, sub_app
+from foresight.flows.cli.common import ROOT_OPTION, fail, get_root, sub_app
 
 TRAIN_HELP = "Train models on exports; runs live under <root>/runs/<run_id>/."
 
@@ -87,7 +87,7 @@ def preset_overrides(stage: str, preset: str | None, config: Path | None, overri
     arch or objective than the preset drops the preset settings that depend on that choice
     (:data:`DEPENDENT_SETTINGS`), with a warning.
     """
-    from schemas.presets import apply_preset, check_preset, preset_values
+    from foresight.schemas.presets import apply_preset, check_preset, preset_values
 
     explicit = {k: v for k, v in overrides.items() if v is not None}
     settings = _toml_settings(config)
@@ -152,8 +152,8 @@ def cmd_decoupler(export: str = typer.Option(..., "--export", help="Export id to
                   preset: str = PRESET_OPTION, arch: str = ARCH_OPTION, init: str = INIT_OPTION,
                   root: str | None = ROOT_OPTION) -> None:
     """Train the S-VAM decoupler of one teacher: one-step features -> teacher maps (MSE)."""
-    from trainers.decoupler import DecouplerRunConfig, train_decoupler
-    from trainers.config import load_config
+    from foresight.trainers.decoupler import DecouplerRunConfig, train_decoupler
+    from foresight.trainers.config import load_config
 
     overrides = loop_overrides(steps, batch_size, device, workers) | {"teacher": teacher, "size": size,
                                                                       "arch": arch, "init": init}
@@ -175,8 +175,8 @@ def cmd_action_expert(export: str = typer.Option(..., "--export", help="Export i
                                                     help="release-edm (the release's) or edm (foresight's)."),
                       root: str | None = ROOT_OPTION) -> None:
     """Train the action expert (aggregator + diffusion policy) over frozen decoupler runs."""
-    from trainers.action_expert import ActionExpertRunConfig, train_action_expert
-    from trainers.config import load_config
+    from foresight.trainers.action_expert import ActionExpertRunConfig, train_action_expert
+    from foresight.trainers.config import load_config
 
     runs = [r.strip() for r in decouplers.split(",") if r.strip()] if decouplers else None
     overrides = loop_overrides(steps, batch_size, device, workers) | {
@@ -200,7 +200,7 @@ def cmd_predict(run: str = typer.Option(..., "--run", help="Run id (decoupler or
     import numpy as np
     import torch
 
-    from storage.runs import RunDir
+    from foresight.storage.runs import RunDir
 
     data_root = get_root(root)
     run_dir = RunDir(data_root, run)
@@ -233,8 +233,8 @@ def _latest(run_dir: Any) -> int:
 
 def _predict_maps(root: Any, run: str, info: Any, export_id: str, clip: int | None, device: Any,
                   allow_change: bool, sheet: Path | None) -> dict[str, Any]:
-    from trainers.decoupler import load_decoupler, predict_maps, sample_map_metrics, teacher_of
-    from trainers.exports import check_sample_versions, export_sample
+    from foresight.trainers.decoupler import load_decoupler, predict_maps, sample_map_metrics, teacher_of
+    from foresight.trainers.exports import check_sample_versions, export_sample
 
     model, info = load_decoupler(root, run, info.step)
     teacher = teacher_of(info)
@@ -252,10 +252,10 @@ def _predict_maps(root: Any, run: str, info: Any, export_id: str, clip: int | No
 
 def _write_sheet(root: Any, info: Any, teacher: str, clip: int, pred: Any, path: Path) -> str:
     """Contact sheet of the clip: generated frames, teacher maps, and the prediction in the target's colours."""
-    from flows.cli.viz import clip_sheet
-    from pipelines.viz import ExtraMap, png_bytes
-    from storage.audit import version_label
-    from storage.targets import TargetStore
+    from foresight.flows.cli.viz import clip_sheet
+    from foresight.pipelines.viz import ExtraMap, png_bytes
+    from foresight.storage.audit import version_label
+    from foresight.storage.targets import TargetStore
 
     teacher_version = info.target_versions[f"{teacher}.target"]
     basis = f"{version_label(TargetStore(root).manifest(teacher_version))} target"
@@ -270,8 +270,8 @@ def _predict_actions(root: Any, run: str, info: Any, export_id: str, clip: int |
                      allow_change: bool) -> dict[str, Any]:
     import numpy as np
 
-    from trainers.action_expert import load_action_expert, predict_actions
-    from trainers.exports import check_sample_versions, export_sample
+    from foresight.trainers.action_expert import load_action_expert, predict_actions
+    from foresight.trainers.exports import check_sample_versions, export_sample
 
     task, info = load_action_expert(root, run, info.step)
     teachers = task.decouplers.teachers

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import ROOT_OPTION, get_root, sub_app
-from flows.cli.pi0 import int_list
-from flows.cli.train import (ALLOW_OPTION, BATCH_OPTION, CONFIG_OPTION, DEVICE_OPTION, EVAL_OPTION, RUN_ID_OPTION,
+from foresight.flows.cli.common import ROOT_OPTION, get_root, sub_app
+from foresight.flows.cli.pi0 import int_list
+from foresight.flows.cli.train import (ALLOW_OPTION, BATCH_OPTION, CONFIG_OPTION, DEVICE_OPTION, EVAL_OPTION, RUN_ID_OPTION,
                              STEPS_OPTION, STOP_OPTION, TRAIN_HELP, WORKERS_OPTION, echo_result, loop_overrides)
 
 
@@ -43,8 +43,8 @@ def cmd_shallow_pi(
     root: str | None = ROOT_OPTION,
 ) -> None:
     """Train a Shallow-π student: L_task + lambda_kd L_kd + lambda_attn L_attn, online (default) or offline."""
-    from trainers.config import load_config
-    from trainers.shallow_pi import ShallowPiRunConfig, train_shallow_pi
+    from foresight.trainers.config import load_config
+    from foresight.trainers.shallow_pi import ShallowPiRunConfig, train_shallow_pi
 
     overrides = loop_overrides(steps, batch_size, device, workers) | {
         "preset": preset, "teacher": teacher, "layers": layers, "mode": mode, "augment": augment,

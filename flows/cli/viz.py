@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from flows.cli.common import ROOT_OPTION, fail, get_root, sub_app
-from flows.cli.targets import DEFAULT_STATS_SAMPLE, array_statistics
-from pipelines.audit import spread_indices
-from pipelines.viz import (
+from foresight.flows.cli.common import ROOT_OPTION, fail, get_root, sub_app
+from foresight.flows.cli.targets import DEFAULT_STATS_SAMPLE, array_statistics
+from foresight.pipelines.audit import spread_indices
+from foresight.pipelines.viz import (
     ExtraMap,
     ReportImage,
     ReportPage,
@@ -21,10 +21,10 @@ from pipelines.viz import (
     png_bytes,
     render_report_html,
 )
-from storage import audit, references
-from storage.fs import Root
-from storage.provenance import now_iso
-from storage.targets import TargetStore
+from foresight.storage import audit, references
+from foresight.storage.fs import Root
+from foresight.storage.provenance import now_iso
+from foresight.storage.targets import TargetStore
 
 def clip_sheet(root: Root, version_ids: Sequence[str], clip_id: str | None = None, clip_index: int | None = None,
                max_frames: int = 8, layout: SheetLayout | None = None,

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from trainers.models.decoupler import Decoupler, DecouplerConfig
-from trainers.models.denoiser import DenoiserConfig, GCDenoiser
-from trainers.models.objectives import ObjectiveConfig
-from trainers.models.video_former import VideoFormer3D, VideoFormerConfig
+from foresight.trainers.models.decoupler import Decoupler, DecouplerConfig
+from foresight.trainers.models.denoiser import DenoiserConfig, GCDenoiser
+from foresight.trainers.models.objectives import ObjectiveConfig
+from foresight.trainers.models.video_former import VideoFormer3D, VideoFormerConfig
 
 
 def load_weights(fixture_dir: Path, name: str) -> dict[str, torch.Tensor]:

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.conformance import ArrayCheck, compare
-from pipelines.teachers.da3 import DA3Settings, DA3Teacher, load_backbone
-from pipelines.teachers.da3_model import (DA3Backbone, reference_view_order, saddle_balanced_scores,
+from foresight.pipelines.conformance import ArrayCheck, compare
+from foresight.pipelines.teachers.da3 import DA3Settings, DA3Teacher, load_backbone
+from foresight.pipelines.teachers.da3_model import (DA3Backbone, reference_view_order, saddle_balanced_scores,
                                           select_reference_view)
-from pipelines.teachers.preprocess import PreprocessSettings
-from schemas.model import ModelIdentity, ModelSpec
+from foresight.pipelines.teachers.preprocess import PreprocessSettings
+from foresight.schemas.model import ModelIdentity, ModelSpec
 
 GROUP = "da3"
 ATOL, RTOL = 5e-5, 1e-5  # SPEC.md section 9: suggested for an independent float32 implementation

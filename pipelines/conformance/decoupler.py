@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.conformance import ArrayCheck, compare
-from pipelines.conformance import _models as models
+from foresight.pipelines.conformance import ArrayCheck, compare
+from foresight.pipelines.conformance import _models as models
 
 GROUP = "decoupler"
 OUT_TOL = (1e-4, 1e-4)

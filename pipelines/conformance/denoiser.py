@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.conformance import ArrayCheck, compare, group_arrays
-from pipelines.conformance import _models as models
-from trainers.models import objectives
+from foresight.pipelines.conformance import ArrayCheck, compare, group_arrays
+from foresight.pipelines.conformance import _models as models
+from foresight.trainers.models import objectives
 
 GROUP = "denoiser"
 EXACT_TOL = (1e-7, 1e-6)

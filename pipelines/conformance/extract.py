@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.conformance import ArrayCheck, compare, group_arrays
-from pipelines.svd import conditioning as cond
-from pipelines.svd.loading import SVDModel, svd_from_state_dicts
-from pipelines.svd.sampler import BatchInputs, condition, extractor_features, unet_sample
-from pipelines.svd.unet_split import UNetHead, check_feature_blocks
-from pipelines.text import TextModel, embed_texts, tokenize
-from schemas.model import ModelIdentity
-from schemas.svd import OneStepParams, SVDParams
+from foresight.pipelines.conformance import ArrayCheck, compare, group_arrays
+from foresight.pipelines.svd import conditioning as cond
+from foresight.pipelines.svd.loading import SVDModel, svd_from_state_dicts
+from foresight.pipelines.svd.sampler import BatchInputs, condition, extractor_features, unet_sample
+from foresight.pipelines.svd.unet_split import UNetHead, check_feature_blocks
+from foresight.pipelines.text import TextModel, embed_texts, tokenize
+from foresight.schemas.model import ModelIdentity
+from foresight.schemas.svd import OneStepParams, SVDParams
 
 GROUP = "extract"
 REQUIRED = ("text_hidden", "pixel_values", "latents_randn", "features")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.conformance import ArrayCheck, compare
-from pipelines.conformance import _models as models
-from trainers.action_expert import FrozenDecouplers
-from trainers.models.decoupler import tokens_to_grid
+from foresight.pipelines.conformance import ArrayCheck, compare
+from foresight.pipelines.conformance import _models as models
+from foresight.trainers.action_expert import FrozenDecouplers
+from foresight.trainers.models.decoupler import tokens_to_grid
 
 GROUP = "glue"
 

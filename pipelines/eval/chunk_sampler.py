@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import pi0
-from pipelines.eval.policy import Observation, Policy, call_seed
-from schemas.eval import PolicyIdentity
+from foresight.pipelines import pi0
+from foresight.pipelines.eval.policy import Observation, Policy, call_seed
+from foresight.schemas.eval import PolicyIdentity
 
 
 
@@ -55,7 +55,7 @@ class ChunkSamplerPolicy(Policy):
 
     @torch.no_grad()
     def act(self, obs: Observation) -> np.ndarray:
-        from trainers.shallow_pi import sample_chunk
+        from foresight.trainers.shallow_pi import sample_chunk
 
         assert obs.frame is not None, "ChunkSamplerPolicy needs frames"
         seed = call_seed(self.seed, self.calls)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from schemas.eval import PolicyIdentity
+from foresight.schemas.eval import PolicyIdentity
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.eval.policy import Observation, Policy
-from pipelines.ingest.metaworld import ACTION_DIM, INSTRUCTIONS, MAX_PATH_LENGTH, upright
-from schemas.eval import EpisodeResult
+from foresight.pipelines.eval.policy import Observation, Policy
+from foresight.pipelines.ingest.metaworld import ACTION_DIM, INSTRUCTIONS, MAX_PATH_LENGTH, upright
+from foresight.schemas.eval import EpisodeResult
 
 EVAL_SEED_BASE = 100_000
 """First default eval seed: demonstrations are collected from seed 0 upwards, so evals start far away

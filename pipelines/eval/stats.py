@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from pipelines.ingest.metaworld import TASK_GROUPS
-from schemas.eval import EpisodeResult, TaskSummary
+from foresight.pipelines.ingest.metaworld import TASK_GROUPS
+from foresight.schemas.eval import EpisodeResult, TaskSummary
 
 Z_95 = 1.959963984540054
 """Two-sided 95% normal quantile."""

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.eval.policy import Observation, Policy, call_seed
-from pipelines.svd import SVDParams
-from pipelines.svd.loading import SVDModel, load_svd
-from pipelines.svd.sampler import one_step_on_device
-from pipelines.teachers import Teacher, load_teacher
-from pipelines.text import TextModel, embed_instructions, load_text_model
-from schemas.eval import PolicyIdentity
-from schemas.model import ModelIdentity
+from foresight.pipelines.eval.policy import Observation, Policy, call_seed
+from foresight.pipelines.svd import SVDParams
+from foresight.pipelines.svd.loading import SVDModel, load_svd
+from foresight.pipelines.svd.sampler import one_step_on_device
+from foresight.pipelines.teachers import Teacher, load_teacher
+from foresight.pipelines.text import TextModel, embed_instructions, load_text_model
+from foresight.schemas.eval import PolicyIdentity
+from foresight.schemas.model import ModelIdentity
 
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from pydantic import Field, field_validator
 
-from pipelines.ingest.common import (
+from foresight.pipelines.ingest.common import (
     FrameCodecOptions,
     depth_frame_storage,
     resolve_frame_storage,
@@ -33,8 +33,8 @@ from pipelines.ingest.common import (
     blocks_of,
     pack_depth_uint24,
 )
-from pipelines.ingest.safe_pickle import load_npy, load_pickled_dict
-from schemas.dataset import FeatureSpec, LanguageSegment
+from foresight.pipelines.ingest.safe_pickle import load_npy, load_pickled_dict
+from foresight.schemas.dataset import FeatureSpec, LanguageSegment
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from schemas.base import StrictModel
-from schemas.dataset import FeatureSpec, FrameCodecName, FrameStorage, LanguageSegment
+from foresight.schemas.base import StrictModel
+from foresight.schemas.dataset import FeatureSpec, FrameCodecName, FrameStorage, LanguageSegment
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipelines.ingest.common import (
+from foresight.pipelines.ingest.common import (
     READ_BLOCK,
     ChunkBlock,
     FrameBlock,
@@ -44,8 +44,8 @@ from pipelines.ingest.common import (
     check_finite,
     resolve_frame_storage,
 )
-from schemas.dataset import FeatureSpec, FrameStorage, LanguageSegment
-from storage.frame_codecs import FrameDecodeError, decode_segment, frame_rgb, pack_packets
+from foresight.schemas.dataset import FeatureSpec, FrameStorage, LanguageSegment
+from foresight.storage.frame_codecs import FrameDecodeError, decode_segment, frame_rgb, pack_packets
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.base import canonical_json
+from foresight.schemas.base import canonical_json
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 from pydantic import Field
 
-from pipelines.ingest.common import (
+from foresight.pipelines.ingest.common import (
     ChunkBlock,
     FrameBlock,
     FrameCodecOptions,
@@ -34,8 +34,8 @@ from pipelines.ingest.common import (
     pack_depth_uint24,
     resolve_frame_storage,
 )
-from schemas.dataset import FeatureSpec, FrameStorage
-from storage.frame_codecs import decode_jpeg, jpeg_size
+from foresight.schemas.dataset import FeatureSpec, FrameStorage
+from foresight.storage.frame_codecs import decode_jpeg, jpeg_size
 
 EPISODE_FILE = re.compile(r"^episode_(\d+)\.hdf5$")
 LOWDIM_PATHS: dict[str, str] = {

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.svd.loading import SVDModel
-from schemas.svd import FpsId
+from foresight.pipelines.svd.loading import SVDModel
+from foresight.schemas.svd import FpsId
 
 NOISE_THREADS = min(8, os.cpu_count() or 1)
 

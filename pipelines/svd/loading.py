@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 
-from pipelines.svd.fp8 import fp8_supported, quantize_transformer_linears
-from pipelines.svd.unet_split import UNetSplit, check_feature_blocks
-from schemas.model import ModelIdentity, ModelSpec
-from storage.fs import sha256_local_files
+from foresight.pipelines.svd.fp8 import fp8_supported, quantize_transformer_linears
+from foresight.pipelines.svd.unet_split import UNetSplit, check_feature_blocks
+from foresight.schemas.model import ModelIdentity, ModelSpec
+from foresight.storage.fs import sha256_local_files
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def describe_svd(spec: str | ModelSpec, seed: int = DEFAULT_SEED) -> SVDDescript
     Cheap next to loading: flows key a version with it before any worker loads the model."""
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     if spec.source == "null":  # the tiny architecture's shapes, nothing to load (pipelines/null_models.py)
-        from pipelines.null_models import null_identity
+        from foresight.pipelines.null_models import null_identity
 
         arch = _architecture("tiny")
         return SVDDescription(null_identity(FAMILY, arch), arch["unet"], arch["vae"], arch["scheduler"])
@@ -265,7 +265,7 @@ def load_svd(spec: str | ModelSpec | SVDDescription, device: str | torch.device 
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype)
     if desc.identity.is_null:
-        from pipelines.null_models import null_svd
+        from foresight.pipelines.null_models import null_svd
 
         return null_svd(desc, device, torch_dtype, dtype)
     if dtype == "fp8" and not fp8_supported(device):

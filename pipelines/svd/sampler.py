@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from pipelines.svd import conditioning as cond
-from pipelines.svd.features import merge_features, to_host
-from pipelines.svd.loading import SVDModel
-from pipelines.svd.unet_split import UNetSplit
-from schemas.svd import FpsId, SVDParams
+from foresight.pipelines.svd import conditioning as cond
+from foresight.pipelines.svd.features import merge_features, to_host
+from foresight.pipelines.svd.loading import SVDModel
+from foresight.pipelines.svd.unet_split import UNetSplit
+from foresight.schemas.svd import FpsId, SVDParams
 
 
 @dataclass
@@ -167,7 +167,7 @@ def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, 
     initial noise (see the module docstring). ``keep_latents`` also returns the final
     latents (for comparing the numbers of two settings)."""
     if model.identity.is_null:
-        from pipelines.null_models import null_generated
+        from foresight.pipelines.null_models import null_generated
 
         frames, onestep = null_generated(model, params, seeds)
         return GeneratedBatch(frames=frames, onestep=onestep)

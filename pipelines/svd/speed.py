@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pipelines.svd.loading import SVDModel
-from schemas.base import StrictModel
+from foresight.pipelines.svd.loading import SVDModel
+from foresight.schemas.base import StrictModel
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines.teachers.base import DTYPES, OUTPUT_DTYPE, Teacher, parse_dtype
-from pipelines.teachers.da3 import DA3Settings, load_da3
-from pipelines.teachers.dinov2 import DinoV2Settings, load_dinov2
-from pipelines.teachers.hf import HFSettings, load_hf
-from schemas.base import StrictModel, validate
-from schemas.model import ModelSpec
+from foresight.pipelines.teachers.base import DTYPES, OUTPUT_DTYPE, Teacher, parse_dtype
+from foresight.pipelines.teachers.da3 import DA3Settings, load_da3
+from foresight.pipelines.teachers.dinov2 import DinoV2Settings, load_dinov2
+from foresight.pipelines.teachers.hf import HFSettings, load_hf
+from foresight.schemas.base import StrictModel, validate
+from foresight.schemas.model import ModelSpec
 
 __all__ = ["TEACHERS", "Teacher", "TeacherEntry", "DTYPES", "OUTPUT_DTYPE", "load_teacher", "parse_settings",
            "parse_dtype", "teacher_names"]
@@ -64,7 +64,7 @@ def load_teacher(name: str, spec: str | ModelSpec, settings: dict[str, Any] | St
     parsed_spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if parsed_spec.source == "null":
-        from pipelines.null_models import null_teacher
+        from foresight.pipelines.null_models import null_teacher
 
         return null_teacher(name, parse_settings(name, settings), device, torch_dtype)
     return entry.load(parsed_spec, parse_settings(name, settings), device, torch_dtype)

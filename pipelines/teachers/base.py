@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.teachers.preprocess import PreprocessSettings, normalisation, preprocess_frames
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity
+from foresight.pipelines.teachers.preprocess import PreprocessSettings, normalisation, preprocess_frames
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUTPUT_DTYPE = torch.float16

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from pipelines.teachers.base import Teacher
-from pipelines.teachers.da3_model import DA3ArchConfig, DA3Backbone, RefStrategy
-from pipelines.teachers.preprocess import PreprocessSettings
-from pipelines.teachers.weights import (checkpoint_dir, load_state_dict_files, random_identity,
+from foresight.pipelines.teachers.base import Teacher
+from foresight.pipelines.teachers.da3_model import DA3ArchConfig, DA3Backbone, RefStrategy
+from foresight.pipelines.teachers.preprocess import PreprocessSettings
+from foresight.pipelines.teachers.weights import (checkpoint_dir, load_state_dict_files, random_identity,
                                         real_identity)
-from schemas.base import StrictModel, validate
-from schemas.model import ModelIdentity, ModelSpec
+from foresight.schemas.base import StrictModel, validate
+from foresight.schemas.model import ModelIdentity, ModelSpec
 
 log = logging.getLogger(__name__)
 

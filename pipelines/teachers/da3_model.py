@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 THRESH_FOR_REF_SELECTION = 3
 RefStrategy = Literal["saddle_balanced", "first", "middle"]

@@ -11,11 +11,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipelines.teachers.base import Teacher
-from pipelines.teachers.preprocess import PreprocessSettings
-from pipelines.teachers.weights import checkpoint_dir, random_identity, real_identity
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity, ModelSpec
+from foresight.pipelines.teachers.base import Teacher
+from foresight.pipelines.teachers.preprocess import PreprocessSettings
+from foresight.pipelines.teachers.weights import checkpoint_dir, random_identity, real_identity
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity, ModelSpec
 
 SEED = 0
 SUPPORTED_TYPES = ("dinov2", "dinov2_with_registers")

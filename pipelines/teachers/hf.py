@@ -14,11 +14,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipelines.teachers.base import Teacher
-from pipelines.teachers.preprocess import PreprocessSettings, settings_from_processor
-from pipelines.teachers.weights import checkpoint_dir, random_identity, real_identity
-from schemas.base import StrictModel
-from schemas.model import ModelIdentity, ModelSpec
+from foresight.pipelines.teachers.base import Teacher
+from foresight.pipelines.teachers.preprocess import PreprocessSettings, settings_from_processor
+from foresight.pipelines.teachers.weights import checkpoint_dir, random_identity, real_identity
+from foresight.schemas.base import StrictModel
+from foresight.schemas.model import ModelIdentity, ModelSpec
 
 SEED = 0
 TINY_SIGLIP: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

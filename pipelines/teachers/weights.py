@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from schemas.model import ModelIdentity, ModelSpec
-from storage.fs import sha256_local_files
+from foresight.schemas.model import ModelIdentity, ModelSpec
+from foresight.storage.fs import sha256_local_files
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from schemas.presets import Sourced
+from foresight.schemas.presets import Sourced
 
 _FORMER = "S-VAM-Code policy_models/module/Video_Former.py Video_Former_3D; policy_conf/VPP_Calvinabc_train.yaml"
 _DENOISER = "S-VAM-Code policy_models/edm_diffusion/score_wrappers.py GCDenoiser.__init__ (hard-coded)"

@@ -8,7 +8,7 @@ share every setting (the run's ``teacher`` picks the branch); MetaWorld uses the
 
 from __future__ import annotations
 
-from schemas.presets import Sourced
+from foresight.schemas.presets import Sourced
 
 _MODEL = "S-VAM-Code hidden2dino/model_spail_tem_attention.py (HiddenToDinoModelWithRef; fixture SPEC.md §2)"
 _DINO_RUN = ("S-VAM-Code hidden2dino/runs_calvin_new_st_model-hidden1024-layers4-head8/run_20260321_202023/"

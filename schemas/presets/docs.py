@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from schemas.devices import CPU_DTYPE, GPU_DTYPES
-from schemas.presets import PRESET_NAMES, Sourced, preset_table
+from foresight.schemas.devices import CPU_DTYPE, GPU_DTYPES
+from foresight.schemas.presets import PRESET_NAMES, Sourced, preset_table
 
 MODELS: tuple[tuple[str, str, str], ...] = (
     ("SVD generation", "generate", ""),

@@ -21,7 +21,7 @@ Everything else is "ours" with the reason.
 
 from __future__ import annotations
 
-from schemas.presets import Sourced
+from foresight.schemas.presets import Sourced
 
 PAPER = "Shallow-π (arXiv 2601.20262)"
 POSTER = "Shallow-π poster (icsl-Jeon/shallow-pi poster.html)"

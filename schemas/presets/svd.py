@@ -10,7 +10,7 @@ overrides it, and says so. The clip length T (16 in every preset) is the plan's 
 
 from __future__ import annotations
 
-from schemas.presets import Sourced
+from foresight.schemas.presets import Sourced
 
 EXTRACT_PY = "S-VAM-Code policy_models/module/diffusion_extract.py"
 CALVIN_YAML = "S-VAM-Code policy_conf/VPP_Calvinabc_train.yaml"

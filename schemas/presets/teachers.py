@@ -10,7 +10,7 @@ not make the target default. VPP has no teachers, so ``vpp`` fixes nothing here.
 
 from __future__ import annotations
 
-from schemas.presets import Sourced
+from foresight.schemas.presets import Sourced
 
 REFERENCE = "docs/REFERENCE.md (S-VAM / VPP model settings: teacher preprocessing)"
 SVAM_SPEC = "tests/reference/svam_tiny/SPEC.md"

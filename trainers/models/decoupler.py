@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 ModelSize = Literal["full", "tiny"]
 DecouplerArchName = Literal["release", "foresight"]

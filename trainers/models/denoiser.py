@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel
-from trainers.models.decoupler import ModelSize
-from trainers.models.objectives import c_noise
+from foresight.schemas.base import StrictModel
+from foresight.trainers.models.decoupler import ModelSize
+from foresight.trainers.models.objectives import c_noise
 
 CrossAttnMask = Literal["top-left-causal", "none"]
 Modulation = Literal["scale-shift", "one-plus-scale"]

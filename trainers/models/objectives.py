@@ -24,7 +24,7 @@ import torch
 from diffusers import EDMEulerScheduler
 from pydantic import Field
 
-from schemas.base import StrictModel
+from foresight.schemas.base import StrictModel
 
 ObjectiveName = Literal["release-edm", "edm"]
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -23,14 +23,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel
-from trainers.models import objectives
-from trainers.models.decoupler import ModelSize
-from trainers.models.denoiser import DenoiserConfig, GCDenoiser
-from trainers.models.layers import Attention, CrossAttentionBlock, Mlp, SelfAttentionBlock
-from trainers.models.objectives import ObjectiveConfig
-from trainers.models.uniperceiver import UniPerceiver, UniPerceiverConfig
-from trainers.models.video_former import VideoFormer3D, VideoFormerConfig
+from foresight.schemas.base import StrictModel
+from foresight.trainers.models import objectives
+from foresight.trainers.models.decoupler import ModelSize
+from foresight.trainers.models.denoiser import DenoiserConfig, GCDenoiser
+from foresight.trainers.models.layers import Attention, CrossAttentionBlock, Mlp, SelfAttentionBlock
+from foresight.trainers.models.objectives import ObjectiveConfig
+from foresight.trainers.models.uniperceiver import UniPerceiver, UniPerceiverConfig
+from foresight.trainers.models.video_former import VideoFormer3D, VideoFormerConfig
 
 NormMode = Literal["quantile", "minmax", "meanstd", "none"]
 

@@ -13,9 +13,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel
-from trainers.models.decoupler import ModelSize
-from trainers.models.layers import CrossAttentionBlock, SelfAttentionBlock
+from foresight.schemas.base import StrictModel
+from foresight.trainers.models.decoupler import ModelSize
+from foresight.trainers.models.layers import CrossAttentionBlock, SelfAttentionBlock
 
 
 class UniPerceiverConfig(StrictModel):

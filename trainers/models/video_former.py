@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from schemas.base import StrictModel
-from trainers.models.decoupler import ModelSize
-from trainers.models.layers import Attention
+from foresight.schemas.base import StrictModel
+from foresight.trainers.models.decoupler import ModelSize
+from foresight.trainers.models.layers import Attention
 
 
 class VideoFormerConfig(StrictModel):

@@ -25,7 +25,7 @@ SUBPACKAGES = ("schemas", "storage", "pipelines", "flows", "trainers")
 """The repository's top-level folders that make up ``foresight.*``."""
 
 
-def _checkout_top() -> Path | None:
+def checkout_top() -> Path | None:
     """The checkout this package lies in, when it is one of ours (its pyproject names
     DISTRIBUTION); None when installed (site-packages: its other top-level packages, such as an
     unrelated ``storage``, must never be picked up as ours)."""
@@ -60,7 +60,7 @@ class _CheckoutFinder(importlib.abc.MetaPathFinder):
                                                       submodule_search_locations=[str(folder)])
 
 
-_top = _checkout_top()
+_top = checkout_top()
 if _top is not None and not any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
     sys.meta_path.insert(0, _CheckoutFinder(_top))
 del _top

@@ -98,3 +98,12 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv_outside_the_checkout(tmp_pa
     assert where.startswith(str(tmp_path / "user" / ".venv")) and where.endswith(built_from)
     report = run(bin_dir / "foresight", "conformance", CHECKOUT / "tests" / "reference" / "da3_tiny")
     assert report.endswith("47/47 arrays within tolerance")
+
+
+def test_deployments_start_in_the_checkout_or_else_where_deploy_runs(monkeypatch, tmp_path):
+    from foresight.flows.cli import run
+
+    assert run.deployment_folder() == CHECKOUT
+    monkeypatch.setattr(run, "checkout_top", lambda: None)  # as from a wheel in site-packages
+    monkeypatch.chdir(tmp_path)
+    assert run.deployment_folder() == tmp_path

@@ -73,6 +73,10 @@ class RunnerChoice(StrictModel):
         return f"{self.workers} local {kind}(s)"
 
 
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+"""How long a run waits for Prefect's embedded API server to start (unless the user set it)."""
+
+
 def configure_prefect() -> None:
     """Point Prefect at an embedded API whose home lives in a temp folder, never the user's home.
 
@@ -87,6 +91,9 @@ def configure_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
+    # Prefect waits 20 s for its embedded server; a busy machine (a cluster node's other jobs, a
+    # 2-core CI box) can take longer and the run then fails before any work.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
 
 
 def visible_gpus() -> int:

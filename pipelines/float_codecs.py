@@ -1,0 +1,185 @@
+"""Float codecs shared by exports (pipelines/export.py) and the target store's coded arrays
+(storage/targets.py): "bf16" (bfloat16 bit patterns) and "fp8" (companded e4m3 with E8M0 per-channel
+scales).
+
+"bf16": uint16 bit patterns of the bfloat16 rounding (to nearest even) of each value; decoded
+exactly to float32. Relative error <= 2**-9 per element (8 significant bits), same range as float32.
+
+The "fp8" codec (companded e4m3, power-of-two per-channel scales). For channel ``c`` let
+``S_c = 2**(e_c - 127)`` be the smallest power of two >= max|x[..., c]| (its OCP Microscaling E8M0
+byte ``e_c`` is stored), ``p = FP8_POWER = 1.5``. Each value is stored as the e4m3fn number ``q``
+nearest to ``y = 448 * sign(x) * (|x| / S_c)**p`` and decoded as ``x' = sign(q) * (|q| / 448)**(1/p)
+* S_c``: one 256-entry table (the signed ``(|q| / 448)**(1/p)`` of every code) and one multiply per
+value, exact in float16 because ``S_c`` is a power of two. Companding spends e4m3's spare dynamic
+range on finer relative steps: a relative error ``d`` of ``q`` becomes about ``d / p`` in ``x'``.
+
+fp8 error bound (documented, tested; ``fp8_error_bound`` computes it per element). Where ``y`` is a
+normal e4m3 number (``y >= 2**-6``), round to nearest gives ``|q/y - 1| <= 2**-4``, so
+``|x'/x - 1| = |(q/y)**(1/p) - 1| <= 1 - (1 - 2**-4)**(1/p)`` (the lower side is the larger one
+for ``p >= 1``): 4.21% at p = 1.5 (6.25% for plain e4m3). Below that, in e4m3's subnormal range,
+``|q - y| <= 2**-10`` and, since ``t**(1/p)`` is (1/p)-Hoelder with constant 1,
+``|x' - x| <= S_c * (2**-10 / 448)**(1/p)`` (1.68e-4 * S_c at p = 1.5; zero decodes to zero). So
+
+    |x - x'| <= (1 - (1 - 2**-4)**(1/p)) * |x| + (2**-10 / 448)**(1/p) * S_c
+
+plus 2**-11 * |x'| for the float16 output (2**-23 for float32) and float16's subnormal half-step.
+So a field's relative L2 error stays below ~4.2% unless much of its energy lies below
+``1.07e-3 * S_c`` (the subnormal band at p = 1.5). Measured on Gaussian, Laplace, GELU, Student-t(3)
+and tiny-model features: 1.7-1.8% (2.65% for plain e4m3); see bench/RESULTS.md, Issue 7, which
+also compares exponents: the error falls like 1/p, but a larger p also narrows the dynamic range,
+so p = 1.75 and 2 win on light tails and lose on Student-t(2) features or a few 100x outlier
+tokens, whose channel bulk falls into the subnormal band (p = 2: 3.5-3.7%); p = 1.5 has the
+lowest worst case of the exponents tried (1.9%).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+FP8_MAX = 448.0
+"""Largest finite float8 e4m3fn value: a channel's scale S_c (>= its max |x|) maps onto it."""
+FP8_POWER = 1.5
+"""Companding exponent p of the fp8 codec. Fixed: every decoder of an "fp8" export or coded store array assumes it."""
+FP8_REL_HALF_ULP = 2.0 ** -4
+"""Largest relative rounding error of a normal e4m3 number (half an ulp of a 3-bit mantissa)."""
+FP8_SUBNORMAL_HALF_STEP = 2.0 ** -10
+"""Largest absolute rounding error below e4m3's smallest normal number 2**-6 (half of 2**-9)."""
+FP8_ROUNDING_SLACK = 2.0 ** -16
+"""Relative slack in the bound for the float32 rounding of the companded value before quantising."""
+E8M0_BIAS = 127
+"""E8M0 scale byte e stands for 2**(e - 127); 255 is NaN (OCP Microscaling formats)."""
+
+
+def encode_bf16(array: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (round to nearest even) as uint16."""
+    values = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def decode_bf16(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# fp8: companded e4m3 with E8M0 per-channel scales (see the module docstring) ---------------------
+def fp8_channels(array: np.ndarray) -> np.ndarray:
+    """View of ``array`` as (rows, channels): channels = last axis, or one channel for 0-d/1-d arrays."""
+    return array.reshape(-1, array.shape[-1]) if array.ndim >= 2 else array.reshape(-1, 1)
+
+
+def check_fp8_power(power: float) -> float:
+    """Companding exponents from 1 (plain e4m3) to 4; the error bound needs p >= 1."""
+    if not 1.0 <= power <= 4.0:
+        raise ValueError(f"fp8 companding exponent {power}: expected 1 <= p <= 4")
+    return float(power)
+
+
+def e8m0_exponents(amax_C: np.ndarray, where: str = "array") -> np.ndarray:
+    """E8M0 bytes of the smallest powers of two >= each channel's max |x| (2**0 for all-zero channels)."""
+    amax_C = np.asarray(amax_C, dtype=np.float32)
+    mantissa_C, exponent_C = np.frexp(amax_C)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent_C = np.where(mantissa_C == 0.5, exponent_C - 1, exponent_C)
+    exponent_C = np.where(amax_C > 0, exponent_C, 0)
+    if exponent_C.size and exponent_C.max() > E8M0_BIAS:
+        raise ValueError(f"{where}: values of magnitude above 2**127 do not fit the fp8 codec's E8M0 scales")
+    return (np.maximum(exponent_C, -E8M0_BIAS) + E8M0_BIAS).astype(np.uint8)
+
+
+def _e8m0_table() -> np.ndarray:
+    """float32 value 2**(e - 127) of every E8M0 byte e (exact; 2**-127 is a float32 subnormal), 255 -> NaN."""
+    powers = np.ldexp(np.float32(1.0), np.arange(255, dtype=np.int32) - E8M0_BIAS).astype(np.float32)
+    table = np.append(powers, np.float32(np.nan))
+    table.flags.writeable = False
+    return table
+
+
+E8M0_TABLE = _e8m0_table()
+
+
+def fp8_scales(scale_bits_C: np.ndarray, where: str = "fp8 field") -> np.ndarray:
+    """float32 per-channel scales S_c of stored E8M0 bytes; refuses other dtypes and the NaN byte."""
+    bits = np.asarray(scale_bits_C)
+    if bits.dtype != np.uint8:
+        raise ValueError(f"{where}: per-channel scales are {bits.dtype}, expected uint8 E8M0 exponents; float "
+                         "scales come from the earlier linear fp8 format (export stage version 1): re-export it")
+    if (bits == 255).any():
+        raise ValueError(f"{where}: per-channel scale byte 255 (E8M0 NaN); the field is corrupt")
+    return np.take(E8M0_TABLE, bits)
+
+
+@functools.lru_cache(maxsize=16)
+def fp8_table(power: float = FP8_POWER, dtype: str = "float16") -> np.ndarray:
+    """Decoded value of every e4m3fn code for a unit scale, sign(q) * (|q| / 448)**(1/p), as ``dtype``
+    (rounded once from float64; the two NaN codes decode to NaN). Read-only: it is shared."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).to(torch.float32).to(torch.float64)
+    table = (values.abs() / FP8_MAX).pow(1.0 / check_fp8_power(power)).copysign(values)
+    table = table.numpy().astype(dtype)
+    table.flags.writeable = False
+    return table
+
+
+def encode_fp8(array: np.ndarray, power: float = FP8_POWER, where: str = "array") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 e4m3fn codes (same shape) of ``448 * sign(x) * (|x| / S_c)**p`` and the uint8 E8M0 bytes of
+    the per-channel (last axis) power-of-two scales ``S_c >= max|x[..., c]|``."""
+    values_RC = torch.from_numpy(np.ascontiguousarray(fp8_channels(array), dtype=np.float32))
+    amax_C = values_RC.abs().amax(dim=0) if values_RC.shape[0] else torch.zeros(values_RC.shape[1])
+    if not bool(torch.isfinite(amax_C).all()):  # amax propagates NaN; inf would clamp to the scale silently
+        raise ValueError(f"{where}: contains NaN or inf, which the fp8 codec cannot store")
+    scale_bits_C = e8m0_exponents(amax_C.numpy(), where)
+    scale_C = torch.from_numpy(np.take(E8M0_TABLE, scale_bits_C))
+    # |x| / S_c is exact (S_c is a power of two) and <= 1, so the companded value stays <= 448.
+    companded_RC = values_RC.abs().div_(scale_C).pow_(check_fp8_power(power)).mul_(FP8_MAX)
+    companded_RC = companded_RC.clamp_(max=FP8_MAX).copysign_(values_RC)
+    codes = companded_RC.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(np.shape(array))
+    return codes, scale_bits_C
+
+
+def decode_fp8(codes: np.ndarray, scale_bits_C: np.ndarray, dtype: Any = np.float16, power: float = FP8_POWER,
+               where: str = "fp8 field") -> np.ndarray:
+    """Values ``sign(q) * (|q| / 448)**(1/p) * S_c`` of e4m3fn codes, as ``dtype`` (float16 or float32)."""
+    scale_C = fp8_scales(scale_bits_C, where)
+    if np.dtype(dtype) == np.float16 and _fits_float16_normal(scale_C):
+        # One table lookup and one multiply by a power of two (exact in float16).
+        values_RC = np.take(fp8_table(power, "float16"), fp8_channels(codes))
+        out = torch.from_numpy(values_RC).mul_(torch.from_numpy(scale_C.astype(np.float16)))
+        return out.numpy().reshape(codes.shape)
+    values_RC = np.take(fp8_table(power, "float32"), fp8_channels(codes)) * scale_C
+    return values_RC.astype(dtype, copy=False).reshape(codes.shape)
+
+
+def _fits_float16_normal(scale_C: np.ndarray) -> bool:
+    # Table values are <= 1, so scales up to 2**15 keep every product finite in float16.
+    return bool(scale_C.size == 0 or (scale_C.min() >= np.finfo(np.float16).tiny and scale_C.max() <= 2.0 ** 15))
+
+
+def fp8_error_bound(array: np.ndarray, scale_bits_C: np.ndarray, dtype: Any = np.float16,
+                    power: float = FP8_POWER) -> np.ndarray:
+    """Per-element bound on |x - decode(encode(x))| for output ``dtype`` (see the module docstring)."""
+    power = check_fp8_power(power)
+    magnitude = np.abs(fp8_channels(np.asarray(array, dtype=np.float64)))
+    scale = fp8_scales(scale_bits_C).astype(np.float64)
+    rel_q = FP8_REL_HALF_ULP * (1 + FP8_ROUNDING_SLACK)
+    relative = max(1 - (1 - rel_q) ** (1 / power), (1 + rel_q) ** (1 / power) - 1)
+    # Subnormal band: |q - y| <= 2**-10 and t**(1/p) is (1/p)-Hoelder with constant 1 (p >= 1).
+    absolute = (FP8_SUBNORMAL_HALF_STEP * (1 + FP8_ROUNDING_SLACK) / FP8_MAX) ** (1 / power)
+    bound = relative * magnitude + absolute * scale
+    # Output rounding: the table entry (float16 or float32; the fallback path rounds float32 to
+    # float16 once more), then the exact power-of-two product, then float16/float32 subnormals.
+    if np.dtype(dtype) == np.float16:
+        out_relative, out_absolute = 2.0 ** -11 + 2.0 ** -23, 2.0 ** -25
+    else:
+        out_relative, out_absolute = 2.0 ** -23, 2.0 ** -150
+    bound += out_relative * (magnitude + bound) + out_absolute
+    return bound.reshape(np.shape(array))
+
+
+def relative_l2(approx: np.ndarray, reference: np.ndarray) -> float:
+    """||approx - reference|| / ||reference|| in float64 (0 when both are zero)."""
+    diff = np.asarray(approx, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    norm = float(np.linalg.norm(np.asarray(reference, dtype=np.float64)))
+    return float(np.linalg.norm(diff)) / norm if norm else float(np.linalg.norm(diff))

@@ -143,6 +143,13 @@ class TeachersConfig(StrictModel):
     preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld) whose "
                                                          "settings and weights for this teacher are the defaults; "
                                                          "explicit settings win (keyed).")
+    store_codec: Literal["f16", "bf16", "fp8"] = Field(
+        default="f16", description="How target and reference values are stored: f16 (float16, 2 bytes a value), "
+                                   "bf16 (<= 2^-8 relative error, 2 bytes) or fp8 (companded e4m3 with "
+                                   "per-clip, per-channel power-of-two scales, 1 byte: ~4.2% worst relative error, "
+                                   "~1.8% relative L2; see pipelines/float_codecs.py). Readers get float16 either "
+                                   "way; bf16/fp8 halve the bytes a disk must take. Keyed: a coded version has its "
+                                   "own id.")
 
     @model_validator(mode="before")
     @classmethod

@@ -76,13 +76,13 @@ class TeachersStage(TargetStage[TeachersConfig]):
 
     def recipe(self, root_url: str, config: TeachersConfig) -> TargetRecipe:
         open_video(root_url, config.video)
-        return teacher_recipe(cached_teacher(config), config.video, config.preset)
+        return teacher_recipe(cached_teacher(config), config.video, config.preset, config.store_codec)
 
     def arrays(self, root_url: str, config: TeachersConfig,
                recipe: TargetRecipe) -> tuple[list[ArraySpec], int, int]:
         video = open_video(root_url, config.video).manifest
         arrays = teacher_arrays(video.num_clips, video.array_spec("frames").shape[1], cached_teacher(config),
-                                config.compression)
+                                config.compression, config.store_codec)
         return arrays, video.num_clips, video.shard_size
 
     def open_worker(self, root_url: str, config: TeachersConfig, output: TargetOutput,

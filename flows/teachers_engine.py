@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "teachers"
 STAGE_VERSION = 1
+STORE_CODECS = {"f16": "raw", "bf16": "bf16", "fp8": "fp8"}
+"""TeachersConfig.store_codec -> ArraySpec.codec of the stored target and reference arrays."""
+DEFAULT_STORE_CODEC = "f16"
 CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
 
@@ -61,20 +64,33 @@ class EngineStats(StrictModel):
 
 
 # ---------------------------------------------------------------- version layout
-def teacher_recipe(teacher: Teacher, video_id: str, preset: str | None = None) -> TargetRecipe:
-    """Recipe of the teacher version: the video version, the teacher identity, its settings and
-    the preset they were resolved from (recorded only when there is one)."""
+def teacher_recipe(teacher: Teacher, video_id: str, preset: str | None = None,
+                   store_codec: str = DEFAULT_STORE_CODEC) -> TargetRecipe:
+    """Recipe of the teacher version: the video version, the teacher identity, its settings, the
+    preset they were resolved from and the store codec (each recorded only when not the default,
+    so float16 versions keep their ids; a coded version's readers get other values: its own id)."""
     params = {**teacher.params(), "preset": preset} if preset is not None else teacher.params()
+    if check_store_codec(store_codec) != DEFAULT_STORE_CODEC:
+        params = {**params, "store_codec": store_codec}
     return TargetRecipe(kind="teacher", stage=f"{STAGE}.{teacher.family}", stage_version=STAGE_VERSION,
                         model=teacher.identity, params=params, inputs={"video": video_id})
 
 
-def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher, compression: str = "zstd") -> list[ArraySpec]:
-    """The teacher version's arrays: ``target`` (N, T, h, w, C) and ``reference`` (N, 1, h, w, C)."""
+def check_store_codec(store_codec: str) -> str:
+    if store_codec not in STORE_CODECS:
+        raise ValueError(f"teachers store codec '{store_codec}': expected one of {sorted(STORE_CODECS)}")
+    return store_codec
+
+
+def teacher_arrays(num_clips: int, num_frames: int, teacher: Teacher, compression: str = "zstd",
+                   store_codec: str = DEFAULT_STORE_CODEC) -> list[ArraySpec]:
+    """The teacher version's arrays: ``target`` (N, T, h, w, C) and ``reference`` (N, 1, h, w, C),
+    float16 as read, stored in ``store_codec`` (storage/targets.py decodes)."""
     h, w = teacher.grid
     dtype = str(OUTPUT_DTYPE).removeprefix("torch.")
+    codec = STORE_CODECS[check_store_codec(store_codec)]
     return [ArraySpec(name=name, shape=[num_clips, frames, h, w, teacher.channels], dtype=dtype,
-                      compression=compression)
+                      compression=compression, codec=codec)
             for name, frames in (("target", num_frames), ("reference", 1))]
 
 

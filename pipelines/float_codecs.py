@@ -3,7 +3,8 @@
 scales).
 
 "bf16": uint16 bit patterns of the bfloat16 rounding (to nearest even) of each value; decoded
-exactly to float32. Relative error <= 2**-9 per element (8 significant bits), same range as float32.
+exactly to float32. Relative error <= 2**-8 per element (8 significant bits, round to nearest even),
+the range of float32.
 
 The "fp8" codec (companded e4m3, power-of-two per-channel scales). For channel ``c`` let
 ``S_c = 2**(e_c - 127)`` be the smallest power of two >= max|x[..., c]| (its OCP Microscaling E8M0

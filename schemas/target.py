@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from foresight.schemas.base import FORMAT_VERSION, StrictModel, canonical_json
 from foresight.schemas.model import ModelIdentity
 from foresight.schemas.refs import RecipeInputs, Ref, TargetKind
 
 TargetStatus = Literal["building", "complete"]
+ArrayCodec = Literal["raw", "bf16", "fp8"]
+"""ArraySpec.codec: how an array's float values are stored (see ArraySpec)."""
 
 
 def content_id(prefix: str, payload: Any) -> str:
@@ -30,6 +32,21 @@ class ArraySpec(StrictModel):
         default="zstd", description="Codec of the stored chunks. 'none' suits float features that zstd barely "
                                     "shrinks (teacher tokens: 0.81-0.92 of raw) when writing, not disk space, is "
                                     "the limit. Storage only: it never enters the version id.")
+    codec: ArrayCodec = Field(
+        default="raw", description="How float values are stored: 'raw' as ``dtype``; 'bf16' as uint16 bfloat16 bit "
+                                   "patterns (half the bytes of float32); 'fp8' as uint8 companded e4m3 codes with "
+                                   "uint8 E8M0 scales per clip and channel (last axis) in the companion array "
+                                   "'<name>.fp8scale' (pipelines/float_codecs.py: codecs and error bounds). Readers "
+                                   "decode to ``dtype``. It changes the values a reader gets, so a stage that offers "
+                                   "it keys it in its recipe (a coded version has its own id).")
+
+    @model_validator(mode="after")
+    def _codec_fits(self) -> "ArraySpec":
+        if self.codec != "raw" and not self.dtype.startswith(("float", "bfloat")):
+            raise ValueError(f"array '{self.name}': codec '{self.codec}' stores float values, dtype is {self.dtype}")
+        if self.codec == "fp8" and len(self.shape) < 2:
+            raise ValueError(f"array '{self.name}': codec 'fp8' needs a channel axis (shape {self.shape})")
+        return self
 
 
 class TargetRecipe(StrictModel):

@@ -24,7 +24,7 @@ from foresight.storage.episodes import EpisodeStore
 from foresight.storage.fs import Root, open_root
 from foresight.storage.graph import VersionGraph
 from foresight.storage.plans import PlanStore
-from foresight.storage.targets import TargetReader, TargetStore
+from foresight.storage.targets import TargetReader, TargetStore, stored_parts
 
 # summaries ------------------------------------------------------------------------------------
 class VersionSummary(StrictModel):
@@ -139,7 +139,8 @@ def version_events(root: Root | str | None, version_id: str) -> list[dict[str, A
 def verify_version(store: TargetStore, version_id: str) -> list[str]:
     """Every problem of one version: array metadata against the manifest, then every shard checksum."""
     reader = store.open(version_id)
-    problems = [p for spec in reader.manifest.arrays for p in _check_array_metadata(reader, spec)]
+    parts = [part for spec in reader.manifest.arrays for part in stored_parts(spec)]  # coded arrays: as stored
+    problems = [p for part in parts for p in _check_array_metadata(reader, part)]
     problems.extend(reader.verify())
     return problems
 

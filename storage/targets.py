@@ -26,6 +26,8 @@ COMPRESSORS = {"zstd": ZSTD, "none": None}
 """ArraySpec.compression -> zarr compressor of the stored chunks."""
 EMPTY_SHARD = "fill-value-only"
 """Checksum recorded for a shard whose every value is the fill value (zarr writes no object)."""
+SCALE_SUFFIX = ".fp8scale"
+"""Companion array of an 'fp8' coded array: uint8 E8M0 scale bytes per clip and channel, (N, C)."""
 NO_VERIFY_ENV = "FORESIGHT_NO_VERIFY"
 """Set (by ``foresight --no-verify``) to read versions and exports without checking checksums."""
 
@@ -33,6 +35,61 @@ NO_VERIFY_ENV = "FORESIGHT_NO_VERIFY"
 def verify_by_default() -> bool:
     """Whether readers check recorded checksums while reading (True unless ``--no-verify``)."""
     return not os.environ.get(NO_VERIFY_ENV)
+
+
+def stored_parts(spec: ArraySpec) -> list[ArraySpec]:
+    """The zarr arrays that hold ``spec`` as stored (codec 'raw'): the array itself for 'raw'; its
+    uint16 bfloat16 bits for 'bf16'; its uint8 e4m3 codes and their (N, C) scale bytes for 'fp8'."""
+    if spec.codec == "raw":
+        return [spec]
+    codes = spec.model_copy(update={"codec": "raw", "dtype": "uint16" if spec.codec == "bf16" else "uint8"})
+    if spec.codec == "bf16":
+        return [codes]
+    scales = spec.model_copy(update={"name": spec.name + SCALE_SUFFIX, "shape": [spec.shape[0], spec.shape[-1]],
+                                     "codec": "raw", "dtype": "uint8"})
+    return [codes, scales]
+
+
+def stored_part(manifest: TargetVersion, name: str) -> ArraySpec:
+    """The stored zarr array ``name`` of a version (an array's own name or its companion's)."""
+    for spec in manifest.arrays:
+        for part in stored_parts(spec):
+            if part.name == name:
+                return part
+    raise ValueError(f"target version {manifest.id}: no stored array '{name}' (has "
+                     f"{[p.name for a in manifest.arrays for p in stored_parts(a)]})")
+
+
+def encode_parts(spec: ArraySpec, data: np.ndarray, where: str) -> dict[str, np.ndarray]:
+    """Stored part name -> what it holds for rows ``data`` of ``spec`` (already in ``spec.dtype``);
+    fp8 scales are per clip (row) and channel, as an export's are per sample and channel."""
+    if spec.codec == "raw":
+        return {spec.name: data}
+    from pipelines import float_codecs  # torch: only writers of coded arrays pay for it
+
+    if spec.codec == "bf16":
+        return {spec.name: float_codecs.encode_bf16(data)}
+    codes = np.empty(data.shape, dtype=np.uint8)
+    scales_NC = np.empty((data.shape[0], data.shape[-1]), dtype=np.uint8)
+    for row in range(data.shape[0]):
+        codes[row], scales_NC[row] = float_codecs.encode_fp8(data[row], where=f"{where}, row {row}")
+    return {spec.name: codes, spec.name + SCALE_SUFFIX: scales_NC}
+
+
+def decode_parts(spec: ArraySpec, parts: dict[str, np.ndarray], where: str) -> np.ndarray:
+    """Rows of ``spec`` in ``spec.dtype`` from the rows of its stored parts (the inverse of
+    :func:`encode_parts`, within the codec's bound)."""
+    if spec.codec == "raw":
+        return parts[spec.name]
+    from pipelines import float_codecs
+
+    if spec.codec == "bf16":
+        return float_codecs.decode_bf16(parts[spec.name]).astype(spec.dtype, copy=False)
+    codes, scales_NC = parts[spec.name], parts[spec.name + SCALE_SUFFIX]
+    out = np.empty(codes.shape, dtype=spec.dtype)
+    for row in range(codes.shape[0]):
+        out[row] = float_codecs.decode_fp8(codes[row], scales_NC[row], spec.dtype, where=f"{where}, row {row}")
+    return out
 
 
 class TargetStore:
@@ -88,7 +145,7 @@ class TargetStore:
         return TargetWriter(self, manifest)
 
     def _create_arrays(self, manifest: TargetVersion) -> None:
-        for spec in manifest.arrays:
+        for spec in (part for array in manifest.arrays for part in stored_parts(array)):
             store = self.root.zarr_store(layout.target_array(manifest.id, spec.name))
             chunk = (1, *spec.shape[1:])
             try:
@@ -140,7 +197,7 @@ def _check_same_layout(manifest: TargetVersion, arrays: Sequence[ArraySpec], num
 
 def shard_object(manifest: TargetVersion, array: str, shard_index: int) -> str:
     """Path (relative to the root) of the stored object holding shard ``shard_index`` of ``array``."""
-    ndim = len(manifest.array_spec(array).shape)
+    ndim = len(stored_part(manifest, array).shape)
     key = "/".join([str(shard_index)] + ["0"] * (ndim - 1))
     return f"{layout.target_array(manifest.id, array)}/c/{key}"
 
@@ -160,8 +217,9 @@ class _VersionHandle:
         return self.manifest.id
 
     def array(self, name: str) -> zarr.Array:
-        """The zarr array ``name`` of this version (opened once)."""
-        self.manifest.array_spec(name)
+        """The stored zarr array ``name`` of this version (opened once): for a coded array, its
+        codes (see :func:`stored_parts`)."""
+        stored_part(self.manifest, name)
         if name not in self._arrays:
             store = self.root.zarr_store(layout.target_array(self.version_id, name), read_only=self.read_only)
             # zarr_format: without it zarr also looks for v2 metadata, 4 more requests per open on S3.
@@ -223,7 +281,9 @@ class TargetWriter(_VersionHandle):
         sums, fast = {}, {}
         for spec in self.manifest.arrays:
             data = np.asarray(arrays[spec.name]).astype(spec.dtype, copy=False)
-            sums[spec.name], fast[spec.name] = self._store_shard(spec.name, shard_index, data)
+            where = f"target version '{self.version_id}', shard {shard_index}, array '{spec.name}'"
+            for part, stored in encode_parts(spec, data, where).items():
+                sums[part], fast[part] = self._store_shard(part, shard_index, stored)
         # Every shard object was fsynced (file and folder) above: the marker never outlives its data.
         self.root.write_json_atomic(self.done_path(shard_index), {"sha256": sums, FAST_HASH: fast})
         return sums
@@ -263,7 +323,7 @@ class TargetWriter(_VersionHandle):
         """Delete temporaries a dead writer left in this shard's object folders (call while holding
         the shard's claim: no live writer can be using them)."""
         removed = []
-        for spec in self.manifest.arrays:
+        for spec in (part for array in self.manifest.arrays for part in stored_parts(array)):
             folder = shard_object(self.manifest, spec.name, shard_index).rsplit("/", 1)[0]
             # A 1-d array keeps every shard's object in one folder: there only exited writers' go.
             removed += remove_temporaries(self.root, folder, only_dead=len(spec.shape) == 1)
@@ -308,7 +368,19 @@ class TargetReader(_VersionHandle):
         self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its verified bytes)
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
-        """Rows of one array by clip index (an int, a slice or a list of indices)."""
+        """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
+        ``dtype``; a coded array (ArraySpec.codec) is decoded from its verified stored parts."""
+        spec = self.manifest.array_spec(name)
+        if spec.codec == "raw":
+            return self._read_stored(name, clips)
+        single = isinstance(clips, (int, np.integer))
+        rows = [clips] if single else clips
+        parts = {part.name: self._read_stored(part.name, rows) for part in stored_parts(spec)}
+        values = decode_parts(spec, parts, f"target version '{self.version_id}', array '{name}'")
+        return values[0] if single else values
+
+    def _read_stored(self, name: str, clips: slice | int | Sequence[int]) -> np.ndarray:
+        """Rows of one stored zarr array (see :func:`stored_parts`) as stored."""
         array = self.array(name)
         codec = self._codec(name)
         if self.verify_reads and codec is not None:
@@ -336,7 +408,7 @@ class TargetReader(_VersionHandle):
 
     def _read_verified(self, name: str, codec: ShardCodec, clips: slice | int | Sequence[int]) -> np.ndarray:
         """Rows decoded from shard objects whose checksum was checked on the bytes decoded."""
-        spec = self.manifest.array_spec(name)
+        spec = stored_part(self.manifest, name)
         rows = self._rows(clips)
         unique, inverse = np.unique(rows, return_inverse=True)
         out = np.zeros((len(unique), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
@@ -411,7 +483,7 @@ class TargetReader(_VersionHandle):
 
     def _read_direct(self, name: str, codec: ShardCodec, clips: range) -> np.ndarray:
         """Rows ``clips`` decoded from the shard objects without zarr, unverified (``--no-verify``)."""
-        spec = self.manifest.array_spec(name)
+        spec = stored_part(self.manifest, name)
         out = np.zeros((len(clips), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
         size = self.manifest.shard_size
         for shard in range(clips.start // size, (clips.stop - 1) // size + 1) if len(clips) else []:

@@ -44,6 +44,7 @@ def teachers(
     readers: int = config_option(TeachersConfig, "readers"),
     writers: int = config_option(TeachersConfig, "writers"),
     compression: str = config_option(TeachersConfig, "compression"),
+    store_codec: str = config_option(TeachersConfig, "store_codec"),
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
@@ -58,7 +59,8 @@ def teachers(
         check_preset(preset)
     config = TeachersConfig(settings=_settings(settings), workers=runner.tasks, **given(
         video=video, teacher=teacher, model=model, batch=batch, device=device, dtype=dtype, io_processes=io_processes,
-        readers=readers, writers=writers, compression=compression, preset=preset))
+        readers=readers, writers=writers, compression=compression, preset=preset,
+        store_codec=store_codec))
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.
     parse_settings(config.teacher, config.settings)

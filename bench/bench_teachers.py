@@ -15,8 +15,18 @@ For each teacher (DINOv2 ViT-B/14 with registers, DA3-LARGE stage 0; ``random`` 
 Frames/s count the generated frames (T per clip); the reference frame each clip also needs is
 part of the work, which is why the ratio is taken against "bare target+reference".
 
+The store codecs (``--store-codec f16,bf16,fp8``, TeachersConfig.store_codec) each run end to end
+in the same call, against the same bare figures; ``--root`` puts the store on a given folder (the
+machine's own disk, e.g. /tmp on the device machine, instead of tmpfs). Headline figures go to
+``--results`` (default bench/results/bench_teachers.json): card, torch, commit, date, the store's
+file system, and ``teachers_disk_ratio`` (the worst teacher's best e2e / bare target+ref over the
+codecs run) with ``<teacher>_<codec>_ratio`` per run.
+
     python bench/bench_teachers.py [--device cuda] [--dtype bf16] [--clips 512] [--batch 16]
                                    [--teachers dinov2,da3] [--writers 12] [--model random]
+                                   [--store-codec f16,fp8] [--root /tmp/bt] [--size tiny]
+
+``--size tiny`` is a CPU smoke check (tiny models, a few clips, 2 writers).
 
 On the device tool (its image has torch; the project's other packages travel as wheels, carry
 ".whl"): ``python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
@@ -33,6 +43,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -44,6 +55,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T = 16
 SIZE = 256  # SVD output frames
 VIDEO_WRITE_THREADS = 8  # the input version is set up, not measured: write shards in parallel
+RESULTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_teachers.json")
+TINY = {"model": "tiny", "clips": 16, "clips_da3": 16, "batch": 4, "shard": 4, "writers": "2", "readers": 1,
+        "repeats": 2}
+"""``--size tiny``: the smoke-check sizes (CPU, seconds)."""
 
 
 def synthetic_clips(count: int, seed: int) -> np.ndarray:
@@ -66,6 +81,8 @@ def write_video_version(root: str, clips: int, shard: int) -> str:
     arrays = [ArraySpec(name="frames", shape=[clips, T, SIZE, SIZE, 3], dtype="uint8"),
               ArraySpec(name="observed", shape=[clips, SIZE, SIZE, 3], dtype="uint8")]
     recipe = TargetRecipe(kind="video", stage="bench.synthetic", stage_version=1, params={"clips": clips})
+    if TargetStore(root).status(recipe.version_id()) == "complete":  # a kept --root from an earlier call
+        return recipe.version_id()
     writer = TargetStore(root).begin(recipe, arrays, clips, shard_size=shard)
 
     def write(index: int) -> None:
@@ -120,40 +137,45 @@ def _seconds_per_call(teacher, fns, repeats: int) -> float:
 
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
-               processes: bool, compression: str, tag: str) -> dict[str, float]:
+               processes: bool, compression: str, store_codec: str, tag: str) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
     from foresight.flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
     from foresight.flows.teachers_io import ObservedFrames, open_video
     from foresight.storage.targets import TargetStore
 
     video = open_video(root, video_id)
-    recipe = teacher_recipe(teacher, video_id)
+    recipe = teacher_recipe(teacher, video_id, store_codec=store_codec)
     recipe.params = {**recipe.params, "bench": tag}  # a fresh version per measurement
     store = TargetStore(root)
     n = min(clips, video.manifest.num_clips)
-    writer = store.begin(recipe, teacher_arrays(n, T, teacher, compression), n, video.manifest.shard_size)
+    writer = store.begin(recipe, teacher_arrays(n, T, teacher, compression, store_codec), n,
+                         video.manifest.shard_size)
     observed = ObservedFrames(root, video)
     result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
                            batch, writers, readers, io_processes=processes)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
     plan = batch_plan(writer, list(range(writer.num_shards)), batch)
-    max_diff = check_written(teacher, video, observed, store.open(writer.version_id), [plan[0][1], plan[-1][1]])
+    max_diff, rel_l2 = check_written(teacher, video, observed, store.open(writer.version_id),
+                                     [plan[0][1], plan[-1][1]])
     store.delete(writer.version_id)
     steady = result.frames / max(result.seconds - result.startup_s, 1e-9)
     return {"frames_per_s": result.frames / result.seconds, "steady_frames_per_s": steady,
             "startup_s": result.startup_s, "seconds": result.seconds, "tail_s": result.tail_s,
             "host_busy_s": result.host_busy_s, "gpu_busy_s": result.gpu_busy_s, "gpu_idle_s": result.gpu_idle_s,
             "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9,
-            "max_abs_diff": max_diff}
+            "written_gb_per_s": written / 1e9 / result.seconds, "max_abs_diff": max_diff, "rel_l2": rel_l2}
 
 
-def check_written(teacher, video, observed, written, batches: list[range]) -> float:
-    """Largest |stored - direct| over the given batches of clips: the pipelined, overlapped copies
-    must store what ``teacher.encode_clips`` gives for the same batch."""
+def check_written(teacher, video, observed, written, batches: list[range]) -> tuple[float, float]:
+    """Largest |stored - direct| and the worst relative L2 over the given batches of clips: the
+    pipelined, overlapped copies must store what ``teacher.encode_clips`` gives for the same batch
+    (f16: exactly; bf16/fp8: within the codec's error)."""
     import torch
 
-    worst = 0.0
+    from pipelines.float_codecs import relative_l2
+
+    worst = worst_l2 = 0.0
     for clips in batches:
         frames = torch.from_numpy(video.read("frames", slice(clips.start, clips.stop))).to(teacher.device)
         obs = torch.from_numpy(observed.read(clips)).to(teacher.device)
@@ -161,7 +183,8 @@ def check_written(teacher, video, observed, written, batches: list[range]) -> fl
             target, reference = (t.float().cpu().numpy() for t in teacher.encode_clips(frames, obs))
         stored = [written.read(name, slice(clips.start, clips.stop)).astype(np.float32) for name in ("target", "reference")]
         worst = max(worst, float(np.abs(stored[0] - target).max()), float(np.abs(stored[1] - reference).max()))
-    return worst
+        worst_l2 = max(worst_l2, relative_l2(stored[0], target), relative_l2(stored[1], reference))
+    return worst, worst_l2
 
 
 def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
@@ -178,10 +201,12 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch))).to(teacher.device)
     bare_before = bare_forward(teacher, frames, args.repeats)
     clips = args.clips_da3 if name == "da3" else args.clips
-    runs = [(writers, codec) for codec in args.compression for writers in args.writers]
+    runs = [(writers, compression, codec) for codec in args.store_codec for compression in args.compression
+            for writers in args.writers]
     rows = [end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
-                       codec, f"run{run}-w{writers}-{codec}") | {"writers": writers, "clips": clips, "compression": codec}
-            for run, (writers, codec) in enumerate(runs)]
+                       compression, codec, f"run{run}-w{writers}-{compression}-{codec}")
+            | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec}
+            for run, (writers, compression, codec) in enumerate(runs)]
     bare_after = bare_forward(teacher, frames, args.repeats)
     bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
     for e2e in rows:
@@ -211,21 +236,90 @@ def report(results: list[dict], args) -> None:
         for when in ("before", "after"):
             print(f"{r['teacher']:<8} {when:<6} " + "  ".join(f"{k} {v:,.0f}" for k, v in r[f"bare_{when}"].items()))
     print("ratios against the faster of the two; steady: without the start-up; sustained: without start-up and tail")
-    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'codec':>5} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
+    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'zstd?':>5} {'store':>5} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
           f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'tail s':>6} {'host s':>6} "
-          f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'max|diff|':>9}")
+          f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'GB/s':>5} {'max|diff|':>9} "
+          f"{'rel L2':>7}")
     for r in results:
         for e in r["e2e"]:
-            print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['compression']:>5} {e['frames_per_s']:>9.0f} "
+            print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['compression']:>5} {e['store_codec']:>5} "
+                  f"{e['frames_per_s']:>9.0f} "
                   f"{e['ratio_vs_bare_target_ref']:>8.2f} {e['ratio_vs_bare_target']:>8.2f} "
                   f"{e['ratio_vs_encode_clips']:>9.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
                   f"{e['sustained_ratio_vs_bare_target_ref']:>9.2f} "
                   f"{e['seconds']:>7.2f} {e['startup_s']:>7.2f} {e['tail_s']:>6.2f} {e['host_busy_s']:>6.2f} "
                   f"{e['gpu_busy_s']:>6.2f} {e['gpu_idle_s']:>8.2f} {e['wait_read_s']:>7.2f} {e['wait_write_s']:>7.2f} "
-                  f"{e['written_gb']:>7.2f} {e['max_abs_diff']:>9.2g}")
+                  f"{e['written_gb']:>7.2f} {e['written_gb_per_s']:>5.2f} {e['max_abs_diff']:>9.2g} "
+                  f"{e['rel_l2']:>7.4f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, apply ``--size tiny`` to the options left at their defaults, split the comma lists."""
+    args = parser.parse_args()
+    if args.size == "tiny":
+        for key, value in TINY.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    args.writers = [int(w) for w in str(args.writers).split(",")]
+    args.compression = args.compression.split(",")
+    args.store_codec = args.store_codec.split(",")
+    from flows.teachers_engine import check_store_codec
+
+    for codec in args.store_codec:
+        check_store_codec(codec)
+    return args
+
+
+def store_file_system(folder: str) -> str:
+    """The file system type holding ``folder`` (from /proc/mounts: the longest mount point above it)."""
+    path, best, kind = os.path.realpath(folder), "", "unknown"
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")) \
+                        and len(fields[1]) > len(best):
+                    best, kind = fields[1], f"{fields[2]} at {fields[1]}"
+    except OSError:
+        pass
+    return kind
+
+
+def headline(results: list[dict]) -> dict[str, float]:
+    """Named figures: ``<teacher>_<codec>_ratio`` (e2e / bare target+ref; the best of repeated runs)
+    and ``teachers_disk_ratio``, the worst teacher's best ratio over the codecs run."""
+    figures: dict[str, float] = {}
+    for r in results:
+        for e in r["e2e"]:
+            key = f"{r['teacher']}_{e['store_codec']}_ratio"
+            figures[key] = max(figures.get(key, 0.0), round(e["ratio_vs_bare_target_ref"], 4))
+            rate = f"{r['teacher']}_{e['store_codec']}_frames_per_s"
+            figures[rate] = max(figures.get(rate, 0.0), round(e["frames_per_s"], 1))
+    best = [max(e["ratio_vs_bare_target_ref"] for e in r["e2e"]) for r in results if r["e2e"]]
+    if best:
+        figures["teachers_disk_ratio"] = round(min(best), 4)
+    return figures
+
+
+def write_headline(results: list[dict], args, root: str) -> None:
+    """bench/results/bench_teachers.json: what was run where, and the named figures."""
+    import torch
+
+    from storage.provenance import git_commit
+
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    data = {"bench": "bench_teachers", "card": card, "torch": torch.__version__, "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "store": {"root": root, "file_system": store_file_system(root)}, "size": args.size,
+            "model": args.model, "figures": headline(results),
+            "bare_target_ref_frames_per_s": {r["teacher"]: round(r["bare"]["target+ref"], 1) for r in results}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "w") as handle:
+        json.dump(data, handle, indent=1)
+    print(f"headline figures -> {args.results}: {data['figures']}")
 
 
 def main() -> None:
@@ -244,13 +338,15 @@ def main() -> None:
                                                          "value repeated runs again: first vs warm run)")
     parser.add_argument("--readers", type=int, default=3, help="reader threads/processes")
     parser.add_argument("--compression", default="zstd", help="comma list of stored chunk codecs to try: zstd,none")
+    parser.add_argument("--store-codec", default="f16", help="comma list of store codecs to try: f16,bf16,fp8")
+    parser.add_argument("--size", choices=["real", "tiny"], default="real",
+                        help="tiny: CPU smoke-check sizes (tiny models, few clips); explicit options still win")
+    parser.add_argument("--results", default=RESULTS_JSON, help="headline figures (JSON); '' to skip")
     parser.add_argument("--io", choices=["processes", "threads"], default="processes", help="store I/O workers")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--root", default=None, help="store root (default: a temp folder, removed after)")
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    args.writers = [int(w) for w in args.writers.split(",")]
-    args.compression = args.compression.split(",")
+    args = parse_args(parser)
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
     if args.io == "processes":
         from foresight.flows.teachers_engine import start_fork_server
@@ -270,6 +366,8 @@ def main() -> None:
                 traceback.print_exc()
                 print(f"{name}: FAILED: {err}")
         report(results, args)
+        if args.results:
+            write_headline(results, args, root)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)

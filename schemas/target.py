@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from foresight.schemas.base import FORMAT_VERSION, StrictModel, canonical_json
 from foresight.schemas.model import ModelIdentity
@@ -39,6 +39,14 @@ class ArraySpec(StrictModel):
                                    "'<name>.fp8scale' (pipelines/float_codecs.py: codecs and error bounds). Readers "
                                    "decode to ``dtype``. It changes the values a reader gets, so a stage that offers "
                                    "it keys it in its recipe (a coded version has its own id).")
+
+    @model_serializer(mode="wrap")
+    def _omit_raw_codec(self, handler: Any) -> dict[str, Any]:
+        """Manifests of raw arrays keep the bytes they had before ``codec`` existed."""
+        data = handler(self)
+        if self.codec == "raw":
+            data.pop("codec", None)
+        return data
 
     @model_validator(mode="after")
     def _codec_fits(self) -> "ArraySpec":

@@ -173,7 +173,7 @@ def check_written(teacher, video, observed, written, batches: list[range]) -> tu
     (f16: exactly; bf16/fp8: within the codec's error)."""
     import torch
 
-    from pipelines.float_codecs import relative_l2
+    from foresight.pipelines.float_codecs import relative_l2
 
     worst = worst_l2 = 0.0
     for clips in batches:
@@ -266,7 +266,7 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args.writers = [int(w) for w in str(args.writers).split(",")]
     args.compression = args.compression.split(",")
     args.store_codec = args.store_codec.split(",")
-    from flows.teachers_engine import check_store_codec
+    from foresight.flows.teachers_engine import check_store_codec
 
     for codec in args.store_codec:
         check_store_codec(codec)
@@ -308,7 +308,7 @@ def write_headline(results: list[dict], args, root: str) -> None:
     """bench/results/bench_teachers.json: what was run where, and the named figures."""
     import torch
 
-    from storage.provenance import git_commit
+    from foresight.storage.provenance import git_commit
 
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     data = {"bench": "bench_teachers", "card": card, "torch": torch.__version__, "commit": git_commit(),

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.float_codecs import (  # noqa: F401 - the export codecs, re-exported for their users
+from foresight.pipelines.float_codecs import (  # noqa: F401 - the export codecs, re-exported for their users
     E8M0_BIAS,
     E8M0_TABLE,
     FP8_MAX,

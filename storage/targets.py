@@ -65,7 +65,7 @@ def encode_parts(spec: ArraySpec, data: np.ndarray, where: str) -> dict[str, np.
     fp8 scales are per clip (row) and channel, as an export's are per sample and channel."""
     if spec.codec == "raw":
         return {spec.name: data}
-    from pipelines import float_codecs  # torch: only writers of coded arrays pay for it
+    from foresight.pipelines import float_codecs  # torch: only writers of coded arrays pay for it
 
     if spec.codec == "bf16":
         return {spec.name: float_codecs.encode_bf16(data)}
@@ -81,7 +81,7 @@ def decode_parts(spec: ArraySpec, parts: dict[str, np.ndarray], where: str) -> n
     :func:`encode_parts`, within the codec's bound)."""
     if spec.codec == "raw":
         return parts[spec.name]
-    from pipelines import float_codecs
+    from foresight.pipelines import float_codecs
 
     if spec.codec == "bf16":
         return float_codecs.decode_bf16(parts[spec.name]).astype(spec.dtype, copy=False)

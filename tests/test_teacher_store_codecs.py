@@ -13,16 +13,16 @@ from typer.testing import CliRunner
 from test_export_store import export_world, make_dataset, make_plan, make_video, stock_decoded_samples
 from test_teachers_flow import config, write_episodes_and_plan, write_fake_video
 
-from flows import teachers as tflow
-from flows.cli import app
-from flows.pipeline import TeacherSection
-from flows.runtime import run_flow
-from pipelines.float_codecs import decode_bf16, decode_fp8, encode_bf16, encode_fp8, fp8_error_bound
-from pipelines.teachers import load_teacher
-from schemas.target import ArraySpec, TargetRecipe
-from storage import audit
-from storage.fs import Root
-from storage.targets import SCALE_SUFFIX, TargetStore, shard_object
+from foresight.flows import teachers as tflow
+from foresight.flows.cli import app
+from foresight.flows.pipeline import TeacherSection
+from foresight.flows.runtime import run_flow
+from foresight.pipelines.float_codecs import decode_bf16, decode_fp8, encode_bf16, encode_fp8, fp8_error_bound
+from foresight.pipelines.teachers import load_teacher
+from foresight.schemas.target import ArraySpec, TargetRecipe
+from foresight.storage import audit
+from foresight.storage.fs import Root
+from foresight.storage.targets import SCALE_SUFFIX, TargetStore, shard_object
 
 N, SHARD, SHAPE = 6, 4, (3, 4, 4, 8)  # clips, clips per shard, (T, h, w, C) of a clip
 BF16_RELATIVE = 2.0 ** -8

@@ -47,6 +47,7 @@ from foresight.trainers.models.objectives import ObjectiveConfig  # noqa: E402
 from foresight.trainers.models.video_former import VideoFormerConfig  # noqa: E402
 from foresight.trainers.models.policy import ActionExpert, PolicyConfig  # noqa: E402
 from foresight.trainers.models.uniperceiver import UniPerceiverConfig  # noqa: E402
+from headline import write_headline  # noqa: E402  (bench/headline.py, beside this script)
 
 RAW = ("actions", "actions_mask")
 
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--only", default="decoupler,action-expert")
     parser.add_argument("--root", default=None, help="Local folder for the export (default: a temp dir).")
     parser.add_argument("--small", action="store_true", help="Tiny shapes on the CPU (checks the script).")
+    parser.add_argument("--results", type=Path, default=None, help="Headline JSON (default bench/results/bench_trainers.json).")
     parser.add_argument("--arch", default="release", choices=["release", "foresight"],
                         help="Action-expert architecture (Video_Former_3D + GCDenoiser, or foresight's).")
     args = parser.parse_args()
@@ -244,8 +246,23 @@ def main() -> None:
         for r in runs:
             print(f"| {name} | {args.batch} | {r['workers']} | {'yes' if r['reuse'] else 'no'} | {args.codec} | {r['mb_per_sample']:.1f} | "
                   f"{r['resident']:.1f} | {r['stream']:.1f} | {100 * r['ratio']:.1f}% | {r['loader']:.1f} |")
+    write_headline("bench_trainers", headline_figures(rows), out=args.results,
+                   args={k: str(v) for k, v in vars(args).items()})
     if not args.root:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def headline_figures(rows: dict[str, list[dict]]) -> dict[str, float]:
+    """Per trainer, the best stream / resident ratio over the worker counts run (the goal's figure:
+    ``action_expert_fed``, ``decoupler_fed``) and the resident samples/s it is measured against."""
+    figures = {}
+    for name, runs in rows.items():
+        best = max(runs, key=lambda r: r["ratio"])
+        key = name.replace("-", "_")
+        figures[f"{key}_fed"] = round(best["ratio"], 4)
+        figures[f"{key}_resident_samples_per_s"] = round(best["resident"], 2)
+        figures[f"{key}_fed_workers"] = best["workers"]
+    return figures
 
 
 if __name__ == "__main__":

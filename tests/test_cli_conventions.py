@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from foresight import DISTRIBUTION
 from foresight.flows.cli import app, main
 from foresight.flows.cli.options import literal_choices
 
@@ -26,7 +27,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_version_prints_the_installed_distributions_version(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "--version")
-    assert code == 0 and out.strip() == f"foresight {metadata.version('foresight')}"
+    assert code == 0 and out.strip() == f"foresight {metadata.version(DISTRIBUTION)}"
 
 
 USAGE_ERRORS = {"unknown option": ("--no-such-option",), "unknown command": ("no-such-command",),

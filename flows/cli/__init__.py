@@ -23,6 +23,7 @@ from importlib import metadata
 
 import typer
 
+from foresight import DISTRIBUTION
 from foresight.flows.cli.common import EXIT_FAILED, EXIT_USAGE, user_error_message
 from foresight.flows.runtime import DEBUG_ENV, debug_enabled
 from foresight.storage.targets import NO_VERIFY_ENV
@@ -30,8 +31,6 @@ from foresight.storage.targets import NO_VERIFY_ENV
 PREFECT_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect._internal.concurrency",
                    "prefect.server", "prefect.events", "prefect.task_engine", "prefect.flow_engine")
 
-DISTRIBUTION = "foresight"
-"""The installed distribution whose version ``--version`` prints."""
 
 app = typer.Typer(help="foresight: versioned teacher-target caches for robot learning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -48,7 +47,7 @@ def installed_version() -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"{DISTRIBUTION} {installed_version()}")
+        typer.echo(f"foresight {installed_version()}")
         raise typer.Exit()
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import typer
 
+from foresight import checkout_top
 from foresight.flows.cli.common import ROOT_OPTION, fail
 from foresight.flows.cli.runner import runner_options
 from foresight.flows.runtime import RunnerChoice
 
-REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = "foresight.flows.pipeline.pipeline_flow"
 """A module path, not a file path: the flow is imported as flows.pipeline, so its pydantic parameter
 models are pickled by reference into the run's process (by value they fail to rebuild)."""
@@ -90,7 +90,15 @@ def deploy(pipeline: Path = PIPELINE_ARGUMENT, pool: str = typer.Option(..., "--
 
     url = _require_server()
     parameters, default_name = _deployment_parameters(pipeline, root)
-    deployment_id = deploy_pipeline(REPO, ENTRYPOINT, name or default_name, pool, parameters, cron, interval)
+    folder = deployment_folder()
+    deployment_id = deploy_pipeline(folder, ENTRYPOINT, name or default_name, pool, parameters, cron, interval)
     typer.echo(f"deployment foresight-pipeline/{name or default_name} ({deployment_id}) on {url}, pool '{pool}'\n"
                f"run it: prefect deployment run 'foresight-pipeline/{name or default_name}'\n"
-               f"execute runs: prefect worker start --pool {pool}  (in {REPO})")
+               f"execute runs: prefect worker start --pool {pool}  (in {folder})")
+
+
+def deployment_folder() -> Path:
+    """Where the deployment's runs start: foresight's own checkout when it runs from one; else
+    (an installed wheel) the folder ``deploy`` is run in. The entrypoint is a module path, so a
+    worker imports the foresight installed beside it; site-packages is never a project folder."""
+    return checkout_top() or Path.cwd()

@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 
 import numpy as np
 
@@ -56,6 +55,7 @@ T = 16
 SIZE = 256  # SVD output frames
 VIDEO_WRITE_THREADS = 8  # the input version is set up, not measured: write shards in parallel
 RESULTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_teachers.json")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/headline.py
 TINY = {"model": "tiny", "clips": 16, "clips_da3": 16, "batch": 4, "shard": 4, "writers": "2", "readers": 1,
         "repeats": 2}
 """``--size tiny``: the smoke-check sizes (CPU, seconds)."""
@@ -304,22 +304,15 @@ def headline(results: list[dict]) -> dict[str, float]:
     return figures
 
 
-def write_headline(results: list[dict], args, root: str) -> None:
-    """bench/results/bench_teachers.json: what was run where, and the named figures."""
-    import torch
+def save_headline(results: list[dict], args, root: str) -> None:
+    """bench/results/bench_teachers.json (bench/headline.py): what was run where, and the named figures."""
+    from headline import write_headline  # bench/headline.py, beside this script
 
-    from foresight.storage.provenance import git_commit
-
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    data = {"bench": "bench_teachers", "card": card, "torch": torch.__version__, "commit": git_commit(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "store": {"root": root, "file_system": store_file_system(root)}, "size": args.size,
-            "model": args.model, "figures": headline(results),
-            "bare_target_ref_frames_per_s": {r["teacher"]: round(r["bare"]["target+ref"], 1) for r in results}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "w") as handle:
-        json.dump(data, handle, indent=1)
-    print(f"headline figures -> {args.results}: {data['figures']}")
+    path = write_headline("bench_teachers", headline(results), out=args.results, command=" ".join(sys.argv),
+                          store={"root": root, "file_system": store_file_system(root)}, size=args.size,
+                          model=args.model, bare_target_ref_frames_per_s={r["teacher"]: round(r["bare"]["target+ref"], 1)
+                                                                          for r in results})
+    print(f"headline figures -> {path}: {headline(results)}")
 
 
 def main() -> None:
@@ -367,7 +360,7 @@ def main() -> None:
                 print(f"{name}: FAILED: {err}")
         report(results, args)
         if args.results:
-            write_headline(results, args, root)
+            save_headline(results, args, root)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)

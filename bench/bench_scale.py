@@ -281,6 +281,7 @@ def run_cell(root_url: str, clips: int, shard_size: int, runner_name: str, dask_
         ids.update({r.stage: r.output for r in summary.stages})
         cell["stages"][stage] = stage_figures(row.seconds, row.status, clips, shard_size, requests.since_mark(),
                                               finalize_targets.take() + finalize_exports.take(), summary.seconds)
+        cell["stages"][stage]["rss_after_mb"], cell["stages"][stage]["peak_rss_after_mb"] = rss_mb()
     requests.mark()
     started = time.perf_counter()
     result = run_pi0_targets(root_url, Pi0TargetsConfig(plan=ids["plan"], model="null", pairs=2,
@@ -291,6 +292,7 @@ def run_cell(root_url: str, clips: int, shard_size: int, runner_name: str, dask_
     seconds = time.perf_counter() - started
     cell["stages"]["pi0"] = stage_figures(seconds, "ran", clips, shard_size, requests.since_mark(),
                                           finalize_targets.take(), seconds)
+    cell["stages"]["pi0"]["rss_after_mb"], cell["stages"]["pi0"]["peak_rss_after_mb"] = rss_mb()
     cell["ids"] = ids
     cell.update(metadata_figures(root, ids, requests))
     cell["rss_mb"], cell["peak_rss_mb"] = rss_mb()
@@ -323,6 +325,8 @@ def metadata_figures(root: Any, ids: dict[str, str], requests: RequestLog) -> di
         out["manifest_bytes"][stage] = root.size(layout.target_dir(version), "manifest.json")
     out["plan_bytes"] = folder_bytes(root, f"plans/{ids['plan']}")
     out["export_index_bytes"] = root.size(layout.export_dir(ids["export"]), layout.EXPORT_INDEX)
+    table = layout.export_file(ids["export"], layout.EXPORT_SAMPLES)  # the sample table (absent before it existed)
+    out["export_samples_bytes"] = root.size(table) if root.file_exists(table) else 0
     out["lineage_bytes"] = root.du(layout.LINEAGE_EVENTS)  # one OpenLineage event object per stage run
     commands = {"targets verify --all": ["targets", "verify", "--all", "--root", root.url],
                 "targets gc --dry-run": ["targets", "gc", "--dry-run", "--root", root.url],
@@ -336,6 +340,7 @@ def metadata_figures(root: Any, ids: dict[str, str], requests: RequestLog) -> di
     start = time.perf_counter()
     index = store.index(ids["export"])
     out["timings_s"]["export index load"] = round(time.perf_counter() - start, 4)
+    out["rss_after_index_mb"] = rss_mb()[0]
     start = time.perf_counter()
     stream = ShardStream(root, ids["export"], index.versions, allow_null=True, shuffle_shards=True)
     next(iter(stream))
@@ -418,9 +423,12 @@ def print_cell(cell: dict[str, Any], baseline: dict[str, float]) -> None:
         reqs = figures.get("requests_per_shard", {})
         print(f"    {stage:16} {figures['seconds']:8.2f} s  {figures['per_shard_s'] * 1e3:8.2f} ms/shard "
               f"({ratio:7.1f}x null compute{goal_text}) finalize {figures['finalize_s']:.3f} s"
-              + (f" requests/shard {reqs}" if reqs else ""))
+              + (f" requests/shard {reqs}" if reqs else "")
+              + (f" RSS after {figures['rss_after_mb']} MB (peak {figures['peak_rss_after_mb']})"
+                 if "rss_after_mb" in figures else ""))
     print(f"    metadata: manifests {cell['manifest_bytes']} B, plan {cell['plan_bytes']} B, export index "
-          f"{cell['export_index_bytes']} B, lineage {cell['lineage_bytes']} B")
+          f"{cell['export_index_bytes']} B + sample table {cell.get('export_samples_bytes', 0)} B, "
+          f"lineage {cell['lineage_bytes']} B")
     for name, value in cell["timings_s"].items():
         seconds = value["seconds"] if isinstance(value, dict) else value
         print(f"    {name:28} {seconds:8.3f} s")

@@ -8,8 +8,14 @@ Layout of one export::
       _claims/<shard>/       claims of concurrent builders: each shard is written by one (storage.claims)
       shard-000000.tar ...   plain ustar tars; each written as a writer-tagged .tmp-* (storage.fs.temp_name),
                              fsynced and renamed when complete
-      index.json             written last: shards, sample counts, bytes, sha256 (per shard and per
-                             sample), sample byte offsets, every version id, action/state statistics
+      samples.npy            the sample table, written just before index.json: one 64-byte row per
+                             sample (plan row, byte offset, sha256, xxh3) in shard order (SAMPLE_ROW)
+      index.json             written last: shards (samples, bytes, sha256), the sample table's name,
+                             size and sha256, every version id, action/state statistics
+
+index.json stays small (per shard, not per sample); readers hold the sample table as one numpy array
+(64 B a sample), never as Python objects per sample. Exports made before the table existed carry the
+per-sample lists inside index.json's shard entries; they are read into the same table.
 
 An export exists only once index.json exists. Tar members are parsed from their headers and read as
 bytes: never extracted by path; anything but a regular file member is refused.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import os
 import sys
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BeforeValidator, Field, PlainSerializer
+from pydantic import BeforeValidator, Field, PlainSerializer, PrivateAttr
 
 from foresight.pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
 from foresight.schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
@@ -154,7 +161,8 @@ class ExportField(StrictModel):
 
 
 class ExportShard(StrictModel):
-    """One finished tar shard."""
+    """The record of one finished tar shard, with its samples (``_done/<i>.json`` while building; the
+    shard entries of index.json in exports made before the sample table)."""
 
     name: str
     samples: int
@@ -167,10 +175,111 @@ class ExportShard(StrictModel):
     sample_xxh3: list[str] = Field(default_factory=list, description="xxh3-128 of each sample's bytes: what "
                                    "readers check while reading (empty in exports made before it was recorded).")
 
+    def sample_rows(self, where: str) -> np.ndarray:
+        """The shard's samples as rows of the sample table (SAMPLE_ROW)."""
+        lists = [len(self.clips), len(self.offsets), len(self.sample_sha256)]
+        if lists != [self.samples] * 3 or (self.sample_xxh3 and len(self.sample_xxh3) != self.samples):
+            raise ValueError(f"{where}: {self.name} records {self.samples} samples but {lists[0]} clips, "
+                             f"{lists[1]} offsets, {lists[2]} sha256 and {len(self.sample_xxh3)} xxh3 digests")
+        rows = np.zeros(self.samples, SAMPLE_ROW)
+        rows["clip"], rows["offset"] = self.clips, self.offsets
+        try:
+            rows["sha256"] = np.frombuffer(bytes.fromhex("".join(self.sample_sha256)), "V32")
+            if self.sample_xxh3:
+                rows["xxh3"] = np.frombuffer(bytes.fromhex("".join(self.sample_xxh3)), "V16")
+        except ValueError:
+            raise ValueError(f"{where}: {self.name} has a sample digest that is not a hex sha256 / xxh3-128") from None
+        return rows
+
+    def entry(self) -> "ShardEntry":
+        """The shard as index.json lists it (its samples go to the sample table)."""
+        return ShardEntry(name=self.name, samples=self.samples, bytes=self.bytes, sha256=self.sha256,
+                          data_end=self.data_end, xxh3=bool(self.sample_xxh3))
+
+
+SAMPLE_ROW = np.dtype([("clip", "<i8"), ("offset", "<i8"), ("sha256", "V32"), ("xxh3", "V16")])
+"""One sample of the sample table: plan row, byte offset of its first tar header in its shard, sha256
+and xxh3-128 of its bytes (zeros where not recorded)."""
+
+
+class ShardEntry(StrictModel):
+    """One finished tar shard as index.json lists it; its samples' rows are a view of the sample table
+    (attached by ``ExportStore.index``), so a shard costs one small object whatever its sample count."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    data_end: int = Field(description="Byte offset of the end-of-archive blocks (end of the last sample).")
+    xxh3: bool = Field(default=True, description="Whether the table holds each sample's xxh3-128 (what readers "
+                                                 "check; False in exports made before it was recorded: sha256).")
+    _rows: np.ndarray = PrivateAttr(default_factory=lambda: np.zeros(0, SAMPLE_ROW))
+
+    @property
+    def rows(self) -> np.ndarray:
+        """This shard's rows of the sample table (SAMPLE_ROW), in tar order."""
+        return self._rows
+
+    @property
+    def clips(self) -> np.ndarray:
+        """Plan row of each sample, in tar order (int64)."""
+        return self._rows["clip"]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Byte offset of each sample's first tar header (int64)."""
+        return self._rows["offset"]
+
+    def clip(self, position: int) -> int:
+        return int(self._rows["clip"][position])
+
     def sample_range(self, position: int) -> tuple[int, int]:
         """[start, end) byte range of the sample at ``position`` in this shard."""
-        end = self.offsets[position + 1] if position + 1 < self.samples else self.data_end
-        return self.offsets[position], end
+        offsets = self._rows["offset"]
+        end = offsets[position + 1] if position + 1 < self.samples else self.data_end
+        return int(offsets[position]), int(end)
+
+    def intact(self, position: int, buffer: np.ndarray) -> bool:
+        """The sample's bytes hash to what the index records (xxh3 when recorded, else sha256)."""
+        row = self._rows[position]
+        if self.xxh3:
+            digest = fast_digest()
+            digest.update(buffer)
+            return digest.digest() == row["xxh3"].tobytes()
+        return hashlib.sha256(buffer).digest() == row["sha256"].tobytes()
+
+
+class SampleTableFile(StrictModel):
+    """index.json's record of the sample table file (what makes a damaged or swapped table detectable)."""
+
+    name: str = Field(description="File name in the export folder (samples.npy).")
+    rows: int = Field(description="Samples in the table (= num_samples).")
+    bytes: int = Field(description="Size of the file.")
+    sha256: str = Field(description="sha256 of the file, checked on every read.")
+    row_dtype: str = Field(description="numpy dtype of one row (SAMPLE_ROW), as str(dtype.descr).")
+
+
+def sample_table_bytes(rows: np.ndarray) -> bytes:
+    """The table as a .npy file (no pickle; readable with ``numpy.load(..., allow_pickle=False)``)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(rows, SAMPLE_ROW), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def parse_sample_table(data: bytes, record: SampleTableFile, where: str) -> np.ndarray:
+    """The rows of a table file, refused in one line naming ``where`` unless size, sha256, dtype and
+    row count are what index.json records."""
+    if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+        raise ValueError(f"{where}: sample table does not match index.json ({len(data)} bytes, index.json records "
+                         f"{record.bytes} bytes and its sha256); the file was modified, truncated or replaced")
+    try:
+        rows = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{where}: not a readable .npy sample table ({err})") from None
+    if rows.dtype != SAMPLE_ROW or rows.shape != (record.rows,):
+        raise ValueError(f"{where}: sample table holds {rows.shape} rows of {rows.dtype}, index.json records "
+                         f"{record.rows} rows of {SAMPLE_ROW}")
+    return rows
 
 
 class ExportBuild(StrictModel):
@@ -185,6 +294,21 @@ class ExportBuild(StrictModel):
     stats: dict[str, ColumnStats] = Field(default_factory=dict, description="'actions' / 'state' statistics.")
 
 
+def legacy_sample_rows(data: Any, where: str) -> np.ndarray | None:
+    """The sample table of an index.json written before samples.npy (its shard entries list their
+    samples), taking the per-sample lists out of ``data`` so that the rest validates as ExportIndex;
+    None for a current index.json."""
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, list) or not any(isinstance(s, dict) and "clips" in s for s in shards):
+        return None
+    parts = []
+    for position, entry in enumerate(shards):
+        shard = validate(ExportShard, entry, f"{where}, shards[{position}]")
+        parts.append(shard.sample_rows(where))
+        shards[position] = shard.entry().model_dump(mode="json")
+    return np.concatenate(parts) if parts else np.zeros(0, SAMPLE_ROW)
+
+
 class ExportIndex(StrictModel):
     """index.json of a complete export."""
 
@@ -197,7 +321,9 @@ class ExportIndex(StrictModel):
     fields: dict[str, ExportField]
     num_samples: int
     total_bytes: int
-    shards: list[ExportShard]
+    shards: list[ShardEntry]
+    sample_table: SampleTableFile | None = Field(default=None, description="The sample table file (None only "
+                                                 "in exports made before it, whose shards list their samples).")
     stats: dict[str, ColumnStats] = Field(default_factory=dict)
     created: str = ""
     git_commit: str | None = None
@@ -214,6 +340,22 @@ class ExportIndex(StrictModel):
     def version_ids(self) -> list[str]:
         """Every distinct target version the export was made from, sorted."""
         return sorted(set(self.versions.values()))
+
+    def attach_rows(self, rows: np.ndarray, where: str) -> "ExportIndex":
+        """Give each shard its view of the sample table ``rows`` (shard order); refuses a table whose
+        length does not add up to the shards' sample counts."""
+        counts = [shard.samples for shard in self.shards]
+        if len(rows) != sum(counts) or sum(counts) != self.num_samples:
+            raise ValueError(f"{where}: {len(rows)} sample rows for {sum(counts)} samples in {len(counts)} shards "
+                             f"(index.json records num_samples {self.num_samples})")
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        for shard, start, stop in zip(self.shards, starts, starts[1:]):
+            shard._rows = rows[start:stop]
+        return self
+
+    def sample_rows(self) -> np.ndarray:
+        """The whole sample table (a copy: the shards hold views of it)."""
+        return np.concatenate([shard.rows for shard in self.shards]) if self.shards else np.zeros(0, SAMPLE_ROW)
 
 
 def shard_name(index: int) -> str:
@@ -376,19 +518,32 @@ class ExportStore:
         return self.root.url_of(layout.export_dir(export_id), name)
 
     def index(self, export_id: str) -> ExportIndex:
-        """index.json of a complete export, format-checked and validated."""
+        """index.json of a complete export, format-checked and validated, with its sample table (read
+        and checked against index.json's sha256; from index.json itself in exports made before it)."""
         rel = layout.export_file(export_id, layout.EXPORT_INDEX)
         if not self.root.file_exists(rel):
             raise ValueError(f"export '{export_id}': no {layout.EXPORT_INDEX} under {self.root.url} "
                              "(not exported, or still building)")
         where = self.root.url_of(rel)
-        index = validate_stored(ExportIndex, self.root.read_json(rel), where)
+        data = self.root.read_json(rel)
+        legacy_rows = legacy_sample_rows(data, where)
+        index = validate_stored(ExportIndex, data, where)
         proven = index.recipe.export_id()
         if index.export_id != export_id or proven != export_id:
             raise ValueError(f"{where}: export '{export_id}' does not match its stored recipe (the recipe hashes "
                              f"to '{proven}', index.json says '{index.export_id}'); index.json was edited or "
                              "belongs to another export")
-        return index
+        if legacy_rows is not None:
+            return index.attach_rows(legacy_rows, where)
+        if index.sample_table is None:
+            raise ValueError(f"{where}: names no sample table and its shards list no samples")
+        table_rel = layout.export_file(export_id, index.sample_table.name)
+        table_where = self.root.url_of(table_rel)
+        try:
+            data = self.root.read_bytes(table_rel)
+        except FileNotFoundError:
+            raise ValueError(f"{table_where}: sample table is missing (index.json names it)") from None
+        return index.attach_rows(parse_sample_table(data, index.sample_table, table_where), table_where)
 
     # building ----------------------------------------------------------------------------------
     def begin(self, build: ExportBuild) -> None:
@@ -460,23 +615,38 @@ class ExportStore:
         return index
 
     def _final_index(self, export_id: str, timings: dict[str, float] | None, verified_inputs: bool) -> ExportIndex:
+        """The index of a build whose shards are all done; writes the sample table (before index.json)."""
         build = self.build_info(export_id)
         pending = self.pending_shards(export_id)
         if pending:
             raise ValueError(f"export '{export_id}': shards {pending} are not written yet")
-        shards = [self.done_shard(export_id, i) for i in range(len(build.shard_clips))]
-        for planned, shard in zip(build.shard_clips, shards, strict=True):
+        entries, rows = self._shard_records(export_id, build)
+        table = sample_table_bytes(rows)
+        record = SampleTableFile(name=layout.EXPORT_SAMPLES, rows=len(rows), bytes=len(table),
+                                 sha256=hashlib.sha256(table).hexdigest(), row_dtype=str(SAMPLE_ROW.descr))
+        self.root.write_bytes_atomic(layout.export_file(export_id, layout.EXPORT_SAMPLES), table)
+        index = ExportIndex(
+            export_id=export_id, recipe=build.recipe, plan_id=build.recipe.plan_id, dataset=build.dataset,
+            versions={f: spec.version for f, spec in build.fields.items() if spec.version},
+            fields=build.fields, num_samples=len(rows), total_bytes=sum(s.bytes for s in entries),
+            shards=entries, sample_table=record, stats=build.stats, created=now_iso(),
+            git_commit=git_commit(), host=host(), packages=package_versions(), timings=timings or {},
+            verified_inputs=verified_inputs, null_versions=null_made(self.root, build.fields))
+        return index.attach_rows(rows, self.root.url_of(layout.export_file(export_id, layout.EXPORT_SAMPLES)))
+
+    def _shard_records(self, export_id: str, build: ExportBuild) -> tuple[list[ShardEntry], np.ndarray]:
+        """Every shard's index entry and the sample table, from the ``_done`` records (each record's
+        per-sample lists are dropped as soon as its rows are taken)."""
+        entries, parts = [], []
+        for i, planned in enumerate(build.shard_clips):
+            shard = self.done_shard(export_id, i)
             if shard is None:
                 raise FileNotFoundError(f"export '{export_id}': a shard record vanished while finalizing")
             if shard.clips != planned or self.root.size(layout.export_file(export_id, shard.name)) != shard.bytes:
                 raise ValueError(f"export '{export_id}', {shard.name}: stored shard does not match its plan")
-        return ExportIndex(
-            export_id=export_id, recipe=build.recipe, plan_id=build.recipe.plan_id, dataset=build.dataset,
-            versions={f: spec.version for f, spec in build.fields.items() if spec.version},
-            fields=build.fields, num_samples=sum(s.samples for s in shards),
-            total_bytes=sum(s.bytes for s in shards), shards=shards, stats=build.stats, created=now_iso(),
-            git_commit=git_commit(), host=host(), packages=package_versions(), timings=timings or {},
-            verified_inputs=verified_inputs, null_versions=null_made(self.root, build.fields))
+            parts.append(shard.sample_rows(self.root.url_of(layout.export_done(export_id, i))))
+            entries.append(shard.entry())
+        return entries, np.concatenate(parts) if parts else np.zeros(0, SAMPLE_ROW)
 
     def delete(self, export_id: str) -> None:
         self.root.rm(layout.export_dir(export_id))
@@ -561,7 +731,7 @@ class ExportStore:
             allow_files({self.root.path(layout.export_dir(index.export_id), shard.name):
                          (shard.bytes, f"export '{index.export_id}', {shard.name}") for shard in index.shards})
 
-    def _mapped_reader(self, index: ExportIndex, shard: ExportShard) -> "_SampleReader":
+    def _mapped_reader(self, index: ExportIndex, shard: ShardEntry) -> "_SampleReader":
         path = self.root.path(layout.export_dir(index.export_id), shard.name)
         mapped = map_file(path)  # copy-on-write: arrays are writable, and can cross to other processes
         if len(mapped) < shard.data_end:
@@ -570,7 +740,7 @@ class ExportStore:
         return _SampleReader(lambda position: mapped[slice(*shard.sample_range(position))], lambda: None,
                              identity=(path, mapped.identity))
 
-    def _buffered_reader(self, index: ExportIndex, shard: ExportShard, first: int,
+    def _buffered_reader(self, index: ExportIndex, shard: ShardEntry, first: int,
                          pool: "BufferPool | None") -> "_SampleReader":
         handle = self.open_shard(index.export_id, shard.name)
         handle.seek(shard.sample_range(first)[0])
@@ -631,7 +801,7 @@ class _RawSample:
     """The bytes of one sample as read from its shard, not yet checked."""
 
     export_id: str
-    shard: ExportShard
+    shard: ShardEntry
     position: int
     buffer: np.ndarray
     identity: Any  # of the memory-mapped file (None for buffered reads, which are checked every time)
@@ -639,7 +809,7 @@ class _RawSample:
 
     @property
     def clip(self) -> int:
-        return self.shard.clips[self.position]
+        return self.shard.clip(self.position)
 
     @property
     def where(self) -> str:
@@ -653,7 +823,7 @@ class _RawSample:
         """Refuse bytes that do not hash to index.json's record (one line: export, shard, sample, URL)."""
         if not self.unchecked():
             return
-        if not _sample_intact(self.shard, self.position, self.buffer):
+        if not self.shard.intact(self.position, self.buffer):
             raise ValueError(f"{self.where}: checksum mismatch, the shard was modified or corrupted ({self.url})")
         _VERIFIED.add(self.identity, self.position)
 
@@ -665,15 +835,6 @@ class _RawSample:
         """(clip, members) parsed from the bytes once they are checked."""
         self.check()
         return self.members()
-
-
-def _sample_intact(shard: ExportShard, position: int, buffer: np.ndarray) -> bool:
-    """The sample's bytes hash to what index.json records (xxh3 when recorded, else sha256)."""
-    if shard.sample_xxh3:
-        digest = fast_digest()
-        digest.update(buffer)
-        return digest.hexdigest() == shard.sample_xxh3[position]
-    return hashlib.sha256(buffer).hexdigest() == shard.sample_sha256[position]
 
 
 class BufferPool:

@@ -26,6 +26,9 @@ LINEAGE_EVENTS = "lineage"
 """Folder of the OpenLineage run events, one object each (storage.lineage)."""
 EXPORT_INDEX = "index.json"
 EXPORT_BUILD = "_build.json"
+EXPORT_SAMPLES = "samples.npy"
+"""An export's sample table (one row per sample: clip, byte offset, sha256, xxh3), named and checksummed
+by index.json."""
 
 DATASETS = "datasets"
 PLANS = "plans"

@@ -214,6 +214,7 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
     statuses = {name: store.status(name) or "orphan" for name in root.ls(layout.TARGETS) if layout.is_safe_id(name)}
     active: set[str] = set()
     items: dict[str, GcItem] = {}
+    sizes = store.folder_sizes()
     for version_id, status in statuses.items():
         abandoned, age = (False, None)
         if status != "complete":
@@ -221,7 +222,7 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
             if not abandoned:
                 active.add(version_id)
         items[version_id] = GcItem(version_id=version_id, status=status, age_s=age, reason="",
-                                   bytes=root.du(layout.target_dir(version_id)))
+                                   bytes=sizes.get(version_id, 0))
     needed_by_builds = graph.closure(active) - active
     exporting = exports_in_progress(root, max_age_s, now)
     return _decide(items, referenced, active, needed_by_builds, exporting, max_age_s)

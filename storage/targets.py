@@ -32,6 +32,23 @@ NO_VERIFY_ENV = "FORESIGHT_NO_VERIFY"
 """Set (by ``foresight --no-verify``) to read versions and exports without checking checksums."""
 
 
+def _tree_bytes(path: str) -> int:
+    """Bytes of the files under a local folder (symlinks not followed; 0 when absent)."""
+    total, folders = 0, [path]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def verify_by_default() -> bool:
     """Whether readers check recorded checksums while reading (True unless ``--no-verify``)."""
     return not os.environ.get(NO_VERIFY_ENV)
@@ -103,6 +120,26 @@ class TargetStore:
         names = [n for n in self.root.ls(layout.TARGETS)
                  if layout.is_safe_id(n) and self.root.file_exists(layout.target_manifest(n))]
         return [n for n in names if kind is None or Ref.infer(n).target_kind == kind]
+
+    def folder_sizes(self) -> dict[str, int]:
+        """Bytes under each version folder, from ONE recursive listing of ``targets/`` (on S3: one
+        paginated listing, 1,000 objects a request) instead of a listing per version; on a local
+        root a scandir walk (fsspec's local walk costs ~30 us a folder, and zarr keeps ~3 a clip)."""
+        if self.root.is_local:
+            return {name: _tree_bytes(os.path.join(self.root.path(layout.TARGETS), name))
+                    for name in self.root.ls(layout.TARGETS)}
+        base = self.root.fs._strip_protocol(self.root.path(layout.TARGETS)).rstrip("/") + "/"
+        try:
+            found = self.root.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        sizes: dict[str, int] = {}
+        for path, info in found.items():
+            name = self.root.fs._strip_protocol(path)
+            if name.startswith(base) and info.get("type", "file") == "file":
+                version_id = name[len(base):].split("/", 1)[0]
+                sizes[version_id] = sizes.get(version_id, 0) + int(info.get("size") or 0)
+        return sizes
 
     def status(self, version_id: str) -> str | None:
         """None when absent, else the manifest's status ('building' or 'complete')."""

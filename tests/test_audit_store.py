@@ -235,6 +235,15 @@ def test_gc_keeps_referenced_and_removes_unreferenced(world):
     assert references.plan_gc(root).remove == []
 
 
+def test_gc_sizes_every_version_from_one_listing(world, monkeypatch):
+    root = Root(world["root"])
+    expected = {v: root.du(f"targets/{v}") for v in (world["teacher"], world["video"])}
+    assert TargetStore(root).folder_sizes() == expected
+    monkeypatch.setattr(Root, "du", lambda self, *parts: pytest.fail(f"a listing per version ({parts})"))
+    plan = references.plan_gc(root)
+    assert {i.version_id: i.bytes for i in plan.keep + plan.remove} == expected
+
+
 def test_gc_run_reference_through_export_and_building_ages(world):
     root = Root(world["root"])
     write_export(root, "export-bbbbbbbbbbbb", {"dinov2.target": world["teacher"]})

@@ -138,7 +138,7 @@ def test_index_records_shards_versions_and_stats(world):
         assert root.sha256(f"exports/{export_id}/{shard.name}") == shard.sha256
     assert index.fields["actions"].shape == [10, ACTION_D] and index.fields["state"].shape == [STATE_D]
     assert len(index.stats["actions"].mean) == ACTION_D and index.stats["state"].count == 3 * EPISODE_LEN
-    assert sorted(root.ls(f"exports/{export_id}")) == ["index.json"] + [s.name for s in index.shards]
+    assert sorted(root.ls(f"exports/{export_id}")) == ["index.json", "samples.npy"] + [s.name for s in index.shards]
     assert store.verify(export_id) == []
 
 
@@ -321,7 +321,7 @@ def test_buffered_and_memory_mapped_reads_agree(world):
     pool = BufferPool(2)
     mapped = list(store.read_samples(index, 0, 0, shard.samples, verify=True))
     buffered = list(store.read_samples(index, 0, 0, shard.samples, verify=True, pool=pool, mmap=False))
-    assert [c for c, _ in mapped] == [c for c, _ in buffered] == shard.clips
+    assert [c for c, _ in mapped] == [c for c, _ in buffered] == shard.clips.tolist()
     for (_, a), (_, b) in zip(mapped, buffered):
         assert [(n, bytes(p)) for n, p in a] == [(n, bytes(p)) for n, p in b]
 

@@ -149,7 +149,7 @@ def test_d11_killed_export_writer_leftovers_are_removed_by_the_rerun(world):
     iw.export(world, codec="bf16")
     assert iw.stray_temporaries(world["root"]) == []
     assert sorted(p.name for p in folder.iterdir()) == \
-        sorted([s.name for s in store.index(recipe.export_id()).shards] + ["index.json"])
+        sorted([s.name for s in store.index(recipe.export_id()).shards] + ["index.json", "samples.npy"])
 
 
 # D12: concurrent identical exports -------------------------------------------------------------------

@@ -54,7 +54,7 @@ def tampered(tmp_path) -> dict[str, str]:
     assert len(index.shards) >= 3
     world["shard"] = index.shards[1].name
     world["path"] = str(flip_a_byte(world, world["export"], 1, 0))
-    world["before"] = index.shards[0].clips  # what may reach the consumer: the samples before the flip
+    world["before"] = index.shards[0].clips.tolist()  # what may reach the consumer: the samples before the flip
     return world
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from foresight.storage.fs import Root
@@ -82,11 +83,12 @@ def export_sample(root: Root, export_id: str, fields: list[str], clip: int | Non
     store = ExportStore(root)
     index = store.index(export_id)
     for shard_position, shard in enumerate(index.shards):
-        for position, shard_clip in enumerate(shard.clips):
-            if clip is None or shard_clip == clip:
-                _, members = store.read_sample(index, shard_position, position, verify=verify)
-                where = f"export '{export_id}', clip {shard_clip}"
-                return decode_sample(members, None, where, fields=fields)
+        found = np.flatnonzero(shard.clips == clip) if clip is not None else np.arange(min(shard.samples, 1))
+        if len(found):
+            position = int(found[0])
+            _, members = store.read_sample(index, shard_position, position, verify=verify)
+            where = f"export '{export_id}', clip {shard.clip(position)}"
+            return decode_sample(members, None, where, fields=fields)
     raise ValueError(f"export '{export_id}': no sample of clip {clip} (it has {index.num_samples} samples)")
 
 

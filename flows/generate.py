@@ -30,7 +30,7 @@ from foresight.pipelines.svd import SVDParams, clip_seed, generate_clips, load_s
 from foresight.pipelines.svd.features import feature_shape
 from foresight.pipelines.svd.loading import SVDDescription, SVDModel, describe_svd
 from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
-from foresight.pipelines.text import TextModel, embed_instructions, load_text_model
+from foresight.pipelines.text import TextModel, embed_distinct, load_text_model
 from foresight.schemas.base import StrictModel
 from foresight.schemas.model import ModelIdentity
 from foresight.schemas.plan import ClipRow, PlanInfo
@@ -130,11 +130,13 @@ class TextWorker:
         self.identity, self.writer = self.model.identity, output.writer
         rows = plan_rows(root_url, config.plan)
         clips = [i for shard in shards for i in self.writer.shard_clips(shard)]
-        self.states = embed_instructions(self.model, [rows[i].instruction for i in clips], config.max_length)
-        self.row_of = {clip: n for n, clip in enumerate(clips)}
+        # The distinct instructions' states and each clip's row there: not N copies of L x D floats.
+        self.states_ULD, state_rows = embed_distinct(self.model, [rows[i].instruction for i in clips],
+                                                     config.max_length)
+        self.state_of = dict(zip(clips, state_rows.tolist()))
 
     def compute(self, shard: int) -> dict[str, np.ndarray]:
-        return {TEXT_ARRAY: self.states[[self.row_of[i] for i in self.writer.shard_clips(shard)]]}
+        return {TEXT_ARRAY: self.states_ULD[[self.state_of[i] for i in self.writer.shard_clips(shard)]]}
 
 
 class TextStage(TargetStage[TextConfig]):

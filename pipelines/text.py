@@ -153,7 +153,16 @@ def embed_texts(model: TextModel, texts: list[str], max_length: int = MAX_LENGTH
 
 def embed_instructions(model: TextModel, instructions: list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
     """Per-clip states (N, L, D) float32, running the encoder once per distinct instruction."""
+    states_ULD, row_N = embed_distinct(model, instructions, max_length)
+    return states_ULD[row_N] if instructions else states_ULD
+
+
+def embed_distinct(model: TextModel, instructions: list[str],
+                   max_length: int = MAX_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+    """States of each distinct instruction (U, L, D) float32 and, per instruction given, its row
+    there (N,) int64: what a stage keeps instead of N copies (a clip's states are L x D x 4 bytes,
+    236 KB for CLIP-L; a collection has a few thousand distinct instructions for millions of clips)."""
     distinct = sorted(set(instructions))
-    states = embed_texts(model, distinct, max_length)
+    states_ULD = embed_texts(model, distinct, max_length)
     row_of = {text: row for row, text in enumerate(distinct)}
-    return states[[row_of[text] for text in instructions]] if instructions else states
+    return states_ULD, np.array([row_of[text] for text in instructions], dtype=np.int64)

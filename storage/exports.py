@@ -252,7 +252,8 @@ class ShardEntry(StrictModel):
 class SampleTableFile(StrictModel):
     """index.json's record of the sample table file (what makes a damaged or swapped table detectable)."""
 
-    name: str = Field(description="File name in the export folder (samples.npy).")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", description="File name in the export folder "
+                                                                           "(samples.npy).")
     rows: int = Field(description="Samples in the table (= num_samples).")
     bytes: int = Field(description="Size of the file.")
     sha256: str = Field(description="sha256 of the file, checked on every read.")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from test_export_store import export_world, make_world
 
-from storage.exports import (SAMPLE_ROW, ExportStore, SampleTableFile, ShardEntry, parse_members,
+from foresight.storage.exports import (SAMPLE_ROW, ExportStore, SampleTableFile, ShardEntry, parse_members,
                              parse_sample_table, sample_table_bytes)
-from trainers.data import ShardStream
-from trainers.exports import export_sample
+from foresight.trainers.data import ShardStream
+from foresight.trainers.exports import export_sample
 
 NUM_CLIPS = 10
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
 from foresight.schemas.base import validate_stored
@@ -22,12 +24,17 @@ class PlanStore:
     def exists(self, plan_id: str) -> bool:
         return self.root.exists(layout.plan_file(plan_id, layout.PLAN_INFO))
 
-    def write(self, info: PlanInfo, rows: list[ClipRow]) -> PlanInfo:
-        """Publish a plan: clips.parquet first, then plan.json (with the clips checksum)."""
+    def write(self, info: PlanInfo, rows: Sequence[ClipRow]) -> PlanInfo:
+        """Publish a plan: clips.parquet first, then plan.json (with the clips checksum). ``rows``
+        as ClipRows (columns, what pipelines.plan makes) or any sequence of ClipRow."""
         if len(rows) != info.num_clips:
             raise ValueError(f"plan '{info.plan_id}': {len(rows)} rows but num_clips={info.num_clips}")
-        columns = {name: [getattr(r, name) for r in rows] for name in CLIPS_SCHEMA.names}
-        data = parquet_bytes(pa.Table.from_pydict(columns, schema=CLIPS_SCHEMA))
+        if isinstance(rows, ClipRows):
+            table = rows.table.select(CLIPS_SCHEMA.names).cast(CLIPS_SCHEMA)
+        else:
+            table = pa.Table.from_pydict({name: [getattr(r, name) for r in rows] for name in CLIPS_SCHEMA.names},
+                                         schema=CLIPS_SCHEMA)
+        data = parquet_bytes(table)
         self.root.write_bytes_atomic(layout.plan_file(info.plan_id, layout.PLAN_CLIPS), data)
         info = info.model_copy(update={"clips_sha256": sha256_bytes(data)})
         self.root.write_json_atomic(layout.plan_file(info.plan_id, layout.PLAN_INFO), info.model_dump(mode="json"))

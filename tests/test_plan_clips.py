@@ -8,6 +8,7 @@ import pytest
 from foresight.flows.generate import PlanConfig, make_plan
 from foresight.pipelines.plan import PlanParams, make_clips, plan_id
 from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, LanguageSegment
+from foresight.schemas.plan import ClipRows
 from foresight.storage.episodes import EpisodeStore
 from foresight.storage.plans import PlanStore
 
@@ -65,6 +66,15 @@ def test_split_and_limit_spread_over_episodes():
     assert {r.episode_id for r in train} == {"e0", "e1", "e2"}
     limited = make_clips("toy", records, [], params(split="train", limit=3))
     assert [r.episode_id for r in limited] == ["e0", "e1", "e2"]
+
+
+def test_a_plan_is_made_as_columns_not_row_objects():
+    records = [record(f"e{i:03d}", 200) for i in range(50)]
+    rows = make_clips("toy", records, [], params(every=1))
+    assert isinstance(rows, ClipRows) and len(rows) == 50 * 194
+    assert rows.table.nbytes / len(rows) < 120  # the columns themselves; a ClipRow object each was ~1.4 KB
+    assert rows[195].clip_id == "e001-000001" and rows[195].instruction == "reach the goal"
+    assert isinstance(make_clips("toy", records, [], params(every=1, limit=7)), ClipRows)
 
 
 def test_plan_id_is_content_addressed():

@@ -91,7 +91,7 @@ def stream_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
                              verify=mode != "unverified", verify_ahead=0 if mode == INLINE else None)
         if mode.startswith("sha256"):
             for shard in stream.index.shards:
-                shard.sample_xxh3 = []  # per-sample sha256 only
+                shard.xxh3 = False  # per-sample sha256 only
         return iter(stream)
 
     return epoch

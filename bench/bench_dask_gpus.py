@@ -46,7 +46,7 @@ from foresight.storage import layout  # noqa: E402
 from foresight.storage.fs import Root  # noqa: E402
 from foresight.storage.targets import TargetStore  # noqa: E402
 
-CLI = "import sys; from flows.cli import main; sys.argv[0] = 'foresight'; main()"
+CLI = "import sys; from foresight.flows.cli import main; sys.argv[0] = 'foresight'; main()"
 ID = re.compile(r"\b((?:plan|text|video|teacher)-[0-9a-f]{6,})\b")
 
 

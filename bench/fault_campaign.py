@@ -370,7 +370,7 @@ class Campaign:
         self.prefect.stop()
 
     def start(self, root: Path, mode: str, log_name: str) -> subprocess.Popen:
-        args = [sys.executable, "-c", "from flows.cli import main; main()", "-q", "run", str(self.pipeline),
+        args = [sys.executable, "-c", "from foresight.flows.cli import main; main()", "-q", "run", str(self.pipeline),
                 "--root", str(root), "--json"]
         if mode == "dask":
             args += ["--dask-address", self.cluster.address]

@@ -140,7 +140,7 @@ def test_build_waits_for_a_shard_another_builder_holds_then_writes_it(tmp_path):
 def test_a_dead_builders_shard_is_taken_over_at_once(tmp_path):
     stage, root = CountStage(), str(tmp_path)
     output = begin(stage, root, CountConfig())
-    code = ("from storage.claims import ShardClaim; import time; "
+    code = ("from foresight.storage.claims import ShardClaim; import time; "
             f"c = ShardClaim({root!r}, {output.version_id!r}, 2, ttl_s=600); assert c.acquire(); "
             "print('held', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

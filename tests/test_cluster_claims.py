@@ -108,7 +108,7 @@ def test_heartbeat_keeps_claim_and_detects_takeover(tmp_path):
 
 def test_claim_of_a_killed_process_is_taken_over_at_once(tmp_path):
     root = Root(str(tmp_path / "root"))
-    code = ("import sys, time; from storage.claims import ShardClaim; "
+    code = ("import sys, time; from foresight.storage.claims import ShardClaim; "
             f"c = ShardClaim({root.url!r}, {VERSION!r}, 2, ttl_s=600); assert c.acquire(); "
             "print('held', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=child_env())

@@ -79,7 +79,7 @@ def write_pipeline(tmp_path: Path) -> Path:
 
 
 def foresight(args: list[str], api: str, log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", *args],
+    return subprocess.Popen([sys.executable, "-c", "from foresight.flows.cli import main; main()", *args],
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=child_env(PREFECT_API_URL=api),
                             start_new_session=True)
 

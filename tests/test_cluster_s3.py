@@ -133,7 +133,7 @@ def test_whole_chain_on_s3_on_dask(tmp_path, s3, api):
     pipeline = tmp_path / "pipeline.toml"
     pipeline.write_text(PIPELINE.format(src=src))
     root_url = f"s3://{BUCKET}/chain"
-    run = ["-c", "from flows.cli import main; main()", "run", str(pipeline), "--root", root_url, "--json"]
+    run = ["-c", "from foresight.flows.cli import main; main()", "run", str(pipeline), "--root", root_url, "--json"]
     cluster = DaskCluster(tmp_path, n_workers=2)  # after the s3 fixture: workers inherit its endpoint
     try:
         first = _json_tail(tmp_path, [*run, "--dask-address", cluster.address], "run1")

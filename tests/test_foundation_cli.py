@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _foresight(*args: str, cwd: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-c", "from foresight.flows.cli import main; main()", *args], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=300)
 
 

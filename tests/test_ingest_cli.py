@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def _foresight(*args: str, cwd: str) -> subprocess.CompletedProcess:
     # The embedded Prefect server can take long to start on a loaded machine.
     env = {**os.environ, "PYTHONPATH": REPO, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
-    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-c", "from foresight.flows.cli import main; main()", *args], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -18,7 +18,11 @@ from foresight import DISTRIBUTION, SUBPACKAGES
 from foresight.storage.provenance import checkout_commit
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-OLD_IMPORT = re.compile(rf"^\s*(?:from|import) (?:{'|'.join(SUBPACKAGES)})(?:\.\w+)*(?: import|\s*$| as )", re.M)
+_BARE = "|".join(SUBPACKAGES)
+OLD_IMPORT = re.compile(rf"""(?:^\s*|["';]\s*)(?:from (?:{_BARE})(?:\.\w+)* import|import (?:{_BARE})(?:\.\w+)*(?:\s*$| as |[;,"']))""",
+                        re.M)
+"""An import of a top-level folder by its bare name, in code or in code held by a string
+(``python -c "from <folder>.cli import main"``): it would load a second copy of that module."""
 
 needs_checkout = pytest.mark.skipif(checkout_commit(CHECKOUT) is None, reason="not run from a git checkout")
 

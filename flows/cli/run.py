@@ -77,7 +77,7 @@ def serve(pipeline: Path = PIPELINE_ARGUMENT, root: str = ROOT_OPTION, name: str
     parameters, default_name = _deployment_parameters(pipeline, root)
     name = name or default_name
     typer.echo(f"serving deployment {pipeline_flow.name}/{name} on {url} (Ctrl-C to stop)")
-    # A module-path entrypoint: runs import flows.pipeline, so its pydantic models unpickle by reference.
+    # A module-path entrypoint: runs import foresight.flows.pipeline, so its pydantic models unpickle by reference.
     pipeline_flow.serve(name=name, parameters=parameters, cron=cron, interval=interval, print_starting_message=False,
                         entrypoint_type=EntrypointType.MODULE_PATH)
 

@@ -27,7 +27,7 @@ from foresight.schemas.refs import is_version_id, version as version_ref
 from foresight.storage import layout, lineage
 from foresight.storage.fs import Root, open_root
 from foresight.storage.graph import VersionGraph
-from foresight.storage.targets import TargetStore
+from foresight.storage.targets import TargetStore, file_mtime
 
 log = logging.getLogger(__name__)
 
@@ -182,21 +182,14 @@ def last_modified(root: Root, rel: str) -> float | None:
         entries = root.fs.find(root.path(rel), detail=True)
     except FileNotFoundError:
         return None
-    stamps = [_mtime(info) for info in entries.values()]
+    stamps = [file_mtime(info) for info in entries.values()]
     stamps = [s for s in stamps if s is not None]
     return max(stamps) if stamps else None
 
 
-def _mtime(info: dict[str, Any]) -> float | None:
-    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
-    if value is None:
-        return None
-    return value.timestamp() if hasattr(value, "timestamp") else float(value)
-
-
-def _building_state(root: Root, version_id: str, max_age_s: float, now: float) -> tuple[bool, float | None]:
-    """(abandoned?, age): a building version is abandoned when nothing in it changed for max_age_s."""
-    stamp = last_modified(root, layout.target_dir(version_id))
+def _building_state(stamp: float | None, max_age_s: float, now: float) -> tuple[bool, float | None]:
+    """(abandoned?, age): a building version is abandoned when nothing in it changed for max_age_s
+    (``stamp``: its newest file's mtime)."""
     age = None if stamp is None else now - stamp
     return (age is not None and age > max_age_s), age
 
@@ -214,15 +207,16 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
     statuses = {name: store.status(name) or "orphan" for name in root.ls(layout.TARGETS) if layout.is_safe_id(name)}
     active: set[str] = set()
     items: dict[str, GcItem] = {}
-    sizes = store.folder_sizes()
+    folders = store.folder_stats()  # one listing of targets/: sizes, and the newest change of each version
     for version_id, status in statuses.items():
         abandoned, age = (False, None)
+        size, newest = folders.get(version_id, (0, None))
         if status != "complete":
-            abandoned, age = _building_state(root, version_id, max_age_s, now)
+            abandoned, age = _building_state(newest, max_age_s, now)
             if not abandoned:
                 active.add(version_id)
         items[version_id] = GcItem(version_id=version_id, status=status, age_s=age, reason="",
-                                   bytes=sizes.get(version_id, 0))
+                                   bytes=size)
     needed_by_builds = graph.closure(active) - active
     exporting = exports_in_progress(root, max_age_s, now)
     return _decide(items, referenced, active, needed_by_builds, exporting, max_age_s)
@@ -238,7 +232,7 @@ def exports_in_progress(root: Root, max_age_s: float, now: float) -> list[str]:
             continue
         stamp = last_modified(root, rel)
         if stamp is None:  # an empty folder: its own time
-            stamp = _mtime(root.fs.info(root.path(rel)))
+            stamp = file_mtime(root.fs.info(root.path(rel)))
         if stamp is None or now - stamp <= max_age_s:
             busy.append(export_id)
     return busy

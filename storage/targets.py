@@ -32,9 +32,10 @@ NO_VERIFY_ENV = "FORESIGHT_NO_VERIFY"
 """Set (by ``foresight --no-verify``) to read versions and exports without checking checksums."""
 
 
-def _tree_bytes(path: str) -> int:
-    """Bytes of the files under a local folder (symlinks not followed; 0 when absent)."""
-    total, folders = 0, [path]
+def _tree_stats(path: str) -> tuple[int, float | None]:
+    """(bytes, newest mtime) of the files under a local folder (symlinks not followed; (0, None)
+    when absent or empty)."""
+    total, newest, folders = 0, None, [path]
     while folders:
         try:
             entries = os.scandir(folders.pop())
@@ -45,8 +46,18 @@ def _tree_bytes(path: str) -> int:
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-    return total
+                    stat = entry.stat(follow_symlinks=False)
+                    total += stat.st_size
+                    newest = stat.st_mtime if newest is None or stat.st_mtime > newest else newest
+    return total, newest
+
+
+def file_mtime(info: dict) -> float | None:
+    """Modification time (epoch seconds) of an fsspec listing entry (local, S3 or GCS keys)."""
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def verify_by_default() -> bool:
@@ -122,24 +133,32 @@ class TargetStore:
         return [n for n in names if kind is None or Ref.infer(n).target_kind == kind]
 
     def folder_sizes(self) -> dict[str, int]:
-        """Bytes under each version folder, from ONE recursive listing of ``targets/`` (on S3: one
-        paginated listing, 1,000 objects a request) instead of a listing per version; on a local
-        root a scandir walk (fsspec's local walk costs ~30 us a folder, and zarr keeps ~3 a clip)."""
+        """Bytes under each version folder (see :meth:`folder_stats`)."""
+        return {name: size for name, (size, _) in self.folder_stats().items()}
+
+    def folder_stats(self) -> dict[str, tuple[int, float | None]]:
+        """(bytes, newest file mtime) of each version folder, from ONE recursive listing of
+        ``targets/`` (on S3: one paginated listing, 1,000 objects a request) instead of a listing per
+        version; on a local root a scandir walk (fsspec's local walk costs ~30 us a folder, and
+        zarr keeps ~3 a clip)."""
         if self.root.is_local:
-            return {name: _tree_bytes(os.path.join(self.root.path(layout.TARGETS), name))
+            return {name: _tree_stats(os.path.join(self.root.path(layout.TARGETS), name))
                     for name in self.root.ls(layout.TARGETS)}
         base = self.root.fs._strip_protocol(self.root.path(layout.TARGETS)).rstrip("/") + "/"
         try:
             found = self.root.fs.find(base, detail=True)
         except FileNotFoundError:
             return {}
-        sizes: dict[str, int] = {}
+        stats: dict[str, tuple[int, float | None]] = {}
         for path, info in found.items():
             name = self.root.fs._strip_protocol(path)
             if name.startswith(base) and info.get("type", "file") == "file":
                 version_id = name[len(base):].split("/", 1)[0]
-                sizes[version_id] = sizes.get(version_id, 0) + int(info.get("size") or 0)
-        return sizes
+                size, newest = stats.get(version_id, (0, None))
+                stamp = file_mtime(info)
+                stats[version_id] = (size + int(info.get("size") or 0),
+                                     newest if stamp is None or (newest is not None and newest >= stamp) else stamp)
+        return stats
 
     def status(self, version_id: str) -> str | None:
         """None when absent, else the manifest's status ('building' or 'complete')."""

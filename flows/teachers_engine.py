@@ -32,7 +32,7 @@ from foresight.schemas.base import StrictModel
 from foresight.schemas.target import ArraySpec, TargetRecipe
 from foresight.flows.teachers_io import ObservedFrames
 from foresight.storage.claims import ClaimSet
-from foresight.storage.targets import TargetReader, TargetWriter
+from foresight.storage.targets import TargetReader, TargetWriter, encode_part_tensors, stored_parts
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +278,35 @@ class ShardBuffer:
     """Host arrays that one shard's outputs are copied into; ``block`` is the shared-memory block
     they live in (process I/O), -1 for private memory."""
 
-    target: torch.Tensor
-    reference: torch.Tensor
+    arrays: dict[str, torch.Tensor]  # stored part (storage.targets.stored_parts) -> (shard, ...) host tensor
     block: int = -1
+
+    def host(self, name: str, clips: int) -> np.ndarray:
+        """The first ``clips`` rows of part ``name`` as numpy, in the part's stored dtype."""
+        return stored_view(self.arrays[name][:clips].numpy(), name, self.dtypes)
+
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+
+ShardParts = dict[str, tuple[tuple[int, ...], str]]
+"""Host shard buffer layout: stored part -> ((shard clips, ...), numpy dtype)."""
+TORCH_HOST_DTYPES = {"uint16": torch.int16}
+"""Stored dtypes torch has no full support for, held as the same bytes in another dtype."""
+
+
+def shard_parts(writer: TargetWriter, shard_size: int) -> ShardParts:
+    """The stored parts of the version's arrays (codes and scales for a coded one), shard-sized."""
+    return {part.name: ((shard_size, *part.shape[1:]), part.dtype)
+            for spec in writer.manifest.arrays for part in stored_parts(spec)}
+
+
+def torch_host(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the bytes of host ``array`` (uint16 as int16)."""
+    return torch.from_numpy(array.view(np.int16) if array.dtype == np.uint16 else array)
+
+
+def stored_view(array: np.ndarray, name: str, dtypes: dict[str, str]) -> np.ndarray:
+    return array.view(np.dtype(dtypes[name])) if name in dtypes else array
 
 
 class ShardBuffers:
@@ -293,10 +319,13 @@ class ShardBuffers:
             self._free.put(buffer)
 
     @classmethod
-    def allocate(cls, shapes: dict[str, tuple[int, ...]], count: int, pin: bool) -> "ShardBuffers":
-        """``count`` private buffers of the given target/reference shapes (pinned for CUDA)."""
-        return cls([ShardBuffer(torch.empty(shapes["target"], dtype=OUTPUT_DTYPE, pin_memory=pin),
-                                torch.empty(shapes["reference"], dtype=OUTPUT_DTYPE, pin_memory=pin))
+    def allocate(cls, parts: ShardParts, count: int, pin: bool) -> "ShardBuffers":
+        """``count`` private buffers of the given parts (pinned for CUDA)."""
+        def tensor(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+            return torch_host(np.empty(0, dtype=dtype)).new_empty(shape, pin_memory=pin)
+
+        dtypes = {name: dtype for name, (_, dtype) in parts.items()}
+        return cls([ShardBuffer({name: tensor(*layout) for name, layout in parts.items()}, dtypes=dtypes)
                     for _ in range(count)])
 
     def take(self) -> tuple[ShardBuffer, float]:
@@ -346,16 +375,15 @@ class ThreadIO:
     """Store reads and writes in threads of this process (small runs, tests, Dask workers)."""
 
     def __init__(self, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
-                 out_shapes: dict[str, tuple[int, ...]], writers: int, pin: bool):
+                 out_parts: ShardParts, writers: int, pin: bool):
         self.video, self.observed, self.writer, self.pin = video, observed, writer, pin
-        self.buffers = ShardBuffers.allocate(out_shapes, count=writers + 1, pin=pin)
+        self.buffers = ShardBuffers.allocate(out_parts, count=writers + 1, pin=pin)
 
     def load(self, shard: int, clips: range, claim: Any) -> InputBatch:
         return load_batch(self.video, self.observed, shard, clips, self.pin, claim)
 
     def store(self, shard: int, clips: int, buffer: ShardBuffer) -> None:
-        self.writer.write_shard(shard, {"target": buffer.target[:clips].numpy(),
-                                        "reference": buffer.reference[:clips].numpy()})
+        self.writer.write_shard(shard, {name: buffer.host(name, clips) for name in buffer.arrays}, encoded=True)
 
     def close(self) -> None:
         """Nothing to release: the threads belong to the caller's executors."""
@@ -367,7 +395,7 @@ class ProcessIO:
     batches and shards through shared memory. The output blocks are the shard buffers themselves
     (page-locked on CUDA): the device copies outputs straight into what the writers compress."""
 
-    def __init__(self, video: TargetReader, writer: TargetWriter, batch: int, out_shapes: dict[str, tuple[int, ...]],
+    def __init__(self, video: TargetReader, writer: TargetWriter, batch: int, out_parts: ShardParts,
                  readers: int, writers: int, device: torch.device):
         from foresight.flows import teachers_io
 
@@ -377,7 +405,7 @@ class ProcessIO:
                                                          count=2 * readers + 1)
         try:
             self.out_blocks = teachers_io.SharedBlocks.create(
-                [teachers_io.BlockSpec(name, shape, "float16") for name, shape in out_shapes.items()],
+                [teachers_io.BlockSpec(name, shape, dtype) for name, (shape, dtype) in out_parts.items()],
                 count=writers + 1)
         except BaseException:
             self.in_blocks.close()
@@ -406,8 +434,8 @@ class ProcessIO:
         self.read_pool, self.write_pool = self._start_workers(video, writer, readers, writers)
 
     def _block_buffers(self) -> list[ShardBuffer]:
-        return [ShardBuffer(torch.from_numpy(v["target"]), torch.from_numpy(v["reference"]), block)
-                for block, v in enumerate(self.out_blocks.views)]
+        return [ShardBuffer({name: torch_host(view) for name, view in views.items()}, block)
+                for block, views in enumerate(self.out_blocks.views)]
 
     def _pin_blocks(self) -> None:
         """Page-lock the output blocks one by one, offering each as soon as it is; after a refusal
@@ -415,7 +443,7 @@ class ProcessIO:
         buffers = self._block_buffers()
         try:
             while buffers:
-                arrays = [buffers[0].target.numpy(), buffers[0].reference.numpy()]
+                arrays = [tensor.numpy() for tensor in buffers[0].arrays.values()]
                 pinned = pin_host_arrays(arrays, self.device)
                 self.pinned += pinned
                 if len(pinned) < len(arrays):
@@ -495,7 +523,7 @@ def start_fork_server() -> None:
 
 
 def open_io(video: TargetReader, observed: ObservedFrames, writer: TargetWriter, batch: int,
-            out_shapes: dict[str, tuple[int, ...]], readers: int, writers: int, device: torch.device,
+            out_parts: ShardParts, readers: int, writers: int, device: torch.device,
             processes: bool) -> "ThreadIO | ProcessIO":
     """Process I/O when asked for and possible (not inside a daemonic worker, enough shared
     memory), else thread I/O; the fallback is logged, never silent."""
@@ -505,10 +533,10 @@ def open_io(video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
         log.warning("teachers: running inside a daemonic worker process: store I/O uses threads")
     elif processes:
         try:
-            return ProcessIO(video, writer, batch, out_shapes, readers, writers, device)
+            return ProcessIO(video, writer, batch, out_parts, readers, writers, device)
         except (MemoryError, OSError) as err:
             log.warning("teachers: no shared memory for process I/O (%s): store I/O uses threads", err)
-    return ThreadIO(video, observed, writer, out_shapes, writers, device.type == "cuda")
+    return ThreadIO(video, observed, writer, out_parts, writers, device.type == "cuda")
 
 
 # ---------------------------------------------------------------- the forward loop
@@ -567,9 +595,14 @@ class ShardLoop:
         self.upload.hand_over(batch)
         with self.timeline.batch():
             target, reference = self.teacher.encode_clips(batch.frames_BTHWC, batch.observed_BHWC)
+            # Coded arrays (bf16, fp8) are encoded here, on the device: the host gets a half-size copy
+            # and the writers only store bytes.
+            outputs = {"target": target, "reference": reference}
+            parts = {name: tensor for spec in self.writer.manifest.arrays
+                     for name, tensor in encode_part_tensors(spec, outputs[spec.name]).items()}
         rows = slice(item.clips.start - shard.clips.start, item.clips.stop - shard.clips.start)
-        shard.events.append(self.download.copy([(target, shard.buffer.target[rows]),
-                                                (reference, shard.buffer.reference[rows])]))
+        shard.events.append(self.download.copy([(tensor, shard.buffer.arrays[name][rows])
+                                                for name, tensor in parts.items()]))
         shard.filled += len(item.clips)
         if shard.filled == len(shard.clips):
             self._submit(shard)
@@ -608,10 +641,9 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     """
     start = time.perf_counter()
     T = video.manifest.array_spec("frames").shape[1]
-    shape = (*teacher.grid, teacher.channels)
     shard_size = min(writer.manifest.shard_size, writer.manifest.num_clips)
-    out_shapes = {"target": (shard_size, T, *shape), "reference": (shard_size, 1, *shape)}
-    io = open_io(video, observed, writer, batch, out_shapes, readers, writers, teacher.device, io_processes)
+    out_parts = shard_parts(writer, shard_size)
+    io = open_io(video, observed, writer, batch, out_parts, readers, writers, teacher.device, io_processes)
     result = EngineStats(shards=list(shards))
     read = ReadAhead(io.load, batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1,
                      claim=None if claims is None else claims.take)

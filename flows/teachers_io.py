@@ -198,4 +198,4 @@ def init_writer(root_url: str, version_id: str, blocks: tuple[list[BlockSpec], l
 def write_shard_job(block: int, shard: int, clips: int) -> dict[str, str]:
     """Write shard ``shard`` from output block ``block`` (its first ``clips`` rows)."""
     views = _WORKER["out_blocks"].views[block]
-    return _WORKER["writer"].write_shard(shard, {name: view[:clips] for name, view in views.items()})
+    return _WORKER["writer"].write_shard(shard, {name: view[:clips] for name, view in views.items()}, encoded=True)

@@ -55,10 +55,14 @@ E8M0_BIAS = 127
 """E8M0 scale byte e stands for 2**(e - 127); 255 is NaN (OCP Microscaling formats)."""
 
 
+def bf16_bits(values: torch.Tensor) -> torch.Tensor:
+    """int16 bit patterns of the bfloat16 rounding (to nearest even) of ``values``, on their device."""
+    return values.to(torch.float32).to(torch.bfloat16).view(torch.int16)
+
+
 def encode_bf16(array: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (round to nearest even) as uint16."""
-    values = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return bf16_bits(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))).numpy().view(np.uint16)
 
 
 def decode_bf16(bits: np.ndarray) -> np.ndarray:
@@ -79,12 +83,18 @@ def check_fp8_power(power: float) -> float:
     return float(power)
 
 
+def e8m0_unbiased(amax: torch.Tensor) -> torch.Tensor:
+    """Exponents e of the smallest powers of two 2**e >= each float32 ``amax`` (0 where amax is 0), on
+    its device; meaningless for NaN/inf, which callers flag."""
+    mantissa, exponent = torch.frexp(amax)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.where(amax > 0, exponent, torch.zeros_like(exponent))
+
+
 def e8m0_exponents(amax_C: np.ndarray, where: str = "array") -> np.ndarray:
     """E8M0 bytes of the smallest powers of two >= each channel's max |x| (2**0 for all-zero channels)."""
     amax_C = np.asarray(amax_C, dtype=np.float32)
-    mantissa_C, exponent_C = np.frexp(amax_C)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
-    exponent_C = np.where(mantissa_C == 0.5, exponent_C - 1, exponent_C)
-    exponent_C = np.where(amax_C > 0, exponent_C, 0)
+    exponent_C = e8m0_unbiased(torch.from_numpy(amax_C.copy())).numpy()
     if exponent_C.size and exponent_C.max() > E8M0_BIAS:
         raise ValueError(f"{where}: values of magnitude above 2**127 do not fit the fp8 codec's E8M0 scales")
     return (np.maximum(exponent_C, -E8M0_BIAS) + E8M0_BIAS).astype(np.uint8)
@@ -99,6 +109,8 @@ def _e8m0_table() -> np.ndarray:
 
 
 E8M0_TABLE = _e8m0_table()
+E8M0_NAN = 255
+"""The E8M0 byte that stands for NaN: no value has that scale; decoders refuse it."""
 
 
 def fp8_scales(scale_bits_C: np.ndarray, where: str = "fp8 field") -> np.ndarray:
@@ -128,16 +140,37 @@ def encode_fp8(array: np.ndarray, power: float = FP8_POWER, where: str = "array"
     """uint8 e4m3fn codes (same shape) of ``448 * sign(x) * (|x| / S_c)**p`` and the uint8 E8M0 bytes of
     the per-channel (last axis) power-of-two scales ``S_c >= max|x[..., c]|``."""
     values_RC = torch.from_numpy(np.ascontiguousarray(fp8_channels(array), dtype=np.float32))
-    amax_C = values_RC.abs().amax(dim=0) if values_RC.shape[0] else torch.zeros(values_RC.shape[1])
-    if not bool(torch.isfinite(amax_C).all()):  # amax propagates NaN; inf would clamp to the scale silently
-        raise ValueError(f"{where}: contains NaN or inf, which the fp8 codec cannot store")
-    scale_bits_C = e8m0_exponents(amax_C.numpy(), where)
-    scale_C = torch.from_numpy(np.take(E8M0_TABLE, scale_bits_C))
+    codes_1RC, scale_bits_1C = fp8_encode_blocks(values_RC[None], power)
+    scale_bits_C = scale_bits_1C[0].numpy()
+    if (scale_bits_C == E8M0_NAN).any():
+        amax_C = values_RC.abs().amax(dim=0)
+        if not bool(torch.isfinite(amax_C).all()):
+            raise ValueError(f"{where}: contains NaN or inf, which the fp8 codec cannot store")
+        e8m0_exponents(amax_C.numpy(), where)  # raises: magnitudes above 2**127
+    return codes_1RC[0].numpy().reshape(np.shape(array)), scale_bits_C
+
+
+def fp8_encode_blocks(values_BRC: torch.Tensor, power: float = FP8_POWER) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_fp8` of B independent blocks of R rows, on their device (the target store encodes
+    a batch of clips on the GPU with it): uint8 codes (B, R, C) and E8M0 bytes (B, C). A channel
+    holding NaN, inf or magnitudes above 2**127 gets the scale byte 255 (E8M0 NaN), which every
+    decoder refuses; callers check for it."""
+    values_BRC = values_BRC.to(torch.float32)
+    blocks, rows, channels = values_BRC.shape
+    amax_BC = values_BRC.abs().amax(dim=1) if rows else values_BRC.new_zeros(blocks, channels)
+    exponent_BC = e8m0_unbiased(amax_BC)
+    invalid_BC = ~torch.isfinite(amax_BC) | (exponent_BC > E8M0_BIAS)
+    scale_bits_BC = torch.where(invalid_BC, E8M0_NAN, exponent_BC.clamp(min=-E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
+    scale_BC = _e8m0_table_on(values_BRC.device)[scale_bits_BC.long()]
     # |x| / S_c is exact (S_c is a power of two) and <= 1, so the companded value stays <= 448.
-    companded_RC = values_RC.abs().div_(scale_C).pow_(check_fp8_power(power)).mul_(FP8_MAX)
-    companded_RC = companded_RC.clamp_(max=FP8_MAX).copysign_(values_RC)
-    codes = companded_RC.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(np.shape(array))
-    return codes, scale_bits_C
+    companded_BRC = values_BRC.abs().div_(scale_BC[:, None]).pow_(check_fp8_power(power)).mul_(FP8_MAX)
+    companded_BRC = companded_BRC.clamp_(max=FP8_MAX).copysign_(values_BRC)
+    return companded_BRC.to(torch.float8_e4m3fn).view(torch.uint8), scale_bits_BC
+
+
+@functools.lru_cache(maxsize=8)
+def _e8m0_table_on(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(E8M0_TABLE.copy()).to(device)
 
 
 def decode_fp8(codes: np.ndarray, scale_bits_C: np.ndarray, dtype: Any = np.float16, power: float = FP8_POWER,

@@ -88,20 +88,37 @@ def stored_part(manifest: TargetVersion, name: str) -> ArraySpec:
                      f"{[p.name for a in manifest.arrays for p in stored_parts(a)]})")
 
 
-def encode_parts(spec: ArraySpec, data: np.ndarray, where: str) -> dict[str, np.ndarray]:
-    """Stored part name -> what it holds for rows ``data`` of ``spec`` (already in ``spec.dtype``);
-    fp8 scales are per clip (row) and channel, as an export's are per sample and channel."""
+def encode_part_tensors(spec: ArraySpec, values: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+    """Stored part name -> tensor (on ``values``' device: the teachers engine encodes on the GPU) for
+    rows ``values`` of ``spec`` in ``spec.dtype``; fp8 scales are per clip (row) and channel, as an
+    export's are per sample and channel. bf16 bits come as int16 (the bytes of the stored uint16)."""
     if spec.codec == "raw":
-        return {spec.name: data}
+        return {spec.name: values}
     from foresight.pipelines import float_codecs  # torch: only writers of coded arrays pay for it
 
     if spec.codec == "bf16":
-        return {spec.name: float_codecs.encode_bf16(data)}
-    codes = np.empty(data.shape, dtype=np.uint8)
-    scales_NC = np.empty((data.shape[0], data.shape[-1]), dtype=np.uint8)
-    for row in range(data.shape[0]):
-        codes[row], scales_NC[row] = float_codecs.encode_fp8(data[row], where=f"{where}, row {row}")
-    return {spec.name: codes, spec.name + SCALE_SUFFIX: scales_NC}
+        return {spec.name: float_codecs.bf16_bits(values)}
+    codes_NRC, scales_NC = float_codecs.fp8_encode_blocks(values.reshape(values.shape[0], -1, values.shape[-1]))
+    return {spec.name: codes_NRC.reshape(values.shape), spec.name + SCALE_SUFFIX: scales_NC}
+
+
+def encode_parts(spec: ArraySpec, data: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`encode_part_tensors` of host rows, as numpy arrays of the stored dtypes."""
+    if spec.codec == "raw":
+        return {spec.name: data}
+    import torch
+
+    tensors = encode_part_tensors(spec, torch.from_numpy(np.ascontiguousarray(data)))
+    dtypes = {part.name: np.dtype(part.dtype) for part in stored_parts(spec)}
+    return {name: tensor.numpy().view(dtypes[name]) for name, tensor in tensors.items()}
+
+
+def check_scales(part: str, data: np.ndarray, where: str) -> None:
+    """Refuse fp8 scale bytes 255 (E8M0 NaN): the encoder's mark of NaN, inf or magnitudes above 2**127."""
+    if part.endswith(SCALE_SUFFIX) and (np.asarray(data) == 255).any():
+        rows = sorted({int(r) for r in np.nonzero(np.asarray(data) == 255)[0]})
+        raise ValueError(f"{where}: rows {rows} hold NaN, inf or values above 2**127, which the fp8 codec "
+                         "cannot store")
 
 
 def decode_parts(spec: ArraySpec, parts: dict[str, np.ndarray], where: str) -> np.ndarray:
@@ -319,11 +336,14 @@ class TargetWriter(_VersionHandle):
         done = set(self.root.ls(layout.target_dir(self.version_id), layout.DONE_DIR))
         return [i for i in range(self.num_shards) if str(i) not in done]
 
-    def write_shard(self, shard_index: int, arrays: dict[str, np.ndarray]) -> dict[str, str]:
-        """Write every array of one shard, then its ``_done`` marker with the shard checksums."""
+    def write_shard(self, shard_index: int, arrays: dict[str, np.ndarray], encoded: bool = False) -> dict[str, str]:
+        """Write every array of one shard, then its ``_done`` marker with the shard checksums.
+        ``encoded``: ``arrays`` are the stored parts already (see :func:`encode_part_tensors`)."""
         clips = self.shard_clips(shard_index)
         if len(clips) == 0:
             raise ValueError(f"target version '{self.version_id}': shard {shard_index} is out of range")
+        if encoded:
+            return self._write_parts(shard_index, arrays)
         expected = {spec.name for spec in self.manifest.arrays}
         if set(arrays) != expected:
             raise ValueError(f"target version '{self.version_id}', shard {shard_index}: arrays "
@@ -334,12 +354,27 @@ class TargetWriter(_VersionHandle):
             if data.shape != want:
                 raise ValueError(f"target version '{self.version_id}', shard {shard_index}, array "
                                  f"'{spec.name}': shape {data.shape}, expected {want}")
-        sums, fast = {}, {}
+        parts = {}
         for spec in self.manifest.arrays:
-            data = np.asarray(arrays[spec.name]).astype(spec.dtype, copy=False)
-            where = f"target version '{self.version_id}', shard {shard_index}, array '{spec.name}'"
-            for part, stored in encode_parts(spec, data, where).items():
-                sums[part], fast[part] = self._store_shard(part, shard_index, stored)
+            parts.update(encode_parts(spec, np.asarray(arrays[spec.name]).astype(spec.dtype, copy=False)))
+        return self._write_parts(shard_index, parts)
+
+    def _write_parts(self, shard_index: int, parts: dict[str, np.ndarray]) -> dict[str, str]:
+        """Store every stored part of one shard (checked against the layout), then the ``_done`` marker."""
+        clips = self.shard_clips(shard_index)
+        specs = [part for spec in self.manifest.arrays for part in stored_parts(spec)]
+        if set(parts) != {part.name for part in specs}:
+            raise ValueError(f"target version '{self.version_id}', shard {shard_index}: stored arrays "
+                             f"{sorted(parts)} given, expected {sorted(part.name for part in specs)}")
+        sums, fast = {}, {}
+        for part in specs:
+            where = f"target version '{self.version_id}', shard {shard_index}, array '{part.name}'"
+            data = np.asarray(parts[part.name])
+            if data.shape != (len(clips), *part.shape[1:]) or data.dtype != np.dtype(part.dtype):
+                raise ValueError(f"{where}: {data.dtype} {data.shape} given, expected {part.dtype} "
+                                 f"{(len(clips), *part.shape[1:])}")
+            check_scales(part.name, data, where)
+            sums[part.name], fast[part.name] = self._store_shard(part.name, shard_index, data)
         # Every shard object was fsynced (file and folder) above: the marker never outlives its data.
         self.root.write_json_atomic(self.done_path(shard_index), {"sha256": sums, FAST_HASH: fast})
         return sums

@@ -199,3 +199,18 @@ def test_store_codec_is_checked_in_config_pipeline_and_cli(teacher_world):
     assert result.exit_code == 2 and "fp4" in result.output
     with pytest.raises(ValueError, match="codec 'fp8' stores float values"):
         ArraySpec(name="frames", shape=[2, 3], dtype="uint8", codec="fp8")
+
+
+def test_values_fp8_cannot_store_are_refused_naming_the_shard(tmp_path):
+    values = teacher_like()
+    values[5, 0, 1, 1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"shard 1, array 'target.fp8scale': rows \[1\] hold NaN, inf"):
+        write_coded(str(tmp_path), "fp8", values)
+    writer = TargetStore(str(tmp_path)).writer(TargetStore(str(tmp_path)).ids("teacher")[0])
+    assert writer.pending_shards() == [1]  # shard 0 stored; shard 1 has no marker
+    with pytest.raises(ValueError, match="uint8 .* given, expected uint16"):
+        bits = np.zeros((2, *SHAPE), np.uint8)
+        TargetStore(str(tmp_path / "b")).begin(
+            TargetRecipe(kind="teacher", stage="teachers.dinov2", stage_version=1, params={}, inputs={}),
+            [ArraySpec(name="target", shape=[N, *SHAPE], dtype="float16", codec="bf16")], N, SHARD
+        ).write_shard(1, {"target": bits}, encoded=True)

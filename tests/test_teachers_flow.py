@@ -194,11 +194,11 @@ CRASH = """
 import os, signal, sys
 from foresight.storage.targets import TargetWriter
 original = TargetWriter.write_shard
-def crash(self, index, arrays):
+def crash(self, index, arrays, **options):
     if index == 1:  # die half way through shard 1: data partly written, no _done marker
         self.array("target")[2:4] = arrays["target"]
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, index, arrays)
+    return original(self, index, arrays, **options)
 TargetWriter.write_shard = crash
 from foresight.flows.cli import main
 main()

@@ -280,18 +280,16 @@ class ShardBuffer:
 
     arrays: dict[str, torch.Tensor]  # stored part (storage.targets.stored_parts) -> (shard, ...) host tensor
     block: int = -1
+    dtypes: dict[str, str] = field(default_factory=dict)  # part -> stored numpy dtype
 
     def host(self, name: str, clips: int) -> np.ndarray:
         """The first ``clips`` rows of part ``name`` as numpy, in the part's stored dtype."""
-        return stored_view(self.arrays[name][:clips].numpy(), name, self.dtypes)
-
-    dtypes: dict[str, str] = field(default_factory=dict)
+        rows = self.arrays[name][:clips].numpy()
+        return rows.view(np.dtype(self.dtypes[name])) if name in self.dtypes else rows
 
 
 ShardParts = dict[str, tuple[tuple[int, ...], str]]
 """Host shard buffer layout: stored part -> ((shard clips, ...), numpy dtype)."""
-TORCH_HOST_DTYPES = {"uint16": torch.int16}
-"""Stored dtypes torch has no full support for, held as the same bytes in another dtype."""
 
 
 def shard_parts(writer: TargetWriter, shard_size: int) -> ShardParts:
@@ -301,12 +299,8 @@ def shard_parts(writer: TargetWriter, shard_size: int) -> ShardParts:
 
 
 def torch_host(array: np.ndarray) -> torch.Tensor:
-    """A tensor over the bytes of host ``array`` (uint16 as int16)."""
+    """A tensor over the bytes of host ``array`` (uint16, which torch barely supports, as int16)."""
     return torch.from_numpy(array.view(np.int16) if array.dtype == np.uint16 else array)
-
-
-def stored_view(array: np.ndarray, name: str, dtypes: dict[str, str]) -> np.ndarray:
-    return array.view(np.dtype(dtypes[name])) if name in dtypes else array
 
 
 class ShardBuffers:
@@ -434,7 +428,8 @@ class ProcessIO:
         self.read_pool, self.write_pool = self._start_workers(video, writer, readers, writers)
 
     def _block_buffers(self) -> list[ShardBuffer]:
-        return [ShardBuffer({name: torch_host(view) for name, view in views.items()}, block)
+        dtypes = {spec.name: spec.dtype for spec in self.out_blocks.specs}
+        return [ShardBuffer({name: torch_host(view) for name, view in views.items()}, block, dtypes)
                 for block, views in enumerate(self.out_blocks.views)]
 
     def _pin_blocks(self) -> None:

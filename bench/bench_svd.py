@@ -1,4 +1,5 @@
-"""SVD generation throughput: 30-step guided generation and one-step extraction vs the bare UNet.
+"""SVD generation throughput: 30-step guided generation and one-step extraction vs the bare UNet,
+and the drift and speed of the fast recipe against the 30-step reference (``--fast-drift``).
 
 Every figure is measured against the bare UNet forward at the same batch in the same process
 (end-to-end time / pure UNet time), plus MFU from a FLOP count of one UNet call.
@@ -11,6 +12,11 @@ Every figure is measured against the bare UNet forward at the same batch in the 
     python bench/bench_svd.py --variant '{"dtype": "fp16", "compile": "blocks", "batch": 16}'
     # CPU sanity run of the whole sweep on the tiny model
     python bench/bench_svd.py --sweep --tiny
+    # the fast recipe against the 30-step fp16 reference on the same inputs (writes bench/results/bench_svd.json)
+    python bench/bench_svd.py --fast-drift --size full --device cuda --compile unet --batch 32
+    # CPU smoke check of that mode
+    python bench/bench_svd.py --fast-drift --size tiny --device cpu --dtype fp32 --batch 2 --steps 4 \
+        --fast-steps 2 --json /tmp/bench_svd.json
 
 A clip is 16 frames at 256x256 (32x32 latents); a guided step is two UNet calls of B clips
 (conditional and unconditional), so 30 steps are 60 UNet calls per batch. The bare UNet call is
@@ -560,6 +566,128 @@ def sweep(args) -> None:
     print_table(derive(rows))
 
 
+# ---------------------------------------------------------------- fast recipe vs the reference (--fast-drift)
+DRIFT_SIZES = {"tiny": {"model": "tiny", "frames": 4, "size": 32, "teachers": "tiny"},
+               "full": {"model": "random", "frames": 16, "size": 256, "teachers": "random"}}
+"""--size of --fast-drift: the SVD and teacher weights and the clip shape."""
+
+
+def with_recipe(params, recipe: str, steps: int | None):
+    """``params`` with speed recipe ``recipe``'s settings on top (``steps`` overriding its steps)."""
+    from pipelines.svd import SVDParams
+    from schemas.presets import deep_merge, nest
+    from schemas.presets.svd import recipe_values
+
+    merged = deep_merge(params.model_dump(), nest(recipe_values(recipe)))
+    return SVDParams.model_validate({**merged, **({"steps": steps} if steps else {})})
+
+
+def unet_calls_per_clip(model, params) -> int:
+    """UNet calls one clip costs under ``params`` (conditional + unconditional; one-step head excluded)."""
+    from pipelines.svd.solvers import call_grid_points
+
+    if params.sampler is None:
+        return 2 * params.steps
+    scheduler = model.new_scheduler()
+    scheduler.set_timesteps(params.steps)
+    sigmas = scheduler.sigmas.tolist()
+    points = call_grid_points(params.sampler.solver, params.steps)
+    return len(points) + sum(sigmas[i] >= params.sampler.guidance_sigma_min for i in points)
+
+
+def timed_generation(model, params, data, repeats: int):
+    """(best seconds of ``repeats`` generations, the last output with its final latents)."""
+    from pipelines.svd import generate_clips
+
+    times = []
+    for _ in range(repeats):
+        sync(str(model.device))
+        start = time.perf_counter()
+        out = generate_clips(model, params, *data, keep_latents=True)
+        sync(str(model.device))
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def teacher_targets(name: str, spec: str, device: str, clip_sets: list, batch: int = 4) -> list:
+    """Target tokens (float32, host) of ``name`` for each uint8 clip set (B, T, S, S, 3), with the
+    teacher's default settings and dtype (fp32: what teacher versions are built with)."""
+    import numpy as np
+    import torch
+
+    from pipelines.teachers import load_teacher
+
+    teacher = load_teacher(name, spec, None, device, "fp32")
+    targets = []
+    with torch.inference_mode():
+        for clips in clip_sets:
+            parts = [teacher.encode_frames(torch.from_numpy(clips[first:first + batch])).float().cpu().numpy()
+                     for first in range(0, len(clips), batch)]
+            targets.append(np.concatenate(parts))
+    del teacher
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return targets
+
+
+def fast_drift_figures(args) -> dict:
+    """Reference (the default 30-step loop) and speed recipe ``args.recipe`` on the same inputs:
+    clips/hour of each in this process and the relative L2 of the final latents, decoded frames
+    and DINOv2 / DA3 targets of the fast clips against the reference's."""
+    import torch
+
+    from pipelines.svd import SVDParams, generate_clips, load_svd
+    from pipelines.svd.speed import SpeedOptions, apply_speedups
+
+    size = DRIFT_SIZES[args.size]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model = apply_speedups(load_svd(size["model"], args.device, args.dtype), SpeedOptions(compile=args.compile))
+    reference = SVDParams(num_frames=size["frames"], size=size["size"], **({"steps": args.steps} if args.steps else {}))
+    fast = with_recipe(reference, args.recipe, args.fast_steps)
+    data = inputs(model, reference, args.batch)
+    start = time.perf_counter()
+    generate_clips(model, reference.model_copy(update={"steps": 2}), *data)  # warm-up (compilation)
+    warm_s = time.perf_counter() - start
+    ref_s, ref_out = timed_generation(model, reference, data, args.repeats)
+    fast_s, fast_out = timed_generation(model, fast, data, args.repeats)
+    calls = {"reference": unet_calls_per_clip(model, reference), "fast": unet_calls_per_clip(model, fast)}
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    frames = [ref_out.frames, fast_out.frames]
+    teachers = {name: teacher_targets(name, size["teachers"], args.device, frames) for name in ("dinov2", "da3")}
+    drift = {"latents": rel_l2(fast_out.latents, ref_out.latents),
+             "frames": rel_l2(fast_out.frames.astype("float32"), ref_out.frames.astype("float32")),
+             **{name: rel_l2(targets[1], targets[0]) for name, targets in teachers.items()}}
+    return {"batch": args.batch, "warm_up_s": warm_s, "reference_s": ref_s, "fast_s": fast_s,
+            "reference_params": reference.model_dump(mode="json"), "fast_params": fast.model_dump(mode="json"),
+            "unet_calls_per_clip": calls, "onestep_equal": bool((fast_out.onestep == ref_out.onestep).all()),
+            "fp16_clips_per_hour": args.batch * 3600 / ref_s, "fast_clips_per_hour": args.batch * 3600 / fast_s,
+            "fast_speedup": ref_s / fast_s, "fast_drift": drift}
+
+
+def fast_drift(args) -> None:
+    """Run :func:`fast_drift_figures` and write the headline JSON (card, torch, commit, date, figures)."""
+    import torch
+
+    from storage.provenance import git_commit, now_iso
+
+    figures = fast_drift_figures(args)
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    record = {"bench": "bench_svd --fast-drift", "command": " ".join(sys.argv), "card": card,
+              "torch": torch.__version__, "commit": git_commit(), "date": now_iso(), "size": args.size,
+              "model": DRIFT_SIZES[args.size]["model"], "dtype": args.dtype, "compile": args.compile,
+              "recipe": args.recipe, **figures}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({key: record[key] for key in ("card", "fp16_clips_per_hour", "fast_clips_per_hour",
+                                                   "fast_speedup", "fast_drift", "unet_calls_per_clip",
+                                                   "onestep_equal")}, indent=1))
+    print(f"# written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="Run every variant, each in its own process.")
@@ -576,8 +704,24 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/svd-bench")
     parser.add_argument("--scratch", default="/tmp/svd-bench-scratch",
                         help="Where the fp16 run leaves its outputs for the fp8 drift (large: not under --out).")
+    drift = parser.add_argument_group("--fast-drift: the speed recipe against the 30-step reference")
+    drift.add_argument("--fast-drift", action="store_true",
+                       help="Reference and fast recipe on the same inputs: clips/hour of both, drift of latents, "
+                            "frames, DINOv2 and DA3 targets; writes --json.")
+    drift.add_argument("--size", choices=sorted(DRIFT_SIZES), default="full",
+                       help="full: random full-size SVD, DINOv2 and DA3 (GPU); tiny: tiny models (CPU smoke).")
+    drift.add_argument("--recipe", default="fast")
+    drift.add_argument("--dtype", default="fp16", help="SVD compute dtype (fp16: the exact reference; fp32 on a CPU).")
+    drift.add_argument("--compile", default="none", choices=["none", "blocks", "unet"])
+    drift.add_argument("--batch", type=int, default=32, help="Clips per UNet call.")
+    drift.add_argument("--repeats", type=int, default=1, help="Timed generations of each (best kept).")
+    drift.add_argument("--steps", type=int, help="Reference steps (default: SVDParams' 30).")
+    drift.add_argument("--fast-steps", type=int, help="Fast recipe steps (default: the recipe's).")
+    drift.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_svd.json"))
     args = parser.parse_args()
-    if args.variant:
+    if args.fast_drift:
+        fast_drift(args)
+    elif args.variant:
         spec = {"model": args.model, "device": args.device, "iters": args.iters, "frames": 16, "size": 256,
                 "steps": 30, "batches": [16], "measure": [], **json.loads(args.variant)}
         spec.setdefault("name", "variant")

@@ -17,7 +17,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from foresight.pipelines.devices import auto_dtype, resolve_device_field
 from foresight.schemas.base import StrictModel
 from foresight.schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
-from foresight.schemas.presets import check_preset, deep_merge, preset_values, resolve_nested
+from foresight.schemas.presets import check_preset, deep_merge, nest, preset_values, resolve_nested
+from foresight.schemas.presets.svd import recipe_values
 from foresight.schemas.svd import MAX_LENGTH, SVDParams
 
 
@@ -98,15 +99,23 @@ class GenerateConfig(StrictModel):
     preset: str | None = Field(default=None, description="Release recipe (svam-calvin, svam-metaworld, vpp) whose "
                                                          "generate and extract settings are the defaults of "
                                                          "`params`; explicit params win (keyed).")
+    recipe: Literal["fast"] | None = Field(
+        default=None, description="Speed recipe over the preset's settings (fast: 12 DPM-Solver++ 2M steps, "
+                                  "guidance only where sigma >= 1; docs/RECIPES.md); explicit params win (keyed).")
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        """The preset's generate + extract settings fill in the ``params`` not given."""
-        if not isinstance(data, dict) or data.get("preset") is None:
+        """The preset's generate + extract settings, then the speed recipe's, fill in the ``params``
+        not given (the recipe wins over the preset, explicit params over both)."""
+        if not isinstance(data, dict) or (data.get("preset") is None and data.get("recipe") is None):
             return data
         params = data.get("params")
         explicit = params.model_dump(exclude_unset=True) if isinstance(params, SVDParams) else dict(params or {})
+        if data.get("recipe") is not None:
+            explicit = deep_merge(nest(recipe_values(data["recipe"])), explicit)
+        if data.get("preset") is None:
+            return {**data, "params": explicit}
         return {**data, "params": resolve_nested(check_preset(data["preset"]), ("generate", "extract"), explicit)}
 
     _resolve_device = field_validator("device")(resolve_device_field)

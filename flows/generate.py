@@ -173,10 +173,15 @@ def text_flow(root_url: str, config: TextConfig) -> BuildSummary:
 def video_params(config: GenerateConfig) -> dict:
     """The keyed parameters of a video version: every SVD setting, the compute dtype, the compile
     scope when there is one (compiled kernels round differently; ``none`` is not recorded, so
-    uncompiled versions keep the ids they always had) and the preset."""
+    uncompiled versions keep the ids they always had), the preset, and the sampler and speed
+    recipe when set (the reference loop is not recorded, so its versions keep their ids)."""
     params = {**config.params.model_dump(mode="json"), "dtype": config.dtype}
+    if params.get("sampler") is None:
+        params.pop("sampler", None)
     if config.compile != "none":
         params["compile"] = config.compile
+    if config.recipe is not None:
+        params["recipe"] = config.recipe
     return with_preset(params, config.preset)
 
 

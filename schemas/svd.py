@@ -35,12 +35,35 @@ class OneStepParams(StrictModel):
                                                               "the count).")
 
 
+SolverId = Literal["euler", "heun", "dpmpp-2m"]
+"""Solvers of :class:`SamplerParams` (the probability-flow ODE on the scheduler's Karras sigmas):
+``euler`` (first order, one call per step: the reference's stepping, for comparison), ``heun``
+(EDM's second-order correction, two calls per step but the last) and ``dpmpp-2m``
+(DPM-Solver++(2M): second order from the previous step's prediction, one call per step)."""
+
+
+class SamplerParams(StrictModel):
+    """A denoising loop other than the reference one (diffusers' Euler scheduler, guidance on every
+    step): a solver on the same Karras sigmas and classifier-free guidance only on the steps whose
+    noise level is at least ``guidance_sigma_min``; the other steps run the conditional call alone
+    (guidance scale 1), skipping the unconditional half. The first call is the reference's (same
+    sigma, timestep and inputs), so features captured from it are unchanged. ``SamplerParams()``
+    (Euler, guidance everywhere) computes the reference's numbers through this loop (bit for bit
+    on a CPU, tests/test_svd_fast.py) but is keyed as set, like any sampler."""
+
+    solver: SolverId = Field(default="euler", description="ODE solver on the scheduler's sigmas: euler (the "
+                                                          "reference's stepping), heun or dpmpp-2m (DPM-Solver++ 2M).")
+    guidance_sigma_min: float = Field(default=0.0, ge=0.0,
+                                      description="Guide (run the unconditional call) only where sigma >= this; "
+                                                  "0 guides every step.")
+
+
 class SVDParams(StrictModel):
     """Every setting that changes generated frames or features (all enter the version id)."""
 
     num_frames: int = Field(default=16, ge=1, description="Frames per generated clip (T).")
     size: int = Field(default=256, ge=8, description="Square frame size in pixels (VPP: 256).")
-    steps: int = Field(default=30, ge=1, description="Euler denoising steps.")
+    steps: int = Field(default=30, ge=1, description="Denoising steps (Euler unless `sampler` says otherwise).")
     fps: int = Field(default=4, ge=1, description="Frame rate micro-conditioning.")
     fps_id: FpsId = Field(default="fps-1", description="How fps enters the generation's time ids: 'fps-1' "
                                                        "(diffusers' SVD pipeline) or 'fps' as is.")
@@ -56,3 +79,7 @@ class SVDParams(StrictModel):
         default_factory=OneStepParams,
         description="One-step features from their own head call with the release extractor's conditioning "
                     "(default); None: captured from the generation's first conditional call itself.")
+    sampler: SamplerParams | None = Field(
+        default=None,
+        description="None: the reference loop (diffusers' Euler scheduler, guidance on every step); else the "
+                    "solver and guidance interval of a fast recipe (keyed only when set).")

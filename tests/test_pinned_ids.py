@@ -65,3 +65,25 @@ def chain_ids(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("stage", list(PINNED))
 def test_unchanged_recipes_keep_their_ids(chain_ids, stage):
     assert chain_ids[stage] == PINNED[stage], f"{stage}: the id of an unchanged recipe moved"
+
+
+# ---------------------------------------------------------------- the fast SVD recipe (issue 19)
+PINNED_FAST_VIDEO = "video-000000000000"
+"""``generate --recipe fast`` on the chain above (same plan, text and options as ``video``)."""
+
+
+def test_fast_recipe_has_its_own_stable_id(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pins-fast"))
+    store = make_dataset(root, name="pins", camera="cam", size=32)
+    for index in range(2):
+        write_episode(store, f"ep{index}", length=20, seed=index, camera="cam")
+    cli, at = CliRunner(), ["--root", root]
+    plan = _first_token(cli, ["plan", "--dataset", "pins", "--frames", "4", "--stride", "1", "--every", "6",
+                              "--limit", "4", *at])
+    text = _first_token(cli, ["text", "--plan", plan, "--model", "tiny", "--shard-size", "2", *at])
+    assert (plan, text) == (PINNED["plan"], PINNED["text"])
+    fast = _first_token(cli, ["generate", "--plan", plan, "--text", text, "--model", "tiny", "--steps", "2",
+                              "--size", "32", "--batch", "2", "--shard-size", "2", "--device", "cpu", "--dtype",
+                              "fp32", "--recipe", "fast", *at])
+    assert fast != PINNED["video"]
+    assert fast == PINNED_FAST_VIDEO, "the id of the unchanged fast recipe moved"

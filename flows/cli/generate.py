@@ -9,7 +9,7 @@ from foresight.flows.cli.options import config_command, config_option, given, in
 from foresight.flows.cli.runner import runner_options
 from foresight.flows.configs import GenerateConfig, PlanConfig, TextConfig
 from foresight.flows.runtime import RunnerChoice
-from foresight.schemas.svd import SVDParams
+from foresight.schemas.svd import SamplerParams, SVDParams
 from foresight.schemas.presets import check_preset
 
 ONESTEP_CHOICES = ["extractor", "generation"]
@@ -94,6 +94,9 @@ def generate(
                                  show_default=ONESTEP_CHOICES[0],
                                  extra_help="extractor: that default; generation: None."),
     preset: str = config_option(GenerateConfig, "preset", "--preset"),
+    recipe: str = config_option(GenerateConfig, "recipe", "--recipe"),
+    solver: str = config_option(SamplerParams, "solver", "--solver"),
+    guidance_sigma_min: float = config_option(SamplerParams, "guidance_sigma_min", "--guidance-sigma-min"),
     seed: int = config_option(GenerateConfig, "seed"),
     shard_size: int = config_option(GenerateConfig, "shard_size"),
     root: str = ROOT_OPTION,
@@ -113,9 +116,11 @@ def generate(
         feature_blocks=int_list(feature_blocks, "--feature-blocks")))
     if onestep == "generation":
         params.onestep = None
+    if solver is not None or guidance_sigma_min is not None:
+        params.sampler = SamplerParams(**given(solver=solver, guidance_sigma_min=guidance_sigma_min))
     config = GenerateConfig(plan=plan, text=text, model=model, params=params, workers=runner.tasks, **given(
         seed=seed, dtype=dtype, device=device, batch=batch, compile=compile_scope, shard_size=shard_size,
-        compression=compression, preset=preset))
+        compression=compression, preset=preset, recipe=recipe))
     summary = run_flow(generate_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
 

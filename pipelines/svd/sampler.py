@@ -25,6 +25,7 @@ from diffusers import EulerDiscreteScheduler
 from foresight.pipelines.svd import conditioning as cond
 from foresight.pipelines.svd.features import merge_features, to_host
 from foresight.pipelines.svd.loading import SVDModel
+from foresight.pipelines.svd.solvers import SOLVERS
 from foresight.pipelines.svd.unet_split import UNetSplit
 from foresight.schemas.svd import FpsId, SVDParams
 
@@ -159,6 +160,36 @@ def denoise(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: Eule
     return latents, features
 
 
+def denoise_with_sampler(model: SVDModel, params: SVDParams, c: Conditioning, scheduler: EulerDiscreteScheduler,
+                         features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`denoise` with ``params.sampler``'s solver on the scheduler's sigmas and guidance only
+    where sigma >= ``guidance_sigma_min`` (elsewhere the conditional call alone). The input scaling,
+    timesteps and v-prediction -> clean-latent conversion are the scheduler's own arithmetic, so
+    the first call is the reference's first conditional call and its captured features equal it."""
+    sampler = params.sampler
+    assert sampler is not None, "denoise_with_sampler needs params.sampler"
+    split = model.split(params.feature_blocks)
+    guidance = cond.guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames, model.device)
+    null_image, null_text = c.unconditional()
+    sigma_grid = scheduler.sigmas  # (steps + 1,) float32 on the host, the last 0
+    captured_features = [features]
+
+    def denoised(latents: torch.Tensor, index: int) -> torch.Tensor:
+        sigma, t = sigma_grid[index], scheduler.timesteps[index]
+        scaled = latents / ((sigma**2 + 1) ** 0.5)
+        prediction, captured = _unet(model, split, scaled, t, c.image_latents, c.text_states, c.time_ids)
+        if captured_features[0] is None:
+            captured_features[0] = merge_features(captured, params.feature_blocks, c.batch)
+        del captured
+        if float(sigma) >= sampler.guidance_sigma_min:
+            pred_uncond, _ = _unet(model, split, scaled, t, null_image, null_text, c.time_ids)
+            prediction = pred_uncond + guidance * (prediction - pred_uncond)
+        return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
+
+    latents = SOLVERS[sampler.solver](denoised, c.latents, sigma_grid.tolist())
+    return latents, captured_features[0]
+
+
 @torch.no_grad()
 def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, text_BLD: np.ndarray,
                    seeds: np.ndarray, keep_latents: bool = False) -> GeneratedBatch:
@@ -176,7 +207,8 @@ def generate_clips(model: SVDModel, params: SVDParams, frames_BHWC: np.ndarray, 
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(params.steps, device=model.device)
     c = condition(model, params, inputs, scheduler.init_noise_sigma, params.fps_id, params.noise_aug_strength)
-    latents, features = denoise(model, params, c, scheduler, features)
+    loop = denoise if params.sampler is None else denoise_with_sampler
+    latents, features = loop(model, params, c, scheduler, features)
     frames = decode_frames(model, latents)
     return GeneratedBatch(frames=frames, onestep=to_host(features),
                           latents=to_host(latents) if keep_latents else None)

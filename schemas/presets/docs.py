@@ -11,6 +11,7 @@ from typing import Any
 
 from foresight.schemas.devices import CPU_DTYPE, GPU_DTYPES
 from foresight.schemas.presets import PRESET_NAMES, Sourced, preset_table
+from foresight.schemas.presets.svd import RECIPES as SPEED_RECIPES
 
 MODELS: tuple[tuple[str, str, str], ...] = (
     ("SVD generation", "generate", ""),
@@ -109,7 +110,21 @@ def device_table() -> str:
     return "\n".join(lines)
 
 
+def speed_recipe_table() -> str:
+    """The generate stage's speed recipes (``--recipe``): every setting with its value and reason."""
+    lines = ["## SVD generation speed recipes (`--recipe`)", "",
+             "Never a default: a recipe changes the generated numbers, so its settings and its name are "
+             "keyed (a new version id). It applies over a preset's values; explicit settings win. The "
+             "one-step features are untouched. Drift against the 30-step reference: README (SVD fast "
+             "recipe) and `bench/results/bench_svd.json` (`python bench/bench_svd.py --fast-drift`).", "",
+             "| recipe | setting | value | source |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{name}` | `{key}` | {_cell(_value(item.value))} | {_cell(item.source)} |"
+              for name, table in SPEED_RECIPES.items() for key, item in table.items()]
+    return "\n".join(lines)
+
+
 def recipes_markdown() -> str:
     """The whole of ``docs/RECIPES.md``."""
-    sections = [HEADER.rstrip("\n"), device_table()] + [model_table(*model) for model in MODELS]
+    tables = [model_table(*model) for model in MODELS]
+    sections = [HEADER.rstrip("\n"), device_table(), tables[0], speed_recipe_table(), *tables[1:]]
     return "\n\n".join(sections) + "\n"

@@ -574,9 +574,9 @@ DRIFT_SIZES = {"tiny": {"model": "tiny", "frames": 4, "size": 32, "teachers": "t
 
 def with_recipe(params, recipe: str, steps: int | None):
     """``params`` with speed recipe ``recipe``'s settings on top (``steps`` overriding its steps)."""
-    from pipelines.svd import SVDParams
-    from schemas.presets import deep_merge, nest
-    from schemas.presets.svd import recipe_values
+    from foresight.pipelines.svd import SVDParams
+    from foresight.schemas.presets import deep_merge, nest
+    from foresight.schemas.presets.svd import recipe_values
 
     merged = deep_merge(params.model_dump(), nest(recipe_values(recipe)))
     return SVDParams.model_validate({**merged, **({"steps": steps} if steps else {})})
@@ -584,7 +584,7 @@ def with_recipe(params, recipe: str, steps: int | None):
 
 def unet_calls_per_clip(model, params) -> int:
     """UNet calls one clip costs under ``params`` (conditional + unconditional; one-step head excluded)."""
-    from pipelines.svd.solvers import call_grid_points
+    from foresight.pipelines.svd.solvers import call_grid_points
 
     if params.sampler is None:
         return 2 * params.steps
@@ -597,7 +597,7 @@ def unet_calls_per_clip(model, params) -> int:
 
 def timed_generation(model, params, data, repeats: int):
     """(best seconds of ``repeats`` generations, the last output with its final latents)."""
-    from pipelines.svd import generate_clips
+    from foresight.pipelines.svd import generate_clips
 
     times = []
     for _ in range(repeats):
@@ -615,7 +615,7 @@ def teacher_targets(name: str, spec: str, device: str, clip_sets: list, batch: i
     import numpy as np
     import torch
 
-    from pipelines.teachers import load_teacher
+    from foresight.pipelines.teachers import load_teacher
 
     teacher = load_teacher(name, spec, None, device, "fp32")
     targets = []
@@ -636,8 +636,8 @@ def fast_drift_figures(args) -> dict:
     and DINOv2 / DA3 targets of the fast clips against the reference's."""
     import torch
 
-    from pipelines.svd import SVDParams, generate_clips, load_svd
-    from pipelines.svd.speed import SpeedOptions, apply_speedups
+    from foresight.pipelines.svd import SVDParams, generate_clips, load_svd
+    from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
 
     size = DRIFT_SIZES[args.size]
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -671,7 +671,7 @@ def fast_drift(args) -> None:
     """Run :func:`fast_drift_figures` and write the headline JSON (card, torch, commit, date, figures)."""
     import torch
 
-    from storage.provenance import git_commit, now_iso
+    from foresight.storage.provenance import git_commit, now_iso
 
     figures = fast_drift_figures(args)
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"

@@ -14,15 +14,15 @@ from diffusers import EulerDiscreteScheduler
 from typer.testing import CliRunner
 
 from factories import make_dataset, write_episode
-from flows.cli import app
-from flows.configs import GenerateConfig
-from flows.generate import video_params
-from pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
-from pipelines.svd.loading import SVD_SCHEDULER_CONFIG
-from pipelines.svd.solvers import SOLVERS, model_calls
-from schemas.presets.svd import RECIPE_NAMES, RECIPES, check_recipe
-from schemas.svd import SamplerParams
-from storage.targets import TargetStore
+from foresight.flows.cli import app
+from foresight.flows.configs import GenerateConfig
+from foresight.flows.generate import video_params
+from foresight.pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
+from foresight.pipelines.svd.loading import SVD_SCHEDULER_CONFIG
+from foresight.pipelines.svd.solvers import SOLVERS, model_calls
+from foresight.schemas.presets.svd import RECIPE_NAMES, RECIPES, check_recipe
+from foresight.schemas.svd import SamplerParams
+from foresight.storage.targets import TargetStore
 
 SECOND_ORDER = ("heun", "dpmpp-2m")
 DATA_MEAN, DATA_STD = 0.3, 1.0  # the toy data distribution N(mean, std^2), elementwise

@@ -668,24 +668,18 @@ def fast_drift_figures(args) -> dict:
 
 
 def fast_drift(args) -> None:
-    """Run :func:`fast_drift_figures` and write the headline JSON (card, torch, commit, date, figures)."""
-    import torch
-
-    from foresight.storage.provenance import git_commit, now_iso
+    """Run :func:`fast_drift_figures` and write its headline figures (bench/headline.py)."""
+    from headline import write_headline
 
     figures = fast_drift_figures(args)
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    record = {"bench": "bench_svd --fast-drift", "command": " ".join(sys.argv), "card": card,
-              "torch": torch.__version__, "commit": git_commit(), "date": now_iso(), "size": args.size,
-              "model": DRIFT_SIZES[args.size]["model"], "dtype": args.dtype, "compile": args.compile,
-              "recipe": args.recipe, **figures}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({key: record[key] for key in ("card", "fp16_clips_per_hour", "fast_clips_per_hour",
-                                                   "fast_speedup", "fast_drift", "unet_calls_per_clip",
-                                                   "onestep_equal")}, indent=1))
-    print(f"# written to {out}")
+    headline = {key: figures.pop(key) for key in ("fp16_clips_per_hour", "fast_clips_per_hour", "fast_speedup",
+                                                   "fast_drift")}
+    path = write_headline("bench_svd", headline, Path(args.json), command=" ".join(sys.argv), size=args.size,
+                          model=DRIFT_SIZES[args.size]["model"], dtype=args.dtype, compile=args.compile,
+                          recipe=args.recipe, **figures)
+    print(json.dumps({**headline, "unet_calls_per_clip": figures["unet_calls_per_clip"],
+                      "onestep_equal": figures["onestep_equal"]}, indent=1))
+    print(f"# written to {path}")
 
 
 def main() -> None:

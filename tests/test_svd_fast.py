@@ -105,10 +105,12 @@ def test_euler_sampler_is_the_reference_loop_bit_for_bit(model, inputs):
 
 
 class CountingSplit:
-    """A UNet split that counts conditional and unconditional calls (the latter: zero text states)."""
+    """A UNet split that counts conditional and unconditional calls (the latter: zero text states);
+    the one-step extraction's head-only call (``features``) is not a denoising call."""
 
     def __init__(self, split):
         self.split, self.cond, self.uncond = split, 0, 0
+        self.features = split.features
 
     def __call__(self, sample, timestep, text_states, time_ids):
         if torch.count_nonzero(text_states) == 0:

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= osmesa
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test install system-deps bench lowest clean
 
 demo: install
 	$(BIN)/foresight demo --root ./foresight-data --out ./foresight-data/demo
@@ -50,6 +50,11 @@ system-deps:
 	  echo "missing system packages:$$missing; run:  sudo apt-get update && sudo apt-get install -y$$missing"; \
 	  exit 1; \
 	fi
+
+# Every dependency at its declared floor (uv --resolution lowest-direct) in a venv of its own under
+# /tmp, then the fast tests file by file: shows pyproject.toml's floors are versions that pass (.ci/lowest).
+lowest: system-deps
+	bash .ci/lowest
 
 bench: install
 	$(BIN)/python bench/bench_episode_store.py

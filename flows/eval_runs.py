@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from foresight.flows.eval import EvalConfig, ResolvedPolicy, parse_policy
+from foresight.flows.generate import svd_settings
 from foresight.pipelines.svd import SVDParams
 from foresight.schemas.base import validate
 from foresight.schemas.eval import PolicyIdentity
@@ -137,8 +138,7 @@ def stack_spec(run_config: dict[str, Any], versions: dict[str, str], manifests: 
     if absent:
         raise ValueError(f"{where}: the run records no versions for {absent} (it has {sorted(versions)})")
     video, text = manifests["onestep"], manifests[text_field]
-    params = dict(video.recipe.params)
-    dtype = params.pop("dtype", "fp32")
+    params, dtype = svd_settings(video.recipe.params)
     teachers = {}
     for record in run_config["decouplers"]:
         name, field = record["teacher"], f"{record['teacher']}.reference"

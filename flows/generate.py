@@ -185,6 +185,17 @@ def video_params(config: GenerateConfig) -> dict:
     return with_preset(params, config.preset)
 
 
+VIDEO_KEYS_BEYOND_SVD = ("dtype", "compile", "recipe", "preset")
+"""What video_params records beside the SVDParams fields."""
+
+
+def svd_settings(params: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """video_params' inverse: (the SVDParams fields, the compute dtype) of a video version's keyed
+    parameters; the compile scope, speed recipe and preset it also records are left out."""
+    settings = {key: value for key, value in params.items() if key not in VIDEO_KEYS_BEYOND_SVD}
+    return settings, params.get("dtype", "fp32")
+
+
 def cached_svd(config: GenerateConfig) -> SVDModel:
     def load() -> SVDModel:
         model = load_svd(config.model, config.device, config.dtype, config.seed)

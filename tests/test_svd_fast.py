@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from factories import make_dataset, write_episode
 from foresight.flows.cli import app
 from foresight.flows.configs import GenerateConfig
-from foresight.flows.generate import video_params
+from foresight.flows.generate import svd_settings, video_params
 from foresight.pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
 from foresight.pipelines.svd.loading import SVD_SCHEDULER_CONFIG
 from foresight.pipelines.svd.solvers import SOLVERS, model_calls
@@ -179,6 +179,14 @@ def test_reference_params_carry_no_sampler_key_and_fast_ones_do():
     fast = video_params(config(recipe="fast"))
     assert fast["recipe"] == "fast" and fast["steps"] == 12
     assert fast["sampler"] == {"solver": "dpmpp-2m", "guidance_sigma_min": 1.0}
+
+
+def test_a_video_versions_params_give_back_its_svd_settings_whatever_else_it_records():
+    """The eval rebuilds the SVD from a version's params: preset, recipe, compile scope and dtype
+    are recorded beside the SVDParams fields and must not reach SVDParams."""
+    built = config(recipe="fast", preset="svam-calvin", compile="unet", dtype="fp16")
+    settings, dtype = svd_settings(video_params(built))
+    assert SVDParams.model_validate(settings) == built.params and dtype == "fp16"
 
 
 def _version_id(result) -> str:

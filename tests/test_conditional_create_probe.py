@@ -24,7 +24,7 @@ def moto(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_probes(monkeypatch):
-    monkeypatch.setattr(storage.fs, "_PROBED", {})
+    monkeypatch.setattr(foresight.storage.fs, "_PROBED", {})
 
 
 def ignore_conditional_create(monkeypatch, root: Root) -> list[str]:

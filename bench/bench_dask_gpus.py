@@ -42,7 +42,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from foresight.storage import layout  # noqa: E402
 from foresight.storage.fs import Root  # noqa: E402
 from foresight.storage.targets import TargetStore  # noqa: E402
 

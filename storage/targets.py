@@ -7,6 +7,7 @@ import logging
 import mmap
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -19,6 +20,9 @@ from foresight.storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse
                         remove_temporaries)
 from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 from foresight.storage.zarr_shards import ShardCodec, shard_codec
+
+if TYPE_CHECKING:  # the teachers engine hands tensors in; the store itself never imports torch
+    import torch
 
 log = logging.getLogger(__name__)
 ZSTD = zarr.codecs.ZstdCodec(level=3)

@@ -633,41 +633,72 @@ def teacher_targets(name: str, spec: str, device: str, clip_sets: list, batch: i
 def fast_drift_figures(args) -> dict:
     """Reference (the default 30-step loop) and speed recipe ``args.recipe`` on the same inputs:
     clips/hour of each in this process and the relative L2 of the final latents, decoded frames
-    and DINOv2 / DA3 targets of the fast clips against the reference's."""
+    and DINOv2 / DA3 targets of the fast clips against the reference's. With ``args.fast_dtype``
+    the fast recipe runs on its own model in that dtype (same seeded weights), loaded once the
+    reference's is gone."""
     import torch
 
-    from foresight.pipelines.svd import SVDParams, generate_clips, load_svd
-    from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
+    from foresight.pipelines.svd import SVDParams
 
     size = DRIFT_SIZES[args.size]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = apply_speedups(load_svd(size["model"], args.device, args.dtype), SpeedOptions(compile=args.compile))
     reference = SVDParams(num_frames=size["frames"], size=size["size"], **({"steps": args.steps} if args.steps else {}))
     fast = with_recipe(reference, args.recipe, args.fast_steps)
+    fast_dtype = args.fast_dtype or args.dtype
+    model = drift_model(args, args.dtype)
     data = inputs(model, reference, args.batch)
-    start = time.perf_counter()
-    # Warm-up (compilation) of both recipes: the fast one's unguided steps call the UNet on half the batch,
-    # a shape of its own that would otherwise compile inside its timed generation.
-    for params in (reference, fast):
-        generate_clips(model, params.model_copy(update={"steps": 2}), *data)
-    warm_s = time.perf_counter() - start
+    own_model = fast_dtype != args.dtype
+    warm_s = warm_up(model, [reference] if own_model else [reference, fast], data)
     ref_s, ref_out = timed_generation(model, reference, data, args.repeats)
+    if own_model:
+        del model
+        free_cuda(args.device)
+        model = drift_model(args, fast_dtype)
+        warm_s += warm_up(model, [fast], data)
     fast_s, fast_out = timed_generation(model, fast, data, args.repeats)
     calls = {"reference": unet_calls_per_clip(model, reference), "fast": unet_calls_per_clip(model, fast)}
     del model
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    free_cuda(args.device)
     frames = [ref_out.frames, fast_out.frames]
     teachers = {name: teacher_targets(name, size["teachers"], args.device, frames) for name in ("dinov2", "da3")}
     drift = {"latents": rel_l2(fast_out.latents, ref_out.latents),
              "frames": rel_l2(fast_out.frames.astype("float32"), ref_out.frames.astype("float32")),
              **{name: rel_l2(targets[1], targets[0]) for name, targets in teachers.items()}}
-    return {"batch": args.batch, "warm_up_s": warm_s, "reference_s": ref_s, "fast_s": fast_s,
+    return {"batch": args.batch, "warm_up_s": warm_s, "reference_s": ref_s, "fast_s": fast_s, "fast_dtype": fast_dtype,
             "reference_params": reference.model_dump(mode="json"), "fast_params": fast.model_dump(mode="json"),
             "unet_calls_per_clip": calls, "onestep_equal": bool((fast_out.onestep == ref_out.onestep).all()),
             "fp16_clips_per_hour": args.batch * 3600 / ref_s, "fast_clips_per_hour": args.batch * 3600 / fast_s,
             "fast_speedup": ref_s / fast_s, "fast_drift": drift}
+
+
+def drift_model(args, dtype: str):
+    """The --fast-drift size's SVD in ``dtype`` with ``args.compile``'s speed-ups."""
+    from foresight.pipelines.svd import load_svd
+    from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
+
+    return apply_speedups(load_svd(DRIFT_SIZES[args.size]["model"], args.device, dtype),
+                          SpeedOptions(compile=args.compile))
+
+
+def warm_up(model, recipes: list, data) -> float:
+    """Seconds of a 2-step generation under each recipe (compilation). Each recipe warms its own
+    shapes: the fast one's unguided steps call the UNet on half the batch, a shape that would
+    otherwise compile inside its timed generation."""
+    from foresight.pipelines.svd import generate_clips
+
+    start = time.perf_counter()
+    for params in recipes:
+        generate_clips(model, params.model_copy(update={"steps": 2}), *data)
+    return time.perf_counter() - start
+
+
+def free_cuda(device: str) -> None:
+    """Return the cached GPU memory of a dropped model before the next model or the teachers load."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def fast_drift(args) -> None:
@@ -709,6 +740,8 @@ def main() -> None:
                        help="full: random full-size SVD, DINOv2 and DA3 (GPU); tiny: tiny models (CPU smoke).")
     drift.add_argument("--recipe", default="fast")
     drift.add_argument("--dtype", default="fp16", help="SVD compute dtype (fp16: the exact reference; fp32 on a CPU).")
+    drift.add_argument("--fast-dtype", help="The fast recipe's own dtype (e.g. fp8; default: --dtype), drift still "
+                                            "against the --dtype reference.")
     drift.add_argument("--compile", default="none", choices=["none", "blocks", "unet"])
     drift.add_argument("--batch", type=int, default=32, help="Clips per UNet call.")
     drift.add_argument("--repeats", type=int, default=1, help="Timed generations of each (best kept).")

@@ -122,9 +122,10 @@ def gpu_pids() -> list[int]:
 
 def shard_prints(root: Path, version: str) -> list:
     """The per-shard checksums a complete version's manifest records."""
-    manifest = TargetStore(Root(str(root))).manifest(version)
+    store = TargetStore(Root(str(root)))
+    manifest = store.manifest(version)
     assert manifest.status == "complete", f"{version} is {manifest.status}"
-    return manifest.shards
+    return store.shard_sums(manifest).by_shard()
 
 
 def generate_args(a: argparse.Namespace, plan: str, text: str) -> list[str]:

@@ -73,7 +73,7 @@ def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
                             verify=mode != "unverified")
         if mode == "sha256":
             for reader in source.readers.values():
-                reader.manifest.shard_xxh3 = {}  # only the audit hash left: the reader falls back to it
+                reader.sums = reader.sums.without_xxh3()  # only the audit hash left: the reader falls back to it
         clips = list(range(len(source.rows)))
         for start in range(0, len(clips), READ_BATCH):
             yield from source.read(clips[start:start + READ_BATCH])

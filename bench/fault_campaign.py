@@ -324,7 +324,7 @@ def fingerprint(root: Root, summary: dict) -> dict:
         output = row["output"]
         if output.startswith(("text-", "video-", "teacher-")):
             manifest = store.manifest(output)
-            prints[output] = manifest.shards if manifest.status == "complete" else "incomplete"
+            prints[output] = store.shard_sums(manifest).by_shard() if manifest.status == "complete" else "incomplete"
         elif output.startswith("export-"):
             index = root.read_json(layout.export_dir(output), layout.EXPORT_INDEX)
             prints[output] = [s["sha256"] for s in index["shards"]]

@@ -90,15 +90,17 @@ class ExportOutput:
 
     def pending(self) -> list[int]:
         """Shards still to write ([] once the export is complete, also when a concurrent builder
-        completed it and removed the build files in between)."""
-        if self.store.exists(self.version_id):
-            return []
+        completed it and removed the build files in between): one listing of ``_done/`` (the build
+        plan, every clip, is read once per output, not at each look of the progress poll)."""
         try:
-            return self.store.pending_shards(self.version_id)
+            pending = self.store.pending_shards(self.version_id, len(self.build.shard_clips))
         except ValueError:
             if self.store.exists(self.version_id):
                 return []
             raise
+        # A finalizer publishes index.json before it removes _done/: an empty listing seen after
+        # that removal is caught here.
+        return [] if pending and self.store.exists(self.version_id) else pending
 
     def is_done(self, shard: int) -> bool:
         return self.store.exists(self.version_id) or self.store.done_shard(self.version_id, shard) is not None

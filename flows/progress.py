@@ -5,7 +5,9 @@ A build's shards run in threads, in processes or on Dask workers of other hosts;
 that sees all of them is the store, where a shard counts once its ``_done`` record exists. So
 :class:`BuildProgress` asks the output which shards are still pending every ``poll_s`` seconds
 (one listing of the ``_done`` folder) from a background thread, and moves the bar (clips, shards,
-ETA) and the artifact (percent of clips) to match. Shards written by another builder of the same
+ETA) and the artifact (percent of clips) to match. A look lists every marker, so its cost grows with
+the shards: the next look waits at least :data:`LOOK_COST_FACTOR` times as long as the last took,
+which keeps the polling thread under ~2% busy (and its listings per shard bounded) at any size. Shards written by another builder of the same
 output count too: what the bar shows is how far the output is, not what this process did.
 
 It costs nothing when neither is wanted (stderr not a terminal, or ``FORESIGHT_QUIET``, and no
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +27,9 @@ from foresight.flows.runtime import progress_disabled
 log = logging.getLogger(__name__)
 
 PROGRESS_POLL_S = 2.0
-"""Seconds between two looks at the pending shards (one listing each)."""
+"""Seconds between two looks at the pending shards (one listing each), at least."""
+LOOK_COST_FACTOR = 50.0
+"""The wait after a look is at least this many times the look's own duration."""
 
 
 def in_flow_run() -> bool:
@@ -79,11 +84,14 @@ class BuildProgress:
             self._bar.close()
 
     def _poll(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        wait = self.poll_s
+        while not self._stop.wait(wait):
+            start = time.perf_counter()
             try:
                 self.update()
             except Exception as error:  # a failed look (a network blip) must not end the build
                 log.debug("%s: progress not updated: %s", self.what, error)
+            wait = max(self.poll_s, LOOK_COST_FACTOR * (time.perf_counter() - start))
 
     def update(self) -> tuple[int, int]:
         """Look at the store once and move the bar and the artifact; returns (shards, clips) done."""

@@ -92,6 +92,21 @@ class TargetRecipe(StrictModel):
         }
 
 
+class ShardTableFile(StrictModel):
+    """manifest.json's record of the shard table of a complete version: the checksums of every
+    stored shard object as columns in one ``.npy`` file beside it (storage/targets.py SHARD_SUM
+    rows, one row per shard and one column per stored part), instead of per-shard JSON objects
+    (~1.6 KB a shard for pi0: 100 MB of manifest, and its objects in every reader, at 10^6 clips)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$",
+                      description="File name in the version folder (shards.npy).")
+    parts: list[str] = Field(description="Stored part names, the table's column order.")
+    rows: int = Field(description="Shards in the table (= num_shards).")
+    bytes: int = Field(description="Size of the file.")
+    sha256: str = Field(description="sha256 of the file, checked whenever it is read.")
+    row_dtype: str = Field(description="numpy dtype of one cell (SHARD_SUM), as str(dtype.descr).")
+
+
 class TargetVersion(StrictModel):
     """manifest.json of a target version."""
 
@@ -108,6 +123,11 @@ class TargetVersion(StrictModel):
     shard_xxh3: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="shard index -> array name -> xxh3-128 of the stored shard object: "
                                           "what readers check while reading (sha256 stays for the audit).")
+    shard_table: ShardTableFile | None = Field(
+        default=None, description="The shard table holding every shard's checksums (complete versions "
+                                  "finalized since it exists; ``shards`` and ``shard_xxh3`` are then empty). "
+                                  "None: the checksums are in ``shards`` / ``shard_xxh3`` (older versions) or "
+                                  "the version is building.")
     verified_inputs: bool = Field(
         default=True, description="False when the stage that made it read its input versions with --no-verify.")
     created: str = ""
@@ -116,6 +136,14 @@ class TargetVersion(StrictModel):
     host: str | None = None
     packages: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_table(self, handler: Any) -> dict[str, Any]:
+        """Manifests without a shard table keep the bytes they had before it existed."""
+        data = handler(self)
+        if self.shard_table is None:
+            data.pop("shard_table", None)
+        return data
 
     @property
     def kind(self) -> str:

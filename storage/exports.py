@@ -586,10 +586,13 @@ class ExportStore:
         rel = layout.export_done(export_id, index)
         return validate(ExportShard, self.root.read_json(rel), self.root.url_of(rel)) if self.root.file_exists(rel) else None
 
-    def pending_shards(self, export_id: str) -> list[int]:
-        build = self.build_info(export_id)
+    def pending_shards(self, export_id: str, shard_count: int | None = None) -> list[int]:
+        """Planned shards without a ``_done`` record, from one listing of ``_done/``; ``shard_count``
+        (the build plan's, when the caller holds it) spares reading the plan (every clip) again."""
+        if shard_count is None:
+            shard_count = len(self.build_info(export_id).shard_clips)
         done = set(self.root.ls(layout.export_dir(export_id), layout.DONE_DIR))
-        return [i for i in range(len(build.shard_clips)) if f"{i}.json" not in done]
+        return [i for i in range(shard_count) if f"{i}.json" not in done]
 
     def finalize(self, export_id: str, timings: dict[str, float] | None = None,
                  verified_inputs: bool = True) -> ExportIndex:
@@ -618,7 +621,7 @@ class ExportStore:
     def _final_index(self, export_id: str, timings: dict[str, float] | None, verified_inputs: bool) -> ExportIndex:
         """The index of a build whose shards are all done; writes the sample table (before index.json)."""
         build = self.build_info(export_id)
-        pending = self.pending_shards(export_id)
+        pending = self.pending_shards(export_id, len(build.shard_clips))
         if pending:
             raise ValueError(f"export '{export_id}': shards {pending} are not written yet")
         entries, rows = self._shard_records(export_id, build)

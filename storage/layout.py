@@ -18,6 +18,9 @@ TRASH = ".trash"
 PLAN_CLIPS = "clips.parquet"
 PLAN_INFO = "plan.json"
 MANIFEST = "manifest.json"
+TARGET_SHARDS = "shards.npy"
+"""A complete target version's shard table (checksums of every shard object as columns), named and
+checksummed by its manifest.json."""
 DONE_DIR = "_done"
 CLAIMS_DIR = "_claims"
 LINEAGE = "lineage.jsonl"
@@ -85,6 +88,11 @@ def target_dir(version_id: str) -> str:
 
 def target_manifest(version_id: str) -> str:
     return f"{target_dir(version_id)}/{MANIFEST}"
+
+
+def target_file(version_id: str, name: str) -> str:
+    """A file of a target version's folder (manifest.json, the shard table)."""
+    return f"{target_dir(version_id)}/{name}"
 
 
 def target_array(version_id: str, array: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import mmap
 import os
@@ -14,7 +15,7 @@ import zarr
 
 from foresight.schemas.base import validate_stored
 from foresight.schemas.refs import Ref
-from foresight.schemas.target import ArraySpec, TargetRecipe, TargetVersion
+from foresight.schemas.target import ArraySpec, ShardTableFile, TargetRecipe, TargetVersion
 from foresight.storage import layout
 from foresight.storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse_json, read_many, remove_dead_temporaries_under,
                         remove_temporaries)
@@ -34,6 +35,14 @@ SCALE_SUFFIX = ".fp8scale"
 """Companion array of an 'fp8' coded array: uint8 E8M0 scale bytes per clip and channel, (N, C)."""
 NO_VERIFY_ENV = "FORESIGHT_NO_VERIFY"
 """Set (by ``foresight --no-verify``) to read versions and exports without checking checksums."""
+SHARD_SUM = np.dtype([("sha256", "V32"), ("xxh3", "V16"), ("flags", "u1")])
+"""One cell of a shard table (one shard's object of one stored part): its sha256 (the audit hash) and
+xxh3-128 (what readers check) digests and ``flags`` (RECORDED, FILL_ONLY, HAS_XXH3): 49 bytes."""
+RECORDED, FILL_ONLY, HAS_XXH3 = 1, 2, 4
+"""SHARD_SUM flags: a checksum is recorded; the shard holds only fill values (no object, EMPTY_SHARD);
+an xxh3 is recorded (markers written before xxh3 existed have none: readers then check sha256)."""
+MARKER_BATCH = 2048
+"""``_done`` markers fetched together at finalize (bounded memory, concurrent GETs on an object store)."""
 
 
 def _tree_stats(path: str) -> tuple[int, float | None]:
@@ -141,6 +150,120 @@ def decode_parts(spec: ArraySpec, parts: dict[str, np.ndarray], where: str) -> n
     return out
 
 
+class ShardSums:
+    """The checksums recorded for a version's shard objects, as columns: ``cells[shard, column]``
+    (SHARD_SUM) with one column per stored part (``parts``). What readers, ``targets verify`` and
+    the audit check objects against, whether the manifest holds them as JSON (versions finalized
+    before the shard table) or names a shard table."""
+
+    def __init__(self, parts: Sequence[str], cells: np.ndarray):
+        self.parts, self.cells = list(parts), cells
+        self._column = {part: i for i, part in enumerate(self.parts)}
+
+    @classmethod
+    def empty(cls, parts: Sequence[str], shards: int) -> "ShardSums":
+        """Nothing recorded yet (a building version)."""
+        return cls(parts, np.zeros((shards, len(parts)), SHARD_SUM))
+
+    @classmethod
+    def from_dicts(cls, parts: Sequence[str], shards: int, sha256: dict[str, dict[str, str]],
+                   xxh3: dict[str, dict[str, str]], where: str) -> "ShardSums":
+        """The columns of an older manifest's ``shards`` / ``shard_xxh3`` (shard -> part -> hex)."""
+        extra = sorted({name for sums in sha256.values() for name in sums} - set(parts))
+        table = cls.empty([*parts, *extra], shards)
+        for key, sums in sha256.items():
+            if key.isdigit() and int(key) < shards:
+                table.record(int(key), sums, xxh3.get(key, {}), where)
+        return table
+
+    def record(self, shard: int, sha256: dict[str, str], xxh3: dict[str, str], where: str) -> None:
+        """Set one shard's row from its marker's (or an older manifest's) part -> hex digests."""
+        row = self.cells[shard]
+        for name, digest in sha256.items():
+            column = self._column.get(name)
+            if column is None:
+                raise ValueError(f"{where}: shard {shard} records array '{name}', which the version does not store")
+            fast = xxh3.get(name)
+            try:
+                if digest == EMPTY_SHARD:
+                    row[column] = (b"", b"", RECORDED | FILL_ONLY)
+                else:
+                    row[column] = (bytes.fromhex(digest), bytes.fromhex(fast) if fast else b"",
+                                   RECORDED | (HAS_XXH3 if fast else 0))
+            except (ValueError, TypeError):
+                raise ValueError(f"{where}: shard {shard}, array '{name}': recorded checksum is not hex") from None
+
+    def recorded(self, part: str, shard: int) -> tuple[str, str] | None:
+        """(hash name, hex digest or EMPTY_SHARD) readers check one object against: xxh3 when
+        recorded, else sha256; None when nothing is recorded (a building version's unfinished shard)."""
+        column = self._column.get(part)
+        if column is None or not 0 <= shard < len(self.cells):
+            return None
+        cell = self.cells[shard, column]
+        flags = int(cell["flags"])
+        if not flags & RECORDED:
+            return None
+        if flags & FILL_ONLY:
+            return (FAST_HASH if flags & HAS_XXH3 else "sha256"), EMPTY_SHARD
+        if flags & HAS_XXH3:
+            return FAST_HASH, cell["xxh3"].tobytes().hex()
+        return "sha256", cell["sha256"].tobytes().hex()
+
+    def shard_sha256(self, shard: int) -> dict[str, str] | None:
+        """Part -> sha256 hex (or EMPTY_SHARD) recorded for one shard, None when none is."""
+        row = self.cells[shard]
+        recorded = row["flags"] & RECORDED
+        if not recorded.any():
+            return None
+        return {part: EMPTY_SHARD if row[i]["flags"] & FILL_ONLY else row[i]["sha256"].tobytes().hex()
+                for i, part in enumerate(self.parts) if recorded[i]}
+
+    def by_shard(self, fast: bool = False) -> dict[str, dict[str, str]]:
+        """The older manifests' form: shard -> part -> sha256 (``fast``: xxh3, where recorded)."""
+        out = {}
+        for shard in range(len(self.cells)):
+            if fast:
+                row = self.cells[shard]
+                sums = {part: EMPTY_SHARD if row[i]["flags"] & FILL_ONLY else row[i]["xxh3"].tobytes().hex()
+                        for i, part in enumerate(self.parts) if row[i]["flags"] & HAS_XXH3}
+            else:
+                sums = self.shard_sha256(shard) or {}
+            if sums:
+                out[str(shard)] = sums
+        return out
+
+    def without_xxh3(self) -> "ShardSums":
+        """A copy whose readers check sha256 only (what versions made before xxh3 record)."""
+        cells = self.cells.copy()
+        cells["flags"] &= ~np.uint8(HAS_XXH3)
+        return ShardSums(self.parts, cells)
+
+
+def shard_table_bytes(cells: np.ndarray) -> bytes:
+    """A shard table as a .npy file (no pickle; readable with ``numpy.load(..., allow_pickle=False)``)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(cells, SHARD_SUM), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def parse_shard_table(data: bytes, record: ShardTableFile, version_id: str, where: str) -> np.ndarray:
+    """The cells of a shard table file, refused in one line naming ``where`` and the version unless
+    size, sha256, dtype and shape are what the manifest records."""
+    if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+        raise ValueError(f"{where}: shard table of target version '{version_id}' does not match its manifest "
+                         f"({len(data)} bytes, the manifest records {record.bytes} bytes and its sha256); the "
+                         "file was modified, truncated or replaced")
+    try:
+        cells = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{where}: shard table of target version '{version_id}' is not a readable .npy "
+                         f"({err})") from None
+    if cells.dtype != SHARD_SUM or cells.shape != (record.rows, len(record.parts)):
+        raise ValueError(f"{where}: shard table of target version '{version_id}' holds {cells.shape} cells of "
+                         f"{cells.dtype}, the manifest records {(record.rows, len(record.parts))} of {SHARD_SUM}")
+    return cells
+
+
 class TargetStore:
     """All target versions under ``<root>/targets/``."""
 
@@ -196,6 +319,27 @@ class TargetStore:
         manifest = validate_stored(TargetVersion, data, where)
         check_version_id(manifest, version_id, where)
         return manifest
+
+    def shard_sums(self, manifest: TargetVersion) -> ShardSums:
+        """The checksums recorded for ``manifest``'s shard objects: from its shard table (read and
+        checked against the manifest: one ValueError naming the file and version when missing or
+        damaged), or from the manifest itself (versions finalized before the table, building ones)."""
+        parts = [part.name for array in manifest.arrays for part in stored_parts(array)]
+        record = manifest.shard_table
+        if record is None:
+            return ShardSums.from_dicts(parts, manifest.num_shards, manifest.shards, manifest.shard_xxh3,
+                                        self.root.url_of(layout.target_manifest(manifest.id)))
+        rel = layout.target_file(manifest.id, record.name)
+        where = self.root.url_of(rel)
+        if record.parts != parts or record.rows != manifest.num_shards:
+            raise ValueError(f"{where}: the manifest of target version '{manifest.id}' records a shard table of "
+                             f"{record.rows} shards x {record.parts}, its layout is {manifest.num_shards} x {parts}")
+        try:
+            data = self.root.read_bytes(rel)
+        except FileNotFoundError:
+            raise ValueError(f"{where}: shard table of target version '{manifest.id}' is missing (its manifest "
+                             "names it)") from None
+        return ShardSums(parts, parse_shard_table(data, record, manifest.id, where))
 
     def write_manifest(self, manifest: TargetVersion) -> None:
         self.root.write_json_atomic(layout.target_manifest(manifest.id),
@@ -288,6 +432,19 @@ class _VersionHandle:
         self.store, self.manifest, self.root = store, manifest, store.root
         self._arrays: dict[str, zarr.Array] = {}
         self._codecs: dict[str, ShardCodec | None] = {}
+        self._sums: tuple[TargetVersion, ShardSums] | None = None
+
+    @property
+    def sums(self) -> ShardSums:
+        """The recorded checksums of this version's shard objects (the shard table is read, and
+        checked, on first use; again when the manifest was replaced, e.g. by finalize)."""
+        if self._sums is None or self._sums[0] is not self.manifest:
+            self._sums = (self.manifest, self.store.shard_sums(self.manifest))
+        return self._sums[1]
+
+    @sums.setter
+    def sums(self, sums: ShardSums) -> None:
+        self._sums = (self.manifest, sums)
 
     @property
     def version_id(self) -> str:
@@ -408,11 +565,19 @@ class TargetWriter(_VersionHandle):
         """(sha256, xxh3) per array recorded in one shard's ``_done`` marker (xxh3 {} for old markers)."""
         return _done_sums(self.root.read_json(self.done_path(shard_index)))
 
-    def read_all_done(self) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
-        """:meth:`read_done` of every shard, fetched together (concurrent GETs on an object store)."""
-        rels = {i: self.done_path(i) for i in range(self.num_shards)}
-        data = read_many(self.root, list(rels.values()))
-        return {str(i): _done_sums(parse_json(data[rel], self.root.url_of(rel))) for i, rel in rels.items()}
+    def read_all_done(self) -> ShardSums:
+        """Every shard's ``_done`` marker as columns, :data:`MARKER_BATCH` markers fetched together
+        (concurrent GETs on an object store); each marker's JSON is dropped once its row is set."""
+        parts = [part.name for array in self.manifest.arrays for part in stored_parts(array)]
+        sums = ShardSums.empty(parts, self.num_shards)
+        for first in range(0, self.num_shards, MARKER_BATCH):
+            rels = [self.done_path(i) for i in range(first, min(first + MARKER_BATCH, self.num_shards))]
+            data = read_many(self.root, rels)
+            for shard, rel in enumerate(rels, start=first):
+                where = self.root.url_of(rel)
+                sha256, xxh3 = _done_sums(parse_json(data.pop(rel), where))
+                sums.record(shard, sha256, xxh3, where)
+        return sums
 
     def remove_stale_temporaries(self, shard_index: int) -> list[str]:
         """Delete temporaries a dead writer left in this shard's object folders (call while holding
@@ -435,16 +600,24 @@ class TargetWriter(_VersionHandle):
         pending = self.pending_shards()
         if pending:
             raise ValueError(f"target version '{self.version_id}': shards {pending} are not written yet")
-        done = self.read_all_done()
+        sums = self.read_all_done()
         self._sweep_temporaries()
-        current.shards = {i: sums for i, (sums, _) in done.items()}
-        current.shard_xxh3 = {i: fast for i, (_, fast) in done.items() if fast}
+        current.shards, current.shard_xxh3 = {}, {}
+        current.shard_table = self._write_shard_table(sums)
         current.status, current.completed = "complete", now_iso()
         current.timings = {**current.timings, **(timings or {})}
         self.store.write_manifest(current)
         self.manifest = current
-        log.info("target version %s complete (%d clips, %d shards)", current.id, current.num_clips, len(done))
+        self.sums = sums
+        log.info("target version %s complete (%d clips, %d shards)", current.id, current.num_clips, self.num_shards)
         return current
+
+    def _write_shard_table(self, sums: ShardSums) -> ShardTableFile:
+        """Publish the shard table (before the manifest that names it marks the version complete)."""
+        table = shard_table_bytes(sums.cells)
+        self.root.write_bytes_atomic(layout.target_file(self.version_id, layout.TARGET_SHARDS), table)
+        return ShardTableFile(name=layout.TARGET_SHARDS, parts=sums.parts, rows=len(sums.cells), bytes=len(table),
+                              sha256=hashlib.sha256(table).hexdigest(), row_dtype=str(SHARD_SUM.descr))
 
 
 def _done_sums(marker: object) -> tuple[dict[str, str], dict[str, str]]:
@@ -526,15 +699,6 @@ class TargetReader(_VersionHandle):
             return out[0]
         return out if len(unique) == len(rows) and np.array_equal(unique, rows) else out[inverse]
 
-    def _recorded(self, name: str, shard: int) -> tuple[str, str] | None:
-        """(hash name, hex digest) recorded for a shard object: xxh3 when recorded, else sha256; None
-        when nothing is recorded yet (a building version's unfinished shard)."""
-        fast = self.manifest.shard_xxh3.get(str(shard), {}).get(name)
-        if fast is not None:
-            return FAST_HASH, fast
-        sha = self.manifest.shards.get(str(shard), {}).get(name)
-        return ("sha256", sha) if sha is not None else None
-
     def _shard_bytes(self, name: str, shard: int) -> memoryview | None:
         """The verified bytes of one shard object (memory-mapped on local disks), None when zarr
         stored no object (fill values only). The newest shard per array is kept for the next rows."""
@@ -542,7 +706,7 @@ class TargetReader(_VersionHandle):
         if cached is not None and cached[0] == shard:
             return cached[1]
         rel = shard_object(self.manifest, name, shard)
-        recorded = self._recorded(name, shard)
+        recorded = self.sums.recorded(name, shard)
         where = f"target version '{self.version_id}', array '{name}', shard {shard}"
         data = self._load_object(rel)
         if recorded is not None and recorded[1] == EMPTY_SHARD:
@@ -601,8 +765,12 @@ class TargetReader(_VersionHandle):
             return [f"{self.version_id}: status is '{self.manifest.status}', not complete"]
         problems = []
         indices = range(self.manifest.num_shards) if shards is None else shards
+        try:
+            sums = self.sums
+        except ValueError as err:  # a missing or damaged shard table: one problem naming it
+            return [str(err)]
         for index in indices:
-            recorded = self.manifest.shards.get(str(index))
+            recorded = sums.shard_sha256(index) if 0 <= index < len(sums.cells) else None
             if recorded is None:
                 problems.append(f"{self.version_id}: shard {index} has no recorded checksum")
                 continue

@@ -74,3 +74,57 @@ def test_a_flow_run_gets_a_progress_artifact_that_reaches_100():
     progress_artifacts = [a for a in artifacts if a.type == "progress"]
     assert len(progress_artifacts) == 1 and progress_artifacts[0].data == 100.0
     assert "export export-abc" in progress_artifacts[0].description
+
+
+def test_an_export_look_lists_done_once_and_reads_no_plan(tmp_path, monkeypatch):
+    """A look at a building export is one listing of ``_done/`` (and one existence check of its
+    index): the build plan, which lists every clip, is read once per output, never per look."""
+    from test_export_store import make_world
+
+    from foresight.flows.export import EXPORT, ExportConfig, export_recipe, plan_export, write_shard
+    from foresight.storage import fs
+    from foresight.storage.exports import ExportStore
+
+    world = make_world(tmp_path)
+    config = ExportConfig(plan=world["plan"], targets=[world["video"], world["teacher"]], shard_size="12KB")
+    recipe = export_recipe(world["root"], config)
+    ExportStore(world["root"]).begin(plan_export(world["root"], recipe))
+    write_shard(world["root"], recipe.export_id(), 1)
+    output = EXPORT.reopen(world["root"], recipe.export_id())
+    first = output.pending()
+    assert 1 not in first and len(first) >= 2
+    calls: list[tuple[str, tuple]] = []
+    for name in ("ls", "read_json", "read_bytes", "open", "file_exists", "size"):  # (local file_exists is exists)
+        original = getattr(fs.Root, name)
+        monkeypatch.setattr(fs.Root, name, lambda self, *a, _n=name, _o=original, **k: calls.append((_n, a)) or
+                            _o(self, *a, **k))
+    assert output.pending() == first
+    assert [name for name, _ in calls] == ["ls", "file_exists"]
+    assert calls[0][1][-1] == "_done" and calls[1][1][0].endswith("index.json")
+
+
+def test_the_wait_after_a_look_grows_with_its_cost(monkeypatch):
+    """The polling thread waits at least LOOK_COST_FACTOR times as long as a look took (listings
+    grow with the shards: the poll's share of one thread stays bounded)."""
+    from foresight.flows import progress as progress_module
+
+    clock, waits = [0.0], []
+
+    class Stop:
+        def wait(self, seconds: float) -> bool:
+            waits.append(seconds)
+            return len(waits) > 3
+
+        def set(self) -> None:
+            pass
+
+    def slow_look() -> list[int]:
+        clock[0] += 0.5 * len(waits)  # looks take 0.5, 1.0, 1.5 s
+        return [0]
+
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
+    progress = BuildProgress("x", slow_look, CLIPS_PER_SHARD.get, poll_s=2.0, terminal=False, artifact=False)
+    progress._stop = Stop()
+    progress.clips, progress.total = {0: 4}, 4
+    progress._poll()
+    assert waits == [2.0, 25.0, 50.0, 75.0]

@@ -223,7 +223,7 @@ def test_pipeline_with_pi0_builds_the_ids_the_cli_builds(tmp_path, prefect_env):
                  ["pi0-targets", "--plan", PINNED["plan"], "--model", "tiny", "--pairs", "1", "--state-indices",
                   "0-5", "--shard-size", "2", "--batch", "2", "--max-text-tokens", "24"]):
         assert CliRunner().invoke(app, [*args, *at]).exit_code == 0, args
-    by_pipeline, by_cli = (TargetStore(each).manifest(PINNED["pi0"]).shards for each in (root, roots["cli"]))
+    by_pipeline, by_cli = (TargetStore(each).open(PINNED["pi0"]).sums.by_shard() for each in (root, roots["cli"]))
     assert by_pipeline == by_cli and by_cli  # shard checksums: the same bytes
     again = run_pipeline(load_pipeline(path), root)
     assert [row.status for row in again.stages] == ["skipped"] * 3

@@ -188,7 +188,7 @@ def build_with_pipeline(root: str) -> dict[str, str]:
 
 def stored_bytes(root: str, ids: dict[str, str]) -> dict[str, object]:
     """The checksums every version's manifest records for its shards, and the export's shard hashes."""
-    digests: dict[str, object] = {stage: TargetStore(root).manifest(ids[stage]).shards
+    digests: dict[str, object] = {stage: TargetStore(root).open(ids[stage]).sums.by_shard()
                                   for stage in ("text", "generate", "teachers")}
     digests["export"] = [(shard.name, shard.sha256) for shard in ExportStore(open_root(root)).index(ids["export"]).shards]
     return digests

@@ -158,8 +158,8 @@ def main(root: str = typer.Option(..., "--root"), clips: int = typer.Option(12, 
 
 
 def shard_checksums(root: str, version_id: str) -> dict[str, dict[str, str]]:
-    """The manifest's per-shard checksums (what 'byte-identical' compares)."""
-    return TargetStore(root).manifest(version_id).shards
+    """The per-shard checksums recorded at finalize (what 'byte-identical' compares)."""
+    return TargetStore(root).open(version_id).sums.by_shard()
 
 
 def written_shards(write_log: Path) -> list[int]:

@@ -81,7 +81,7 @@ def test_coded_version_reads_back_within_the_codecs_bound(tmp_path, codec):
     stored = reader.array("target")
     assert np.dtype(stored.dtype) == (np.uint16 if codec == "bf16" else np.uint8)
     parts = {"target", "target" + SCALE_SUFFIX} if codec == "fp8" else {"target"}
-    assert set(reader.manifest.shards["0"]) == parts and set(reader.manifest.shard_xxh3["1"]) == parts
+    assert set(reader.sums.by_shard()["0"]) == parts and set(reader.sums.by_shard(fast=True)["1"]) == parts
 
 
 @pytest.mark.parametrize("part", ["target", "target" + SCALE_SUFFIX])
@@ -109,8 +109,9 @@ def test_resumed_coded_version_has_the_same_bytes(tmp_path):
     assert resumed == whole
     assert TargetStore(str(tmp_path / "b")).writer(resumed).pending_shards() == [0]
     assert write_coded(str(tmp_path / "b"), "fp8", values) == whole  # begin() reopens, writes what is left
-    a, b = (TargetStore(str(tmp_path / side)).manifest(whole) for side in ("a", "b"))
-    assert b.status == "complete" and a.shards == b.shards and a.shard_xxh3 == b.shard_xxh3
+    a, b = (TargetStore(str(tmp_path / side)).open(whole) for side in ("a", "b"))
+    assert b.manifest.status == "complete" and a.sums.by_shard() == b.sums.by_shard()
+    assert a.sums.by_shard(fast=True) == b.sums.by_shard(fast=True) and a.sums.by_shard()
 
 
 def coded_world(tmp_path: Path, codec: str) -> dict[str, str]:

@@ -17,6 +17,13 @@ Every figure is measured against the bare UNet forward at the same batch in the 
     # CPU smoke check of that mode
     python bench/bench_svd.py --fast-drift --size tiny --device cpu --dtype fp32 --batch 2 --steps 4 \
         --fast-steps 2 --json /tmp/bench_svd.json
+    # attention settings side by side on the whole-graph compiled fp16 UNet (one H100, ~6 minutes;
+    # writes bench/results/bench_svd_attention_e2e.json)
+    python bench/bench_svd.py --attention-compare default,short-flex --size full --device cuda --dtype fp16 \
+        --compile unet --batch 32 --budget-s 500
+    # CPU smoke check of that mode
+    python bench/bench_svd.py --attention-compare default,short-math --size tiny --device cpu --dtype fp32 \
+        --batch 2 --steps 2 --iters 2 --json /tmp/bench_svd_attention_e2e.json
 
 A clip is 16 frames at 256x256 (32x32 latents); a guided step is two UNet calls of B clips
 (conditional and unconditional), so 30 steps are 60 UNet calls per batch. The bare UNet call is
@@ -716,6 +723,118 @@ def fast_drift(args) -> None:
     print(f"# written to {path}")
 
 
+# ---------------------------------------------------------------- attention settings side by side (--attention-compare)
+def settings_row(model, params, setting: str, data, args, deadline: float) -> tuple[dict, dict]:
+    """Install ``setting`` on the loaded model (fresh compiled UNet halves), then time one bare
+    UNet call and, while the budget allows, a 30-step generation: (figures, outputs to compare)."""
+    import torch
+
+    from foresight.pipelines.svd.attention import install_attention
+
+    install_attention(model.unet, setting)
+    model._splits.clear()  # new head/tail (compiled again when compile_kwargs is set) tracing the new processors
+    row: dict = {"setting": setting}
+    call_ms, first_s = time_call(bare_call(model, params, args.batch), args.device, args.iters)
+    row.update(unet_ms=1e3 * call_ms, unet_first_s=first_s)
+    with torch.no_grad():
+        outputs = {"call": bare_call(model, params, args.batch)().float().cpu().numpy()}
+    expected_s = 2.5 * params.steps * 2 * call_ms + 20
+    if deadline - time.perf_counter() < expected_s:
+        row["generate_skipped"] = f"budget: {deadline - time.perf_counter():.0f} s left, ~{expected_s:.0f} s needed"
+        return row, outputs
+    from foresight.pipelines.svd import generate_clips
+
+    start = time.perf_counter()
+    generate_clips(model, params.model_copy(update={"steps": 1}), *data)  # decoder/encoder compiled once
+    row["generate_warm_s"] = time.perf_counter() - start
+    row["generate_s"], out = timed_generation(model, params, data, 1)
+    outputs.update(latents=out.latents, frames=out.frames, onestep=out.onestep)
+    return row, outputs
+
+
+def settings_drift(outputs: dict, baseline: dict) -> dict:
+    """Relative L2 of each output against the baseline setting's (frames as float pixel values)."""
+    drift = {}
+    for name, value in outputs.items():
+        if name in baseline:
+            drift[name] = rel_l2(value.astype("float32"), baseline[name].astype("float32"))
+    return drift
+
+
+def eager_floor(model, params, compiled_call, batch: int) -> float:
+    """Relative L2 of one compiled call against the same call eager (the rounding floor of
+    compilation alone: the scale against which an attention setting's drift reads)."""
+    import torch
+
+    from foresight.pipelines.svd.unet_split import UNetSplit
+
+    sample, t, states, ids = unet_call_args(model, params, batch)
+    with torch.no_grad():
+        eager = UNetSplit(model.unet, max(params.feature_blocks))(sample, t, states, ids)[0].float().cpu().numpy()
+    return rel_l2(compiled_call, eager)
+
+
+def attention_compare_figures(args) -> dict:
+    """The settings of ``args.attention_compare`` (the first is the baseline) on one loaded model,
+    each with its own compiled UNet, on the same inputs: ms per UNet call, MFU, 30-step
+    clips/hour and the drift of one call, the final latents, the frames and the one-step
+    features against the baseline; plus the baseline's compiled-vs-eager floor."""
+    import torch
+
+    from foresight.pipelines.svd import SVDParams, load_svd
+    from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
+
+    deadline = time.perf_counter() + args.budget_s
+    size = DRIFT_SIZES[args.size]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    settings = args.attention_compare.split(",")
+    started = time.perf_counter()
+    model = apply_speedups(load_svd(size["model"], args.device, args.dtype), SpeedOptions(compile=args.compile))
+    params = SVDParams(num_frames=size["frames"], size=size["size"], **({"steps": args.steps} if args.steps else {}))
+    flops = count_flops(model, params)
+    figures = {"batch": args.batch, "load_s": time.perf_counter() - started, "flops_per_clip": flops, "settings": {}}
+    data, baseline = inputs(model, params, args.batch), None
+    for setting in settings:
+        if deadline - time.perf_counter() < 60:
+            figures["settings"][setting] = {"skipped": "budget spent"}
+            continue
+        row, outputs = settings_row(model, params, setting, data, args, deadline)
+        row["tflops"] = flops * args.batch / (row["unet_ms"] / 1e3) / 1e12
+        row["mfu"] = row["tflops"] / H100_DENSE_BF16_TFLOPS
+        if "generate_s" in row:
+            row["clips_per_hour"] = args.batch * 3600 / row["generate_s"]
+        if baseline is None:
+            baseline = outputs
+            row["drift_call_compiled_vs_eager"] = eager_floor(model, params, outputs["call"], args.batch)
+        else:
+            row["drift_vs_baseline"] = settings_drift(outputs, baseline)
+        figures["settings"][setting] = row
+        print("SETTING " + json.dumps(row), flush=True)
+    return figures
+
+
+def attention_compare(args) -> None:
+    """Run :func:`attention_compare_figures` and write its headline figures (bench/headline.py)."""
+    from headline import write_headline
+
+    figures = attention_compare_figures(args)
+    rows = figures.pop("settings")
+    names = list(rows)
+    headline = {"fp16_clips_per_hour": rows[names[0]].get("clips_per_hour"),
+                "unet_ms": {name: row.get("unet_ms") for name, row in rows.items()},
+                "mfu": {name: row.get("mfu") for name, row in rows.items()},
+                "clips_per_hour": {name: row.get("clips_per_hour") for name, row in rows.items()},
+                "drift_vs_baseline": {name: row.get("drift_vs_baseline") for name, row in rows.items()
+                                      if "drift_vs_baseline" in row},
+                "drift_call_compiled_vs_eager": rows[names[0]].get("drift_call_compiled_vs_eager")}
+    path = write_headline("bench_svd_attention_e2e", headline, Path(args.json), command=" ".join(sys.argv),
+                          unet_size=args.size, model=DRIFT_SIZES[args.size]["model"], dtype=args.dtype,
+                          compile=args.compile, baseline=names[0], **figures, settings=rows)
+    print(json.dumps(headline, indent=1))
+    print(f"# written to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="Run every variant, each in its own process.")
@@ -747,9 +866,20 @@ def main() -> None:
     drift.add_argument("--repeats", type=int, default=1, help="Timed generations of each (best kept).")
     drift.add_argument("--steps", type=int, help="Reference steps (default: SVDParams' 30).")
     drift.add_argument("--fast-steps", type=int, help="Fast recipe steps (default: the recipe's).")
-    drift.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_svd.json"))
+    drift.add_argument("--json", help="Headline JSON (default bench/results/bench_svd.json, with --attention-compare "
+                                      "bench/results/bench_svd_attention_e2e.json).")
+    drift.add_argument("--attention-compare", metavar="SETTINGS",
+                       help="Comma list of attention settings (the first is the baseline, e.g. default,short-flex): "
+                            "each with its own compiled UNet on one loaded model, same inputs: ms/call, MFU, 30-step "
+                            "clips/hour, drift vs the baseline; uses --size --dtype --compile --batch --steps "
+                            "--iters --budget-s.")
     args = parser.parse_args()
-    if args.fast_drift:
+    if args.json is None:
+        name = "bench_svd_attention_e2e.json" if args.attention_compare else "bench_svd.json"
+        args.json = str(REPO / "bench" / "results" / name)
+    if args.attention_compare:
+        attention_compare(args)
+    elif args.fast_drift:
         fast_drift(args)
     elif args.variant:
         spec = {"model": args.model, "device": args.device, "iters": args.iters, "frames": 16, "size": 256,

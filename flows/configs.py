@@ -19,7 +19,7 @@ from foresight.schemas.base import StrictModel
 from foresight.schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
 from foresight.schemas.presets import check_preset, deep_merge, nest, preset_values, resolve_nested
 from foresight.schemas.presets.svd import recipe_values
-from foresight.schemas.svd import MAX_LENGTH, SVDParams
+from foresight.schemas.svd import ATTENTION_HELP, MAX_LENGTH, SVDParams, check_attention
 
 
 # ---------------------------------------------------------------- plans
@@ -91,6 +91,7 @@ class GenerateConfig(StrictModel):
         default="none", description="torch.compile the UNet/decoder per layer (blocks, GPU: 1.4x) or as whole "
                                     "graphs (unet: +4%, longer first call); compiled kernels round differently, "
                                     "so a setting other than none is keyed (a new version).")
+    attention: str = Field(default="default", description=f"UNet attention backends: {ATTENTION_HELP}.")
     shard_size: int = Field(default=16, ge=1, description="Clips per shard and per writer.")
     workers: int = Field(default=1, ge=1, description="Parallel shard tasks (each holds a model).")
     compression: Literal["zstd", "none"] = Field(
@@ -119,6 +120,7 @@ class GenerateConfig(StrictModel):
         return {**data, "params": resolve_nested(check_preset(data["preset"]), ("generate", "extract"), explicit)}
 
     _resolve_device = field_validator("device")(resolve_device_field)
+    _check_attention = field_validator("attention")(check_attention)
 
     @field_validator("dtype")
     @classmethod

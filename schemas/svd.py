@@ -6,6 +6,8 @@ configs, and the CLI options derived from them, import without torch or diffuser
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
@@ -83,3 +85,57 @@ class SVDParams(StrictModel):
         default=None,
         description="None: the reference loop (diffusers' Euler scheduler, guidance on every step); else the "
                     "solver and guidance interval of a fast recipe (keyed only when set).")
+
+
+# ---------------------------------------------------------------- attention settings (speed, not keyed maths)
+ATTENTION_BACKENDS = ("sdpa", "flash", "cudnn", "efficient", "math", "explicit", "reduce", "flex", "packed-flex")
+"""Backends of the UNet's attention layers (pipelines/svd/attention.py says what each one runs)."""
+SHORT_MAX_KEYS = 64
+"""Attention with at most this many keys is "short" unless a setting says ``@N``: temporal
+attention (16 frames), cross-attention (20 text tokens) and the spatial self-attention of the
+two deepest levels (8 x 8 and 4 x 4 latents)."""
+NAMED_ATTENTION = {"short-math": "sdpa/explicit", "short-reduce": "sdpa/reduce", "short-flex": "sdpa/packed-flex",
+                   "short-efficient": "sdpa/efficient", "short-cudnn": "sdpa/cudnn"}
+"""Shorthands of attention settings."""
+ATTENTION_PATTERN = re.compile(r"^(?P<long>[a-z-]+)/(?P<short>[a-z-]+)(@(?P<keys>[0-9]+))?$")
+ATTENTION_HELP = ("default (diffusers' processor: PyTorch's SDPA choice), a name (" + ", ".join(NAMED_ATTENTION) +
+                  ") or LONG/SHORT[@N]: the backends of attention over more / at most N keys (N default "
+                  f"{SHORT_MAX_KEYS}; backends " + ", ".join(ATTENTION_BACKENDS) + "); rounding only, keyed "
+                  "when not default")
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which backend runs attention over more than ``short_max_keys`` keys (``long``) and over at
+    most that many (``short``)."""
+
+    long: str
+    short: str
+    short_max_keys: int = SHORT_MAX_KEYS
+
+    def backend(self, keys: int) -> str:
+        """The backend of an attention call over ``keys`` keys."""
+        return self.short if keys <= self.short_max_keys else self.long
+
+
+def parse_attention(setting: str) -> AttentionPlan | None:
+    """The plan of an attention setting (None: ``default``); ValueError naming a bad setting."""
+    if setting == "default":
+        return None
+    match = ATTENTION_PATTERN.match(NAMED_ATTENTION.get(setting, setting))
+    if match is None:
+        raise ValueError(f"attention setting {setting!r}: expected {ATTENTION_HELP}")
+    for backend in (match["long"], match["short"]):
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention setting {setting!r}: unknown backend {backend!r} "
+                             f"(known: {', '.join(ATTENTION_BACKENDS)})")
+    keys = int(match["keys"]) if match["keys"] else SHORT_MAX_KEYS
+    return AttentionPlan(long=match["long"], short=match["short"], short_max_keys=keys)
+
+
+def check_attention(setting: str) -> str:
+    """The canonical form of ``setting`` (a pydantic field validator): ``default`` or
+    ``LONG/SHORT@N``, so that a shorthand and its spelling-out key the same version; ValueError
+    naming a bad setting."""
+    plan = parse_attention(setting)
+    return "default" if plan is None else f"{plan.long}/{plan.short}@{plan.short_max_keys}"

@@ -78,6 +78,7 @@ def generate(
     size: int = config_option(SVDParams, "size"),
     batch: int = config_option(GenerateConfig, "batch"),
     compile_scope: str = config_option(GenerateConfig, "compile", "--compile"),
+    attention: str = config_option(GenerateConfig, "attention", "--attention"),
     device: str = config_option(GenerateConfig, "device"),
     dtype: str = config_option(GenerateConfig, "dtype"),
     compression: str = config_option(GenerateConfig, "compression"),
@@ -119,8 +120,8 @@ def generate(
     if solver is not None or guidance_sigma_min is not None:
         params.sampler = SamplerParams(**given(solver=solver, guidance_sigma_min=guidance_sigma_min))
     config = GenerateConfig(plan=plan, text=text, model=model, params=params, workers=runner.tasks, **given(
-        seed=seed, dtype=dtype, device=device, batch=batch, compile=compile_scope, shard_size=shard_size,
-        compression=compression, preset=preset, recipe=recipe))
+        seed=seed, dtype=dtype, device=device, batch=batch, compile=compile_scope, attention=attention,
+        shard_size=shard_size, compression=compression, preset=preset, recipe=recipe))
     summary = run_flow(generate_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
 

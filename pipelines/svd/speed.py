@@ -9,8 +9,12 @@
   more fusion than per layer, at a longer first call. With ``freeze`` (the default) inductor
   treats the weights as constants (folded layouts): H100, B=32: 480 -> 467-475 ms per UNet call.
 
-Compiled kernels round differently from eager ones: outputs are reproducible for the same
-settings on the same hardware, not across settings.
+- ``attention``: the backend of each attention layer by key length (``pipelines.svd.attention``):
+  ``default`` keeps diffusers' processor; another setting installs the planned processor before
+  any compilation, so compiled graphs trace it.
+
+Compiled kernels and attention backends round differently from the eager default: outputs are
+reproducible for the same settings on the same hardware, not across settings.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import logging
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from foresight.pipelines.svd.attention import install_attention
 from foresight.pipelines.svd.loading import SVDModel
 from foresight.schemas.base import StrictModel
+from foresight.schemas.svd import ATTENTION_HELP, check_attention
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,9 @@ class SpeedOptions(StrictModel):
     compile_backend: str = Field(default="inductor",
                                  description="torch.compile backend ('aot_eager' checks the graph capture "
                                              "without generating kernels, as the CPU tests do).")
+    attention: str = Field(default="default", description=f"Attention backends of the UNet: {ATTENTION_HELP}.")
+
+    _check_attention = field_validator("attention")(check_attention)
 
 
 def compiled_layers(model: SVDModel) -> list[torch.nn.Module]:
@@ -71,6 +80,8 @@ def apply_speedups(model: SVDModel, options: SpeedOptions) -> SVDModel:
     """Apply ``options`` to ``model`` in place (and return it)."""
     if options.channels_last:
         set_channels_last(model.unet, True)
+    if options.attention != "default":
+        install_attention(model.unet, options.attention)
     if options.compile == "none":
         return model
     # Many distinct layer shapes share a few code objects; lift the per-code recompile limits so

@@ -115,9 +115,11 @@ def pack_factor(sequences: int, queries: int, limit: int = PACK_QUERIES) -> int:
     return best
 
 
+@functools.cache
 def block_diagonal(queries: int, keys: int):
     """A flex ``score_mod`` keeping the scores of query i and key j only when both belong to the
-    same packed sequence (``queries`` and ``keys`` per sequence), -inf elsewhere."""
+    same packed sequence (``queries`` and ``keys`` per sequence), -inf elsewhere. One function
+    object per shape, so the compiled flex kernel outside a graph is not re-specialised per call."""
     def score_mod(score, batch, head, q_index, kv_index):
         return torch.where(q_index // queries == kv_index // keys, score, -float("inf"))
 

@@ -249,7 +249,7 @@ def corrupt_outputs(root: Root, reference: dict, skip: set[str]) -> tuple[list[s
             prints = [s.sha256 for s in record.shards]
         else:
             problems = TargetStore(root).open(output).verify()
-            prints = record.shards
+            prints = TargetStore(root).shard_sums(record).by_shard()
         if problems or (output in reference and reference[output] != prints):
             bad.append(output)
     return bad, len(outputs)

@@ -77,7 +77,7 @@ def test_claims_on_s3_are_exclusive(s3):
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_two_flows_build_one_version_each_shard_written_once(tmp_path, s3, api, where):
     root = f"s3://{BUCKET}/concurrent" if where == "s3" else str(tmp_path / "root")
-    clips, shard_size = 16, 2
+    clips, shard_size = 32, 2  # 16 shards x 1 s: long enough that a late-starting flow still gets some
     write_log = tmp_path / "writes.log"
     args = [str(TESTS / "test_cluster_stage.py"), "--root", root, "--clips", str(clips), "--shard-size",
             str(shard_size), "--delay", "1.0", "--write-log", str(write_log), "--workers", "2"]

@@ -110,13 +110,12 @@ def test_the_wait_after_a_look_grows_with_its_cost(monkeypatch):
 
     clock, waits = [0.0], []
 
-    class Stop:
+    class Stop(threading.Event):
+        """A stop event whose waits are recorded, not slept; set after the fourth."""
+
         def wait(self, seconds: float) -> bool:
             waits.append(seconds)
             return len(waits) > 3
-
-        def set(self) -> None:
-            pass
 
     def slow_look() -> list[int]:
         clock[0] += 0.5 * len(waits)  # looks take 0.5, 1.0, 1.5 s

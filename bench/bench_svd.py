@@ -319,24 +319,10 @@ def time_decode(model, params, batch: int) -> dict:
     return {"decode_s": time.perf_counter() - start}
 
 
-KERNEL_CLASSES = (("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
-                  ("conv", ("fprop", "conv", "implicit_convolve", "winograd")),
-                  ("gemm", ("gemm", "nvjet", "cutlass", "matmul")),
-                  ("norm/reduction", ("triton_red", "triton_per", "norm", "reduce")),
-                  ("pointwise", ("triton_poi", "elementwise", "vectorized", "unrolled", "copy", "cat")))
-
-
-def kernel_class(name: str) -> str:
-    lowered = name.lower()
-    for label, needles in KERNEL_CLASSES:
-        if any(n in lowered for n in needles):
-            return label
-    return "other"
-
-
 def profile_unet(model, params, batch: int) -> dict:
     """Where one UNet call spends device time: share per kernel class and the top kernels."""
     import torch
+    from profiling import class_totals_us, device_kernels, top_kernels  # bench/profiling.py
     from torch.profiler import ProfilerActivity, profile
 
     call = bare_call(model, params, batch)
@@ -346,18 +332,11 @@ def profile_unet(model, params, batch: int) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             call()
             sync(str(model.device))
-    kernels = []
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        if us > 0:
-            kernels.append((event.key, us, event.count))
-    total = sum(us for _, us, _ in kernels) or 1.0
-    shares: dict[str, float] = {}
-    for name, us, _ in kernels:
-        shares[kernel_class(name)] = shares.get(kernel_class(name), 0.0) + us / total
-    top = sorted(kernels, key=lambda k: -k[1])[:12]
-    return {"profile_device_ms": total / 1e3, "profile_shares": shares,
-            "profile_top": [[name[:90], round(us / 1e3, 2), count] for name, us, count in top]}
+    kernels = device_kernels(prof)
+    totals = class_totals_us(kernels)
+    total = sum(totals.values()) or 1.0
+    return {"profile_device_ms": total / 1e3, "profile_shares": {k: us / total for k, us in totals.items()},
+            "profile_top": top_kernels(kernels)}
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",

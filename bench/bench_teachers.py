@@ -208,6 +208,7 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
             | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec}
             for run, (writers, compression, codec) in enumerate(runs)]
     bare_after = bare_forward(teacher, frames, args.repeats)
+    profiled = profile_teacher(name, teacher, args, root, video_id) if args.profile else None
     bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
     for e2e in rows:
         sustained = e2e["frames_per_s"] * e2e["seconds"] / max(e2e["seconds"] - e2e["startup_s"] - e2e["tail_s"], 1e-9)
@@ -220,7 +221,61 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"teacher": name, "load_s": load_s, "bare": bare, "bare_before": bare_before, "bare_after": bare_after,
-            "e2e": rows, "out_shape": [T, *frames.shape[2:4]]}
+            "e2e": rows, "out_shape": [T, *frames.shape[2:4]], "profile": profiled}
+
+
+def profile_teacher(name: str, teacher, args, root: str, video_id: str) -> dict:
+    """Where the device time of the teacher loop goes: one end-to-end run (the first writer,
+    compression and codec settings) and one bare ``encode_clips`` call under torch.profiler, as
+    device ms per frame per kernel class, so the work e2e adds on the device (copies, codec
+    encoding, preprocessing of other shapes) shows beside the model's; the e2e's device-busy
+    share of its wall time tells a device-bound loop from a host- or I/O-bound one."""
+    import torch
+    from profiling import class_totals_us, device_kernels, top_kernels  # bench/profiling.py
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if teacher.device.type == "cuda" else [])
+    frames = torch.from_numpy(open_video_frames(root, video_id, args.batch)).to(teacher.device)
+    observed = frames[:, 0]
+    with torch.inference_mode():
+        teacher.encode_clips(frames, observed)
+        sync(teacher.device)
+        with profile(activities=activities) as bare_prof:
+            teacher.encode_clips(frames, observed)
+            sync(teacher.device)
+    clips = min(args.clips_da3 if name == "da3" else args.clips, args.profile_clips)
+    with profile(activities=activities) as e2e_prof:
+        e2e = end_to_end(teacher, root, video_id, clips, args.batch, args.writers[0], args.readers,
+                         args.io == "processes", args.compression[0], args.store_codec[0], "profile")
+    e2e_frames, bare_frames = e2e["frames_per_s"] * e2e["seconds"], frames.shape[0] * frames.shape[1]
+    e2e_kernels, bare_kernels = device_kernels(e2e_prof), device_kernels(bare_prof)
+    per_frame = {"e2e": {k: us / 1e3 / e2e_frames for k, us in class_totals_us(e2e_kernels).items()},
+                 "bare": {k: us / 1e3 / bare_frames for k, us in class_totals_us(bare_kernels).items()}}
+    device_ms = sum(us for _, us, _ in e2e_kernels) / 1e3
+    return {"clips": clips, "codec": args.store_codec[0], "device_ms_per_frame": per_frame,
+            "e2e_device_busy_share": device_ms / 1e3 / max(e2e["seconds"], 1e-9), "e2e_seconds": e2e["seconds"],
+            "e2e_top": top_kernels(e2e_kernels), "bare_top": top_kernels(bare_kernels)}
+
+
+def open_video_frames(root: str, video_id: str, clips: int) -> np.ndarray:
+    """The first ``clips`` clips' uint8 frames (B, T, H, W, C) of the bench's video version."""
+    from foresight.flows.teachers_io import open_video
+
+    return open_video(root, video_id).read("frames", slice(0, clips))
+
+
+def report_profile(name: str, prof: dict) -> None:
+    """Print one teacher's profile: device ms per frame per class, e2e against bare."""
+    classes = sorted(set(prof["device_ms_per_frame"]["e2e"]) | set(prof["device_ms_per_frame"]["bare"]))
+    if not classes:
+        print(f"profile {name}: no device kernels recorded (a CPU run: the profile measures CUDA device time)")
+        return
+    print(f"profile {name}: {prof['clips']} clips, store {prof['codec']}; device busy "
+          f"{prof['e2e_device_busy_share']:.0%} of the e2e's {prof['e2e_seconds']:.2f}s; device ms per frame:")
+    for label in classes:
+        e2e, bare = (prof["device_ms_per_frame"][k].get(label, 0.0) for k in ("e2e", "bare"))
+        print(f"  {label:<15} e2e {e2e:8.4f}  bare {bare:8.4f}  added {e2e - bare:+8.4f}")
+    print("  e2e top kernels: " + "; ".join(f"{n} {ms} ms x{c}" for n, ms, c in prof["e2e_top"][:6]))
 
 
 def report(results: list[dict], args) -> None:
@@ -240,6 +295,9 @@ def report(results: list[dict], args) -> None:
           f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'tail s':>6} {'host s':>6} "
           f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'GB/s':>5} {'max|diff|':>9} "
           f"{'rel L2':>7}")
+    for r in results:
+        if r.get("profile"):
+            report_profile(r["teacher"], r["profile"])
     for r in results:
         for e in r["e2e"]:
             print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['compression']:>5} {e['store_codec']:>5} "
@@ -339,6 +397,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--root", default=None, help="store root (default: a temp folder, removed after)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one e2e run and one bare encode_clips per teacher (device ms per "
+                             "frame per kernel class, e2e vs bare)")
+    parser.add_argument("--profile-clips", type=int, default=256, help="clips of the profiled e2e run")
     args = parse_args(parser)
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
     if args.io == "processes":

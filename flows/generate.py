@@ -172,9 +172,10 @@ def text_flow(root_url: str, config: TextConfig) -> BuildSummary:
 # ---------------------------------------------------------------- video generation
 def video_params(config: GenerateConfig) -> dict:
     """The keyed parameters of a video version: every SVD setting, the compute dtype, the compile
-    scope and attention backends when not the defaults (both change rounding only; ``none`` and
-    ``default`` are not recorded, so such versions keep the ids they always had), the preset, and
-    the sampler and speed recipe when set (the reference loop is not recorded either)."""
+    scope, attention backends and cross-attention context when not the defaults (they change
+    rounding only; ``none``, ``default`` and ``repeat`` are not recorded, so such versions keep the
+    ids they always had), the preset, and the sampler and speed recipe when set (the reference
+    loop is not recorded either)."""
     params = {**config.params.model_dump(mode="json"), "dtype": config.dtype}
     if params.get("sampler") is None:
         params.pop("sampler", None)
@@ -182,19 +183,21 @@ def video_params(config: GenerateConfig) -> dict:
         params["compile"] = config.compile
     if config.attention != "default":
         params["attention"] = config.attention
+    if config.cross_context != "repeat":
+        params["cross_context"] = config.cross_context
     if config.recipe is not None:
         params["recipe"] = config.recipe
     return with_preset(params, config.preset)
 
 
-VIDEO_KEYS_BEYOND_SVD = ("dtype", "compile", "attention", "recipe", "preset")
+VIDEO_KEYS_BEYOND_SVD = ("dtype", "compile", "attention", "cross_context", "recipe", "preset")
 """What video_params records beside the SVDParams fields."""
 
 
 def svd_settings(params: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """video_params' inverse: (the SVDParams fields, the compute dtype) of a video version's keyed
-    parameters; the compile scope, attention setting, speed recipe and preset it also records are
-    left out."""
+    parameters; the compile scope, attention and cross-context settings, speed recipe and preset it
+    also records are left out."""
     settings = {key: value for key, value in params.items() if key not in VIDEO_KEYS_BEYOND_SVD}
     return settings, params.get("dtype", "fp32")
 
@@ -202,10 +205,12 @@ def svd_settings(params: dict[str, Any]) -> tuple[dict[str, Any], str]:
 def cached_svd(config: GenerateConfig) -> SVDModel:
     def load() -> SVDModel:
         model = load_svd(config.model, config.device, config.dtype, config.seed)
-        return apply_speedups(model, SpeedOptions(compile=config.compile, attention=config.attention))
+        return apply_speedups(model, SpeedOptions(compile=config.compile, attention=config.attention,
+                                                  cross_context=config.cross_context))
 
     return cached_model("svd", config.model, config.device, config.dtype, load,
-                        extra={"seed": config.seed, "compile": config.compile, "attention": config.attention})
+                        extra={"seed": config.seed, "compile": config.compile, "attention": config.attention,
+                               "cross_context": config.cross_context})
 
 
 def open_text(root_url: str, text_id: str, plan_id: str, num_clips: int) -> TargetReader:

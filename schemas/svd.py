@@ -139,3 +139,15 @@ def check_attention(setting: str) -> str:
     naming a bad setting."""
     plan = parse_attention(setting)
     return "default" if plan is None else f"{plan.long}/{plan.short}@{plan.short_max_keys}"
+
+
+# ---------------------------------------------------------------- cross-attention context (speed, not keyed maths)
+CrossContext = Literal["repeat", "temporal", "folded"]
+"""How the UNet's transformers feed the text states to cross-attention (pipelines/svd/cross_context.py):
+``repeat`` as diffusers (the temporal blocks get the clip's states copied over every latent
+position, the spatial blocks over every frame), ``temporal`` the temporal cross-attention keys
+projected once per clip against the clip's folded queries, ``folded`` that and the spatial
+cross-attention likewise. Same maths per query (rounding only), keyed when not ``repeat``."""
+CROSS_CONTEXT_HELP = ("repeat (diffusers: text states copied over positions/frames), temporal (temporal "
+                      "cross-attention keys projected once per clip) or folded (temporal and spatial); rounding "
+                      "only, keyed when not repeat")

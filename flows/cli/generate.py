@@ -79,6 +79,7 @@ def generate(
     batch: int = config_option(GenerateConfig, "batch"),
     compile_scope: str = config_option(GenerateConfig, "compile", "--compile"),
     attention: str = config_option(GenerateConfig, "attention", "--attention"),
+    cross_context: str = config_option(GenerateConfig, "cross_context", "--cross-context"),
     device: str = config_option(GenerateConfig, "device"),
     dtype: str = config_option(GenerateConfig, "dtype"),
     compression: str = config_option(GenerateConfig, "compression"),
@@ -121,7 +122,7 @@ def generate(
         params.sampler = SamplerParams(**given(solver=solver, guidance_sigma_min=guidance_sigma_min))
     config = GenerateConfig(plan=plan, text=text, model=model, params=params, workers=runner.tasks, **given(
         seed=seed, dtype=dtype, device=device, batch=batch, compile=compile_scope, attention=attention,
-        shard_size=shard_size, compression=compression, preset=preset, recipe=recipe))
+        cross_context=cross_context, shard_size=shard_size, compression=compression, preset=preset, recipe=recipe))
     summary = run_flow(generate_flow, runner, data_root, root_url=data_root.url, config=config)
     _report(summary)
 

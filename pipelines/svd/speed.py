@@ -12,6 +12,8 @@
 - ``attention``: the backend of each attention layer by key length (``pipelines.svd.attention``):
   ``default`` keeps diffusers' processor; another setting installs the planned processor before
   any compilation, so compiled graphs trace it.
+- ``cross_context``: ``repeat`` keeps diffusers' transformers; ``temporal``/``folded`` project the
+  cross-attention keys once per clip (``pipelines.svd.cross_context``), installed before compiling.
 
 Compiled kernels and attention backends round differently from the eager default: outputs are
 reproducible for the same settings on the same hardware, not across settings.
@@ -26,9 +28,10 @@ import torch
 from pydantic import Field, field_validator
 
 from foresight.pipelines.svd.attention import install_attention
+from foresight.pipelines.svd.cross_context import install_cross_context
 from foresight.pipelines.svd.loading import SVDModel
 from foresight.schemas.base import StrictModel
-from foresight.schemas.svd import ATTENTION_HELP, check_attention
+from foresight.schemas.svd import ATTENTION_HELP, CROSS_CONTEXT_HELP, CrossContext, check_attention
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class SpeedOptions(StrictModel):
                                  description="torch.compile backend ('aot_eager' checks the graph capture "
                                              "without generating kernels, as the CPU tests do).")
     attention: str = Field(default="default", description=f"Attention backends of the UNet: {ATTENTION_HELP}.")
+    cross_context: CrossContext = Field(default="repeat", description=f"Text states of cross-attention: "
+                                                                      f"{CROSS_CONTEXT_HELP}.")
 
     _check_attention = field_validator("attention")(check_attention)
 
@@ -82,6 +87,8 @@ def apply_speedups(model: SVDModel, options: SpeedOptions) -> SVDModel:
         set_channels_last(model.unet, True)
     if options.attention != "default":
         install_attention(model.unet, options.attention)
+    if options.cross_context != "repeat":
+        install_cross_context(model.unet, options.cross_context)
     if options.compile == "none":
         return model
     # Many distinct layer shapes share a few code objects; lift the per-code recompile limits so

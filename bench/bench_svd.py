@@ -24,6 +24,10 @@ Every figure is measured against the bare UNet forward at the same batch in the 
     # CPU smoke check of that mode
     python bench/bench_svd.py --attention-compare default,short-math --size tiny --device cpu --dtype fp32 \
         --batch 2 --steps 2 --iters 2 --json /tmp/bench_svd_attention_e2e.json
+    # the cross-attention keys projected once per clip (ATTENTION+CROSS_CONTEXT) against diffusers' repeat
+    # (one H100, ~6.5 minutes)
+    python bench/bench_svd.py --attention-compare default,default+folded --size full --device cuda --dtype fp16 \
+        --compile unet --batch 32 --budget-s 400 --json bench/results/bench_svd_cross_context.json
 
 A clip is 16 frames at 256x256 (32x32 latents); a guided step is two UNet calls of B clips
 (conditional and unconditional), so 30 steps are 60 UNet calls per batch. The bare UNet call is
@@ -146,7 +150,8 @@ def time_head(model, params, batch: int, iters: int) -> dict:
 
 
 def count_flops(model, params) -> float:
-    """FLOPs of one UNet call on one clip (matmuls, convolutions, attention)."""
+    """FLOPs of one UNet call on one clip (matmuls, convolutions, SDPA attention) as the installed
+    forward does them (eager, batch 1: a ``folded`` cross context's keys count once per clip)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -703,21 +708,46 @@ def fast_drift(args) -> None:
 
 
 # ---------------------------------------------------------------- attention settings side by side (--attention-compare)
-def settings_row(model, params, setting: str, data, args, deadline: float) -> tuple[dict, dict]:
-    """Install ``setting`` on the loaded model (fresh compiled UNet halves), then time one bare
-    UNet call and, while the budget allows, a 30-step generation: (figures, outputs to compare)."""
+def parse_setting(setting: str) -> tuple[str, str]:
+    """(attention setting, cross-context setting) of an ``--attention-compare`` entry
+    ``ATTENTION[+CROSS_CONTEXT]`` (cross context default ``repeat``), e.g. ``default+folded``."""
+    attention, _, cross_context = setting.partition("+")
+    return attention, cross_context or "repeat"
+
+
+def install_setting(model, setting: str) -> None:
+    """Install an ``--attention-compare`` entry on the loaded model; the next split compiles anew."""
+    from foresight.pipelines.svd.attention import install_attention
+    from foresight.pipelines.svd.cross_context import install_cross_context
+
+    attention, cross_context = parse_setting(setting)
+    install_attention(model.unet, attention)
+    install_cross_context(model.unet, cross_context)
+    model._splits.clear()  # new head/tail (compiled again when compile_kwargs is set) tracing the new forward
+
+
+def setting_flops(model, params, setting: str) -> float:
+    """FLOPs per clip of one UNet call under ``setting``'s cross context. Counted with diffusers'
+    attention processor: every backend does the same attention FLOPs, and the flop counter cannot
+    trace flex attention eagerly."""
+    install_setting(model, f"default+{parse_setting(setting)[1]}")
+    return count_flops(model, params)
+
+
+def settings_row(model, params, setting: str, data, args, deadline: float, first: bool) -> tuple[dict, dict]:
+    """Install ``setting`` on the loaded model (fresh compiled UNet halves), count the FLOPs one
+    UNet call does under it, then time one bare UNet call and, while the budget allows, a 30-step
+    generation (``first``: the decoder and encoder compile in its warm-up): (figures, outputs)."""
     import torch
 
-    from foresight.pipelines.svd.attention import install_attention
-
-    install_attention(model.unet, setting)
-    model._splits.clear()  # new head/tail (compiled again when compile_kwargs is set) tracing the new processors
-    row: dict = {"setting": setting}
+    row: dict = {"setting": setting, "flops_per_clip": setting_flops(model, params, setting)}
+    install_setting(model, setting)
     call_ms, first_s = time_call(bare_call(model, params, args.batch), args.device, args.iters)
     row.update(unet_ms=1e3 * call_ms, unet_first_s=first_s)
     with torch.no_grad():
         outputs = {"call": bare_call(model, params, args.batch)().float().cpu().numpy()}
-    expected_s = 2.5 * params.steps * 2 * call_ms + 20
+    # 30 guided steps are 60 calls (measured: 1.05x their bare time), plus decode/encode (compiled on the first)
+    expected_s = 1.5 * params.steps * 2 * call_ms + (60 if first else 15)
     if deadline - time.perf_counter() < expected_s:
         row["generate_skipped"] = f"budget: {deadline - time.perf_counter():.0f} s left, ~{expected_s:.0f} s needed"
         return row, outputs
@@ -754,10 +784,13 @@ def eager_floor(model, params, compiled_call, batch: int) -> float:
 
 
 def attention_compare_figures(args) -> dict:
-    """The settings of ``args.attention_compare`` (the first is the baseline) on one loaded model,
-    each with its own compiled UNet, on the same inputs: ms per UNet call, MFU, 30-step
-    clips/hour and the drift of one call, the final latents, the frames and the one-step
-    features against the baseline; plus the baseline's compiled-vs-eager floor."""
+    """The settings of ``args.attention_compare`` (``ATTENTION[+CROSS_CONTEXT]``, the first is the
+    baseline) on one loaded model, each with its own compiled UNet, on the same inputs: FLOPs
+    done per clip, ms per UNet call, MFU, 30-step clips/hour and the drift of one call, the
+    final latents, the frames and the one-step features against the baseline; plus the
+    baseline's compiled-vs-eager floor. MFU counts the FLOPs each setting actually does
+    (``mfu``); ``mfu_of_baseline_work`` divides the baseline's FLOPs by the setting's time (the
+    speed-up in MFU terms when a setting skips work, as ``folded`` does)."""
     import torch
 
     from foresight.pipelines.svd import SVDParams, load_svd
@@ -771,18 +804,14 @@ def attention_compare_figures(args) -> dict:
     started = time.perf_counter()
     model = apply_speedups(load_svd(size["model"], args.device, args.dtype), SpeedOptions(compile=args.compile))
     params = SVDParams(num_frames=size["frames"], size=size["size"], **({"steps": args.steps} if args.steps else {}))
-    flops = count_flops(model, params)
-    figures = {"batch": args.batch, "load_s": time.perf_counter() - started, "flops_per_clip": flops, "settings": {}}
+    figures = {"batch": args.batch, "load_s": time.perf_counter() - started, "settings": {}}
     data, baseline = inputs(model, params, args.batch), None
     for setting in settings:
         if deadline - time.perf_counter() < 60:
             figures["settings"][setting] = {"skipped": "budget spent"}
             continue
-        row, outputs = settings_row(model, params, setting, data, args, deadline)
-        row["tflops"] = flops * args.batch / (row["unet_ms"] / 1e3) / 1e12
-        row["mfu"] = row["tflops"] / H100_DENSE_BF16_TFLOPS
-        if "generate_s" in row:
-            row["clips_per_hour"] = args.batch * 3600 / row["generate_s"]
+        row, outputs = settings_row(model, params, setting, data, args, deadline, first=baseline is None)
+        add_rates(row, args.batch, figures["settings"][settings[0]] if baseline is not None else row)
         if baseline is None:
             baseline = outputs
             row["drift_call_compiled_vs_eager"] = eager_floor(model, params, outputs["call"], args.batch)
@@ -791,6 +820,18 @@ def attention_compare_figures(args) -> dict:
         figures["settings"][setting] = row
         print("SETTING " + json.dumps(row), flush=True)
     return figures
+
+
+def add_rates(row: dict, batch: int, baseline: dict) -> None:
+    """TFLOP/s and MFU of a settings row from the FLOPs it does, the same against the baseline's
+    FLOPs, the FLOPs it saves per UNet call, and clips/hour when its generation ran."""
+    seconds = row["unet_ms"] / 1e3
+    row["tflops"] = row["flops_per_clip"] * batch / seconds / 1e12
+    row["mfu"] = row["tflops"] / H100_DENSE_BF16_TFLOPS
+    row["mfu_of_baseline_work"] = baseline["flops_per_clip"] * batch / seconds / 1e12 / H100_DENSE_BF16_TFLOPS
+    row["tflop_saved_per_call"] = (baseline["flops_per_clip"] - row["flops_per_clip"]) * batch / 1e12
+    if "generate_s" in row:
+        row["clips_per_hour"] = batch * 3600 / row["generate_s"]
 
 
 def attention_compare(args) -> None:
@@ -803,6 +844,7 @@ def attention_compare(args) -> None:
     headline = {"fp16_clips_per_hour": rows[names[0]].get("clips_per_hour"),
                 "unet_ms": {name: row.get("unet_ms") for name, row in rows.items()},
                 "mfu": {name: row.get("mfu") for name, row in rows.items()},
+                "tflop_saved_per_call": {name: row.get("tflop_saved_per_call") for name, row in rows.items()},
                 "clips_per_hour": {name: row.get("clips_per_hour") for name, row in rows.items()},
                 "drift_vs_baseline": {name: row.get("drift_vs_baseline") for name, row in rows.items()
                                       if "drift_vs_baseline" in row},
@@ -848,10 +890,11 @@ def main() -> None:
     drift.add_argument("--json", help="Headline JSON (default bench/results/bench_svd.json, with --attention-compare "
                                       "bench/results/bench_svd_attention_e2e.json).")
     drift.add_argument("--attention-compare", metavar="SETTINGS",
-                       help="Comma list of attention settings (the first is the baseline, e.g. default,short-flex): "
-                            "each with its own compiled UNet on one loaded model, same inputs: ms/call, MFU, 30-step "
-                            "clips/hour, drift vs the baseline; uses --size --dtype --compile --batch --steps "
-                            "--iters --budget-s.")
+                       help="Comma list of ATTENTION[+CROSS_CONTEXT] settings (the first is the baseline, e.g. "
+                            "default,short-flex or default,default+folded; cross context repeat|temporal|folded, "
+                            "default repeat): each with its own compiled UNet on one loaded model, same inputs: "
+                            "FLOPs done, ms/call, MFU, 30-step clips/hour, drift vs the baseline; uses --size "
+                            "--dtype --compile --batch --steps --iters --budget-s.")
     args = parser.parse_args()
     if args.json is None:
         name = "bench_svd_attention_e2e.json" if args.attention_compare else "bench_svd.json"

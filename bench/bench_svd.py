@@ -71,7 +71,8 @@ def setup(spec: dict):
     apply_speedups(model, SpeedOptions(channels_last=spec.get("channels_last", False),
                                        compile=spec.get("compile") or "none", compile_mode=spec.get("compile_mode"),
                                        compile_backend=spec.get("compile_backend", "inductor"),
-                                       freeze=spec.get("freeze", True)))
+                                       freeze=spec.get("freeze", True), attention=spec.get("attention", "default"),
+                                       cross_context=spec.get("cross_context", "repeat")))
     params = SVDParams(num_frames=spec["frames"], size=spec["size"], steps=spec["steps"])
     return model, params, time.perf_counter() - started
 
@@ -393,7 +394,7 @@ def run_variant(spec: dict) -> None:
 
     model, params, load_s = setup(spec)
     base = {k: spec.get(k) for k in ("name", "dtype", "compile", "compile_mode", "channels_last", "cudnn_benchmark",
-                                     "inductor")}
+                                     "inductor", "attention", "cross_context")}
     base["freeze"] = spec.get("freeze", True) if spec.get("compile") == "unet" else None
     base["load_s"] = load_s
     if spec["device"].startswith("cuda"):

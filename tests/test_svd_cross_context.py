@@ -10,8 +10,11 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 
+from typer.testing import CliRunner
+
+from foresight.flows.cli import app
 from foresight.flows.configs import GenerateConfig
-from foresight.flows.generate import svd_settings, video_params
+from foresight.flows.generate import cached_svd, svd_settings, video_params
 from foresight.pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
 from foresight.pipelines.svd.attention import install_attention
 from foresight.pipelines.svd.cross_context import FoldedAllTransformer, FoldedTransformer, install_cross_context
@@ -150,3 +153,20 @@ def test_cross_context_is_keyed_only_when_not_repeat():
     assert SVDParams(**settings) == plain.params and dtype == "fp32"
     with pytest.raises(ValueError, match="cross_context"):
         GenerateConfig(plan="p", text="t", model="tiny", cross_context="fold")
+
+
+def test_the_generate_option_reaches_the_loaded_model(monkeypatch, tmp_path):
+    """``foresight generate --cross-context folded`` builds its config, and the flow's model loader
+    installs the folded transformers."""
+    built = []
+
+    def capture(*args, config=None, **kwargs):
+        built.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("foresight.flows.runtime.run_flow", capture)
+    result = CliRunner().invoke(app, ["generate", "--plan", "p", "--text", "t", "--model", "tiny", "--cross-context",
+                                      "folded", "--root", str(tmp_path)])
+    assert result.exit_code == 0 and built[0].cross_context == "folded", result.output
+    unet = cached_svd(built[0]).unet
+    assert {type(m) for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel)} == {FoldedAllTransformer}

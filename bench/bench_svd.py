@@ -670,7 +670,7 @@ def drift_model(args, dtype: str):
     from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
 
     return apply_speedups(load_svd(DRIFT_SIZES[args.size]["model"], args.device, dtype),
-                          SpeedOptions(compile=args.compile))
+                          SpeedOptions(compile=args.compile, cross_context=args.cross_context))
 
 
 def warm_up(model, recipes: list, data) -> float:
@@ -702,6 +702,7 @@ def fast_drift(args) -> None:
                                                    "fast_drift")}
     path = write_headline("bench_svd", headline, Path(args.json), command=" ".join(sys.argv), size=args.size,
                           model=DRIFT_SIZES[args.size]["model"], dtype=args.dtype, compile=args.compile,
+                          cross_context=args.cross_context,
                           recipe=args.recipe, **figures)
     print(json.dumps({**headline, "unet_calls_per_clip": figures["unet_calls_per_clip"],
                       "onestep_equal": figures["onestep_equal"]}, indent=1))
@@ -884,6 +885,8 @@ def main() -> None:
     drift.add_argument("--fast-dtype", help="The fast recipe's own dtype (e.g. fp8; default: --dtype), drift still "
                                             "against the --dtype reference.")
     drift.add_argument("--compile", default="none", choices=["none", "blocks", "unet"])
+    drift.add_argument("--cross-context", default="repeat", choices=["repeat", "temporal", "folded"],
+                       help="--fast-drift: the cross-context setting of both recipes' models (pipelines/svd/cross_context.py).")
     drift.add_argument("--batch", type=int, default=32, help="Clips per UNet call.")
     drift.add_argument("--repeats", type=int, default=1, help="Timed generations of each (best kept).")
     drift.add_argument("--steps", type=int, help="Reference steps (default: SVDParams' 30).")

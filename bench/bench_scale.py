@@ -318,11 +318,13 @@ def metadata_figures(root: Any, ids: dict[str, str], requests: RequestLog) -> di
     from foresight.storage.exports import ExportStore
     from foresight.trainers.data import ShardStream
 
-    out: dict[str, Any] = {"manifest_bytes": {}, "timings_s": {}}
+    out: dict[str, Any] = {"manifest_bytes": {}, "shard_table_bytes": {}, "timings_s": {}}
     for stage, version in ids.items():
         if stage in ("plan", "export") or stage not in STAGES:
             continue
         out["manifest_bytes"][stage] = root.size(layout.target_dir(version), "manifest.json")
+        table = layout.target_file(version, layout.TARGET_SHARDS)  # absent for versions made before it
+        out["shard_table_bytes"][stage] = root.size(table) if root.file_exists(table) else 0
     out["plan_bytes"] = folder_bytes(root, f"plans/{ids['plan']}")
     out["export_index_bytes"] = root.size(layout.export_dir(ids["export"]), layout.EXPORT_INDEX)
     table = layout.export_file(ids["export"], layout.EXPORT_SAMPLES)  # the sample table (absent before it existed)
@@ -426,7 +428,7 @@ def print_cell(cell: dict[str, Any], baseline: dict[str, float]) -> None:
               + (f" requests/shard {reqs}" if reqs else "")
               + (f" RSS after {figures['rss_after_mb']} MB (peak {figures['peak_rss_after_mb']})"
                  if "rss_after_mb" in figures else ""))
-    print(f"    metadata: manifests {cell['manifest_bytes']} B, plan {cell['plan_bytes']} B, export index "
+    print(f"    metadata: manifests {cell['manifest_bytes']} B, shards.npy {cell.get('shard_table_bytes', {})} B, plan {cell['plan_bytes']} B, export index "
           f"{cell['export_index_bytes']} B + sample table {cell.get('export_samples_bytes', 0)} B, "
           f"lineage {cell['lineage_bytes']} B")
     for name, value in cell["timings_s"].items():

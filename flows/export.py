@@ -20,7 +20,7 @@ from foresight.flows.configs import ExportConfig
 from foresight.flows.runtime import RunnerChoice
 from foresight.pipelines.export import encode_sample, parse_size, plan_shards, sample_key, tar_sample_bytes
 from foresight.storage import layout
-from foresight.storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, resolve_sources
+from foresight.storage.exports import ClipSource, ExportBuild, ExportRecipe, ExportStore, ShardClipTable, resolve_sources
 from foresight.storage.targets import verify_by_default
 
 log = logging.getLogger(__name__)
@@ -73,27 +73,40 @@ def plan_export(root_url: str, recipe: ExportRecipe) -> ExportBuild:
 # ---------------------------------------------------------------- the stage
 class ExportOutput:
     """A building export: shards are tar files, done when their ``_done/<i>.json`` record exists
-    (or the whole export is); the build plan is read once, when first needed."""
+    (or the whole export is); the build plan is read once, when first needed, and kept as its recipe
+    and a :class:`ShardClipTable` (8 B a clip), not as the plan's per-clip lists."""
 
     identity = None
 
     def __init__(self, root_url: str, export_id: str):
         self.store = ExportStore(root_url)
         self.root, self.version_id = self.store.root, export_id
-        self._build: ExportBuild | None = None
+        self._recipe: ExportRecipe | None = None
+        self._shards: ShardClipTable | None = None
+
+    def _load_plan(self) -> None:
+        build = self.store.build_info(self.version_id)
+        self._recipe, self._shards = build.recipe, ShardClipTable.of(build.shard_clips)
 
     @property
-    def build(self) -> ExportBuild:
-        if self._build is None:
-            self._build = self.store.build_info(self.version_id)
-        return self._build
+    def recipe(self) -> ExportRecipe:
+        if self._recipe is None:
+            self._load_plan()
+        return self._recipe
+
+    @property
+    def shard_plan(self) -> ShardClipTable:
+        """Plan rows of each planned shard."""
+        if self._shards is None:
+            self._load_plan()
+        return self._shards
 
     def pending(self) -> list[int]:
         """Shards still to write ([] once the export is complete, also when a concurrent builder
         completed it and removed the build files in between): one listing of ``_done/`` (the build
         plan, every clip, is read once per output, not at each look of the progress poll)."""
         try:
-            pending = self.store.pending_shards(self.version_id, len(self.build.shard_clips))
+            pending = self.store.pending_shards(self.version_id, len(self.shard_plan))
         except ValueError:
             if self.store.exists(self.version_id):
                 return []
@@ -106,7 +119,7 @@ class ExportOutput:
         return self.store.exists(self.version_id) or self.store.done_shard(self.version_id, shard) is not None
 
     def clips(self, shard: int) -> int:
-        return len(self.build.shard_clips[shard])
+        return self.shard_plan.size(shard)
 
     def prepare(self, shard: int) -> None:
         self.store.remove_stale_temporaries(self.version_id, shard)
@@ -114,7 +127,7 @@ class ExportOutput:
     def write(self, shard: int, samples: Iterator[tuple[int, list]]) -> None:
         """Stream the samples into the shard's tar (temporary name, renamed when complete), then
         record it done."""
-        writer = self.store.shard_writer(self.version_id, shard, expected_bytes=self.build.recipe.shard_bytes)
+        writer = self.store.shard_writer(self.version_id, shard, expected_bytes=self.recipe.shard_bytes)
         try:
             for clip, members in samples:
                 writer.add_sample(clip, members)
@@ -143,10 +156,10 @@ class ExportWorker:
         """(clip, tar members) of the shard's samples, lazily: the tar is written as they come. The
         sources open on first use, under the shard's claim (a concurrent builder may have finished
         the export, and removed its build plan, before this task claimed anything)."""
-        recipe = self.output.build.recipe
+        recipe = self.output.recipe
         if self._source is None:
             self._source = ClipSource(self.root_url, recipe.plan_id, recipe.sources, recipe.action_chunk)
-        for clips in batches(self.output.build.shard_clips[shard], self.read_batch):
+        for clips in batches(self.output.shard_plan.clips(shard), self.read_batch):
             for clip, arrays in zip(clips, self._source.read(clips), strict=True):
                 members, _ = encode_sample(sample_key(clip), self._source.meta(clip, self.output.version_id), arrays,
                                            recipe.codec, RAW_FIELDS)

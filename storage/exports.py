@@ -295,6 +295,34 @@ class ExportBuild(StrictModel):
     stats: dict[str, ColumnStats] = Field(default_factory=dict, description="'actions' / 'state' statistics.")
 
 
+class ShardClipTable:
+    """The plan rows of each planned shard of an export as two int64 arrays (``starts``: where each
+    shard's rows begin in ``rows``, plus the end), 8 B a clip, where ``ExportBuild.shard_clips`` holds
+    a Python int and a list slot per clip (~36 B): what a building export's driver and shard tasks
+    keep while the build runs."""
+
+    def __init__(self, starts: np.ndarray, rows: np.ndarray):
+        self.starts, self.rows = starts, rows
+
+    @classmethod
+    def of(cls, shard_clips: Sequence[Sequence[int]]) -> "ShardClipTable":
+        sizes = np.fromiter((len(clips) for clips in shard_clips), np.int64, len(shard_clips))
+        starts = np.zeros(len(shard_clips) + 1, np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        rows = np.fromiter((clip for clips in shard_clips for clip in clips), np.int64, int(starts[-1]))
+        return cls(starts, rows)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def size(self, shard: int) -> int:
+        return int(self.starts[shard + 1] - self.starts[shard])
+
+    def clips(self, shard: int) -> list[int]:
+        """Plan rows of one shard, in order."""
+        return self.rows[self.starts[shard]:self.starts[shard + 1]].tolist()
+
+
 def legacy_sample_rows(data: Any, where: str) -> np.ndarray | None:
     """The sample table of an index.json written before samples.npy (its shard entries list their
     samples), taking the per-sample lists out of ``data`` so that the rest validates as ExportIndex;

@@ -12,7 +12,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -443,7 +443,7 @@ def remove_dead_temporaries_under(root: Root, base_rel: str, prefix: str = TMP_P
     listing per folder, which for a version of n shards was n listings at every finalize."""
     base = root.path(base_rel)
     try:
-        paths = root.fs.find(base)
+        paths = _local_files_named(base, prefix) if root.is_local else root.fs.find(base)
     except FileNotFoundError:
         return []
     removed = []
@@ -456,6 +456,26 @@ def remove_dead_temporaries_under(root: Root, base_rel: str, prefix: str = TMP_P
                 continue
             removed.append(path[len(base.rstrip("/")) + 1:])
     return removed
+
+
+def _local_files_named(base: str, prefix: str) -> Iterator[str]:
+    """Paths of the files below a local folder whose name starts with ``prefix``, one folder at a
+    time: fsspec's ``find`` stats every file and holds an info dict for each (~0.9 KB an object:
+    ~790 MB for a 10^6-clip pi0 version at finalize); this holds one folder's matches."""
+    folders = [base]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            matches = []
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.name.startswith(prefix):
+                    matches.append(entry.path)
+        yield from matches  # after the folder's listing is closed: the caller removes them
 
 
 def read_many(root: Root, rels: Sequence[str]) -> dict[str, bytes]:

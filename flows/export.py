@@ -85,8 +85,7 @@ class ExportOutput:
         self._shards: ShardClipTable | None = None
 
     def _load_plan(self) -> None:
-        build = self.store.build_info(self.version_id)
-        self._recipe, self._shards = build.recipe, ShardClipTable.of(build.shard_clips)
+        self._recipe, self._shards = self.store.shard_plan(self.version_id)
 
     @property
     def recipe(self) -> ExportRecipe:

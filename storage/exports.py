@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -323,6 +324,37 @@ class ShardClipTable:
         return self.rows[self.starts[shard]:self.starts[shard + 1]].tolist()
 
 
+class _BuildPlans:
+    """The last few building exports' (recipe, shard plan) of this process, keyed by root, export id
+    and the size of their _build.json (a plan begun over again after its folder was deleted is read
+    again unless it is the same size; an export id fixes its recipe, so its plan differs only if the
+    code that sizes shards changed, which a running process never sees)."""
+
+    KEEP = 4
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._plans: dict[tuple[str, str], tuple[int, ExportRecipe, ShardClipTable]] = {}
+
+    def get(self, store: "ExportStore", export_id: str, size: int) -> tuple[ExportRecipe, ShardClipTable]:
+        key = (store.root.url, export_id)
+        with self._lock:
+            found = self._plans.get(key)
+        if found is not None and found[0] == size:
+            return found[1], found[2]
+        build = store.build_info(export_id)
+        plan = (size, build.recipe, ShardClipTable.of(build.shard_clips))
+        with self._lock:
+            self._plans.pop(key, None)
+            while len(self._plans) >= self.KEEP:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan[1], plan[2]
+
+
+_BUILD_PLANS = _BuildPlans()
+
+
 def legacy_sample_rows(data: Any, where: str) -> np.ndarray | None:
     """The sample table of an index.json written before samples.npy (its shard entries list their
     samples), taking the per-sample lists out of ``data`` so that the rest validates as ExportIndex;
@@ -590,6 +622,17 @@ class ExportStore:
         if not self.root.file_exists(rel):
             raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}")
         return validate(ExportBuild, self.root.read_json(rel), self.root.url_of(rel))
+
+    def shard_plan(self, export_id: str) -> tuple[ExportRecipe, ShardClipTable]:
+        """The recipe and shard plan of a building export, parsed once per process (see
+        :class:`_BuildPlans`): every shard task reopens the export, and _build.json lists every
+        clip (~0.4 s to parse at 10^6 clips, ~1,600 tasks of 16 MB tars)."""
+        rel = layout.export_file(export_id, layout.EXPORT_BUILD)
+        try:
+            size = self.root.size(rel)
+        except FileNotFoundError:
+            raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}") from None
+        return _BUILD_PLANS.get(self, export_id, size)
 
     def shard_writer(self, export_id: str, index: int, expected_bytes: int = 0) -> ShardTarWriter:
         return ShardTarWriter(self.root, export_id, index, expected_bytes)

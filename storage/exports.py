@@ -1118,6 +1118,13 @@ class ClipSource:
     def target_sources(self) -> dict[str, FieldSource]:
         return {f: s for f, s in self.sources.items() if not s.is_episode}
 
+    def forget_reads(self) -> None:
+        """Drop the shard bytes and episode columns kept for the next clips (a source kept from one
+        task to the next reads and verifies them again)."""
+        for reader in self.readers.values():
+            reader.forget_objects()
+        self._columns.clear()
+
     @property
     def versions(self) -> dict[str, str]:
         """Field -> target version id."""

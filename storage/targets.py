@@ -639,6 +639,11 @@ class TargetReader(_VersionHandle):
         self.verify_reads = verify_by_default() if verify is None else bool(verify)
         self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its verified bytes)
 
+    def forget_objects(self) -> None:
+        """Drop the verified shard bytes kept for the next rows: later reads load and check them
+        again (a reader kept across tasks sees objects changed since)."""
+        self._objects.clear()
+
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
         ``dtype``; a coded array (ArraySpec.codec) is decoded from its verified stored parts."""

@@ -125,3 +125,35 @@ def test_shard_tasks_of_one_process_parse_the_build_plan_once(tmp_path, monkeypa
     build_file.unlink()
     with pytest.raises(ValueError, match="no build in progress"):
         EXPORT.reopen(world["root"], recipe.export_id()).shard_plan
+
+
+def test_a_worker_thread_opens_an_exports_sources_once_and_checks_reads_again(tmp_path):
+    """Each shard task of an export reads through its thread's ClipSource (opening one reads the
+    whole plan and every version's shard table); what one task read and verified is verified again
+    by the next, so a target object changed in between is still refused."""
+    import threading
+
+    from test_export_store import make_world
+
+    from foresight.flows.export import ExportConfig, clip_source, export_recipe
+    from foresight.storage.targets import shard_object
+
+    world = make_world(tmp_path)
+    config = ExportConfig(plan=world["plan"], targets=[world["video"], world["teacher"]], shard_size="12KB")
+    recipe = export_recipe(world["root"], config)
+    source = clip_source(world["root"], recipe)
+    assert source.read([0, 1])[0].keys() == source.read([0])[0].keys()
+    assert clip_source(world["root"], recipe) is source
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(clip_source(world["root"], recipe)))
+    thread.start()
+    thread.join()
+    assert other[0] is not source
+    store = TargetStore(world["root"])
+    manifest = store.manifest(world["teacher"])
+    target = Path(store.root.path(shard_object(manifest, manifest.arrays[0].name, 0)))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        clip_source(world["root"], recipe).read([0])

@@ -885,7 +885,7 @@ def main() -> None:
     drift.add_argument("--fast-dtype", help="The fast recipe's own dtype (e.g. fp8; default: --dtype), drift still "
                                             "against the --dtype reference.")
     drift.add_argument("--compile", default="none", choices=["none", "blocks", "unet"])
-    drift.add_argument("--cross-context", default="repeat", choices=["repeat", "temporal", "folded"],
+    drift.add_argument("--cross-context", default="folded", choices=["repeat", "temporal", "folded"],
                        help="--fast-drift: the cross-context setting of both recipes' models (pipelines/svd/cross_context.py).")
     drift.add_argument("--batch", type=int, default=32, help="Clips per UNet call.")
     drift.add_argument("--repeats", type=int, default=1, help="Timed generations of each (best kept).")

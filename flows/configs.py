@@ -19,8 +19,8 @@ from foresight.schemas.base import StrictModel
 from foresight.schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
 from foresight.schemas.presets import check_preset, deep_merge, nest, preset_values, resolve_nested
 from foresight.schemas.presets.svd import recipe_values
-from foresight.schemas.svd import (ATTENTION_HELP, CROSS_CONTEXT_HELP, MAX_LENGTH, CrossContext, SVDParams,
-                                   check_attention)
+from foresight.schemas.svd import (ATTENTION_HELP, CROSS_CONTEXT_HELP, DEFAULT_CROSS_CONTEXT, MAX_LENGTH, CrossContext,
+                                   SVDParams, check_attention)
 
 
 # ---------------------------------------------------------------- plans
@@ -93,7 +93,7 @@ class GenerateConfig(StrictModel):
                                     "graphs (unet: +4%, longer first call); compiled kernels round differently, "
                                     "so a setting other than none is keyed (a new version).")
     attention: str = Field(default="default", description=f"UNet attention backends: {ATTENTION_HELP}.")
-    cross_context: CrossContext = Field(default="repeat", description=f"Text states of the UNet's cross-attention: "
+    cross_context: CrossContext = Field(default=DEFAULT_CROSS_CONTEXT, description=f"Text states of the UNet's cross-attention: "
                                                                       f"{CROSS_CONTEXT_HELP}.")
     shard_size: int = Field(default=16, ge=1, description="Clips per shard and per writer.")
     workers: int = Field(default=1, ge=1, description="Parallel shard tasks (each holds a model).")

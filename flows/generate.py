@@ -32,6 +32,7 @@ from foresight.pipelines.svd.loading import SVDDescription, SVDModel, describe_s
 from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
 from foresight.pipelines.text import TextModel, embed_distinct, load_text_model
 from foresight.schemas.base import StrictModel
+from foresight.schemas.svd import DEFAULT_CROSS_CONTEXT
 from foresight.schemas.model import ModelIdentity
 from foresight.schemas.plan import ClipRow, PlanInfo
 from foresight.schemas.target import ArraySpec, TargetRecipe
@@ -183,7 +184,7 @@ def video_params(config: GenerateConfig) -> dict:
         params["compile"] = config.compile
     if config.attention != "default":
         params["attention"] = config.attention
-    if config.cross_context != "repeat":
+    if config.cross_context != DEFAULT_CROSS_CONTEXT:
         params["cross_context"] = config.cross_context
     if config.recipe is not None:
         params["recipe"] = config.recipe

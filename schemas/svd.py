@@ -147,7 +147,15 @@ CrossContext = Literal["repeat", "temporal", "folded"]
 ``repeat`` as diffusers (the temporal blocks get the clip's states copied over every latent
 position, the spatial blocks over every frame), ``temporal`` the temporal cross-attention keys
 projected once per clip against the clip's folded queries, ``folded`` that and the spatial
-cross-attention likewise. Same maths per query (rounding only), keyed when not ``repeat``."""
+cross-attention likewise. Same maths per query (rounding only), keyed when not the default.
+
+DEFAULT_CROSS_CONTEXT is ``folded``: on one H100 (bench/RESULTS.md, issue 19) it computes the
+compiled fp16 reference bit for bit (drift 0.0 on a UNet call, the final latents, frames and
+one-step features) and 7.3% faster per UNet call. Versions of that recipe made with ``repeat``
+before it was the default carry the same id: both compute the same numbers."""
+
+DEFAULT_CROSS_CONTEXT: CrossContext = "folded"
+"""The cross-context setting a version records no key for (see :data:`CrossContext`)."""
 CROSS_CONTEXT_HELP = ("repeat (diffusers: text states copied over positions/frames), temporal (temporal "
-                      "cross-attention keys projected once per clip) or folded (temporal and spatial); rounding "
-                      "only, keyed when not repeat")
+                      "cross-attention keys projected once per clip) or folded (temporal and spatial, the default); "
+                      "rounding only, keyed when not folded")

@@ -19,6 +19,7 @@ from foresight.pipelines.svd import SVDParams, generate_clips, load_svd, one_ste
 from foresight.pipelines.svd.attention import install_attention
 from foresight.pipelines.svd.cross_context import FoldedAllTransformer, FoldedTransformer, install_cross_context
 from foresight.pipelines.svd.speed import SpeedOptions, apply_speedups
+from foresight.schemas.svd import DEFAULT_CROSS_CONTEXT
 
 PARAMS = SVDParams(num_frames=4, size=32, steps=2)
 FEATURE_BLOCKS = PARAMS.feature_blocks
@@ -143,12 +144,13 @@ def test_folded_compiles_as_whole_graphs_without_breaks(clips):
     assert np.array_equal(out.onestep, one_step_features(compiled, PARAMS, *clips))
 
 
-def test_cross_context_is_keyed_only_when_not_repeat():
+def test_cross_context_is_keyed_only_when_not_the_default():
     plain = GenerateConfig(plan="p", text="t", model="tiny")
-    assert "cross_context" not in video_params(plain)  # repeat versions keep the ids they always had
-    folded = GenerateConfig(plan="p", text="t", model="tiny", cross_context="folded")
-    params = video_params(folded)
-    assert params["cross_context"] == "folded"
+    assert plain.cross_context == DEFAULT_CROSS_CONTEXT == "folded"
+    assert "cross_context" not in video_params(plain)  # default versions keep the ids they always had
+    repeat = GenerateConfig(plan="p", text="t", model="tiny", cross_context="repeat")
+    params = video_params(repeat)
+    assert params["cross_context"] == "repeat"
     settings, dtype = svd_settings(params)
     assert SVDParams(**settings) == plain.params and dtype == "fp32"
     with pytest.raises(ValueError, match="cross_context"):
@@ -156,8 +158,8 @@ def test_cross_context_is_keyed_only_when_not_repeat():
 
 
 def test_the_generate_option_reaches_the_loaded_model(monkeypatch, tmp_path):
-    """``foresight generate --cross-context folded`` builds its config, and the flow's model loader
-    installs the folded transformers."""
+    """``foresight generate --cross-context repeat`` builds its config and the flow's model loader
+    keeps diffusers' transformers; the default installs the folded ones."""
     built = []
 
     def capture(*args, config=None, **kwargs):
@@ -165,8 +167,10 @@ def test_the_generate_option_reaches_the_loaded_model(monkeypatch, tmp_path):
         raise SystemExit(0)
 
     monkeypatch.setattr("foresight.flows.runtime.run_flow", capture)
-    result = CliRunner().invoke(app, ["generate", "--plan", "p", "--text", "t", "--model", "tiny", "--cross-context",
-                                      "folded", "--root", str(tmp_path)])
-    assert result.exit_code == 0 and built[0].cross_context == "folded", result.output
-    unet = cached_svd(built[0]).unet
-    assert {type(m) for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel)} == {FoldedAllTransformer}
+    for option, expected in ((["--cross-context", "repeat"], TransformerSpatioTemporalModel), ([], FoldedAllTransformer)):
+        built.clear()
+        result = CliRunner().invoke(app, ["generate", "--plan", "p", "--text", "t", "--model", "tiny", *option,
+                                          "--root", str(tmp_path)])
+        assert result.exit_code == 0 and built[0].cross_context == (option[1:] or ["folded"])[0], result.output
+        unet = cached_svd(built[0]).unet
+        assert {type(m) for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel)} == {expected}

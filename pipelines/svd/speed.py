@@ -31,7 +31,7 @@ from foresight.pipelines.svd.attention import install_attention
 from foresight.pipelines.svd.cross_context import install_cross_context
 from foresight.pipelines.svd.loading import SVDModel
 from foresight.schemas.base import StrictModel
-from foresight.schemas.svd import ATTENTION_HELP, CROSS_CONTEXT_HELP, CrossContext, check_attention
+from foresight.schemas.svd import ATTENTION_HELP, CROSS_CONTEXT_HELP, DEFAULT_CROSS_CONTEXT, CrossContext, check_attention
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class SpeedOptions(StrictModel):
                                  description="torch.compile backend ('aot_eager' checks the graph capture "
                                              "without generating kernels, as the CPU tests do).")
     attention: str = Field(default="default", description=f"Attention backends of the UNet: {ATTENTION_HELP}.")
-    cross_context: CrossContext = Field(default="repeat", description=f"Text states of cross-attention: "
+    cross_context: CrossContext = Field(default=DEFAULT_CROSS_CONTEXT, description=f"Text states of cross-attention: "
                                                                       f"{CROSS_CONTEXT_HELP}.")
 
     _check_attention = field_validator("attention")(check_attention)

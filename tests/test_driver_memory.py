@@ -157,3 +157,20 @@ def test_a_worker_thread_opens_an_exports_sources_once_and_checks_reads_again(tm
     target.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum mismatch"):
         clip_source(world["root"], recipe).read([0])
+
+
+def test_a_version_on_an_object_store_is_not_listed_for_temporaries(monkeypatch):
+    """On an object store every write of a version is one PUT (no temporary is ever made), so
+    neither a shard's claim nor finalize lists the version's folders looking for them."""
+    root_url = f"memory://no-temporaries-{os.getpid()}"
+    listed: list[str] = []
+    for name in ("ls", "find"):
+        original = getattr(type(Root(root_url).fs), name)
+        monkeypatch.setattr(type(Root(root_url).fs), name,
+                            lambda self, path, *a, _o=original, **k: listed.append(path) or _o(self, path, *a, **k))
+    version = make_version(root_url, "teacher", "t.object-store", {"x": np.arange(12, dtype=np.float32)},
+                           {"video": "video-000000000001"}, {})
+    writer = TargetStore(root_url).writer(version)
+    assert writer.remove_stale_temporaries(0) == []
+    assert not [path for path in listed if "/x" in path or path.rstrip("/").endswith(version)], listed
+    assert TargetStore(root_url).open(version).verify() == []

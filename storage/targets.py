@@ -7,7 +7,9 @@ import io
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -649,11 +651,15 @@ class TargetReader(_VersionHandle):
         super().__init__(store, manifest)
         self.verify_reads = verify_by_default() if verify is None else bool(verify)
         self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its verified bytes)
+        self._ahead: dict[str, tuple[int, Future]] = {}  # array -> (next shard, its check in a helper thread)
 
     def forget_objects(self) -> None:
-        """Drop the verified shard bytes kept for the next rows: later reads load and check them
-        again (a reader kept across tasks sees objects changed since)."""
+        """Drop the verified shard bytes kept for the next rows and the checks started ahead: later
+        reads load and check them again (a reader kept across tasks sees objects changed since)."""
         self._objects.clear()
+        for _, future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
@@ -721,10 +727,36 @@ class TargetReader(_VersionHandle):
 
     def _shard_bytes(self, name: str, shard: int) -> memoryview | None:
         """The verified bytes of one shard object (memory-mapped on local disks), None when zarr
-        stored no object (fill values only). The newest shard per array is kept for the next rows."""
+        stored no object (fill values only). The newest shard per array is kept for the next rows;
+        when an array is read from its first shard or shard after shard, the next shard's check
+        starts ahead (see :func:`_check_ahead_pool`)."""
         cached = self._objects.get(name)
         if cached is not None and cached[0] == shard:
             return cached[1]
+        data = self._take_ahead(name, shard)
+        if data is _NOT_AHEAD:
+            data = self._checked_object(name, shard)
+        self._objects[name] = (shard, data)
+        sequential = cached[0] == shard - 1 if cached is not None else shard == 0
+        if sequential and shard + 1 < self.manifest.num_shards:
+            self._ahead[name] = (shard + 1, _check_ahead_pool().submit(self._checked_object, name, shard + 1))
+        return data
+
+    def _take_ahead(self, name: str, shard: int) -> memoryview | None | object:
+        """The result of the check started ahead for ``shard`` (its error raised here, where the
+        shard is read); ``_NOT_AHEAD`` when none was started for it or the helper has not begun it
+        (then the caller checks it itself rather than wait)."""
+        ahead = self._ahead.pop(name, None)
+        if ahead is None:
+            return _NOT_AHEAD
+        started_for, future = ahead
+        if started_for != shard or future.cancel():
+            return _NOT_AHEAD
+        return future.result()
+
+    def _checked_object(self, name: str, shard: int) -> memoryview | None:
+        """Load one shard object and check it against the checksum recorded at ``_done``
+        (ValueError naming version, array, shard and object on a mismatch or a missing object)."""
         rel = shard_object(self.manifest, name, shard)
         recorded = self.sums.recorded(name, shard)
         where = f"target version '{self.version_id}', array '{name}', shard {shard}"
@@ -742,7 +774,6 @@ class TargetReader(_VersionHandle):
                 raise ValueError(f"{where}: checksum mismatch ({kind} of {self.root.url_of(rel)} differs from "
                                  f"the one recorded at _done); the shard was modified or corrupted, refusing "
                                  f"to read it (run `foresight targets verify {self.version_id}`)")
-        self._objects[name] = (shard, data)
         return data
 
     def _load_object(self, rel: str) -> memoryview | None:
@@ -813,6 +844,37 @@ class TargetReader(_VersionHandle):
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]
         return []
+
+
+_NOT_AHEAD = object()
+"""TargetReader._take_ahead: no check was started ahead for the shard asked for."""
+CHECK_AHEAD_THREADS = 2
+"""Helper threads checking the next shard objects of sequential verified reads (one process-wide pool)."""
+_CHECK_AHEAD: ThreadPoolExecutor | None = None
+_CHECK_AHEAD_LOCK = threading.Lock()
+
+
+def _check_ahead_pool() -> ThreadPoolExecutor:
+    """The process's pool of threads that check shard objects ahead of a sequential reader.
+
+    A verified read hashes the whole shard object before it decodes rows from it: in the reader's
+    thread the two passes add up. xxhash releases the GIL while it hashes, so the next shard's check
+    overlaps the decoding of this one on a second core. A check the pool has not begun when the
+    shard is asked for is cancelled and done by the reader (no waiting on a busy pool)."""
+    global _CHECK_AHEAD
+    with _CHECK_AHEAD_LOCK:
+        if _CHECK_AHEAD is None:
+            _CHECK_AHEAD = ThreadPoolExecutor(CHECK_AHEAD_THREADS, thread_name_prefix="shard-check")
+        return _CHECK_AHEAD
+
+
+def _forget_check_ahead_pool() -> None:
+    """In a forked child (store I/O workers): the parent's pool threads do not exist there."""
+    global _CHECK_AHEAD, _CHECK_AHEAD_LOCK
+    _CHECK_AHEAD, _CHECK_AHEAD_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_check_ahead_pool)
 
 
 def fast_digest_of(data: bytes | memoryview) -> str:

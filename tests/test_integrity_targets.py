@@ -302,3 +302,36 @@ def test_episode_files_are_fsynced_before_its_marker(tmp_path, monkeypatch):
     assert any(p.endswith("lowdim.parquet") for p in staged) and any("/frames.zarr/" in p for p in staged)
     assert events == ["unsynced []"]
     assert store.episode_ids() == ["ep0"]
+
+
+def test_d7_sequential_reads_check_the_next_shard_ahead_and_refuse_it_only_when_read(world):
+    """Read from the first shard on, the next shard's check runs ahead in a helper thread; a
+    corrupt shard fails there without a word and is refused with the usual line when it is read."""
+    import threading
+
+    from foresight.storage import targets
+
+    reader = TargetStore(world["root"]).open(world["dinov2"])
+    plain = TargetStore(world["root"]).open(world["dinov2"], verify=False)
+    size, last = reader.manifest.shard_size, reader.manifest.num_shards - 1
+    assert last >= 1, "the world needs 2 shards for a check to start ahead"
+    checked_by = []
+    check = targets.TargetReader._checked_object
+
+    def spy(self, name, shard):
+        checked_by.append((shard, threading.current_thread().name))
+        return check(self, name, shard)
+
+    iw.flip_byte(iw.shard_file(world, world["dinov2"], "target", last), 200)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(targets.TargetReader, "_checked_object", spy)
+        for shard in range(last):
+            rows = slice(shard * size, (shard + 1) * size)
+            np.testing.assert_array_equal(reader.read("target", rows), plain.read("target", rows))
+        started_for, future = reader._ahead["target"]
+        assert started_for == last and isinstance(future.exception(timeout=60), ValueError)  # failed ahead, silently
+        with pytest.raises(ValueError) as err:
+            reader.read("target", slice(last * size, (last + 1) * size))
+    assert f"array 'target', shard {last}: checksum mismatch" in iw.one_line(err.value)
+    assert sorted(shard for shard, _ in checked_by) == list(range(last + 1))  # each shard checked once
+    assert dict(checked_by)[last].startswith("shard-check")

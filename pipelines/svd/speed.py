@@ -82,7 +82,10 @@ def set_channels_last(unet: torch.nn.Module, enabled: bool) -> None:
 
 
 def apply_speedups(model: SVDModel, options: SpeedOptions) -> SVDModel:
-    """Apply ``options`` to ``model`` in place (and return it)."""
+    """Apply ``options`` to ``model`` in place (and return it). A ``null`` model (no UNet, see
+    pipelines/null_models.py) has nothing to speed up and is returned as it is."""
+    if model.unet is None:
+        return model
     if options.channels_last:
         set_channels_last(model.unet, True)
     if options.attention != "default":

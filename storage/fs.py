@@ -462,20 +462,28 @@ def _local_files_named(base: str, prefix: str) -> Iterator[str]:
     """Paths of the files below a local folder whose name starts with ``prefix``, one folder at a
     time: fsspec's ``find`` stats every file and holds an info dict for each (~0.9 KB an object:
     ~790 MB for a 10^6-clip pi0 version at finalize); this holds one folder's matches."""
+    for entries in local_entries_by_folder(base):
+        yield from (entry.path for entry in entries if entry.name.startswith(prefix))
+
+
+def local_entries_by_folder(base: str) -> Iterator[list[os.DirEntry]]:
+    """The entries that are not folders below a local folder, one folder's list at a time
+    (symlinks not followed, nothing stat'ed; a missing folder yields nothing). Each list comes
+    after its folder's listing is closed, so the caller may remove what it names."""
     folders = [base]
     while folders:
         try:
-            entries = os.scandir(folders.pop())
+            listing = os.scandir(folders.pop())
         except (FileNotFoundError, NotADirectoryError):
             continue
-        with entries:
-            matches = []
-            for entry in entries:
+        with listing:
+            entries = []
+            for entry in listing:
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
-                elif entry.name.startswith(prefix):
-                    matches.append(entry.path)
-        yield from matches  # after the folder's listing is closed: the caller removes them
+                else:
+                    entries.append(entry)
+        yield entries
 
 
 def read_many(root: Root, rels: Sequence[str]) -> dict[str, bytes]:

@@ -19,8 +19,8 @@ from foresight.schemas.base import validate_stored
 from foresight.schemas.refs import Ref
 from foresight.schemas.target import ArraySpec, ShardTableFile, TargetRecipe, TargetVersion
 from foresight.storage import layout
-from foresight.storage.fs import (FAST_HASH, Root, fast_digest, open_root, parse_json, read_many, remove_dead_temporaries_under,
-                        remove_temporaries)
+from foresight.storage.fs import (FAST_HASH, Root, fast_digest, local_entries_by_folder, open_root, parse_json, read_many,
+                                  remove_dead_temporaries_under, remove_temporaries)
 from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 from foresight.storage.zarr_shards import ShardCodec, shard_codec
 
@@ -50,20 +50,13 @@ MARKER_BATCH = 2048
 def _tree_stats(path: str) -> tuple[int, float | None]:
     """(bytes, newest mtime) of the files under a local folder (symlinks not followed; (0, None)
     when absent or empty)."""
-    total, newest, folders = 0, None, [path]
-    while folders:
-        try:
-            entries = os.scandir(folders.pop())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    stat = entry.stat(follow_symlinks=False)
-                    total += stat.st_size
-                    newest = stat.st_mtime if newest is None or stat.st_mtime > newest else newest
+    total, newest = 0, None
+    for entries in local_entries_by_folder(path):
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                stat = entry.stat(follow_symlinks=False)
+                total += stat.st_size
+                newest = stat.st_mtime if newest is None or stat.st_mtime > newest else newest
     return total, newest
 
 

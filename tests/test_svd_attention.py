@@ -10,6 +10,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from factories import make_dataset, write_episode
+import svd_world
 from foresight.flows.configs import GenerateConfig, PlanConfig, TextConfig
 from foresight.flows.generate import generate_flow, make_plan, text_flow, video_params
 from foresight.flows.runtime import RunnerChoice, run_flow
@@ -48,10 +49,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def clips():
-    rng = np.random.default_rng(3)
-    frames = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    text = rng.normal(size=(2, 20, 16)).astype(np.float32)
-    return frames, text, np.array([11, 12], dtype=np.int64)
+    return svd_world.two_clips()
 
 
 def test_settings_parse_to_a_canonical_plan():

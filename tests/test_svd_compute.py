@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import svd_world
 from foresight.pipelines.svd import SVDParams, clip_seed, generate_clips, load_svd, one_step_features, save_svd
 from foresight.pipelines.svd.conditioning import clip_noise, text_states
 from foresight.pipelines.svd.features import feature_shape
@@ -21,9 +22,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs():
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, size=(3, 40, 48, 3), dtype=np.uint8)
-    text = rng.normal(size=(3, 20, 16)).astype(np.float32)
+    frames, text = svd_world.random_clips(0, 3, height=40, width=48)
     seeds = np.array([clip_seed("video-abc", f"clip{i}") for i in range(3)], dtype=np.int64)
     return frames, text, seeds
 

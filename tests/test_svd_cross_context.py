@@ -12,6 +12,7 @@ from diffusers.models.transformers.transformer_temporal import TransformerSpatio
 
 from typer.testing import CliRunner
 
+import svd_world
 from foresight.flows.cli import app
 from foresight.flows.configs import GenerateConfig
 from foresight.flows.generate import cached_svd, svd_settings, video_params
@@ -73,10 +74,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def clips():
-    rng = np.random.default_rng(3)
-    frames = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    text = rng.normal(size=(2, 20, 16)).astype(np.float32)
-    return frames, text, np.array([11, 12], dtype=np.int64)
+    return svd_world.two_clips()
 
 
 def test_install_changes_only_the_transformer_class(model):

@@ -14,6 +14,7 @@ from diffusers import EulerDiscreteScheduler
 from typer.testing import CliRunner
 
 from factories import make_dataset, write_episode
+import svd_world
 from foresight.flows.cli import app
 from foresight.flows.configs import GenerateConfig
 from foresight.flows.generate import svd_settings, video_params
@@ -82,10 +83,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs():
-    rng = np.random.default_rng(5)
-    frames = rng.integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
-    text = rng.normal(size=(1, 20, 16)).astype(np.float32)
-    return frames, text, np.array([21], dtype=np.int64)
+    return (*svd_world.random_clips(5, 1), np.array([21], dtype=np.int64))
 
 
 def params(steps: int = 2, sampler: SamplerParams | None = None, **overrides) -> SVDParams:

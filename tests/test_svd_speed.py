@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import svd_world
 from foresight.pipelines.svd import SVDParams, generate_clips, load_svd, one_step_features
 from foresight.pipelines.svd.conditioning import clip_noise
 from foresight.pipelines.svd.fp8 import Fp8Linear, quantize_transformer_linears
@@ -18,10 +19,7 @@ PARAMS = SVDParams(num_frames=4, size=32, steps=1)
 
 @pytest.fixture(scope="module")
 def inputs():
-    rng = np.random.default_rng(3)
-    frames = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    text = rng.normal(size=(2, 20, 16)).astype(np.float32)
-    return frames, text, np.array([11, 12], dtype=np.int64)
+    return svd_world.two_clips()
 
 
 def unet_inputs(model, batch=2, frames=4):

@@ -208,7 +208,7 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
             | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec}
             for run, (writers, compression, codec) in enumerate(runs)]
     bare_after = bare_forward(teacher, frames, args.repeats)
-    profiled = profile_teacher(name, teacher, args, root, video_id) if args.profile else None
+    profiled = profile_teacher(name, teacher, args, root, video_id, frames) if args.profile else None
     bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
     for e2e in rows:
         sustained = e2e["frames_per_s"] * e2e["seconds"] / max(e2e["seconds"] - e2e["startup_s"] - e2e["tail_s"], 1e-9)
@@ -224,18 +224,18 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
             "e2e": rows, "out_shape": [T, *frames.shape[2:4]], "profile": profiled}
 
 
-def profile_teacher(name: str, teacher, args, root: str, video_id: str) -> dict:
+def profile_teacher(name: str, teacher, args, root: str, video_id: str, frames) -> dict:
     """Where the device time of the teacher loop goes: one end-to-end run (the first writer,
     compression and codec settings) and one bare ``encode_clips`` call under torch.profiler, as
     device ms per frame per kernel class, so the work e2e adds on the device (copies, codec
     encoding, preprocessing of other shapes) shows beside the model's; the e2e's device-busy
-    share of its wall time tells a device-bound loop from a host- or I/O-bound one."""
+    share of its wall time tells a device-bound loop from a host- or I/O-bound one. ``frames``: the
+    bare forward's batch of uint8 clips on the device."""
     import torch
     from profiling import class_totals_us, device_kernels, top_kernels  # bench/profiling.py
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if teacher.device.type == "cuda" else [])
-    frames = torch.from_numpy(open_video_frames(root, video_id, args.batch)).to(teacher.device)
     observed = frames[:, 0]
     with torch.inference_mode():
         teacher.encode_clips(frames, observed)
@@ -255,13 +255,6 @@ def profile_teacher(name: str, teacher, args, root: str, video_id: str) -> dict:
     return {"clips": clips, "codec": args.store_codec[0], "device_ms_per_frame": per_frame,
             "e2e_device_busy_share": device_ms / 1e3 / max(e2e["seconds"], 1e-9), "e2e_seconds": e2e["seconds"],
             "e2e_top": top_kernels(e2e_kernels), "bare_top": top_kernels(bare_kernels)}
-
-
-def open_video_frames(root: str, video_id: str, clips: int) -> np.ndarray:
-    """The first ``clips`` clips' uint8 frames (B, T, H, W, C) of the bench's video version."""
-    from foresight.flows.teachers_io import open_video
-
-    return open_video(root, video_id).read("frames", slice(0, clips))
 
 
 def report_profile(name: str, prof: dict) -> None:

@@ -11,8 +11,9 @@ order so drift hits every variant alike:
                 reading would cost had only the audit hash been recorded)
 - ShardStream:  every sample of the export, every array touched once: unverified, verified with the
                 per-sample xxh3 (the default) on the first read of each sample in the process (checked
-                ahead of the consumer by a helper thread), the same checked in the consumer's thread
-                (``verify_ahead=0``, the behaviour before the look-ahead), in later epochs (a sample of
+                ahead of the consumer by one helper thread per free core, at most 3), the same with one
+                helper thread, the same checked in the consumer's thread (``verify_ahead=0``, the
+                behaviour before the look-ahead), in later epochs (a sample of
                 an unmodified, memory-mapped shard file is checked once per process), and verified
                 with the per-sample sha256 (first read); then the same through a DataLoader of
                 ``--workers`` processes (``collate_zero_copy``, workers started afresh each epoch with
@@ -45,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_export import build_root, export, raw_read, touch, write_results  # noqa: E402
 import numpy as np  # noqa: E402
 
-from foresight.storage import exports  # noqa: E402
+from foresight.storage import exports, lookahead  # noqa: E402
 from foresight.storage.fs import fast_digest  # noqa: E402
 from foresight.storage.exports import ClipSource, ExportStore  # noqa: E402
 from foresight.storage.targets import TargetStore, shard_object  # noqa: E402
@@ -55,8 +56,9 @@ from foresight.trainers.data import ShardStream, collate_zero_copy  # noqa: E402
 
 SECTION = "## Issue 23: verified reads (xxh3 per shard / per sample) vs unverified, same run"
 MODES = ("unverified", "xxh3 (default)", "sha256")
-INLINE = "xxh3, first read, checked in the consumer's thread (before)"
-STREAM_MODES = ("unverified", "xxh3 (default), first read", INLINE, "xxh3 (default), later epochs",
+INLINE = "xxh3, first read, checked in the consumer's thread"
+ONE_HELPER = "xxh3, first read, one look-ahead thread"
+STREAM_MODES = ("unverified", "xxh3 (default), first read", ONE_HELPER, INLINE, "xxh3 (default), later epochs",
                 "sha256, first read")
 WORKERS_AHEAD = "xxh3, first read, look-ahead thread in each worker"
 LOADER_MODES = ("unverified", "xxh3 (default), first read", WORKERS_AHEAD)
@@ -92,9 +94,18 @@ def stream_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
         if mode.startswith("sha256"):
             for shard in stream.index.shards:
                 shard.xxh3 = False  # per-sample sha256 only
-        return iter(stream)
+        return with_max_helpers(1, stream) if mode == ONE_HELPER else iter(stream)
 
     return epoch
+
+
+def with_max_helpers(helpers: int, samples: Iterable) -> Iterable:
+    """``samples`` read with at most ``helpers`` look-ahead threads (the default before several)."""
+    saved, lookahead.MAX_HELPERS = lookahead.MAX_HELPERS, helpers
+    try:
+        yield from samples
+    finally:
+        lookahead.MAX_HELPERS = saved
 
 
 def loader_reader(world: dict[str, str], mode: str, workers: int) -> Callable[[], Iterable]:
@@ -209,6 +220,7 @@ def report(best: dict[str, dict[str, float]], probes: list[float], args: argpars
         lines.append(f"- {reader}, {mode}: {ratio:.2f}x unverified ({'meets' if ratio >= 0.9 else 'misses'} the "
                      f"0.9x goal)" + (f"; sha256 would be {best[reader][sha] / best[reader]['unverified']:.2f}x."
                                       if sha else "."))
+    lines.append(f"- look-ahead threads of the default first read here: {lookahead.helper_threads(exports.LOOKAHEAD)}.")
     lines.append(f"- parallel hashing probe (two threads hashing at once / one thread, once per epoch; 2.0 = a "
                  f"free second core): {min(probes):.2f}-{max(probes):.2f}x.")
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ from foresight.storage.episodes import EpisodeStore
 from foresight.storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
                         remove_temporaries, temp_name)
 from foresight.storage.graph import VersionGraph
-from foresight.storage.lookahead import prepared_lazily
+from foresight.storage.lookahead import helper_threads, prepared_lazily
 from foresight.storage.mapped import allow_files, map_file
 from foresight.storage.plans import PlanStore
 from foresight.storage.targets import TargetReader, TargetStore, verify_by_default
@@ -752,9 +752,9 @@ class ExportStore:
         (from ``pool`` when given). With ``verify`` (default: on unless ``--no-verify``) each sample's
         bytes are checked against index.json (xxh3, else sha256) before they are parsed, so a tampered
         sample is never returned. With ``lookahead`` > 0 up to that many samples are read ahead of
-        the consumer, across shard boundaries, and a helper thread checks and parses them in order
-        (storage/lookahead.py: the hash of the next sample overlaps the consumer's pass over this
-        one; a sample the helper has not reached yet is checked by the consumer's thread); samples
+        the consumer, across shard boundaries, and helper threads (one per free core, at most 3) check
+        and parse them (storage/lookahead.py: the hashes of the next samples overlap the consumer's pass
+        over this one; a sample no helper has reached yet is checked by the consumer's thread); samples
         this process already checked (see _VerifiedSamples) start no thread.
         """
         verify = verify_by_default() if verify is None else verify
@@ -768,9 +768,9 @@ class ExportStore:
     def _parsed(self, index: ExportIndex, raw: Iterator["_RawSample"], verify: bool,
                 lookahead: int) -> Iterator[tuple[int, list[tuple[str, memoryview]]]]:
         if verify and lookahead > 0:
-            # check, then parse, in a background thread ahead of the consumer
+            # check, then parse, in background threads ahead of the consumer
             samples = prepared_lazily(raw, _RawSample.unchecked, _RawSample.checked_members, lookahead,
-                                      name=f"verify-{index.export_id}")
+                                      name=f"verify-{index.export_id}", helpers=helper_threads(lookahead))
         else:
             samples = (sample.checked_members() if verify else sample.members() for sample in raw)
         try:

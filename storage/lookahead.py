@@ -3,8 +3,11 @@
 A verified read of memory-mapped samples costs one extra pass over the bytes (the hash) on top of
 the consumer's own pass. Done in the consumer's thread the two passes add up; xxhash releases the
 GIL while it hashes (as numpy does in its loops), so a helper thread can check sample ``p + 1``
-while the consumer works on sample ``p`` and the passes overlap on two cores. Without a free core
-the consumer does the checks itself (work it would otherwise wait for), as it did before.
+while the consumer works on sample ``p`` and the passes overlap on two cores. One helper keeps up
+only while hashing a sample is faster than the consumer's pass over it; where the consumer's pass
+is a bare touch of the page cache it is not, so with free cores several helpers check the next
+samples at once (:func:`helper_threads`). Without a free core the consumer does the checks itself
+(work it would otherwise wait for), as it did before.
 
 The guarantee stays the one of a check in the consumer's thread: an item reaches the consumer only
 as what ``prepare`` returned for it (``prepare`` checks before it parses), items arrive in their
@@ -14,6 +17,7 @@ position it happened, after every item before it.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,6 +25,19 @@ from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Prepared = TypeVar("Prepared")
+
+"""Most helper threads one look-ahead starts: past three, hashing is bound by memory bandwidth, not cores."""
+MAX_HELPERS = 3
+
+
+def helper_threads(depth: int) -> int:
+    """Helper threads for a look-ahead of ``depth`` items in this process: one per core beyond the
+    consumer's (the cores this process may run on), at least one, at most ``MAX_HELPERS`` and ``depth``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_HELPERS, depth, cores - 1))
 
 
 class _Job:
@@ -36,29 +53,33 @@ class _Job:
 
 
 class PreparedAhead(Generic[Item, Prepared]):
-    """Iterator over ``prepare(item)`` of each of ``items``, in order, prepared by a helper thread that
-    works ahead of the consumer, and by the consumer itself when it would otherwise wait.
+    """Iterator over ``prepare(item)`` of each of ``items``, in order, prepared by ``helpers`` threads
+    that work ahead of the consumer, and by the consumer itself when it would otherwise wait.
 
     The consumer's thread alone iterates ``items`` (cheap: a slice of a memory map, or a read into a
-    buffer) and keeps ``depth`` items queued ahead of the one it asks for; the helper prepares queued
-    items in order. Asking for an item nobody claimed yet, the consumer prepares it itself: with a free
-    second core the helper is ahead and the consumer never waits; without one, the work falls back to
-    the consumer's thread as if there were no helper. A consumer that stops early wastes at most
-    ``depth`` preparations. ``close()`` (also called at the end, on an error, and by the reading
-    generator's ``finally``) stops and joins the helper and then closes ``items``: no thread outlives
-    the iteration.
+    buffer) and keeps ``depth`` items queued ahead of the one it asks for; each helper claims the first
+    queued item nobody claimed, so with several helpers the next items are prepared at once (each
+    exactly once). Asking for an item nobody claimed yet, the consumer prepares it itself: with free
+    cores the helpers are ahead and the consumer never waits; without, the work falls back to the
+    consumer's thread as if there were no helper. A consumer that stops early wastes at most ``depth``
+    preparations. ``close()`` (also called at the end, on an error, and by the reading generator's
+    ``finally``) stops and joins the helpers and then closes ``items``: no thread outlives the iteration.
     """
 
     def __init__(self, items: Iterator[Item], prepare: Callable[[Item], Prepared], depth: int,
-                 name: str = "prepared-ahead"):
+                 name: str = "prepared-ahead", helpers: int = 1):
         if depth < 1:
             raise ValueError(f"PreparedAhead {name}: depth {depth} must be at least 1")
+        if not 1 <= helpers <= depth:
+            raise ValueError(f"PreparedAhead {name}: helpers {helpers} must be between 1 and depth {depth}")
         self._items, self._prepare, self._depth = items, prepare, depth
         self._jobs: deque[_Job] = deque()
         self._changed = threading.Condition()
         self._stopped = self._exhausted = False
-        self._thread = threading.Thread(target=self._help, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._help, name=f"{name}-{k}", daemon=True)
+                         for k in range(helpers)]
+        for thread in self._threads:
+            thread.start()
 
     def _help(self) -> None:
         while True:
@@ -127,34 +148,35 @@ class PreparedAhead(Generic[Item, Prepared]):
         return job.result
 
     def close(self) -> None:
-        """Stop the helper, wait for it, and close the underlying items (idempotent)."""
+        """Stop the helpers, wait for them, and close the underlying items (idempotent)."""
         with self._changed:
             self._stopped = True
             self._jobs.clear()
             self._changed.notify_all()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
         close = getattr(self._items, "close", None)
         if close is not None:
             close()
 
     @property
     def running(self) -> bool:
-        """Whether the helper thread is still alive."""
-        return self._thread.is_alive()
+        """Whether any helper thread is still alive."""
+        return any(thread.is_alive() for thread in self._threads)
 
 
 def prepared_lazily(items: Iterator[Item], needs_thread: Callable[[Item], bool],
                     prepare: Callable[[Item], Prepared], depth: int,
-                    name: str = "prepared-ahead") -> Iterator[Prepared]:
+                    name: str = "prepared-ahead", helpers: int = 1) -> Iterator[Prepared]:
     """``prepare(item)`` of each of ``items``, in order; prepared in the consumer's thread until the first
-    item that ``needs_thread`` (one not checked yet), from which on a ``PreparedAhead`` helper prepares
-    ahead (later epochs over already checked samples start no thread at all)."""
+    item that ``needs_thread`` (one not checked yet), from which on ``helpers`` threads of a
+    ``PreparedAhead`` prepare ahead (later epochs over already checked samples start no thread at all)."""
     items = iter(items)
     ahead: PreparedAhead[Item, Prepared] | None = None
     try:
         for item in items:
             if needs_thread(item):
-                ahead = PreparedAhead(_chain_first(item, items), prepare, depth, name)
+                ahead = PreparedAhead(_chain_first(item, items), prepare, depth, name, helpers)
                 yield from ahead
                 return
             yield prepare(item)

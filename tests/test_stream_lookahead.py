@@ -5,6 +5,7 @@ stream left mid-epoch leaves no thread running."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from test_export_store import export_world, make_world
 from foresight.storage import exports, lookahead
 from foresight.storage.exports import BufferPool, ExportStore
 from foresight.storage.fs import Root
-from foresight.storage.lookahead import PreparedAhead, prepared_lazily
+from foresight.storage.lookahead import PreparedAhead, helper_threads, prepared_lazily
 from foresight.trainers.data import ShardStream
 
 NUM_CLIPS = 8
@@ -33,7 +34,7 @@ def pins(world) -> list[str]:
 
 
 def verify_threads(export_id: str) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == f"verify-{export_id}" and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith(f"verify-{export_id}-") and t.is_alive()]
 
 
 def flip_a_byte(world: dict[str, str], export_id: str, shard_position: int, sample: int) -> Path:
@@ -62,9 +63,9 @@ def test_a_flipped_byte_is_refused_on_the_first_read_with_the_look_ahead_on(tamp
     started = []
     original = lookahead.PreparedAhead.__init__
 
-    def spy(self, items, prepare, depth, name="prepared-ahead"):
-        started.append((name, depth))
-        original(self, items, prepare, depth, name)
+    def spy(self, items, prepare, depth, name="prepared-ahead", helpers=1):
+        started.append((name, depth, helpers))
+        original(self, items, prepare, depth, name, helpers)
 
     monkeypatch.setattr(lookahead.PreparedAhead, "__init__", spy)
     exports._VERIFIED._seen.clear()
@@ -73,7 +74,8 @@ def test_a_flipped_byte_is_refused_on_the_first_read_with_the_look_ahead_on(tamp
     with pytest.raises(ValueError) as refused:
         for sample in stream:
             consumed.append(sample["meta"]["clip_index"])
-    assert started == [(f"verify-{tampered['export']}", exports.LOOKAHEAD)]  # checked in the look-ahead thread
+    # checked in the look-ahead threads, as many as this machine has cores beyond the consumer's (at most 3)
+    assert started == [(f"verify-{tampered['export']}", exports.LOOKAHEAD, lookahead.helper_threads(exports.LOOKAHEAD))]
     message = str(refused.value)
     assert "\n" not in message and "checksum mismatch" in message
     assert f"export '{tampered['export']}', {tampered['shard']}, sample 0" in message
@@ -165,3 +167,28 @@ def test_prepared_ahead_raises_in_order_and_wastes_at_most_depth():
     assert not ahead.running and next(items) == 3  # only the consumer takes items: 1 consumed + 2 queued
     with pytest.raises(ValueError, match="depth 0"):
         PreparedAhead(iter(()), lambda item: item, depth=0)
+
+
+def test_several_helpers_prepare_the_next_items_at_once_each_exactly_once_in_order():
+    # items 1-3 wait until three preparations run at once: the consumer can be at most one of them
+    # (it prepares only the item it asks for), so this passes only with several helpers at work
+    at_once = threading.Barrier(3, timeout=10)
+    prepared: list[int] = []
+
+    def prepare(item: int) -> int:
+        if item in (1, 2, 3):
+            at_once.wait()
+        prepared.append(item)
+        return item * 10
+
+    ahead = PreparedAhead(iter(range(40)), prepare, depth=4, name="unit-helpers", helpers=3)
+    assert list(ahead) == [item * 10 for item in range(40)]
+    assert sorted(prepared) == list(range(40)) and not ahead.running
+    with pytest.raises(ValueError, match="helpers 5 must be between 1 and depth 4"):
+        PreparedAhead(iter(()), lambda item: item, depth=4, helpers=5)
+
+
+def test_helper_threads_leave_the_consumer_a_core_and_stay_within_depth(monkeypatch):
+    for cores, depth, expected in ((1, 4, 1), (2, 4, 1), (3, 4, 2), (16, 4, 3), (16, 2, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        assert helper_threads(depth) == expected

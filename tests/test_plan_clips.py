@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from foresight.flows.generate import PlanConfig, make_plan
-from foresight.pipelines.plan import PlanParams, make_clips, plan_id
+from foresight.pipelines.plan import PlanParams, make_clips, plan_id, zero_padded
 from foresight.schemas.dataset import DatasetInfo, EpisodeRecord, FeatureSpec, LanguageSegment
-from foresight.schemas.plan import ClipRows
+from foresight.schemas.plan import CLIPS_SCHEMA, ClipRow, ClipRows, PlanInfo
 from foresight.storage.episodes import EpisodeStore
 from foresight.storage.plans import PlanStore
 
@@ -75,6 +75,73 @@ def test_a_plan_is_made_as_columns_not_row_objects():
     assert rows.table.nbytes / len(rows) < 120  # the columns themselves; a ClipRow object each was ~1.4 KB
     assert rows[195].clip_id == "e001-000001" and rows[195].instruction == "reach the goal"
     assert isinstance(make_clips("toy", records, [], params(every=1, limit=7)), ClipRows)
+
+
+def clips_as_objects(dataset, records, segments, p) -> list[ClipRow]:
+    """The clip list as the rules say, one ClipRow at a time (how plans were first made): the
+    reference the column-built plans must equal, down to clips.parquet's bytes."""
+    records = sorted((r for r in records if p.split is None or r.split == p.split), key=lambda r: r.episode_id)
+    span, rows = (p.frames - 1) * p.stride, []
+
+    def add(record, clip_id, start, text):
+        rows.append(ClipRow(clip_id=clip_id, dataset=dataset, episode_id=record.episode_id, camera=p.camera,
+                            start=start, num_frames=p.frames, stride=p.stride, instruction=text))
+
+    if p.source == "segments":
+        by_id = {r.episode_id: r for r in records}
+        for index, segment in enumerate(segments):
+            if (record := by_id.get(segment.episode_id)) is not None:
+                for start in range(segment.start, min(segment.end, record.length - 1 - span) + 1, p.every):
+                    add(record, f"{record.episode_id}-s{index:05d}-{start:06d}", start, segment.text)
+    else:
+        for record in records:
+            text = record.instructions[0] if record.instructions else record.task
+            for start in range(0, record.length - span, p.every):
+                add(record, f"{record.episode_id}-{start:06d}", start, text)
+    if p.limit is not None and len(rows) > p.limit:
+        rows = [rows[i] for i in np.unique(np.linspace(0, len(rows) - 1, p.limit).round().astype(int))]
+    return rows
+
+
+def plan_bytes(tmp_path, name: str, rows) -> bytes:
+    info = PlanInfo(plan_id=f"plan-{name:0>12}", dataset="toy", dataset_fingerprint="f" * 64, params={},
+                    num_clips=len(rows))
+    PlanStore(str(tmp_path)).write(info, rows)
+    return (tmp_path / "plans" / info.plan_id / "clips.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"split": "train"}, {"every": 1, "limit": 150}, {"split": "validation", "every": 2},
+    {"source": "segments", "every": 3}, {"source": "segments", "every": 2, "split": "train", "limit": 40},
+], ids=["episodes", "split", "limit", "validation", "segments", "segments-split-limit"])
+def test_column_built_plans_write_the_bytes_of_the_row_by_row_plan(tmp_path, overrides):
+    """Hundreds of clips over episodes of several splits (one shorter than a clip), and segments
+    that overlap, lie in filtered episodes, start before 0, end past their episode or start past
+    frame 10^6 (7-digit starts): the same rows, hence the same clips.parquet bytes and checksum."""
+    records = [record(f"ep{i:02d}", 60 + 97 * i, split=("train", "validation", "test")[i % 3],
+                      instructions=() if i == 4 else (f"task {i % 3}",)) for i in range(9)]
+    records.append(record("short", 3))
+    if overrides.get("source") == "segments":  # as an episode plan: 200k clips
+        records.append(record("long", 1_000_030, split="train"))
+    segments = [LanguageSegment(episode_id=f"ep{i % 9:02d}", start=(i * 7) % 50 - 3, end=(i * 7) % 50 + 40,
+                                task="t", text=f"segment {i}") for i in range(40)]
+    segments.append(LanguageSegment(episode_id="long", start=999_990, end=1_000_040, task="t", text="late"))
+    p = params(**{"every": 5, **overrides})
+    expected = clips_as_objects("toy", records, segments, p)
+    rows = make_clips("toy", records, segments, p)
+    assert len(expected) >= (40 if "limit" in overrides else 200) and rows == expected
+    assert plan_bytes(tmp_path, "new", rows) == plan_bytes(tmp_path, "old", expected)
+
+
+def test_zero_padded_writes_what_python_formatting_writes():
+    values = np.array([-123456, -10000, -1, 0, 7, 99999, 123456, 1234567], dtype=np.int64)
+    for width in (5, 6):
+        assert zero_padded(values, width).to_pylist() == [f"{v:0{width}d}" for v in values.tolist()]
+
+
+def test_an_empty_clip_list_is_an_empty_table_of_the_plan_schema():
+    rows = make_clips("toy", [record("a", 3)], [], params())
+    assert len(rows) == 0 and rows.table.schema == CLIPS_SCHEMA
 
 
 def test_plan_id_is_content_addressed():

@@ -182,16 +182,22 @@ class Root:
         return sorted(name for name in names if name.startswith(prefix))
 
     def _list_folder(self, path: str, prefix: str = "") -> list[str]:
-        """Paths directly under ``path``. On S3 the folder alone is listed: s3fs's ``ls`` lists the
+        """Paths directly under ``path`` (see :meth:`folder_entries`)."""
+        if self.is_local:
+            return self.fs.ls(path, detail=False)
+        return [entry["name"] for entry in self.folder_entries(path, prefix)]
+
+    def folder_entries(self, path: str, prefix: str = "") -> list[dict[str, Any]]:
+        """fsspec info dicts of what is directly under the filesystem path ``path`` (files, and
+        folders as ``type: directory``). On S3 the folder alone is listed: s3fs's ``ls`` lists the
         parent too when a folder is empty (to tell a file of that name), and the parent of a shard's
         claim folder holds every shard's -- a listing per claim that grew with the version."""
         lsdir = getattr(self.fs, "_lsdir", None)
         if self.is_local or lsdir is None or getattr(self.fs, "asynchronous", False):
-            return self.fs.ls(path, detail=False)
+            return self.fs.ls(path, detail=True)
         from fsspec.asyn import sync
 
-        entries = sync(self.fs.loop, lsdir, self.fs._strip_protocol(path).rstrip("/"), prefix=prefix)
-        return [entry["name"] for entry in entries]
+        return sync(self.fs.loop, lsdir, self.fs._strip_protocol(path).rstrip("/"), prefix=prefix)
 
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
@@ -484,6 +490,26 @@ def local_entries_by_folder(base: str) -> Iterator[list[os.DirEntry]]:
                 else:
                     entries.append(entry)
         yield entries
+
+
+def object_files_by_folder(root: Root, rel: str) -> Iterator[list[dict[str, Any]]]:
+    """The files below a folder of a root, as fsspec info dicts, one list at a time: the folder's
+    own files (one delimited listing), then each subfolder's whole tree in turn (one recursive
+    listing each: on S3 1,000 objects a request). The object-store counterpart of
+    :func:`local_entries_by_folder` for walks that need sizes and times: a caller walking a target
+    version holds one array's listing (~0.9 KB an object) instead of the whole tree's."""
+    try:
+        entries = root.folder_entries(root.path(rel))
+    except FileNotFoundError:
+        return
+    yield [entry for entry in entries if entry.get("type") == "file"]
+    for entry in entries:
+        if entry.get("type") == "directory":
+            try:
+                found = root.fs.find(entry["name"], detail=True)
+            except FileNotFoundError:
+                continue
+            yield [info for info in found.values() if info.get("type", "file") == "file"]
 
 
 def read_many(root: Root, rels: Sequence[str]) -> dict[str, bytes]:

@@ -36,13 +36,16 @@ On the device tool (its image has torch; the project's other packages travel as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import ContextManager
 
 import numpy as np
 
@@ -137,8 +140,10 @@ def _seconds_per_call(teacher, fns, repeats: int) -> float:
 
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
-               processes: bool, compression: str, store_codec: str, tag: str) -> dict[str, float]:
-    """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version."""
+               processes: bool, compression: str, store_codec: str, tag: str,
+               around: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version
+    (``encode_shards`` alone runs inside ``around()``: a profiler sees the loop, not the checks)."""
     from foresight.flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
     from foresight.flows.teachers_io import ObservedFrames, open_video
     from foresight.storage.targets import TargetStore
@@ -151,8 +156,9 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     writer = store.begin(recipe, teacher_arrays(n, T, teacher, compression, store_codec), n,
                          video.manifest.shard_size)
     observed = ObservedFrames(root, video)
-    result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
-                           batch, writers, readers, io_processes=processes)
+    with around():
+        result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
+                               batch, writers, readers, io_processes=processes)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
     plan = batch_plan(writer, list(range(writer.num_shards)), batch)
@@ -232,7 +238,7 @@ def profile_teacher(name: str, teacher, args, root: str, video_id: str, frames) 
     share of its wall time tells a device-bound loop from a host- or I/O-bound one. ``frames``: the
     bare forward's batch of uint8 clips on the device."""
     import torch
-    from profiling import class_totals_us, device_kernels, top_kernels  # bench/profiling.py
+    from profiling import class_totals_us, device_busy_us, device_kernels, top_kernels  # bench/profiling.py
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if teacher.device.type == "cuda" else [])
@@ -244,17 +250,50 @@ def profile_teacher(name: str, teacher, args, root: str, video_id: str, frames) 
             teacher.encode_clips(frames, observed)
             sync(teacher.device)
     clips = min(args.clips_da3 if name == "da3" else args.clips, args.profile_clips)
-    with profile(activities=activities) as e2e_prof:
-        e2e = end_to_end(teacher, root, video_id, clips, args.batch, args.writers[0], args.readers,
-                         args.io == "processes", args.compression[0], args.store_codec[0], "profile")
+    e2e_prof = profile(activities=activities)
+    e2e = end_to_end(teacher, root, video_id, clips, args.batch, args.writers[0], args.readers,
+                     args.io == "processes", args.compression[0], args.store_codec[0], "profile",
+                     around=lambda: e2e_prof)
     e2e_frames, bare_frames = e2e["frames_per_s"] * e2e["seconds"], frames.shape[0] * frames.shape[1]
     e2e_kernels, bare_kernels = device_kernels(e2e_prof), device_kernels(bare_prof)
     per_frame = {"e2e": {k: us / 1e3 / e2e_frames for k, us in class_totals_us(e2e_kernels).items()},
                  "bare": {k: us / 1e3 / bare_frames for k, us in class_totals_us(bare_kernels).items()}}
-    device_ms = sum(us for _, us, _ in e2e_kernels) / 1e3
-    return {"clips": clips, "codec": args.store_codec[0], "device_ms_per_frame": per_frame,
-            "e2e_device_busy_share": device_ms / 1e3 / max(e2e["seconds"], 1e-9), "e2e_seconds": e2e["seconds"],
-            "e2e_top": top_kernels(e2e_kernels), "bare_top": top_kernels(bare_kernels)}
+    busy_ms = device_busy_us(e2e_prof) / 1e3
+    codec = codec_timing(teacher, frames, observed, args.store_codec[0], args.repeats)
+    return {"clips": clips, "codec_name": args.store_codec[0], "device_ms_per_frame": per_frame,
+            "e2e_device_busy_share": busy_ms / 1e3 / max(e2e["seconds"], 1e-9), "e2e_seconds": e2e["seconds"],
+            "e2e_top": top_kernels(e2e_kernels), "bare_top": top_kernels(bare_kernels), "codec": codec}
+
+
+def codec_timing(teacher, frames, observed, store_codec: str, repeats: int) -> dict:
+    """Device ms per frame of the store codec's encoding of one batch's outputs (what the loop adds to
+    the forward for bf16/fp8) as the store runs it (eager); for fp8 also as one ``torch.compile``
+    graph of its tensor operations, and whether those codes are the eager ones byte for byte."""
+    import torch
+
+    from foresight.flows.teachers_engine import teacher_arrays
+    from foresight.pipelines import float_codecs
+    from foresight.storage.targets import encode_part_tensors
+
+    with torch.inference_mode():
+        outputs = dict(zip(("target", "reference"), teacher.encode_clips(frames, observed)))
+    specs = teacher_arrays(frames.shape[0], frames.shape[1], teacher, "none", store_codec)
+    per_frame = 1e3 / (frames.shape[0] * frames.shape[1])
+    with torch.inference_mode():
+        eager_s = _seconds_per_call(teacher, [lambda: [encode_part_tensors(s, outputs[s.name]) for s in specs]],
+                                    repeats)
+    timing = {"eager_ms_per_frame": eager_s * per_frame}
+    if store_codec != "fp8":
+        return timing
+    core = torch.compile(float_codecs.fp8_encode_core, dynamic=False)
+    table = float_codecs._e8m0_table_on(teacher.device)
+    blocks = [outputs[s.name].reshape(outputs[s.name].shape[0], -1, outputs[s.name].shape[-1]) for s in specs]
+    with torch.inference_mode():
+        equal = all(torch.equal(a, b) for v in blocks for a, b in
+                    zip(float_codecs.fp8_encode_blocks(v), core(v, table, float_codecs.FP8_POWER)))
+        compiled_s = _seconds_per_call(teacher, [lambda: [core(v, table, float_codecs.FP8_POWER) for v in blocks]],
+                                       repeats)
+    return timing | {"compiled_ms_per_frame": compiled_s * per_frame, "compiled_bytes_equal": equal}
 
 
 def report_profile(name: str, prof: dict) -> None:
@@ -263,12 +302,17 @@ def report_profile(name: str, prof: dict) -> None:
     if not classes:
         print(f"profile {name}: no device kernels recorded (a CPU run: the profile measures CUDA device time)")
         return
-    print(f"profile {name}: {prof['clips']} clips, store {prof['codec']}; device busy "
+    print(f"profile {name}: {prof['clips']} clips, store {prof['codec_name']}; device busy "
           f"{prof['e2e_device_busy_share']:.0%} of the e2e's {prof['e2e_seconds']:.2f}s; device ms per frame:")
     for label in classes:
         e2e, bare = (prof["device_ms_per_frame"][k].get(label, 0.0) for k in ("e2e", "bare"))
         print(f"  {label:<15} e2e {e2e:8.4f}  bare {bare:8.4f}  added {e2e - bare:+8.4f}")
     print("  e2e top kernels: " + "; ".join(f"{n} {ms} ms x{c}" for n, ms, c in prof["e2e_top"][:6]))
+    codec = prof["codec"]
+    compiled = (f", compiled {codec['compiled_ms_per_frame']:.4f} (codes equal: {codec['compiled_bytes_equal']})"
+                if "compiled_ms_per_frame" in codec else "")
+    print(f"  store codec {prof['codec_name']} encode, device ms per frame: eager {codec['eager_ms_per_frame']:.4f}"
+          + compiled)
 
 
 def report(results: list[dict], args) -> None:

@@ -23,15 +23,36 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def _device_events(prof) -> list:
+    """The events of a finished ``torch.profiler`` run that ran on a device (kernels, copies, memsets).
+    A host operator's own device time is that of the kernels it launched, so counting operators
+    beside kernels (a profile with CPU activity too) would count the same device time twice."""
+    from torch.autograd import DeviceType
+
+    return [event for event in prof.events() if event.device_type != DeviceType.CPU]
+
+
 def device_kernels(prof) -> list[tuple[str, float, int]]:
-    """(name, self device microseconds, count) of every event of a finished ``torch.profiler``
-    run that took device time."""
-    kernels = []
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        if us > 0:
-            kernels.append((event.key, float(us), int(event.count)))
-    return kernels
+    """(name, device microseconds, count) of every kernel of a finished ``torch.profiler`` run."""
+    totals: dict[str, list[float]] = {}
+    for event in _device_events(prof):
+        entry = totals.setdefault(event.name, [0.0, 0])
+        entry[0] += event.time_range.end - event.time_range.start
+        entry[1] += 1
+    return [(name, us, int(count)) for name, (us, count) in totals.items() if us > 0]
+
+
+def device_busy_us(prof) -> float:
+    """Microseconds in which at least one kernel ran on the device (the union over streams: copies
+    overlapping compute count once)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in _device_events(prof))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy
 
 
 def class_totals_us(kernels: list[tuple[str, float, int]]) -> dict[str, float]:

@@ -155,15 +155,22 @@ def fp8_encode_blocks(values_BRC: torch.Tensor, power: float = FP8_POWER) -> tup
     a batch of clips on the GPU with it): uint8 codes (B, R, C) and E8M0 bytes (B, C). A channel
     holding NaN, inf or magnitudes above 2**127 gets the scale byte 255 (E8M0 NaN), which every
     decoder refuses; callers check for it."""
+    return fp8_encode_core(values_BRC, _e8m0_table_on(values_BRC.device), check_fp8_power(power))
+
+
+def fp8_encode_core(values_BRC: torch.Tensor, e8m0_table: torch.Tensor,
+                    power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_encode_blocks` given the E8M0 scale table on the values' device and a checked
+    power: tensor operations only, so it can be traced and compiled as one graph."""
     values_BRC = values_BRC.to(torch.float32)
     blocks, rows, channels = values_BRC.shape
     amax_BC = values_BRC.abs().amax(dim=1) if rows else values_BRC.new_zeros(blocks, channels)
     exponent_BC = e8m0_unbiased(amax_BC)
     invalid_BC = ~torch.isfinite(amax_BC) | (exponent_BC > E8M0_BIAS)
     scale_bits_BC = torch.where(invalid_BC, E8M0_NAN, exponent_BC.clamp(min=-E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
-    scale_BC = _e8m0_table_on(values_BRC.device)[scale_bits_BC.long()]
+    scale_BC = e8m0_table[scale_bits_BC.long()]
     # |x| / S_c is exact (S_c is a power of two) and <= 1, so the companded value stays <= 448.
-    companded_BRC = values_BRC.abs().div_(scale_BC[:, None]).pow_(check_fp8_power(power)).mul_(FP8_MAX)
+    companded_BRC = values_BRC.abs().div_(scale_BC[:, None]).pow_(power).mul_(FP8_MAX)
     companded_BRC = companded_BRC.clamp_(max=FP8_MAX).copysign_(values_BRC)
     return companded_BRC.to(torch.float8_e4m3fn).view(torch.uint8), scale_bits_BC
 

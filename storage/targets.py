@@ -653,6 +653,23 @@ class TargetReader(_VersionHandle):
             future.cancel()
         self._ahead.clear()
 
+    def check_ahead(self, name: str, clip: int) -> None:
+        """Start, in a helper thread, the checks of the shard objects that hold ``clip``'s row of
+        array ``name`` (each stored part's), unless they are kept or already started. A caller about to
+        read several arrays calls this for all of them first, so the checks of the later arrays
+        overlap the decoding of the first instead of running one after the other in its thread. An
+        unverified reader does nothing."""
+        if not self.verify_reads:
+            return
+        shard = int(self._rows(clip)[0]) // self.manifest.shard_size
+        for part in stored_parts(self.manifest.array_spec(name)):
+            cached, ahead = self._objects.get(part.name), self._ahead.get(part.name)
+            if (cached is not None and cached[0] == shard) or (ahead is not None and ahead[0] == shard):
+                continue
+            if ahead is not None:
+                ahead[1].cancel()
+            self._ahead[part.name] = (shard, _check_ahead_pool().submit(self._checked_object, part.name, shard))
+
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
         ``dtype``; a coded array (ArraySpec.codec) is decoded from its verified stored parts."""

@@ -335,3 +335,33 @@ def test_d7_sequential_reads_check_the_next_shard_ahead_and_refuse_it_only_when_
     assert f"array 'target', shard {last}: checksum mismatch" in iw.one_line(err.value)
     assert sorted(shard for shard, _ in checked_by) == list(range(last + 1))  # each shard checked once
     assert dict(checked_by)[last].startswith("shard-check")
+
+
+def test_d7_check_ahead_starts_every_arrays_shard_check_at_once_and_refuses_only_when_read(world):
+    """A reader about to read several arrays (the export's ClipSource) starts all their shard checks
+    in helper threads first; a corrupt one fails there silently and is refused when it is read."""
+    from foresight.storage import targets
+
+    reader = TargetStore(world["root"]).open(world["dinov2"])
+    plain = TargetStore(world["root"]).open(world["dinov2"], verify=False)
+    size = reader.manifest.shard_size
+    checked = []
+    check = targets.TargetReader._checked_object
+
+    def spy(self, name, shard):
+        checked.append((name, shard))
+        return check(self, name, shard)
+
+    iw.flip_byte(iw.shard_file(world, world["dinov2"], "reference", 0), 40)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(targets.TargetReader, "_checked_object", spy)
+        for name in ("target", "reference"):
+            reader.check_ahead(name, 1)
+            plain.check_ahead(name, 1)
+        assert {name: started for name, (started, _) in reader._ahead.items()} == {"target": 0, "reference": 0}
+        assert plain._ahead == {}  # an unverified reader checks nothing
+        np.testing.assert_array_equal(reader.read("target", slice(0, size)), plain.read("target", slice(0, size)))
+        with pytest.raises(ValueError) as err:
+            reader.read("reference", slice(0, size))
+    assert "array 'reference', shard 0: checksum mismatch" in iw.one_line(err.value)
+    assert sorted(checked).count(("target", 0)) == 1 and sorted(checked).count(("reference", 0)) == 1

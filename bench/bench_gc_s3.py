@@ -23,17 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procmem import reset_peak, status_mb  # bench/procmem.py
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "bench_gc_s3.json"
 BUCKET = "foresight-gc"
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise ValueError(f"/proc/self/status: no field '{field}'")
 
 
 def measure(log_path: str) -> dict[str, Any]:
@@ -46,7 +40,7 @@ def measure(log_path: str) -> dict[str, Any]:
     references.plan_gc(f"s3://{BUCKET}/warm")
     gc.collect()
     offset = os.path.getsize(log_path)
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak()
     before = status_mb("VmRSS")
     start = time.perf_counter()
     plan = references.plan_gc(f"s3://{BUCKET}/root")

@@ -25,17 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procmem import reset_peak, status_mb  # bench/procmem.py
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "bench_plan.json"
-
-
-def status_mb(field: str) -> float:
-    """One memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise ValueError(f"/proc/self/status: no field '{field}'")
 
 
 def measure_plan(root_url: str, clips: int) -> dict[str, Any]:
@@ -50,7 +43,7 @@ def measure_plan(root_url: str, clips: int) -> dict[str, Any]:
     config = PlanConfig(dataset=DATASET, **chain_sections(clips, 16, 1)["plan"])
     make_plan(root_url, config.model_copy(update={"every": 1000, "limit": 10}))  # warm-up: imports, first writes
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    reset_peak()
     before = status_mb("VmRSS")
     start = time.perf_counter()
     summary = make_plan(root_url, config)
@@ -79,7 +72,7 @@ def measure_clips(clips: int) -> dict[str, Any]:
     params = PlanParams(camera=CAMERA, **chain_sections(clips, 16, 1)["plan"])
     parquet_bytes(make_clips(DATASET, records, [], params.model_copy(update={"every": 1000, "limit": 10})).table)
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak()
     before = status_mb("VmRSS")
     start = time.perf_counter()
     rows = make_clips(DATASET, records, [], params)

@@ -258,10 +258,10 @@ def profile_teacher(name: str, teacher, args, root: str, video_id: str, frames) 
     e2e_kernels, bare_kernels = device_kernels(e2e_prof), device_kernels(bare_prof)
     per_frame = {"e2e": {k: us / 1e3 / e2e_frames for k, us in class_totals_us(e2e_kernels).items()},
                  "bare": {k: us / 1e3 / bare_frames for k, us in class_totals_us(bare_kernels).items()}}
-    busy_ms = device_busy_us(e2e_prof) / 1e3
+    busy_s = device_busy_us(e2e_prof) / 1e6
     codec = codec_timing(teacher, frames, observed, args.store_codec[0], args.repeats)
     return {"clips": clips, "codec_name": args.store_codec[0], "device_ms_per_frame": per_frame,
-            "e2e_device_busy_share": busy_ms / 1e3 / max(e2e["seconds"], 1e-9), "e2e_seconds": e2e["seconds"],
+            "e2e_device_busy_share": busy_s / max(e2e["seconds"], 1e-9), "e2e_seconds": e2e["seconds"],
             "e2e_top": top_kernels(e2e_kernels), "bare_top": top_kernels(bare_kernels), "codec": codec}
 
 
@@ -286,7 +286,7 @@ def codec_timing(teacher, frames, observed, store_codec: str, repeats: int) -> d
     if store_codec != "fp8":
         return timing
     core = torch.compile(float_codecs.fp8_encode_core, dynamic=False)
-    table = float_codecs._e8m0_table_on(teacher.device)
+    table = float_codecs.e8m0_table_on(teacher.device)
     blocks = [outputs[s.name].reshape(outputs[s.name].shape[0], -1, outputs[s.name].shape[-1]) for s in specs]
     with torch.inference_mode():
         equal = all(torch.equal(a, b) for v in blocks for a, b in

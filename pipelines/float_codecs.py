@@ -155,7 +155,7 @@ def fp8_encode_blocks(values_BRC: torch.Tensor, power: float = FP8_POWER) -> tup
     a batch of clips on the GPU with it): uint8 codes (B, R, C) and E8M0 bytes (B, C). A channel
     holding NaN, inf or magnitudes above 2**127 gets the scale byte 255 (E8M0 NaN), which every
     decoder refuses; callers check for it."""
-    return fp8_encode_core(values_BRC, _e8m0_table_on(values_BRC.device), check_fp8_power(power))
+    return fp8_encode_core(values_BRC, e8m0_table_on(values_BRC.device), check_fp8_power(power))
 
 
 def fp8_encode_core(values_BRC: torch.Tensor, e8m0_table: torch.Tensor,
@@ -176,7 +176,8 @@ def fp8_encode_core(values_BRC: torch.Tensor, e8m0_table: torch.Tensor,
 
 
 @functools.lru_cache(maxsize=8)
-def _e8m0_table_on(device: torch.device) -> torch.Tensor:
+def e8m0_table_on(device: torch.device) -> torch.Tensor:
+    """The 256 E8M0 scales (byte -> power of two, NaN for 255) as float32 on ``device``, made once per device."""
     return torch.from_numpy(E8M0_TABLE.copy()).to(device)
 
 

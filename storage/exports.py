@@ -1160,10 +1160,11 @@ class ClipSource:
     def read(self, clips: Sequence[int]) -> list[dict[str, np.ndarray]]:
         """Field arrays of each clip in ``clips`` (target arrays read in one selection per array)."""
         samples: list[dict[str, np.ndarray]] = [{} for _ in clips]
+        targets = self.target_sources()
         if len(clips):
-            for source in self.target_sources().values():  # every array's shard checked at once, ahead
+            for source in targets.values():  # every array's shard checked at once, ahead
                 self.readers[source.version].check_ahead(source.name, clips[0])
-        for field, source in self.target_sources().items():
+        for field, source in targets.items():
             # Slices of consecutive clips: zarr's basic selection is ~20x faster than an index list.
             values = [row for begin, end in contiguous_runs(clips)
                       for row in self.readers[source.version].read(source.name, slice(begin, end))]

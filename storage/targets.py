@@ -668,7 +668,7 @@ class TargetReader(_VersionHandle):
                 continue
             if ahead is not None:
                 ahead[1].cancel()
-            self._ahead[part.name] = (shard, _check_ahead_pool().submit(self._checked_object, part.name, shard))
+            self._start_check(part.name, shard)
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
@@ -748,8 +748,12 @@ class TargetReader(_VersionHandle):
         self._objects[name] = (shard, data)
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
         if sequential and shard + 1 < self.manifest.num_shards:
-            self._ahead[name] = (shard + 1, _check_ahead_pool().submit(self._checked_object, name, shard + 1))
+            self._start_check(name, shard + 1)
         return data
+
+    def _start_check(self, name: str, shard: int) -> None:
+        """Check one shard object in the check-ahead pool; its result is taken by :meth:`_take_ahead`."""
+        self._ahead[name] = (shard, _check_ahead_pool().submit(self._checked_object, name, shard))
 
     def _take_ahead(self, name: str, shard: int) -> memoryview | None | object:
         """The result of the check started ahead for ``shard`` (its error raised here, where the

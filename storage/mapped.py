@@ -174,15 +174,23 @@ def open_region(path: str, start: int, length: int, identity: Sequence[int]) -> 
     if start < 0 or length <= 0 or start + length > size:
         raise ValueError(f"{path} ({label}): byte range [{start}, {start + length}) is outside the file's "
                          f"{size} bytes")
+    return map_unchanged(real, start, length, identity, f"{path} ({label})", "the sender")
+
+
+def map_unchanged(path: str, start: int, length: int, identity: FileIdentity, label: str,
+                  mapped_by: str = "this reader") -> np.memmap:
+    """Copy-on-write map of bytes [start, start + length) of ``path`` if it is still the file of
+    ``identity`` (ValueError otherwise: a file deleted, replaced or modified since is never mapped in
+    its place). Each call maps afresh, so writes into one map's arrays stay private to them."""
     try:
-        handle = open(real, "rb")
+        handle = open(path, "rb")
     except OSError as err:
-        raise ValueError(f"{path} ({label}): cannot open the shard the sender mapped ({err}); it was deleted "
+        raise ValueError(f"{label}: cannot open the shard {mapped_by} mapped ({err}); it was deleted "
                          "or replaced while being read") from None
     with handle:
         found = FileIdentity.of(os.fstat(handle.fileno()))
         if found != identity:
-            raise ValueError(f"{path} ({label}): the shard changed after the sender mapped it (file identity "
+            raise ValueError(f"{label}: the shard changed after {mapped_by} mapped it (file identity "
                              f"{identity} then, {found} now); refusing to map other bytes")
         region = np.memmap(handle, dtype=np.uint8, mode="c", offset=start, shape=(length,))
     region.identity = identity  # its views can be described again (handed on to another process)

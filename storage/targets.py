@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import mmap
 import os
 import threading
@@ -21,6 +22,8 @@ from foresight.schemas.target import ArraySpec, ShardTableFile, TargetRecipe, Ta
 from foresight.storage import layout
 from foresight.storage.fs import (FAST_HASH, Root, fast_digest, local_entries_by_folder, object_files_by_folder, open_root,
                                   parse_json, read_many, remove_dead_temporaries_under, remove_temporaries)
+from foresight.storage.lookahead import helper_threads
+from foresight.storage.mapped import FileIdentity, map_unchanged
 from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 from foresight.storage.zarr_shards import ShardCodec, shard_codec
 
@@ -642,15 +645,17 @@ class TargetReader(_VersionHandle):
     def __init__(self, store: TargetStore, manifest: TargetVersion, verify: bool | None = None):
         super().__init__(store, manifest)
         self.verify_reads = verify_by_default() if verify is None else bool(verify)
-        self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its verified bytes)
-        self._ahead: dict[str, tuple[int, Future]] = {}  # array -> (next shard, its check in a helper thread)
+        self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its bytes, checked when verifying)
+        self._ahead: dict[str, dict[int, Future]] = {}  # array -> {next shard: its check in a helper thread}
+        self._identities: dict[str, FileIdentity] = {}  # local shard object -> the file its kept bytes map
 
     def forget_objects(self) -> None:
         """Drop the verified shard bytes kept for the next rows and the checks started ahead: later
         reads load and check them again (a reader kept across tasks sees objects changed since)."""
         self._objects.clear()
-        for _, future in self._ahead.values():
-            future.cancel()
+        for futures in self._ahead.values():
+            for future in futures.values():
+                future.cancel()
         self._ahead.clear()
 
     def check_ahead(self, name: str, clip: int) -> None:
@@ -663,12 +668,9 @@ class TargetReader(_VersionHandle):
             return
         shard = int(self._rows(clip)[0]) // self.manifest.shard_size
         for part in stored_parts(self.manifest.array_spec(name)):
-            cached, ahead = self._objects.get(part.name), self._ahead.get(part.name)
-            if (cached is not None and cached[0] == shard) or (ahead is not None and ahead[0] == shard):
-                continue
-            if ahead is not None:
-                ahead[1].cancel()
-            self._start_check(part.name, shard)
+            cached = self._objects.get(part.name)
+            if (cached is None or cached[0] != shard) and shard not in self._ahead.get(part.name, {}):
+                self._start_check(part.name, shard)
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
@@ -686,15 +688,11 @@ class TargetReader(_VersionHandle):
         """Rows of one stored zarr array (see :func:`stored_parts`) as stored."""
         array = self.array(name)
         codec = self._codec(name)
-        if self.verify_reads and codec is not None:
-            return self._read_verified(name, codec, clips)
+        if codec is not None and (self.verify_reads or self.root.is_local):
+            return self._read_objects(name, codec, clips)
         if self.verify_reads:  # a layout zarr_shards does not decode: check the objects, then let zarr read
             for shard in sorted({i // self.manifest.shard_size for i in self._rows(clips)}):
                 self._shard_bytes(name, shard)
-        elif isinstance(clips, slice) and self.root.is_local and codec is not None:
-            start, stop, step = clips.indices(self.manifest.num_clips)
-            if step == 1:
-                return self._read_direct(name, codec, range(start, max(start, stop)))
         if isinstance(clips, (slice, int, np.integer)):
             return array[clips]
         return array.get_orthogonal_selection((np.asarray(clips, dtype=np.int64),))
@@ -709,13 +707,18 @@ class TargetReader(_VersionHandle):
                              f"(has {self.manifest.num_clips} clips)")
         return rows
 
-    def _read_verified(self, name: str, codec: ShardCodec, clips: slice | int | Sequence[int]) -> np.ndarray:
-        """Rows decoded from shard objects whose checksum was checked on the bytes decoded."""
+    def _read_objects(self, name: str, codec: ShardCodec, clips: slice | int | Sequence[int]) -> np.ndarray:
+        """Rows decoded from the shard objects (checked first when verifying). Consecutive rows of
+        one uncompressed shard on a local root come back as a view of the memory-mapped object (see
+        :meth:`ShardCodec.row_view`): the caller's one pass over them is the only one."""
         spec = stored_part(self.manifest, name)
         rows = self._rows(clips)
+        size = self.manifest.shard_size
+        view = self._row_view(name, codec, spec, rows)
+        if view is not None:
+            return view[0] if isinstance(clips, (int, np.integer)) else view
         unique, inverse = np.unique(rows, return_inverse=True)
         out = np.zeros((len(unique), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
-        size = self.manifest.shard_size
         shards = unique // size
         for shard in np.unique(shards).tolist():
             picked = np.flatnonzero(shards == shard)
@@ -734,36 +737,69 @@ class TargetReader(_VersionHandle):
             return out[0]
         return out if len(unique) == len(rows) and np.array_equal(unique, rows) else out[inverse]
 
+    def _row_view(self, name: str, codec: ShardCodec, spec: ArraySpec, rows: np.ndarray) -> np.ndarray | None:
+        """Consecutive ``rows`` of one uncompressed shard of a local root as an array viewing a fresh
+        copy-on-write map of their bytes (the object checked first when verifying), or None. A fresh
+        map per read, not the kept one: a caller writing into its rows changes neither the checked
+        bytes nor what a later read returns."""
+        size = self.manifest.shard_size
+        if not self.root.is_local or not len(rows) or rows[0] // size != rows[-1] // size \
+                or rows[-1] - rows[0] + 1 != len(rows) or not np.array_equal(rows, rows[0] + np.arange(len(rows))):
+            return None
+        shard = int(rows[0]) // size
+        data = self._shard_bytes(name, shard)
+        rel = shard_object(self.manifest, name, shard)
+        identity = self._identities.get(rel)
+        if data is None or identity is None:
+            return None
+        where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+        row_bytes = math.prod(spec.shape[1:]) * np.dtype(spec.dtype).itemsize
+        span = codec.row_span(data, int(rows[0]) - shard * size, int(rows[-1]) + 1 - shard * size, row_bytes, where)
+        if span is None:
+            return None
+        region = map_unchanged(self.root.path(rel), span[0], span[1], identity, f"{where} ({self.root.url_of(rel)})")
+        return np.frombuffer(region, dtype=spec.dtype).reshape(len(rows), *spec.shape[1:])
+
     def _shard_bytes(self, name: str, shard: int) -> memoryview | None:
-        """The verified bytes of one shard object (memory-mapped on local disks), None when zarr
-        stored no object (fill values only). The newest shard per array is kept for the next rows;
-        when an array is read from its first shard or shard after shard, the next shard's check
-        starts ahead (see :func:`_check_ahead_pool`)."""
+        """The bytes of one shard object (memory-mapped on local disks; checked when verifying), None
+        when zarr stored no object (fill values only). The newest shard per array is kept for the
+        next rows; when a verified array is read from its first shard or shard after shard, the next
+        shard's check starts ahead (see :func:`_check_ahead_pool`)."""
         cached = self._objects.get(name)
         if cached is not None and cached[0] == shard:
             return cached[1]
+        if not self.verify_reads:
+            data = self._load_object(shard_object(self.manifest, name, shard))
+            self._objects[name] = (shard, data)
+            return data
         data = self._take_ahead(name, shard)
         if data is _NOT_AHEAD:
             data = self._checked_object(name, shard)
         self._objects[name] = (shard, data)
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
-        if sequential and shard + 1 < self.manifest.num_shards:
-            self._start_check(name, shard + 1)
+        if sequential:
+            started = self._ahead.get(name, {})
+            for ahead in range(shard + 1, min(shard + 1 + check_ahead_threads(), self.manifest.num_shards)):
+                if ahead not in started:
+                    self._start_check(name, ahead)
         return data
 
     def _start_check(self, name: str, shard: int) -> None:
         """Check one shard object in the check-ahead pool; its result is taken by :meth:`_take_ahead`."""
-        self._ahead[name] = (shard, _check_ahead_pool().submit(self._checked_object, name, shard))
+        self._ahead.setdefault(name, {})[shard] = _check_ahead_pool().submit(self._checked_object, name, shard)
 
     def _take_ahead(self, name: str, shard: int) -> memoryview | None | object:
         """The result of the check started ahead for ``shard`` (its error raised here, where the
         shard is read); ``_NOT_AHEAD`` when none was started for it or the helper has not begun it
-        (then the caller checks it itself rather than wait)."""
-        ahead = self._ahead.pop(name, None)
-        if ahead is None:
+        (then the caller checks it itself rather than wait). Checks started for shards outside the
+        window after this one are cancelled: that reader went elsewhere."""
+        futures = self._ahead.get(name)
+        if not futures:
             return _NOT_AHEAD
-        started_for, future = ahead
-        if started_for != shard or future.cancel():
+        future = futures.pop(shard, None)
+        for other in [s for s in futures if not shard < s <= shard + check_ahead_threads()]:
+            futures.pop(other).cancel()
+        if future is None or future.cancel():
             return _NOT_AHEAD
         return future.result()
 
@@ -796,31 +832,15 @@ class TargetReader(_VersionHandle):
             except FileNotFoundError:
                 return None
             with handle:
-                if os.fstat(handle.fileno()).st_size == 0:
+                stat = os.fstat(handle.fileno())
+                if stat.st_size == 0:
                     return memoryview(b"")
+                self._identities[rel] = FileIdentity.of(stat)
                 return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
         try:
             return memoryview(self.root.read_bytes(rel))
         except FileNotFoundError:
             return None
-
-    def _read_direct(self, name: str, codec: ShardCodec, clips: range) -> np.ndarray:
-        """Rows ``clips`` decoded from the shard objects without zarr, unverified (``--no-verify``)."""
-        spec = stored_part(self.manifest, name)
-        out = np.zeros((len(clips), *spec.shape[1:]), dtype=spec.dtype)  # zarr's fill value is 0
-        size = self.manifest.shard_size
-        for shard in range(clips.start // size, (clips.stop - 1) // size + 1) if len(clips) else []:
-            first, last = max(clips.start, shard * size), min(clips.stop, (shard + 1) * size)
-            rel = shard_object(self.manifest, name, shard)
-            where = f"target version '{self.version_id}', array '{name}', shard {shard}"
-            try:
-                handle = open(self.root.path(rel), "rb")
-            except FileNotFoundError:
-                continue  # zarr stores no object for a shard of fill values only
-            with handle:
-                codec.read_rows(handle, range(first - shard * size, last - shard * size),
-                                out[first - clips.start:last - clips.start], where)
-        return out
 
     def verify(self, shards: Sequence[int] | None = None) -> list[str]:
         """Re-hash stored shard objects (sha256, the audit hash); one message per missing or corrupt
@@ -861,8 +881,9 @@ class TargetReader(_VersionHandle):
 
 _NOT_AHEAD = object()
 """TargetReader._take_ahead: no check was started ahead for the shard asked for."""
-CHECK_AHEAD_THREADS = 2
-"""Helper threads checking the next shard objects of sequential verified reads (one process-wide pool)."""
+MAX_CHECK_AHEAD = 3
+"""At most this many helper threads check shard objects ahead (one process-wide pool), and a
+sequential reader has at most this many shards per array checked ahead of the one it reads."""
 _CHECK_AHEAD: ThreadPoolExecutor | None = None
 _CHECK_AHEAD_LOCK = threading.Lock()
 
@@ -870,15 +891,21 @@ _CHECK_AHEAD_LOCK = threading.Lock()
 def _check_ahead_pool() -> ThreadPoolExecutor:
     """The process's pool of threads that check shard objects ahead of a sequential reader.
 
-    A verified read hashes the whole shard object before it decodes rows from it: in the reader's
-    thread the two passes add up. xxhash releases the GIL while it hashes, so the next shard's check
-    overlaps the decoding of this one on a second core. A check the pool has not begun when the
-    shard is asked for is cancelled and done by the reader (no waiting on a busy pool)."""
+    A verified read hashes the whole shard object before it hands out rows of it: in the reader's
+    thread the two passes add up. xxhash releases the GIL while it hashes, so the checks of the next
+    shards (up to one per pool thread) overlap the caller's use of this one on the other cores. A
+    check the pool has not begun when the shard is asked for is cancelled and done by the reader
+    (no waiting on a busy pool)."""
     global _CHECK_AHEAD
     with _CHECK_AHEAD_LOCK:
         if _CHECK_AHEAD is None:
-            _CHECK_AHEAD = ThreadPoolExecutor(CHECK_AHEAD_THREADS, thread_name_prefix="shard-check")
+            _CHECK_AHEAD = ThreadPoolExecutor(check_ahead_threads(), thread_name_prefix="shard-check")
         return _CHECK_AHEAD
+
+
+def check_ahead_threads() -> int:
+    """One check-ahead thread per core beyond the reader's, at least 1, at most ``MAX_CHECK_AHEAD``."""
+    return helper_threads(MAX_CHECK_AHEAD)
 
 
 def _forget_check_ahead_pool() -> None:

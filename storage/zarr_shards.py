@@ -7,9 +7,10 @@ hash it. For the teacher stage that is gigabytes per second of output, and the w
 GPU, set the pace (bench/RESULTS.md, issue 5). Here each chunk is (optionally) compressed, hashed
 and written straight from the caller's array, and the sha256 comes out of the same pass.
 
-Reading the other way (``ShardCodec.read_rows``) decodes chunks straight into the caller's array,
-without zarr's per-call machinery (a 21 MB one-step chunk: 26 ms through zarr, 17 ms for the
-zstd decode itself).
+Reading the other way (``ShardCodec.decode_rows``) decodes chunks of a memory-mapped shard object
+straight into the caller's array, without zarr's per-call machinery (a 21 MB one-step chunk: 26 ms
+through zarr, 17 ms for the zstd decode itself); uncompressed chunks stored back to back can be
+mapped as one array instead (``ShardCodec.row_span``), no copy at all.
 
 Only the layout the target store creates is handled (``sharding_indexed`` with chunks of one
 index along the first axis, inner codecs ``bytes`` little endian [+ ``zstd``], index codecs
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -55,30 +56,12 @@ class ShardCodec:
         index_bytes = index.tobytes()
         yield index_bytes + np.uint32(google_crc32c.value(index_bytes)).tobytes()
 
-
-    def read_rows(self, handle: BinaryIO, rows: range, out: np.ndarray, where: str) -> None:
-        """Decode chunks ``rows`` (indices within the shard) of the open shard object ``handle`` into
-        ``out`` (one row per chunk, already filled with the fill value for absent chunks)."""
-        size = handle.seek(0, 2)
-        handle.seek(max(0, size - self.index_size))
-        index = self._index(handle.read(self.index_size), size, where)
-        for i, row in enumerate(rows):
-            offset, length = (int(v) for v in index[row])
-            if offset == MAX_UINT64:
-                continue
-            target = memoryview(out[i:i + 1].reshape(-1).view(np.uint8))
-            handle.seek(offset)
-            if self.zstd is None:
-                if length != target.nbytes or handle.readinto(target) != length:
-                    raise ValueError(f"{where}: chunk {row} holds {length} bytes, expected {target.nbytes}")
-            else:
-                self._decode(handle.read(length), target, row, where)
-
     def decode_rows(self, shard: memoryview, rows: Sequence[int], out: np.ndarray, where: str) -> None:
-        """As :meth:`read_rows`, from a shard object already in memory (or memory-mapped)."""
+        """Decode chunks ``rows`` (indices within the shard) of a shard object in memory (or
+        memory-mapped) into ``out`` (one row per chunk, already filled with the fill value for
+        absent chunks)."""
         shard = memoryview(shard).cast("B")
-        index = self._index(shard[len(shard) - self.index_size:] if len(shard) >= self.index_size else shard,
-                            len(shard), where)
+        index = self._shard_index(shard, where)
         for i, row in enumerate(rows):
             offset, length = (int(v) for v in index[row])
             if offset == MAX_UINT64:
@@ -94,6 +77,23 @@ class ShardCodec:
             else:
                 self._decode(encoded, target, row, where)
 
+    def row_span(self, shard: memoryview, first: int, stop: int, row_bytes: int, where: str) -> tuple[int, int] | None:
+        """(byte offset, length) in the shard object of uncompressed chunks ``first:stop`` stored back
+        to back (as :meth:`parts` writes them), so a reader can map them as one array without a copy;
+        None for compressed chunks, an absent chunk (fill values) or any other arrangement. A damaged
+        index raises as in :meth:`decode_rows`."""
+        if self.zstd is not None or stop <= first:
+            return None
+        shard = memoryview(shard).cast("B")
+        index = self._shard_index(shard, where)
+        offsets, lengths = index[first:stop, 0], index[first:stop, 1]
+        start = int(offsets[0])
+        expected = np.uint64(start) + np.uint64(row_bytes) * np.arange(stop - first, dtype=np.uint64)
+        if (np.any(offsets == MAX_UINT64) or np.any(lengths != row_bytes) or np.any(offsets != expected)
+                or start + row_bytes * (stop - first) > len(shard) - self.index_size):
+            return None
+        return start, row_bytes * (stop - first)
+
     def _decode(self, encoded: bytes | memoryview, target: memoryview, row: int, where: str) -> None:
         try:
             self.zstd.decode(encoded, out=target)
@@ -103,6 +103,11 @@ class ShardCodec:
     @property
     def index_size(self) -> int:
         return 16 * self.chunks_per_shard + 4
+
+    def _shard_index(self, shard: memoryview, where: str) -> np.ndarray:
+        """The offset/length table at the end of a shard object in memory."""
+        return self._index(shard[len(shard) - self.index_size:] if len(shard) >= self.index_size else shard,
+                           len(shard), where)
 
     def _index(self, index_bytes: bytes | memoryview, size: int, where: str) -> np.ndarray:
         """The (chunks, 2) offset/length table of a shard object of ``size`` bytes, crc-checked."""

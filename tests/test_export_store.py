@@ -343,3 +343,4 @@ def test_contiguous_runs():
 
     assert contiguous_runs([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
     assert contiguous_runs([]) == []
+    assert contiguous_runs([2, 3, 4, 5, 7, 8], block=4) == [(2, 4), (4, 6), (7, 8), (8, 9)]

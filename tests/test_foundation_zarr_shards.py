@@ -96,3 +96,56 @@ def test_other_layouts_fall_back_to_zarr(tmp_path):
     assert shard_codec(array) is None  # chunks of two clips: not the target store's layout
     array = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 6), dtype="float32", chunks=(1, 6), fill_value=0)
     assert shard_codec(array) is None  # no sharding at all
+
+
+def _finished_version(tmp_path: Path, compression: str) -> tuple[TargetStore, str, np.ndarray]:
+    values = (np.random.default_rng(1).standard_normal((7, 3, 4)) * 9).astype(np.float16)
+    store = TargetStore(tmp_path)
+    spec = ArraySpec(name="target", shape=[7, 3, 4], dtype="float16", compression=compression)
+    writer = store.begin(_recipe(), [spec], num_clips=7, shard_size=3)
+    for shard in writer.pending_shards():
+        writer.write_shard(shard, {"target": values[writer.shard_clips(shard)]})
+    writer.finalize()
+    return store, writer.version_id, values
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_rows_of_one_uncompressed_shard_are_views_of_a_private_map(tmp_path, verify):
+    from foresight.storage.mapped import file_map_of
+
+    store, version_id, values = _finished_version(tmp_path, "none")
+    path = Path(store.root.path(shard_object(store.manifest(version_id), "target", 1)))
+    before = path.read_bytes()
+    reader = store.open(version_id, verify=verify)
+    rows = reader.read("target", slice(3, 5))
+    assert file_map_of(rows) is not None and rows.flags.writeable  # no copy, still the caller's to edit
+    np.testing.assert_array_equal(rows, values[3:5])
+    rows[:] = 0  # private pages: neither the file nor a later read sees it
+    np.testing.assert_array_equal(reader.read("target", slice(3, 6)), values[3:6])
+    np.testing.assert_array_equal(reader.read("target", 4), values[4])
+    assert path.read_bytes() == before
+    across = reader.read("target", slice(2, 5))  # two shards: decoded into one new array
+    assert file_map_of(across) is None
+    np.testing.assert_array_equal(across, values[2:5])
+
+
+def test_compressed_rows_are_decoded_copies(tmp_path):
+    from foresight.storage.mapped import file_map_of
+
+    store, version_id, values = _finished_version(tmp_path, "zstd")
+    rows = store.open(version_id).read("target", slice(3, 5))
+    assert file_map_of(rows) is None
+    np.testing.assert_array_equal(rows, values[3:5])
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_shard_replaced_after_it_was_mapped_is_refused(tmp_path, verify):
+    store, version_id, values = _finished_version(tmp_path, "none")
+    reader = store.open(version_id, verify=verify)
+    np.testing.assert_array_equal(reader.read("target", slice(0, 2)), values[0:2])
+    path = Path(store.root.path(shard_object(store.manifest(version_id), "target", 0)))
+    replacement = path.with_name(path.name + ".new")
+    replacement.write_bytes(path.read_bytes())
+    replacement.replace(path)  # same bytes, another file: the reader's kept map is not of it
+    with pytest.raises(ValueError, match=f"'{version_id}', array 'target', shard 0 .*changed after this reader"):
+        reader.read("target", slice(0, 2))

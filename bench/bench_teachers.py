@@ -15,6 +15,10 @@ For each teacher (DINOv2 ViT-B/14 with registers, DA3-LARGE stage 0; ``random`` 
 Frames/s count the generated frames (T per clip); the reference frame each clip also needs is
 part of the work, which is why the ratio is taken against "bare target+reference".
 
+On CUDA the loop runs with and without CUDA graphs (``--graphs on,off``, TeachersConfig.cuda_graphs:
+each batch's device work replayed as one graph), and the bare figures include ``encode_clips_graphed``
+(the same work replayed from one graph) beside the eager ``encode_clips``.
+
 The store codecs (``--store-codec f16,bf16,fp8``, TeachersConfig.store_codec) each run end to end
 in the same call, against the same bare figures; ``--root`` puts the store on a given folder (the
 machine's own disk, e.g. /tmp on the device machine, instead of tmpfs). Headline figures go to
@@ -123,6 +127,11 @@ def _bare_forward(teacher, frames_BTHWC, repeats: int) -> dict[str, float]:
              "preprocess": [lambda: teacher.pixels(frames_BTHWC), lambda: teacher.pixels(frames_BTHWC[:, :1])],
              # everything e2e runs on the GPU for one batch (preprocess, forwards, float16 casts)
              "encode_clips": [lambda: teacher.encode_clips(frames_BTHWC, frames_BTHWC[:, 0])]}
+    if teacher.device.type == "cuda":  # the same, replayed from one CUDA graph (what the loop runs by default)
+        from foresight.pipelines.teachers.graphs import GraphedBatches
+
+        graphed = GraphedBatches(lambda f, o: dict(zip(("target", "reference"), teacher.encode_clips(f, o))), copies=1)
+        calls["encode_clips_graphed"] = [lambda: graphed(frames_BTHWC, frames_BTHWC[:, 0])]
     return {name: frames / _seconds_per_call(teacher, fns, repeats) for name, fns in calls.items()}
 
 
@@ -140,7 +149,7 @@ def _seconds_per_call(teacher, fns, repeats: int) -> float:
 
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
-               processes: bool, compression: str, store_codec: str, tag: str,
+               processes: bool, compression: str, store_codec: str, tag: str, cuda_graphs: bool = True,
                around: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version
     (``encode_shards`` alone runs inside ``around()``: a profiler sees the loop, not the checks)."""
@@ -158,7 +167,7 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     observed = ObservedFrames(root, video)
     with around():
         result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
-                               batch, writers, readers, io_processes=processes)
+                               batch, writers, readers, io_processes=processes, cuda_graphs=cuda_graphs)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
     plan = batch_plan(writer, list(range(writer.num_shards)), batch)
@@ -170,7 +179,8 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
             "startup_s": result.startup_s, "seconds": result.seconds, "tail_s": result.tail_s,
             "host_busy_s": result.host_busy_s, "gpu_busy_s": result.gpu_busy_s, "gpu_idle_s": result.gpu_idle_s,
             "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9,
-            "written_gb_per_s": written / 1e9 / result.seconds, "max_abs_diff": max_diff, "rel_l2": rel_l2}
+            "written_gb_per_s": written / 1e9 / result.seconds, "max_abs_diff": max_diff, "rel_l2": rel_l2,
+            "graph_replays": result.graph_replays, "graphs_failed": result.graphs_failed}
 
 
 def check_written(teacher, video, observed, written, batches: list[range]) -> tuple[float, float]:
@@ -207,12 +217,12 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch))).to(teacher.device)
     bare_before = bare_forward(teacher, frames, args.repeats)
     clips = args.clips_da3 if name == "da3" else args.clips
-    runs = [(writers, compression, codec) for codec in args.store_codec for compression in args.compression
-            for writers in args.writers]
+    runs = [(writers, compression, codec, graphs) for codec in args.store_codec for compression in args.compression
+            for writers in args.writers for graphs in args.graphs]
     rows = [end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
-                       compression, codec, f"run{run}-w{writers}-{compression}-{codec}")
-            | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec}
-            for run, (writers, compression, codec) in enumerate(runs)]
+                       compression, codec, f"run{run}-w{writers}-{compression}-{codec}-{graphs}", graphs == "on")
+            | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec, "graphs": graphs}
+            for run, (writers, compression, codec, graphs) in enumerate(runs)]
     bare_after = bare_forward(teacher, frames, args.repeats)
     profiled = profile_teacher(name, teacher, args, root, video_id, frames) if args.profile else None
     bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
@@ -223,6 +233,8 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
                    sustained_ratio_vs_bare_target_ref=sustained / bare["target+ref"],
                    ratio_vs_bare_target=e2e["frames_per_s"] / bare["target"],
                    ratio_vs_encode_clips=e2e["frames_per_s"] / bare["encode_clips"])
+        if "encode_clips_graphed" in bare:
+            e2e["ratio_vs_encode_clips_graphed"] = e2e["frames_per_s"] / bare["encode_clips_graphed"]
     del teacher
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -253,7 +265,7 @@ def profile_teacher(name: str, teacher, args, root: str, video_id: str, frames) 
     e2e_prof = profile(activities=activities)
     e2e = end_to_end(teacher, root, video_id, clips, args.batch, args.writers[0], args.readers,
                      args.io == "processes", args.compression[0], args.store_codec[0], "profile",
-                     around=lambda: e2e_prof)
+                     args.graphs[0] == "on", around=lambda: e2e_prof)
     e2e_frames, bare_frames = e2e["frames_per_s"] * e2e["seconds"], frames.shape[0] * frames.shape[1]
     e2e_kernels, bare_kernels = device_kernels(e2e_prof), device_kernels(bare_prof)
     per_frame = {"e2e": {k: us / 1e3 / e2e_frames for k, us in class_totals_us(e2e_kernels).items()},
@@ -328,7 +340,7 @@ def report(results: list[dict], args) -> None:
         for when in ("before", "after"):
             print(f"{r['teacher']:<8} {when:<6} " + "  ".join(f"{k} {v:,.0f}" for k, v in r[f"bare_{when}"].items()))
     print("ratios against the faster of the two; steady: without the start-up; sustained: without start-up and tail")
-    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'zstd?':>5} {'store':>5} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
+    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'zstd?':>5} {'store':>5} {'graphs':>6} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
           f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'tail s':>6} {'host s':>6} "
           f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'GB/s':>5} {'max|diff|':>9} "
           f"{'rel L2':>7}")
@@ -338,6 +350,7 @@ def report(results: list[dict], args) -> None:
     for r in results:
         for e in r["e2e"]:
             print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['compression']:>5} {e['store_codec']:>5} "
+                  f"{e['graphs'] + ('!' if e['graphs_failed'] else ''):>6} "
                   f"{e['frames_per_s']:>9.0f} "
                   f"{e['ratio_vs_bare_target_ref']:>8.2f} {e['ratio_vs_bare_target']:>8.2f} "
                   f"{e['ratio_vs_encode_clips']:>9.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
@@ -346,6 +359,10 @@ def report(results: list[dict], args) -> None:
                   f"{e['gpu_busy_s']:>6.2f} {e['gpu_idle_s']:>8.2f} {e['wait_read_s']:>7.2f} {e['wait_write_s']:>7.2f} "
                   f"{e['written_gb']:>7.2f} {e['written_gb_per_s']:>5.2f} {e['max_abs_diff']:>9.2g} "
                   f"{e['rel_l2']:>7.4f}")
+    for r in results:
+        for e in r["e2e"]:
+            if e["graphs_failed"]:
+                print(f"{r['teacher']}: CUDA graphs given up, the run went on eagerly ({e['graphs_failed']})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)
@@ -361,6 +378,9 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args.writers = [int(w) for w in str(args.writers).split(",")]
     args.compression = args.compression.split(",")
     args.store_codec = args.store_codec.split(",")
+    args.graphs = args.graphs.split(",") if args.device.startswith("cuda") else ["off"]
+    if not set(args.graphs) <= {"on", "off"}:
+        parser.error(f"--graphs {','.join(args.graphs)}: expected a comma list of on, off")
     from foresight.flows.teachers_engine import check_store_codec
 
     for codec in args.store_codec:
@@ -389,8 +409,9 @@ def headline(results: list[dict]) -> dict[str, float]:
     figures: dict[str, float] = {}
     for r in results:
         for e in r["e2e"]:
-            key = f"{r['teacher']}_{e['store_codec']}_ratio"
-            figures[key] = max(figures.get(key, 0.0), round(e["ratio_vs_bare_target_ref"], 4))
+            for key in (f"{r['teacher']}_{e['store_codec']}_ratio",
+                        f"{r['teacher']}_{e['store_codec']}_graphs_{e['graphs']}_ratio"):
+                figures[key] = max(figures.get(key, 0.0), round(e["ratio_vs_bare_target_ref"], 4))
             rate = f"{r['teacher']}_{e['store_codec']}_frames_per_s"
             figures[rate] = max(figures.get(rate, 0.0), round(e["frames_per_s"], 1))
     best = [max(e["ratio_vs_bare_target_ref"] for e in r["e2e"]) for r in results if r["e2e"]]
@@ -427,6 +448,8 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=3, help="reader threads/processes")
     parser.add_argument("--compression", default="zstd", help="comma list of stored chunk codecs to try: zstd,none")
     parser.add_argument("--store-codec", default="f16", help="comma list of store codecs to try: f16,bf16,fp8")
+    parser.add_argument("--graphs", default="on,off", help="comma list: the loop with CUDA graphs on/off "
+                                                             "(CUDA only; TeachersConfig.cuda_graphs)")
     parser.add_argument("--size", choices=["real", "tiny"], default="real",
                         help="tiny: CPU smoke-check sizes (tiny models, few clips); explicit options still win")
     parser.add_argument("--results", default=RESULTS_JSON, help="headline figures (JSON); '' to skip")

@@ -65,7 +65,8 @@ class TeachersWorker:
     def write_shards(self, shards: list[int], claims: ClaimSet) -> ShardsResult:
         """Encode the shards this task can claim (the engine takes each through ``claims``)."""
         stats = encode_shards(self.teacher, self.video, self.observed, self.writer, shards, self.config.batch,
-                              self.writers, self.readers, claims=claims, io_processes=self.processes)
+                              self.writers, self.readers, claims=claims, io_processes=self.processes,
+                              cuda_graphs=self.config.cuda_graphs)
         return ShardsResult(shards=stats.shards_written, clips=stats.clips, frames=stats.frames, seconds=stats.seconds)
 
 

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 from foresight.pipelines.teachers import OUTPUT_DTYPE, Teacher
+from foresight.pipelines.teachers.graphs import GraphedBatches
 from foresight.schemas.base import StrictModel
 from foresight.schemas.target import ArraySpec, TargetRecipe
 from foresight.flows.teachers_io import ObservedFrames
@@ -61,6 +62,9 @@ class EngineStats(StrictModel):
     gpu_busy_s: float = Field(default=0.0, description="CUDA: time the compute stream spent on the batches.")
     gpu_idle_s: float = Field(default=0.0, description="CUDA: time the compute stream sat idle between batches "
                                                         "(waiting for the host or an upload).")
+    graph_replays: int = Field(default=0, description="CUDA: batches replayed from CUDA graphs (the rest ran "
+                                                      "eagerly: the first of each shape, and every batch when off).")
+    graphs_failed: str | None = Field(default=None, description="CUDA: why capturing CUDA graphs was given up.")
 
 
 # ---------------------------------------------------------------- version layout
@@ -566,10 +570,12 @@ class ShardLoop:
     every full shard to the writer threads."""
 
     def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO,
-                 executor: ThreadPoolExecutor, claims: ClaimSet | None, result: EngineStats):
+                 executor: ThreadPoolExecutor, claims: ClaimSet | None, result: EngineStats,
+                 cuda_graphs: bool = True):
         self.teacher, self.writer, self.io, self.executor = teacher, writer, io, executor
         self.claims, self.result = claims, result
         self.upload, self.download = HostToDevice(teacher.device), DeviceToHost(teacher.device)
+        self.graphed = GraphedBatches(self.encode_batch) if cuda_graphs and teacher.device.type == "cuda" else None
         self.timeline = GpuTimeline(teacher.device)
         self.current: OpenShard | None = None
         self.futures: list[Future] = []
@@ -589,21 +595,30 @@ class ShardLoop:
         shard = self._open(item)
         self.upload.hand_over(batch)
         with self.timeline.batch():
-            target, reference = self.teacher.encode_clips(batch.frames_BTHWC, batch.observed_BHWC)
-            # Coded arrays (bf16, fp8) are encoded here, on the device: the host gets a half-size copy
-            # and the writers only store bytes.
-            outputs = {"target": target, "reference": reference}
-            parts = {name: tensor for spec in self.writer.manifest.arrays
-                     for name, tensor in encode_part_tensors(spec, outputs[spec.name]).items()}
+            if self.graphed is None:
+                parts, slot = self.encode_batch(batch.frames_BTHWC, batch.observed_BHWC), None
+            else:
+                parts, slot = self.graphed(batch.frames_BTHWC, batch.observed_BHWC)
         rows = slice(item.clips.start - shard.clips.start, item.clips.stop - shard.clips.start)
-        shard.events.append(self.download.copy([(tensor, shard.buffer.arrays[name][rows])
-                                                for name, tensor in parts.items()]))
+        copied = self.download.copy([(tensor, shard.buffer.arrays[name][rows]) for name, tensor in parts.items()])
+        shard.events.append(copied)
+        if self.graphed is not None:
+            self.graphed.release_after(slot, copied)
         shard.filled += len(item.clips)
         if shard.filled == len(shard.clips):
             self._submit(shard)
         self._raise_write_errors()
         self.result.clips += len(item.clips)
         self.result.host_busy_s += time.perf_counter() - started - (self.result.wait_write_s - waited)
+
+    def encode_batch(self, frames_BTHWC: torch.Tensor, observed_BHWC: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All the device work of one batch: the teacher's target and reference maps, encoded as the
+        store's parts. Coded arrays (bf16, fp8) are encoded here, on the device: the host gets a
+        half-size copy and the writers only store bytes."""
+        target, reference = self.teacher.encode_clips(frames_BTHWC, observed_BHWC)
+        outputs = {"target": target, "reference": reference}
+        return {name: tensor for spec in self.writer.manifest.arrays
+                for name, tensor in encode_part_tensors(spec, outputs[spec.name]).items()}
 
     def _submit(self, shard: OpenShard) -> None:
         self.futures.append(self.executor.submit(store_shard, self.io, shard, self.claims))
@@ -622,17 +637,20 @@ class ShardLoop:
         for future in self.futures:
             future.result()
         self.result.gpu_busy_s, self.result.gpu_idle_s = self.timeline.totals()
+        if self.graphed is not None:
+            self.result.graph_replays, self.result.graphs_failed = self.graphed.replays, self.graphed.failed
 
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
-                  claims: ClaimSet | None = None, io_processes: bool = False) -> EngineStats:
+                  claims: ClaimSet | None = None, io_processes: bool = False, cuda_graphs: bool = True) -> EngineStats:
     """Encode and store whole shards: read ahead, upload, forward, copy back and write, overlapped.
 
     ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by
     one thread of this process). With ``claims``, shards held by another builder are skipped and
     every claim is released, also on error (a shard not stored has no ``_done`` marker: a rerun
-    redoes it).
+    redoes it). ``cuda_graphs``: on a CUDA device, replay each batch's device work from CUDA graphs
+    (see :mod:`foresight.pipelines.teachers.graphs`; the same bytes).
     """
     start = time.perf_counter()
     T = video.manifest.array_spec("frames").shape[1]
@@ -644,7 +662,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
                      claim=None if claims is None else claims.take)
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
-            loop = ShardLoop(teacher, writer, io, executor, claims, result)
+            loop = ShardLoop(teacher, writer, io, executor, claims, result, cuda_graphs)
             last = _feed(loop, read, start)
             loop.drain()
     finally:

@@ -107,7 +107,9 @@ class GraphedBatches:
             with torch.cuda.stream(side):
                 self.encode(frames, observed)  # once more outside the capture, on the capturing stream
             torch.cuda.current_stream(device).wait_stream(side)
-            with torch.cuda.graph(graph):
+            # thread_local: the store's reader threads pin host memory and upload while this thread
+            # captures; the default ("global") would make their CUDA calls fail during the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self.encode(frames, observed)
         except RuntimeError as err:
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -571,7 +571,7 @@ class ShardLoop:
 
     def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO,
                  executor: ThreadPoolExecutor, claims: ClaimSet | None, result: EngineStats,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = False):
         self.teacher, self.writer, self.io, self.executor = teacher, writer, io, executor
         self.claims, self.result = claims, result
         self.upload, self.download = HostToDevice(teacher.device), DeviceToHost(teacher.device)
@@ -643,7 +643,7 @@ class ShardLoop:
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
-                  claims: ClaimSet | None = None, io_processes: bool = False, cuda_graphs: bool = True) -> EngineStats:
+                  claims: ClaimSet | None = None, io_processes: bool = False, cuda_graphs: bool = False) -> EngineStats:
     """Encode and store whole shards: read ahead, upload, forward, copy back and write, overlapped.
 
     ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by

@@ -4,7 +4,10 @@ The teachers loop on an H100 is bound by kernel launches, not by the device: a D
 is a few hundred small kernels, and the thread that launches them shares the GIL with the store's
 I/O threads, so the device sat idle 58-63% of a profiled run (bench/RESULTS.md, issue 19 "Round 4").
 A CUDA graph launches the whole batch (preprocessing, forwards, float16 casts, the store codec's
-encoding) at once.
+encoding) at once. Measured in longer runs (4,096 clips, H200, bench/RESULTS.md issue 19 "Round 5")
+the loop turned out GPU-bound in steady state and disk-bound for DA3, so graphs gained little
+(DINOv2 +3%) or lost (DA3 -6%: faster batches only wait longer for free shard buffers); they are
+an option (``TeachersConfig.cuda_graphs``), off by default.
 
 How it is used (``flows.teachers_engine.ShardLoop``): the first batch of a shape runs eagerly
 (which also lets cuBLAS/cuDNN pick their algorithms), the second is captured and replayed, and every

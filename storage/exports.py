@@ -1162,9 +1162,10 @@ class ClipSource:
         """Field arrays of each clip in ``clips`` (target arrays read in one selection per array)."""
         samples: list[dict[str, np.ndarray]] = [{} for _ in clips]
         targets = self.target_sources()
-        if len(clips):
-            for source in targets.values():  # every array's shard checked at once, ahead
-                self.readers[source.version].check_ahead(source.name, clips[0])
+        for source in targets.values():  # every shard of every array these clips touch, checked at once, ahead
+            reader = self.readers[source.version]
+            for begin, _ in contiguous_runs(clips, reader.manifest.shard_size):
+                reader.check_ahead(source.name, begin)
         for field, source in targets.items():
             # Slices of consecutive clips within one shard: a local uncompressed shard hands them out
             # as views of its mapped object, no copy (and zarr's slices beat its index lists ~20x).

@@ -779,7 +779,7 @@ class TargetReader(_VersionHandle):
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
         if sequential:
             started = self._ahead.get(name, {})
-            for ahead in range(shard + 1, min(shard + 1 + check_ahead_threads(), self.manifest.num_shards)):
+            for ahead in range(shard + 1, min(shard + 1 + check_ahead_window(), self.manifest.num_shards)):
                 if ahead not in started:
                     self._start_check(name, ahead)
         return data
@@ -797,7 +797,7 @@ class TargetReader(_VersionHandle):
         if not futures:
             return _NOT_AHEAD
         future = futures.pop(shard, None)
-        for other in [s for s in futures if not shard < s <= shard + check_ahead_threads()]:
+        for other in [s for s in futures if not shard < s <= shard + check_ahead_window()]:
             futures.pop(other).cancel()
         if future is None or future.cancel():
             return _NOT_AHEAD
@@ -906,6 +906,11 @@ def _check_ahead_pool() -> ThreadPoolExecutor:
 def check_ahead_threads() -> int:
     """One check-ahead thread per core beyond the reader's, at least 1, at most ``MAX_CHECK_AHEAD``."""
     return helper_threads(MAX_CHECK_AHEAD)
+
+
+def check_ahead_window() -> int:
+    """Shards per array a sequential reader has checked ahead of the one it reads: one per thread."""
+    return check_ahead_threads()
 
 
 def _forget_check_ahead_pool() -> None:

@@ -174,14 +174,18 @@ def open_region(path: str, start: int, length: int, identity: Sequence[int]) -> 
     if start < 0 or length <= 0 or start + length > size:
         raise ValueError(f"{path} ({label}): byte range [{start}, {start + length}) is outside the file's "
                          f"{size} bytes")
-    return map_unchanged(real, start, length, identity, f"{path} ({label})", "the sender")
+    region = map_unchanged(real, start, length, identity, f"{path} ({label})", "the sender")
+    region.identity = identity  # its views can be described again (handed on to another process)
+    return region
 
 
 def map_unchanged(path: str, start: int, length: int, identity: FileIdentity, label: str,
                   mapped_by: str = "this reader") -> np.memmap:
     """Copy-on-write map of bytes [start, start + length) of ``path`` if it is still the file of
     ``identity`` (ValueError otherwise: a file deleted, replaced or modified since is never mapped in
-    its place). Each call maps afresh, so writes into one map's arrays stay private to them."""
+    its place). Each call maps afresh, so writes into one map's arrays stay private to them. The map
+    carries no ``identity``: :func:`describe_views` hands its views to other processes as copies, since
+    only files registered with :func:`allow_files` may be mapped from a descriptor."""
     try:
         handle = open(path, "rb")
     except OSError as err:
@@ -192,9 +196,7 @@ def map_unchanged(path: str, start: int, length: int, identity: FileIdentity, la
         if found != identity:
             raise ValueError(f"{label}: the shard changed after {mapped_by} mapped it (file identity "
                              f"{identity} then, {found} now); refusing to map other bytes")
-        region = np.memmap(handle, dtype=np.uint8, mode="c", offset=start, shape=(length,))
-    region.identity = identity  # its views can be described again (handed on to another process)
-    return region
+        return np.memmap(handle, dtype=np.uint8, mode="c", offset=start, shape=(length,))
 
 
 def view_of_region(region: np.memmap, offset: int, dtype: str, shape: Sequence[int], order: str) -> np.ndarray:

@@ -653,6 +653,7 @@ class TargetReader(_VersionHandle):
         """Drop the verified shard bytes kept for the next rows and the checks started ahead: later
         reads load and check them again (a reader kept across tasks sees objects changed since)."""
         self._objects.clear()
+        self._identities.clear()
         for futures in self._ahead.values():
             for future in futures.values():
                 future.cancel()
@@ -709,8 +710,8 @@ class TargetReader(_VersionHandle):
 
     def _read_objects(self, name: str, codec: ShardCodec, clips: slice | int | Sequence[int]) -> np.ndarray:
         """Rows decoded from the shard objects (checked first when verifying). Consecutive rows of
-        one uncompressed shard on a local root come back as a view of the memory-mapped object (see
-        :meth:`ShardCodec.row_view`): the caller's one pass over them is the only one."""
+        one uncompressed shard on a local root come back as a view of the mapped object (see
+        :meth:`_row_view`): the caller's one pass over them is the only one."""
         spec = stored_part(self.manifest, name)
         rows = self._rows(clips)
         size = self.manifest.shard_size
@@ -744,7 +745,7 @@ class TargetReader(_VersionHandle):
         bytes nor what a later read returns."""
         size = self.manifest.shard_size
         if not self.root.is_local or not len(rows) or rows[0] // size != rows[-1] // size \
-                or rows[-1] - rows[0] + 1 != len(rows) or not np.array_equal(rows, rows[0] + np.arange(len(rows))):
+                or not np.array_equal(rows, rows[0] + np.arange(len(rows))):
             return None
         shard = int(rows[0]) // size
         data = self._shard_bytes(name, shard)
@@ -770,12 +771,12 @@ class TargetReader(_VersionHandle):
             return cached[1]
         if not self.verify_reads:
             data = self._load_object(shard_object(self.manifest, name, shard))
-            self._objects[name] = (shard, data)
+            self._keep(name, shard, data, cached)
             return data
         data = self._take_ahead(name, shard)
         if data is _NOT_AHEAD:
             data = self._checked_object(name, shard)
-        self._objects[name] = (shard, data)
+        self._keep(name, shard, data, cached)
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
         if sequential:
             started = self._ahead.get(name, {})
@@ -783,6 +784,12 @@ class TargetReader(_VersionHandle):
                 if ahead not in started:
                     self._start_check(name, ahead)
         return data
+
+    def _keep(self, name: str, shard: int, data: memoryview | None, replaced: tuple[int, object] | None) -> None:
+        """Keep ``shard``'s bytes as the array's newest; forget the identity of the one it replaces."""
+        self._objects[name] = (shard, data)
+        if replaced is not None:
+            self._identities.pop(shard_object(self.manifest, name, replaced[0]), None)
 
     def _start_check(self, name: str, shard: int) -> None:
         """Check one shard object in the check-ahead pool; its result is taken by :meth:`_take_ahead`."""

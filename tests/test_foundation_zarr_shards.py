@@ -109,32 +109,40 @@ def _finished_version(tmp_path: Path, compression: str) -> tuple[TargetStore, st
     return store, writer.version_id, values
 
 
+def _mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` views a memory map (follows .base)."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_rows_of_one_uncompressed_shard_are_views_of_a_private_map(tmp_path, verify):
-    from foresight.storage.mapped import file_map_of
+    from foresight.storage.mapped import describe_views
 
     store, version_id, values = _finished_version(tmp_path, "none")
     path = Path(store.root.path(shard_object(store.manifest(version_id), "target", 1)))
     before = path.read_bytes()
     reader = store.open(version_id, verify=verify)
     rows = reader.read("target", slice(3, 5))
-    assert file_map_of(rows) is not None and rows.flags.writeable  # no copy, still the caller's to edit
+    assert _mapped(rows) and rows.flags.writeable  # no copy, still the caller's to edit
+    assert describe_views({"rows": rows}) == {}  # DataLoader workers hand it on as a copy (not an allowed file)
     np.testing.assert_array_equal(rows, values[3:5])
     rows[:] = 0  # private pages: neither the file nor a later read sees it
     np.testing.assert_array_equal(reader.read("target", slice(3, 6)), values[3:6])
     np.testing.assert_array_equal(reader.read("target", 4), values[4])
     assert path.read_bytes() == before
     across = reader.read("target", slice(2, 5))  # two shards: decoded into one new array
-    assert file_map_of(across) is None
+    assert not _mapped(across)
     np.testing.assert_array_equal(across, values[2:5])
 
 
 def test_compressed_rows_are_decoded_copies(tmp_path):
-    from foresight.storage.mapped import file_map_of
-
     store, version_id, values = _finished_version(tmp_path, "zstd")
     rows = store.open(version_id).read("target", slice(3, 5))
-    assert file_map_of(rows) is None
+    assert not _mapped(rows)
     np.testing.assert_array_equal(rows, values[3:5])
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import zarr
@@ -645,15 +645,13 @@ class TargetReader(_VersionHandle):
     def __init__(self, store: TargetStore, manifest: TargetVersion, verify: bool | None = None):
         super().__init__(store, manifest)
         self.verify_reads = verify_by_default() if verify is None else bool(verify)
-        self._objects: dict[str, tuple[int, memoryview | None]] = {}  # array -> (shard, its bytes, checked when verifying)
+        self._objects: dict[str, tuple[int, ShardObject]] = {}  # array -> (shard, its bytes, checked when verifying)
         self._ahead: dict[str, dict[int, Future]] = {}  # array -> {next shard: its check in a helper thread}
-        self._identities: dict[str, FileIdentity] = {}  # local shard object -> the file its kept bytes map
 
     def forget_objects(self) -> None:
         """Drop the verified shard bytes kept for the next rows and the checks started ahead: later
         reads load and check them again (a reader kept across tasks sees objects changed since)."""
         self._objects.clear()
-        self._identities.clear()
         for futures in self._ahead.values():
             for future in futures.values():
                 future.cancel()
@@ -749,10 +747,10 @@ class TargetReader(_VersionHandle):
             return None
         shard = int(rows[0]) // size
         data = self._shard_bytes(name, shard)
-        rel = shard_object(self.manifest, name, shard)
-        identity = self._identities.get(rel)
+        identity = self._objects[name][1].identity
         if data is None or identity is None:
             return None
+        rel = shard_object(self.manifest, name, shard)
         where = f"target version '{self.version_id}', array '{name}', shard {shard}"
         row_bytes = math.prod(spec.shape[1:]) * np.dtype(spec.dtype).itemsize
         span = codec.row_span(data, int(rows[0]) - shard * size, int(rows[-1]) + 1 - shard * size, row_bytes, where)
@@ -768,34 +766,28 @@ class TargetReader(_VersionHandle):
         shard's check starts ahead (see :func:`_check_ahead_pool`)."""
         cached = self._objects.get(name)
         if cached is not None and cached[0] == shard:
-            return cached[1]
+            return cached[1].data
         if not self.verify_reads:
-            data = self._load_object(shard_object(self.manifest, name, shard))
-            self._keep(name, shard, data, cached)
-            return data
-        data = self._take_ahead(name, shard)
-        if data is _NOT_AHEAD:
-            data = self._checked_object(name, shard)
-        self._keep(name, shard, data, cached)
+            loaded = self._load_object(shard_object(self.manifest, name, shard))
+            self._objects[name] = (shard, loaded)
+            return loaded.data
+        loaded = self._take_ahead(name, shard)
+        if loaded is _NOT_AHEAD:
+            loaded = self._checked_object(name, shard)
+        self._objects[name] = (shard, loaded)
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
         if sequential:
             started = self._ahead.get(name, {})
             for ahead in range(shard + 1, min(shard + 1 + check_ahead_window(), self.manifest.num_shards)):
                 if ahead not in started:
                     self._start_check(name, ahead)
-        return data
-
-    def _keep(self, name: str, shard: int, data: memoryview | None, replaced: tuple[int, object] | None) -> None:
-        """Keep ``shard``'s bytes as the array's newest; forget the identity of the one it replaces."""
-        self._objects[name] = (shard, data)
-        if replaced is not None:
-            self._identities.pop(shard_object(self.manifest, name, replaced[0]), None)
+        return loaded.data
 
     def _start_check(self, name: str, shard: int) -> None:
         """Check one shard object in the check-ahead pool; its result is taken by :meth:`_take_ahead`."""
         self._ahead.setdefault(name, {})[shard] = _check_ahead_pool().submit(self._checked_object, name, shard)
 
-    def _take_ahead(self, name: str, shard: int) -> memoryview | None | object:
+    def _take_ahead(self, name: str, shard: int) -> ShardObject | object:
         """The result of the check started ahead for ``shard`` (its error raised here, where the
         shard is read); ``_NOT_AHEAD`` when none was started for it or the helper has not begun it
         (then the caller checks it itself rather than wait). Checks started for shards outside the
@@ -810,13 +802,14 @@ class TargetReader(_VersionHandle):
             return _NOT_AHEAD
         return future.result()
 
-    def _checked_object(self, name: str, shard: int) -> memoryview | None:
+    def _checked_object(self, name: str, shard: int) -> ShardObject:
         """Load one shard object and check it against the checksum recorded at ``_done``
         (ValueError naming version, array, shard and object on a mismatch or a missing object)."""
         rel = shard_object(self.manifest, name, shard)
         recorded = self.sums.recorded(name, shard)
         where = f"target version '{self.version_id}', array '{name}', shard {shard}"
-        data = self._load_object(rel)
+        loaded = self._load_object(rel)
+        data = loaded.data
         if recorded is not None and recorded[1] == EMPTY_SHARD:
             if data is not None:
                 raise ValueError(f"{where}: should hold only fill values but an object exists "
@@ -830,24 +823,26 @@ class TargetReader(_VersionHandle):
                 raise ValueError(f"{where}: checksum mismatch ({kind} of {self.root.url_of(rel)} differs from "
                                  f"the one recorded at _done); the shard was modified or corrupted, refusing "
                                  f"to read it (run `foresight targets verify {self.version_id}`)")
-        return data
+        return loaded
 
-    def _load_object(self, rel: str) -> memoryview | None:
+    def _load_object(self, rel: str) -> ShardObject:
+        """One shard object's bytes: a read-only map on a local root (with the identity of the file
+        mapped), else read whole; no bytes when zarr stored no object."""
         if self.root.is_local:
             try:
                 handle = open(self.root.path(rel), "rb")
             except FileNotFoundError:
-                return None
+                return ShardObject(None)
             with handle:
                 stat = os.fstat(handle.fileno())
                 if stat.st_size == 0:
-                    return memoryview(b"")
-                self._identities[rel] = FileIdentity.of(stat)
-                return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+                    return ShardObject(memoryview(b""))
+                return ShardObject(memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)),
+                                   FileIdentity.of(stat))
         try:
-            return memoryview(self.root.read_bytes(rel))
+            return ShardObject(memoryview(self.root.read_bytes(rel)))
         except FileNotFoundError:
-            return None
+            return ShardObject(None)
 
     def verify(self, shards: Sequence[int] | None = None) -> list[str]:
         """Re-hash stored shard objects (sha256, the audit hash); one message per missing or corrupt
@@ -884,6 +879,14 @@ class TargetReader(_VersionHandle):
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]
         return []
+
+
+class ShardObject(NamedTuple):
+    """A shard object's bytes (None: zarr stored none, fill values only) and, on a local root, the
+    identity of the file they map (what a later map of the same rows must still find)."""
+
+    data: memoryview | None
+    identity: FileIdentity | None = None
 
 
 _NOT_AHEAD = object()

@@ -157,3 +157,16 @@ def test_a_shard_replaced_after_it_was_mapped_is_refused(tmp_path, verify):
     replacement.replace(path)  # same bytes, another file: the reader's kept map is not of it
     with pytest.raises(ValueError, match=f"'{version_id}', array 'target', shard 0 .*changed after this reader"):
         reader.read("target", slice(0, 2))
+
+
+def test_checks_ahead_follow_the_reader_and_are_dropped_when_it_jumps(tmp_path, monkeypatch):
+    from foresight.storage import targets
+
+    monkeypatch.setattr(targets, "check_ahead_window", lambda: 2)
+    store, version_id, values = _finished_version(tmp_path, "none")  # 3 shards of 3, 3, 1 clips
+    reader = store.open(version_id)
+    np.testing.assert_array_equal(reader.read("target", slice(0, 3)), values[0:3])
+    assert sorted(reader._ahead["target"]) == [1, 2]  # the next two shards are being checked
+    np.testing.assert_array_equal(reader.read("target", 6), values[6])  # a jump past shard 1
+    assert reader._ahead["target"] == {}  # shard 2's check was taken, shard 1's dropped
+    np.testing.assert_array_equal(reader.read("target", [4, 1]), values[[4, 1]])  # back again: checked anew

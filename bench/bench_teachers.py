@@ -23,7 +23,8 @@ The store codecs (``--store-codec f16,bf16,fp8``, TeachersConfig.store_codec) ea
 in the same call, against the same bare figures; ``--root`` puts the store on a given folder (the
 machine's own disk, e.g. /tmp on the device machine, instead of tmpfs). Headline figures go to
 ``--results`` (default bench/results/bench_teachers.json): card, torch, commit, date, the store's
-file system, and ``teachers_disk_ratio`` (the worst teacher's best e2e / bare target+ref over the
+file system and its fsync'd write rate (``--disk-probe-gb``: each run's ``disk_cap_ratio`` is the
+e2e / bare the disk alone allows for its bytes a clip), and ``teachers_disk_ratio`` (the worst teacher's best e2e / bare target+ref over the
 codecs run) with ``<teacher>_<codec>_ratio`` per run.
 
     python bench/bench_teachers.py [--device cuda] [--dtype bf16] [--clips 512] [--batch 16]
@@ -64,7 +65,7 @@ VIDEO_WRITE_THREADS = 8  # the input version is set up, not measured: write shar
 RESULTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_teachers.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/headline.py
 TINY = {"model": "tiny", "clips": 16, "clips_da3": 16, "batch": 4, "shard": 4, "writers": "2", "readers": 1,
-        "repeats": 2}
+        "repeats": 2, "disk_probe_gb": 0.05}
 """``--size tiny``: the smoke-check sizes (CPU, seconds)."""
 
 
@@ -100,6 +101,36 @@ def write_video_version(root: str, clips: int, shard: int) -> str:
         list(pool.map(write, range(writer.num_shards)))
     writer.finalize()
     return writer.version_id
+
+
+def disk_write_rate(folder: str, gigabytes: float, block_mb: int = 16) -> float:
+    """GB/s of one sequential, fsync'd write of ``gigabytes`` into ``folder`` (what ``dd ... conv=fsync``
+    measures): the store's disk rate the e2e rows are set against; 0.0 when skipped."""
+    if gigabytes <= 0:
+        return 0.0
+    block = np.random.default_rng(0).integers(0, 256, block_mb << 20, dtype=np.uint8).tobytes()
+    count = max(1, int(gigabytes * 1e9 / len(block)))
+    path = os.path.join(folder, ".disk-probe")
+    start = time.perf_counter()
+    try:
+        with open(path, "wb") as handle:
+            for _ in range(count):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return count * len(block) / 1e9 / (time.perf_counter() - start)
+    finally:
+        os.unlink(path)
+
+
+def add_disk_caps(rows: list[dict], bare_target_ref: float, disk_gbps: float) -> None:
+    """Per e2e row: the GB/s its bytes a clip would need at the bare forward's speed, and the ratio
+    the disk alone caps it at (``disk_cap_ratio``: disk rate / that need, at most 1)."""
+    for e2e in rows:
+        gb_per_frame = e2e["written_gb"] / max(e2e["clips"] * T, 1)
+        e2e["needed_gbps_at_bare"] = gb_per_frame * bare_target_ref
+        if disk_gbps > 0:
+            e2e["disk_cap_ratio"] = min(1.0, disk_gbps / max(e2e["needed_gbps_at_bare"], 1e-12))
 
 
 def sync(device) -> None:
@@ -235,6 +266,7 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
                    ratio_vs_encode_clips=e2e["frames_per_s"] / bare["encode_clips"])
         if "encode_clips_graphed" in bare:
             e2e["ratio_vs_encode_clips_graphed"] = e2e["frames_per_s"] / bare["encode_clips_graphed"]
+    add_disk_caps(rows, bare["target+ref"], args.disk_gbps)
     del teacher
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -361,6 +393,9 @@ def report(results: list[dict], args) -> None:
                   f"{e['rel_l2']:>7.4f}")
     for r in results:
         for e in r["e2e"]:
+            if "disk_cap_ratio" in e:
+                print(f"{r['teacher']} {e['store_codec']} graphs {e['graphs']}: at bare speed its bytes need "
+                      f"{e['needed_gbps_at_bare']:.2f} GB/s; the disk alone caps e2e/bare at {e['disk_cap_ratio']:.2f}")
             if e["graphs_failed"]:
                 print(f"{r['teacher']}: CUDA graphs given up, the run went on eagerly ({e['graphs_failed']})")
     if args.json:
@@ -416,6 +451,8 @@ def headline(results: list[dict]) -> dict[str, float]:
                 figures[key] = max(figures.get(key, 0.0), round(e["ratio_vs_bare_target_ref"], 4))
             rate = f"{r['teacher']}_{e['store_codec']}_frames_per_s"
             figures[rate] = max(figures.get(rate, 0.0), round(e["frames_per_s"], 1))
+            if "disk_cap_ratio" in e:
+                figures[f"{r['teacher']}_{e['store_codec']}_disk_cap_ratio"] = round(e["disk_cap_ratio"], 4)
             sustained = f"{r['teacher']}_{e['store_codec']}_sustained_ratio"
             figures[sustained] = max(figures.get(sustained, 0.0), round(e["sustained_ratio_vs_bare_target_ref"], 4))
     best = [max(e["ratio_vs_bare_target_ref"] for e in r["e2e"]) for r in results if r["e2e"]]
@@ -431,7 +468,8 @@ def save_headline(results: list[dict], args, root: str) -> None:
     from headline import write_headline  # bench/headline.py, beside this script
 
     path = write_headline("bench_teachers", headline(results), out=args.results, command=" ".join(sys.argv),
-                          store={"root": root, "file_system": store_file_system(root)}, size=args.size,
+                          store={"root": root, "file_system": store_file_system(root),
+                                 "fsync_write_gbps": round(args.disk_gbps, 3)}, size=args.size,
                           model=args.model, bare_target_ref_frames_per_s={r["teacher"]: round(r["bare"]["target+ref"], 1)
                                                                           for r in results})
     print(f"headline figures -> {path}: {headline(results)}")
@@ -467,6 +505,9 @@ def main() -> None:
                         help="also profile one e2e run and one bare encode_clips per teacher (device ms per "
                              "frame per kernel class, e2e vs bare)")
     parser.add_argument("--profile-clips", type=int, default=256, help="clips of the profiled e2e run")
+    parser.add_argument("--disk-probe-gb", type=float, default=2.0,
+                        help="GB of one fsync'd sequential write into the store root first (the disk's rate, "
+                             "against which each run's bytes are set: disk_cap_ratio); 0 to skip")
     args = parse_args(parser)
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
     if args.io == "processes":
@@ -477,6 +518,9 @@ def main() -> None:
         started = time.perf_counter()
         video_id = write_video_version(root, args.clips, args.shard)
         print(f"video version {video_id}: {args.clips} clips written in {time.perf_counter() - started:.1f}s")
+        args.disk_gbps = disk_write_rate(root, args.disk_probe_gb)
+        if args.disk_gbps:
+            print(f"store disk: {args.disk_gbps:.2f} GB/s, one sequential fsync'd write of {args.disk_probe_gb} GB")
         results = []
         for name in args.teachers.split(","):
             try:

@@ -132,9 +132,9 @@ def write_version(root: Root, kind: str, stage: str, inputs: dict[str, str], com
     return writer.version_id
 
 
-def export(world: dict[str, str], codec: str) -> str:
+def export(world: dict[str, str], codec: str, shard_size: str = "64MB") -> str:
     config = ExportConfig(plan=world["plan"], targets=[world["video"], world["teacher"]], codec=codec,
-                          shard_size="64MB")
+                          shard_size=shard_size)
     recipe = export_recipe(world["root"], config)
     store = ExportStore(world["root"])
     store.begin(plan_export(world["root"], recipe))

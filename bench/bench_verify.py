@@ -12,6 +12,8 @@ order so drift hits every variant alike:
                 read), the same with only the next shard checked ahead (before), the same without
                 the checks of all arrays started first (before that), and verified with sha256 (what
                 reading would cost had only the audit hash been recorded)
+- export stage: the export stage itself over the same versions (every shard of an f16 export
+                written: read, encode, write, fsync, hash), unverified (``--no-verify``) and verified
 - ShardStream:  every sample of the export, every array touched once: unverified, verified with the
                 per-sample xxh3 (the default) on the first read of each sample in the process (checked
                 ahead of the consumer by one helper thread per free core, at most 3), the same with one
@@ -53,7 +55,7 @@ import numpy as np  # noqa: E402
 from foresight.storage import exports, lookahead, targets  # noqa: E402
 from foresight.storage.fs import fast_digest  # noqa: E402
 from foresight.storage.exports import ClipSource, ExportStore  # noqa: E402
-from foresight.storage.targets import TargetStore, shard_object  # noqa: E402
+from foresight.storage.targets import NO_VERIFY_ENV, TargetStore, shard_object  # noqa: E402
 import torch  # noqa: E402
 
 from foresight.trainers.data import ShardStream, collate_zero_copy  # noqa: E402
@@ -68,6 +70,7 @@ STREAM_MODES = ("unverified", "xxh3 (default), first read", ONE_HELPER, INLINE, 
                 "sha256, first read")
 WORKERS_AHEAD = "xxh3, first read, look-ahead thread in each worker"
 LOADER_MODES = ("unverified", "xxh3 (default), first read", WORKERS_AHEAD)
+STAGE_MODES = ("unverified", "xxh3 (default)")
 READ_BATCH = 4
 
 
@@ -94,6 +97,29 @@ def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
                 yield from source.read(clips[start:start + READ_BATCH])
         finally:
             targets.check_ahead_window = saved
+
+    return epoch
+
+
+def export_stage(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
+    """An epoch of the export stage itself: every shard of an f16 export written from the target
+    versions (tar members encoded, written, fsync'd and hashed), verified or with ``--no-verify``;
+    the export is removed at the end of the epoch (inside the timing, alike for both modes). Yields
+    the decoded bytes it read (``world["decoded_bytes"]``, an export read's total) as one int."""
+
+    def epoch() -> Iterable:
+        saved = os.environ.pop(NO_VERIFY_ENV, None)
+        if mode == "unverified":
+            os.environ[NO_VERIFY_ENV] = "1"
+        try:
+            export_id = export(world, "f16", shard_size="48MB")  # not the measured export's id (64MB shards)
+        finally:
+            os.environ.pop(NO_VERIFY_ENV, None)
+            if saved is not None:
+                os.environ[NO_VERIFY_ENV] = saved
+        assert export_id != world["export"], "the stage's export must not replace the one the readers read"
+        ExportStore(world["root"]).delete(export_id)
+        yield world["decoded_bytes"]
 
     return epoch
 
@@ -179,6 +205,9 @@ def timed_bytes(make_iter: Callable[[], Iterable]) -> tuple[float, int]:
     """Seconds of one pass and bytes of every array it produced (each array touched once)."""
     start, total = time.perf_counter(), 0
     for sample in make_iter():
+        if isinstance(sample, int):  # a stage that reports the bytes it read instead of handing them out
+            total += sample
+            continue
         touch(sample)
         total += sum(v.nbytes for v in sample.values() if hasattr(v, "nbytes"))
     return time.perf_counter() - start, total
@@ -188,7 +217,9 @@ def measure(world: dict[str, str], epochs: int,
             workers: int) -> tuple[dict[str, dict[str, list[float]]], list[float]]:
     """MB/s (decoded bytes) of every reader and mode in each of ``epochs`` after a warm-up pass; and
     the parallel hashing probe of each epoch (how much of a second core this process got)."""
-    readers = {"export read": (export_reader, MODES), "ShardStream": (stream_reader, STREAM_MODES)}
+    readers = {"export read": (export_reader, MODES), "export stage": (export_stage, STAGE_MODES),
+               "ShardStream": (stream_reader, STREAM_MODES)}
+    world["decoded_bytes"] = timed_bytes(export_reader(world, "unverified"))[1]
     if workers:
         readers[f"ShardStream, {workers} DataLoader workers"] = (
             lambda w, mode: loader_reader(w, mode, workers), LOADER_MODES)
@@ -237,7 +268,7 @@ def report(rates: dict[str, dict[str, list[float]]], probes: list[float], args: 
     for what, rate in best["raw read"].items():
         lines.append(f"| raw read | {what} | {rate:.0f} | - | - |")
     lines.append("")
-    for reader, mode, sha in (("export read", "xxh3 (default)", "sha256"),
+    for reader, mode, sha in (("export read", "xxh3 (default)", "sha256"), ("export stage", "xxh3 (default)", None),
                               ("ShardStream", "xxh3 (default), first read", "sha256, first read"),
                               ("ShardStream", "xxh3 (default), later epochs", None),
                               *[(r, "xxh3 (default), first read", None) for r in best if "DataLoader" in r]):

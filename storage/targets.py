@@ -9,6 +9,7 @@ import math
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
@@ -756,7 +757,15 @@ class TargetReader(_VersionHandle):
         span = codec.row_span(data, int(rows[0]) - shard * size, int(rows[-1]) + 1 - shard * size, row_bytes, where)
         if span is None:
             return None
-        region = map_unchanged(self.root.path(rel), span[0], span[1], identity, f"{where} ({self.root.url_of(rel)})")
+        if not _LIVE_MAPS.take():
+            return None  # as many maps are alive as this process may hold: copy these rows instead
+        try:
+            region = map_unchanged(self.root.path(rel), span[0], span[1], identity,
+                                   f"{where} ({self.root.url_of(rel)})")
+        except BaseException:
+            _LIVE_MAPS.give()
+            raise
+        weakref.finalize(region, _LIVE_MAPS.give)
         return np.frombuffer(region, dtype=spec.dtype).reshape(len(rows), *spec.shape[1:])
 
     def _shard_bytes(self, name: str, shard: int) -> memoryview | None:
@@ -879,6 +888,31 @@ class TargetReader(_VersionHandle):
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]
         return []
+
+
+class _MapBudget:
+    """How many row maps handed out by readers are alive in this process. CPython keeps a file
+    descriptor open per memory map, so a caller holding rows of thousands of clips would otherwise
+    run out of descriptors; past ``MAX_LIVE_MAPS`` rows are copied instead."""
+
+    def __init__(self) -> None:
+        self.live, self.lock = 0, threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.live >= MAX_LIVE_MAPS:
+                return False
+            self.live += 1
+            return True
+
+    def give(self) -> None:
+        with self.lock:
+            self.live -= 1
+
+
+MAX_LIVE_MAPS = 256
+"""Row maps (views of shard objects, see ``TargetReader._row_view``) alive at once per process."""
+_LIVE_MAPS = _MapBudget()
 
 
 class ShardObject(NamedTuple):

@@ -170,3 +170,22 @@ def test_checks_ahead_follow_the_reader_and_are_dropped_when_it_jumps(tmp_path, 
     np.testing.assert_array_equal(reader.read("target", 6), values[6])  # a jump past shard 1
     assert reader._ahead["target"] == {}  # shard 2's check was taken, shard 1's dropped
     np.testing.assert_array_equal(reader.read("target", [4, 1]), values[[4, 1]])  # back again: checked anew
+
+
+def test_rows_are_copied_once_too_many_maps_are_alive(tmp_path, monkeypatch):
+    """CPython holds a file descriptor per map: a caller keeping the rows of many clips gets copies
+    past the budget, and maps again once earlier rows are gone."""
+    import gc
+
+    from foresight.storage import targets
+
+    store, version_id, values = _finished_version(tmp_path, "none")
+    reader = store.open(version_id)
+    monkeypatch.setattr(targets, "MAX_LIVE_MAPS", targets._LIVE_MAPS.live + 2)
+    kept = [reader.read("target", clip) for clip in range(4)]
+    assert [_mapped(rows) for rows in kept] == [True, True, False, False]
+    for clip, rows in enumerate(kept):
+        np.testing.assert_array_equal(rows, values[clip])
+    del kept
+    gc.collect()
+    assert _mapped(reader.read("target", 5))

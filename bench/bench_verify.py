@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -108,15 +109,11 @@ def export_stage(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
     the decoded bytes it read (``world["decoded_bytes"]``, an export read's total) as one int."""
 
     def epoch() -> Iterable:
-        saved = os.environ.pop(NO_VERIFY_ENV, None)
-        if mode == "unverified":
-            os.environ[NO_VERIFY_ENV] = "1"
-        try:
-            export_id = export(world, "f16", shard_size="48MB")  # not the measured export's id (64MB shards)
-        finally:
+        with mock.patch.dict(os.environ):  # restored as it was afterwards
             os.environ.pop(NO_VERIFY_ENV, None)
-            if saved is not None:
-                os.environ[NO_VERIFY_ENV] = saved
+            if mode == "unverified":
+                os.environ[NO_VERIFY_ENV] = "1"
+            export_id = export(world, "f16", shard_size="48MB")  # not the measured export's id (64MB shards)
         assert export_id != world["export"], "the stage's export must not replace the one the readers read"
         ExportStore(world["root"]).delete(export_id)
         yield world["decoded_bytes"]

@@ -778,14 +778,11 @@ class TargetReader(_VersionHandle):
             return cached[1].data
         if not self.verify_reads:
             loaded = self._load_object(shard_object(self.manifest, name, shard))
-            self._objects[name] = (shard, loaded)
-            return loaded.data
-        loaded = self._take_ahead(name, shard)
-        if loaded is _NOT_AHEAD:
+        elif (loaded := self._take_ahead(name, shard)) is _NOT_AHEAD:
             loaded = self._checked_object(name, shard)
         self._objects[name] = (shard, loaded)
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
-        if sequential:
+        if self.verify_reads and sequential:
             started = self._ahead.get(name, {})
             for ahead in range(shard + 1, min(shard + 1 + check_ahead_window(), self.manifest.num_shards)):
                 if ahead not in started:
@@ -804,8 +801,8 @@ class TargetReader(_VersionHandle):
         futures = self._ahead.get(name)
         if not futures:
             return _NOT_AHEAD
-        future = futures.pop(shard, None)
-        for other in [s for s in futures if not shard < s <= shard + check_ahead_window()]:
+        future, window = futures.pop(shard, None), check_ahead_window()
+        for other in [s for s in futures if not shard < s <= shard + window]:
             futures.pop(other).cancel()
         if future is None or future.cancel():
             return _NOT_AHEAD

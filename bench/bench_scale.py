@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+
+from procmem import status_mb  # noqa: E402  (bench/procmem.py)
 
 RESULTS = REPO / "bench" / "results" / "bench_scale.json"
 DATASET = "sim"
@@ -162,12 +164,7 @@ class Timed:
 
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident memory of this process in MB."""
-    current = 0.0
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                current = int(line.split()[1]) / 1024
-    return round(current, 1), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return status_mb("VmRSS"), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def null_compute_per_shard(shard_size: int) -> dict[str, float]:

@@ -9,7 +9,9 @@ order so drift hits every variant alike:
                 batches of 4 clips (storage.targets.TargetReader): unverified, verified with the
                 xxh3-128 recorded per shard object (the default: every shard of every array a read
                 touches checked ahead at once, and the next shards, one per check thread, as each is
-                read), the same with only the next shard checked ahead (before), the same without
+                read; each check hashes the object's bytes read through its descriptor), the same
+                hashing through the reader's map of the object (before), the same with only the next
+                shard checked ahead (before), the same without
                 the checks of all arrays started first (before that), and verified with sha256 (what
                 reading would cost had only the audit hash been recorded)
 - export stage: the export stage itself over the same versions (every shard of an f16 export
@@ -44,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,7 +66,8 @@ from foresight.trainers.data import ShardStream, collate_zero_copy  # noqa: E402
 SECTION = "## Issue 23: verified reads (xxh3 per shard / per sample) vs unverified, same run"
 ONE_BY_ONE = "xxh3, each array's first shard checked when read (before)"
 NEXT_ONLY = "xxh3, only the next shard checked ahead (before)"
-MODES = ("unverified", "xxh3 (default)", NEXT_ONLY, ONE_BY_ONE, "sha256")
+THROUGH_MAP = "xxh3, hashed through the map (before)"
+MODES = ("unverified", "xxh3 (default)", THROUGH_MAP, NEXT_ONLY, ONE_BY_ONE, "sha256")
 INLINE = "xxh3, first read, checked in the consumer's thread"
 ONE_HELPER = "xxh3, first read, one look-ahead thread"
 STREAM_MODES = ("unverified", "xxh3 (default), first read", ONE_HELPER, INLINE, "xxh3 (default), later epochs",
@@ -90,14 +93,15 @@ def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
             for reader in source.readers.values():
                 reader.check_ahead = lambda name, clip: None  # no checks of the other arrays started first
         clips = list(range(len(source.rows)))
-        saved = targets.check_ahead_window
+        saved = targets.check_ahead_window, targets.HASH_THROUGH_READS
         if mode == NEXT_ONLY:
             targets.check_ahead_window = lambda: 1
+        targets.HASH_THROUGH_READS = mode != THROUGH_MAP
         try:
             for start in range(0, len(clips), READ_BATCH):
                 yield from source.read(clips[start:start + READ_BATCH])
         finally:
-            targets.check_ahead_window = saved
+            targets.check_ahead_window, targets.HASH_THROUGH_READS = saved
 
     return epoch
 
@@ -210,14 +214,19 @@ def timed_bytes(make_iter: Callable[[], Iterable]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
-def measure(world: dict[str, str], epochs: int,
-            workers: int) -> tuple[dict[str, dict[str, list[float]]], list[float]]:
-    """MB/s (decoded bytes) of every reader and mode in each of ``epochs`` after a warm-up pass; and
-    the parallel hashing probe of each epoch (how much of a second core this process got)."""
-    readers = {"export read": (export_reader, MODES), "export stage": (export_stage, STAGE_MODES),
-               "ShardStream": (stream_reader, STREAM_MODES)}
+READERS = ("export read", "export stage", "ShardStream", "DataLoader")
+
+
+def measure(world: dict[str, str], epochs: int, workers: int,
+            only: Sequence[str] = READERS) -> tuple[dict[str, dict[str, list[float]]], list[float]]:
+    """MB/s (decoded bytes) of every reader (of ``only``) and mode in each of ``epochs`` after a
+    warm-up pass; and the parallel hashing probe of each epoch (how much of a second core this
+    process got)."""
+    readers = {name: reader for name, reader in (("export read", (export_reader, MODES)),
+                                                 ("export stage", (export_stage, STAGE_MODES)),
+                                                 ("ShardStream", (stream_reader, STREAM_MODES))) if name in only}
     world["decoded_bytes"] = timed_bytes(export_reader(world, "unverified"))[1]
-    if workers:
+    if workers and "DataLoader" in only:
         readers[f"ShardStream, {workers} DataLoader workers"] = (
             lambda w, mode: loader_reader(w, mode, workers), LOADER_MODES)
     rates: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in readers[name][1]} for name in readers}
@@ -252,7 +261,7 @@ def report(rates: dict[str, dict[str, list[float]]], probes: list[float], args: 
     best = {reader: {mode: max(values) for mode, values in modes.items()} for reader, modes in rates.items()}
     lines = [SECTION, "",
              f"`python bench/bench_verify.py --samples {args.samples} --epochs {args.epochs} "
-             f"--compression {args.compression} --workers {args.workers}` on {platform.node()} ({os.cpu_count()} CPUs), "
+             f"--compression {args.compression} --workers {args.workers} --readers {args.readers}` on {platform.node()} ({os.cpu_count()} CPUs), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s. MB/s of decoded arrays "
              "(best of the epochs, warm page cache); ratio = verified / unverified, same run (of the best "
              "figures, and the median of each epoch's pair).", "",
@@ -269,6 +278,8 @@ def report(rates: dict[str, dict[str, list[float]]], probes: list[float], args: 
                               ("ShardStream", "xxh3 (default), first read", "sha256, first read"),
                               ("ShardStream", "xxh3 (default), later epochs", None),
                               *[(r, "xxh3 (default), first read", None) for r in best if "DataLoader" in r]):
+        if reader not in best:
+            continue
         ratio = best[reader][mode] / best[reader]["unverified"]
         lines.append(f"- {reader}, {mode}: {ratio:.2f}x unverified ({'meets' if ratio >= 0.9 else 'misses'} the "
                      f"0.9x goal; per-epoch pairs {paired_ratio(rates[reader], mode):.2f}x)" + (f"; sha256 would be {best[reader][sha] / best[reader]['unverified']:.2f}x."
@@ -286,14 +297,18 @@ def main() -> None:
     parser.add_argument("--compression", choices=["none", "zstd"], default="none",
                         help="Target store chunk codec ('none' is the teachers' choice for float features).")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the last reader (0: skip it).")
+    parser.add_argument("--readers", default=",".join(READERS),
+                        help=f"Comma-separated readers to measure, of {','.join(READERS)}.")
     parser.add_argument("--results", default=None, help="Write the markdown section into this RESULTS.md.")
     args = parser.parse_args()
+    if unknown := sorted(set(args.readers.split(",")) - set(READERS)):
+        parser.error(f"--readers: unknown {', '.join(unknown)} (known: {', '.join(READERS)})")
     started = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="bench-verify-")
     try:
         world = build_root(os.path.join(folder, "root"), args.samples, "noise", args.compression)
         world["export"] = export(world, "f16")
-        rates, probes = measure(world, args.epochs, args.workers)
+        rates, probes = measure(world, args.epochs, args.workers, args.readers.split(","))
         text = report(rates, probes, args, time.perf_counter() - started)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -777,7 +777,7 @@ class TargetReader(_VersionHandle):
         if cached is not None and cached[0] == shard:
             return cached[1].data
         if not self.verify_reads:
-            loaded = self._load_object(shard_object(self.manifest, name, shard))
+            loaded, _ = self._load_object(shard_object(self.manifest, name, shard))
         elif (loaded := self._take_ahead(name, shard)) is _NOT_AHEAD:
             loaded = self._checked_object(name, shard)
         self._objects[name] = (shard, loaded)
@@ -814,7 +814,8 @@ class TargetReader(_VersionHandle):
         rel = shard_object(self.manifest, name, shard)
         recorded = self.sums.recorded(name, shard)
         where = f"target version '{self.version_id}', array '{name}', shard {shard}"
-        loaded = self._load_object(rel)
+        hash_kind = recorded[0] if recorded is not None and recorded[1] != EMPTY_SHARD else None
+        loaded, found = self._load_object(rel, hash_kind)
         data = loaded.data
         if recorded is not None and recorded[1] == EMPTY_SHARD:
             if data is not None:
@@ -824,31 +825,36 @@ class TargetReader(_VersionHandle):
             if data is None:
                 raise ValueError(f"{where}: shard object is missing ({self.root.url_of(rel)})")
             kind, digest = recorded
-            found = fast_digest_of(data) if kind == FAST_HASH else hashlib.sha256(data).hexdigest()
+            if found is None:
+                found = fast_digest_of(data) if kind == FAST_HASH else hashlib.sha256(data).hexdigest()
             if found != digest:
                 raise ValueError(f"{where}: checksum mismatch ({kind} of {self.root.url_of(rel)} differs from "
                                  f"the one recorded at _done); the shard was modified or corrupted, refusing "
                                  f"to read it (run `foresight targets verify {self.version_id}`)")
         return loaded
 
-    def _load_object(self, rel: str) -> ShardObject:
+    def _load_object(self, rel: str, hash_kind: str | None = None) -> tuple[ShardObject, str | None]:
         """One shard object's bytes: a read-only map on a local root (with the identity of the file
-        mapped), else read whole; no bytes when zarr stored no object."""
-        if self.root.is_local:
+        mapped), else read whole; no bytes when zarr stored no object. With ``hash_kind`` (FAST_HASH
+        or "sha256") a local object is also hashed, from the descriptor that was mapped (see
+        :func:`digest_of_reads`); the digest is None where the caller must hash the bytes itself."""
+        if not self.root.is_local:
             try:
-                handle = open(self.root.path(rel), "rb")
+                return ShardObject(memoryview(self.root.read_bytes(rel))), None
             except FileNotFoundError:
-                return ShardObject(None)
-            with handle:
-                stat = os.fstat(handle.fileno())
-                if stat.st_size == 0:
-                    return ShardObject(memoryview(b""))
-                return ShardObject(memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)),
-                                   FileIdentity.of(stat))
+                return ShardObject(None), None
         try:
-            return ShardObject(memoryview(self.root.read_bytes(rel)))
+            handle = open(self.root.path(rel), "rb", buffering=0)
         except FileNotFoundError:
-            return ShardObject(None)
+            return ShardObject(None), None
+        with handle:
+            stat = os.fstat(handle.fileno())
+            if stat.st_size == 0:
+                return ShardObject(memoryview(b"")), None
+            loaded = ShardObject(memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)),
+                                 FileIdentity.of(stat))
+            digest = digest_of_reads(handle, hash_kind) if hash_kind is not None and HASH_THROUGH_READS else None
+        return loaded, digest
 
     def verify(self, shards: Sequence[int] | None = None) -> list[str]:
         """Re-hash stored shard objects (sha256, the audit hash); one message per missing or corrupt
@@ -961,6 +967,30 @@ def _forget_check_ahead_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_check_ahead_pool)
+
+
+HASH_THROUGH_READS = True
+"""Checks of local shard objects hash bytes read through the descriptor (``readinto`` a small
+per-thread buffer), not through the read-only map. The map is the reader's for its rows; hashing
+through it as well faults every page of the object into this process a second time, in the helper
+threads, while the reader faults and unmaps its own row maps, and a many-core host then spends the
+overlap in the kernel's page-table work instead of in the hash (bench_verify's row "xxh3, hashed
+through the map (before)" turns this off)."""
+HASH_READ_CHUNK = 1 << 20
+"""Bytes per ``readinto`` of :func:`digest_of_reads`: small enough to stay in a core's L2 cache for the hash."""
+_HASH_BUFFERS = threading.local()
+
+
+def digest_of_reads(handle: io.RawIOBase, kind: str) -> str:
+    """Hex digest (``kind``: FAST_HASH or "sha256") of a file's bytes from its current position to
+    its end, read through ``handle`` in :data:`HASH_READ_CHUNK` pieces into a buffer of this thread."""
+    buffer = getattr(_HASH_BUFFERS, "buffer", None)
+    if buffer is None:
+        buffer = _HASH_BUFFERS.buffer = memoryview(bytearray(HASH_READ_CHUNK))
+    hasher = fast_digest() if kind == FAST_HASH else hashlib.sha256()
+    while count := handle.readinto(buffer):
+        hasher.update(buffer[:count])
+    return hasher.hexdigest()
 
 
 def fast_digest_of(data: bytes | memoryview) -> str:

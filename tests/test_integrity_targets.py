@@ -7,6 +7,7 @@ one line naming the version, array and shard (or the file), and that nothing cor
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 
 import integrity_world as iw
-from foresight.storage import layout
+from foresight.storage import layout, targets
 from foresight.storage.exports import ExportStore
-from foresight.storage.fs import DiskFullError, Root, temp_name
+from foresight.storage.fs import FAST_HASH, DiskFullError, Root, temp_name
 from foresight.storage.process import machine_tag
 from foresight.storage.summary import root_summary
 from foresight.storage.targets import TargetStore
@@ -59,6 +60,28 @@ def test_d7_every_read_path_checks_the_shard(world, read):
         unverified.read("onestep", clips)
     except ValueError as err:
         assert "array 'onestep', shard 0: chunk" in iw.one_line(err)
+
+
+@pytest.mark.parametrize("through_reads", [True, False], ids=["hash-of-reads", "hash-of-map"])
+def test_d7_both_hash_paths_refuse_a_flipped_byte_and_pass_intact_shards(world, monkeypatch, through_reads):
+    monkeypatch.setattr(targets, "HASH_THROUGH_READS", through_reads)
+    iw.flip_byte(iw.shard_file(world, world["dinov2"], "target", 1), 200)
+    reader = TargetStore(world["root"]).open(world["dinov2"])
+    plain = TargetStore(world["root"]).open(world["dinov2"], verify=False)
+    np.testing.assert_array_equal(reader.read("target", slice(0, 2)), plain.read("target", slice(0, 2)))
+    with pytest.raises(ValueError, match=f"'{world['dinov2']}', array 'target', shard 1: checksum mismatch"):
+        reader.read("target", [reader.manifest.shard_size])
+
+
+@pytest.mark.parametrize("size", [0, 1, targets.HASH_READ_CHUNK - 1, targets.HASH_READ_CHUNK, 3 * targets.HASH_READ_CHUNK + 7])
+def test_digest_of_reads_equals_the_digest_of_the_bytes(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "object"
+    path.write_bytes(data)
+    with open(path, "rb", buffering=0) as handle:
+        assert targets.digest_of_reads(handle, FAST_HASH) == targets.fast_digest_of(data)
+    with open(path, "rb", buffering=0) as handle:
+        assert targets.digest_of_reads(handle, "sha256") == hashlib.sha256(data).hexdigest()
 
 
 def test_d7_verified_reads_equal_unverified_reads(world):

@@ -208,6 +208,7 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     steady = result.frames / max(result.seconds - result.startup_s, 1e-9)
     return {"frames_per_s": result.frames / result.seconds, "steady_frames_per_s": steady,
             "startup_s": result.startup_s, "seconds": result.seconds, "tail_s": result.tail_s,
+            "open_s": result.open_s, "close_s": result.close_s,
             "host_busy_s": result.host_busy_s, "gpu_busy_s": result.gpu_busy_s, "gpu_idle_s": result.gpu_idle_s,
             "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9,
             "written_gb_per_s": written / 1e9 / result.seconds, "max_abs_diff": max_diff, "rel_l2": rel_l2,
@@ -373,7 +374,7 @@ def report(results: list[dict], args) -> None:
             print(f"{r['teacher']:<8} {when:<6} " + "  ".join(f"{k} {v:,.0f}" for k, v in r[f"bare_{when}"].items()))
     print("ratios against the faster of the two; steady: without the start-up; sustained: without start-up and tail")
     print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'zstd?':>5} {'store':>5} {'graphs':>6} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
-          f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'tail s':>6} {'host s':>6} "
+          f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'open s':>6} {'tail s':>6} {'close s':>7} {'host s':>6} "
           f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'GB/s':>5} {'max|diff|':>9} "
           f"{'rel L2':>7}")
     for r in results:
@@ -387,7 +388,7 @@ def report(results: list[dict], args) -> None:
                   f"{e['ratio_vs_bare_target_ref']:>8.2f} {e['ratio_vs_bare_target']:>8.2f} "
                   f"{e['ratio_vs_encode_clips']:>9.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
                   f"{e['sustained_ratio_vs_bare_target_ref']:>9.2f} "
-                  f"{e['seconds']:>7.2f} {e['startup_s']:>7.2f} {e['tail_s']:>6.2f} {e['host_busy_s']:>6.2f} "
+                  f"{e['seconds']:>7.2f} {e['startup_s']:>7.2f} {e['open_s']:>6.2f} {e['tail_s']:>6.2f} {e['close_s']:>7.2f} {e['host_busy_s']:>6.2f} "
                   f"{e['gpu_busy_s']:>6.2f} {e['gpu_idle_s']:>8.2f} {e['wait_read_s']:>7.2f} {e['wait_write_s']:>7.2f} "
                   f"{e['written_gb']:>7.2f} {e['written_gb_per_s']:>5.2f} {e['max_abs_diff']:>9.2g} "
                   f"{e['rel_l2']:>7.4f}")

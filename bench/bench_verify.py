@@ -9,8 +9,9 @@ order so drift hits every variant alike:
                 batches of 4 clips (storage.targets.TargetReader): unverified, verified with the
                 xxh3-128 recorded per shard object (the default: every shard of every array a read
                 touches checked ahead at once, and the next shards, one per check thread, as each is
-                read; each check hashes the object's bytes read through its descriptor), the same
-                hashing through the reader's map of the object (before), the same with only the next
+                read; each check hashes the object through its read-only map), the same hashing
+                bytes read through the object's descriptor instead (tried), the same with 6 check
+                threads and 6 shards ahead instead of 3 (tried), the same with only the next
                 shard checked ahead (before), the same without
                 the checks of all arrays started first (before that), and verified with sha256 (what
                 reading would cost had only the audit hash been recorded)
@@ -66,8 +67,9 @@ from foresight.trainers.data import ShardStream, collate_zero_copy  # noqa: E402
 SECTION = "## Issue 23: verified reads (xxh3 per shard / per sample) vs unverified, same run"
 ONE_BY_ONE = "xxh3, each array's first shard checked when read (before)"
 NEXT_ONLY = "xxh3, only the next shard checked ahead (before)"
-THROUGH_MAP = "xxh3, hashed through the map (before)"
-MODES = ("unverified", "xxh3 (default)", THROUGH_MAP, NEXT_ONLY, ONE_BY_ONE, "sha256")
+THROUGH_READS = "xxh3, hashed through reads of the descriptor (tried)"
+WIDE = "xxh3, 6 check threads, 6 shards ahead (tried)"
+MODES = ("unverified", "xxh3 (default)", THROUGH_READS, WIDE, NEXT_ONLY, ONE_BY_ONE, "sha256")
 INLINE = "xxh3, first read, checked in the consumer's thread"
 ONE_HELPER = "xxh3, first read, one look-ahead thread"
 STREAM_MODES = ("unverified", "xxh3 (default), first read", ONE_HELPER, INLINE, "xxh3 (default), later epochs",
@@ -93,17 +95,28 @@ def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
             for reader in source.readers.values():
                 reader.check_ahead = lambda name, clip: None  # no checks of the other arrays started first
         clips = list(range(len(source.rows)))
-        saved = targets.check_ahead_window, targets.HASH_THROUGH_READS
+        saved = targets.check_ahead_window, targets.HASH_THROUGH_READS, targets.MAX_CHECK_AHEAD
         if mode == NEXT_ONLY:
             targets.check_ahead_window = lambda: 1
-        targets.HASH_THROUGH_READS = mode != THROUGH_MAP
+        targets.HASH_THROUGH_READS = mode == THROUGH_READS
+        with_check_threads(6 if mode == WIDE else saved[2])
         try:
             for start in range(0, len(clips), READ_BATCH):
                 yield from source.read(clips[start:start + READ_BATCH])
         finally:
-            targets.check_ahead_window, targets.HASH_THROUGH_READS = saved
+            targets.check_ahead_window, targets.HASH_THROUGH_READS = saved[:2]
+            with_check_threads(saved[2])
 
     return epoch
+
+
+def with_check_threads(most: int) -> None:
+    """Set the check-ahead cap (threads and shards ahead) and start its pool afresh if it changed."""
+    if most != targets.MAX_CHECK_AHEAD:
+        targets.MAX_CHECK_AHEAD = most
+        if targets._CHECK_AHEAD is not None:
+            targets._CHECK_AHEAD.shutdown(wait=True)
+            targets._CHECK_AHEAD = None
 
 
 def export_stage(world: dict[str, str], mode: str) -> Callable[[], Iterable]:

@@ -56,7 +56,13 @@ class EngineStats(StrictModel):
     wait_read_s: float = Field(default=0.0, description="Time the forward loop waited for input.")
     wait_write_s: float = Field(default=0.0, description="Time the forward loop waited for free output buffers.")
     startup_s: float = Field(default=0.0, description="Time until the first batch was ready (pools, first read).")
-    tail_s: float = Field(default=0.0, description="Time from the last batch queued to the last shard stored.")
+    tail_s: float = Field(default=0.0, description="Time from the last batch queued to the end of the run (the "
+                                                   "last shards stored, then the I/O shut down: close_s).")
+    open_s: float = Field(default=0.0, description="Time opening the store I/O (shared memory, worker pools "
+                                                   "started); part of startup_s.")
+    close_s: float = Field(default=0.0, description="Time shutting the store I/O down once every shard was stored "
+                                                    "(worker pools joined, output buffers unpinned, shared memory "
+                                                    "freed); part of tail_s.")
     host_busy_s: float = Field(default=0.0, description="Time the forward loop spent queueing work (uploads, "
                                                          "forward, copies), waits for buffers excluded.")
     gpu_busy_s: float = Field(default=0.0, description="CUDA: time the compute stream spent on the batches.")
@@ -657,7 +663,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
     shard_size = min(writer.manifest.shard_size, writer.manifest.num_clips)
     out_parts = shard_parts(writer, shard_size)
     io = open_io(video, observed, writer, batch, out_parts, readers, writers, teacher.device, io_processes)
-    result = EngineStats(shards=list(shards))
+    result = EngineStats(shards=list(shards), open_s=time.perf_counter() - start)
     read = ReadAhead(io.load, batch_plan(writer, shards, batch), readers=readers, depth=2 * readers + 1,
                      claim=None if claims is None else claims.take)
     try:
@@ -666,7 +672,9 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
             last = _feed(loop, read, start)
             loop.drain()
     finally:
+        closing = time.perf_counter()
         io.close()
+        result.close_s = time.perf_counter() - closing
         if claims is not None:
             claims.release_all()
     result.frames, result.wait_read_s = result.clips * T, read.waited_s

@@ -30,14 +30,14 @@ Prepared = TypeVar("Prepared")
 MAX_HELPERS = 3
 
 
-def helper_threads(depth: int) -> int:
+def helper_threads(depth: int, most: int = MAX_HELPERS) -> int:
     """Helper threads for a look-ahead of ``depth`` items in this process: one per core beyond the
-    consumer's (the cores this process may run on), at least one, at most ``MAX_HELPERS`` and ``depth``."""
+    consumer's (the cores this process may run on), at least one, at most ``most`` and ``depth``."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(MAX_HELPERS, depth, cores - 1))
+    return max(1, min(most, depth, cores - 1))
 
 
 class _Job:

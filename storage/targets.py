@@ -952,7 +952,7 @@ def _check_ahead_pool() -> ThreadPoolExecutor:
 
 def check_ahead_threads() -> int:
     """One check-ahead thread per core beyond the reader's, at least 1, at most ``MAX_CHECK_AHEAD``."""
-    return helper_threads(MAX_CHECK_AHEAD)
+    return helper_threads(MAX_CHECK_AHEAD, MAX_CHECK_AHEAD)
 
 
 def check_ahead_window() -> int:
@@ -969,13 +969,13 @@ def _forget_check_ahead_pool() -> None:
 os.register_at_fork(after_in_child=_forget_check_ahead_pool)
 
 
-HASH_THROUGH_READS = True
-"""Checks of local shard objects hash bytes read through the descriptor (``readinto`` a small
-per-thread buffer), not through the read-only map. The map is the reader's for its rows; hashing
-through it as well faults every page of the object into this process a second time, in the helper
-threads, while the reader faults and unmaps its own row maps, and a many-core host then spends the
-overlap in the kernel's page-table work instead of in the hash (bench_verify's row "xxh3, hashed
-through the map (before)" turns this off)."""
+HASH_THROUGH_READS = False
+"""Whether checks of local shard objects hash bytes read through the descriptor (``readinto`` a
+small per-thread buffer) instead of the read-only map. Reads keep the helpers' page faults out of
+this process, but they copy every byte once more: on the 16-core H100 host the export read then ran
+at 0.80x unverified against 0.85x through the map, on the 2-CPU VM at 0.47x against 0.63x
+(bench_verify's row "xxh3, hashed through reads of the descriptor"). Off; kept for hosts whose
+page faults cost more than a copy."""
 HASH_READ_CHUNK = 1 << 20
 """Bytes per ``readinto`` of :func:`digest_of_reads`: small enough to stay in a core's L2 cache for the hash."""
 _HASH_BUFFERS = threading.local()

@@ -389,6 +389,9 @@ class ThreadIO:
     def store(self, shard: int, clips: int, buffer: ShardBuffer) -> None:
         self.writer.write_shard(shard, {name: buffer.host(name, clips) for name in buffer.arrays}, encoded=True)
 
+    def reads_done(self) -> None:
+        """Every batch was read (the reads are threads of ReadAhead: nothing to stop)."""
+
     def close(self) -> None:
         """Nothing to release: the threads belong to the caller's executors."""
         self.video = self.observed = self.writer = self.buffers = None
@@ -498,12 +501,20 @@ class ProcessIO:
 
         self.write_pool.submit(teachers_io.write_shard_job, buffer.block, shard, clips).result()
 
+    def reads_done(self) -> None:
+        """Every batch was read: the reader processes exit now, while the last batches are computed
+        and written, instead of in the run's tail."""
+        if self.read_pool is not None:
+            self.read_pool.shutdown(wait=False)
+
     def close(self) -> None:
-        """Stop the workers (after their current job), let queued device copies into the blocks
-        finish (an error may leave some), unpin and free the shared memory."""
-        for pool in (self.read_pool, self.write_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers (after their current job; both pools at once), let queued device copies
+        into the blocks finish (an error may leave some), unpin and free the shared memory."""
+        pools = [pool for pool in (self.read_pool, self.write_pool) if pool is not None]
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=True)
         if self.pinner is not None:
             self.pinner.join()
         try:
@@ -670,6 +681,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
             loop = ShardLoop(teacher, writer, io, executor, claims, result, cuda_graphs)
             last = _feed(loop, read, start)
+            io.reads_done()
             loop.drain()
     finally:
         closing = time.perf_counter()

@@ -341,18 +341,6 @@ class ShardBuffers:
     def give(self, buffer: ShardBuffer) -> None:
         self._free.put(buffer)
 
-    def free_now(self) -> list[ShardBuffer]:
-        """The buffers free at this moment (they stay free: the caller only looks at them)."""
-        free = []
-        while True:
-            try:
-                free.append(self._free.get_nowait())
-            except queue.Empty:
-                break
-        for buffer in free:
-            self._free.put(buffer)
-        return free
-
 
 def pin_host_arrays(arrays: list[np.ndarray], device: torch.device) -> list[int]:
     """Page-lock host arrays (shared memory) for the GPU, so device-to-host copies land in them
@@ -381,9 +369,6 @@ def _take_pending_cuda_error(device: torch.device) -> None:
 
 
 def unpin_host_arrays(addresses: list[int]) -> None:
-    """Undo :func:`pin_host_arrays` for these addresses (none: nothing, CUDA not touched)."""
-    if not addresses:
-        return
     cudart = torch.cuda.cudart()
     for address in addresses:
         cudart.cudaHostUnregister(address)
@@ -436,8 +421,7 @@ class ProcessIO:
         for block in range(len(self.in_blocks)):
             self.free_in.put(block)
         self.read_pool = self.write_pool = self.pinner = None
-        self.pinned: dict[int, list[int]] = {}  # output block -> its page-locked addresses
-        self.shards_opened = False  # set once every batch was read: no buffer is taken again
+        self.pinned: list[int] = []
         self.buffers = ShardBuffers([])
         try:
             self._start(video, writer, readers, writers)
@@ -469,7 +453,7 @@ class ProcessIO:
             while buffers:
                 arrays = [tensor.numpy() for tensor in buffers[0].arrays.values()]
                 pinned = pin_host_arrays(arrays, self.device)
-                self.pinned[buffers[0].block] = pinned
+                self.pinned += pinned
                 if len(pinned) < len(arrays):
                     break
                 self.buffers.give(buffers.pop(0))
@@ -516,18 +500,12 @@ class ProcessIO:
         from foresight.flows import teachers_io
 
         self.write_pool.submit(teachers_io.write_shard_job, buffer.block, shard, clips).result()
-        if self.shards_opened:  # the block's copies are done and it is not taken again: unpin it here
-            unpin_host_arrays(self.pinned.pop(buffer.block, []))
 
     def reads_done(self) -> None:
-        """Every batch was read (and every shard opened): the reader processes exit now, while the
-        last batches are computed and written, and each output block is unpinned once its last shard
-        is stored, both instead of in the run's tail."""
+        """Every batch was read: the reader processes exit now, while the last batches are computed
+        and written, instead of in the run's tail."""
         if self.read_pool is not None:
             self.read_pool.shutdown(wait=False)
-        self.shards_opened = True
-        for buffer in self.buffers.free_now():
-            unpin_host_arrays(self.pinned.pop(buffer.block, []))
 
     def close(self) -> None:
         """Stop the workers (after their current job; both pools at once), let queued device copies
@@ -542,7 +520,7 @@ class ProcessIO:
         try:
             if self.pinned:
                 torch.cuda.synchronize(self.device)
-                unpin_host_arrays([address for block in list(self.pinned) for address in self.pinned.pop(block)])
+                unpin_host_arrays(self.pinned)
         finally:
             self.buffers = None
             self.in_blocks.close()

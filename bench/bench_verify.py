@@ -40,6 +40,7 @@ run got, which decides what a helper thread can overlap on a shared machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -47,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,28 +96,36 @@ def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
             for reader in source.readers.values():
                 reader.check_ahead = lambda name, clip: None  # no checks of the other arrays started first
         clips = list(range(len(source.rows)))
-        saved = targets.check_ahead_window, targets.HASH_THROUGH_READS, targets.MAX_CHECK_AHEAD
-        if mode == NEXT_ONLY:
-            targets.check_ahead_window = lambda: 1
-        targets.HASH_THROUGH_READS = mode == THROUGH_READS
-        with_check_threads(6 if mode == WIDE else saved[2])
-        try:
+        with contextlib.ExitStack() as patched:  # each variant's settings, restored after the epoch
+            if mode == NEXT_ONLY:
+                patched.enter_context(mock.patch.object(targets, "check_ahead_window", lambda: 1))
+            if mode == THROUGH_READS:
+                patched.enter_context(mock.patch.object(targets, "HASH_THROUGH_READS", True))
+            if mode == WIDE:
+                patched.enter_context(check_threads(6))
             for start in range(0, len(clips), READ_BATCH):
                 yield from source.read(clips[start:start + READ_BATCH])
-        finally:
-            targets.check_ahead_window, targets.HASH_THROUGH_READS = saved[:2]
-            with_check_threads(saved[2])
 
     return epoch
 
 
-def with_check_threads(most: int) -> None:
-    """Set the check-ahead cap (threads and shards ahead) and start its pool afresh if it changed."""
-    if most != targets.MAX_CHECK_AHEAD:
-        targets.MAX_CHECK_AHEAD = most
+@contextlib.contextmanager
+def check_threads(most: int) -> Iterator[None]:
+    """The check-ahead cap (threads and shards ahead) set to ``most``, with a pool of that size,
+    inside the block; the cap and a fresh pool of its size again after it."""
+    saved = targets.MAX_CHECK_AHEAD
+
+    def fresh_pool(cap: int) -> None:
+        targets.MAX_CHECK_AHEAD = cap
         if targets._CHECK_AHEAD is not None:
             targets._CHECK_AHEAD.shutdown(wait=True)
-            targets._CHECK_AHEAD = None
+            targets._CHECK_AHEAD = None  # the next check starts a pool of check_ahead_threads()
+
+    fresh_pool(most)
+    try:
+        yield
+    finally:
+        fresh_pool(saved)
 
 
 def export_stage(world: dict[str, str], mode: str) -> Callable[[], Iterable]:

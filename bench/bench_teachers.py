@@ -181,10 +181,14 @@ def _seconds_per_call(teacher, fns, repeats: int) -> float:
 
 def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writers: int, readers: int,
                processes: bool, compression: str, store_codec: str, tag: str, cuda_graphs: bool = True,
-               around: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+               around: Callable[[], ContextManager] = contextlib.nullcontext,
+               compile_codec: bool = True) -> dict[str, float]:
     """Frames/s of encode_shards over the first ``clips`` clips into a fresh teacher version
-    (``encode_shards`` alone runs inside ``around()``: a profiler sees the loop, not the checks)."""
-    from foresight.flows.teachers_engine import batch_plan, encode_shards, teacher_arrays, teacher_recipe
+    (``encode_shards`` alone runs inside ``around()``: a profiler sees the loop, not the checks).
+    ``compile_codec``: as the teachers flow does (TeachersConfig.compile_codec), compile and check
+    the fp8 encoding first, outside the timed loop (``codec_check_s``)."""
+    from foresight.flows.teachers_engine import (batch_plan, compiled_codec, encode_shards, teacher_arrays,
+                                                 teacher_recipe)
     from foresight.flows.teachers_io import ObservedFrames, open_video
     from foresight.storage.targets import TargetStore
 
@@ -196,43 +200,60 @@ def end_to_end(teacher, root: str, video_id: str, clips: int, batch: int, writer
     writer = store.begin(recipe, teacher_arrays(n, T, teacher, compression, store_codec), n,
                          video.manifest.shard_size)
     observed = ObservedFrames(root, video)
+    checking = time.perf_counter()
+    backend = compiled_codec(writer, teacher.device, batch) if compile_codec else None
+    codec_check_s = time.perf_counter() - checking
     with around():
         result = encode_shards(teacher, video, observed, writer, list(range(writer.num_shards)),
-                               batch, writers, readers, io_processes=processes, cuda_graphs=cuda_graphs)
+                               batch, writers, readers, io_processes=processes, cuda_graphs=cuda_graphs,
+                               codec_backend=backend)
     writer.finalize()
     written = store.root.du(f"targets/{writer.version_id}")
     plan = batch_plan(writer, list(range(writer.num_shards)), batch)
-    max_diff, rel_l2 = check_written(teacher, video, observed, store.open(writer.version_id),
-                                     [plan[0][1], plan[-1][1]])
+    max_diff, rel_l2, eager_bytes = check_written(teacher, video, observed, store.open(writer.version_id),
+                                                  [plan[0][1], plan[-1][1]])
     store.delete(writer.version_id)
     steady = result.frames / max(result.seconds - result.startup_s, 1e-9)
     return {"frames_per_s": result.frames / result.seconds, "steady_frames_per_s": steady,
             "startup_s": result.startup_s, "seconds": result.seconds, "tail_s": result.tail_s,
             "open_s": result.open_s, "close_s": result.close_s,
+            "first_read_s": result.first_read_s, "first_pin_s": result.first_pin_s,
             "host_busy_s": result.host_busy_s, "gpu_busy_s": result.gpu_busy_s, "gpu_idle_s": result.gpu_idle_s,
             "wait_read_s": result.wait_read_s, "wait_write_s": result.wait_write_s, "written_gb": written / 1e9,
             "written_gb_per_s": written / 1e9 / result.seconds, "max_abs_diff": max_diff, "rel_l2": rel_l2,
+            "stored_equal_eager_encoding": eager_bytes, "codec_backend": backend, "codec_check_s": codec_check_s,
             "graph_replays": result.graph_replays, "graphs_failed": result.graphs_failed}
 
 
-def check_written(teacher, video, observed, written, batches: list[range]) -> tuple[float, float]:
+def check_written(teacher, video, observed, written, batches: list[range]) -> tuple[float, float, bool]:
     """Largest |stored - direct| and the worst relative L2 over the given batches of clips: the
     pipelined, overlapped copies must store what ``teacher.encode_clips`` gives for the same batch
-    (f16: exactly; bf16/fp8: within the codec's error)."""
+    (f16: exactly; bf16/fp8: within the codec's error). Third: whether the stored values equal, bit
+    for bit, the eager encoding (on the device) of the direct outputs, decoded."""
     import torch
 
     from foresight.pipelines.float_codecs import relative_l2
+    from foresight.storage.targets import decode_parts, encode_part_tensors
 
     worst = worst_l2 = 0.0
+    same = True
     for clips in batches:
         frames = torch.from_numpy(video.read("frames", slice(clips.start, clips.stop))).to(teacher.device)
         obs = torch.from_numpy(observed.read(clips)).to(teacher.device)
         with torch.inference_mode():
-            target, reference = (t.float().cpu().numpy() for t in teacher.encode_clips(frames, obs))
-        stored = [written.read(name, slice(clips.start, clips.stop)).astype(np.float32) for name in ("target", "reference")]
-        worst = max(worst, float(np.abs(stored[0] - target).max()), float(np.abs(stored[1] - reference).max()))
-        worst_l2 = max(worst_l2, relative_l2(stored[0], target), relative_l2(stored[1], reference))
-    return worst, worst_l2
+            direct = dict(zip(("target", "reference"), teacher.encode_clips(frames, obs), strict=True))
+        for name, values in direct.items():
+            spec = written.manifest.array_spec(name)
+            parts = {part: t.cpu().numpy() for part, t in encode_part_tensors(spec, values).items()}
+            if spec.codec == "bf16":
+                parts = {part: a.view(np.uint16) for part, a in parts.items()}
+            eager = decode_parts(spec, parts, f"bench {name}")
+            stored = written.read(name, slice(clips.start, clips.stop))
+            same = same and np.array_equal(stored.view(np.uint16), eager.astype(stored.dtype).view(np.uint16))
+            stored, direct_f32 = stored.astype(np.float32), values.float().cpu().numpy()
+            worst = max(worst, float(np.abs(stored - direct_f32).max()))
+            worst_l2 = max(worst_l2, relative_l2(stored, direct_f32))
+    return worst, worst_l2, same
 
 
 def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
@@ -249,12 +270,15 @@ def bench_teacher(name: str, args, root: str, video_id: str) -> dict:
     frames = torch.from_numpy(open_video(root, video_id).read("frames", slice(0, args.batch))).to(teacher.device)
     bare_before = bare_forward(teacher, frames, args.repeats)
     clips = args.clips_da3 if name == "da3" else args.clips
-    runs = [(writers, compression, codec, graphs) for codec in args.store_codec for compression in args.compression
-            for writers in args.writers for graphs in args.graphs]
+    runs = [(writers, compression, codec, graphs, compiled) for codec in args.store_codec
+            for compression in args.compression for writers in args.writers for graphs in args.graphs
+            for compiled in args.codec_compile]
     rows = [end_to_end(teacher, root, video_id, clips, args.batch, writers, args.readers, args.io == "processes",
-                       compression, codec, f"run{run}-w{writers}-{compression}-{codec}-{graphs}", graphs == "on")
-            | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec, "graphs": graphs}
-            for run, (writers, compression, codec, graphs) in enumerate(runs)]
+                       compression, codec, f"run{run}-w{writers}-{compression}-{codec}-{graphs}-{compiled}",
+                       graphs == "on", compile_codec=compiled == "on")
+            | {"writers": writers, "clips": clips, "compression": compression, "store_codec": codec, "graphs": graphs,
+               "codec_compile": compiled}
+            for run, (writers, compression, codec, graphs, compiled) in enumerate(runs)]
     bare_after = bare_forward(teacher, frames, args.repeats)
     profiled = profile_teacher(name, teacher, args, root, video_id, frames) if args.profile else None
     bare = {key: max(bare_before[key], bare_after[key]) for key in bare_before}
@@ -312,12 +336,11 @@ def profile_teacher(name: str, teacher, args, root: str, video_id: str, frames) 
 
 def codec_timing(teacher, frames, observed, store_codec: str, repeats: int) -> dict:
     """Device ms per frame of the store codec's encoding of one batch's outputs (what the loop adds to
-    the forward for bf16/fp8) as the store runs it (eager); for fp8 also as one ``torch.compile``
-    graph of its tensor operations, and whether those codes are the eager ones byte for byte."""
+    the forward for bf16/fp8) eagerly; for fp8 also compiled (``float_codecs.compiled_fp8_encode_core``,
+    what the loop runs by default on CUDA), and whether those codes are the eager ones byte for byte."""
     import torch
 
     from foresight.flows.teachers_engine import teacher_arrays
-    from foresight.pipelines import float_codecs
     from foresight.storage.targets import encode_part_tensors
 
     with torch.inference_mode():
@@ -330,14 +353,12 @@ def codec_timing(teacher, frames, observed, store_codec: str, repeats: int) -> d
     timing = {"eager_ms_per_frame": eager_s * per_frame}
     if store_codec != "fp8":
         return timing
-    core = torch.compile(float_codecs.fp8_encode_core, dynamic=False)
-    table = float_codecs.e8m0_table_on(teacher.device)
-    blocks = [outputs[s.name].reshape(outputs[s.name].shape[0], -1, outputs[s.name].shape[-1]) for s in specs]
     with torch.inference_mode():
-        equal = all(torch.equal(a, b) for v in blocks for a, b in
-                    zip(float_codecs.fp8_encode_blocks(v), core(v, table, float_codecs.FP8_POWER)))
-        compiled_s = _seconds_per_call(teacher, [lambda: [core(v, table, float_codecs.FP8_POWER) for v in blocks]],
-                                       repeats)
+        equal = all(torch.equal(a, b) for s in specs for a, b in
+                    zip(encode_part_tensors(s, outputs[s.name]).values(),
+                        encode_part_tensors(s, outputs[s.name], "inductor").values()))
+        compiled_s = _seconds_per_call(
+            teacher, [lambda: [encode_part_tensors(s, outputs[s.name], "inductor") for s in specs]], repeats)
     return timing | {"compiled_ms_per_frame": compiled_s * per_frame, "compiled_bytes_equal": equal}
 
 
@@ -373,17 +394,17 @@ def report(results: list[dict], args) -> None:
         for when in ("before", "after"):
             print(f"{r['teacher']:<8} {when:<6} " + "  ".join(f"{k} {v:,.0f}" for k, v in r[f"bare_{when}"].items()))
     print("ratios against the faster of the two; steady: without the start-up; sustained: without start-up and tail")
-    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'zstd?':>5} {'store':>5} {'graphs':>6} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
+    print(f"{'teacher':<8} {'clips':>5} {'writers':>7} {'zstd?':>5} {'store':>5} {'graphs':>6} {'codec':>8} {'e2e f/s':>9} {'e2e/bare':>8} {'e2e/tgt':>8} "
           f"{'e2e/clips':>9} {'steady/bare':>11} {'sustained':>9} {'seconds':>7} {'start s':>7} {'open s':>6} {'tail s':>6} {'close s':>7} {'host s':>6} "
           f"{'gpu s':>6} {'gpu idle':>8} {'wait rd':>7} {'wait wr':>7} {'GB out':>7} {'GB/s':>5} {'max|diff|':>9} "
-          f"{'rel L2':>7}")
+          f"{'rel L2':>7} {'eager bytes':>11}")
     for r in results:
         if r.get("profile"):
             report_profile(r["teacher"], r["profile"])
     for r in results:
         for e in r["e2e"]:
             print(f"{r['teacher']:<8} {e['clips']:>5} {e['writers']:>7} {e['compression']:>5} {e['store_codec']:>5} "
-                  f"{e['graphs'] + ('!' if e['graphs_failed'] else ''):>6} "
+                  f"{e['graphs'] + ('!' if e['graphs_failed'] else ''):>6} {e['codec_backend'] or 'eager':>8} "
                   f"{e['frames_per_s']:>9.0f} "
                   f"{e['ratio_vs_bare_target_ref']:>8.2f} {e['ratio_vs_bare_target']:>8.2f} "
                   f"{e['ratio_vs_encode_clips']:>9.2f} {e['steady_ratio_vs_bare_target_ref']:>11.2f} "
@@ -391,12 +412,17 @@ def report(results: list[dict], args) -> None:
                   f"{e['seconds']:>7.2f} {e['startup_s']:>7.2f} {e['open_s']:>6.2f} {e['tail_s']:>6.2f} {e['close_s']:>7.2f} {e['host_busy_s']:>6.2f} "
                   f"{e['gpu_busy_s']:>6.2f} {e['gpu_idle_s']:>8.2f} {e['wait_read_s']:>7.2f} {e['wait_write_s']:>7.2f} "
                   f"{e['written_gb']:>7.2f} {e['written_gb_per_s']:>5.2f} {e['max_abs_diff']:>9.2g} "
-                  f"{e['rel_l2']:>7.4f}")
+                  f"{e['rel_l2']:>7.4f} {'yes' if e['stored_equal_eager_encoding'] else 'NO':>11}")
     for r in results:
         for e in r["e2e"]:
             if "disk_cap_ratio" in e:
                 print(f"{r['teacher']} {e['store_codec']} graphs {e['graphs']}: at bare speed its bytes need "
                       f"{e['needed_gbps_at_bare']:.2f} GB/s; the disk alone caps e2e/bare at {e['disk_cap_ratio']:.2f}")
+            if e["first_read_s"]:
+                print(f"{r['teacher']} codec {e['codec_backend'] or 'eager'}: start-up {e['startup_s']:.2f} s = open "
+                      f"{e['open_s']:.2f} + first batch read {e['first_read_s']:.2f} + page-locked copy "
+                      f"{e['first_pin_s']:.2f} + the rest; fp8 compile and check before the run "
+                      f"{e['codec_check_s']:.2f} s")
             if e["graphs_failed"]:
                 print(f"{r['teacher']}: CUDA graphs given up, the run went on eagerly ({e['graphs_failed']})")
     if args.json:
@@ -417,6 +443,9 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args.graphs = args.graphs.split(",") if args.device.startswith("cuda") else ["off"]
     if not set(args.graphs) <= {"on", "off"}:
         parser.error(f"--graphs {','.join(args.graphs)}: expected a comma list of on, off")
+    args.codec_compile = args.codec_compile.split(",")
+    if not set(args.codec_compile) <= {"on", "off"}:
+        parser.error(f"--codec-compile {','.join(args.codec_compile)}: expected a comma list of on, off")
     from foresight.flows.teachers_engine import check_store_codec
 
     for codec in args.store_codec:
@@ -448,7 +477,8 @@ def headline(results: list[dict]) -> dict[str, float]:
     for r in results:
         for e in r["e2e"]:
             for key in (f"{r['teacher']}_{e['store_codec']}_ratio",
-                        f"{r['teacher']}_{e['store_codec']}_graphs_{e['graphs']}_ratio"):
+                        f"{r['teacher']}_{e['store_codec']}_graphs_{e['graphs']}_ratio",
+                        f"{r['teacher']}_{e['store_codec']}_codec_compile_{e['codec_compile']}_ratio"):
                 figures[key] = max(figures.get(key, 0.0), round(e["ratio_vs_bare_target_ref"], 4))
             rate = f"{r['teacher']}_{e['store_codec']}_frames_per_s"
             figures[rate] = max(figures.get(rate, 0.0), round(e["frames_per_s"], 1))
@@ -493,6 +523,9 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=3, help="reader threads/processes")
     parser.add_argument("--compression", default="zstd", help="comma list of stored chunk codecs to try: zstd,none")
     parser.add_argument("--store-codec", default="f16", help="comma list of store codecs to try: f16,bf16,fp8")
+    parser.add_argument("--codec-compile", default="on",
+                        help="comma list: the fp8 store codec compiled (TeachersConfig.compile_codec, the "
+                             "default; CUDA only, checked to give the eager bytes) and/or eager")
     parser.add_argument("--graphs", default="off,on", help="comma list: the loop with CUDA graphs on/off "
                                                              "(CUDA only; TeachersConfig.cuda_graphs)")
     parser.add_argument("--size", choices=["real", "tiny"], default="real",

@@ -155,6 +155,10 @@ class TeachersConfig(StrictModel):
                                                          "forwards, store codec) from CUDA graphs, one launch a "
                                                          "batch; the same bytes (not keyed). Off by default: on an "
                                                          "H200 it gained 3% (DINOv2) and lost 6% (DA3, disk-bound).")
+    compile_codec: bool = Field(default=True, description="CUDA, fp8 store codec: encode with one "
+                                                          "torch.compile graph instead of seven eager kernels "
+                                                          "(compiled once before the first batch, used only if "
+                                                          "it gives the eager bytes on this machine; not keyed).")
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")
     compression: Literal["zstd", "none"] = Field(default="zstd", description="Codec of the stored target and "
                                                  "reference chunks (storage only, not part of the version id).")

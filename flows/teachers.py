@@ -18,7 +18,8 @@ from prefect import flow
 from foresight.flows.build import BuildSummary, ShardsResult, TargetOutput, TargetStage, build, prefect_tasks
 from foresight.flows.configs import TeachersConfig
 from foresight.flows.models_cache import cached_model
-from foresight.flows.teachers_engine import encode_shards, start_fork_server, teacher_arrays, teacher_recipe
+from foresight.flows.teachers_engine import (compiled_codec, encode_shards, start_fork_server, teacher_arrays,
+                                            teacher_recipe)
 from foresight.flows.teachers_io import ObservedFrames, open_video
 from foresight.pipelines.teachers import Teacher, load_teacher
 from foresight.schemas.target import ArraySpec, TargetRecipe
@@ -61,12 +62,14 @@ class TeachersWorker:
         self.identity = self.teacher.identity
         self.video = open_video(root_url, config.video)
         self.observed = ObservedFrames(root_url, self.video)
+        self.codec_backend = (compiled_codec(self.writer, self.teacher.device, config.batch)
+                              if config.compile_codec else None)
 
     def write_shards(self, shards: list[int], claims: ClaimSet) -> ShardsResult:
         """Encode the shards this task can claim (the engine takes each through ``claims``)."""
         stats = encode_shards(self.teacher, self.video, self.observed, self.writer, shards, self.config.batch,
                               self.writers, self.readers, claims=claims, io_processes=self.processes,
-                              cuda_graphs=self.config.cuda_graphs)
+                              cuda_graphs=self.config.cuda_graphs, codec_backend=self.codec_backend)
         return ShardsResult(shards=stats.shards_written, clips=stats.clips, frames=stats.frames, seconds=stats.seconds)
 
 

@@ -13,6 +13,7 @@ its ``_done`` marker only once fully written, so a killed run resumes cleanly.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -63,6 +64,10 @@ class EngineStats(StrictModel):
     close_s: float = Field(default=0.0, description="Time shutting the store I/O down once every shard was stored "
                                                     "(worker pools joined, output buffers unpinned, shared memory "
                                                     "freed); part of tail_s.")
+    first_read_s: float = Field(default=0.0, description="I/O in worker processes: the first batch's read in a "
+                                                          "reader process (part of startup_s).")
+    first_pin_s: float = Field(default=0.0, description="I/O in worker processes: the first batch's copy into "
+                                                         "page-locked memory (part of startup_s).")
     host_busy_s: float = Field(default=0.0, description="Time the forward loop spent queueing work (uploads, "
                                                          "forward, copies), waits for buffers excluded.")
     gpu_busy_s: float = Field(default=0.0, description="CUDA: time the compute stream spent on the batches.")
@@ -308,6 +313,25 @@ def shard_parts(writer: TargetWriter, shard_size: int) -> ShardParts:
             for spec in writer.manifest.arrays for part in stored_parts(spec)}
 
 
+def compiled_codec(writer: TargetWriter, device: torch.device, batch: int, backend: str = "inductor") -> str | None:
+    """The torch.compile backend the loop encodes the version's fp8 arrays with, or None (eager).
+
+    On CUDA only (elsewhere the encoding is not what bounds a run). The compile happens here, once
+    per process and before the timed loop, for the batch's shapes of every fp8 array; a compiled
+    encoding that does not give the eager kernels' bytes on this machine is not used (warning)."""
+    shapes = [(batch, math.prod(spec.shape[1:-1]), spec.shape[-1])
+              for spec in writer.manifest.arrays if spec.codec == "fp8"]
+    if device.type != "cuda" or not shapes:
+        return None
+    from foresight.pipelines import float_codecs
+
+    if not float_codecs.compiled_fp8_is_exact(shapes, device, backend):
+        log.warning("teacher version %s: the compiled fp8 encoding (%s) differs from the eager kernels' bytes "
+                    "on this machine; encoding eagerly", writer.version_id, backend)
+        return None
+    return backend
+
+
 def torch_host(array: np.ndarray) -> torch.Tensor:
     """A tensor over the bytes of host ``array`` (uint16, which torch barely supports, as int16)."""
     return torch.from_numpy(array.view(np.int16) if array.dtype == np.uint16 else array)
@@ -421,6 +445,7 @@ class ProcessIO:
         for block in range(len(self.in_blocks)):
             self.free_in.put(block)
         self.read_pool = self.write_pool = self.pinner = None
+        self.first_load: tuple[float, float] | None = None  # the first batch's (read, page-lock copy) seconds
         self.pinned: list[int] = []
         self.buffers = ShardBuffers([])
         try:
@@ -486,14 +511,19 @@ class ProcessIO:
 
         block = self.free_in.get()
         try:
+            started = time.perf_counter()
             observed = self.read_pool.submit(teachers_io.read_batch_job, block, clips.start, clips.stop).result()
+            read = time.perf_counter()
             view = torch.from_numpy(self.in_blocks.views[block]["frames"][:len(clips)])
             frames = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin)
             frames.copy_(view)
         finally:
             self.free_in.put(block)
         obs = torch.from_numpy(observed)
-        return InputBatch(shard, clips, frames, obs.pin_memory() if self.pin else obs, claim)
+        obs = obs.pin_memory() if self.pin else obs
+        if self.first_load is None:
+            self.first_load = (read - started, time.perf_counter() - read)
+        return InputBatch(shard, clips, frames, obs, claim)
 
     def store(self, shard: int, clips: int, buffer: ShardBuffer) -> None:
         """Have a writer process store the shard from the block its outputs were copied into."""
@@ -588,8 +618,9 @@ class ShardLoop:
 
     def __init__(self, teacher: Teacher, writer: TargetWriter, io: ThreadIO | ProcessIO,
                  executor: ThreadPoolExecutor, claims: ClaimSet | None, result: EngineStats,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, codec_backend: str | None = None):
         self.teacher, self.writer, self.io, self.executor = teacher, writer, io, executor
+        self.codec_backend = codec_backend
         self.claims, self.result = claims, result
         self.upload, self.download = HostToDevice(teacher.device), DeviceToHost(teacher.device)
         self.graphed = GraphedBatches(self.encode_batch) if cuda_graphs and teacher.device.type == "cuda" else None
@@ -635,7 +666,7 @@ class ShardLoop:
         target, reference = self.teacher.encode_clips(frames_BTHWC, observed_BHWC)
         outputs = {"target": target, "reference": reference}
         return {name: tensor for spec in self.writer.manifest.arrays
-                for name, tensor in encode_part_tensors(spec, outputs[spec.name]).items()}
+                for name, tensor in encode_part_tensors(spec, outputs[spec.name], self.codec_backend).items()}
 
     def _submit(self, shard: OpenShard) -> None:
         self.futures.append(self.executor.submit(store_shard, self.io, shard, self.claims))
@@ -660,14 +691,16 @@ class ShardLoop:
 
 def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                   shards: list[int], batch: int, writers: int = 2, readers: int = 2,
-                  claims: ClaimSet | None = None, io_processes: bool = False, cuda_graphs: bool = False) -> EngineStats:
+                  claims: ClaimSet | None = None, io_processes: bool = False, cuda_graphs: bool = False,
+                  codec_backend: str | None = None) -> EngineStats:
     """Encode and store whole shards: read ahead, upload, forward, copy back and write, overlapped.
 
     ``readers``/``writers`` are threads, or with ``io_processes`` worker processes (each driven by
     one thread of this process). With ``claims``, shards held by another builder are skipped and
     every claim is released, also on error (a shard not stored has no ``_done`` marker: a rerun
     redoes it). ``cuda_graphs``: on a CUDA device, replay each batch's device work from CUDA graphs
-    (see :mod:`foresight.pipelines.teachers.graphs`; the same bytes).
+    (see :mod:`foresight.pipelines.teachers.graphs`; the same bytes). ``codec_backend``: encode fp8
+    arrays with the compiled encoding (see :func:`compiled_codec`, which checks it gives the same bytes).
     """
     start = time.perf_counter()
     T = video.manifest.array_spec("frames").shape[1]
@@ -679,7 +712,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
                      claim=None if claims is None else claims.take)
     try:
         with ThreadPoolExecutor(writers, thread_name_prefix="teacher-write") as executor:
-            loop = ShardLoop(teacher, writer, io, executor, claims, result, cuda_graphs)
+            loop = ShardLoop(teacher, writer, io, executor, claims, result, cuda_graphs, codec_backend)
             last = _feed(loop, read, start)
             io.reads_done()
             loop.drain()
@@ -690,6 +723,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
         if claims is not None:
             claims.release_all()
     result.frames, result.wait_read_s = result.clips * T, read.waited_s
+    result.first_read_s, result.first_pin_s = getattr(io, "first_load", None) or (0.0, 0.0)
     result.seconds = time.perf_counter() - start
     result.tail_s = time.perf_counter() - last
     return result

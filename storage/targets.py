@@ -112,17 +112,20 @@ def stored_part(manifest: TargetVersion, name: str) -> ArraySpec:
                      f"{[p.name for a in manifest.arrays for p in stored_parts(a)]})")
 
 
-def encode_part_tensors(spec: ArraySpec, values: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+def encode_part_tensors(spec: ArraySpec, values: "torch.Tensor",
+                        compiled: str | None = None) -> dict[str, "torch.Tensor"]:
     """Stored part name -> tensor (on ``values``' device: the teachers engine encodes on the GPU) for
     rows ``values`` of ``spec`` in ``spec.dtype``; fp8 scales are per clip (row) and channel, as an
-    export's are per sample and channel. bf16 bits come as int16 (the bytes of the stored uint16)."""
+    export's are per sample and channel. bf16 bits come as int16 (the bytes of the stored uint16).
+    ``compiled``: the torch.compile backend of the fp8 encoding (see ``float_codecs.fp8_encode_blocks``)."""
     if spec.codec == "raw":
         return {spec.name: values}
     from foresight.pipelines import float_codecs  # torch: only writers of coded arrays pay for it
 
     if spec.codec == "bf16":
         return {spec.name: float_codecs.bf16_bits(values)}
-    codes_NRC, scales_NC = float_codecs.fp8_encode_blocks(values.reshape(values.shape[0], -1, values.shape[-1]))
+    codes_NRC, scales_NC = float_codecs.fp8_encode_blocks(values.reshape(values.shape[0], -1, values.shape[-1]),
+                                                          compiled=compiled)
     return {spec.name: codes_NRC.reshape(values.shape), spec.name + SCALE_SUFFIX: scales_NC}
 
 

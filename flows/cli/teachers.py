@@ -46,6 +46,7 @@ def teachers(
     compression: str = config_option(TeachersConfig, "compression"),
     store_codec: str = config_option(TeachersConfig, "store_codec"),
     cuda_graphs: bool = config_option(TeachersConfig, "cuda_graphs", "--cuda-graphs/--no-cuda-graphs"),
+    compile_codec: bool = config_option(TeachersConfig, "compile_codec", "--compile-codec/--eager-codec"),
     root: str = ROOT_OPTION,
     runner: RunnerChoice = None,
 ) -> None:
@@ -61,7 +62,7 @@ def teachers(
     config = TeachersConfig(settings=_settings(settings), workers=runner.tasks, **given(
         video=video, teacher=teacher, model=model, batch=batch, device=device, dtype=dtype, io_processes=io_processes,
         readers=readers, writers=writers, compression=compression, preset=preset,
-        store_codec=store_codec, cuda_graphs=cuda_graphs))
+        store_codec=store_codec, cuda_graphs=cuda_graphs, compile_codec=compile_codec))
     data_root = get_root(root, writable=True)
     # Input mistakes fail here, in one line, before any model is loaded or flow started.
     parse_settings(config.teacher, config.settings)

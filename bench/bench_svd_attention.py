@@ -48,9 +48,9 @@ EAGER_VARIANTS = {"sdpa": "sdpa", "sdpa-flash": "flash", "sdpa-cudnn": "cudnn", 
 COMPILED_VARIANTS = {"explicit-compiled": "explicit", "reduce-compiled": "reduce", "flex-compiled": "flex",
                      "packed-flex-compiled": "packed-flex"}
 SHORT_ONLY = ("reduce-compiled", "packed-flex-compiled")
+"""Variants timed only on short key sequences (at most SHORT_MAX_KEYS keys)."""
 CUDA_ONLY = ("sdpa-cudnn", "sdpa-efficient")
 """SDPA kernels without a CPU implementation (left out of a CPU run)."""
-"""Variants timed only on short key sequences (at most SHORT_MAX_KEYS keys)."""
 PLAN_THRESHOLDS = (20, 64)
 """Short-key thresholds (``@N``) the predicted settings are evaluated at: 20 takes temporal and
 cross-attention, 64 also the spatial self-attention of the two deepest levels."""

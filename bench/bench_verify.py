@@ -9,9 +9,7 @@ order so drift hits every variant alike:
                 batches of 4 clips (storage.targets.TargetReader): unverified, verified with the
                 xxh3-128 recorded per shard object (the default: every shard of every array a read
                 touches checked ahead at once, and the next shards, one per check thread, as each is
-                read; each check hashes the object through a copy-on-write map whose rows the reader
-                then hands out once each), the same with a check through a read-only map and rows
-                mapped afresh (before; the variants below all map so), the same hashing
+                read; each check hashes the object through its read-only map), the same hashing
                 bytes read through the object's descriptor instead (tried), the same with 6 check
                 threads and 6 shards ahead instead of 3 (tried), the same with only the next
                 shard checked ahead (before), the same without
@@ -72,8 +70,7 @@ ONE_BY_ONE = "xxh3, each array's first shard checked when read (before)"
 NEXT_ONLY = "xxh3, only the next shard checked ahead (before)"
 THROUGH_READS = "xxh3, hashed through reads of the descriptor (tried)"
 WIDE = "xxh3, 6 check threads, 6 shards ahead (tried)"
-FRESH_MAPS = "xxh3, rows mapped afresh after the check (before)"
-MODES = ("unverified", "xxh3 (default)", FRESH_MAPS, THROUGH_READS, WIDE, NEXT_ONLY, ONE_BY_ONE, "sha256")
+MODES = ("unverified", "xxh3 (default)", THROUGH_READS, WIDE, NEXT_ONLY, ONE_BY_ONE, "sha256")
 INLINE = "xxh3, first read, checked in the consumer's thread"
 ONE_HELPER = "xxh3, first read, one look-ahead thread"
 STREAM_MODES = ("unverified", "xxh3 (default), first read", ONE_HELPER, INLINE, "xxh3 (default), later epochs",
@@ -104,8 +101,6 @@ def export_reader(world: dict[str, str], mode: str) -> Callable[[], Iterable]:
                 patched.enter_context(mock.patch.object(targets, "check_ahead_window", lambda: 1))
             if mode == THROUGH_READS:
                 patched.enter_context(mock.patch.object(targets, "HASH_THROUGH_READS", True))
-            if mode in (FRESH_MAPS, THROUGH_READS, WIDE, NEXT_ONLY, ONE_BY_ONE):
-                patched.enter_context(mock.patch.object(targets, "HAND_OUT_CHECKED_MAP", False))
             if mode == WIDE:
                 patched.enter_context(check_threads(6))
             for start in range(0, len(clips), READ_BATCH):

@@ -211,39 +211,3 @@ def view_of_region(region: np.memmap, offset: int, dtype: str, shape: Sequence[i
                          f"mapped region of {region.nbytes} bytes")
     return np.frombuffer(region, dtype=kind, count=count, offset=offset).reshape(tuple(shape), order=order)
 
-
-
-class HandedOnce:
-    """A copy-on-write map of a whole file whose byte ranges are each handed out at most once.
-
-    A verified reader hashes each shard object before it hands out rows of it. Hashing through this
-    map, rather than a read-only one, leaves its page-table entries filled, so the caller's pass over
-    the rows it gets from :meth:`take` finds its pages mapped instead of faulting each one in again
-    through a fresh map. Each range goes out once: a caller writing into its rows (copy-on-write,
-    private to it) must not see those writes in a later read, so a range that overlaps one handed
-    out before gets None, and the reader maps it afresh (:func:`map_unchanged`).
-    """
-
-    def __init__(self, mapped: np.memmap, path: str, identity: FileIdentity):
-        self.mapped, self.path, self.identity = mapped, path, identity
-        self._handed: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
-
-    def take(self, start: int, length: int, label: str) -> np.memmap | None:
-        """Bytes [start, start + length) of the map, or None if any of them went out before. The file
-        must still be the one mapped (ValueError otherwise, as :func:`map_unchanged`)."""
-        stop = start + length
-        assert 0 <= start < stop <= self.mapped.nbytes, "range outside the mapped file"
-        with self._lock:
-            if any(start < end and begin < stop for begin, end in self._handed):
-                return None
-            self._handed.append((start, stop))
-        try:
-            found = FileIdentity.of(os.stat(self.path))
-        except OSError as err:
-            raise ValueError(f"{label}: cannot stat the shard this reader checked ({err}); it was deleted "
-                             "or replaced while being read") from None
-        if found != self.identity:
-            raise ValueError(f"{label}: the shard changed after this reader checked it (file identity "
-                             f"{self.identity} then, {found} now); refusing to hand out other bytes")
-        return self.mapped[start:stop]

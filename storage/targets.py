@@ -24,7 +24,7 @@ from foresight.storage import layout
 from foresight.storage.fs import (FAST_HASH, Root, fast_digest, local_entries_by_folder, object_files_by_folder, open_root,
                                   parse_json, read_many, remove_dead_temporaries_under, remove_temporaries)
 from foresight.storage.lookahead import helper_threads
-from foresight.storage.mapped import FileIdentity, HandedOnce, map_unchanged
+from foresight.storage.mapped import FileIdentity, map_unchanged
 from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 from foresight.storage.zarr_shards import ShardCodec, shard_codec
 
@@ -741,45 +741,35 @@ class TargetReader(_VersionHandle):
         return out if len(unique) == len(rows) and np.array_equal(unique, rows) else out[inverse]
 
     def _row_view(self, name: str, codec: ShardCodec, spec: ArraySpec, rows: np.ndarray) -> np.ndarray | None:
-        """Consecutive ``rows`` of one uncompressed shard of a local root as an array viewing a
-        copy-on-write map of their bytes (the object checked first when verifying), or None. Never
-        the kept read-only map: a caller writing into its rows changes neither the checked bytes nor
-        what a later read returns (see :meth:`_map_rows`)."""
+        """Consecutive ``rows`` of one uncompressed shard of a local root as an array viewing a fresh
+        copy-on-write map of their bytes (the object checked first when verifying), or None. A fresh
+        map per read, not the kept one: a caller writing into its rows changes neither the checked
+        bytes nor what a later read returns."""
         size = self.manifest.shard_size
         if not self.root.is_local or not len(rows) or rows[0] // size != rows[-1] // size \
                 or not np.array_equal(rows, rows[0] + np.arange(len(rows))):
             return None
         shard = int(rows[0]) // size
         data = self._shard_bytes(name, shard)
-        if data is None or self._objects[name][1].identity is None:
+        identity = self._objects[name][1].identity
+        if data is None or identity is None:
             return None
+        rel = shard_object(self.manifest, name, shard)
         where = f"target version '{self.version_id}', array '{name}', shard {shard}"
         row_bytes = math.prod(spec.shape[1:]) * np.dtype(spec.dtype).itemsize
         span = codec.row_span(data, int(rows[0]) - shard * size, int(rows[-1]) + 1 - shard * size, row_bytes, where)
         if span is None:
             return None
-        region = self._map_rows(name, shard, span, where)
-        return None if region is None else np.frombuffer(region, dtype=spec.dtype).reshape(len(rows), *spec.shape[1:])
-
-    def _map_rows(self, name: str, shard: int, span: tuple[int, int], where: str) -> np.ndarray | None:
-        """Bytes ``span`` (offset, length) of the kept shard object as a private, writable map: out of
-        the map its check hashed through if they were not handed out before (its pages are mapped
-        already), else a fresh map of the unchanged file; None once this process holds
-        :data:`MAX_LIVE_MAPS` maps (the caller copies the rows instead)."""
-        kept = self._objects[name][1]
-        rel = shard_object(self.manifest, name, shard)
-        label = f"{where} ({self.root.url_of(rel)})"
-        if kept.spare is not None and (checked := kept.spare.take(span[0], span[1], label)) is not None:
-            return checked
         if not _LIVE_MAPS.take():
-            return None
+            return None  # as many maps are alive as this process may hold: copy these rows instead
         try:
-            region = map_unchanged(self.root.path(rel), span[0], span[1], kept.identity, label)
+            region = map_unchanged(self.root.path(rel), span[0], span[1], identity,
+                                   f"{where} ({self.root.url_of(rel)})")
         except BaseException:
             _LIVE_MAPS.give()
             raise
         weakref.finalize(region, _LIVE_MAPS.give)
-        return region
+        return np.frombuffer(region, dtype=spec.dtype).reshape(len(rows), *spec.shape[1:])
 
     def _shard_bytes(self, name: str, shard: int) -> memoryview | None:
         """The bytes of one shard object (memory-mapped on local disks; checked when verifying), None
@@ -839,7 +829,7 @@ class TargetReader(_VersionHandle):
                 raise ValueError(f"{where}: shard object is missing ({self.root.url_of(rel)})")
             kind, digest = recorded
             if found is None:
-                found = digest_of(data, kind)
+                found = fast_digest_of(data) if kind == FAST_HASH else hashlib.sha256(data).hexdigest()
             if found != digest:
                 raise ValueError(f"{where}: checksum mismatch ({kind} of {self.root.url_of(rel)} differs from "
                                  f"the one recorded at _done); the shard was modified or corrupted, refusing "
@@ -849,10 +839,8 @@ class TargetReader(_VersionHandle):
     def _load_object(self, rel: str, hash_kind: str | None = None) -> tuple[ShardObject, str | None]:
         """One shard object's bytes: a read-only map on a local root (with the identity of the file
         mapped), else read whole; no bytes when zarr stored no object. With ``hash_kind`` (FAST_HASH
-        or "sha256") a local object is also hashed: through a copy-on-write map of it whose rows the
-        reader then hands out (``ShardObject.spare``, see :class:`HandedOnce`), or through reads of
-        the descriptor (:data:`HASH_THROUGH_READS`). The digest is None where the caller must hash
-        the bytes itself."""
+        or "sha256") a local object is also hashed, from the descriptor that was mapped (see
+        :func:`digest_of_reads`); the digest is None where the caller must hash the bytes itself."""
         if not self.root.is_local:
             try:
                 return ShardObject(memoryview(self.root.read_bytes(rel))), None
@@ -866,15 +854,10 @@ class TargetReader(_VersionHandle):
             stat = os.fstat(handle.fileno())
             if stat.st_size == 0:
                 return ShardObject(memoryview(b"")), None
-            data, identity = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)), FileIdentity.of(stat)
-            if hash_kind is None:
-                return ShardObject(data, identity), None
-            if HASH_THROUGH_READS:
-                return ShardObject(data, identity), digest_of_reads(handle, hash_kind)
-            spare = _hand_once_map(handle, self.root.path(rel), identity) if HAND_OUT_CHECKED_MAP else None
-        if spare is None:
-            return ShardObject(data, identity), None
-        return ShardObject(data, identity, spare), digest_of(spare.mapped, hash_kind)
+            loaded = ShardObject(memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)),
+                                 FileIdentity.of(stat))
+            digest = digest_of_reads(handle, hash_kind) if hash_kind is not None and HASH_THROUGH_READS else None
+        return loaded, digest
 
     def verify(self, shards: Sequence[int] | None = None) -> list[str]:
         """Re-hash stored shard objects (sha256, the audit hash); one message per missing or corrupt
@@ -944,8 +927,6 @@ class ShardObject(NamedTuple):
 
     data: memoryview | None
     identity: FileIdentity | None = None
-    spare: HandedOnce | None = None
-    """The copy-on-write map the check hashed through, whose row ranges a reader hands out once each."""
 
 
 _NOT_AHEAD = object()
@@ -1013,31 +994,6 @@ def digest_of_reads(handle: io.RawIOBase, kind: str) -> str:
     while count := handle.readinto(buffer):
         hasher.update(buffer[:count])
     return hasher.hexdigest()
-
-
-HAND_OUT_CHECKED_MAP = True
-"""Whether a verified check of a local shard object hashes it through a copy-on-write map whose rows
-the reader then hands out (:class:`HandedOnce`): the caller's pass finds the pages the check faulted
-in. Off, a check hashes a read-only map and every read maps its rows afresh, as an unverified read does."""
-
-
-def _hand_once_map(handle: io.RawIOBase, path: str, identity: FileIdentity) -> HandedOnce | None:
-    """A :class:`HandedOnce` over the whole file open in ``handle``, or None when this process holds
-    as many row maps as it may (see :data:`MAX_LIVE_MAPS`)."""
-    if not _LIVE_MAPS.take():
-        return None
-    try:
-        mapped = np.memmap(handle, dtype=np.uint8, mode="c")
-    except BaseException:
-        _LIVE_MAPS.give()
-        raise
-    weakref.finalize(mapped, _LIVE_MAPS.give)
-    return HandedOnce(mapped, path, identity)
-
-
-def digest_of(data: bytes | memoryview | np.ndarray, kind: str) -> str:
-    """Hex digest (``kind``: FAST_HASH or "sha256") of a buffer's bytes."""
-    return fast_digest_of(data) if kind == FAST_HASH else hashlib.sha256(data).hexdigest()
 
 
 def fast_digest_of(data: bytes | memoryview) -> str:

@@ -172,60 +172,20 @@ def test_checks_ahead_follow_the_reader_and_are_dropped_when_it_jumps(tmp_path, 
     np.testing.assert_array_equal(reader.read("target", [4, 1]), values[[4, 1]])  # back again: checked anew
 
 
-@pytest.mark.parametrize("verify", [True, False])
-def test_rows_are_copied_once_too_many_maps_are_alive(tmp_path, monkeypatch, verify):
+def test_rows_are_copied_once_too_many_maps_are_alive(tmp_path, monkeypatch):
     """CPython holds a file descriptor per map: a caller keeping the rows of many clips gets copies
-    past the budget, and maps again once earlier rows are gone. A verified reader's check of shard 0
-    takes the one map it may hold and hands its rows out of it; shard 1's check finds no budget left."""
+    past the budget, and maps again once earlier rows are gone."""
     import gc
 
     from foresight.storage import targets
 
     store, version_id, values = _finished_version(tmp_path, "none")
-    reader = store.open(version_id, verify=verify)
-    monkeypatch.setattr(targets, "MAX_LIVE_MAPS", targets._LIVE_MAPS.live + (1 if verify else 2))
+    reader = store.open(version_id)
+    monkeypatch.setattr(targets, "MAX_LIVE_MAPS", targets._LIVE_MAPS.live + 2)
     kept = [reader.read("target", clip) for clip in range(4)]
-    assert [_mapped(rows) for rows in kept] == ([True, True, True, False] if verify else [True, True, False, False])
+    assert [_mapped(rows) for rows in kept] == [True, True, False, False]
     for clip, rows in enumerate(kept):
         np.testing.assert_array_equal(rows, values[clip])
     del kept
     gc.collect()
     assert _mapped(reader.read("target", 5))
-
-
-def test_a_verified_reader_hands_out_rows_of_the_map_it_checked_once_each(tmp_path):
-    """The check hashes the shard through a private map; rows not handed out before come out of that
-    map (its pages are mapped already), rows handed out before are mapped afresh, so a caller's
-    writes never reach a later read."""
-    store, version_id, values = _finished_version(tmp_path, "none")
-    reader = store.open(version_id, verify=True)
-    first = reader.read("target", slice(3, 5))
-    spare = reader._objects["target"][1].spare
-    assert spare is not None and first.base is not None
-    assert np.shares_memory(first, spare.mapped)  # out of the checked map
-    first[:] = 0
-    again = reader.read("target", slice(4, 6))  # overlaps rows handed out: a fresh map
-    assert not np.shares_memory(again, spare.mapped)
-    np.testing.assert_array_equal(again, values[4:6])
-    np.testing.assert_array_equal(reader.read("target", slice(0, 7)), values)  # across shards: decoded
-    np.testing.assert_array_equal(reader.read("target", 5), values[5])  # never handed out: from the map
-
-
-def test_unverified_readers_keep_no_checked_map(tmp_path):
-    store, version_id, values = _finished_version(tmp_path, "none")
-    reader = store.open(version_id, verify=False)
-    np.testing.assert_array_equal(reader.read("target", slice(0, 2)), values[0:2])
-    assert reader._objects["target"][1].spare is None
-
-
-def test_a_shard_replaced_between_its_check_and_a_later_read_of_other_rows_is_refused(tmp_path):
-    store, version_id, values = _finished_version(tmp_path, "none")
-    reader = store.open(version_id, verify=True)
-    np.testing.assert_array_equal(reader.read("target", 0), values[0])
-    path = Path(store.root.path(shard_object(store.manifest(version_id), "target", 0)))
-    replacement = path.with_name(path.name + ".new")
-    replacement.write_bytes(path.read_bytes())
-    replacement.replace(path)
-    with pytest.raises(ValueError, match=f"'{version_id}', array 'target', shard 0 .*changed after this reader "
-                                         "checked it"):
-        reader.read("target", 1)  # rows never handed out: out of the checked map, after the file's identity

@@ -318,14 +318,23 @@ def compiled_codec(writer: TargetWriter, device: torch.device, batch: int, backe
 
     On CUDA only (elsewhere the encoding is not what bounds a run). The compile happens here, once
     per process and before the timed loop, for the batch's shapes of every fp8 array; a compiled
-    encoding that does not give the eager kernels' bytes on this machine is not used (warning)."""
-    shapes = [(batch, math.prod(spec.shape[1:-1]), spec.shape[-1])
+    encoding that fails to compile or does not give the eager kernels' bytes on this machine is not
+    used (warning)."""
+    # Batches of 1 clip (a shard's last, or --batch 1) too: the compiled graph is dynamic in the
+    # batch size, but torch.compile specialises a size of 1, which would otherwise compile in the loop.
+    shapes = [(clips, math.prod(spec.shape[1:-1]), spec.shape[-1]) for clips in sorted({batch, 1})
               for spec in writer.manifest.arrays if spec.codec == "fp8"]
     if device.type != "cuda" or not shapes:
         return None
     from foresight.pipelines import float_codecs
 
-    if not float_codecs.compiled_fp8_is_exact(shapes, device, backend):
+    try:
+        exact = float_codecs.compiled_fp8_is_exact(shapes, device, backend)
+    except Exception as err:  # noqa: BLE001 - no compiler, a backend error: the eager kernels still work
+        log.warning("teacher version %s: the fp8 encoding could not be compiled (%s: %s); encoding eagerly",
+                    writer.version_id, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
+    if not exact:
         log.warning("teacher version %s: the compiled fp8 encoding (%s) differs from the eager kernels' bytes "
                     "on this machine; encoding eagerly", writer.version_id, backend)
         return None
@@ -659,10 +668,12 @@ class ShardLoop:
         self.result.clips += len(item.clips)
         self.result.host_busy_s += time.perf_counter() - started - (self.result.wait_write_s - waited)
 
+    @torch.inference_mode()
     def encode_batch(self, frames_BTHWC: torch.Tensor, observed_BHWC: torch.Tensor) -> dict[str, torch.Tensor]:
         """All the device work of one batch: the teacher's target and reference maps, encoded as the
         store's parts. Coded arrays (bf16, fp8) are encoded here, on the device: the host gets a
-        half-size copy and the writers only store bytes."""
+        half-size copy and the writers only store bytes. In inference mode with or without CUDA
+        graphs, as :func:`compiled_codec` compiled the codec: no second compile in the loop."""
         target, reference = self.teacher.encode_clips(frames_BTHWC, observed_BHWC)
         outputs = {"target": target, "reference": reference}
         return {name: tensor for spec in self.writer.manifest.arrays

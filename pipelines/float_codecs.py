@@ -177,14 +177,16 @@ def compiled_fp8_is_exact(shapes: list[tuple[int, int, int]], device: torch.devi
     happens here, not in the first batch) and tell whether it gives the eager kernels' bytes, codes
     and scales, on random float16 values of each shape. A compiled kernel may round a power or a
     division differently from the eager one on some machine; a writer that must store the eager
-    recipe's bytes uses it only when this holds."""
+    recipe's bytes uses it only when this holds. Runs in inference mode, as the teachers loop
+    encodes (``ShardLoop.encode_batch``), so the loop reuses this compile."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    for shape in shapes:
-        values_BRC = (torch.randn(shape, generator=generator) * 3).to(device=device, dtype=torch.float16)
-        eager = fp8_encode_blocks(values_BRC)
-        compiled = fp8_encode_blocks(values_BRC, compiled=backend)
-        if not all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True)):
-            return False
+    with torch.inference_mode():  # as the teachers loop encodes: the compiled graph's guards hold there
+        for shape in shapes:
+            values_BRC = (torch.randn(shape, generator=generator) * 3).to(device=device, dtype=torch.float16)
+            eager = fp8_encode_blocks(values_BRC)
+            compiled = fp8_encode_blocks(values_BRC, compiled=backend)
+            if not all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True)):
+                return False
     return True
 
 

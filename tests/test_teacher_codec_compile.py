@@ -32,18 +32,28 @@ def test_compiled_encoding_equals_the_eager_one_for_every_shape():
 
 
 def test_a_compiled_encoding_that_differs_is_not_used(tmp_path, monkeypatch, caplog):
-    """compiled_codec keeps the eager encoding (and says so) where the compiled bytes differ; off
-    CUDA it never compiles."""
+    """compiled_codec keeps the eager encoding (and says so) where the compiled bytes differ or the
+    compile fails; off CUDA it never compiles."""
     writer = fp8_writer(str(tmp_path), load_teacher("dinov2", "tiny"), write_fake_video(str(tmp_path)))
     assert engine.compiled_codec(writer, torch.device("cpu"), batch=2) is None
     monkeypatch.setattr(float_codecs, "compiled_fp8_is_exact", lambda shapes, device, backend: False)
     with caplog.at_level("WARNING"):
         assert engine.compiled_codec(writer, torch.device("cuda"), batch=2) is None
     assert "differs from the eager kernels' bytes" in caplog.text and writer.version_id in caplog.text
+    caplog.clear()
+
+    def no_compiler(shapes, device, backend):
+        raise RuntimeError("no C compiler found\nmore detail")
+
+    monkeypatch.setattr(float_codecs, "compiled_fp8_is_exact", no_compiler)
+    with caplog.at_level("WARNING"):
+        assert engine.compiled_codec(writer, torch.device("cuda"), batch=2) is None
+    assert "could not be compiled (RuntimeError: no C compiler found)" in caplog.text
     shapes = []
     monkeypatch.setattr(float_codecs, "compiled_fp8_is_exact", lambda s, device, backend: shapes.extend(s) or True)
     assert engine.compiled_codec(writer, torch.device("cuda"), batch=2) == "inductor"
-    assert shapes == [(2, int(np.prod(spec.shape[1:-1])), spec.shape[-1]) for spec in writer.manifest.arrays]
+    assert shapes == [(clips, int(np.prod(spec.shape[1:-1])), spec.shape[-1]) for clips in (1, 2)
+                      for spec in writer.manifest.arrays]
 
 
 def fp8_writer(root: str, teacher, video: str, out: str = "out"):
@@ -81,3 +91,25 @@ def test_the_loop_stores_the_eager_bytes_with_the_compiled_codec_cuda(tmp_path):
     eager, compiled = (stored_with(root, teacher, video, backend) for backend in (None, "inductor"))
     for name in eager:
         np.testing.assert_array_equal(compiled[name], eager[name])
+
+
+def test_the_loop_reuses_the_compile_of_the_check(tmp_path):
+    """The check compiles in inference mode for the batch's shapes, as the loop encodes: no graph is
+    compiled again inside the loop, also for a last batch of another size (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    root = str(tmp_path)
+    video = write_fake_video(root)
+    teacher = load_teacher("dinov2", "tiny")
+    torch._dynamo.reset()
+    probe = fp8_writer(root, teacher, video, "probe")
+    shapes = []
+    checked = float_codecs.compiled_fp8_is_exact
+    with pytest.MonkeyPatch.context() as patch:  # what compiled_codec asks for, checked on the CPU
+        patch.setattr(float_codecs, "compiled_fp8_is_exact",
+                      lambda s, device, backend: shapes.extend(s) or checked(s, "cpu", "aot_eager"))
+        assert engine.compiled_codec(probe, torch.device("cuda"), batch=2) == "inductor"
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 1 and {clips for clips, _, _ in shapes} == {1, 2}
+    stored_with(root, teacher, video, "aot_eager")  # batches of 2, 2 and 1 clips (shards of 4 and 1)
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -156,7 +156,7 @@ class TeachersConfig(StrictModel):
                                                          "batch; the same bytes (not keyed). Off by default: on an "
                                                          "H200 it gained 3% (DINOv2) and lost 6% (DA3, disk-bound).")
     compile_codec: bool = Field(default=True, description="CUDA, fp8 store codec: encode with one "
-                                                          "torch.compile graph instead of seven eager kernels "
+                                                          "torch.compile graph instead of the eager kernels "
                                                           "(compiled once before the first batch, used only if "
                                                           "it gives the eager bytes on this machine; not keyed).")
     workers: int = Field(default=1, ge=1, description="Parallel tasks (each loads the model once).")

@@ -54,6 +54,10 @@ def test_a_compiled_encoding_that_differs_is_not_used(tmp_path, monkeypatch, cap
     assert engine.compiled_codec(writer, torch.device("cuda"), batch=2) == "inductor"
     assert shapes == [(clips, int(np.prod(spec.shape[1:-1])), spec.shape[-1]) for clips in (1, 2)
                       for spec in writer.manifest.arrays]
+    teacher = load_teacher("dinov2", "tiny")
+    f16 = TargetStore(str(tmp_path / "f16")).begin(engine.teacher_recipe(teacher, "v", store_codec="f16"),
+                                                   engine.teacher_arrays(N, T, teacher), N, shard_size=4)
+    assert engine.compiled_codec(f16, torch.device("cuda"), batch=2) is None  # nothing to compile
 
 
 def fp8_writer(root: str, teacher, video: str, out: str = "out"):

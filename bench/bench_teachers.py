@@ -233,7 +233,7 @@ def check_written(teacher, video, observed, written, batches: list[range]) -> tu
     import torch
 
     from foresight.pipelines.float_codecs import relative_l2
-    from foresight.storage.targets import decode_parts, encode_part_tensors
+    from foresight.storage.targets import decode_parts, encode_part_tensors, host_parts
 
     worst = worst_l2 = 0.0
     same = True
@@ -244,10 +244,7 @@ def check_written(teacher, video, observed, written, batches: list[range]) -> tu
             direct = dict(zip(("target", "reference"), teacher.encode_clips(frames, obs), strict=True))
         for name, values in direct.items():
             spec = written.manifest.array_spec(name)
-            parts = {part: t.cpu().numpy() for part, t in encode_part_tensors(spec, values).items()}
-            if spec.codec == "bf16":
-                parts = {part: a.view(np.uint16) for part, a in parts.items()}
-            eager = decode_parts(spec, parts, f"bench {name}")
+            eager = decode_parts(spec, host_parts(spec, encode_part_tensors(spec, values)), f"bench {name}")
             stored = written.read(name, slice(clips.start, clips.stop))
             same = same and np.array_equal(stored.view(np.uint16), eager.astype(stored.dtype).view(np.uint16))
             stored, direct_f32 = stored.astype(np.float32), values.float().cpu().numpy()

@@ -411,6 +411,8 @@ def unpin_host_arrays(addresses: list[int]) -> None:
 class ThreadIO:
     """Store reads and writes in threads of this process (small runs, tests, Dask workers)."""
 
+    first_load: tuple[float, float] | None = None  # not split here: a thread reads and pins in one call
+
     def __init__(self, video: TargetReader, observed: ObservedFrames, writer: TargetWriter,
                  out_parts: ShardParts, writers: int, pin: bool):
         self.video, self.observed, self.writer, self.pin = video, observed, writer, pin
@@ -734,7 +736,7 @@ def encode_shards(teacher: Teacher, video: TargetReader, observed: ObservedFrame
         if claims is not None:
             claims.release_all()
     result.frames, result.wait_read_s = result.clips * T, read.waited_s
-    result.first_read_s, result.first_pin_s = getattr(io, "first_load", None) or (0.0, 0.0)
+    result.first_read_s, result.first_pin_s = io.first_load or (0.0, 0.0)
     result.seconds = time.perf_counter() - start
     result.tail_s = time.perf_counter() - last
     return result

@@ -135,9 +135,14 @@ def encode_parts(spec: ArraySpec, data: np.ndarray) -> dict[str, np.ndarray]:
         return {spec.name: data}
     import torch
 
-    tensors = encode_part_tensors(spec, torch.from_numpy(np.ascontiguousarray(data)))
+    return host_parts(spec, encode_part_tensors(spec, torch.from_numpy(np.ascontiguousarray(data))))
+
+
+def host_parts(spec: ArraySpec, tensors: dict[str, "torch.Tensor"]) -> dict[str, np.ndarray]:
+    """:func:`encode_part_tensors`' tensors (on any device) as host numpy arrays of the stored dtypes
+    (bf16 bits come back as uint16)."""
     dtypes = {part.name: np.dtype(part.dtype) for part in stored_parts(spec)}
-    return {name: tensor.numpy().view(dtypes[name]) for name, tensor in tensors.items()}
+    return {name: tensor.cpu().numpy().view(dtypes[name]) for name, tensor in tensors.items()}
 
 
 def check_scales(part: str, data: np.ndarray, where: str) -> None:

@@ -119,6 +119,15 @@ def _discard(tmp: str) -> None:
     Path(tmp).unlink(missing_ok=True)
 
 
+def _remaining_bytes(pieces: Iterator[bytes | memoryview]) -> int:
+    """Bytes of the parts a failed write had not reached yet (a lazily encoded shard is encoded to
+    know its size), so a full disk's message says what the whole object needs; 0 where that fails."""
+    try:
+        return sum(memoryview(part).nbytes for part in pieces)
+    except Exception:  # the message is already an error path: a lower bound beats a second error
+        return 0
+
+
 def default_root() -> str:
     """The data root: ``$FORESIGHT_ROOT`` or ``./foresight-data``."""
     return os.environ.get(ROOT_ENV) or DEFAULT_ROOT
@@ -240,14 +249,14 @@ class Root:
             self.fs.pipe_file(path, b"".join(pieces))  # one PUT: one copy of the object, not two
             return digest.hexdigest()
         self.fs.makedirs(parent, exist_ok=True)
-        tmp, written = f"{parent}/{temp_name()}", 0
+        tmp, written, pieces = f"{parent}/{temp_name()}", 0, iter(parts)
         try:
             with open(tmp, "wb") as handle:
-                for part in parts:
+                for part in pieces:
                     for hasher in (digest, *extra):
                         hasher.update(part)
+                    written += memoryview(part).nbytes  # counted first: a failed write still needs it
                     handle.write(part)
-                    written += memoryview(part).nbytes
                 handle.flush()
                 if durable:
                     os.fsync(handle.fileno())
@@ -255,7 +264,7 @@ class Root:
         except OSError as err:
             _discard(tmp)
             if err.errno == errno.ENOSPC:
-                raise DiskFullError(path, written, free_bytes(path)) from None
+                raise DiskFullError(path, written + _remaining_bytes(pieces), free_bytes(path)) from None
             raise
         except BaseException:
             _discard(tmp)

@@ -199,7 +199,10 @@ def test_d11_disk_full_is_one_line_with_path_and_bytes(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError) as err:
         root.write_parts_atomic("targets/v/x.zarr/c/0", [b"x" * 1000])
     line = iw.one_line(err.value)
-    assert line.startswith(f"disk full writing {tmp_path}/targets/v/x.zarr/c/0: ") and "bytes needed" in line
+    assert line.startswith(f"disk full writing {tmp_path}/targets/v/x.zarr/c/0: 1000 bytes needed, ")
+    with pytest.raises(DiskFullError) as err:  # lazily encoded parts: the ones not reached count too
+        root.write_parts_atomic("targets/v/x.zarr/c/1", (b"y" * size for size in (300, 200, 100)))
+    assert err.value.needed == 600 and ": 600 bytes needed, " in iw.one_line(err.value)
     monkeypatch.undo()
     assert iw.stray_temporaries(tmp_path) == []
 

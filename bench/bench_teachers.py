@@ -503,7 +503,8 @@ def save_headline(results: list[dict], args, root: str) -> None:
     print(f"headline figures -> {path}: {headline(results)}")
 
 
-def main() -> None:
+def command_line() -> argparse.Namespace:
+    """The benchmark's options, checked (:func:`parse_args`)."""
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -539,7 +540,11 @@ def main() -> None:
     parser.add_argument("--disk-probe-gb", type=float, default=2.0,
                         help="GB of one fsync'd sequential write into the store root first (the disk's rate, "
                              "against which each run's bytes are set: disk_cap_ratio); 0 to skip")
-    args = parse_args(parser)
+    return parse_args(parser)
+
+
+def main() -> None:
+    args = command_line()
     root = args.root or tempfile.mkdtemp(prefix="bench-teachers-")
     if args.io == "processes":
         from foresight.flows.teachers_engine import start_fork_server

@@ -127,7 +127,7 @@ class ExportOutput:
     def write(self, shard: int, samples: Iterator[tuple[int, list]]) -> None:
         """Stream the samples into the shard's tar (temporary name, renamed when complete), then
         record it done."""
-        writer = self.store.shard_writer(self.version_id, shard, expected_bytes=self.recipe.shard_bytes)
+        writer = self.store.shard_writer(self.version_id, shard, expected_samples=self.clips(shard))
         try:
             for clip, members in samples:
                 writer.add_sample(clip, members)

@@ -444,15 +444,15 @@ class ShardTarWriter:
     """Streams samples into one tar under a temporary name; ``publish`` fsyncs and renames it into place.
 
     The temporary's name records the writer (storage.fs.temp_name): the next claimer of the shard, or
-    the export's completion, removes it when its writer died. ``expected_bytes`` (the planned shard
-    size) is what a full disk reports as needed.
+    the export's completion, removes it when its writer died. ``expected_samples`` (the planned
+    samples of the shard) lets a full disk report what the whole shard needs.
     """
 
-    def __init__(self, root: Root, export_id: str, index: int, expected_bytes: int = 0):
+    def __init__(self, root: Root, export_id: str, index: int, expected_samples: int = 0):
         self.root, self.index, self.name = root, index, shard_name(index)
         self.dir = layout.export_dir(export_id)
         self.tmp_rel = f"{self.dir}/{temp_name(self.name)}"
-        self.expected_bytes = expected_bytes
+        self.expected_samples, self.sample_bytes = expected_samples, 0
         root.makedirs(self.dir)
         self.handle = root.open(self.tmp_rel, "wb")
         self.digest, self.position = hashlib.sha256(), 0
@@ -474,14 +474,20 @@ class ShardTarWriter:
         self.position += len(data)
 
     def _raise_disk_full(self, pending: int) -> None:
+        """DiskFullError naming the shard, the bytes the whole shard needs (its planned samples at the
+        size of the one being written) and the bytes free once this temporary is gone."""
         path = self.root.url_of(self.dir, self.name)
-        needed = max(self.expected_bytes, self.position + pending)
+        data = self.expected_samples * self.sample_bytes
+        planned = data + 2 * TAR_BLOCK + -(data + 2 * TAR_BLOCK) % TAR_RECORD  # as publish() ends it
+        needed = max(planned, self.position + pending)
+        self.abort()
         free = free_bytes(self.root.path(self.tmp_rel)) if self.root.is_local else None
         raise DiskFullError(path, needed, free) from None
 
     def add_sample(self, clip_index: int, members: Sequence[tuple[str, bytes]]) -> None:
         """Append one sample: every member's header, payload and padding, contiguously."""
         sample_digests = (hashlib.sha256(), fast_digest())
+        self.sample_bytes = sum(TAR_BLOCK + len(payload) + -len(payload) % TAR_BLOCK for _, payload in members)
         self.clips.append(clip_index)
         self.offsets.append(self.position)
         for name, payload in members:
@@ -517,7 +523,7 @@ class ShardTarWriter:
         with contextlib.suppress(OSError):
             if not self.handle.closed:
                 self.handle.close()  # a full disk can fail the close's flush too: the file goes anyway
-        self.root.rm(self.tmp_rel)
+        self.root.rm(self.tmp_rel)  # a no-op once gone (a full disk's report removed it first)
 
 
 # tar decoding ----------------------------------------------------------------------------------
@@ -634,8 +640,8 @@ class ExportStore:
             raise ValueError(f"export '{export_id}': no build in progress under {self.root.url}") from None
         return _BUILD_PLANS.get(self, export_id, size)
 
-    def shard_writer(self, export_id: str, index: int, expected_bytes: int = 0) -> ShardTarWriter:
-        return ShardTarWriter(self.root, export_id, index, expected_bytes)
+    def shard_writer(self, export_id: str, index: int, expected_samples: int = 0) -> ShardTarWriter:
+        return ShardTarWriter(self.root, export_id, index, expected_samples)
 
     def remove_stale_temporaries(self, export_id: str, index: int) -> list[str]:
         """Delete the tar temporaries of shard ``index`` (call while holding its claim: any writer of

@@ -220,8 +220,16 @@ class Root:
         return self.fs.cat_file(self.path(*parts))
 
     def read_json(self, *parts: str) -> Any:
-        """Parsed JSON of a stored file; a truncated or non-UTF-8 file is a ValueError naming it."""
-        return parse_json(self.read_bytes(*parts), self.url_of(*parts))
+        """Parsed JSON of a stored file; a truncated or non-UTF-8 file, or one that cannot be read
+        (a folder in its place, no permission), is a ValueError naming it. A missing file stays a
+        FileNotFoundError: callers tell absent from damaged."""
+        try:
+            data = self.read_bytes(*parts)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise ValueError(f"{self.url_of(*parts)}: cannot be read ({err.strerror or err})") from None
+        return parse_json(data, self.url_of(*parts))
 
     def write_bytes_atomic(self, rel: str, data: bytes, durable: bool = True) -> None:
         """Publish ``data`` at ``rel`` so a reader sees either nothing or all of it (fsynced unless

@@ -425,6 +425,20 @@ def _check_same_layout(manifest: TargetVersion, arrays: Sequence[ArraySpec], num
                     "compression of %s is ignored", manifest.id, stored, changed)
 
 
+def layout_differences(array: zarr.Array, spec: ArraySpec, shard_size: int) -> list[str]:
+    """How a stored zarr array's shape, dtype and shard length (clips per shard object) differ
+    from what the manifest says of it ([] = they agree)."""
+    problems = []
+    if list(array.shape) != list(spec.shape):
+        problems.append(f"stored shape {list(array.shape)} differs from the manifest's {list(spec.shape)}")
+    if np.dtype(array.dtype) != np.dtype(spec.dtype):
+        problems.append(f"stored dtype {array.dtype} differs from the manifest's {spec.dtype}")
+    stored_shard = (array.shards or array.chunks)[0]
+    if stored_shard != shard_size:
+        problems.append(f"stored shards of {stored_shard} clips differ from the manifest's {shard_size}")
+    return problems
+
+
 def shard_object(manifest: TargetVersion, array: str, shard_index: int) -> str:
     """Path (relative to the root) of the stored object holding shard ``shard_index`` of ``array``."""
     ndim = len(stored_part(manifest, array).shape)
@@ -461,12 +475,19 @@ class _VersionHandle:
 
     def array(self, name: str) -> zarr.Array:
         """The stored zarr array ``name`` of this version (opened once): for a coded array, its
-        codes (see :func:`stored_parts`)."""
-        stored_part(self.manifest, name)
+        codes (see :func:`stored_parts`). Its shape, dtype and shard length must be the manifest's
+        (ValueError naming both files otherwise): the version id proves the recipe, not the layout."""
+        spec = stored_part(self.manifest, name)
         if name not in self._arrays:
-            store = self.root.zarr_store(layout.target_array(self.version_id, name), read_only=self.read_only)
+            rel = layout.target_array(self.version_id, name)
+            store = self.root.zarr_store(rel, read_only=self.read_only)
             # zarr_format: without it zarr also looks for v2 metadata, 4 more requests per open on S3.
-            self._arrays[name] = zarr.open_array(store, mode="r" if self.read_only else "r+", zarr_format=3)
+            array = zarr.open_array(store, mode="r" if self.read_only else "r+", zarr_format=3)
+            if problems := layout_differences(array, spec, self.manifest.shard_size):
+                raise ValueError(f"target version '{self.version_id}', array '{name}': {'; '.join(problems)} "
+                                 f"({self.root.url_of(rel)} against {self.root.url_of(layout.target_manifest(self.version_id))}); "
+                                 f"the manifest was edited or the array replaced, refusing to read it")
+            self._arrays[name] = array
         return self._arrays[name]
 
     def _codec(self, name: str) -> ShardCodec | None:
@@ -733,7 +754,7 @@ class TargetReader(_VersionHandle):
             data = self._shard_bytes(name, shard)
             if data is None:
                 continue  # a shard of fill values only: no object
-            where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+            where = self._where(name, shard)
             if len(picked) == picked[-1] - picked[0] + 1:  # contiguous rows: decode into a view of out
                 codec.decode_rows(data, (unique[picked] - shard * size).tolist(), out[picked[0]:picked[-1] + 1],
                                   where)
@@ -760,7 +781,7 @@ class TargetReader(_VersionHandle):
         if data is None or identity is None:
             return None
         rel = shard_object(self.manifest, name, shard)
-        where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+        where = self._where(name, shard)
         row_bytes = math.prod(spec.shape[1:]) * np.dtype(spec.dtype).itemsize
         span = codec.row_span(data, int(rows[0]) - shard * size, int(rows[-1]) + 1 - shard * size, row_bytes, where)
         if span is None:
@@ -785,7 +806,7 @@ class TargetReader(_VersionHandle):
         if cached is not None and cached[0] == shard:
             return cached[1].data
         if not self.verify_reads:
-            loaded, _ = self._load_object(shard_object(self.manifest, name, shard))
+            loaded, _ = self._load_object(shard_object(self.manifest, name, shard), self._where(name, shard))
         elif (loaded := self._take_ahead(name, shard)) is _NOT_AHEAD:
             loaded = self._checked_object(name, shard)
         self._objects[name] = (shard, loaded)
@@ -821,9 +842,9 @@ class TargetReader(_VersionHandle):
         (ValueError naming version, array, shard and object on a mismatch or a missing object)."""
         rel = shard_object(self.manifest, name, shard)
         recorded = self.sums.recorded(name, shard)
-        where = f"target version '{self.version_id}', array '{name}', shard {shard}"
+        where = self._where(name, shard)
         hash_kind = recorded[0] if recorded is not None and recorded[1] != EMPTY_SHARD else None
-        loaded, found = self._load_object(rel, hash_kind)
+        loaded, found = self._load_object(rel, where, hash_kind)
         data = loaded.data
         if recorded is not None and recorded[1] == EMPTY_SHARD:
             if data is not None:
@@ -841,20 +862,27 @@ class TargetReader(_VersionHandle):
                                  f"to read it (run `foresight targets verify {self.version_id}`)")
         return loaded
 
-    def _load_object(self, rel: str, hash_kind: str | None = None) -> tuple[ShardObject, str | None]:
+    def _where(self, name: str, shard: int) -> str:
+        return f"target version '{self.version_id}', array '{name}', shard {shard}"
+
+    def _load_object(self, rel: str, where: str, hash_kind: str | None = None) -> tuple[ShardObject, str | None]:
         """One shard object's bytes: a read-only map on a local root (with the identity of the file
         mapped), else read whole; no bytes when zarr stored no object. With ``hash_kind`` (FAST_HASH
         or "sha256") a local object is also hashed, from the descriptor that was mapped (see
-        :func:`digest_of_reads`); the digest is None where the caller must hash the bytes itself."""
-        if not self.root.is_local:
-            try:
-                return ShardObject(memoryview(self.root.read_bytes(rel))), None
-            except FileNotFoundError:
-                return ShardObject(None), None
+        :func:`digest_of_reads`); the digest is None where the caller must hash the bytes itself. An
+        object that exists but cannot be read (a folder in its place) is a ValueError naming ``where``."""
         try:
-            handle = open(self.root.path(rel), "rb", buffering=0)
+            return self._open_object(rel, hash_kind)
         except FileNotFoundError:
             return ShardObject(None), None
+        except OSError as err:
+            raise ValueError(f"{where}: shard object cannot be read ({err.strerror or err}, "
+                             f"{self.root.url_of(rel)})") from None
+
+    def _open_object(self, rel: str, hash_kind: str | None) -> tuple[ShardObject, str | None]:
+        if not self.root.is_local:
+            return ShardObject(memoryview(self.root.read_bytes(rel))), None
+        handle = open(self.root.path(rel), "rb", buffering=0)
         with handle:
             stat = os.fstat(handle.fileno())
             if stat.st_size == 0:
@@ -895,6 +923,9 @@ class TargetReader(_VersionHandle):
             found = self.root.sha256(rel)
         except FileNotFoundError:
             return [f"{self.version_id}: array '{array}' shard {index} is missing ({self.root.url_of(rel)})"]
+        except OSError as err:
+            return [f"{self.version_id}: array '{array}' shard {index} cannot be read ({err.strerror or err}, "
+                    f"{self.root.url_of(rel)})"]
         if found != digest:
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]

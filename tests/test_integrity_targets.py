@@ -112,6 +112,19 @@ def test_flipped_bytes_are_caught_by_targets_verify(world):
                         f"{iw.shard_file(world, world['text'], 'embedding', 0)})"]
 
 
+def test_a_folder_in_place_of_a_shard_object_is_one_line_and_verify_goes_on(world):
+    path = iw.shard_file(world, world["dinov2"], "target", 0)
+    os.unlink(path)
+    os.mkdir(path)
+    with pytest.raises(ValueError) as err:
+        iw.export(world, codec="bf16")
+    line = iw.one_line(err.value)
+    assert f"target version '{world['dinov2']}', array 'target', shard 0: shard object cannot be read" in line
+    assert str(path) in line
+    problems = TargetStore(world["root"]).open(world["dinov2"]).verify()
+    assert any("array 'target' shard 0 cannot be read" in p for p in problems)  # reported, not raised
+
+
 # D9: ids are proven ------------------------------------------------------------------------------
 def test_d9_an_edited_recipe_is_refused_on_open(world):
     manifest = Root(world["root"]).path(layout.target_dir(world["dinov2"]), layout.MANIFEST)
@@ -142,6 +155,20 @@ def test_d9_a_manifest_copied_under_another_id_is_refused(world):
         TargetStore(world["root"]).manifest("text-000000000000")
 
 
+@pytest.mark.parametrize("edit", [lambda spec: spec.update(dtype="uint16"), lambda spec: spec["shape"].__setitem__(1, 2)])
+def test_d9_an_edited_array_layout_is_refused_on_read(world, edit):
+    from foresight.storage.audit import verify_version
+
+    manifest = Path(Root(world["root"]).path(layout.target_dir(world["dinov2"]), layout.MANIFEST))
+    iw.edit_json(manifest, lambda m: edit(next(a for a in m["arrays"] if a["name"] == "reference")))
+    with pytest.raises(ValueError) as err:
+        iw.export(world, codec="bf16")
+    line = iw.one_line(err.value)
+    assert f"target version '{world['dinov2']}', array 'reference': stored " in line and "the manifest's" in line
+    assert ExportStore(world["root"]).ids() == [world["export"]]
+    assert any("array 'reference': stored " in p for p in verify_version(TargetStore(world["root"]), world["dinov2"]))
+
+
 # D10: a truncated manifest names its file; info shows the rest of the root -----------------------
 def test_d10_truncated_manifest_names_the_file_and_info_survives(world):
     path = Path(Root(world["root"]).path(layout.target_dir(world["video"]), layout.MANIFEST))
@@ -152,6 +179,16 @@ def test_d10_truncated_manifest_names_the_file_and_info_survives(world):
     assert str(path) in line and "malformed JSON at line" in line
     summary = root_summary(Root(world["root"]))
     status = {v["version"]: v["status"] for v in summary["targets"]}
+    assert status[world["video"]] == "unreadable" and status[world["dinov2"]] == "complete"
+
+
+def test_d10_a_folder_in_place_of_a_manifest_names_it_and_info_survives(world):
+    path = Path(Root(world["root"]).path(layout.target_dir(world["video"]), layout.MANIFEST))
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ValueError, match=f"{path}: cannot be read"):
+        TargetStore(world["root"]).manifest(world["video"])
+    status = {v["version"]: v["status"] for v in root_summary(Root(world["root"]))["targets"]}
     assert status[world["video"]] == "unreadable" and status[world["dinov2"]] == "complete"
 
 

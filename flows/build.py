@@ -40,7 +40,7 @@ from foresight.storage import layout, lineage
 from foresight.storage.claims import ClaimSet, active_claims, wait_for_shards
 from foresight.storage.fs import Root, open_root
 from foresight.storage.plans import PlanStore
-from foresight.storage.targets import TargetStore, TargetWriter
+from foresight.storage.targets import TargetStore, TargetWriter, forget_reads_used
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ def run_worker(output: Output, worker: Worker | ShardLoop, shards: list[int]) ->
         with claims.hold(shard) as owned:
             if owned is None:
                 continue
+            forget_reads_used()  # the publication of this shard answers for this shard's reads only
             output.write(shard, worker.compute(shard))
             result.shards.append(shard)
             result.clips += output.clips(shard)

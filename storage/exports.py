@@ -53,7 +53,7 @@ from foresight.storage.graph import VersionGraph
 from foresight.storage.lookahead import helper_threads, prepared_lazily
 from foresight.storage.mapped import allow_files, map_file
 from foresight.storage.plans import PlanStore
-from foresight.storage.targets import TargetReader, TargetStore, verify_by_default
+from foresight.storage.targets import TargetReader, TargetStore, confirm_reads_unchanged, verify_by_default
 from foresight.storage.provenance import git_commit, host, now_iso, package_versions
 
 log = logging.getLogger(__name__)
@@ -499,6 +499,7 @@ class ShardTarWriter:
 
     def publish(self) -> ExportShard:
         """Write the end-of-archive blocks, fsync, close, rename to the final name; returns the record."""
+        confirm_reads_unchanged()  # the inputs this thread read are still the bytes their checks saw
         data_end = self.position
         trailer = bytes(2 * TAR_BLOCK + (-(self.position + 2 * TAR_BLOCK) % TAR_RECORD))
         self._write(trailer, ())
@@ -853,7 +854,7 @@ class ExportStore:
 
 class _VerifiedSamples:
     """Samples of memory-mapped shard files whose bytes this process already checked, keyed by the
-    file's identity (device, inode, size, mtime): a later epoch over the same unmodified file reads
+    file's identity (device, inode, size, mtime, ctime): a later epoch over the same unmodified file reads
     the same page-cache bytes, so the check is not repeated; a rewritten or replaced file has
     another identity and is checked again. Each new process (a training run, a DataLoader worker)
     checks every sample once. Buffered (remote) reads are checked every time."""

@@ -11,7 +11,7 @@ mapped); unpickling them in the receiving process maps the same bytes of the sam
 Safety of the receiving side:
 - only files registered with ``allow_files`` (ShardStream registers the shards of its export) are
   mapped, and every byte range is checked against the file's size;
-- the file is opened and its identity (device, inode, size, mtime) compared with the one the worker
+- the file is opened and its identity (device, inode, size, mtime, ctime) compared with the one the worker
   mapped: a shard deleted, replaced or modified in between is refused instead of returning other bytes;
 - descriptors carry only a path, integers and a numeric dtype string: nothing from a shard is ever
   unpickled.
@@ -48,10 +48,11 @@ class FileIdentity(NamedTuple):
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int  # also changes when a writer sets the modification time back
 
     @classmethod
     def of(cls, stat: os.stat_result) -> FileIdentity:
-        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def allow_files(files: Mapping[str, tuple[int, str]]) -> None:

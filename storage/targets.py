@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -575,7 +576,10 @@ class TargetWriter(_VersionHandle):
                                  f"{(len(clips), *part.shape[1:])}")
             check_scales(part.name, data, where)
             sums[part.name], fast[part.name] = self._store_shard(part.name, shard_index, data)
-        # Every shard object was fsynced (file and folder) above: the marker never outlives its data.
+        # The inputs this thread read are confirmed unchanged since their checks: bytes modified in
+        # place while in use never get a marker. Every shard object was fsynced (file and folder)
+        # above: the marker never outlives its data.
+        confirm_reads_unchanged()
         self.root.write_json_atomic(self.done_path(shard_index), {"sha256": sums, FAST_HASH: fast})
         return sums
 
@@ -677,6 +681,7 @@ class TargetReader(_VersionHandle):
         self.verify_reads = verify_by_default() if verify is None else bool(verify)
         self._objects: dict[str, tuple[int, ShardObject]] = {}  # array -> (shard, its bytes, checked when verifying)
         self._ahead: dict[str, dict[int, Future]] = {}  # array -> {next shard: its check in a helper thread}
+        self._used: dict[str, UsedObject] = {}  # path -> the checked local objects the current read used
 
     def forget_objects(self) -> None:
         """Drop the verified shard bytes kept for the next rows and the checks started ahead: later
@@ -703,7 +708,21 @@ class TargetReader(_VersionHandle):
 
     def read(self, name: str, clips: slice | int | Sequence[int] = slice(None)) -> np.ndarray:
         """Rows of one array by clip index (an int, a slice or a list of indices), in the array's
-        ``dtype``; a coded array (ArraySpec.codec) is decoded from its verified stored parts."""
+        ``dtype``; a coded array (ArraySpec.codec) is decoded from its verified stored parts.
+
+        Verified, the local shard objects the read used are confirmed unchanged since their checks
+        once it is done (one ``stat`` each; a changed one is hashed again and refused if it no longer
+        matches), and noted for this thread's next publication (:func:`confirm_reads_unchanged`),
+        which covers rows handed out as views of the files while the caller used them."""
+        self._used.clear()
+        values = self._read(name, clips)
+        used, self._used = list(self._used.values()), {}
+        for entry in used:
+            entry.confirm()
+            _LEDGER.used[entry.path] = entry
+        return values
+
+    def _read(self, name: str, clips: slice | int | Sequence[int]) -> np.ndarray:
         spec = self.manifest.array_spec(name)
         if spec.codec == "raw":
             return self._read_stored(name, clips)
@@ -804,12 +823,14 @@ class TargetReader(_VersionHandle):
         shard's check starts ahead (see :func:`_check_ahead_pool`)."""
         cached = self._objects.get(name)
         if cached is not None and cached[0] == shard:
+            self._note_used(name, shard, cached[1])
             return cached[1].data
         if not self.verify_reads:
             loaded, _ = self._load_object(shard_object(self.manifest, name, shard), self._where(name, shard))
         elif (loaded := self._take_ahead(name, shard)) is _NOT_AHEAD:
             loaded = self._checked_object(name, shard)
         self._objects[name] = (shard, loaded)
+        self._note_used(name, shard, loaded)
         sequential = cached[0] == shard - 1 if cached is not None else shard == 0
         if self.verify_reads and sequential:
             started = self._ahead.get(name, {})
@@ -817,6 +838,15 @@ class TargetReader(_VersionHandle):
                 if ahead not in started:
                     self._start_check(name, ahead)
         return loaded.data
+
+    def _note_used(self, name: str, shard: int, loaded: ShardObject) -> None:
+        """Remember a checked local object the current read takes bytes from (see :meth:`read`)."""
+        recorded = self.sums.recorded(name, shard) if self.verify_reads and loaded.identity is not None else None
+        if recorded is not None and recorded[1] != EMPTY_SHARD:
+            rel = shard_object(self.manifest, name, shard)
+            path = self.root.path(rel)
+            self._used[path] = UsedObject(path, loaded.identity, recorded[0], recorded[1], self._where(name, shard),
+                                          self.version_id)
 
     def _start_check(self, name: str, shard: int) -> None:
         """Check one shard object in the check-ahead pool; its result is taken by :meth:`_take_ahead`."""
@@ -930,6 +960,61 @@ class TargetReader(_VersionHandle):
             return [f"{self.version_id}: array '{array}' shard {index} is corrupt (sha256 mismatch, "
                     f"{self.root.url_of(rel)})"]
         return []
+
+
+class UsedObject(NamedTuple):
+    """A checked local shard object whose bytes a verified read handed out or decoded: the identity
+    of the file when it was checked and the checksum recorded for it at ``_done``."""
+
+    path: str
+    identity: FileIdentity
+    kind: str
+    digest: str
+    where: str
+    version_id: str
+
+    def confirm(self) -> None:
+        """ValueError naming version, array, shard and file if the object was modified since its
+        check and its bytes no longer match the recorded checksum (a changed identity alone, e.g. a
+        ``touch``, is hashed again and passes)."""
+        with contextlib.suppress(OSError):
+            if FileIdentity.of(os.stat(self.path)) == self.identity:
+                return
+        found = None
+        with contextlib.suppress(OSError), open(self.path, "rb", buffering=0) as handle:
+            found = digest_of_reads(handle, self.kind)
+        if found != self.digest:
+            raise ValueError(f"{self.where}: the shard object changed while it was being read ({self.kind} of "
+                             f"{self.path} no longer matches the one recorded at _done); refusing what was read "
+                             f"from it (run `foresight targets verify {self.version_id}`)")
+
+
+class _ReadLedger(threading.local):
+    """The checked local shard objects this thread's verified reads used since its last publication."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, UsedObject] = {}
+
+
+_LEDGER = _ReadLedger()
+
+
+def confirm_reads_unchanged() -> None:
+    """Confirm that every shard object this thread's verified reads used since the last call is
+    unchanged since its check (see :meth:`UsedObject.confirm`), then forget them. Writers call this
+    before they publish what they computed (a target shard's ``_done`` marker, an export tar), so
+    bytes modified in place while a stage used them (rows handed out as views of the file, or the
+    kept map of a checked object) never reach a complete output."""
+    used, _LEDGER.used = list(_LEDGER.used.values()), {}
+    for entry in used:
+        entry.confirm()
+
+
+def forget_reads_used() -> None:
+    """Drop what this thread's verified reads noted for :func:`confirm_reads_unchanged`: a build task
+    calls it before each shard, so a later publication never answers for reads of earlier work (a
+    failed task's, or of a version deleted since)."""
+    _LEDGER.used = {}
 
 
 class _MapBudget:

@@ -73,6 +73,44 @@ def test_d7_both_hash_paths_refuse_a_flipped_byte_and_pass_intact_shards(world, 
         reader.read("target", [reader.manifest.shard_size])
 
 
+def test_d7_bytes_changed_in_place_while_in_use_are_refused_before_publication(world):
+    """The campaign's case: a check passes, then the file is modified in place (bit rot, a stray
+    writer) while a stage still uses the rows, which are views of the file: the next publication
+    of this thread refuses; a changed identity with the same bytes (touch) passes."""
+    reader = TargetStore(world["root"]).open(world["text"])
+    rows = reader.read("embedding", slice(0, 2))
+    os.utime(iw.shard_file(world, world["text"], "embedding", 0))  # identity changes, bytes do not
+    targets.confirm_reads_unchanged()
+    reader.read("embedding", slice(0, 2))
+    iw.flip_byte(iw.shard_file(world, world["text"], "embedding", 0), 100)
+    with pytest.raises(ValueError) as err:
+        targets.confirm_reads_unchanged()
+    line = iw.one_line(err.value)
+    assert f"target version '{world['text']}', array 'embedding', shard 0: the shard object changed while it was " \
+           "being read" in line and str(iw.shard_file(world, world["text"], "embedding", 0)) in line
+    targets.confirm_reads_unchanged()  # reported once: the ledger is clear again
+    assert rows.shape[0] == 2
+
+
+def test_d7_export_refuses_a_source_shard_changed_before_its_tar_is_published(world, monkeypatch):
+    from foresight.storage.exports import ShardTarWriter
+
+    real_publish, flipped = ShardTarWriter.publish, []
+
+    def publish(self):
+        if not flipped:  # the first tar's samples were read and checked: now their source changes
+            iw.flip_byte(iw.shard_file(world, world["dinov2"], "target", 0), 300)
+            flipped.append(True)
+        return real_publish(self)
+
+    monkeypatch.setattr(ShardTarWriter, "publish", publish)
+    with pytest.raises(ValueError) as err:
+        iw.export(world, codec="bf16")
+    assert f"target version '{world['dinov2']}', array 'target', shard 0: the shard object changed" in \
+        iw.one_line(err.value)
+    assert ExportStore(world["root"]).ids() == [world["export"]] and iw.stray_temporaries(world["root"]) == []
+
+
 @pytest.mark.parametrize("size", [0, 1, targets.HASH_READ_CHUNK - 1, targets.HASH_READ_CHUNK, 3 * targets.HASH_READ_CHUNK + 7])
 def test_digest_of_reads_equals_the_digest_of_the_bytes(tmp_path, size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()

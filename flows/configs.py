@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from foresight.pipelines.devices import auto_dtype, resolve_device_field
+from foresight.pipelines.export import parse_size
 from foresight.schemas.base import StrictModel
 from foresight.schemas.devices import AUTO, DEVICE_HELP, TORCH_DTYPE_NAMES
 from foresight.schemas.presets import check_preset, deep_merge, nest, preset_values, resolve_nested
@@ -263,3 +264,10 @@ class ExportConfig(StrictModel):
     workers: int = Field(default=1, ge=1, description="Shards written in parallel.")
     allow_null: bool = Field(default=False, description="Export versions made by the `null` model (simulation "
                                                         "only: bench/bench_scale.py); refused otherwise.")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _positive_shard_size(cls, value: str) -> str:
+        if parse_size(value) <= 0:
+            raise ValueError(f"shard_size {value!r}: must be at least one byte")
+        return value

@@ -87,9 +87,10 @@ class IngestSummary(StrictModel):
 def _quarantine(store: EpisodeStore, kind: str, err: ValueError, episode_id: str | None, strict: bool,
                 file: str | None = None) -> str:
     """Record a bad item; re-raise it when strict. Returns its one-line message."""
-    item = err.as_item() if isinstance(err, IngestError) else \
-        {"file": file, "episode": episode_id, "field": None, "reason": str(err), "message": str(err)}
-    item.setdefault("episode", episode_id)
+    if not isinstance(err, IngestError):  # an error of the reading code: name the item it met
+        err = IngestError(file or "?", episode_id, None, str(err))
+    item = err.as_item()
+    item["episode"] = item["episode"] or episode_id
     store.quarantine({"kind": kind, **item})
     log.warning("quarantined: %s", err)
     if strict:
@@ -150,6 +151,8 @@ def _ingest_one(store: EpisodeStore, kind: str, episode: SourceEpisode, checksum
     if store.has_episode(episode.episode_id, checksum):
         return EpisodeResult(episode_id=episode.episode_id, status="skipped")
     try:
+        if episode.length <= 0:
+            raise IngestError(episode.source_path, episode.episode_id, "length", "the episode has no frames")
         segments, stats = _write_episode(store, episode, checksum, layout.features, blocks, layout.frame_storage,
                                          layout.fps, publisher)
     except ValueError as err:

@@ -117,12 +117,23 @@ def _no_qpos(path):
         del h5["observations/qpos"]
 
 
+def _no_frames(path):
+    with h5py.File(path, "r+") as h5:
+        names = []
+        h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim else None)
+        for name in names:
+            empty = h5[name][:0]
+            del h5[name]
+            h5.create_dataset(name, data=empty)
+
+
 @pytest.mark.parametrize("damage, field, reason", [
     (_corrupt_jpeg, "observations/images/cam_low", "frame 2: corrupt JPEG"),
     (_short_action, "action", "5 steps but observations/qpos has 6"),
     (_nan_action, "action", "NaN or inf at frame 3"),
     (_unreadable, None, "unreadable HDF5"),
     (_no_qpos, "observations/qpos", "dataset missing"),
+    (_no_frames, "length", "the episode has no frames"),
 ])
 def test_bad_episode_is_quarantined_and_the_rest_lands(tmp_path, damage, field, reason):
     for index in range(3):

@@ -109,7 +109,22 @@ BROKEN_INFO = {
                             "field 'video_path': template '/etc/{video_key}.mp4' leaves the dataset folder"),
     "unknown placeholder": (lambda src: _set_info(src, lambda i: {**i, "data_path": "{secret.__class__}"}),
                             "uses unknown placeholders"),
+    "attribute of a placeholder": (lambda src: _set_info(src, lambda i: {
+        **i, "data_path": "{file_index.__class__.__name__}.parquet"}), "uses unknown placeholders"),
+    "fps NaN": (lambda src: _set_info(src, lambda i: {**i, "fps": float("nan")}), "field 'fps': expected a positive finite"),
+    "fps Infinity": (lambda src: _set_info(src, lambda i: {**i, "fps": float("inf")}), "field 'fps': expected a positive finite"),
+    "no video_path": (lambda src: _set_info(src, lambda i: {k: v for k, v in i.items() if k != "video_path"}),
+                      "field 'video_path': key missing (the dataset has video features)"),
+    "camera shape empty": (lambda src: _set_info(src, lambda i: _camera_shape(i, [])),
+                           "field 'features.observation.images.top.shape': a camera needs (height, width, 3)"),
+    "negative size": (lambda src: _set_info(src, lambda i: {**i, "features": {**i["features"], "action": {
+        **i["features"]["action"], "shape": [-6]}}}), "field 'features.action.shape': expected positive sizes"),
 }
+
+
+def _camera_shape(info: dict, shape: list) -> dict:
+    info["features"]["observation.images.top"]["shape"] = shape
+    return info
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_INFO))
@@ -121,6 +136,18 @@ def test_d2_d4_lerobot_usage_errors_exit_2_and_write_nothing(src, tmp_path, monk
                                "--root", str(root))
     [line] = err.strip().splitlines()
     assert code == 2 and expected in line and line.startswith("error: "), line
+    assert not root.exists() and out == ""
+
+
+@pytest.mark.parametrize("source, expected", [("teleop", "teleop source folder not found"),
+                                              ("calvin", "CALVIN folder not found")])
+def test_d2_teleop_and_calvin_missing_folders_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, source,
+                                                                       expected):
+    root = tmp_path / "root"
+    code, out, err = foresight(monkeypatch, capsys, "ingest", source, str(tmp_path / "nowhere"), "--dataset", "d",
+                               "--root", str(root))
+    [line] = err.strip().splitlines()
+    assert code == 2 and line.startswith("error: ") and expected in line, line
     assert not root.exists() and out == ""
 
 

@@ -61,6 +61,14 @@ def _run(flow, runner: RunnerChoice, root: str | None, **params) -> None:
         sys.exit(EXIT_PARTIAL)  # SystemExit passes the CLI boundary with its code intact
 
 
+def _usage_check(check) -> None:
+    """Run a source check before the root is touched: its ValueError is a usage error (exit 2)."""
+    try:
+        check()
+    except ValueError as err:
+        fail(str(err), EXIT_USAGE)
+
+
 def ingest_calvin(
     src: Path = typer.Argument(..., help="CALVIN folder holding the split folders (e.g. task_D_D)."),
     dataset: str = typer.Option(..., help="Dataset name in the store."),
@@ -77,10 +85,11 @@ def ingest_calvin(
 ) -> None:
     """Ingest CALVIN splits: one stored episode per row of ep_start_end_ids.npy, language segments."""
     from foresight.flows.ingest_sources import ingest_calvin_flow
-    from foresight.pipelines.ingest.calvin import CalvinOptions
+    from foresight.pipelines.ingest.calvin import CalvinOptions, check_splits
 
     options = CalvinOptions(splits=_csv(splits), cameras=_csv(cameras), depth=depth, lang_folder=lang_folder,
                             **frame_codec_options(frame_codec, crf, zstd_level))
+    _usage_check(lambda: check_splits(src, options))
     _run(ingest_calvin_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 
@@ -100,9 +109,10 @@ def ingest_teleop(
 ) -> None:
     """Ingest teleoperation HDF5 episodes, raw or JPEG-compressed, every camera found (JPEG kept as recorded)."""
     from foresight.flows.ingest_sources import ingest_teleop_flow
-    from foresight.pipelines.ingest.teleop import TeleopOptions
+    from foresight.pipelines.ingest.teleop import TeleopOptions, list_episode_files
 
     options = TeleopOptions(fps=fps, instruction=instruction, task=task, **frame_codec_options(frame_codec, crf, zstd_level))
+    _usage_check(lambda: list_episode_files(src))
     _run(ingest_teleop_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 

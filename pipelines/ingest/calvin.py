@@ -99,6 +99,17 @@ def episode_id(split: str, start: int) -> str:
     return f"{split}-{start:07d}"
 
 
+def check_splits(src: str | Path, options: CalvinOptions) -> None:
+    """ValueError naming the folder unless ``src`` holds every split folder of ``options`` (a usage
+    error, found before anything is written)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"{src}: CALVIN folder not found")
+    for split in options.splits:
+        if not (src / split).is_dir():
+            raise ValueError(f"{src / split}: CALVIN split folder '{split}' not found")
+
+
 def scan_calvin(src: str | Path, options: CalvinOptions) -> CalvinScan:
     """Read the index files of each split; bad index files become problems, not crashes."""
     src = Path(src)
@@ -106,10 +117,9 @@ def scan_calvin(src: str | Path, options: CalvinOptions) -> CalvinScan:
     segments: list[tuple[LanguageSegment, np.ndarray | None]] = []
     problems: list[IngestError] = []
     statistics: dict[str, Any] = {}
+    check_splits(src, options)
     for split in options.splits:
         folder = src / split
-        if not folder.is_dir():
-            raise ValueError(f"{folder}: CALVIN split folder '{split}' not found")
         try:
             ranges = _episode_ranges(folder)
         except IngestError as err:

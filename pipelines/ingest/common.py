@@ -199,7 +199,7 @@ def source_checksum(files: Iterable[str | os.PathLike[str]], options: dict[str, 
 
 def check_finite(values: np.ndarray, file: str, episode: str, name: str) -> None:
     """Raise IngestError naming the first frame that holds NaN or inf."""
-    if values.dtype.kind not in "fc":
+    if values.dtype.kind not in "fc" or values.size == 0:
         return
     finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if not finite.all():

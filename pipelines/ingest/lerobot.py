@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import stat
 import string
@@ -220,25 +221,41 @@ def _check_info(info: dict[str, Any], path: Path) -> None:
     for key in ("fps", "features", "data_path"):
         if key not in info:
             raise LeRobotUsageError(path, None, key, "key missing")
-    if not isinstance(info["fps"], (int, float)) or isinstance(info["fps"], bool) or info["fps"] <= 0:
-        raise LeRobotUsageError(path, None, "fps", f"expected a positive number, found {info['fps']!r}")
+    fps = info["fps"]
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
+        raise LeRobotUsageError(path, None, "fps", f"expected a positive finite number, found {fps!r}")
     if not isinstance(info["features"], dict):
         raise LeRobotUsageError(path, None, "features", f"expected an object, found {type(info['features']).__name__}")
     for name, feature in info["features"].items():
-        if not isinstance(feature, dict):
-            raise LeRobotUsageError(path, None, f"features.{name}", f"expected an object, found "
-                                    f"{type(feature).__name__}")
-        shape = feature.get("shape")
-        if not isinstance(feature.get("dtype"), str) or not isinstance(shape, list) or \
-                not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise LeRobotUsageError(path, None, f"features.{name}", "expected 'dtype' (a string) and 'shape' "
-                                    "(a list of integers)")
+        _check_feature(name, feature, path)
+    if "video_path" not in info and any(f.get("dtype") == "video" for f in info["features"].values()):
+        raise LeRobotUsageError(path, None, "video_path", "key missing (the dataset has video features)")
     if "chunks_size" in info and (not isinstance(info["chunks_size"], int) or info["chunks_size"] <= 0):
         raise LeRobotUsageError(path, None, "chunks_size", f"expected a positive integer, found "
                                 f"{info['chunks_size']!r}")
     for key, allowed in TEMPLATE_FIELDS.items():
         if key in info:
             _check_template(info[key], key, allowed, path)
+
+
+def _check_feature(name: str, feature: Any, path: Path) -> None:
+    """A feature is an object with a string 'dtype' and a 'shape' of positive integers; a camera's
+    shape is (height, width, 3), or (3, height, width) with names channels, height, width."""
+    where = f"features.{name}"
+    if not isinstance(feature, dict):
+        raise LeRobotUsageError(path, None, where, f"expected an object, found {type(feature).__name__}")
+    shape = feature.get("shape")
+    if not isinstance(feature.get("dtype"), str) or not isinstance(shape, list) or \
+            not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise LeRobotUsageError(path, None, where, "expected 'dtype' (a string) and 'shape' (a list of integers)")
+    if any(d <= 0 for d in shape):
+        raise LeRobotUsageError(path, None, f"{where}.shape", f"expected positive sizes, found {shape}")
+    if feature["dtype"] in ("video", "image"):
+        names = list(feature.get("names") or [])[:3]
+        channels = shape[0] if names == ["channels", "height", "width"] else shape[-1] if shape else None
+        if len(shape) != 3 or channels != 3:
+            raise LeRobotUsageError(path, None, f"{where}.shape", f"a camera needs (height, width, 3) or "
+                                    f"(3, height, width) with names channels, height, width; found {shape}")
 
 
 def _check_template(template: Any, key: str, allowed: set[str], path: Path) -> None:
@@ -249,7 +266,7 @@ def _check_template(template: Any, key: str, allowed: set[str], path: Path) -> N
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:
         raise LeRobotUsageError(path, None, key, f"template {template!r} is malformed ({err})") from None
-    unknown = sorted(n for n in names if n.split(".")[0].split("[")[0] not in allowed)
+    unknown = sorted(n for n in names if n not in allowed)  # attribute or item access included
     if unknown:
         raise LeRobotUsageError(path, None, key, f"template {template!r} uses unknown placeholders {unknown} "
                                 f"(allowed: {sorted(allowed)})")

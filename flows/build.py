@@ -40,7 +40,7 @@ from foresight.storage import layout, lineage
 from foresight.storage.claims import ClaimSet, active_claims, wait_for_shards
 from foresight.storage.fs import Root, open_root
 from foresight.storage.plans import PlanStore
-from foresight.storage.targets import TargetStore, TargetWriter, forget_reads_used
+from foresight.storage.targets import TargetStore, TargetWriter, forget_reads_used, verify_by_default
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,11 @@ class Stage(ABC, Generic[Config]):
         """url, num_samples, num_shards, total_bytes of a complete output."""
 
     @abstractmethod
+    def unverified_inputs(self, root_url: str, output_id: str) -> list[str]:
+        """The target versions a complete output was read from with ``--no-verify`` ([] when its
+        inputs were verified as it was built)."""
+
+    @abstractmethod
     def output_name(self, output_id: str) -> str:
         """The output as lineage names it (``targets/<id>``, ``exports/<id>``)."""
 
@@ -229,6 +234,10 @@ class TargetStage(Stage[Config]):
         manifest = store.manifest(output_id)
         return {"url": store.root.url_of(layout.target_dir(output_id)), "num_samples": manifest.num_clips,
                 "num_shards": manifest.num_shards}
+
+    def unverified_inputs(self, root_url: str, output_id: str) -> list[str]:
+        manifest = TargetStore(root_url).manifest(output_id)
+        return [] if manifest.verified_inputs else [ref.id for ref in manifest.recipe.inputs_of("version")]
 
 
 def check_identity(loaded: ModelIdentity | None, recorded: ModelIdentity | None, output_id: str) -> None:
@@ -329,6 +338,7 @@ def build(stage: Stage, root_url: str, config: StrictModel, runner: ShardRunner,
     recipe = stage.recipe(root_url, config)
     output_id = stage.output_id(recipe)
     if stage.status(root_url, output_id) == "complete":
+        check_unverified_inputs(stage, root_url, output_id)
         return skipped_summary(stage, root_url, output_id)
     start = time.perf_counter()
     output = stage.begin(root_url, config, recipe)
@@ -343,6 +353,23 @@ def build(stage: Stage, root_url: str, config: StrictModel, runner: ShardRunner,
     lineage.emit(root_url, stage.name, str(uuid.uuid4()), inputs=stage.inputs(root_url, config, recipe),
                  outputs=[stage.output_name(output_id)], facets=stage.facets(config))
     return summary
+
+
+def check_unverified_inputs(stage: Stage, root_url: str, output_id: str) -> None:
+    """A verifying run that finds its output complete but built with ``--no-verify`` audits that
+    output's input versions now (every shard's sha256), instead of handing on unchecked work: a
+    failing input is one ValueError naming both; intact inputs are logged and the output is reused."""
+    if not verify_by_default():
+        return
+    inputs = stage.unverified_inputs(root_url, output_id)
+    store = TargetStore(root_url)
+    for version in inputs:
+        if problems := store.open(version).verify():
+            raise ValueError(f"{output_id} was built with --no-verify from {version}, which fails its checksums "
+                             f"now ({problems[0]}); what {output_id} holds may be corrupt: remove it and build "
+                             f"it again")
+    if inputs:
+        log.warning("%s was built with --no-verify; its inputs %s were verified now", output_id, ", ".join(inputs))
 
 
 def finish(stage: Stage, root_url: str, output: Output, results: list[ShardsResult], seconds: float) -> BuildSummary:

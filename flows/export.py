@@ -227,6 +227,10 @@ class ExportStage(Stage[ExportConfig]):
     def output_name(self, output_id: str) -> str:
         return layout.export_dir(output_id)
 
+    def unverified_inputs(self, root_url: str, output_id: str) -> list[str]:
+        index = ExportStore(root_url).index(output_id)
+        return [] if index.verified_inputs else index.version_ids
+
     def describe(self, root_url: str, output_id: str) -> dict[str, Any]:
         store = ExportStore(root_url)
         index = store.index(output_id)

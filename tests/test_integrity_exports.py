@@ -52,12 +52,32 @@ def test_d8_a_flipped_export_byte_stops_the_stream_by_default(world):
     assert DataConfig().verify is True  # what `foresight train` reads with unless --no-verify
 
 
+@pytest.mark.parametrize("pins", [None, "one-string", 3])
+def test_stream_pins_of_the_wrong_type_are_one_line(world, pins):
+    with pytest.raises(ValueError, match="pin versions as a list of ids or a"):
+        ShardStream(world["root"], world["export"], pins)
+
+
 def test_d8_no_verify_is_explicit_and_recorded(world, monkeypatch):
     monkeypatch.setenv("FORESIGHT_NO_VERIFY", "1")
     assert DataConfig().verify is False
     assert ShardStream(world["root"], world["export"], pins(world)).verify is False
     result = iw.export(world, codec="bf16")
     assert ExportStore(world["root"]).index(result.export_id).verified_inputs is False
+
+
+def test_d8_a_verifying_run_audits_an_export_built_with_no_verify(world, monkeypatch, caplog):
+    monkeypatch.setenv("FORESIGHT_NO_VERIFY", "1")
+    result = iw.export(world, codec="bf16")  # inputs intact, but nobody checked them
+    monkeypatch.delenv("FORESIGHT_NO_VERIFY")
+    with caplog.at_level("WARNING"):
+        assert iw.export(world, codec="bf16").export_id == result.export_id  # audited now, then reused
+    assert "was built with --no-verify; its inputs" in caplog.text
+    iw.flip_byte(iw.shard_file(world, world["dinov2"], "target", 1), 200)
+    with pytest.raises(ValueError) as err:
+        iw.export(world, codec="bf16")
+    line = iw.one_line(err.value)
+    assert f"{result.export_id} was built with --no-verify from {world['dinov2']}, which fails its checksums" in line
 
 
 # D9 / D10: index.json is proven and parsed with its path ------------------------------------------
@@ -70,6 +90,17 @@ def test_d9_an_edited_export_recipe_is_refused(world):
     assert f"export '{world['export']}' does not match its stored recipe" in line and str(path) in line
     with pytest.raises(ValueError, match="does not match its stored recipe"):
         ShardStream(world["root"], world["export"], pins(world))
+
+
+@pytest.mark.parametrize("edit", [lambda index: index["fields"][next(iter(index["fields"]))].update(shape=[1]),
+                                  lambda index: index.update(num_samples=index["num_samples"] + 1),
+                                  lambda index: index.update(verified_inputs=not index["verified_inputs"])])
+def test_d9_an_edit_anywhere_in_index_json_is_refused(world, edit):
+    path = Path(world["root"]) / "exports" / world["export"] / "index.json"
+    iw.edit_json(path, edit)
+    with pytest.raises(ValueError) as err:
+        ExportStore(world["root"]).index(world["export"])
+    assert f"{path}: content does not match its recorded content_sha256" in iw.one_line(err.value)
 
 
 def test_d10_truncated_index_names_the_file(world):

@@ -157,8 +157,9 @@ def check_pins(where: str, field_versions: Mapping[str, str], pins: Sequence[str
     ids, or a {field: version} mapping for field-exact pins. Every pinned version must be in the
     source, and every selected field must come from a pinned version.
     """
-    if isinstance(pins, str):
-        raise ValueError(f"{where}: pin versions as a list of ids, not one string ({pins!r})")
+    if isinstance(pins, str) or not isinstance(pins, (Sequence, Mapping)):
+        raise ValueError(f"{where}: pin versions as a list of ids or a {{field: version}} mapping, "
+                         f"not {pins!r}")
     pinned = dict(pins) if isinstance(pins, Mapping) else None
     pinned_ids = set(pinned.values()) if pinned is not None else set(pins)
     if not pinned_ids:

@@ -62,6 +62,9 @@ def export_check(
         if problems:
             raise ValueError("; ".join(problems))
         typer.echo(f"{export_id}: {len(index.shards)} shards verified ({index.total_bytes / 1e6:.1f} MB)")
+    if not index.verified_inputs:
+        typer.echo(f"warning: {export_id} was built with --no-verify: its input versions were not checked as it "
+                   f"was made (`foresight targets verify <id>` audits each of {', '.join(index.version_ids)})", err=True)
     stream = ShardStream(data_root, export_id, index.version_ids, verify=verify)
     loader = DataLoader(stream, batch_size=min(batch, index.num_samples), collate_fn=collate_samples)
     first = next(iter(loader))

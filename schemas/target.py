@@ -136,13 +136,17 @@ class TargetVersion(StrictModel):
     host: str | None = None
     packages: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    content_sha256: str | None = Field(default=None, description="sha256 of this manifest's canonical JSON "
+                                       "without this key (storage.fs.content_digest), written with it: an edit "
+                                       "anywhere is refused on open. None in versions written before it.")
 
     @model_serializer(mode="wrap")
     def _omit_absent_table(self, handler: Any) -> dict[str, Any]:
-        """Manifests without a shard table keep the bytes they had before it existed."""
+        """Manifests without a shard table (or a content digest) keep the bytes they had before those existed."""
         data = handler(self)
-        if self.shard_table is None:
-            data.pop("shard_table", None)
+        for key in ("shard_table", "content_sha256"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
     @property

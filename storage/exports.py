@@ -40,15 +40,15 @@ import numpy as np
 from pydantic import BeforeValidator, Field, PlainSerializer, PrivateAttr
 
 from foresight.pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
-from foresight.schemas.base import FORMAT_VERSION, StrictModel, canonical_json, validate, validate_stored
+from foresight.schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
 from foresight.schemas.dataset import ColumnStats
 from foresight.schemas.plan import ClipRows
 from foresight.schemas.refs import is_version_id
 from foresight.schemas.target import TargetVersion, content_id
 from foresight.storage import layout
 from foresight.storage.episodes import EpisodeStore
-from foresight.storage.fs import (TMP_PREFIX, DiskFullError, Root, fast_digest, free_bytes, fsync_dir, open_root,
-                        remove_temporaries, temp_name)
+from foresight.storage.fs import (TMP_PREFIX, DiskFullError, Root, check_content_digest, content_digest, fast_digest,
+                                  free_bytes, fsync_dir, open_root, remove_temporaries, temp_name)
 from foresight.storage.graph import VersionGraph
 from foresight.storage.lookahead import helper_threads, prepared_lazily
 from foresight.storage.mapped import allow_files, map_file
@@ -370,12 +370,6 @@ def legacy_sample_rows(data: Any, where: str) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0, SAMPLE_ROW)
 
 
-def index_digest(data: dict[str, Any]) -> str:
-    """sha256 of an index.json's canonical JSON (sorted keys, no whitespace) without ``content_sha256``."""
-    content = {key: value for key, value in data.items() if key != "content_sha256"}
-    return hashlib.sha256(canonical_json(content).encode()).hexdigest()
-
-
 class ExportIndex(StrictModel):
     """index.json of a complete export."""
 
@@ -403,7 +397,7 @@ class ExportIndex(StrictModel):
                                      "the export was made from (simulation only; trainers refuse them unless "
                                      "allowed).")
     content_sha256: str | None = Field(default=None, description="sha256 of this index's canonical JSON without "
-                                       "this key (index_digest): an edit anywhere in index.json is refused on "
+                                       "this key (storage.fs.content_digest): an edit anywhere in index.json is refused on "
                                        "open. None in exports made before it.")
 
     @property
@@ -610,9 +604,7 @@ class ExportStore:
             raise ValueError(f"{where}: export '{export_id}' does not match its stored recipe (the recipe hashes "
                              f"to '{proven}', index.json says '{index.export_id}'); index.json was edited or "
                              "belongs to another export")
-        if index.content_sha256 is not None and index_digest(data) != index.content_sha256:
-            raise ValueError(f"{where}: content does not match its recorded content_sha256; index.json was edited "
-                             "or damaged; refusing the export (remove it and export again)")
+        check_content_digest(data, where)
         if legacy_rows is not None:
             return index.attach_rows(legacy_rows, where)
         if index.sample_table is None:
@@ -699,7 +691,7 @@ class ExportStore:
                 return self.index(export_id)
             raise
         folder = layout.export_dir(export_id)
-        index.content_sha256 = index_digest(index.model_dump(mode="json"))
+        index.content_sha256 = content_digest(index.model_dump(mode="json"))
         self.root.write_json_atomic(layout.export_file(export_id, layout.EXPORT_INDEX), index.model_dump(mode="json"))
         for leftover in (layout.DONE_DIR, layout.EXPORT_BUILD, layout.CLAIMS_DIR):
             with contextlib.suppress(FileNotFoundError, OSError):  # a concurrent finalizer removes them too

@@ -429,6 +429,23 @@ def open_root(root: "str | os.PathLike[str] | Root | None" = None) -> Root:
     return Root(root if root is not None else default_root())
 
 
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a stored record's canonical JSON (sorted keys, no whitespace) without its own
+    ``content_sha256`` key: what manifests and export indexes record of themselves, so an edit
+    anywhere in the file is refused when it is opened."""
+    content = {key: value for key, value in data.items() if key != "content_sha256"}
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()
+
+
+def check_content_digest(data: dict[str, Any], where: str) -> None:
+    """ValueError naming ``where`` when a record's recorded ``content_sha256`` is not its content's
+    (records written before it carry none and pass)."""
+    recorded = data.get("content_sha256")
+    if recorded is not None and content_digest(data) != recorded:
+        raise ValueError(f"{where}: content does not match its recorded content_sha256; the file was edited "
+                         "or damaged, refusing it")
+
+
 def parse_json(data: bytes, where: str) -> Any:
     """``json.loads`` whose errors name the file, line and column (and say what was expected)."""
     try:

@@ -22,8 +22,9 @@ from foresight.schemas.base import validate_stored
 from foresight.schemas.refs import Ref
 from foresight.schemas.target import ArraySpec, ShardTableFile, TargetRecipe, TargetVersion
 from foresight.storage import layout
-from foresight.storage.fs import (FAST_HASH, Root, fast_digest, local_entries_by_folder, object_files_by_folder, open_root,
-                                  parse_json, read_many, remove_dead_temporaries_under, remove_temporaries)
+from foresight.storage.fs import (FAST_HASH, Root, check_content_digest, content_digest, fast_digest,
+                                  local_entries_by_folder, object_files_by_folder, open_root, parse_json, read_many,
+                                  remove_dead_temporaries_under, remove_temporaries)
 from foresight.storage.lookahead import helper_threads
 from foresight.storage.mapped import FileIdentity, map_unchanged
 from foresight.storage.provenance import git_commit, host, now_iso, package_versions
@@ -328,6 +329,7 @@ class TargetStore:
         where = self.root.url_of(rel)
         manifest = validate_stored(TargetVersion, data, where)
         check_version_id(manifest, version_id, where)
+        check_content_digest(data, where)
         return manifest
 
     def shard_sums(self, manifest: TargetVersion) -> ShardSums:
@@ -352,8 +354,10 @@ class TargetStore:
         return ShardSums(parts, parse_shard_table(data, record, manifest.id, where))
 
     def write_manifest(self, manifest: TargetVersion) -> None:
-        self.root.write_json_atomic(layout.target_manifest(manifest.id),
-                                    manifest.model_dump(mode="json"))
+        """Publish ``manifest`` with the digest of its own content (``content_sha256``)."""
+        manifest.content_sha256 = None
+        manifest.content_sha256 = content_digest(manifest.model_dump(mode="json"))
+        self.root.write_json_atomic(layout.target_manifest(manifest.id), manifest.model_dump(mode="json"))
 
     def begin(self, recipe: TargetRecipe, arrays: Sequence[ArraySpec], num_clips: int,
               shard_size: int) -> "TargetWriter":

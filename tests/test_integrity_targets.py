@@ -197,14 +197,26 @@ def test_d9_a_manifest_copied_under_another_id_is_refused(world):
 def test_d9_an_edited_array_layout_is_refused_on_read(world, edit):
     from foresight.storage.audit import verify_version
 
+    """A manifest without its content digest (written before it existed) is still held to its arrays."""
     manifest = Path(Root(world["root"]).path(layout.target_dir(world["dinov2"]), layout.MANIFEST))
-    iw.edit_json(manifest, lambda m: edit(next(a for a in m["arrays"] if a["name"] == "reference")))
+    iw.edit_json(manifest, lambda m: (edit(next(a for a in m["arrays"] if a["name"] == "reference")),
+                                      m.pop("content_sha256")))
     with pytest.raises(ValueError) as err:
         iw.export(world, codec="bf16")
     line = iw.one_line(err.value)
     assert f"target version '{world['dinov2']}', array 'reference': stored " in line and "the manifest's" in line
     assert ExportStore(world["root"]).ids() == [world["export"]]
     assert any("array 'reference': stored " in p for p in verify_version(TargetStore(world["root"]), world["dinov2"]))
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.update(verified_inputs=False), lambda m: m.update(num_clips=3),
+                                  lambda m: m["arrays"][0].update(dtype="uint16")])
+def test_d9_an_edit_anywhere_in_a_manifest_is_refused(world, edit):
+    manifest = Path(Root(world["root"]).path(layout.target_dir(world["video"]), layout.MANIFEST))
+    iw.edit_json(manifest, edit)
+    with pytest.raises(ValueError) as err:
+        TargetStore(world["root"]).manifest(world["video"])
+    assert f"{manifest}: content does not match its recorded content_sha256" in iw.one_line(err.value)
 
 
 # D10: a truncated manifest names its file; info shows the rest of the root -----------------------

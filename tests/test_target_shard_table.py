@@ -46,7 +46,7 @@ def to_legacy(world: dict[str, str], version: str) -> None:
     sums = TargetStore(world["root"]).open(version).sums
     iw.edit_json(version_file(world, version, layout.MANIFEST),
                  lambda m: m.update(shards=sums.by_shard(), shard_xxh3=sums.by_shard(fast=True)) or
-                 m.pop("shard_table"))
+                 (m.pop("shard_table"), m.pop("content_sha256")))  # neither existed then
     os.unlink(version_file(world, version, layout.TARGET_SHARDS))
 
 
@@ -144,9 +144,10 @@ def test_a_damaged_shard_table_is_refused_in_one_line(world, how):
 
 
 def test_a_table_of_another_layout_is_refused(world):
-    """A table whose bytes match a manifest that was edited to another shard count is still refused."""
+    """A table whose bytes match a manifest that was edited to another shard count is still refused
+    (its content digest dropped too, or that would refuse the edit first)."""
     path = version_file(world, world["text"], layout.MANIFEST)
-    iw.edit_json(path, lambda m: m["shard_table"].update(rows=m["shard_table"]["rows"] + 1))
+    iw.edit_json(path, lambda m: (m["shard_table"].update(rows=m["shard_table"]["rows"] + 1), m.pop("content_sha256")))
     with pytest.raises(ValueError, match=f"manifest of target version '{world['text']}' records a shard table"):
         TargetStore(world["root"]).open(world["text"]).read("embedding", 0)
 

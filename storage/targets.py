@@ -984,9 +984,12 @@ class UsedObject(NamedTuple):
         with contextlib.suppress(OSError):
             if FileIdentity.of(os.stat(self.path)) == self.identity:
                 return
-        found = None
-        with contextlib.suppress(OSError), open(self.path, "rb", buffering=0) as handle:
-            found = digest_of_reads(handle, self.kind)
+        try:
+            with open(self.path, "rb", buffering=0) as handle:
+                found = digest_of_reads(handle, self.kind)
+        except OSError as err:
+            raise ValueError(f"{self.where}: the shard object went away while it was being read ({self.path}: "
+                             f"{err.strerror or err}); refusing what was read from it") from None
         if found != self.digest:
             raise ValueError(f"{self.where}: the shard object changed while it was being read ({self.kind} of "
                              f"{self.path} no longer matches the one recorded at _done); refusing what was read "

@@ -92,6 +92,18 @@ def test_d7_bytes_changed_in_place_while_in_use_are_refused_before_publication(w
     assert rows.shape[0] == 2
 
 
+def test_d7_a_shard_object_deleted_while_in_use_is_refused_and_forgotten_reads_are_not_confirmed(world):
+    reader = TargetStore(world["root"]).open(world["text"])
+    reader.read("embedding", slice(0, 2))
+    os.unlink(iw.shard_file(world, world["text"], "embedding", 0))
+    with pytest.raises(ValueError, match="array 'embedding', shard 0: the shard object went away while it was being"):
+        targets.confirm_reads_unchanged()
+    TargetStore(world["root"]).open(world["video"]).read("frames", slice(0, 2))
+    iw.flip_byte(iw.shard_file(world, world["video"], "frames", 0), 100)
+    targets.forget_reads_used()  # a build task's next shard: earlier reads are not its to answer for
+    targets.confirm_reads_unchanged()
+
+
 def test_d7_export_refuses_a_source_shard_changed_before_its_tar_is_published(world, monkeypatch):
     from foresight.storage.exports import ShardTarWriter
 

@@ -40,7 +40,7 @@ from foresight.storage import layout, lineage
 from foresight.storage.claims import ClaimSet, active_claims, wait_for_shards
 from foresight.storage.fs import Root, open_root
 from foresight.storage.plans import PlanStore
-from foresight.storage.targets import TargetStore, TargetWriter, forget_reads_used, verify_by_default
+from foresight.storage.targets import TargetStore, TargetWriter, answering_for_reads, verify_by_default
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +288,8 @@ def run_worker(output: Output, worker: Worker | ShardLoop, shards: list[int]) ->
         with claims.hold(shard) as owned:
             if owned is None:
                 continue
-            forget_reads_used()  # the publication of this shard answers for this shard's reads only
-            output.write(shard, worker.compute(shard))
+            with answering_for_reads():  # the shard's publication answers for the shard's reads
+                output.write(shard, worker.compute(shard))
             result.shards.append(shard)
             result.clips += output.clips(shard)
     result.seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -716,14 +716,16 @@ class TargetReader(_VersionHandle):
 
         Verified, the local shard objects the read used are confirmed unchanged since their checks
         once it is done (one ``stat`` each; a changed one is hashed again and refused if it no longer
-        matches), and noted for this thread's next publication (:func:`confirm_reads_unchanged`),
-        which covers rows handed out as views of the files while the caller used them."""
+        matches), and, inside an :func:`answering_for_reads` block, noted for the block's publication
+        (:func:`confirm_reads_unchanged`), which covers rows handed out as views of the files while
+        the caller used them."""
         self._used.clear()
         values = self._read(name, clips)
         used, self._used = list(self._used.values()), {}
         for entry in used:
             entry.confirm()
-            _LEDGER.used[entry.path] = entry
+            if _LEDGER.used is not None:
+                _LEDGER.used[entry.path] = entry
         return values
 
     def _read(self, name: str, clips: slice | int | Sequence[int]) -> np.ndarray:
@@ -997,31 +999,42 @@ class UsedObject(NamedTuple):
 
 
 class _ReadLedger(threading.local):
-    """The checked local shard objects this thread's verified reads used since its last publication."""
+    """The checked local shard objects this thread's verified reads used inside the current
+    :func:`answering_for_reads` block (None outside one: nothing is noted)."""
 
     def __init__(self) -> None:
-        self.used: dict[str, UsedObject] = {}
+        self.used: dict[str, UsedObject] | None = None
 
 
 _LEDGER = _ReadLedger()
 
 
+@contextlib.contextmanager
+def answering_for_reads() -> Iterator[None]:
+    """A block (one shard of a build: its reads, its computation and its publication) whose
+    publication answers for the block's reads: the shard objects verified reads take bytes from
+    inside it are noted, and :func:`confirm_reads_unchanged` checks them again. Reads outside any
+    block are confirmed when they end only, so nothing read earlier by the thread can fail a later,
+    unrelated publication."""
+    outer, _LEDGER.used = _LEDGER.used, {}
+    try:
+        yield
+    finally:
+        _LEDGER.used = outer
+
+
 def confirm_reads_unchanged() -> None:
-    """Confirm that every shard object this thread's verified reads used since the last call is
-    unchanged since its check (see :meth:`UsedObject.confirm`), then forget them. Writers call this
-    before they publish what they computed (a target shard's ``_done`` marker, an export tar), so
-    bytes modified in place while a stage used them (rows handed out as views of the file, or the
-    kept map of a checked object) never reach a complete output."""
+    """Confirm that every shard object this thread's verified reads used in the current
+    :func:`answering_for_reads` block is unchanged since its check (see :meth:`UsedObject.confirm`),
+    then forget them; outside a block, nothing to do. Writers call this before they publish what
+    they computed (a target shard's ``_done`` marker, an export tar), so bytes modified in place
+    while a stage used them (rows handed out as views of the file, or the kept map of a checked
+    object) never reach a complete output."""
+    if not _LEDGER.used:
+        return
     used, _LEDGER.used = list(_LEDGER.used.values()), {}
     for entry in used:
         entry.confirm()
-
-
-def forget_reads_used() -> None:
-    """Drop what this thread's verified reads noted for :func:`confirm_reads_unchanged`: a build task
-    calls it before each shard, so a later publication never answers for reads of earlier work (a
-    failed task's, or of a version deleted since)."""
-    _LEDGER.used = {}
 
 
 class _MapBudget:

@@ -75,33 +75,37 @@ def test_d7_both_hash_paths_refuse_a_flipped_byte_and_pass_intact_shards(world, 
 
 def test_d7_bytes_changed_in_place_while_in_use_are_refused_before_publication(world):
     """The campaign's case: a check passes, then the file is modified in place (bit rot, a stray
-    writer) while a stage still uses the rows, which are views of the file: the next publication
-    of this thread refuses; a changed identity with the same bytes (touch) passes."""
+    writer) while a stage still uses the rows, which are views of the file: the block's
+    publication refuses; a changed identity with the same bytes (touch) passes."""
     reader = TargetStore(world["root"]).open(world["text"])
-    rows = reader.read("embedding", slice(0, 2))
-    os.utime(iw.shard_file(world, world["text"], "embedding", 0))  # identity changes, bytes do not
-    targets.confirm_reads_unchanged()
-    reader.read("embedding", slice(0, 2))
-    iw.flip_byte(iw.shard_file(world, world["text"], "embedding", 0), 100)
-    with pytest.raises(ValueError) as err:
+    with targets.answering_for_reads():
+        rows = reader.read("embedding", slice(0, 2))
+        os.utime(iw.shard_file(world, world["text"], "embedding", 0))  # identity changes, bytes do not
         targets.confirm_reads_unchanged()
+        reader.read("embedding", slice(0, 2))
+        iw.flip_byte(iw.shard_file(world, world["text"], "embedding", 0), 100)
+        with pytest.raises(ValueError) as err:
+            targets.confirm_reads_unchanged()
+        targets.confirm_reads_unchanged()  # reported once: the block's notes are clear again
     line = iw.one_line(err.value)
     assert f"target version '{world['text']}', array 'embedding', shard 0: the shard object changed while it was " \
            "being read" in line and str(iw.shard_file(world, world["text"], "embedding", 0)) in line
-    targets.confirm_reads_unchanged()  # reported once: the ledger is clear again
     assert rows.shape[0] == 2
+    with pytest.raises(ValueError, match="the shard object changed while it was being read"):
+        reader.read("embedding", slice(0, 2))  # outside a block the read itself still refuses it
 
 
-def test_d7_a_shard_object_deleted_while_in_use_is_refused_and_forgotten_reads_are_not_confirmed(world):
+def test_d7_a_shard_object_deleted_while_in_use_is_refused_and_reads_outside_a_block_are_not_noted(world):
     reader = TargetStore(world["root"]).open(world["text"])
-    reader.read("embedding", slice(0, 2))
-    os.unlink(iw.shard_file(world, world["text"], "embedding", 0))
-    with pytest.raises(ValueError, match="array 'embedding', shard 0: the shard object went away while it was being"):
-        targets.confirm_reads_unchanged()
-    TargetStore(world["root"]).open(world["video"]).read("frames", slice(0, 2))
+    with targets.answering_for_reads():
+        reader.read("embedding", slice(0, 2))
+        os.unlink(iw.shard_file(world, world["text"], "embedding", 0))
+        with pytest.raises(ValueError, match="array 'embedding', shard 0: the shard object went away while it"):
+            targets.confirm_reads_unchanged()
+    TargetStore(world["root"]).open(world["video"]).read("frames", slice(0, 2))  # no block: not noted
     iw.flip_byte(iw.shard_file(world, world["video"], "frames", 0), 100)
-    targets.forget_reads_used()  # a build task's next shard: earlier reads are not its to answer for
-    targets.confirm_reads_unchanged()
+    with targets.answering_for_reads():
+        targets.confirm_reads_unchanged()  # a later build shard does not answer for it
 
 
 def test_d7_export_refuses_a_source_shard_changed_before_its_tar_is_published(world, monkeypatch):

@@ -56,14 +56,18 @@ class Reference(StrictModel):
     versions: list[str] = Field(description="Version ids named directly, sorted.")
     exports: list[str] = Field(default_factory=list, description="Export ids a run names.")
     sources: list[str] = Field(default_factory=list, description="Files or lineage events the names came from.")
+    unreadable: list[str] = Field(default_factory=list, description="Its files that could not be read: they may "
+                                  "name versions nobody can see, so gc removes no complete version while any exists.")
 
 
-def _read_json(root: Root, rel: str) -> Any | None:
+def _read_json(root: Root, rel: str, unreadable: list[str]) -> Any | None:
+    """A reference file's JSON; None (its URL added to ``unreadable``) when it cannot be read."""
     try:
         return root.read_json(rel)
     except (ValueError, OSError) as err:
-        # An unreadable file cannot prove a version is unused; the caller keeps everything it can see.
+        # An unreadable file cannot prove a version is unused: the caller keeps every complete one.
         log.warning("references: cannot read %s (%s)", root.url_of(rel), err)
+        unreadable.append(root.url_of(rel))
         return None
 
 
@@ -74,9 +78,9 @@ def export_references(root: Root) -> list[Reference]:
         names = [n for n in (layout.EXPORT_INDEX, layout.EXPORT_BUILD) if root.exists(layout.export_file(export_id, n))]
         if not names:
             continue
-        rel = layout.export_file(export_id, names[0])
-        versions = sorted({s for s in strings_in(_read_json(root, rel)) if is_version_id(s)})
-        refs.append(Reference(kind="export", id=export_id, versions=versions, sources=[rel]))
+        rel, unreadable = layout.export_file(export_id, names[0]), []
+        versions = sorted({s for s in strings_in(_read_json(root, rel, unreadable)) if is_version_id(s)})
+        refs.append(Reference(kind="export", id=export_id, versions=versions, sources=[rel], unreadable=unreadable))
     return refs
 
 
@@ -97,12 +101,12 @@ def run_references(root: Root, export_ids: Iterable[str]) -> list[Reference]:
     for run_id in root.ls(layout.RUNS):
         if run_id.startswith("."):
             continue
-        files = _run_json_files(root, run_id)
+        files, unreadable = _run_json_files(root, run_id), []
         names: set[str] = set()
         for rel in files:
-            names.update(strings_in(_read_json(root, rel)))
+            names.update(strings_in(_read_json(root, rel, unreadable)))
         refs.append(Reference(kind="run", id=run_id, versions=sorted(n for n in names if is_version_id(n)),
-                              exports=sorted(names & known_exports), sources=files))
+                              exports=sorted(names & known_exports), sources=files, unreadable=unreadable))
     return refs
 
 
@@ -218,8 +222,11 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
         items[version_id] = GcItem(version_id=version_id, status=status, age_s=age, reason="",
                                    bytes=size)
     needed_by_builds = graph.closure(active) - active
-    exporting = exports_in_progress(root, max_age_s, now)
-    return _decide(items, referenced, active, needed_by_builds, exporting, max_age_s)
+    blockers = [f"exports in progress ({', '.join(busy)}) may use it"] if (busy := exports_in_progress(
+        root, max_age_s, now)) else []
+    if unreadable := [url for r in refs for url in r.unreadable]:
+        blockers.append(f"unreadable reference files ({', '.join(unreadable)}) may name it")
+    return _decide(items, referenced, active, needed_by_builds, blockers, max_age_s)
 
 
 def exports_in_progress(root: Root, max_age_s: float, now: float) -> list[str]:
@@ -239,7 +246,9 @@ def exports_in_progress(root: Root, max_age_s: float, now: float) -> list[str]:
 
 
 def _decide(items: dict[str, GcItem], referenced: set[str], active: set[str], needed_by_builds: set[str],
-            exporting: list[str], max_age_s: float) -> GcPlan:
+            blockers: list[str], max_age_s: float) -> GcPlan:
+    """Keep or remove each version; ``blockers`` (why some unseen user may hold any complete
+    version) keep every complete one that is not otherwise kept."""
     plan = GcPlan()
     hours = max_age_s / 3600
     for version_id, item in sorted(items.items()):
@@ -252,8 +261,8 @@ def _decide(items: dict[str, GcItem], referenced: set[str], active: set[str], ne
         elif version_id in needed_by_builds:
             item.reason = "input of a version still building"
             plan.keep.append(item)
-        elif item.status == "complete" and exporting:
-            item.reason = f"exports in progress ({', '.join(exporting)}) may use it"
+        elif item.status == "complete" and blockers:
+            item.reason = "; ".join(blockers)
             plan.keep.append(item)
         elif item.status == "complete":
             item.reason = "complete, no export or run references it"
@@ -265,12 +274,15 @@ def _decide(items: dict[str, GcItem], referenced: set[str], active: set[str], ne
 
 
 def apply_gc(root: Root | str | None, plan: GcPlan, run_id: str) -> list[str]:
-    """Remove the planned folders (manifest first, so a half-removed version is never listed)."""
+    """Remove the planned folders: the manifest first, so a half-removed version is never listed,
+    then the ``_done`` markers, then the data, so a removal cut short never leaves a marker whose
+    shard objects are gone (a rerun of the stage would trust it and complete the version over them)."""
     root = open_root(root)
     removed = []
     for item in plan.remove:
         target = layout.target_dir(item.version_id)
         root.rm(layout.target_manifest(item.version_id))
+        root.rm(target, layout.DONE_DIR)
         root.rm(target)
         removed.append(item.version_id)
         log.info("gc: removed %s (%s, %d bytes)", item.version_id, item.reason, item.bytes)

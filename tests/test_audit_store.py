@@ -235,6 +235,46 @@ def test_gc_keeps_referenced_and_removes_unreferenced(world):
     assert references.plan_gc(root).remove == []
 
 
+@pytest.mark.parametrize("broken", ["export", "run"])
+def test_gc_removes_no_complete_version_while_a_reference_file_is_unreadable(world, broken):
+    """An unreadable index.json or run file may name any version: gc keeps every complete one."""
+    root = Root(world["root"])
+    if broken == "export":
+        write_export(root, "export-aaaaaaaaaaaa", {"dinov2.target": world["teacher"]})
+        rel = "exports/export-aaaaaaaaaaaa/index.json"
+    else:
+        write_run(root, "run-1", "export-aaaaaaaaaaaa", {"dinov2.target": world["teacher"]})
+        rel = "runs/run-1/run.json"
+    Path(root.path(rel)).write_text('{"versions": {"dinov2.ta')
+    for path in Path(root.path("runs")).rglob("*.json") if broken == "run" else []:
+        path.write_text("[1,")  # the run's checkpoint records name the version too
+    plan = references.plan_gc(root)
+    assert plan.remove == [] and {i.version_id for i in plan.keep} == {world["teacher"], world["video"]}
+    assert all("unreadable reference files" in i.reason and root.url_of(rel) in i.reason for i in plan.keep)
+
+
+def test_gc_cut_short_never_leaves_markers_over_missing_data(world, monkeypatch):
+    """apply_gc removes the manifest, then the _done markers, then the data: a removal killed after
+    the markers went leaves nothing a rerun of the stage would trust."""
+    root = Root(world["root"])
+    victim = make_teacher(root, world["video"], resolution=448, seed=5)
+    plan = references.plan_gc(root)
+    removed: list[str] = []
+    real_rm = Root.rm
+
+    def rm(self, *parts, **kwargs):
+        removed.append("/".join(parts))
+        if len(removed) == 3:
+            raise KeyboardInterrupt  # killed before the data goes
+        return real_rm(self, *parts, **kwargs)
+
+    monkeypatch.setattr(Root, "rm", rm)
+    with pytest.raises(KeyboardInterrupt):
+        references.apply_gc(root, plan, run_id="gc-1")
+    assert removed == [f"targets/{victim}/manifest.json", f"targets/{victim}/_done", f"targets/{victim}"]
+    assert not root.exists(f"targets/{victim}/_done") and not root.exists(f"targets/{victim}/manifest.json")
+
+
 def test_gc_sizes_every_version_from_one_listing(world, monkeypatch):
     root = Root(world["root"])
     expected = {v: root.du(f"targets/{v}") for v in (world["teacher"], world["video"])}

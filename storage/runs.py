@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +33,8 @@ from pydantic import Field
 from foresight.schemas.base import StrictModel, validate
 from foresight.storage import layout
 from foresight.storage.fs import Root
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointInfo(StrictModel):
@@ -190,8 +193,8 @@ class MetricsLog:
         self.rel = layout.run_file(run.run_id, layout.RUN_METRICS)
         self.lines: list[str] = []
         if enabled and run.root.exists(self.rel):
-            kept = [line for line in run.root.read_bytes(self.rel).decode().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            records = metric_lines(run.root.read_bytes(self.rel), run.root.url_of(self.rel))
+            kept = [line for line, record in records if record.get("step", 0) <= resume_step]
             self.lines = kept
             run.root.write_bytes_atomic(self.rel, "".join(line + "\n" for line in kept).encode())
 
@@ -207,9 +210,29 @@ class MetricsLog:
             self.run.root.write_bytes_atomic(self.rel, "".join(x + "\n" for x in self.lines).encode())
 
 
+def metric_lines(data: bytes, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every line of a metrics.jsonl. Lines are appended unsynced, so a crash can
+    leave the last one torn: it is dropped with a warning. A damaged line before the last is a
+    ValueError naming the file and line."""
+    lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                log.warning("%s: line %d is torn (%s), dropped", where, number, err.msg)
+                break
+            raise ValueError(f"{where}: line {number} is not a JSON record ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: line {number} is not a JSON object")
+        records.append((line, record))
+    return records
+
+
 def read_metrics(root: Root, run_id: str) -> list[dict[str, Any]]:
-    """Every record of a run's metrics.jsonl."""
+    """Every record of a run's metrics.jsonl (a torn last line dropped)."""
     rel = layout.run_file(run_id, layout.RUN_METRICS)
     if not root.file_exists(rel):
         return []
-    return [json.loads(line) for line in root.read_bytes(rel).decode().splitlines() if line.strip()]
+    return [record for _, record in metric_lines(root.read_bytes(rel), root.url_of(rel))]

@@ -76,3 +76,44 @@ def test_metrics_resume_drops_the_lines_past_the_resumed_step(tmp_path):
     MetricsLog(run, enabled=False, resume_step=0).write({"step": 99})  # a rank other than 0 writes nothing
     assert [(m["step"], m["loss"]) for m in read_metrics(root, spec.run_id)] == [(1, 1.0), (2, 0.5), (3, 0.5)]
     assert read_metrics(root, "no-such-run") == []
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_earlier_one_is_named(tmp_path):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    run = RunDir(Root(tmp_path), "r")
+    log = MetricsLog(run, enabled=True, resume_step=0)
+    for step in (1, 2):
+        log.write({"step": step, "loss": 0.5})
+    path = tmp_path / "runs" / "r" / "metrics.jsonl"
+    with open(path, "a") as handle:
+        handle.write('{"step": 3, "loss": 0.7')  # a crash mid-append
+    assert [r["step"] for r in read_metrics(Root(tmp_path), "r")] == [1, 2]
+    resumed = MetricsLog(run, enabled=True, resume_step=2)  # a resume goes on past it
+    resumed.write({"step": 3, "loss": 0.4})
+    assert [r["step"] for r in read_metrics(Root(tmp_path), "r")] == [1, 2, 3]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}: line 2 is not a JSON record"):
+        read_metrics(Root(tmp_path), "r")
+
+
+@pytest.mark.parametrize("key", ["steps", "batch_size", "log_every", "checkpoint_every", "keep_last"])
+def test_loop_counts_below_one_are_refused_naming_the_key(key):
+    from pydantic import ValidationError
+
+    from foresight.trainers.config import LoopConfig
+
+    with pytest.raises(ValidationError, match=key):
+        LoopConfig(**{key: 0})
+
+
+def test_an_override_under_a_key_that_is_not_a_table_is_one_line(tmp_path):
+    from foresight.schemas.base import StrictModel
+    from foresight.trainers.config import LoopConfig, load_config
+
+    class Run(StrictModel):
+        loop: LoopConfig = LoopConfig()
+
+    path = tmp_path / "run.toml"
+    path.write_text("loop = 3\n")
+    with pytest.raises(ValueError, match=rf"{path}: 'loop' must be a table \(it holds 3\), so 'loop.steps' cannot"):
+        load_config(Run, path, {"loop.steps": 2})

@@ -32,10 +32,10 @@ class OptimConfig(StrictModel):
 class LoopConfig(StrictModel):
     """Steps, batching, devices, logging and checkpointing of one run."""
 
-    steps: int = Field(1000, description="Total optimizer steps of the run.")
-    batch_size: int = Field(8, description="Samples per step on each rank.")
-    num_workers: int = Field(2, description="DataLoader worker processes per rank (0 = read in the main process).")
-    prefetch_factor: int = Field(2, description="Batches each worker keeps ready.")
+    steps: int = Field(1000, ge=1, description="Total optimizer steps of the run.")
+    batch_size: int = Field(8, ge=1, description="Samples per step on each rank.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = read in the main process).")
+    prefetch_factor: int = Field(2, ge=1, description="Batches each worker keeps ready.")
     pin_memory: bool = Field(False, description="Pin host batches before the GPU copy (one more host copy); "
                                                 "batches collated into reusable buffers are page-locked already.")
     reuse_buffers: bool | None = Field(None, description="Collate into a few reusable page-locked buffers per "
@@ -44,11 +44,11 @@ class LoopConfig(StrictModel):
     seed: int = Field(0, description="Seed of initialisation, dropout and noise (rank r uses seed + r).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU).")
-    log_every: int = Field(10, description="Write a metrics line every this many steps.")
-    eval_every: int = Field(0, description="Held-out evaluation every this many steps (0 = only at the end).")
-    eval_batches: int = Field(4, description="Batches per held-out evaluation.")
-    checkpoint_every: int = Field(500, description="Write step-N/ every this many steps (and at the end).")
-    keep_last: int = Field(3, description="Complete checkpoints to keep.")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every this many steps.")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every this many steps (0 = only at the end).")
+    eval_batches: int = Field(4, ge=1, description="Batches per held-out evaluation.")
+    checkpoint_every: int = Field(500, ge=1, description="Write step-N/ every this many steps (and at the end).")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints to keep.")
     progress: bool = Field(True, description="Show a tqdm line (rank 0, when stderr is a terminal).")
 
 
@@ -75,8 +75,11 @@ def load_config(model: type[StrictModel], path: str | os.PathLike[str] | None,
             continue
         node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents, 1):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{where}: '{'.'.join(parents[:depth])}' must be a table (it holds "
+                                 f"{node!r}), so '{dotted}' cannot be set")
         node[leaf] = value
     return validate(model, data, where)
 

@@ -34,7 +34,9 @@ USAGE_ERRORS = {"unknown option": ("--no-such-option",), "unknown command": ("no
                 "not a choice": ("targets", "list", "--kind", "model"),
                 "not a policy": ("eval", "metaworld", "--policy", "greedy"),
                 "missing argument": ("targets", "show", "--root", "."),
-                "not a number": ("plan", "--dataset", "d", "--frames", "zero")}
+                "not a number": ("plan", "--dataset", "d", "--frames", "zero"),
+                "refused by the config model": ("export", "--plan", "plan-000000000000", "--targets",
+                                                "video-000000000000", "--shard-size", "0")}
 
 
 @pytest.mark.parametrize("args", USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())

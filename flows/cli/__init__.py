@@ -22,6 +22,7 @@ import traceback
 from importlib import metadata
 
 import typer
+from pydantic import ValidationError
 
 from foresight import DISTRIBUTION
 from foresight.flows.cli.common import EXIT_FAILED, EXIT_USAGE, user_error_message
@@ -104,12 +105,15 @@ def main() -> None:
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for click's usage errors (its own convention, ``UsageError.exit_code``), else 1.
-
-    typer ships its own copy of click, so the error is recognised by its click attributes
-    rather than by class; data and config errors keep exit code 1.
+    """2 for usage errors, else 1. Usage errors: click's (its own convention, ``UsageError.exit_code``;
+    typer ships its own copy of click, so they are recognised by their click attributes rather than
+    by class), and a command's options that its config model refuses (a pydantic ValidationError
+    raised while the command builds its config: a value outside an option's choices or range).
+    Stored records and config files are validated into ValueErrors naming the file: exit 1.
     """
     if callable(getattr(exc, "format_message", None)) and getattr(exc, "exit_code", None) == EXIT_USAGE:
+        return EXIT_USAGE
+    if isinstance(exc, ValidationError):
         return EXIT_USAGE
     return EXIT_FAILED
 

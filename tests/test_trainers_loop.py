@@ -188,6 +188,23 @@ def test_version_guard_refuses_other_target_versions_unless_allowed(tmp_path):
     assert run_json["version_changes"][0]["step"] == 4
 
 
+def test_a_checkpoint_of_another_run_or_architecture_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    task, stream, spec, cfg = decoupler_run(tmp_path, "first", 4)
+    fit(task, stream, spec, cfg.loop, cfg.optim)
+    shutil.copytree(tmp_path / "runs" / "first", tmp_path / "runs" / "copied")
+    task, stream, spec, cfg = decoupler_run(tmp_path, "copied", 8)
+    with pytest.raises(ValueError, match="run copied: step-4 belongs to run 'first' \\(decoupler\\), not this"):
+        fit(task, stream, spec, cfg.loop, cfg.optim)
+    task, stream, spec, cfg = decoupler_run(tmp_path, "first", 8)
+    task.model = Decoupler(build_decoupler_config(cfg, [T, H, W, C_IN], [T, H, W, 2 * C_T]))  # another width
+    with pytest.raises(ValueError) as err:
+        fit(task, stream, spec, cfg.loop, cfg.optim)
+    line = str(err.value)
+    assert "run first: step-4 does not fit this run's model or optimizer" in line and "\n" not in line
+
+
 def test_schedule_warms_up_then_decays():
     cosine = WarmupSchedule(100, OptimConfig(warmup_steps=10, min_lr_ratio=0.1))
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)

@@ -157,13 +157,22 @@ def _restore(trainer: Trainer, run: RunDir, spec: RunSpec, allow_change: bool) -
     if latest is None:
         return _Resume()
     info, model_state, state = run.load(latest)
+    where = f"run {spec.run_id}: {layout.step_name(latest)}"
+    if info.run_id != spec.run_id or info.kind != spec.kind:
+        raise ValueError(f"{where} belongs to run '{info.run_id}' ({info.kind}), not this {spec.kind} run; it "
+                         "was copied or moved here, refusing to resume from it")
     if info.world != trainer.info.world:
         raise ValueError(
             f"run {spec.run_id}: {layout.step_name(latest)} was written by {info.world} ranks; resume with the same "
             f"number of ranks ({trainer.info.world} now) so every rank continues its own shards"
         )
     changes = check_versions(info, spec, allow_change)
-    trainer.load_state(model_state, state)
+    try:
+        trainer.load_state(model_state, state)
+    except (RuntimeError, KeyError, ValueError) as err:  # torch's state-dict mismatch: pages of key names
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise ValueError(f"{where} does not fit this run's model or optimizer (written with another size or "
+                         f"architecture?): {first}") from None
     rank = str(trainer.info.rank)
     set_rng_state(state["rng"][rank], trainer.task)
     stream_state = None

@@ -35,6 +35,8 @@ USAGE_ERRORS = {"unknown option": ("--no-such-option",), "unknown command": ("no
                 "not a policy": ("eval", "metaworld", "--policy", "greedy"),
                 "missing argument": ("targets", "show", "--root", "."),
                 "not a number": ("plan", "--dataset", "d", "--frames", "zero"),
+                "eval seeds not numbers": ("eval", "metaworld", "--policy", "random", "--seeds", "abc"),
+                "eval unknown task": ("eval", "metaworld", "--policy", "random", "--tasks", "nonsense-task"),
                 "refused by the config model": ("export", "--plan", "plan-000000000000", "--targets",
                                                 "video-000000000000", "--shard-size", "0")}
 

@@ -21,6 +21,14 @@ def register(app: typer.Typer) -> None:
     evals.command("calvin-check")(calvin_check)
 
 
+def usage(parse, text):
+    """``parse(text)`` for an option's value; its ValueError is a usage error (exit 2, one line)."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     """'100,101,105' or '100-124' (inclusive) -> seeds; None stays None."""
     if not text:
@@ -79,10 +87,10 @@ def eval_metaworld(
     from foresight.pipelines.ingest.metaworld import resolve_tasks
 
     if (run is None) == (policy is None):
-        raise ValueError("name exactly one policy: --run RUN[/step-N] or --policy oracle|random")
-    config = EvalConfig(policy=run or policy, tasks=resolve_tasks(tasks), episodes=episodes, seeds=parse_seeds(seeds),
-                        camera=camera, size=size, device=device, max_steps=max_steps,
-                        video=video_episodes if video else 0, versions=parse_versions(versions),
+        raise typer.BadParameter("name exactly one policy: --run RUN[/step-N] or --policy oracle|random")
+    config = EvalConfig(policy=run or policy, tasks=usage(resolve_tasks, tasks), episodes=episodes,
+                        seeds=usage(parse_seeds, seeds), camera=camera, size=size, device=device, max_steps=max_steps,
+                        video=video_episodes if video else 0, versions=usage(parse_versions, versions),
                         allow_version_change=allow_version_change, execute=execute, pi0_teacher=pi0_teacher,
                         workers=runner.tasks)
     data_root = get_root(root, writable=True)

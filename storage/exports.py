@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BeforeValidator, Field, PlainSerializer, PrivateAttr
 
-from foresight.pipelines.export import action_chunk, column_stats, decoded_dtype, target_field_names
+from foresight.pipelines.export import action_chunk, column_stats, decoded_dtype, tar_sample_bytes, target_field_names
 from foresight.schemas.base import FORMAT_VERSION, StrictModel, validate, validate_stored
 from foresight.schemas.dataset import ColumnStats
 from foresight.schemas.plan import ClipRows
@@ -443,6 +443,11 @@ def tar_padding(size: int) -> bytes:
     return bytes(-size % TAR_BLOCK)
 
 
+def tar_trailer_size(data_end: int) -> int:
+    """Bytes of the end-of-archive blocks after ``data_end`` bytes of members, padded to a whole record."""
+    return 2 * TAR_BLOCK + -(data_end + 2 * TAR_BLOCK) % TAR_RECORD
+
+
 class ShardTarWriter:
     """Streams samples into one tar under a temporary name; ``publish`` fsyncs and renames it into place.
 
@@ -481,8 +486,7 @@ class ShardTarWriter:
         size of the one being written) and the bytes free once this temporary is gone."""
         path = self.root.url_of(self.dir, self.name)
         data = self.expected_samples * self.sample_bytes
-        planned = data + 2 * TAR_BLOCK + -(data + 2 * TAR_BLOCK) % TAR_RECORD  # as publish() ends it
-        needed = max(planned, self.position + pending)
+        needed = max(data + tar_trailer_size(data), self.position + pending)
         self.abort()
         free = free_bytes(self.root.path(self.tmp_rel)) if self.root.is_local else None
         raise DiskFullError(path, needed, free) from None
@@ -490,7 +494,7 @@ class ShardTarWriter:
     def add_sample(self, clip_index: int, members: Sequence[tuple[str, bytes]]) -> None:
         """Append one sample: every member's header, payload and padding, contiguously."""
         sample_digests = (hashlib.sha256(), fast_digest())
-        self.sample_bytes = sum(TAR_BLOCK + len(payload) + -len(payload) % TAR_BLOCK for _, payload in members)
+        self.sample_bytes = tar_sample_bytes(members)
         self.clips.append(clip_index)
         self.offsets.append(self.position)
         for name, payload in members:
@@ -504,7 +508,7 @@ class ShardTarWriter:
         """Write the end-of-archive blocks, fsync, close, rename to the final name; returns the record."""
         confirm_reads_unchanged()  # the inputs this thread read are still the bytes their checks saw
         data_end = self.position
-        trailer = bytes(2 * TAR_BLOCK + (-(self.position + 2 * TAR_BLOCK) % TAR_RECORD))
+        trailer = bytes(tar_trailer_size(self.position))
         self._write(trailer, ())
         try:
             if self.root.is_local:
@@ -691,8 +695,9 @@ class ExportStore:
                 return self.index(export_id)
             raise
         folder = layout.export_dir(export_id)
-        index.content_sha256 = content_digest(index.model_dump(mode="json"))
-        self.root.write_json_atomic(layout.export_file(export_id, layout.EXPORT_INDEX), index.model_dump(mode="json"))
+        data = index.model_dump(mode="json")
+        index.content_sha256 = data["content_sha256"] = content_digest(data)
+        self.root.write_json_atomic(layout.export_file(export_id, layout.EXPORT_INDEX), data)
         for leftover in (layout.DONE_DIR, layout.EXPORT_BUILD, layout.CLAIMS_DIR):
             with contextlib.suppress(FileNotFoundError, OSError):  # a concurrent finalizer removes them too
                 self.root.rm(folder, leftover)

@@ -222,8 +222,9 @@ def plan_gc(root: Root | str | None, max_age_s: float = DEFAULT_MAX_AGE_S, now: 
         items[version_id] = GcItem(version_id=version_id, status=status, age_s=age, reason="",
                                    bytes=size)
     needed_by_builds = graph.closure(active) - active
-    blockers = [f"exports in progress ({', '.join(busy)}) may use it"] if (busy := exports_in_progress(
-        root, max_age_s, now)) else []
+    blockers = []
+    if exporting := exports_in_progress(root, max_age_s, now):
+        blockers.append(f"exports in progress ({', '.join(exporting)}) may use it")
     if unreadable := [url for r in refs for url in r.unreadable]:
         blockers.append(f"unreadable reference files ({', '.join(unreadable)}) may name it")
     return _decide(items, referenced, active, needed_by_builds, blockers, max_age_s)

@@ -355,9 +355,9 @@ class TargetStore:
 
     def write_manifest(self, manifest: TargetVersion) -> None:
         """Publish ``manifest`` with the digest of its own content (``content_sha256``)."""
-        manifest.content_sha256 = None
-        manifest.content_sha256 = content_digest(manifest.model_dump(mode="json"))
-        self.root.write_json_atomic(layout.target_manifest(manifest.id), manifest.model_dump(mode="json"))
+        data = manifest.model_dump(mode="json")
+        manifest.content_sha256 = data["content_sha256"] = content_digest(data)
+        self.root.write_json_atomic(layout.target_manifest(manifest.id), data)
 
     def begin(self, recipe: TargetRecipe, arrays: Sequence[ArraySpec], num_clips: int,
               shard_size: int) -> "TargetWriter":
@@ -719,10 +719,9 @@ class TargetReader(_VersionHandle):
         matches), and, inside an :func:`answering_for_reads` block, noted for the block's publication
         (:func:`confirm_reads_unchanged`), which covers rows handed out as views of the files while
         the caller used them."""
-        self._used.clear()
+        self._used.clear()  # also what a read that raised had noted
         values = self._read(name, clips)
-        used, self._used = list(self._used.values()), {}
-        for entry in used:
+        for entry in self._used.values():
             entry.confirm()
             if _LEDGER.used is not None:
                 _LEDGER.used[entry.path] = entry

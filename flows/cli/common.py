@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 
 from foresight.schemas.base import describe_validation_error
 from foresight.storage.fs import DiskFullError, Root, default_root, free_bytes, open_root
+
+T = TypeVar("T")
 
 EXIT_FAILED = 1
 """The command failed: nothing (more) was written."""
@@ -69,7 +73,16 @@ def _original_message(text: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> None:
+def usage_value(parse: Callable[..., T], *args: Any) -> T:
+    """``parse(*args)`` for a command's option value or source argument, before anything is written:
+    its ValueError is a usage error (one line, exit 2)."""
+    try:
+        return parse(*args)
+    except ValueError as err:
+        fail(str(err), EXIT_USAGE)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print one line to stderr and exit."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

@@ -8,7 +8,7 @@ from typing import Literal
 
 import typer
 
-from foresight.flows.cli.common import ROOT_OPTION, get_root, sub_app
+from foresight.flows.cli.common import ROOT_OPTION, get_root, sub_app, usage_value
 from foresight.flows.cli.runner import runner_options
 from foresight.flows.runtime import RunnerChoice
 
@@ -19,14 +19,6 @@ def register(app: typer.Typer) -> None:
     evals = sub_app(app, "eval", "Closed-loop evaluation of trained policies.")
     evals.command("metaworld")(runner_options(eval_metaworld))
     evals.command("calvin-check")(calvin_check)
-
-
-def usage(parse, text):
-    """``parse(text)`` for an option's value; its ValueError is a usage error (exit 2, one line)."""
-    try:
-        return parse(text)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -88,9 +80,9 @@ def eval_metaworld(
 
     if (run is None) == (policy is None):
         raise typer.BadParameter("name exactly one policy: --run RUN[/step-N] or --policy oracle|random")
-    config = EvalConfig(policy=run or policy, tasks=usage(resolve_tasks, tasks), episodes=episodes,
-                        seeds=usage(parse_seeds, seeds), camera=camera, size=size, device=device, max_steps=max_steps,
-                        video=video_episodes if video else 0, versions=usage(parse_versions, versions),
+    config = EvalConfig(policy=run or policy, tasks=usage_value(resolve_tasks, tasks), episodes=episodes,
+                        seeds=usage_value(parse_seeds, seeds), camera=camera, size=size, device=device, max_steps=max_steps,
+                        video=video_episodes if video else 0, versions=usage_value(parse_versions, versions),
                         allow_version_change=allow_version_change, execute=execute, pi0_teacher=pi0_teacher,
                         workers=runner.tasks)
     data_root = get_root(root, writable=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from foresight.flows.cli.common import EXIT_PARTIAL, EXIT_USAGE, ROOT_OPTION, fail, get_root, sub_app
+from foresight.flows.cli.common import EXIT_PARTIAL, EXIT_USAGE, ROOT_OPTION, fail, get_root, sub_app, usage_value
 from foresight.flows.cli.runner import runner_options
 from foresight.flows.runtime import RunnerChoice
 from foresight.schemas.dataset import FrameCodecName
@@ -61,14 +61,6 @@ def _run(flow, runner: RunnerChoice, root: str | None, **params) -> None:
         sys.exit(EXIT_PARTIAL)  # SystemExit passes the CLI boundary with its code intact
 
 
-def _usage_check(check) -> None:
-    """Run a source check before the root is touched: its ValueError is a usage error (exit 2)."""
-    try:
-        check()
-    except ValueError as err:
-        fail(str(err), EXIT_USAGE)
-
-
 def ingest_calvin(
     src: Path = typer.Argument(..., help="CALVIN folder holding the split folders (e.g. task_D_D)."),
     dataset: str = typer.Option(..., help="Dataset name in the store."),
@@ -89,7 +81,7 @@ def ingest_calvin(
 
     options = CalvinOptions(splits=_csv(splits), cameras=_csv(cameras), depth=depth, lang_folder=lang_folder,
                             **frame_codec_options(frame_codec, crf, zstd_level))
-    _usage_check(lambda: check_splits(src, options))
+    usage_value(check_splits, src, options)  # before the root is touched
     _run(ingest_calvin_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 
@@ -112,7 +104,7 @@ def ingest_teleop(
     from foresight.pipelines.ingest.teleop import TeleopOptions, list_episode_files
 
     options = TeleopOptions(fps=fps, instruction=instruction, task=task, **frame_codec_options(frame_codec, crf, zstd_level))
-    _usage_check(lambda: list_episode_files(src))
+    usage_value(list_episode_files, src)  # before the root is touched
     _run(ingest_teleop_flow, runner, root, dataset=dataset, src=str(src), options=options,
          strict=strict)
 

@@ -163,7 +163,7 @@ def _restore(trainer: Trainer, run: RunDir, spec: RunSpec, allow_change: bool) -
                          "was copied or moved here, refusing to resume from it")
     if info.world != trainer.info.world:
         raise ValueError(
-            f"run {spec.run_id}: {layout.step_name(latest)} was written by {info.world} ranks; resume with the same "
+            f"{where} was written by {info.world} ranks; resume with the same "
             f"number of ranks ({trainer.info.world} now) so every rank continues its own shards"
         )
     changes = check_versions(info, spec, allow_change)
